@@ -1,0 +1,43 @@
+"""``python -m dreambooth_pl VERB``: Trainer verbs go to LightningCLI, every other verb to a typed function."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+TRAINER_VERBS = ("fit", "validate", "test", "predict")
+# verb -> "module:function"; each function's typed signature and docstring are its command line (jsonargparse).
+COMMANDS = {
+    "make-base": "dreambooth_pl.bases:make_base",
+}
+
+
+def _usage() -> str:
+    verbs = ", ".join(TRAINER_VERBS + tuple(COMMANDS))
+    return f"usage: python -m dreambooth_pl VERB [--help]\nverbs: {verbs}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``) to the verb it names."""
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    verb, rest = argv[0], argv[1:]
+    if verb in TRAINER_VERBS:
+        from .cli import DreamBoothCLI
+
+        DreamBoothCLI(args=None if from_shell else [verb, *rest])
+        return
+    if verb not in COMMANDS:
+        raise SystemExit(f"unknown verb {verb!r}\n{_usage()}")
+    from jsonargparse import CLI
+
+    module, func = COMMANDS[verb].split(":")
+    result = CLI(getattr(importlib.import_module(module), func), args=rest, as_positional=False)
+    if result is not None:
+        print(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Write the trained adapters as a diffusers-format LoRA file when fit ends."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+
+class LoRAExport(L.Callback):
+    """Save ``pytorch_lora_weights.safetensors`` (loadable by ``StableDiffusionXLPipeline.load_lora_weights``).
+
+    Args:
+        dirpath: output folder (None: the run's log dir, e.g. ``lightning_logs/version_3``).
+        filename: file name inside ``dirpath``.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, filename: str = "pytorch_lora_weights.safetensors"):
+        self.dirpath, self.filename = dirpath, filename
+
+    def path(self, trainer: L.Trainer) -> str:
+        return os.path.join(self.dirpath or trainer.log_dir or trainer.default_root_dir, self.filename)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted:  # a stopped run keeps its checkpoint; the export belongs to a finished run
+            return
+        out = pl_module.export_lora(self.path(trainer))
+        rank_zero_info(f"LoRA written to {out}")

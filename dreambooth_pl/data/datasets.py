@@ -1,0 +1,113 @@
+"""Subject/prior pairing as a deterministic stream of batches, so a resumed run sees exactly the same data."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .images import caption_for, load_rgb
+from .transforms import prepare_image
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Image files with the prompt used for each (a caption file beside an image overrides ``prompt``)."""
+
+    paths: tuple[Path, ...]
+    prompt: str
+
+    def prompt_for(self, i: int) -> str:
+        return caption_for(self.paths[i]) or self.prompt
+
+
+def _mix(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finaliser), so nearby indices get unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class PairedStream(IterableDataset):
+    """Endless batches pairing each instance example with a class-prior example (DreamBooth, eq. 2).
+
+    Sample position ``p`` of the global stream lies in epoch ``e = p // N`` with ``N = max(#instance, #class)``;
+    a seeded permutation of ``range(N)`` per epoch gives index ``k``, and the pair is
+    (instance ``k % #instance``, class ``k % #class``): every class image once per epoch, instances cycling —
+    the pairing of diffusers' ``train_dreambooth_lora_sdxl.py``. Without a class set, ``N = #instance``.
+    Augmentation randomness is a function of (seed, p), so batch ``b`` is the same whether or not the run was
+    interrupted. Batches are split across DDP ranks (``b * world + rank``) and dataloader workers.
+
+    Args:
+        instance: the subject's images and prompt.
+        prior: the class images and prompt, or None without prior preservation.
+        resolution: square training side.
+        batch_size: pairs per batch (a batch holds ``2 * batch_size`` examples with priors).
+        center_crop: centre instead of random crops.
+        flip_p: probability of a horizontal flip.
+        seed: seed of order and augmentation.
+        start_batch: first per-rank batch to yield (set on resume).
+        rank, world_size: this process's place in DDP.
+    """
+
+    def __init__(self, instance: ImageSet, prior: ImageSet | None, resolution: int, batch_size: int = 1,
+                 center_crop: bool = False, flip_p: float = 0.0, seed: int = 0, start_batch: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.instance, self.prior = instance, prior
+        self.resolution, self.batch_size = resolution, batch_size
+        self.center_crop, self.flip_p, self.seed = center_crop, flip_p, seed
+        self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
+        n_prior = len(prior.paths) if prior else 0
+        self.epoch_len = max(len(instance.paths), n_prior)
+
+    @lru_cache(maxsize=2)
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.epoch_len, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+
+    def pair_indices(self, position: int) -> tuple[int, int | None]:
+        """(instance index, class index or None) of global sample ``position``."""
+        k = int(self._permutation(position // self.epoch_len)[position % self.epoch_len])
+        return k % len(self.instance.paths), (k % len(self.prior.paths) if self.prior else None)
+
+    def _example(self, images: ImageSet, i: int, position: int, role: int) -> dict:
+        gen = torch.Generator().manual_seed(_mix(self.seed, position, role))
+        flip = bool(torch.rand((), generator=gen) < self.flip_p)
+        ex = prepare_image(load_rgb(images.paths[i]), self.resolution, self.center_crop, flip, gen)
+        ex["prompt"] = images.prompt_for(i)
+        ex["is_prior"] = bool(role)
+        return ex
+
+    def batch(self, b: int) -> dict:
+        """Per-rank batch number ``b``, collated: instance examples first, then their prior partners."""
+        first = (b * self.world_size + self.rank) * self.batch_size
+        inst, prior = [], []
+        for position in range(first, first + self.batch_size):
+            i, c = self.pair_indices(position)
+            inst.append(self._example(self.instance, i, position, 0))
+            if c is not None:
+                prior.append(self._example(self.prior, c, position, 1))
+        return collate(inst + prior)
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        b = self.start_batch + worker
+        while True:  # DataLoader takes workers round-robin, so the batch order stays b, b+1, ...
+            yield self.batch(b)
+            b += workers
+
+
+def collate(examples: list[dict]) -> dict:
+    """Stack examples into the batch dict the LightningModule's ``training_step`` reads."""
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "prompt": [e["prompt"] for e in examples],
+        "original_size": torch.tensor([e["original_size"] for e in examples]),
+        "crop_top_left": torch.tensor([e["crop_top_left"] for e in examples]),
+        "is_prior": torch.tensor([e["is_prior"] for e in examples]),
+    }

@@ -1,0 +1,86 @@
+"""LoRA adapters (Hu et al. 2021, arXiv 2106.09685) through peft: injection, trainable filter, diffusers-format export."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def lora_config(rank: int, alpha: float | None = None, dropout: float = 0.0,
+                target_modules: Sequence[str] = UNET_TARGETS, init: bool | str = True):
+    """A peft ``LoraConfig``; ``alpha`` defaults to ``rank`` (scale 1), ``init=False`` starts B non-zero (tests).
+
+    Args:
+        rank: adapter rank r (> 0).
+        alpha: scale numerator; the adapter adds ``alpha / r * B A x``.
+        dropout: dropout on the adapter input.
+        target_modules: module-name suffixes to adapt.
+        init: peft's ``init_lora_weights`` (True: B = 0, so training starts at the base model).
+    """
+    from peft import LoraConfig
+
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be > 0, got {rank}")
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                      init_lora_weights=init, target_modules=list(target_modules))
+
+
+def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """Inject an adapter into a diffusers UNet or transformers text encoder; returns its (trainable) parameters."""
+    model.add_adapter(config, adapter_name=adapter_name)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    if not params:
+        raise ValueError(f"no module of {type(model).__name__} matches target_modules {config.target_modules}")
+    for p in params:  # adapters train in fp32 even when the frozen base is fp16/bf16
+        p.requires_grad_(True)
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's weights in peft naming without the adapter name (``...to_q.lora_A.weight``)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+def adapter_metadata(model: torch.nn.Module, adapter_name: str = "default") -> dict:
+    """The adapter's LoraConfig as a dict, stored in the safetensors header so loaders recover rank and alpha."""
+    cfg = model.peft_config[adapter_name].to_dict()
+    cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else cfg.get("target_modules")
+    return cfg
+
+
+def save_diffusers_lora(path: str | os.PathLike, unet: torch.nn.Module | None = None,
+                        text_encoder: torch.nn.Module | None = None,
+                        text_encoder_2: torch.nn.Module | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``path`` in the layout ``StableDiffusionXLPipeline.load_lora_weights`` reads, atomically.
+
+    Args:
+        path: output ``.safetensors`` file (a folder gets ``pytorch_lora_weights.safetensors`` inside).
+        unet, text_encoder, text_encoder_2: models carrying a peft adapter named ``default`` (None: skipped).
+        dtype: storage dtype of the weights.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / LORA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    for name, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None and getattr(model, "peft_config", None):
+            kwargs[f"{name}_lora_layers"] = {k: v.detach().to("cpu", dtype).contiguous()
+                                             for k, v in lora_state_dict(model).items()}
+            kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
+        StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name=LORA_FILE, safe_serialization=True, **kwargs)
+        os.replace(Path(tmp) / LORA_FILE, path)  # atomic: a reader sees the old file or the whole new one
+    return path

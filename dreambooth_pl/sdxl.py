@@ -1,0 +1,120 @@
+"""Load SDXL base parts (hub id or local folder), encode prompts with both text encoders, build add_time_ids."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+class BaseModelError(RuntimeError):
+    """The base model cannot be found or loaded; the message says how to fix it."""
+
+
+def resolve_base(name: str) -> str:
+    """Return a local folder for ``name`` (a local path, or a hub id already cached or downloadable).
+
+    Args:
+        name: local pipeline folder or hub id such as ``stabilityai/stable-diffusion-xl-base-1.0``.
+    Fails within seconds, naming the id, when the hub cannot be reached, instead of retrying for minutes.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
+            raise BaseModelError(f"base folder {str(path)!r} has no model_index.json or unet/: point "
+                                 "model.base_model at a diffusers SDXL pipeline folder (python -m dreambooth_pl "
+                                 "make-base writes a random one).")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise BaseModelError(f"base model {name!r} is neither an existing folder nor a hub id (owner/name).")
+    import huggingface_hub as hf
+
+    try:  # a copy already in the local hub cache needs no network
+        return hf.snapshot_download(name, local_files_only=True)
+    except Exception:
+        pass
+    fix = (f"Download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) and set "
+           "model.base_model to DIR, or build a random stand-in with python -m dreambooth_pl make-base.")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise BaseModelError(f"base model {name!r} is not cached locally and HF_HUB_OFFLINE is set. {fix}")
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        return hf.snapshot_download(name, allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                                    ignore_patterns=["*.fp16.safetensors", "*refiner*", "*.bin"])
+    except Exception as e:  # hub unreachable, unknown id, gated repo
+        raise BaseModelError(f"could not download base model {name!r} from the hub "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). {fix}") from None
+
+
+@dataclass
+class SDXLParts:
+    """The frozen pieces of an SDXL pipeline that training and sampling need."""
+
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    scheduler_config: dict
+
+
+def load_parts(base: str, vae: str | None = None) -> SDXLParts:
+    """Load tokenizers, text encoders, VAE and UNet of an SDXL base (fp32 on CPU, frozen, eval mode).
+
+    Args:
+        base: local folder or hub id (see :func:`resolve_base`).
+        vae: optional separate VAE folder, e.g. ``madebyollin/sdxl-vae-fp16-fix`` saved locally.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    root = resolve_base(base)
+    try:
+        parts = SDXLParts(
+            tokenizer=AutoTokenizer.from_pretrained(root, subfolder="tokenizer"),
+            tokenizer_2=AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
+            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2"),
+            vae=AutoencoderKL.from_pretrained(resolve_base(vae)) if vae else
+            AutoencoderKL.from_pretrained(root, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
+            scheduler_config=dict(DDPMScheduler.load_config(root, subfolder="scheduler")),
+        )
+    except (OSError, ValueError) as e:
+        raise BaseModelError(f"could not load the SDXL parts from {root!r}: {str(e).splitlines()[0][:300]}") from None
+    for m in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):
+        m.requires_grad_(False).eval()
+    return parts
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids padded/truncated to the tokenizer's 77 positions."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(text_encoders: Sequence[torch.nn.Module], token_ids: Sequence[torch.Tensor]):
+    """SDXL prompt encoding, as ``StableDiffusionXLPipeline.encode_prompt`` does it.
+
+    Args:
+        text_encoders: ``(text_encoder, text_encoder_2)``.
+        token_ids: matching ``[B, 77]`` ids from each tokenizer.
+    Returns:
+        ``(prompt_embeds [B, 77, d1 + d2], pooled [B, d2])``: the penultimate hidden states of both encoders
+        concatenated, and the projected pooled output of the second (Podell et al. 2023, SDXL, sec. 2.1).
+    """
+    embeds, pooled = [], None
+    for encoder, ids in zip(text_encoders, token_ids):
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        pooled = out[0]  # for text_encoder_2 (with projection) this is text_embeds
+        embeds.append(out.hidden_states[-2])
+    return torch.cat(embeds, dim=-1), pooled
+
+
+def add_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor) -> torch.Tensor:
+    """SDXL micro-conditioning ``[B, 6]`` = (orig h, orig w, crop top, crop left, target h, target w)."""
+    return torch.cat([original_size, crop_top_left, target_size], dim=1).float()

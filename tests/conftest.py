@@ -1,0 +1,64 @@
+"""Shared fixtures: a seeded tiny SDXL-layout base built once per session, sample images, a tiny fit config."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "dog"
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """A random tiny SDXL pipeline folder (the real layout and tokenizers), shared by the whole session."""
+    from dreambooth_pl.bases import make_base
+
+    return make_base("tiny", str(tmp_path_factory.mktemp("bases") / "tiny-sdxl"), seed=0)
+
+
+def write_images(folder: Path, n: int, size=(80, 64), seed: int = 0, ext: str = "png") -> list[Path]:
+    """``n`` random RGB images of ``size`` (w, h) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"{i:04d}.{ext}"
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def subject_dirs(tmp_path) -> tuple[str, str]:
+    """(instance dir with 2 sample dog photos, class dir with 4 random images)."""
+    inst = tmp_path / "instance"
+    inst.mkdir()
+    for p in sorted(SAMPLE.glob("*.jpg"))[:2]:
+        shutil.copy(p, inst / p.name)
+    write_images(tmp_path / "class", 4)
+    return str(inst), str(tmp_path / "class")
+
+
+def fit_args(base: str, instance_dir: str, class_dir: str | None, root: str, steps: int = 2, **over) -> list[str]:
+    """Command-line arguments of a tiny CPU fit (used in-process through LightningCLI's ``args``)."""
+    args = ["fit", "--seed_everything", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.precision", "32-true", f"--trainer.max_steps={steps}", "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.logger.init_args.save_dir", root, "--model.base_model", base, "--model.lora_init", "false",
+            "--data.instance_dir", instance_dir, "--data.instance_prompt", "a photo of sks dog",
+            "--data.resolution", "32", "--checkpoint.every_n_train_steps", "1"]
+    if class_dir:
+        args += ["--data.class_dir", class_dir, "--data.class_prompt", "a photo of dog",
+                 "--data.num_class_images", "4"]
+    else:
+        args += ["--data.with_prior_preservation", "false"]
+    for k, v in over.items():
+        args += [f"--{k}", str(v)]
+    return args
