@@ -128,9 +128,8 @@ class DreamBoothLoRA(L.LightningModule):
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings and pooled embeddings; cached per prompt while the text encoders are frozen."""
         encoders = (self.text_encoder, self.text_encoder_2)
-        ids = [tokenize(t, prompts) for t in self.tokenizers]
         if self.hparams.train_text_encoder:
-            return encode_prompts(encoders, ids)
+            return encode_prompts(encoders, [tokenize(t, prompts) for t in self.tokenizers])
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             with torch.no_grad():
