@@ -21,6 +21,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         class_prompt: prompt of the class, e.g. ``a photo of person``.
         with_prior_preservation: pair every instance example with a class example (DreamBooth eq. 2).
         num_class_images: class images to use; the folder must hold at least this many.
+        num_instance_images: use only the first N instance photos in sorted order (None: all); the
+            number-of-photos ablation (configs/ablations/num_images.yaml) varies it.
         resolution: square training side in pixels (a multiple of 8: the VAE downsamples by 8).
         center_crop: centre crops instead of random ones.
         random_flip: probability of a horizontal flip.
@@ -32,7 +34,8 @@ class DreamBoothDataModule(L.LightningDataModule):
     def __init__(self, instance_dir: str, instance_prompt: str, class_dir: Optional[str] = None,
                  class_prompt: Optional[str] = None, with_prior_preservation: bool = True,
                  num_class_images: int = 200, resolution: int = 1024, center_crop: bool = False,
-                 random_flip: float = 0.0, batch_size: int = 1, num_workers: int = 0, seed: int = 0):
+                 random_flip: float = 0.0, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
+                 num_instance_images: Optional[int] = None):
         super().__init__()
         self.save_hyperparameters()
         if resolution <= 0 or resolution % 8:
@@ -47,6 +50,8 @@ class DreamBoothDataModule(L.LightningDataModule):
                                    if not v)
             raise ValueError(f"prior preservation needs {missing}; set it, or set "
                              "data.with_prior_preservation: false to train on the instance images alone.")
+        if num_instance_images is not None and num_instance_images < 1:
+            raise ValueError(f"data.num_instance_images must be >= 1 or null (all photos), got {num_instance_images}")
         if with_prior_preservation and num_class_images < 1:
             raise ValueError(f"data.num_class_images must be >= 1 with prior preservation, got {num_class_images}")
         self.instance: ImageSet | None = None
@@ -58,6 +63,12 @@ class DreamBoothDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         inst = list_images(hp.instance_dir, "instance")
+        if hp.num_instance_images is not None:
+            if len(inst) < hp.num_instance_images:
+                raise ImageIntakeError(f"instance dir {hp.instance_dir!r} has {len(inst)} image(s) but "
+                                       f"data.num_instance_images is {hp.num_instance_images}: add photos or "
+                                       "lower it.")
+            inst = inst[: hp.num_instance_images]
         validate_images(inst, "instance")
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
         if hp.with_prior_preservation:
