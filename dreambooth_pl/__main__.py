@@ -8,7 +8,14 @@ TRAINER_VERBS = ("fit", "validate", "test", "predict")
 # verb -> "module:function"; each function's typed signature and docstring are its command line (jsonargparse).
 COMMANDS = {
     "make-base": "dreambooth_pl.bases:make_base",
+    "benchmark": "dreambooth_pl.tools.benchmark:benchmark",
+    "ablate": "dreambooth_pl.tools.ablate:ablate",
+    "ablate-checkpoints": "dreambooth_pl.tools.ablate:ablate_checkpoints",
+    "check-token": "dreambooth_pl.tools.check_token:check_token",
 }
+
+# verbs whose required arguments are positional (``check-token rraj``); the others take --name value only.
+POSITIONAL = {"check-token"}
 
 
 def _usage() -> str:
@@ -34,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     module, func = COMMANDS[verb].split(":")
-    result = CLI(getattr(importlib.import_module(module), func), args=rest, as_positional=False)
+    result = CLI(getattr(importlib.import_module(module), func), args=rest, as_positional=verb in POSITIONAL)
     if result is not None:
         print(result)
 

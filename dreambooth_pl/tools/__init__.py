@@ -1,0 +1,1 @@
+"""Commands that are not Trainer methods (registered in ``dreambooth_pl.__main__.COMMANDS``)."""
