@@ -1,23 +1,49 @@
-"""Image intake shared by every command: find images in a folder, validate them all, load them as RGB."""
+"""Image intake shared by every command: find images in a folder, check them all at once, load them as RGB.
+
+Every command (training data, class images, evaluation references) goes through :func:`list_images`,
+:func:`check_images` and :func:`load_rgb`, so a phone or web photo gets the same answer everywhere.
+"""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif"}
+# Formats people do drop in that Pillow cannot read as shipped: listed so the answer says what to convert to.
+UNSUPPORTED_EXTS = {".heic": "HEIC", ".heif": "HEIF", ".dng": "camera RAW (DNG)", ".cr2": "camera RAW (CR2)",
+                    ".cr3": "camera RAW (CR3)", ".nef": "camera RAW (NEF)", ".arw": "camera RAW (ARW)",
+                    ".raw": "camera RAW", ".svg": "SVG (vector)", ".jxl": "JPEG XL"}
 CAPTION_EXTS = {".txt", ".caption"}
 # Side files that live beside images without being images (captions, manifests, credits).
 SIDE_FILES = CAPTION_EXTS | {".json", ".md", ".yaml", ".yml", ".csv"}
+# Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP): a 200 MP phone photo is refused, a
+# decompression bomb (a tiny file that decodes to gigabytes) is refused before it is decoded.
+MAX_PIXELS = 2 * 89_478_485
+# Images whose shortest side is below resolution / MAX_UPSCALE are refused: more than 4x upscaling teaches blur.
+MAX_UPSCALE = 4.0
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+_CONVERT = "convert it to JPEG or PNG"
 
 
 class ImageIntakeError(ValueError):
     """One or more input images are missing or unusable; the message lists every problem with its file."""
 
 
+@dataclass
+class ImageReport:
+    """What intake found for one file: its upright size, the problem that makes it unusable, what was done."""
+
+    path: Path
+    size: tuple[int, int] | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
 def list_images(folder: str | Path, role: str = "image") -> list[Path]:
-    """Sorted image files in ``folder``; other files are skipped and named in a single warning.
+    """Sorted image files in ``folder`` (known-unsupported formats included, so checks can name them).
 
     Args:
         folder: directory to scan (not recursive).
@@ -30,8 +56,9 @@ def list_images(folder: str | Path, role: str = "image") -> list[Path]:
     if not path.is_dir():
         raise ImageIntakeError(f"{role} dir {str(path)!r} is a file, not a folder of images.")
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
-    skipped = [p.name for p in files if p.suffix.lower() not in IMAGE_EXTS | SIDE_FILES]
+    known = IMAGE_EXTS | set(UNSUPPORTED_EXTS)
+    images = [p for p in files if p.suffix.lower() in known]
+    skipped = [p.name for p in files if p.suffix.lower() not in known | SIDE_FILES]
     if skipped:
         warnings.warn(f"{role} dir {str(path)!r}: skipped {len(skipped)} non-image file(s): {', '.join(skipped)}",
                       stacklevel=2)
@@ -44,37 +71,147 @@ def list_images(folder: str | Path, role: str = "image") -> list[Path]:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Upright RGB: apply EXIF orientation, composite transparency on white, convert any mode to RGB."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.point(lambda v: v * (1 / 256)).convert("L")  # 16-bit -> 8-bit before RGB
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey: keep the top 8 bits, not a clipped 0..255
+        img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open ``path`` (first frame of an animation) as an upright RGB image, fully decoded."""
-    with Image.open(path) as img:
-        img.seek(0)
-        img.load()
-        return to_rgb(img)
+def _sniff(path: Path) -> str:
+    """Name the format of a file Pillow could not identify, from its extension or first bytes."""
+    fmt = UNSUPPORTED_EXTS.get(path.suffix.lower())
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        fmt = "HEIC/HEIF"
+    if fmt:
+        hint = " (e.g. `heif-convert in.heic out.jpg`, iPhone: Settings > Camera > Formats > Most Compatible, " \
+               "or pip install pillow-heif)" if "HE" in fmt else ""
+        return f"{fmt} is not a format Pillow reads here: {_CONVERT}{hint}"
+    return f"not an image Pillow can read (content starts with {head[:8]!r}): {_CONVERT}, or remove it"
 
 
-def validate_images(paths: list[Path], role: str = "image") -> list[tuple[int, int]]:
-    """Decode every file; raise one :class:`ImageIntakeError` listing all unreadable files. Returns (w, h) sizes."""
-    sizes, problems = [], []
-    for p in paths:
-        try:
-            with Image.open(p) as img:
+def inspect_image(path: str | Path, resolution: int | None = None) -> ImageReport:
+    """Fully decode ``path`` and report its upright size, what makes it unusable, and what loading will do.
+
+    Args:
+        path: image file.
+        resolution: training side in pixels; smaller images are upscaled with a note, or refused below
+            ``resolution / MAX_UPSCALE`` (None: no size check, e.g. evaluation references).
+    """
+    path = Path(path)
+    rep = ImageReport(path)
+    size = "its size"
+    try:
+        if path.stat().st_size == 0:
+            rep.error = "empty file (0 bytes): re-copy or re-download it"
+            return rep
+        with warnings.catch_warnings():  # our MAX_PIXELS decides; Pillow's softer bomb warning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                size = f"{w}x{h} = {w * h:,} pixels"
+                if w * h > MAX_PIXELS:
+                    raise Image.DecompressionBombError(size)
+                frames = getattr(img, "n_frames", 1)
+                if frames > 1:
+                    rep.notes.append(f"animated ({frames} frames): using the first frame")
                 img.load()
-                sizes.append(ImageOps.exif_transpose(img).size)
-        except Exception as e:  # PIL raises many types for truncated, corrupt or unsupported files
-            problems.append(f"  {p}: {type(e).__name__}: {e}")
-    if problems:
-        raise ImageIntakeError(f"{len(problems)} {role} image(s) cannot be read — fix or remove them:\n"
-                               + "\n".join(problems))
-    return sizes
+                orientation = img.getexif().get(0x0112, 1)
+                mode = img.mode
+                rep.size = ImageOps.exif_transpose(img).size
+    except Image.DecompressionBombError as e:  # Pillow refuses in open() before we see the size: it names the count
+        if size == "its size":
+            size = str(e).split("(")[-1].split(")")[0]
+        rep.error = (f"refused as a possible decompression bomb: {size} exceeds the "
+                     f"{MAX_PIXELS:,}-pixel limit: downscale it (e.g. to 2048 px on the long side)")
+        return rep
+    except UnidentifiedImageError:
+        rep.error = _sniff(path)
+        return rep
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow's truncated/corrupt-data errors
+        rep.error = f"truncated or corrupt ({type(e).__name__}: {e}): re-export or re-download it"
+        return rep
+    if orientation not in (1, None):
+        rep.notes.append(f"rotated upright (EXIF orientation {orientation})")
+    if mode not in ("RGB", "L"):
+        alpha = " with transparency composited on white" if mode in ("RGBA", "LA", "PA", "P") else ""
+        rep.notes.append(f"converted {mode} to RGB{alpha}")
+    if resolution:
+        short = min(rep.size)
+        floor = resolution / MAX_UPSCALE
+        if short < floor:
+            rep.error = (f"too small: {rep.size[0]}x{rep.size[1]}, shortest side {short} px is below the floor of "
+                         f"{floor:g} px (resolution {resolution} / {MAX_UPSCALE:g}): use a larger photo or a "
+                         "lower data.resolution")
+        elif short < resolution:
+            rep.notes.append(f"upscaled: shortest side {short} px < resolution {resolution} (may look soft)")
+    return rep
+
+
+def check_images(paths: list[Path], role: str = "image", resolution: int | None = None,
+                 strict: bool = True) -> list[Path]:
+    """Inspect every file before any model loads; report all problems at once. Returns the usable paths.
+
+    Args:
+        paths: image files (e.g. from :func:`list_images`).
+        role: what the images are for, used in messages.
+        resolution: training side, for the upscale note and the too-small floor (None: no size check).
+        strict: raise one :class:`ImageIntakeError` listing every unusable file (default); False skips them
+            with a warning.
+    """
+    return [r.path for r in _reports(paths, role, resolution, strict)]
+
+
+def validate_images(paths: list[Path], role: str = "image", resolution: int | None = None) -> list[tuple[int, int]]:
+    """Strict :func:`check_images`: raise listing every unusable file; returns the upright (w, h) sizes.
+
+    Args:
+        paths: image files.
+        role: what the images are for, used in messages.
+        resolution: training side, for the too-small floor (None: no size check).
+    """
+    return [r.size for r in _reports(paths, role, resolution, strict=True)]
+
+
+def _reports(paths: list[Path], role: str, resolution: int | None, strict: bool) -> list[ImageReport]:
+    """Reports of the usable files, after one warning with every adjustment and one error (or skip) list."""
+    reports = [inspect_image(p, resolution) for p in paths]
+    bad = [r for r in reports if r.error]
+    notes = [f"  {r.path}: {n}" for r in reports if not r.error for n in r.notes]
+    if notes:
+        warnings.warn(f"{role} images adjusted on load:\n" + "\n".join(notes), stacklevel=3)
+    lines = "\n".join(f"  {r.path}: {r.error}" for r in bad)
+    if bad and (strict or len(bad) == len(reports)):
+        fix = "fix or remove them" + (", or set data.strict_images: false to skip them" if strict else "")
+        raise ImageIntakeError(f"{len(bad)} of {len(reports)} {_what(role)} cannot be used — {fix}:\n{lines}")
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unusable {_what(role)}:\n{lines}", stacklevel=3)
+    return [r for r in reports if not r.error]
+
+
+def _what(role: str) -> str:
+    return "image(s)" if role == "image" else f"{role} image(s)"
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open ``path`` (first frame of an animation) as an upright RGB image, fully decoded.
+
+    Raises :class:`ImageIntakeError` naming the file and the fix when it cannot be used.
+    """
+    try:
+        with warnings.catch_warnings():  # MAX_PIXELS (Pillow's hard limit) decides, see inspect_image
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.seek(0)
+                img.load()
+                return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        rep = inspect_image(path)  # only on failure: the fast path decodes once
+        raise ImageIntakeError(f"{path}: {rep.error or f'{type(e).__name__}: {e}'}") from e
 
 
 def caption_for(path: Path) -> str | None:
