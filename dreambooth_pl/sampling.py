@@ -1,0 +1,207 @@
+"""SDXL sampling: a base + LoRA pipeline, schedulers by name, seeded per-image generation, safe-dtype VAE decode.
+
+Every image draws its initial noise (and any ancestral noise) from its own CPU generator seeded with its seed,
+so image i depends only on its prompt and seed, not on its batch or device. Latents are decoded here rather than
+by the pipeline, so a fp16 UNet can sit beside an fp32 VAE (the SDXL VAE overflows in fp16; Podell et al. 2023).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler,
+                       UniPCMultistepScheduler)
+
+from .sdxl import resolve_base
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "pndm": PNDMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class SamplingError(ValueError):
+    """Bad sampling input (scheduler, size, seeds, LoRA file); the message names the value and the fix."""
+
+
+def make_scheduler(name: str, config: dict):
+    """Scheduler ``name`` built from the base's scheduler config (its betas and timestep spacing).
+
+    Args:
+        name: a key of :data:`SCHEDULERS`.
+        config: the base's ``scheduler/scheduler_config.json`` as a dict.
+    """
+    if name not in SCHEDULERS:
+        raise SamplingError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    kwargs = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpmpp_2m" else {}
+    return SCHEDULERS[name].from_config(dict(config), **kwargs)
+
+
+def check_size(height: int | None, width: int | None) -> None:
+    """Sizes must be positive multiples of 8: the VAE maps 8x8 pixels to one latent."""
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (v <= 0 or v % 8):
+            raise SamplingError(f"{name} must be a positive multiple of 8 (the VAE downsamples by 8), got {v}; "
+                                f"try {max(8, round(v / 8) * 8)}")
+
+
+def _lora_module(key: str) -> tuple[str, str, str]:
+    """``(component, module path, role)`` of a diffusers-format LoRA key; role is ``down`` (A) or ``up`` (B)."""
+    component, _, rest = key.partition(".")
+    module, _, tail = rest.partition(".lora")
+    return component, module, "down" if ("_A." in tail or "down" in tail) else "up"
+
+
+def check_lora(pipe, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """Fail on the first key of ``state_dict`` that names no module of ``pipe`` or has the wrong shape.
+
+    Args:
+        pipe: the SDXL pipeline the LoRA is meant for.
+        state_dict: diffusers-format keys (``unet.<module>.lora_A.weight``) from ``pipe.lora_state_dict``.
+        path: the file, for the message.
+    """
+    for key, value in state_dict.items():
+        if "alpha" in key.rsplit(".", 1)[-1]:
+            continue
+        component, module, role = _lora_module(key)
+        problem = None
+        model = getattr(pipe, component, None)
+        if not isinstance(model, torch.nn.Module):
+            problem = f"the pipeline has no component {component!r}"
+        else:
+            try:
+                target = model.get_submodule(module)
+            except AttributeError:
+                target = None
+                problem = f"{type(model).__name__} has no module {module!r}"
+            if target is not None:
+                weight = (target.get_base_layer() if hasattr(target, "get_base_layer") else target).weight
+                dim, want = (1, weight.shape[1]) if role == "down" else (0, weight.shape[0])
+                if value.shape[dim] != want:
+                    problem = f"shape {tuple(value.shape)} does not fit {module} (weight {tuple(weight.shape)})"
+        if problem:
+            raise SamplingError(f"LoRA file {path!r} does not match the base: first mismatching key {key!r}: "
+                                f"{problem}. Was it trained on another base model (SD 1.5, a tiny base, ...)?")
+
+
+def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
+    """Load each ``(file, scale)`` as adapter ``lora<i>`` (diffusers or kohya format) and activate them all."""
+    names = []
+    for i, (path, scale) in enumerate(loras):
+        if not Path(path).is_file():
+            raise SamplingError(f"LoRA file {str(path)!r} does not exist: give the .safetensors that fit exported "
+                                "(lightning_logs/version_N/pytorch_lora_weights.safetensors).")
+        try:
+            state_dict, _ = pipe.lora_state_dict(str(path), unet_config=pipe.unet.config)
+        except Exception as e:  # not safetensors, truncated, unknown key layout
+            raise SamplingError(f"cannot read LoRA file {str(path)!r}: {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}") from None
+        check_lora(pipe, state_dict, str(path))
+        names.append(f"lora{i}")
+        pipe.load_lora_weights(str(path), adapter_name=names[-1])
+    if names:
+        pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
+
+
+def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler: str = "euler",
+                  dtype: str = "float16", device: str | None = None, vae: str | None = None,
+                  vae_tiling: bool = False, vae_slicing: bool = False):
+    """An SDXL pipeline of ``base`` with LoRA files applied at their scales, ready on ``device``.
+
+    Args:
+        base: SDXL pipeline folder or hub id.
+        loras: ``(file, scale)`` pairs; files in diffusers or kohya format.
+        scheduler: a key of :data:`SCHEDULERS`.
+        dtype: weights dtype of UNet and text encoders (float16 halves memory: SDXL + LoRA fits 16 GB).
+        device: ``cuda``, ``cpu``, ... (None: CUDA when available).
+        vae: a separate VAE folder; an fp16-fix VAE (``force_upcast: false``) then decodes in fp16.
+        vae_tiling: decode in overlapping tiles (large sizes on small GPUs).
+        vae_slicing: decode one image of a batch at a time.
+    """
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    if dtype not in DTYPES:
+        raise SamplingError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    root = resolve_base(base)
+    extra = {"vae": AutoencoderKL.from_pretrained(resolve_base(vae), dtype=DTYPES[dtype])} if vae else {}
+    pipe = StableDiffusionXLPipeline.from_pretrained(root, dtype=DTYPES[dtype], add_watermarker=False,
+                                                     **extra)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)  # the SDXL VAE overflows to NaN in fp16; the fp16-fix VAE does not
+    add_loras(pipe, loras)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pipeline_from_module(module, scheduler: str = "euler"):
+    """An SDXL pipeline over a :class:`DreamBoothLoRA`'s live modules (shared, not copied; adapters active)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=module.vae, text_encoder=module.text_encoder, text_encoder_2=module.text_encoder_2,
+        tokenizer=module.tokenizers[0], tokenizer_2=module.tokenizers[1], unet=module.unet,
+        scheduler=make_scheduler(scheduler, module.scheduler_config), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list:
+    """PIL images from SDXL latents, decoded in the VAE's own dtype (fp32 unless an fp16-fix VAE was given)."""
+    vae = pipe.vae
+    cfg = vae.config
+    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / cfg.scaling_factor + mean
+    else:
+        latents = latents / cfg.scaling_factor
+    image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 5.0,
+             negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
+             batch_size: int = 4) -> list:
+    """One PIL image per ``(prompt, seed)``; image i depends only on ``prompts[i]`` and ``seeds[i]``.
+
+    Args:
+        pipe: an SDXL pipeline (:func:`load_pipeline` or :func:`pipeline_from_module`).
+        prompts: one prompt per image.
+        seeds: one seed per image (its initial and ancestral noise come from a CPU generator with this seed).
+        steps: denoising steps.
+        guidance: classifier-free guidance scale (Ho & Salimans 2022); <= 1 turns it off.
+        negative_prompt: prompt to steer away from (None: SDXL's zero unconditional embedding).
+        height, width: image size in pixels, multiples of 8 (None: the base's native size).
+        batch_size: images per UNet batch.
+    """
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if len(prompts) != len(seeds):
+        raise SamplingError(f"got {len(prompts)} prompt(s) but {len(seeds)} seed(s): give one seed per image.")
+    if steps < 1 or batch_size < 1:
+        raise SamplingError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+    check_size(height, width)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
+        gens = [torch.Generator("cpu").manual_seed(s) for s in chunk_seeds]
+        latents = pipe(prompt=chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                       num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                       generator=gens, output_type="latent").images
+        images += decode_latents(pipe, latents)
+    return images
