@@ -38,15 +38,17 @@ def resolve_base(name: str) -> str:
     fix = (f"Download it where the hub is reachable (huggingface-cli download {name} --local-dir DIR) and set "
            "model.base_model to DIR, or build a random stand-in with python -m dreambooth_pl make-base.")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise BaseModelError(f"base model {name!r} is not cached locally and HF_HUB_OFFLINE is set. {fix}")
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+        raise BaseModelError(f"base model {name!r} is not cached locally and the Hugging Face hub is unreachable "
+                             f"(HF_HUB_OFFLINE is set). {fix}")
     try:
+        # huggingface_hub reads its timeout variables at import, so pass short timeouts explicitly: an
+        # unreachable hub then fails in seconds instead of a minute of retries
+        hf.HfApi().model_info(name, timeout=5)
         return hf.snapshot_download(name, allow_patterns=["*.json", "*.txt", "*.safetensors"],
-                                    ignore_patterns=["*.fp16.safetensors", "*refiner*", "*.bin"])
+                                    ignore_patterns=["*.fp16.safetensors", "*refiner*", "*.bin"], etag_timeout=5)
     except Exception as e:  # hub unreachable, unknown id, gated repo
-        raise BaseModelError(f"could not download base model {name!r} from the hub "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). {fix}") from None
+        raise BaseModelError(f"could not download base model {name!r}: the Hugging Face hub is unreachable or "
+                             f"refused it ({type(e).__name__}: {str(e).splitlines()[0][:200]}). {fix}") from None
 
 
 @dataclass

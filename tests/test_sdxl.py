@@ -1,0 +1,88 @@
+"""Base resolution (local folder / hub id, offline failures), part loading, prompt encoding, add_time_ids."""
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth_pl.sdxl import BaseModelError, add_time_ids, encode_prompts, load_parts, resolve_base, tokenize
+
+FAKE_ID = "dreambooth-pl-tests/no-such-sdxl"
+
+
+def test_local_folder_resolves_to_itself(tiny_base):
+    assert resolve_base(tiny_base) == tiny_base
+
+
+def test_folder_that_is_not_a_pipeline_says_how_to_fix(tmp_path):
+    with pytest.raises(BaseModelError, match="no model_index.json or unet/.*make-base"):
+        resolve_base(str(tmp_path))
+    with pytest.raises(BaseModelError, match="neither an existing folder nor a hub id"):
+        resolve_base(str(tmp_path / "missing" / "base"))
+
+
+def test_offline_hub_id_fails_in_seconds_naming_the_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(BaseModelError) as err:
+        load_parts(FAKE_ID)
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert FAKE_ID in msg and "unreachable" in msg and "model.base_model" in msg and "make-base" in msg
+
+
+def test_unreachable_hub_fails_in_seconds_without_retries(monkeypatch):
+    import huggingface_hub.constants as hfc
+
+    # online mode against an endpoint that refuses connections: the path a machine without network takes
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hfc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hfc, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(BaseModelError) as err:
+        resolve_base(FAKE_ID)
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert FAKE_ID in msg and "unreachable" in msg and "ConnectError" in msg and "--local-dir" in msg
+
+
+def test_broken_base_folder_names_it(tmp_path, tiny_base):
+    broken = tmp_path / "base"
+    broken.mkdir()
+    (broken / "model_index.json").write_text((Path(tiny_base) / "model_index.json").read_text())
+    with pytest.raises(BaseModelError, match=f"could not load the SDXL parts from '{broken}'"):
+        load_parts(str(broken))
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_base):
+    return load_parts(tiny_base)
+
+
+def test_parts_are_frozen_fp32_in_eval_mode(parts):
+    for m in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+        assert not m.training
+        assert not any(p.requires_grad for p in m.parameters())
+        assert {p.dtype for p in m.parameters()} == {torch.float32}
+    assert parts.scheduler_config["prediction_type"] == "epsilon"
+    assert parts.scheduler_config["num_train_timesteps"] == 1000
+
+
+def test_prompt_encoding_matches_the_diffusers_pipeline(parts, tiny_base):
+    from diffusers import StableDiffusionXLPipeline
+
+    prompts = ["a photo of sks dog", "a photo of dog on the beach"]
+    emb, pooled = encode_prompts((parts.text_encoder, parts.text_encoder_2),
+                                 [tokenize(parts.tokenizer, prompts), tokenize(parts.tokenizer_2, prompts)])
+    pipe = StableDiffusionXLPipeline.from_pretrained(  # the same modules; only the scheduler is loaded
+        tiny_base, vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
+        tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet)
+    ref_emb, _, ref_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(emb, ref_emb)
+    torch.testing.assert_close(pooled, ref_pooled)
+    assert emb.shape == (2, 77, parts.unet.config.cross_attention_dim)
+
+
+def test_add_time_ids_order_is_original_crop_target():
+    ids = add_time_ids(torch.tensor([[768, 1024]]), torch.tensor([[10, 20]]), torch.tensor([[1024, 1024]]))
+    assert ids.tolist() == [[768.0, 1024.0, 10.0, 20.0, 1024.0, 1024.0]] and ids.dtype == torch.float32
