@@ -12,6 +12,8 @@ COMMANDS = {
     "ablate": "dreambooth_pl.tools.ablate:ablate",
     "ablate-checkpoints": "dreambooth_pl.tools.ablate:ablate_checkpoints",
     "check-token": "dreambooth_pl.tools.check_token:check_token",
+    "generate-class-images": "dreambooth_pl.tools.generate_class_images:generate_class_images",
+    "sample": "dreambooth_pl.tools.sample:sample",
 }
 
 # verbs whose required arguments are positional (``check-token rraj``); the others take --name value only.

@@ -52,6 +52,8 @@ class DreamBoothCLI(LightningCLI):
         parser.add_lightning_class_args(LoRAExport, "export")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
         parser.link_arguments("seed_everything", "model.seed", compute_fn=_seed)
+        parser.link_arguments("model.base_model", "data.base_model")  # data.generate_class_images draws with it
+        parser.link_arguments("model.vae_model", "data.vae_model")
 
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path last`` to this run's ``last.ckpt`` and load checkpoints with ``weights_only``."""

@@ -1,11 +1,12 @@
 """SDXL sampling: a base + LoRA pipeline, schedulers by name, seeded per-image generation, safe-dtype VAE decode.
 
 Every image draws its initial noise (and any ancestral noise) from its own CPU generator seeded with its seed,
-so image i depends only on its prompt and seed, not on its batch or device. Latents are decoded here rather than
+so image i depends only on its prompt and seed, not on its batch or its neighbours. Latents are decoded here rather than
 by the pipeline, so a fp16 UNet can sit beside an fp32 VAE (the SDXL VAE overflows in fp16; Podell et al. 2023).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler,
                        UniPCMultistepScheduler)
 
+from .formats import check_base, read_lora
 from .sdxl import resolve_base
 
 SCHEDULERS = {
@@ -30,7 +32,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 class SamplingError(ValueError):
-    """Bad sampling input (scheduler, size, seeds, LoRA file); the message names the value and the fix."""
+    """Bad sampling input (scheduler, size, seeds, dtype); the message names the value and the fix."""
 
 
 def make_scheduler(name: str, config: dict):
@@ -54,45 +56,6 @@ def check_size(height: int | None, width: int | None) -> None:
                                 f"try {max(8, round(v / 8) * 8)}")
 
 
-def _lora_module(key: str) -> tuple[str, str, str]:
-    """``(component, module path, role)`` of a diffusers-format LoRA key; role is ``down`` (A) or ``up`` (B)."""
-    component, _, rest = key.partition(".")
-    module, _, tail = rest.partition(".lora")
-    return component, module, "down" if ("_A." in tail or "down" in tail) else "up"
-
-
-def check_lora(pipe, state_dict: dict[str, torch.Tensor], path: str) -> None:
-    """Fail on the first key of ``state_dict`` that names no module of ``pipe`` or has the wrong shape.
-
-    Args:
-        pipe: the SDXL pipeline the LoRA is meant for.
-        state_dict: diffusers-format keys (``unet.<module>.lora_A.weight``) from ``pipe.lora_state_dict``.
-        path: the file, for the message.
-    """
-    for key, value in state_dict.items():
-        if "alpha" in key.rsplit(".", 1)[-1]:
-            continue
-        component, module, role = _lora_module(key)
-        problem = None
-        model = getattr(pipe, component, None)
-        if not isinstance(model, torch.nn.Module):
-            problem = f"the pipeline has no component {component!r}"
-        else:
-            try:
-                target = model.get_submodule(module)
-            except AttributeError:
-                target = None
-                problem = f"{type(model).__name__} has no module {module!r}"
-            if target is not None:
-                weight = (target.get_base_layer() if hasattr(target, "get_base_layer") else target).weight
-                dim, want = (1, weight.shape[1]) if role == "down" else (0, weight.shape[0])
-                if value.shape[dim] != want:
-                    problem = f"shape {tuple(value.shape)} does not fit {module} (weight {tuple(weight.shape)})"
-        if problem:
-            raise SamplingError(f"LoRA file {path!r} does not match the base: first mismatching key {key!r}: "
-                                f"{problem}. Was it trained on another base model (SD 1.5, a tiny base, ...)?")
-
-
 def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
     """Load each ``(file, scale)`` as adapter ``lora<i>`` (diffusers or kohya format) and activate them all."""
     names = []
@@ -100,12 +63,8 @@ def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
         if not Path(path).is_file():
             raise SamplingError(f"LoRA file {str(path)!r} does not exist: give the .safetensors that fit exported "
                                 "(lightning_logs/version_N/pytorch_lora_weights.safetensors).")
-        try:
-            state_dict, _ = pipe.lora_state_dict(str(path), unet_config=pipe.unet.config)
-        except Exception as e:  # not safetensors, truncated, unknown key layout
-            raise SamplingError(f"cannot read LoRA file {str(path)!r}: {type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}") from None
-        check_lora(pipe, state_dict, str(path))
+        lora = read_lora(path, pipe.unet.config)  # names the first bad key of a broken or foreign file
+        check_base(lora, {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2")}, str(path))
         names.append(f"lora{i}")
         pipe.load_lora_weights(str(path), adapter_name=names[-1])
     if names:
@@ -131,6 +90,10 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
 
     if dtype not in DTYPES:
         raise SamplingError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "float16" and torch.device(device).type == "cpu":
+        warnings.warn("float16 sampling on CPU is slow or unsupported; using float32.", stacklevel=2)
+        dtype = "float32"
     root = resolve_base(base)
     extra = {"vae": AutoencoderKL.from_pretrained(resolve_base(vae), dtype=DTYPES[dtype])} if vae else {}
     pipe = StableDiffusionXLPipeline.from_pretrained(root, dtype=DTYPES[dtype], add_watermarker=False,
@@ -144,7 +107,7 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
     if vae_slicing:
         pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return pipe.to(device)
 
 
 def pipeline_from_module(module, scheduler: str = "euler"):

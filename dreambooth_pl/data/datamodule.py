@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .datasets import ImageSet, PairedStream
+from ..tools.generate_class_images import ClassImageSettings
 from .images import ImageIntakeError, list_images, validate_images
 
 
@@ -29,13 +30,20 @@ class DreamBoothDataModule(L.LightningDataModule):
         batch_size: instance images per step (each brings one class image along).
         num_workers: dataloader worker processes.
         seed: seed of data order and augmentation (linked from ``seed_everything``).
+        generate_class_images: draw missing class images with the base before training (rank 0 of each
+            machine; tools/generate_class_images.py, docs/generation.md).
+        class_generation: steps, guidance, scheduler, ... of those images (None: the defaults).
+        base_model: the base that draws them (linked from ``model.base_model`` by the CLI).
+        vae_model: its separate VAE, if any (linked from ``model.vae_model``).
     """
 
     def __init__(self, instance_dir: str, instance_prompt: str, class_dir: Optional[str] = None,
                  class_prompt: Optional[str] = None, with_prior_preservation: bool = True,
                  num_class_images: int = 200, resolution: int = 1024, center_crop: bool = False,
                  random_flip: float = 0.0, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 num_instance_images: Optional[int] = None):
+                 num_instance_images: Optional[int] = None,
+                 generate_class_images: bool = False, class_generation: Optional[ClassImageSettings] = None,
+                 base_model: Optional[str] = None, vae_model: Optional[str] = None):
         super().__init__()
         self.save_hyperparameters()
         if resolution <= 0 or resolution % 8:
@@ -71,6 +79,8 @@ class DreamBoothDataModule(L.LightningDataModule):
             inst = inst[: hp.num_instance_images]
         validate_images(inst, "instance")
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
+        if hp.with_prior_preservation and hp.generate_class_images:
+            self._generate_class_images()
         if hp.with_prior_preservation:
             try:
                 cls = list_images(hp.class_dir, "class")
@@ -81,10 +91,29 @@ class DreamBoothDataModule(L.LightningDataModule):
                     f"class dir {hp.class_dir!r} has {len(cls)} image(s) but data.num_class_images is "
                     f"{hp.num_class_images}. Generate the rest with: python -m dreambooth_pl "
                     f"generate-class-images --base MODEL --prompt {hp.class_prompt!r} --out {hp.class_dir} "
-                    f"--num {hp.num_class_images} (or lower data.num_class_images).")
+                    f"--num {hp.num_class_images}, or set data.generate_class_images: true (or lower "
+                    "data.num_class_images).")
             cls = cls[: hp.num_class_images]
             validate_images(cls, "class")
             self.prior = ImageSet(tuple(cls), hp.class_prompt)
+
+    def _generate_class_images(self) -> None:
+        """Fill class_dir up to num_class_images with the base; local rank 0 draws, the other ranks wait."""
+        from ..tools.generate_class_images import generate_class_images
+
+        hp, trainer = self.hparams, self.trainer
+        if not hp.base_model:
+            raise ValueError("data.generate_class_images needs data.base_model (the CLI links it from "
+                             "model.base_model).")
+        if trainer is None or trainer.local_rank == 0:
+            s = hp.class_generation or ClassImageSettings()
+            s = s if isinstance(s, ClassImageSettings) else ClassImageSettings(**dict(s))  # the CLI passes a dict
+            generate_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s.seed,
+                                  s.scheduler, s.steps, s.guidance, s.negative_prompt,
+                                  s.resolution or hp.resolution, s.batch_size, "float16",
+                                  str(trainer.strategy.root_device) if trainer else None, hp.vae_model)
+        if trainer is not None:
+            trainer.strategy.barrier("generate_class_images")
 
     def _consumed_batches(self) -> int:
         """Batches this rank already trained on: a resumed run continues the stream where it stopped."""

@@ -1,0 +1,201 @@
+"""``python -m dreambooth_pl sample``: base + LoRA files -> PNGs that carry their settings, a contact sheet, a manifest.
+
+Each PNG stores its full settings as JSON in the ``dreambooth_pl`` text chunk (and an A1111-style ``parameters``
+chunk for other viewers); ``sample --from_png IMAGE`` regenerates that image. Every file is written under a
+temporary name and renamed, so an interrupted run leaves only complete files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+PNG_KEY = "dreambooth_pl"
+# sample() arguments that a PNG's metadata pins; the rest (out, batch size, device) do not change pixels.
+REPRO_KEYS = ("base", "vae", "loras", "scheduler", "steps", "guidance", "negative_prompt", "height", "width", "dtype")
+
+
+class OutputError(OSError):
+    """An output folder cannot be written; the message names it and the fix."""
+
+
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove it writable, before any model loads."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise OutputError(f"output dir {str(path)!r} is not writable ({e.strerror or e}): choose another --out "
+                          "or fix its permissions.") from None
+    return path
+
+
+def _atomic(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def a1111_parameters(meta: dict) -> str:
+    """The ``parameters`` text other tools (A1111, ComfyUI readers) show: prompt, negative, then key: value."""
+    neg = f"\nNegative prompt: {meta['negative_prompt']}" if meta.get("negative_prompt") else ""
+    loras = ", ".join(f"{Path(p).name}:{s}" for p, s in meta.get("loras") or [])
+    return (f"{meta['prompt']}{neg}\nSteps: {meta['steps']}, Sampler: {meta['scheduler']}, CFG scale: "
+            f"{meta['guidance']}, Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, Model: {meta['base']}"
+            + (f", LoRA: {loras}" if loras else ""))
+
+
+def write_png(path: str | os.PathLike, image, meta: dict) -> Path:
+    """Save ``image`` as PNG with ``meta`` in its text chunks (JSON + A1111 ``parameters``), atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(PNG_KEY, json.dumps(meta))
+    info.add_text("parameters", a1111_parameters(meta))
+    return _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict:
+    """The settings a PNG written by :func:`write_png` records."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        text = getattr(img, "text", {}).get(PNG_KEY)
+    if text is None:
+        raise ValueError(f"{str(path)!r} has no {PNG_KEY!r} text chunk: only PNGs written by sample or "
+                         "generate-class-images record their settings.")
+    return json.loads(text)
+
+
+def contact_sheet(images: list, labels: list[str], cols: int, thumb: int = 256):
+    """One PIL image: ``images`` as thumbnails (longest side ``thumb``) in rows of ``cols``, one label per row."""
+    from PIL import Image, ImageDraw
+
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    s = min(1.0, thumb / max(w, h))
+    tw, th, bar = max(1, round(w * s)), max(1, round(h * s)), 14
+    sheet = Image.new("RGB", (cols * tw, rows * (th + bar)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r in range(rows):
+        draw.text((2, r * (th + bar) + 1), labels[r][: max(8, cols * tw // 6)], fill="black")
+        for c, img in enumerate(images[r * cols:(r + 1) * cols]):
+            sheet.paste(img.resize((tw, th)), (c * tw, r * (th + bar) + bar))
+    return sheet
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def collect_prompts(prompt, prompt_file: Optional[str], suite: Optional[str], token: str, class_name: str) -> list:
+    """Prompts from exactly one of: ``--prompt``, ``--prompt_file``, ``--suite``."""
+    from ..prompts import fill, get_suite, read_prompt_file
+
+    given = [n for n, v in (("prompt", prompt), ("prompt_file", prompt_file), ("suite", suite)) if v]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of --prompt, --prompt_file, --suite (got {', '.join(given) or 'none'}).")
+    if suite:
+        return get_suite(suite, token, class_name)
+    raw = _as_list(prompt) if prompt else read_prompt_file(prompt_file)
+    return [fill(p, token, class_name) for p in raw]
+
+
+def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "outputs/samples",
+           prompt: Union[str, list[str], None] = None, prompt_file: Optional[str] = None,
+           suite: Optional[str] = None, token: str = "sks", class_name: str = "dog",
+           lora: Union[str, list[str], None] = None, lora_scale: Union[float, list[float], None] = None,
+           scheduler: str = "euler", steps: int = 25, guidance: float = 5.0, negative_prompt: Optional[str] = None,
+           height: Optional[int] = None, width: Optional[int] = None, seeds: Union[int, list[int], None] = None,
+           seed: int = 0, images_per_prompt: int = 1, batch_size: int = 4, dtype: str = "float16",
+           device: Optional[str] = None, vae: Optional[str] = None, vae_tiling: bool = False,
+           vae_slicing: bool = False, from_png: Optional[str] = None, list_suites: bool = False) -> str:
+    """Sample images from an SDXL base with zero or more LoRA files; writes PNGs, contact_sheet.png, manifest.json.
+
+    Args:
+        base: SDXL pipeline folder or hub id.
+        out: output folder.
+        prompt: one prompt or a list; ``{token}`` and ``{class}`` are filled in.
+        prompt_file: text file, one prompt per line.
+        suite: a named prompt suite (``--list_suites`` shows them).
+        token: identifier that fills ``{token}``.
+        class_name: class noun that fills ``{class}``.
+        lora: LoRA file(s), diffusers or kohya format.
+        lora_scale: one scale per LoRA file (default 1.0 each).
+        scheduler: ddim, pndm, euler, euler_a, dpmpp_2m, ... (see sampling.SCHEDULERS).
+        steps: denoising steps.
+        guidance: classifier-free guidance scale.
+        negative_prompt: prompt to steer away from.
+        height: image height in pixels, a multiple of 8 (None: the base's native size).
+        width: image width in pixels, a multiple of 8 (None: the base's native size).
+        seeds: one seed per image (prompt-major order); None: image k gets ``seed + k``.
+        seed: first seed when ``seeds`` is not given.
+        images_per_prompt: images per prompt (columns of the contact sheet).
+        batch_size: images per UNet batch (does not change the images).
+        dtype: float16 (GPU), bfloat16 or float32 (CPU).
+        device: cuda, cpu, ... (None: CUDA when available).
+        vae: separate VAE folder (e.g. the fp16-fix VAE).
+        vae_tiling: decode in tiles (sizes above 1024 on small GPUs).
+        vae_slicing: decode one image at a time.
+        from_png: regenerate the image a PNG of this tool records (its settings replace the ones above).
+        list_suites: print the prompt suites and exit.
+    """
+    from ..prompts import get_suite, list_suites as suites
+    from ..sampling import SamplingError, check_size, generate, load_pipeline
+
+    if list_suites:
+        return "\n".join(f"{name} ({len(get_suite(name))} prompts)" for name in suites())
+    loras = [[str(p), 1.0] for p in _as_list(lora)]
+    scales = _as_list(lora_scale)
+    if scales and len(scales) != len(loras):
+        raise SamplingError(f"got {len(loras)} LoRA file(s) but {len(scales)} lora_scale value(s): give one scale "
+                            "per file.")
+    for pair, s in zip(loras, scales):
+        pair[1] = float(s)
+    settings = dict(base=base, vae=vae, loras=loras, scheduler=scheduler, steps=steps, guidance=guidance,
+                    negative_prompt=negative_prompt, height=height, width=width, dtype=dtype)
+    if from_png:
+        meta = read_png_metadata(from_png)
+        settings.update({k: meta[k] for k in REPRO_KEYS})
+        prompts, seed_list = [meta["prompt"]], [meta["seed"]]
+    else:
+        prompts = [p for p in collect_prompts(prompt, prompt_file, suite, token, class_name)
+                   for _ in range(images_per_prompt)]
+        seed_list = _as_list(seeds) or [seed + k for k in range(len(prompts))]
+        if len(seed_list) != len(prompts):
+            n_prompts = len(prompts) // images_per_prompt
+            raise SamplingError(f"got {len(seed_list)} seed(s) for {len(prompts)} image(s) ({n_prompts} prompt(s) "
+                                f"x images_per_prompt {images_per_prompt}): give one seed per image, or none "
+                                "(then image k gets seed + k).")
+    check_size(settings["height"], settings["width"])
+    folder = ensure_writable(out)
+    pipe = load_pipeline(settings["base"], [tuple(x) for x in settings["loras"]], settings["scheduler"],
+                         settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing)
+    images = generate(pipe, prompts, seed_list, settings["steps"], settings["guidance"],
+                      settings["negative_prompt"], settings["height"], settings["width"], batch_size)
+    records = []
+    for k, (img, p, s) in enumerate(zip(images, prompts, seed_list)):
+        meta = dict(settings, prompt=p, seed=int(s), height=img.height, width=img.width)
+        write_png(folder / f"{k:04d}_s{s}.png", img, meta)
+        records.append({"file": f"{k:04d}_s{s}.png", "prompt": p, "seed": int(s)})
+    cols = 1 if from_png else images_per_prompt
+    labels = [prompts[r * cols] for r in range(math.ceil(len(images) / cols))]
+    _atomic(folder / "contact_sheet.png", lambda tmp: contact_sheet(images, labels, cols).save(tmp, format="PNG"))
+    write_json(folder / "manifest.json", {"settings": settings, "images": records})
+    return str(folder / "manifest.json")
