@@ -1,0 +1,368 @@
+"""Ablation grids: fit every cell of a grid of config overrides, evaluate each LoRA, tabulate and plot the results.
+
+A grid file (``configs/ablations/*.yaml``) is parsed into :class:`AblationGrid`. Each cell is one fit, in its own
+named version dir ``OUT/runs/NAME`` (config.yaml, checkpoints/, the exported LoRA, ``ablate_status.json``),
+evaluated with :func:`dreambooth_pl.tools.evaluate.evaluate_suite` once per sampler into ``OUT/runs/NAME/eval/``.
+Everything is resumable: a run whose status says ``done`` and whose LoRA exists is skipped, an interrupted one
+resumes from its ``last.ckpt``, an evaluation whose metrics JSON exists is read back. A failed cell is recorded
+(status and error in its row) and the grid goes on.
+"""
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from queue import Queue
+from typing import Any, Literal, Optional
+
+from ..lora import LORA_FILE
+from .ablation_report import write_json, write_report
+
+STATUS_FILE = "ablate_status.json"
+METRICS_FILE = "ablate_metrics.json"
+
+
+@dataclass
+class Sampler:
+    """One sampler setting of the evaluation (the original project's table crosses DDIM/PNDM x 50/80 steps).
+
+    Args:
+        scheduler: a name in ``dreambooth_pl.sampling.SCHEDULERS``.
+        steps: denoising steps.
+    """
+
+    scheduler: str = "euler"
+    steps: int = 25
+
+    @property
+    def key(self) -> str:
+        return f"{self.scheduler}-{self.steps}"
+
+
+@dataclass
+class Evaluation:
+    """How every LoRA is evaluated (arguments of ``evaluate_suite``).
+
+    Args:
+        token: the identifier in the prompts, e.g. ``sks``.
+        class_name: the subject's class, e.g. ``dog``.
+        instance_dir: reference photos (None: the run's ``data.instance_dir``).
+        suite: prompt suite name (``dreambooth_pl.prompts.list_suites()``).
+        num_prompts: first N prompts of the suite (None: all).
+        images_per_prompt: images per prompt (seeds ``seed .. seed + N - 1``).
+        samplers: one evaluation per sampler.
+        guidance: classifier-free guidance scale.
+        resolution: image side (None: the base's default).
+        clip_weights: open_clip weights tag (None: random weights, tests only).
+        dino_weights: DINO weights tag (None: random weights, tests only).
+        seed: first seed.
+    """
+
+    token: str
+    class_name: str
+    instance_dir: Optional[str] = None
+    suite: str = "dreambench_object"
+    num_prompts: Optional[int] = None
+    images_per_prompt: int = 4
+    samplers: list[Sampler] = field(default_factory=lambda: [Sampler()])
+    guidance: float = 5.0
+    resolution: Optional[int] = None
+    clip_weights: Optional[str] = "openai"
+    dino_weights: Optional[str] = "dino"
+    seed: int = 0
+
+
+@dataclass
+class Cell:
+    """An explicit cell: overrides (dotted fit-config keys) and an optional name."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    name: Optional[str] = None
+
+
+@dataclass
+class AblationGrid:
+    """A grid file.
+
+    Args:
+        base_config: fit config file(s) every run starts from (paths relative to the working directory).
+        out: output folder (runs/, results.csv, results.md, plots).
+        overrides: fixed overrides applied to every run, e.g. ``trainer.max_steps: 800``.
+        grid: cartesian product of overrides, e.g. ``{data.with_prior_preservation: [true, false]}``.
+        runs: explicit cells; with ``grid`` too, each explicit cell is crossed with the product.
+        evaluation: how runs are evaluated (None: fits only).
+    """
+
+    base_config: list[str]
+    out: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    runs: list[Cell] = field(default_factory=list)
+    evaluation: Optional[Evaluation] = None
+
+
+def load_grid(path: str) -> AblationGrid:
+    """Parse and type-check a grid file; errors name the file and the key."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    if not Path(path).is_file():
+        raise SystemExit(f"ablate: grid file {path!r} does not exist (see configs/ablations/ for examples).")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--spec", type=AblationGrid, required=True)
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        cfg = parser.parse_object({"spec": raw})
+        spec = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg).spec  # renamed in 4.49
+    except Exception as e:  # yaml or type errors: say which file and which key
+        raise SystemExit(f"ablate: invalid grid file {path!r}: {str(e).strip()[:800]}") from None
+    for key, values in spec.grid.items():
+        if not isinstance(values, list) or not values:
+            raise SystemExit(f"ablate: {path!r} grid.{key} must be a non-empty list of values, got {values!r}.")
+    if isinstance(spec.base_config, str):
+        spec.base_config = [spec.base_config]
+    return spec
+
+
+def _slug(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (bool, list, dict, type(None))) else str(value)
+    return re.sub(r"[^A-Za-z0-9.=+_-]+", "_", text).strip("_")
+
+
+def cell_name(overrides: dict[str, Any]) -> str:
+    """``key=value`` pairs joined by ``__`` (last component of each dotted key), safe as a folder name."""
+    return "__".join(f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in overrides.items()) or "base"
+
+
+def expand(spec: AblationGrid) -> list[tuple[str, dict[str, Any]]]:
+    """``[(name, overrides)]`` of every cell: explicit cells crossed with the cartesian product of ``grid``."""
+    keys = list(spec.grid)
+    product = [dict(zip(keys, vals)) for vals in itertools.product(*(spec.grid[k] for k in keys))]
+    explicit = spec.runs or [Cell()]
+    cells, seen = [], {}
+    for cell in explicit:
+        for combo in product:
+            over = {**cell.overrides, **combo}
+            name = "__".join(p for p in (cell.name, cell_name(combo) if combo else None) if p) or cell_name(over)
+            if name in seen:
+                raise SystemExit(f"ablate: two cells are both named {name!r} ({seen[name]} and {over}); give the "
+                                 "explicit runs distinct names.")
+            seen[name] = over
+            cells.append((name, over))
+    return cells
+
+
+def _arg(key: str, value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (bool, list, dict, type(None))) else str(value)
+    return f"--{key}={text}"
+
+
+def fit_args(spec: AblationGrid, name: str, overrides: dict[str, Any], resume: bool) -> list[str]:
+    """Command line of one cell's fit; logger, checkpoint and export paths are pinned to ``OUT/runs/NAME``."""
+    run_dir = Path(spec.out) / "runs" / name
+    args = ["fit"] + [a for c in spec.base_config for a in ("--config", c)]
+    args += [_arg(k, v) for k, v in {**spec.overrides, **overrides}.items()]
+    args += [f"--trainer.logger.init_args.save_dir={spec.out}", "--trainer.logger.init_args.name=runs",
+             f"--trainer.logger.init_args.version={name}", f"--checkpoint.dirpath={run_dir / 'checkpoints'}",
+             f"--export.dirpath={run_dir}", f"--export.filename={LORA_FILE}"]
+    return args + (["--ckpt_path=last"] if resume else [])
+
+
+def run_state(run_dir: Path) -> dict:
+    """The run's status record (``{}`` if it never ran)."""
+    try:
+        return json.loads((run_dir / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_done(run_dir: Path) -> bool:
+    return run_state(run_dir).get("status") == "done" and (run_dir / LORA_FILE).is_file()
+
+
+def _fit_inprocess(args: list[str], log: Path) -> Optional[str]:
+    """Fit in this process; returns None or the error text."""
+    from ..cli import DreamBoothCLI
+
+    cli, argv = None, sys.argv
+    try:
+        sys.argv = argv[:1]  # LightningCLI warns when it is given args while sys.argv holds the ablate verb's
+        cli = DreamBoothCLI(args=args, parser_kwargs={"exit_on_error": False, "fit": {"exit_on_error": False}})
+        return None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - a failed cell (bad override, OOM, ...) must not stop the grid
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc())
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:500] if str(e).strip() else ''}"
+    finally:
+        sys.argv = argv
+        del cli
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next cell must not inherit this one's cached blocks
+        except ImportError:
+            pass
+
+
+def _fit_subprocess(args: list[str], log: Path, gpu: Optional[int]) -> Optional[str]:
+    """Fit in a child ``python -m dreambooth_pl`` (pinned to one GPU when ``gpu`` is set); log to ``log``."""
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        code = subprocess.call([sys.executable, "-m", "dreambooth_pl", *args], stdout=f, stderr=subprocess.STDOUT,
+                               env=env)
+    if code == 0:
+        return None
+    tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or [""]
+    return f"exit code {code}: {tail[0][:500]} (full log: {log})"
+
+
+def run_cell(spec: AblationGrid, name: str, overrides: dict[str, Any], launcher: str,
+             gpu: Optional[int] = None) -> dict:
+    """Fit one cell unless it is done; write and return its status record."""
+    run_dir = Path(spec.out) / "runs" / name
+    if is_done(run_dir):
+        return run_state(run_dir)
+    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    args = fit_args(spec, name, overrides, resume)
+    log = Path(spec.out) / "logs" / f"{name}.log"
+    start = time.time()
+    print(f"[ablate] fit {name}" + (" (resuming from last.ckpt)" if resume else ""), flush=True)
+    error = _fit_inprocess(args, log) if launcher == "inprocess" else _fit_subprocess(args, log, gpu)
+    if error is None and not (run_dir / LORA_FILE).is_file():
+        error = f"fit ended without writing {run_dir / LORA_FILE} (interrupted?)"
+    state = {"name": name, "status": "failed" if error else "done", "error": error, "overrides": overrides,
+             "seconds": round(time.time() - start, 1), "lora": str(run_dir / LORA_FILE) if not error else None}
+    write_json(run_dir / STATUS_FILE, state)
+    print(f"[ablate] {name}: {state['status']}" + (f" - {error}" if error else ""), flush=True)
+    return state
+
+
+def run_all(spec: AblationGrid, cells: list[tuple[str, dict]], launcher: str, gpus: Optional[list[int]]) -> None:
+    """Fit every cell; with ``gpus`` (subprocess launcher) one queue worker per GPU."""
+    if launcher == "subprocess" and gpus:
+        free: Queue = Queue()
+        for g in gpus:
+            free.put(g)
+
+        def job(cell):
+            gpu = free.get()
+            try:
+                return run_cell(spec, *cell, launcher, gpu)
+            finally:
+                free.put(gpu)
+
+        with ThreadPoolExecutor(len(gpus)) as pool:
+            list(pool.map(job, cells))
+        return
+    for cell in cells:
+        run_cell(spec, *cell, launcher)
+
+
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except OSError:
+        return {}
+
+
+def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, sampler: Sampler, out: Path) -> dict:
+    """Metrics of one LoRA under one sampler, cached in ``out/ablate_metrics.json``."""
+    cache = out / METRICS_FILE
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from .evaluate import evaluate_suite
+
+    metrics = evaluate_suite(lora=str(lora), base=base, instance_dir=instance_dir, token=ev.token,
+                             class_name=ev.class_name, out=str(out), suite=ev.suite, num_prompts=ev.num_prompts,
+                             images_per_prompt=ev.images_per_prompt, scheduler=sampler.scheduler,
+                             steps=sampler.steps, guidance=ev.guidance, resolution=ev.resolution,
+                             clip_weights=ev.clip_weights, dino_weights=ev.dino_weights, seed=ev.seed)
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    write_json(cache, metrics)
+    return metrics
+
+
+def evaluate_run(run_dir: Path, lora: Path, ev: Evaluation, eval_root: Optional[Path] = None) -> list[dict]:
+    """One row per sampler: ``scheduler``, ``sample_steps``, ``eval_dir``, metrics (or ``eval_error``).
+
+    Args:
+        run_dir: the run's version dir; its ``config.yaml`` gives the base model and the instance photos.
+        lora: LoRA file to evaluate.
+        ev: evaluation settings.
+        eval_root: where each sampler's evaluation goes (None: ``run_dir/eval``).
+    """
+    cfg = _run_config(run_dir)
+    base = cfg.get("model", {}).get("base_model")
+    instance_dir = ev.instance_dir or cfg.get("data", {}).get("instance_dir")
+    if not base or not instance_dir:
+        raise SystemExit(f"ablate: {run_dir / 'config.yaml'} does not name model.base_model and data.instance_dir; "
+                         "evaluate runs written by fit (their config.yaml), or set evaluation.instance_dir.")
+    rows = []
+    for sampler in ev.samplers:
+        out = (eval_root or run_dir / "eval") / sampler.key
+        row = {"scheduler": sampler.scheduler, "sample_steps": sampler.steps, "eval_dir": str(out)}
+        try:
+            row.update(evaluate_lora(lora, base, instance_dir, ev, sampler, out))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - one failed evaluation must not lose the others
+            row["eval_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
+            print(f"[ablate] evaluation of {run_dir.name} with {sampler.key} failed: {row['eval_error']}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def ablate(grid: str, out: Optional[str] = None, launcher: Literal["inprocess", "subprocess"] = "inprocess",
+           gpus: Optional[list[int]] = None, evaluate: bool = True, only: Optional[list[str]] = None) -> str:
+    """Fit and evaluate every cell of an ablation grid; write results.csv, results.md and plots (resumable).
+
+    Args:
+        grid: grid file, e.g. ``configs/ablations/prior.yaml``.
+        out: output folder (None: the grid's ``out``).
+        launcher: ``inprocess`` (LightningCLI in this process, one run after another) or ``subprocess``
+            (one ``python -m dreambooth_pl fit`` per run).
+        gpus: with ``subprocess``: GPU ids; runs are queued and one runs on each GPU at a time.
+        evaluate: also evaluate (needs the grid's ``evaluation`` section).
+        only: names of cells to run (None: all); the report still covers every finished cell.
+    """
+    spec = load_grid(grid)
+    if out:
+        spec.out = out
+    cells = expand(spec)
+    unknown = sorted(set(only or []) - {n for n, _ in cells})
+    if unknown:
+        raise SystemExit(f"ablate: --only names unknown cells {unknown}; cells: {[n for n, _ in cells]}")
+    Path(spec.out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(spec.out) / "grid.json", asdict(spec))
+    run_all(spec, [c for c in cells if not only or c[0] in only], launcher, gpus)
+    rows = []
+    varied = list(dict.fromkeys(k for _, over in cells for k in over))
+    for name, over in cells:
+        run_dir = Path(spec.out) / "runs" / name
+        state = run_state(run_dir)
+        base = {"run": name, "status": state.get("status", "not run"), "error": state.get("error"), **over}
+        if base["status"] == "done" and evaluate and spec.evaluation is not None:
+            rows += [{**base, **r} for r in evaluate_run(run_dir, run_dir / LORA_FILE, spec.evaluation)]
+        else:
+            rows.append(base)
+    paths = write_report(rows, Path(spec.out), varied, title=f"Ablation {Path(grid).stem}")
+    failed = [r["run"] for r in rows if r["status"] != "done"]
+    return f"{len(cells)} cell(s), {len(failed)} not done {failed}; report: {paths['md']}"

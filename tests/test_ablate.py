@@ -1,0 +1,193 @@
+"""Ablation grids on the tiny base: a 2x2 grid fits, evaluates (the real evaluate_suite, random-weight embedders),
+reports, resumes re-running only a deleted cell; a failing cell is recorded and the grid goes on; checkpoint
+curves; the num_instance_images option the number-of-photos grid varies."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dreambooth_pl.tools.ablate import AblationGrid, Cell, STATUS_FILE, ablate, expand, load_grid
+from dreambooth_pl.tools.ablation_report import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("clip_i", "clip_t", "dino")
+
+
+def tiny_grid(tmp: Path, base: str, inst: str, cls: str, **changes) -> str:
+    """configs/ablations/tiny.yaml pointed at the session's tiny base and this test's photos."""
+    spec = yaml.safe_load((REPO / "configs/ablations/tiny.yaml").read_text())
+    spec["base_config"] = [str(REPO / c) for c in spec["base_config"]]
+    spec["out"] = str(tmp / "out")
+    spec["overrides"].update({"model.base_model": base, "model.random_base": None, "data.instance_dir": inst,
+                              "data.class_dir": cls})
+    spec.update(changes)
+    path = tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def statuses(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob(f"*/{STATUS_FILE}")}
+
+
+@pytest.fixture(scope="module")
+def grid_run(tiny_base, tmp_path_factory):
+    """The 2x2 tiny grid (prior on/off x 1/2 photos), fitted and evaluated once for this module."""
+    tmp = tmp_path_factory.mktemp("ablate")
+    inst = tmp / "instance"
+    inst.mkdir()
+    for p in sorted((REPO / "data/sample/dog").glob("*.jpg"))[:2]:
+        shutil.copy(p, inst / p.name)
+    from conftest import write_images
+
+    write_images(tmp / "class", 4)
+    grid = tiny_grid(tmp, tiny_base, str(inst), str(tmp / "class"))
+    summary = ablate(grid)
+    return grid, tmp / "out", summary
+
+
+def test_expand_crosses_explicit_cells_with_the_product():
+    spec = AblationGrid(base_config=["x.yaml"], out="o", grid={"model.lora_rank": [4, 8]},
+                        runs=[Cell({"data.with_prior_preservation": True}, "prior"),
+                              Cell({"data.with_prior_preservation": False}, "noprior")])
+    cells = expand(spec)
+    assert [n for n, _ in cells] == ["prior__lora_rank=4", "prior__lora_rank=8", "noprior__lora_rank=4",
+                                     "noprior__lora_rank=8"]
+    assert cells[3][1] == {"data.with_prior_preservation": False, "model.lora_rank": 8}
+    product_only = expand(AblationGrid(["x.yaml"], "o", grid={"a.b": [1], "c.d": [True, None]}))
+    assert [n for n, _ in product_only] == ["b=1__d=true", "b=1__d=null"]
+    with pytest.raises(SystemExit, match="both named 'same'"):
+        expand(AblationGrid(["x.yaml"], "o", runs=[Cell({"a": 1}, "same"), Cell({"a": 2}, "same")]))
+
+
+def test_bad_grid_files_name_the_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_config: [a.yaml]\nout: o\ngrid:\n  model.lora_rank: 4\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml.*grid"):
+        load_grid(str(bad))
+    bad.write_text("out: o\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml.*base_config"):
+        load_grid(str(bad))
+    with pytest.raises(SystemExit, match="does not exist"):
+        load_grid(str(tmp_path / "missing.yaml"))
+
+
+def test_shipped_grids_parse_and_expand():
+    sizes = {}
+    for path in sorted((REPO / "configs/ablations").glob("*.yaml")):
+        spec = load_grid(str(path))
+        if spec.grid or spec.runs:  # a grid file, not a base fit config
+            sizes[path.stem] = len(expand(spec))
+            assert spec.evaluation is not None and spec.evaluation.samplers
+    assert {"prior", "num_images", "schedulers", "rank", "tiny"} <= set(sizes) and sizes["tiny"] == 4
+
+
+def test_grid_fits_evaluates_and_reports(grid_run):
+    _, out, summary = grid_run
+    assert "4 cell(s), 0 not done" in summary
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
+    assert [(r["data.with_prior_preservation"], r["data.num_instance_images"]) for r in rows] == [
+        ("True", "1"), ("True", "2"), ("False", "1"), ("False", "2")]
+    for r in rows:
+        for m in METRICS:
+            assert -1.0 <= float(r[m]) <= 1.0
+        assert Path(r["grid"]).is_file() and r["scheduler"] == "euler" and r["sample_steps"] == "2"
+        assert (out / "runs" / r["run"] / "pytorch_lora_weights.safetensors").is_file()
+    # each cell trained its own adapter: no two runs produce the same images, so their scores differ
+    assert len({r["clip_t"] for r in rows}) > 1
+    md = (out / "results.md").read_text()
+    assert md.count("<img src=") == 4 and all(r["run"] in md for r in rows)
+    for plot in ("plot_data_with_prior_preservation.png", "plot_data_num_instance_images.png"):
+        assert (out / plot).stat().st_size > 1000 and f"({plot})" in md
+
+
+def test_resume_reruns_only_the_deleted_cell(grid_run):
+    grid, out, _ = grid_run
+    before = statuses(out)
+    evals_before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ablate_metrics.json")}
+    gone = "with_prior_preservation=false__num_instance_images=1"
+    shutil.rmtree(out / "runs" / gone)
+    ablate(grid)
+    after = statuses(out)
+    assert set(after) == set(before)
+    assert [n for n in after if after[n] != before[n]] == [gone]
+    evals_after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ablate_metrics.json")}
+    assert {p for p in evals_after if evals_before.get(p) != evals_after[p]} == {
+        out / "runs" / gone / "eval" / "euler-2" / "ablate_metrics.json"}
+    assert len(read_csv(out / "results.csv")) == 4
+
+
+def test_failing_cell_is_recorded_and_the_grid_goes_on(grid_run, tmp_path):
+    grid, out, _ = grid_run
+    spec = yaml.safe_load(Path(grid).read_text())
+    spec.update(out=str(tmp_path / "out"), grid={}, evaluation=None,
+                runs=[{"name": "bad", "overrides": {"model.lora_rank": 0}},
+                      {"name": "ok", "overrides": {"trainer.max_steps": 1}}])
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
+    summary = ablate(str(tmp_path / "g.yaml"))
+    rows = {r["run"]: r for r in read_csv(tmp_path / "out" / "results.csv")}
+    assert "1 not done ['bad']" in summary
+    assert rows["bad"]["status"] == "failed" and "lora_rank must be > 0" in rows["bad"]["error"]
+    assert rows["ok"]["status"] == "done" and not rows["ok"]["error"]
+    assert "lora_rank must be > 0" in (tmp_path / "out" / "results.md").read_text()
+    assert "Traceback" in (tmp_path / "out" / "logs" / "bad.log").read_text()
+
+
+def test_checkpoint_curve_evaluates_each_saved_step(grid_run):
+    from dreambooth_pl.tools.ablate import Evaluation, Sampler
+    from dreambooth_pl.tools.checkpoint_curve import ablate_checkpoints
+
+    _, out, _ = grid_run
+    run = out / "runs" / "with_prior_preservation=true__num_instance_images=2"
+    ev = Evaluation(token="sks", class_name="dog", num_prompts=1, images_per_prompt=1,
+                    samplers=[Sampler("euler", 2)], resolution=32, clip_weights=None, dino_weights=None)
+    ablate_checkpoints(str(run), ev)
+    rows = read_csv(run / "curve" / "curve.csv")
+    assert [r["step"] for r in rows] == ["1", "2"]
+    final = json.loads((run / "eval" / "euler-2" / "ablate_metrics.json").read_text())
+    # the step-2 checkpoint is the finished run: its adapters, hence its scores, equal the grid's evaluation
+    assert float(rows[1]["clip_t"]) == pytest.approx(final["clip_t"], abs=1e-5)
+    assert rows[0]["clip_t"] != rows[1]["clip_t"]
+    assert (run / "curve" / "plot_step.png").is_file()
+    with pytest.raises(SystemExit, match="multiple of 7"):
+        ablate_checkpoints(str(run), ev, every=7)
+
+
+def test_report_plots_bool_axis_as_bars_and_numbers_as_lines(tmp_path):
+    rows = [{"run": f"r{i}", "status": "done", "prior": p, "steps": s, "clip_i": 0.1 * i, "dino": 0.05 * i}
+            for i, (p, s) in enumerate([(True, 100), (True, 200), (False, 100), (False, 200)])]
+    rows.append({"run": "broken", "status": "failed", "prior": True, "steps": 400, "error": "OOM"})
+    paths = write_report(rows, tmp_path, ["prior", "steps"], title="T")
+    assert [p.name for p in paths["plots"]] == ["plot_prior.png", "plot_steps.png"]
+    header = next(csv.reader(open(paths["csv"])))
+    assert header[:6] == ["run", "status", "prior", "steps", "clip_i", "dino"]
+    assert "| broken | failed | True | 400 |  |  | OOM |" in paths["md"].read_text()
+
+
+def test_num_instance_images_takes_the_first_photos(tmp_path):
+    from conftest import write_images
+
+    from dreambooth_pl.data.datamodule import DreamBoothDataModule
+    from dreambooth_pl.data.images import ImageIntakeError
+
+    paths = write_images(tmp_path / "inst", 3)
+    dm = DreamBoothDataModule(str(tmp_path / "inst"), "a sks dog", with_prior_preservation=False,
+                              num_instance_images=2, resolution=32)
+    dm.setup()
+    assert list(dm.instance.paths) == paths[:2]
+    with pytest.raises(ImageIntakeError, match="has 3 image.*num_instance_images is 4"):
+        DreamBoothDataModule(str(tmp_path / "inst"), "a sks dog", with_prior_preservation=False,
+                             num_instance_images=4, resolution=32).setup()
+    with pytest.raises(ValueError, match="num_instance_images must be >= 1"):
+        DreamBoothDataModule(str(tmp_path / "inst"), "p", with_prior_preservation=False, num_instance_images=0)
