@@ -10,7 +10,7 @@ COMMANDS = {
     "make-base": "dreambooth_pl.bases:make_base",
     "benchmark": "dreambooth_pl.tools.benchmark:benchmark",
     "ablate": "dreambooth_pl.tools.ablate:ablate",
-    "ablate-checkpoints": "dreambooth_pl.tools.ablate:ablate_checkpoints",
+    "ablate-checkpoints": "dreambooth_pl.tools.checkpoint_curve:ablate_checkpoints",
     "check-token": "dreambooth_pl.tools.check_token:check_token",
     "generate-class-images": "dreambooth_pl.tools.generate_class_images:generate_class_images",
     "sample": "dreambooth_pl.tools.sample:sample",
