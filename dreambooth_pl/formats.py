@@ -75,24 +75,22 @@ def from_models(models: dict[str, torch.nn.Module | None], adapter_name: str = "
     """The adapter ``adapter_name`` carried by live models (``{"unet": unet, "text_encoder": te1, ...}``).
 
     Args:
-        models: component name -> model with a peft adapter (None or adapter-less: skipped).
+        models: component name -> model with peft LoRA layers (None or adapter-less: skipped).
         adapter_name: the peft adapter to take.
     """
     from peft.tuners.lora import LoraLayer
-    from peft.utils import get_peft_model_state_dict
 
     weights, alphas = {}, {}
     for comp, model in models.items():
-        if model is None or adapter_name not in (getattr(model, "peft_config", None) or {}):
-            continue
-        for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items():
-            weights[f"{comp}.{_on_disk_name(comp, k)}"] = v.detach()
-        for name, layer in model.named_modules():  # per-layer alpha: rank_pattern / alpha_pattern included
-            if isinstance(layer, LoraLayer) and adapter_name in layer.lora_alpha:
-                alphas[f"{comp}.{_on_disk_name(comp, name)}"] = torch.tensor(float(layer.lora_alpha[adapter_name]))
+        for name, layer in (model.named_modules() if model is not None else ()):
+            if isinstance(layer, LoraLayer) and adapter_name in layer.lora_A:
+                module = f"{comp}.{on_disk_name(comp, name)}"
+                weights[f"{module}.lora_A.weight"] = layer.lora_A[adapter_name].weight.detach()
+                weights[f"{module}.lora_B.weight"] = layer.lora_B[adapter_name].weight.detach()
+                alphas[module] = torch.tensor(float(layer.lora_alpha[adapter_name]))  # per layer: patterns kept
     if not weights:
         raise LoRAFormatError(f"none of {sorted(models)} carries a LoRA adapter named {adapter_name!r}.")
-    return _check_pairs(LoRA(weights, alphas), "models")
+    return check_pairs(LoRA(weights, alphas), "models")
 
 
 def detect_format(state_dict: dict[str, torch.Tensor], source: str = "state dict") -> Format:
@@ -113,12 +111,13 @@ def detect_format(state_dict: dict[str, torch.Tensor], source: str = "state dict
     return fmt
 
 
-def _check_pairs(lora: LoRA, source: str) -> LoRA:
+def check_pairs(lora: LoRA, source: str) -> LoRA:
     """Every ``lora_A`` has its ``lora_B`` with a matching rank, and every key is a LoRA weight."""
-    for k, v in lora.weights.items():
-        if not _PEFT_KEY.match(k):
-            raise LoRAFormatError(f"{source}: key {k!r} is not a LoRA weight (expected <module>.lora_A.weight or "
-                                  ".lora_B.weight); DoRA, LoHa/LoKr and bias-trained files are not supported.")
+    bad = next((k for k in lora.weights if not _PEFT_KEY.match(k)), None)
+    if bad is not None:
+        raise LoRAFormatError(f"{source}: key {bad!r} is not a LoRA weight (expected <module>.lora_A.weight or "
+                              ".lora_B.weight); DoRA, LoHa/LoKr and bias-trained files are not supported.")
+    for k in lora.weights:
         other = k.replace(".lora_A.", ".lora_B.") if ".lora_A." in k else k.replace(".lora_B.", ".lora_A.")
         if other not in lora.weights:
             raise LoRAFormatError(f"{source}: key {k!r} has no partner {other!r}; the file is truncated.")
@@ -130,7 +129,7 @@ def _check_pairs(lora: LoRA, source: str) -> LoRA:
     return lora
 
 
-def _on_disk_name(component: str, name: str) -> str:
+def on_disk_name(component: str, name: str) -> str:
     """Text-encoder modules as every tool names them (``text_model.encoder...``): transformers 5's CLIP has no
     ``text_model`` level, so files it writes lack it; diffusers strips the prefix again where the model lacks it."""
     if component != "unet" and name.startswith(("encoder.", "embeddings.", "final_layer_norm.")):
@@ -162,8 +161,8 @@ def from_diffusers(state_dict: dict[str, torch.Tensor], metadata: dict | None = 
             # the old mapping also covers the newer lora_linear_layer names, so a file mixing both converts
             part = (convert_unet_state_dict_to_peft(part) if comp == "unet" else
                     convert_state_dict_to_peft(part, original_type=StateDictType.DIFFUSERS_OLD))
-        weights.update({f"{comp}.{_on_disk_name(comp, k)}": v for k, v in part.items()})
-    lora = _check_pairs(LoRA(weights), source)
+        weights.update({f"{comp}.{on_disk_name(comp, k)}": v for k, v in part.items()})
+    lora = check_pairs(LoRA(weights), source)
     for m in lora.modules():
         comp, name = m.split(".", 1)
         cfg = {k[len(comp) + 1:]: v for k, v in (metadata or {}).items() if k.split(".", 1)[0] == comp}
@@ -204,7 +203,7 @@ def from_kohya(state_dict: dict[str, torch.Tensor], unet_config=None, source: st
     orphans = sorted({k.split(".")[0] for k in sd} - {k.split(".")[0] for k in sd if k.endswith("lora_down.weight")})
     if orphans:
         raise LoRAFormatError(f"{source}: key {orphans[0]!r} has .alpha or lora_up but no lora_down.weight.")
-    return _check_pairs(LoRA(weights, alphas), source)
+    return check_pairs(LoRA(weights, alphas), source)
 
 
 def read_lora(path: str | os.PathLike, unet_config=None) -> LoRA:
@@ -247,6 +246,24 @@ def lora_config_dict(lora: LoRA, component: str) -> dict:
     return {"r": r, "lora_alpha": alpha, "target_modules": sorted(ranks),
             "rank_pattern": {m: v for m, v in ranks.items() if v != r},
             "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha}}
+
+
+def uniform_alpha(lora: LoRA) -> LoRA:
+    """The same adapter with one alpha everywhere (the most common), each other module's ratio folded into B.
+
+    diffusers (0.42) loads a kohya file's alphas correctly only when the UNet's are all equal: its converted
+    ``alpha_pattern`` keys match no module and are dropped. A1111 and ComfyUI read per-module alphas either way.
+    """
+    if len({float(a) for a in lora.alphas.values()}) <= 1:
+        return lora
+    common = collections.Counter(float(a) for a in lora.alphas.values()).most_common(1)[0][0]
+    weights, alphas = dict(lora.weights), {}
+    for m in lora.modules():
+        alphas[m] = torch.tensor(common, dtype=lora.alphas[m].dtype)
+        if float(lora.alphas[m]) != common:  # alpha_m / r * B == common / r * (B * alpha_m / common)
+            up = lora.up(m)
+            weights[f"{m}.lora_B.weight"] = (up.float() * (float(lora.alphas[m]) / common)).to(up.dtype)
+    return LoRA(weights, alphas)
 
 
 def to_kohya(lora: LoRA) -> dict[str, torch.Tensor]:
@@ -295,6 +312,25 @@ def write_lora(lora: LoRA, path: str | os.PathLike, format: Format = "diffusers"
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def base_skeleton(base: str) -> dict[str, torch.nn.Module]:
+    """UNet and text encoders of ``base`` built on the meta device: module names and shapes, no weights loaded.
+
+    Args:
+        base: SDXL pipeline folder or hub id.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .sdxl import resolve_base
+
+    root = resolve_base(base)
+    with torch.device("meta"):
+        return {"unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root, subfolder="unet")),
+                "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(root, subfolder="text_encoder")),
+                "text_encoder_2": CLIPTextModelWithProjection(
+                    CLIPTextConfig.from_pretrained(root, subfolder="text_encoder_2"))}
 
 
 def check_base(lora: LoRA, models: dict[str, torch.nn.Module], source: str = "LoRA") -> None:
