@@ -80,6 +80,9 @@ def save_diffusers_lora(path: str | os.PathLike, unet: torch.nn.Module | None = 
             kwargs[f"{name}_lora_layers"] = {k: v.detach().to("cpu", dtype).contiguous()
                                              for k, v in lora_state_dict(model).items()}
             kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model)
+    if not kwargs:
+        raise ValueError(f"nothing to save to {str(path)!r}: none of the given models carries a LoRA adapter "
+                         "(call add_lora first, or export from a trained DreamBoothLoRA).")
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
         StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name=LORA_FILE, safe_serialization=True, **kwargs)
         os.replace(Path(tmp) / LORA_FILE, path)  # atomic: a reader sees the old file or the whole new one

@@ -1,0 +1,121 @@
+"""LoRA through peft: config, which parameters train, and the diffusers-format export that SDXL pipelines load."""
+import pytest
+import torch
+
+from dreambooth_pl import lora as lora_lib
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_base):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(tiny_base)
+
+
+def _adapted(pipe, text: bool = False, seed: int = 0):
+    """Fresh copies of the pipeline's UNet (and text encoders) with non-zero adapters (B != 0)."""
+    import copy
+
+    torch.manual_seed(seed)
+    unet = copy.deepcopy(pipe.unet)
+    lora_lib.add_lora(unet, lora_lib.lora_config(4, init=False))
+    tes = (None, None)
+    if text:
+        tes = tuple(copy.deepcopy(m) for m in (pipe.text_encoder, pipe.text_encoder_2))
+        for m in tes:
+            lora_lib.add_lora(m, lora_lib.lora_config(2, 4.0, target_modules=lora_lib.TEXT_TARGETS, init=False))
+    return unet, *tes
+
+
+@pytest.mark.parametrize("rank", [0, -2])
+def test_rank_must_be_positive(rank):
+    with pytest.raises(ValueError, match=f"LoRA rank must be > 0, got {rank}"):
+        lora_lib.lora_config(rank)
+
+
+def test_alpha_defaults_to_rank():
+    cfg = lora_lib.lora_config(8)
+    assert (cfg.r, cfg.lora_alpha) == (8, 8) and set(cfg.target_modules) == set(lora_lib.UNET_TARGETS)
+
+
+def test_only_adapters_train_and_they_are_fp32(pipe):
+    import copy
+
+    unet = copy.deepcopy(pipe.unet).half().requires_grad_(False)
+    params = lora_lib.add_lora(unet, lora_lib.lora_config(4))
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable) and len(trainable) == len(params)
+    assert {p.dtype for p in params} == {torch.float32}
+    assert all(any(n.endswith(f"{t}.lora_A.default.weight") for t in lora_lib.UNET_TARGETS) or "lora_B" in n
+               for n in trainable)
+    attn = sum(1 for n, _ in unet.named_modules() if n.endswith(".attn1.to_q"))
+    assert len(params) == 2 * 4 * 2 * attn  # A and B for q, k, v, out of self- and cross-attention
+
+
+def test_unknown_target_module_is_named(pipe):
+    import copy
+
+    with pytest.raises(ValueError, match="no_such_proj"):
+        lora_lib.add_lora(copy.deepcopy(pipe.unet), lora_lib.lora_config(2, target_modules=["no_such_proj"]))
+
+
+def _transformers_takes_this_peft() -> bool:
+    """transformers 5.2x gates its adapter API (text encoders) on a newer peft than diffusers needs."""
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+    from transformers.utils.peft_utils import check_peft_version
+
+    try:
+        check_peft_version(min_version=MIN_PEFT_VERSION)
+    except ValueError:
+        return False
+    return True
+
+
+def _roundtrip(pipe, tmp_path, text: bool):
+    from peft.utils import get_peft_model_state_dict
+
+    models = _adapted(pipe, text=text)
+    path = lora_lib.save_diffusers_lora(tmp_path / "out", *models)
+    assert path.name == lora_lib.LORA_FILE
+    pipe.load_lora_weights(str(path), adapter_name="t")
+    try:
+        for ours, loaded in zip(models, (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)):
+            if ours is None:
+                assert not getattr(loaded, "peft_config", None)
+                continue
+            want, got = lora_lib.lora_state_dict(ours), get_peft_model_state_dict(loaded, adapter_name="t")
+            assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+            assert loaded.peft_config["t"].r == ours.peft_config["default"].r
+            assert loaded.peft_config["t"].lora_alpha == ours.peft_config["default"].lora_alpha
+    finally:
+        pipe.delete_adapters("t")
+
+
+def test_unet_export_loads_into_the_sdxl_pipeline_unchanged(pipe, tmp_path):
+    _roundtrip(pipe, tmp_path, text=False)
+
+
+@pytest.mark.skipif(not _transformers_takes_this_peft(),
+                    reason="installed transformers needs a newer peft for text-encoder adapters")
+def test_text_encoder_export_loads_into_the_sdxl_pipeline_unchanged(pipe, tmp_path):
+    _roundtrip(pipe, tmp_path, text=True)
+
+
+def test_export_is_atomic_and_refuses_models_without_adapters(pipe, tmp_path):
+    unet, _, _ = _adapted(pipe)
+    path = lora_lib.save_diffusers_lora(tmp_path / "a.safetensors", unet)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="none of the given models carries a LoRA adapter"):
+        lora_lib.save_diffusers_lora(path, pipe.unet)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp files left behind
+
+
+def test_fp16_export_halves_the_file(pipe, tmp_path):
+    from safetensors.torch import load_file
+
+    unet, _, _ = _adapted(pipe)
+    full = lora_lib.save_diffusers_lora(tmp_path / "f32.safetensors", unet)
+    half = lora_lib.save_diffusers_lora(tmp_path / "f16.safetensors", unet, dtype=torch.float16)
+    assert {t.dtype for t in load_file(half).values()} == {torch.float16}
+    assert half.stat().st_size < 0.6 * full.stat().st_size
