@@ -191,3 +191,13 @@ def test_num_instance_images_takes_the_first_photos(tmp_path):
                              num_instance_images=4, resolution=32).setup()
     with pytest.raises(ValueError, match="num_instance_images must be >= 1"):
         DreamBoothDataModule(str(tmp_path / "inst"), "p", with_prior_preservation=False, num_instance_images=0)
+
+
+def test_subprocess_launcher_records_a_failing_child(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"base_config": [str(REPO / "configs/smoke.yaml")], "out": str(tmp_path / "out"),
+                                    "runs": [{"name": "bad", "overrides": {"model.lora_rank": 0}}]}))
+    summary = ablate(str(grid), launcher="subprocess", evaluate=False)
+    state = json.loads((tmp_path / "out" / "runs" / "bad" / STATUS_FILE).read_text())
+    assert "1 not done ['bad']" in summary and state["status"] == "failed" and state["error"].startswith("exit code")
+    assert "lora_rank must be > 0" in (tmp_path / "out" / "logs" / "bad.log").read_text()
