@@ -1,0 +1,81 @@
+"""Embedders: the input convention at the boundary, each model's own preprocessing, local weight files, offline errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_pl.metrics.embedders import EmbedderWeightsError, load_clip, load_dino, to_unit_float
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return load_clip(None)
+
+
+@pytest.fixture(scope="module")
+def dino():
+    torch.manual_seed(0)
+    return load_dino(None)
+
+
+def _uint8(n=2, h=40, w=56, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, h, w), dtype=np.uint8))
+
+
+def test_uint8_is_scaled_and_0_255_floats_are_rejected():
+    x = _uint8()
+    assert torch.equal(torch.stack(to_unit_float(x)), x.float() / 255)
+    with pytest.raises(ValueError, match=r"0-255 range.*x / 255"):
+        to_unit_float(x.float())
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*\(x \+ 1\) / 2"):
+        to_unit_float(x.float() / 127.5 - 1)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        to_unit_float(torch.rand(2, 40, 56, 3))
+
+
+def test_pil_uint8_and_unit_float_inputs_embed_identically(clip, dino):
+    x = _uint8()
+    pil = [Image.fromarray(t.permute(1, 2, 0).numpy()) for t in x]
+    for embedder in (clip, dino):
+        a, b = embedder.embed_images(x), embedder.embed_images(pil)
+        torch.testing.assert_close(a, b)
+        if embedder is dino:
+            torch.testing.assert_close(a, embedder.embed_images(x.float() / 255))
+        torch.testing.assert_close(a.norm(dim=-1), torch.ones(2))
+    assert clip.embed_images(x).shape == (2, 512) and dino.embed_images(x).shape == (2, 384)
+    assert clip.embed_text(["a dog", "a cat"]).shape == (2, 512)
+
+
+def test_each_embedder_uses_its_own_preprocessing_config(clip, dino):
+    def normalize(embedder):
+        return next(t for t in embedder.preprocess.transforms if type(t).__name__ == "Normalize")
+
+    torch.testing.assert_close(torch.as_tensor(normalize(clip).mean).float(),
+                               torch.tensor([0.48145466, 0.4578275, 0.40821073]))  # OpenAI CLIP statistics
+    torch.testing.assert_close(torch.as_tensor(normalize(dino).mean).float(), torch.tensor([0.485, 0.456, 0.406]))
+    for embedder in (clip, dino):  # any aspect ratio comes out as the model's 224 x 224 input
+        assert embedder.pixels(_uint8(1, 97, 300)).shape == (1, 3, 224, 224)
+
+
+def test_local_weight_file_loads(dino, tmp_path):
+    # timm's pretrained_cfg_overlay(file=...) path; DINO only, a 600 MB CLIP file would cost the suite ~20 s
+    x = _uint8()
+    torch.save(dino.model.state_dict(), tmp_path / "dino.pth")
+    torch.testing.assert_close(load_dino(str(tmp_path / "dino.pth")).embed_images(x), dino.embed_images(x))
+
+
+def test_missing_weights_fail_fast_naming_weights_and_fix(tmp_path, monkeypatch):
+    with pytest.raises(EmbedderWeightsError, match=r"does not exist.*dino_weights=PATH"):
+        load_dino(str(tmp_path / "nope.pth"))
+    with pytest.raises(EmbedderWeightsError, match=r"does not exist.*clip_weights=PATH"):
+        load_clip(str(tmp_path / "nope.pt"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no cached copy on a test machine
+    with pytest.raises(EmbedderWeightsError, match=r"vit_small_patch16_224\.dino weights 'dino'.*local copy"):
+        load_dino("dino")
+    with pytest.raises(EmbedderWeightsError, match=r"ViT-B-32 weights 'openai'.*open_clip_pytorch_model\.bin"):
+        load_clip("openai")
