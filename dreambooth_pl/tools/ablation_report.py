@@ -132,7 +132,8 @@ def plot_axis(rows: Sequence[dict], axis: str, others: Sequence[str], metrics: S
                 groups[(label, m)][r[axis]].append(float(r[m]))
     labels = list(dict.fromkeys(label for label, _ in groups))
     values = sorted({r[axis] for r in rows}, key=lambda v: (str(type(v)), v))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+    height = 3.6 if numeric else 3.6 + 0.25 * len(others)  # room for the stacked tick labels of the bar groups
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), height), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         width = 0.8 / max(1, len(values))
         for li, label in enumerate(labels):
@@ -146,7 +147,7 @@ def plot_axis(rows: Sequence[dict], axis: str, others: Sequence[str], metrics: S
                         ax.bar(li + (vi - (len(values) - 1) / 2) * width, sum(pts[v]) / len(pts[v]), width,
                                color=f"C{vi}", label=f"{axis.rsplit('.', 1)[-1]}={v}" if li == 0 else None)
         if not numeric:
-            ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=7)
+            ax.set_xticks(range(len(labels)), [lb.replace(", ", "\n") for lb in labels], rotation=90, fontsize=6)
         ax.set_xlabel(axis if numeric else "")
         ax.set_title(m)
         ax.grid(alpha=0.3)
