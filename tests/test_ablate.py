@@ -80,6 +80,10 @@ def test_bad_grid_files_name_the_file_and_key(tmp_path):
         load_grid(str(bad))
     with pytest.raises(SystemExit, match="does not exist"):
         load_grid(str(tmp_path / "missing.yaml"))
+    bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, samplers: [{scheduler: "
+                   "ddmi, steps: 50}]}\n")
+    with pytest.raises(SystemExit, match=r"bad.yaml.*samplers\[0\].scheduler 'ddmi' is unknown"):
+        ablate(str(bad))  # refused before any fit starts
 
 
 def test_shipped_grids_parse_and_expand():

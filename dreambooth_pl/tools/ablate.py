@@ -133,6 +133,21 @@ def load_grid(path: str) -> AblationGrid:
     return spec
 
 
+def check_evaluation(ev: Evaluation, path: str) -> None:
+    """Refuse unknown schedulers and suites before hours of fitting, naming the grid file and key."""
+    from ..prompts import list_suites
+    from ..sampling import SCHEDULERS
+
+    for i, sampler in enumerate(ev.samplers):
+        if sampler.scheduler not in SCHEDULERS:
+            raise SystemExit(f"ablate: {path!r} evaluation.samplers[{i}].scheduler {sampler.scheduler!r} is unknown; "
+                             f"choose one of {sorted(SCHEDULERS)}.")
+        if sampler.steps < 1:
+            raise SystemExit(f"ablate: {path!r} evaluation.samplers[{i}].steps must be >= 1, got {sampler.steps}.")
+    if ev.suite not in list_suites():
+        raise SystemExit(f"ablate: {path!r} evaluation.suite {ev.suite!r} is unknown; choose one of {list_suites()}.")
+
+
 def _slug(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (bool, list, dict, type(None))) else str(value)
     return re.sub(r"[^A-Za-z0-9.=+_-]+", "_", text).strip("_")
@@ -347,6 +362,8 @@ def ablate(grid: str, out: Optional[str] = None, launcher: Literal["inprocess", 
     if out:
         spec.out = out
     cells = expand(spec)
+    if evaluate and spec.evaluation is not None:
+        check_evaluation(spec.evaluation, grid)
     unknown = sorted(set(only or []) - {n for n, _ in cells})
     if unknown:
         raise SystemExit(f"ablate: --only names unknown cells {unknown}; cells: {[n for n, _ in cells]}")
