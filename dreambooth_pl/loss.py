@@ -31,10 +31,12 @@ class DreamBoothLoss(torch.nn.Module):
         per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         if weights is not None:
             per_example = per_example * weights.float()
-        # masked means instead of boolean indexing: no host sync inside the training step
+        # masked means instead of boolean indexing: no host sync inside the training step; where() rather than
+        # a 0/1 product, so a NaN in one term's examples does not leak into the other (NaN * 0 = NaN)
         prior = is_prior.to(per_example.dtype)
         inst = 1 - prior
-        loss_instance = (per_example * inst).sum() / inst.sum().clamp(min=1)
-        loss_prior = (per_example * prior).sum() / prior.sum().clamp(min=1)
+        zero, mask = per_example.new_zeros(()), is_prior.bool()
+        loss_instance = torch.where(mask, zero, per_example).sum() / inst.sum().clamp(min=1)
+        loss_prior = torch.where(mask, per_example, zero).sum() / prior.sum().clamp(min=1)
         return {"loss": loss_instance + self.prior_loss_weight * loss_prior,
                 "loss_instance": loss_instance, "loss_prior": loss_prior}
