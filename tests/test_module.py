@@ -1,0 +1,102 @@
+"""DreamBoothLoRA: the loss wiring against diffusers' own pieces, what trains, checkpoint contents, early validation."""
+import pytest
+import torch
+
+from dreambooth_pl.data.datasets import ImageSet, PairedStream
+from dreambooth_pl.module import DreamBoothLoRA
+from tests.conftest import write_images
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    root = tmp_path_factory.mktemp("module")
+    inst = ImageSet(tuple(write_images(root / "i", 2, size=(48, 40), seed=1)), "a photo of sks dog")
+    cls = ImageSet(tuple(write_images(root / "c", 2, size=(40, 56), seed=2)), "a photo of dog")
+    return PairedStream(inst, cls, 32, batch_size=2, seed=0).batch(0)
+
+
+def _module(base: str, **kw) -> DreamBoothLoRA:
+    m = DreamBoothLoRA(base_model=base, lora_init=False, **kw)
+    m.configure_model()
+    return m
+
+
+@pytest.fixture(scope="module")
+def module(tiny_base) -> DreamBoothLoRA:
+    return _module(tiny_base, prior_loss_weight=0.7, seed=5)
+
+
+def test_loss_equals_a_hand_computation_with_diffusers_parts(module, batch):
+    """Recompute DreamBooth eq. 2 the way diffusers' train_dreambooth_lora_sdxl.py does, from the same draws."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    m = module
+    with torch.no_grad():
+        got = m.forward_loss(batch)
+        gen = m.step_generator()  # the module's documented per-step RNG, replayed
+        latents = m.vae.encode(batch["pixel_values"]).latent_dist.sample(gen) * m.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (4,), generator=gen)
+        noisy = DDPMScheduler.from_config(m.scheduler_config).add_noise(latents, noise, t)
+        pipe = StableDiffusionXLPipeline(m.vae, m.text_encoder, m.text_encoder_2, *m.tokenizers, m.unet,
+                                         EulerDiscreteScheduler.from_config(m.scheduler_config))
+        emb, _, pooled, _ = pipe.encode_prompt(batch["prompt"], device="cpu", do_classifier_free_guidance=False)
+        time_ids = torch.cat([pipe._get_add_time_ids(tuple(o.tolist()), tuple(c.tolist()), (32, 32), torch.float32,
+                                                     m.text_encoder_2.config.projection_dim)
+                              for o, c in zip(batch["original_size"], batch["crop_top_left"])])
+        pred = m.unet(noisy, t, encoder_hidden_states=emb,
+                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    pred_inst, pred_prior = pred.chunk(2)
+    target_inst, target_prior = noise.chunk(2)
+    instance, prior = F.mse_loss(pred_inst, target_inst), F.mse_loss(pred_prior, target_prior)
+    torch.testing.assert_close(got["loss_instance"], instance)
+    torch.testing.assert_close(got["loss_prior"], prior)
+    torch.testing.assert_close(got["loss"], instance + 0.7 * prior)
+
+
+def test_only_lora_trains_and_base_weights_stay_bit_identical(tiny_base, batch):
+    m = _module(tiny_base)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    trainable = m.trainable_parameters()
+    assert trainable and all("lora_" in n and n.startswith("unet.") for n in trainable)
+    opt = torch.optim.AdamW(trainable.values(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        m.forward_loss(batch)["loss"].backward()
+        opt.step()
+    after = m.state_dict()
+    frozen = [k for k in before if "lora_" not in k]
+    assert any(k.startswith(p) for k in frozen for p in ("vae.", "text_encoder.", "text_encoder_2.", "unet."))
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(p.grad is None for n, p in m.named_parameters() if n not in trainable)
+    changed = [k for k in trainable if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(trainable)
+
+
+def test_checkpoints_keep_only_the_adapters_and_refuse_other_models(module):
+    m = module
+    ckpt = {"state_dict": m.state_dict()}
+    m.on_save_checkpoint(ckpt)
+    assert set(ckpt["state_dict"]) == set(m.trainable_parameters())
+    m.on_load_checkpoint(ckpt)  # its own checkpoint loads
+    key = next(iter(ckpt["state_dict"]))
+    del ckpt["state_dict"][key]
+    with pytest.raises(ValueError, match=f"missing key '{key}'.*config the checkpoint was trained with"):
+        m.on_load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lora_rank": 0}, "model.lora_rank must be > 0"),
+    ({"prior_loss_weight": -1.0}, "prior_loss_weight must be >= 0"),
+    ({"lora_dropout": 1.0}, r"model.lora_dropout must be in \[0, 1\)"),
+    ({"learning_rate": 0.0}, "model.learning_rate must be > 0"),
+    ({"snr_gamma": 0.0}, "model.snr_gamma must be > 0"),
+])
+def test_bad_hyperparameters_fail_before_any_model_loads(monkeypatch, kwargs, message):
+    def no_load(*a, **k):
+        raise AssertionError("the base was loaded before the hyperparameters were checked")
+
+    monkeypatch.setattr("dreambooth_pl.module.load_parts", no_load)
+    with pytest.raises(ValueError, match=message):
+        DreamBoothLoRA(base_model="unused", **kwargs)
