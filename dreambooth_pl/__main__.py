@@ -14,10 +14,23 @@ COMMANDS = {
     "check-token": "dreambooth_pl.tools.check_token:check_token",
     "generate-class-images": "dreambooth_pl.tools.generate_class_images:generate_class_images",
     "sample": "dreambooth_pl.tools.sample:sample",
+    "export": "dreambooth_pl.tools.export:export",
+    "merge": "dreambooth_pl.tools.merge:merge",
+    "merge-eval": "dreambooth_pl.tools.merge_eval:merge_eval",
 }
 
 # verbs whose required arguments are positional (``check-token rraj``); the others take --name value only.
 POSITIONAL = {"check-token"}
+# verbs whose leading arguments fill one list parameter (``merge A.safetensors:1.0 B.safetensors:0.8 --out C``).
+LEADING_LIST = {"merge": "loras"}
+
+
+def _leading_list(args: list[str], name: str) -> list[str]:
+    """Gather the arguments before the first option into ``--name [...]`` (jsonargparse lists take one value)."""
+    import json
+
+    n = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    return ([f"--{name}", json.dumps(args[:n])] if n else []) + args[n:]
 
 
 def _usage() -> str:
@@ -43,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     module, func = COMMANDS[verb].split(":")
+    if verb in LEADING_LIST:
+        rest = _leading_list(rest, LEADING_LIST[verb])
     result = CLI(getattr(importlib.import_module(module), func), args=rest, as_positional=verb in POSITIONAL)
     if result is not None:
         print(result)

@@ -44,6 +44,10 @@ class LoRA:
     weights: dict[str, torch.Tensor]
     alphas: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-d tensors, dtype kept for kohya round trips
 
+    def __post_init__(self):
+        for m in self.modules():  # no alpha stored: alpha = rank, scale 1 (the diffusers/peft convention)
+            self.alphas.setdefault(m, torch.tensor(float(self.rank(m))))
+
     def modules(self) -> list[str]:
         """Adapted modules, component-prefixed (``unet.down_blocks.1....to_q``), in file order."""
         return [k[: -len(".lora_A.weight")] for k in self.weights if k.endswith(".lora_A.weight")]
@@ -125,7 +129,6 @@ def check_pairs(lora: LoRA, source: str) -> LoRA:
         if lora.down(m).shape[0] != lora.up(m).shape[1]:
             raise LoRAFormatError(f"{source}: module {m!r} has lora_A rank {lora.down(m).shape[0]} but lora_B "
                                   f"rank {lora.up(m).shape[1]}.")
-        lora.alphas.setdefault(m, torch.tensor(float(lora.rank(m))))  # no alpha stored: scale 1 (diffusers)
     return lora
 
 

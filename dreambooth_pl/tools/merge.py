@@ -1,0 +1,198 @@
+"""``python -m dreambooth_pl merge A.safetensors:1.0 B.safetensors:0.8 --method M --out C.safetensors``.
+
+Methods follow peft's ``LoraModel.add_weighted_adapter`` (same recipes, same ``peft.utils.merge_utils`` maths),
+applied module by module to LoRA files, so no base model is loaded except for ``fuse``:
+
+- ``weighted`` / ``cat``: exact, rank = sum of ranks; the file equals diffusers ``set_adapters(names, weights)``.
+- ``svd`` (and ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``): combine the full updates ``w_i s_i B_i A_i``,
+  then truncate with an SVD to ``--rank`` (default: the largest input rank; the sum of ranks is exact).
+- ``linear``, ``ties`` (Yadav et al. 2023), ``dare_linear``, ``dare_ties`` (Yu et al. 2024): on A and B separately,
+  weights split as sqrt on each side (peft); inputs must share the rank at every common module.
+- ``fuse``: bake the weighted sum into the base (diffusers ``fuse_lora``) and save the merged pipeline folder.
+
+Modules adapted by only some inputs are merged from those inputs alone (the union of targets). Inputs that adapt the
+same module with different sizes come from different bases: an error names both files and the module.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import torch
+
+from ..formats import (Format, LoRA, LoRAFormatError, base_skeleton, check_base, read_lora, uniform_alpha,
+                       write_lora)
+
+Method = Literal["weighted", "cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "ties_svd",
+                 "dare_linear_svd", "dare_ties_svd", "fuse"]
+_SVD = {"svd": "linear", "ties_svd": "ties", "dare_linear_svd": "dare_linear", "dare_ties_svd": "dare_ties"}
+_AB = ("linear", "ties", "dare_linear", "dare_ties")
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """``"path.safetensors:0.8"`` -> ``("path.safetensors", 0.8)``; no ``:weight`` means 1.0."""
+    path, sep, weight = spec.rpartition(":")
+    if not sep or not path:
+        return spec, 1.0
+    try:
+        return path, float(weight)
+    except ValueError:
+        raise ValueError(f"LoRA spec {spec!r}: the part after the last ':' must be a weight, "
+                         "e.g. style.safetensors:0.8") from None
+
+
+def _combine(tensors: list[torch.Tensor], weights: list[float], how: str, density: float,
+             majority_sign_method: str) -> torch.Tensor:
+    """One of peft's task-arithmetic combinations of same-shaped tensors."""
+    from peft.utils import merge_utils as mu
+
+    w = torch.tensor(weights, dtype=torch.float32)
+    if how == "linear":
+        return mu.task_arithmetic(tensors, w)
+    if how == "ties":
+        return mu.ties(tensors, w, density, majority_sign_method)
+    if how == "dare_linear":
+        return mu.dare_linear(tensors, w, density)
+    return mu.dare_ties(tensors, w, density, majority_sign_method)
+
+
+def _shapes(lora: LoRA, module: str) -> tuple[int, ...]:
+    return (lora.up(module).shape[0], *lora.down(module).shape[1:])
+
+
+def merge_loras(loras: Sequence[LoRA], weights: Sequence[float], method: Method = "cat", rank: Optional[int] = None,
+                density: float = 0.5, majority_sign_method: Literal["total", "frequency"] = "total",
+                names: Sequence[str] | None = None) -> LoRA:
+    """Merge adapters into one :class:`LoRA` (every module gets alpha = its new rank, i.e. scale 1).
+
+    Args:
+        loras: the adapters.
+        weights: one weight per adapter (negative subtracts).
+        method: see the module docstring (``fuse`` is not a file merge: use :func:`fuse`).
+        rank: target rank of the SVD methods (None: the largest input rank at that module).
+        density: fraction of entries kept by ties/dare.
+        majority_sign_method: ties sign election, ``total`` or ``frequency``.
+        names: file names for error messages.
+    """
+    if method == "fuse":
+        raise ValueError("method fuse bakes adapters into a base model: call fuse(), not merge_loras().")
+    if len(loras) != len(weights) or not loras:
+        raise ValueError(f"need one weight per LoRA, got {len(loras)} LoRAs and {len(weights)} weights.")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    names = list(names or [f"LoRA #{i}" for i in range(len(loras))])
+    modules = list(dict.fromkeys(m for lora in loras for m in lora.modules()))
+    out_w: dict[str, torch.Tensor] = {}
+    out_a: dict[str, torch.Tensor] = {}
+    for m in modules:
+        have = [(lora, w, n) for lora, w, n in zip(loras, weights, names) if m in lora.alphas]
+        if len({_shapes(lora, m) for lora, _, _ in have}) > 1:
+            desc = ", ".join(f"{n}: {_shapes(lora, m)}" for lora, _, n in have)
+            raise LoRAFormatError(f"module {m!r} has different sizes in the inputs ({desc}): the LoRAs were trained "
+                                  "on different base models and cannot be merged.")
+        if method in ("cat", "weighted"):  # peft's cat: scale folded into A, rank = sum of ranks, exact
+            a = torch.cat([lora.down(m).float() * w * lora.scale(m) for lora, w, _ in have], 0)
+            b = torch.cat([lora.up(m).float() for lora, _, _ in have], 1)
+        elif method in _SVD:
+            a, b = _svd_merge(have, m, _SVD[method], rank, density, majority_sign_method)
+        elif method in _AB:
+            ranks = {lora.rank(m) for lora, _, _ in have}
+            if len(ranks) > 1:
+                raise ValueError(f"module {m!r}: method {method} merges A and B separately and needs equal ranks, "
+                                 f"got {sorted(ranks)}; use --method {method}_svd, svd or cat.")
+            ws = [w * lora.scale(m) for lora, w, _ in have]  # sign on A only, so B's sqrt stays real (peft)
+            wa = [abs(x) ** 0.5 * (1 if x >= 0 else -1) for x in ws]
+            wb = [abs(x) ** 0.5 for x in ws]
+            a = _combine([lora.down(m).float() for lora, _, _ in have], wa, method, density, majority_sign_method)
+            b = _combine([lora.up(m).float() for lora, _, _ in have], wb, method, density, majority_sign_method)
+        else:
+            raise ValueError(f"unknown merge method {method!r}")
+        out_w[f"{m}.lora_A.weight"], out_w[f"{m}.lora_B.weight"] = a.contiguous(), b.contiguous()
+        out_a[m] = torch.tensor(float(a.shape[0]))
+    return LoRA(out_w, out_a)
+
+
+def _svd_merge(have, m: str, how: str, rank: Optional[int], density: float, majority_sign_method: str):
+    """Combine full updates, then the best rank-k factors (Eckart-Young), as kohya's svd_merge_lora and peft do."""
+    deltas = [lora.delta(m) for lora, _, _ in have]
+    delta = _combine(deltas, [w for _, w, _ in have], how, density, majority_sign_method)
+    k = rank or max(lora.rank(m) for lora, _, _ in have)
+    flat = delta.flatten(1)
+    u, s, vh = torch.linalg.svd(flat.double(), full_matrices=False)
+    k = min(k, s.shape[0])
+    b, a = (u[:, :k] * s[:k]).float(), vh[:k].float()
+    if delta.dim() == 4:  # conv: A carries the kernel, B is 1x1
+        a, b = a.reshape(k, *delta.shape[1:]), b.reshape(delta.shape[0], k, 1, 1)
+    return a, b
+
+
+def fuse(loras: Sequence[tuple[LoRA, float]], base: str, out: str) -> str:
+    """Bake ``sum w_i s_i B_i A_i`` into a copy of ``base`` (diffusers ``set_adapters`` + ``fuse_lora``) and save it.
+
+    Args:
+        loras: (adapter, weight) pairs.
+        base: SDXL pipeline folder or hub id.
+        out: output pipeline folder (written to a temporary sibling, then renamed).
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    from ..sdxl import resolve_base
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve_base(base))
+    dest = Path(out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        names = []
+        for i, (lora, _) in enumerate(loras):
+            check_base(lora, {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2")}, f"LoRA #{i}")
+            path = write_lora(lora, tmp / f"lora{i}.safetensors", "diffusers")
+            pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
+            names.append(f"lora{i}")
+        pipe.set_adapters(names, [w for _, w in loras])
+        pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+        pipe.unload_lora_weights()  # fused weights stay; the adapter modules go
+        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp / "pipe", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
+def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int] = None, density: float = 0.5,
+          majority_sign_method: Literal["total", "frequency"] = "total", base: Optional[str] = None,
+          format: Format = "diffusers", seed: int = 0) -> str:
+    """Merge LoRA files (``A.safetensors:1.0 B.safetensors:0.8``) into one file, or into the base with ``fuse``.
+
+    Args:
+        loras: ``path[:weight]`` per adapter, diffusers or kohya layout (weight defaults to 1.0).
+        out: output ``.safetensors`` (a pipeline folder for ``fuse``).
+        method: weighted, cat, svd, linear, ties, dare_linear, dare_ties, ties_svd, dare_linear_svd,
+            dare_ties_svd or fuse (see docs/merging.md).
+        rank: target rank of the svd methods (None: the largest input rank).
+        density: fraction of entries ties/dare keep.
+        majority_sign_method: ties sign election (total or frequency).
+        base: base pipeline; required for fuse, else optional to check the LoRAs fit it.
+        format: layout of the output file (diffusers or kohya).
+        seed: seed of dare's random drop.
+    """
+    specs = [parse_spec(s) for s in loras]
+    models = base_skeleton(base) if base else None
+    adapters = [read_lora(p, models["unet"].config if models else None) for p, _ in specs]
+    for lora, (p, _) in zip(adapters, specs):
+        if models:
+            check_base(lora, models, p)
+    if method == "fuse":
+        if not base:
+            raise ValueError("--method fuse needs --base (the pipeline the adapters are baked into).")
+        return fuse(list(zip(adapters, [w for _, w in specs])), base, out)
+    with torch.random.fork_rng():  # dare drops at random: seeded, without touching the caller's RNG
+        torch.manual_seed(seed)
+        merged = merge_loras(adapters, [w for _, w in specs], method, rank, density, majority_sign_method,
+                             [p for p, _ in specs])
+    return str(write_lora(uniform_alpha(merged) if format == "kohya" else merged, out, format))
