@@ -8,6 +8,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .callbacks.export import LoRAExport
+from .callbacks.fault_tolerance import FaultTolerance
+from .checkpoint_io import check_writable
 from .data.datamodule import DreamBoothDataModule
 from .module import DreamBoothLoRA
 
@@ -37,6 +39,8 @@ class DreamBoothCLI(LightningCLI):
             "max_steps": 1000,
             "precision": "16-mixed",
             "log_every_n_steps": 10,
+            # checkpoints written beside the target and renamed: a kill or full disk leaves the last one whole
+            "plugins": [{"class_path": "dreambooth_pl.checkpoint_io.AtomicCheckpointIO"}],
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                        "init_args": {"save_dir": ".", "name": "lightning_logs"}},
         }
@@ -50,6 +54,7 @@ class DreamBoothCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 250,
                              "checkpoint.save_top_k": 0, "checkpoint.save_weights_only": False})
         parser.add_lightning_class_args(LoRAExport, "export")
+        parser.add_lightning_class_args(FaultTolerance, "faults")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
         parser.link_arguments("seed_everything", "model.seed", compute_fn=_seed)
         parser.link_arguments("model.base_model", "data.base_model")  # data.generate_class_images draws with it
@@ -57,6 +62,7 @@ class DreamBoothCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Resolve ``--ckpt_path last`` to this run's ``last.ckpt`` and load checkpoints with ``weights_only``."""
+        self._check_outputs()
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("weights_only") is None and "weights_only" in self._subcommand_method_arguments["fit"]:
             kwargs["weights_only"] = True
@@ -70,3 +76,15 @@ class DreamBoothCLI(LightningCLI):
             kwargs["ckpt_path"] = path
         elif kwargs.get("ckpt_path") and not os.path.exists(kwargs["ckpt_path"]):
             raise SystemExit(f"--ckpt_path {kwargs['ckpt_path']!r} does not exist.")
+
+    def _check_outputs(self) -> None:
+        """Every folder this run will write must be writable now, not after the models have loaded."""
+        trainer = self.trainer
+        dirs = {"trainer.default_root_dir": trainer.default_root_dir}
+        if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
+            dirs["trainer.logger.init_args.save_dir"] = trainer.logger.save_dir
+        for cb in trainer.callbacks:
+            for section, kind in (("checkpoint", ModelCheckpoint), ("export", LoRAExport)):
+                if isinstance(cb, kind) and cb.dirpath:
+                    dirs[f"{section}.dirpath"] = cb.dirpath
+        check_writable(dirs)

@@ -168,13 +168,14 @@ class DreamBoothLoRA(L.LightningModule):
         weights = self.noise.min_snr_weights(t, self.hparams.snr_gamma) if self.hparams.snr_gamma else None
         return self.loss_fn(pred, self.noise.target(latents, noise, t), batch["is_prior"], weights)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         terms = self.forward_loss(batch)
         n = batch["pixel_values"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=n)
         self.log("train/loss_instance", terms["loss_instance"], batch_size=n)
         self.log("train/loss_prior", terms["loss_prior"], batch_size=n)
-        return terms["loss"]
+        # every term reaches callbacks (FaultTolerance names the one that went non-finite, without a host sync)
+        return {"loss": terms["loss"], **{k: v.detach() for k, v in terms.items() if k != "loss"}}
 
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import ImageSet, PairedStream
 from ..tools.generate_class_images import ClassImageSettings
-from .images import ImageIntakeError, list_images, validate_images
+from .images import ImageIntakeError, check_images, list_images
 
 
 class DreamBoothDataModule(L.LightningDataModule):
@@ -30,6 +30,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         batch_size: instance images per step (each brings one class image along).
         num_workers: dataloader worker processes.
         seed: seed of data order and augmentation (linked from ``seed_everything``).
+        strict_images: refuse to start when any image is unusable, listing them all (default); false skips
+            them with a warning (data/images.py, docs/reliability.md).
         generate_class_images: draw missing class images with the base before training (rank 0 of each
             machine; tools/generate_class_images.py, docs/generation.md).
         class_generation: steps, guidance, scheduler, ... of those images (None: the defaults).
@@ -41,7 +43,7 @@ class DreamBoothDataModule(L.LightningDataModule):
                  class_prompt: Optional[str] = None, with_prior_preservation: bool = True,
                  num_class_images: int = 200, resolution: int = 1024, center_crop: bool = False,
                  random_flip: float = 0.0, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 num_instance_images: Optional[int] = None,
+                 num_instance_images: Optional[int] = None, strict_images: bool = True,
                  generate_class_images: bool = False, class_generation: Optional[ClassImageSettings] = None,
                  base_model: Optional[str] = None, vae_model: Optional[str] = None):
         super().__init__()
@@ -77,7 +79,7 @@ class DreamBoothDataModule(L.LightningDataModule):
                                        f"data.num_instance_images is {hp.num_instance_images}: add photos or "
                                        "lower it.")
             inst = inst[: hp.num_instance_images]
-        validate_images(inst, "instance")
+        inst = check_images(inst, "instance", hp.resolution, hp.strict_images)
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
         if hp.with_prior_preservation and hp.generate_class_images:
             self._generate_class_images()
@@ -94,7 +96,7 @@ class DreamBoothDataModule(L.LightningDataModule):
                     f"--num {hp.num_class_images}, or set data.generate_class_images: true (or lower "
                     "data.num_class_images).")
             cls = cls[: hp.num_class_images]
-            validate_images(cls, "class")
+            cls = check_images(cls, "class", hp.resolution, hp.strict_images)
             self.prior = ImageSet(tuple(cls), hp.class_prompt)
 
     def _generate_class_images(self) -> None:
