@@ -1,0 +1,76 @@
+"""``python -m dreambooth_pl export --source X --out Y.safetensors --format diffusers|kohya``.
+
+The source is a Lightning checkpoint of :class:`~dreambooth_pl.module.DreamBoothLoRA` (read with
+``weights_only=True``: it holds only the adapters and the hyper-parameters) or a LoRA file in either layout.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from ..formats import (COMPONENTS, Format, LoRA, LoRAFormatError, base_skeleton, check_base, check_pairs,
+                       on_disk_name, read_lora, uniform_alpha, write_lora)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+
+def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
+    """The adapters of a DreamBoothLoRA Lightning checkpoint; alpha from its ``lora_alpha`` (None: the rank).
+
+    Args:
+        path: ``.ckpt`` written by the ``checkpoint`` callback (or ``last.ckpt``).
+        adapter_name: the peft adapter name inside the checkpoint.
+    """
+    import pickle
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise LoRAFormatError(f"{path}: not loadable with weights_only=True ({str(e).splitlines()[0][:200]}); "
+                              "only checkpoints written by this project's fit are read.") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise LoRAFormatError(f"{path}: no 'state_dict' entry, not a Lightning checkpoint.")
+    hp = ckpt.get("hyper_parameters") or {}
+    weights = {}
+    for key, value in ckpt["state_dict"].items():
+        m = _ADAPTER_KEY.match(key)
+        comp = key.split(".", 1)[0]
+        if not m or comp not in COMPONENTS or m["adapter"] != adapter_name:
+            raise LoRAFormatError(f"{path}: state_dict key {key!r} is not a LoRA weight of adapter "
+                                  f"{adapter_name!r} on {'/'.join(COMPONENTS)}; was it written by this project?")
+        module = on_disk_name(comp, m["module"].split(".", 1)[1])
+        weights[f"{comp}.{module}.lora_{m['ab']}.weight"] = value
+    if not weights:
+        raise LoRAFormatError(f"{path}: the checkpoint holds no LoRA weights.")
+    lora = LoRA(weights)
+    alpha = hp.get("lora_alpha") or hp.get("lora_rank")
+    if alpha is not None:  # the module trains one LoraConfig per component: one alpha everywhere
+        lora.alphas = {mod: torch.tensor(float(alpha)) for mod in lora.modules()}
+    return check_pairs(lora, path)
+
+
+def export(source: str, out: str, format: Format = "diffusers",
+           dtype: Literal["keep", "float32", "float16", "bfloat16"] = "keep", base: Optional[str] = None) -> str:
+    """Write a LoRA file in the diffusers or kohya layout from a Lightning checkpoint or another LoRA file.
+
+    Args:
+        source: ``.ckpt`` of a fit, or a LoRA ``.safetensors`` (diffusers or kohya layout).
+        out: output ``.safetensors`` (written atomically).
+        format: ``diffusers`` (StableDiffusionXLPipeline.load_lora_weights) or ``kohya`` (A1111, ComfyUI, Forge).
+        dtype: storage dtype of the weights (``keep``: as in the source).
+        base: optional base pipeline to check the adapters fit (module names and sizes).
+    """
+    models = base_skeleton(base) if base else None
+    if Path(source).suffix == ".ckpt":
+        lora = read_checkpoint(source)
+    else:
+        lora = read_lora(source, models["unet"].config if models else None)
+    if models:
+        check_base(lora, models, source)
+    if dtype != "keep":
+        lora.weights = {k: v.to(_DTYPES[dtype]) for k, v in lora.weights.items()}
+    return str(write_lora(uniform_alpha(lora) if format == "kohya" else lora, out, format))

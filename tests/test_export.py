@@ -1,0 +1,70 @@
+"""export: a fit's Lightning checkpoint (weights_only) -> diffusers/kohya files equal to the fit's own export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import fit_args
+from safetensors.torch import load_file
+
+from dreambooth_pl.__main__ import main
+from dreambooth_pl.formats import LoRAFormatError, detect_format, read_lora
+from dreambooth_pl.tools.export import export, read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_base, tmp_path_factory):
+    """(last.ckpt, the LoRAExport file) of a 1-step fit with alpha 2 != rank 4."""
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    root = tmp_path_factory.mktemp("fit")
+    inst = root / "instance"
+    from conftest import write_images
+
+    write_images(inst, 2, seed=3)
+    DreamBoothCLI(args=fit_args(tiny_base, str(inst), None, str(root), steps=1, **{"model.lora_alpha": 2}))
+    run = next(Path(root).glob("lightning_logs/version_*"))
+    return str(run / "checkpoints" / "last.ckpt"), str(run / "pytorch_lora_weights.safetensors")
+
+
+def same(a, b) -> None:
+    assert set(a.modules()) == set(b.modules())
+    for m in a.modules():
+        assert float(a.alphas[m]) == float(b.alphas[m]), m
+        torch.testing.assert_close(a.delta(m), b.delta(m), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_checkpoint_export_equals_fit_export(fitted, tmp_path, fmt, tiny_base):
+    ckpt, fit_file = fitted
+    out = tmp_path / f"{fmt}.safetensors"
+    main(["export", "--source", ckpt, "--out", str(out), "--format", fmt, "--base", tiny_base])
+    assert detect_format(load_file(out)) == fmt
+    ours, reference = read_lora(out), read_lora(fit_file)
+    assert {float(a) for a in ours.alphas.values()} == {2.0}  # lora_alpha from the checkpoint's hparams
+    same(ours, reference)
+    assert any(reference.up(m).abs().max() > 0 for m in reference.modules())
+
+
+def test_file_to_file_and_dtype(fitted, tmp_path):
+    _, fit_file = fitted
+    kohya = export(fit_file, str(tmp_path / "k.safetensors"), "kohya", dtype="float16")
+    assert {v.dtype for k, v in load_file(kohya).items() if not k.endswith(".alpha")} == {torch.float16}
+    back = read_lora(export(kohya, str(tmp_path / "d.safetensors"), "diffusers"))
+    ref = read_lora(fit_file)
+    for m in ref.modules():
+        torch.testing.assert_close(back.delta(m), ref.delta(m), atol=1e-3, rtol=1e-2)  # fp16 storage
+
+
+def test_bad_checkpoints_are_named(tmp_path, fitted):
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {"unet.conv_in.weight": torch.ones(1)}}, bad)
+    with pytest.raises(LoRAFormatError, match="unet.conv_in.weight"):
+        read_checkpoint(str(bad))
+    torch.save({"state_dict": {}, "callbacks": {"x": object()}}, bad)  # needs a full unpickler
+    with pytest.raises(LoRAFormatError, match="weights_only"):
+        read_checkpoint(str(bad))
+    with pytest.raises(LoRAFormatError, match="does not exist"):
+        export(str(tmp_path / "missing.safetensors"), str(tmp_path / "o.safetensors"))
+    assert not (tmp_path / "o.safetensors").exists()
