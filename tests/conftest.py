@@ -23,6 +23,18 @@ def tiny_base(tmp_path_factory) -> str:
     return make_base("tiny", str(tmp_path_factory.mktemp("bases") / "tiny-sdxl"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-model sampling on one CPU thread: on a shared CPU, threads spin against each other and
+    a 64 px denoising step takes seconds instead of a tenth of one."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_images(folder: Path, n: int, size=(80, 64), seed: int = 0, ext: str = "png") -> list[Path]:
     """``n`` random RGB images of ``size`` (w, h) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -35,8 +35,9 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
     return path
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers see the old file or the whole new one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
@@ -49,7 +50,7 @@ def _atomic(path: Path, write) -> Path:
 
 def write_json(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
-    return _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
 def a1111_parameters(meta: dict) -> str:
@@ -68,7 +69,7 @@ def write_png(path: str | os.PathLike, image, meta: dict) -> Path:
     info = PngInfo()
     info.add_text(PNG_KEY, json.dumps(meta))
     info.add_text("parameters", a1111_parameters(meta))
-    return _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict:
@@ -196,6 +197,6 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         records.append({"file": f"{k:04d}_s{s}.png", "prompt": p, "seed": int(s)})
     cols = 1 if from_png else images_per_prompt
     labels = [prompts[r * cols] for r in range(math.ceil(len(images) / cols))]
-    _atomic(folder / "contact_sheet.png", lambda tmp: contact_sheet(images, labels, cols).save(tmp, format="PNG"))
+    atomic_write(folder / "contact_sheet.png", lambda tmp: contact_sheet(images, labels, cols).save(tmp, format="PNG"))
     write_json(folder / "manifest.json", {"settings": settings, "images": records})
     return str(folder / "manifest.json")

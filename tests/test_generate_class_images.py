@@ -1,0 +1,81 @@
+"""Class-prior generation: seeded per image, resumes without regenerating, manifest, fit-config and DataModule
+entry points, clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from dreambooth_pl.tools.generate_class_images import ClassImageSettings, generate_class_images
+from dreambooth_pl.tools.sample import OutputError, read_png_metadata
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = dict(steps=2, progress=False, dtype="float32", device="cpu")
+
+
+def test_resume_draws_only_the_missing_images_with_their_own_seeds(tiny_base, tmp_path):
+    out = tmp_path / "class"
+    generate_class_images(tiny_base, "a photo of dog", str(out), num=2, seed=10, batch_size=2, **FAST)
+    first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.png")}
+    assert sorted(first) == ["class_00000.png", "class_00001.png"]
+    msg = generate_class_images(tiny_base, "a photo of dog", str(out), num=3, seed=10, **FAST)
+    assert "generated 1" in msg
+    assert all((p.stat().st_mtime_ns, p.read_bytes()) == first[p.name] for p in out.glob("*.png") if p.name in first)
+    assert read_png_metadata(out / "class_00002.png")["seed"] == 12
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompt"] == "a photo of dog"
+    assert {k: v["seed"] for k, v in manifest["images"].items()} == {f"class_0000{i}.png": 10 + i for i in range(3)}
+    assert manifest["images"]["class_00002.png"]["steps"] == 2 and manifest["images"]["class_00002.png"]["base"]
+    assert "nothing to do" in generate_class_images(tiny_base, "a photo of dog", str(out), num=3, **FAST)
+    assert not list(out.glob(".*"))  # no temporary files left behind
+    # image i depends on seed + i only: a fresh folder that starts at index 2 draws the same pixels
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for i in range(2):  # two foreign images count towards num, and their names are skipped
+        Image.new("RGB", (64, 64)).save(fresh / f"class_0000{i}.png")
+    generate_class_images(tiny_base, "a photo of dog", str(fresh), num=3, seed=10, **FAST)
+    a, b = np.asarray(Image.open(out / "class_00002.png")), np.asarray(Image.open(fresh / "class_00002.png"))
+    assert np.abs(a.astype(int) - b).max() <= 2
+
+
+def test_fit_config_fills_the_arguments(tiny_base, tmp_path):
+    cfg = tmp_path / "fit.yaml"
+    out = tmp_path / "cls"
+    cfg.write_text(yaml.safe_dump({"model": {"base_model": tiny_base}, "data": {
+        "class_dir": str(out), "class_prompt": "a photo of cat", "num_class_images": 1, "resolution": 32}}))
+    generate_class_images(fit_config=str(cfg), **FAST)
+    meta = read_png_metadata(out / "class_00000.png")
+    assert (meta["prompt"], meta["width"], meta["base"]) == ("a photo of cat", 32, tiny_base)
+
+
+def test_bad_inputs_fail_clearly(tiny_base, tmp_path):
+    out = tmp_path / "class"
+    generate_class_images(tiny_base, "a photo of dog", str(out), num=1, **FAST)
+    with pytest.raises(ValueError, match="holds images of prompt 'a photo of dog', not 'a photo of cat'"):
+        generate_class_images(tiny_base, "a photo of cat", str(out), num=2, **FAST)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="output dir .*file/sub' is not writable"):
+        generate_class_images(tiny_base, "a photo of dog", str(blocker / "sub"), num=1, **FAST)
+    with pytest.raises(ValueError, match="needs --prompt"):
+        generate_class_images(tiny_base, None, str(out), num=1, **FAST)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        generate_class_images(tiny_base, "a photo of dog", str(out), num=5, resolution=60, **FAST)
+
+
+def test_datamodule_generates_missing_class_images_when_asked(tiny_base, subject_dirs, tmp_path):
+    from dreambooth_pl.data.datamodule import DreamBoothDataModule
+    from dreambooth_pl.data.images import ImageIntakeError
+
+    instance_dir, _ = subject_dirs
+    kwargs = dict(instance_dir=instance_dir, instance_prompt="a photo of sks dog", class_dir=str(tmp_path / "gen"),
+                  class_prompt="a photo of dog", num_class_images=2, resolution=32)
+    with pytest.raises(ImageIntakeError, match="generate-class-images.*data.generate_class_images: true"):
+        DreamBoothDataModule(**kwargs).setup("fit")
+    dm = DreamBoothDataModule(**kwargs, generate_class_images=True, base_model=tiny_base,
+                              class_generation=ClassImageSettings(steps=1, batch_size=2))
+    dm.setup("fit")
+    assert len(dm.prior.paths) == 2 and Image.open(dm.prior.paths[0]).size == (32, 32)
