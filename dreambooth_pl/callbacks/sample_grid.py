@@ -1,0 +1,151 @@
+"""Validation grids during fit: fixed prompts and seeds every N steps, logged to TensorBoard (and saved as PNG).
+
+At the start of training the same prompts are drawn once from the base without LoRA (peft's
+``disable_adapters``), so every later grid has its reference. Sampling runs on global rank 0 under
+``torch.no_grad`` with forked RNG state; adapter switches, train/eval modes and ``requires_grad`` flags are
+restored afterwards, so the callback never changes weights or the training run's randomness.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class SampleGrid(L.Callback):
+    """Log a grid of ``prompts`` x fixed seeds every ``every_n_steps`` optimizer steps.
+
+    Args:
+        prompts: prompts to draw (None: the datamodule's instance prompt).
+        every_n_steps: optimizer steps between grids (0: only the base grid and the final grid).
+        images_per_prompt: images per prompt (image j of prompt i uses seed ``seed + i * images_per_prompt + j``).
+        seed: first seed.
+        steps: denoising steps (few: a grid costs ``len(prompts) * images_per_prompt * steps`` UNet calls x 2).
+        guidance: classifier-free guidance scale.
+        scheduler: a name of ``sampling.SCHEDULERS``.
+        resolution: square side in pixels, a multiple of 8 (None: the base's native size).
+        negative_prompt: prompt to steer away from.
+        log_base: draw the same prompts from the base without LoRA once, at the start of training.
+        save_png: also write each grid as ``<log_dir>/samples/<tag>_step<N>.png``.
+    """
+
+    def __init__(self, prompts: Optional[list[str]] = None, every_n_steps: int = 250, images_per_prompt: int = 1,
+                 seed: int = 0, steps: int = 20, guidance: float = 5.0, scheduler: str = "euler",
+                 resolution: Optional[int] = None, negative_prompt: Optional[str] = None, log_base: bool = True,
+                 save_png: bool = True):
+        from ..sampling import check_size, make_scheduler
+
+        if every_n_steps < 0 or images_per_prompt < 1 or steps < 1:
+            raise ValueError(f"SampleGrid needs every_n_steps >= 0, images_per_prompt >= 1 and steps >= 1, got "
+                             f"{every_n_steps}, {images_per_prompt}, {steps}")
+        check_size(resolution, resolution)
+        make_scheduler(scheduler, {})  # unknown names fail at start-up, not after the first N steps
+        self.prompts, self.every_n_steps, self.images_per_prompt = prompts, every_n_steps, images_per_prompt
+        self.seed, self.steps, self.guidance, self.scheduler = seed, steps, guidance, scheduler
+        self.resolution, self.negative_prompt = resolution, negative_prompt
+        self.log_base, self.save_png = log_base, save_png
+        self._last_step = -1
+        self._cache: tuple = (None, [])
+
+    def _prompts(self, trainer: L.Trainer) -> list[str]:
+        prompts = self.prompts
+        if not prompts:
+            dm = getattr(trainer, "datamodule", None)
+            prompts = [dm.hparams.instance_prompt] if dm is not None else ["a photo of sks dog"]
+        return [p for p in prompts for _ in range(self.images_per_prompt)]
+
+    def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, adapters: bool = True) -> list:
+        """The grid's images from the module's live models, with or without its adapters; weights untouched.
+
+        Cached per (step, adapters): another callback scoring the same samples (SubjectMetrics) does not redraw.
+        """
+        from ..sampling import generate, pipeline_from_module
+
+        key = (trainer.global_step if trainer is not None else None, adapters)
+        if key[0] is not None and self._cache[0] == key:
+            return self._cache[1]
+        prompts = self._prompts(trainer)
+        seeds = [self.seed + k for k in range(len(prompts))]
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        models = (pl_module.unet, pl_module.text_encoder, pl_module.text_encoder_2)
+        # peft's per-layer switch (what diffusers' and transformers' disable_adapters call), with each layer's state
+        layers = [(m, m.disable_adapters) for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        grads = [(p, p.requires_grad) for m in models for p in m.parameters()]
+        modes = [(m, m.training) for m in (pl_module.unet, pl_module.vae, pl_module.text_encoder,
+                                           pl_module.text_encoder_2)]
+        device = pl_module.device
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with rng, torch.no_grad(), torch.autocast(device.type, enabled=False):
+            try:
+                for m, _ in modes:
+                    m.eval()
+                if not adapters:
+                    for layer, _ in layers:
+                        layer.enable_adapters(False)
+                pipe = pipeline_from_module(pl_module, self.scheduler)
+                images = generate(pipe, prompts, seeds, self.steps, self.guidance, self.negative_prompt,
+                                  self.resolution, self.resolution, batch_size=len(prompts))
+                self._cache = (key, images)
+                return images
+            finally:
+                if not adapters:
+                    for layer, was_disabled in layers:
+                        layer.enable_adapters(not was_disabled)
+                for m, training in modes:
+                    m.train(training)
+                for p, flag in grads:  # peft's enable/disable toggles requires_grad; put the run's flags back
+                    p.requires_grad_(flag)
+
+    def log_grid(self, trainer: L.Trainer, images: list, tag: str) -> None:
+        """Log ``images`` as one grid to every logger that takes images; optionally save it as PNG."""
+        import numpy as np
+        from torchvision.utils import make_grid
+
+        from ..tools.sample import atomic_write
+
+        tensors = [torch.from_numpy(np.asarray(img)).permute(2, 0, 1) for img in images]
+        # one row per prompt when there are several images per prompt, else all prompts side by side
+        grid = make_grid(tensors, nrow=self.images_per_prompt if self.images_per_prompt > 1 else len(images))
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(tag, grid, global_step=step)
+            elif hasattr(logger, "log_image"):  # Weights & Biases, Neptune, ...
+                with contextlib.suppress(TypeError):
+                    logger.log_image(key=tag, images=[grid.permute(1, 2, 0).numpy()], step=step)
+        if self.save_png:
+            from PIL import Image
+
+            folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
+            os.makedirs(folder, exist_ok=True)
+            image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+            atomic_write(os.path.join(folder, f"{tag.replace('/', '_')}_step{step:06d}.png"),
+                         lambda tmp: image.save(tmp, format="PNG"))
+
+    def _grid(self, trainer: L.Trainer, pl_module: L.LightningModule, adapters: bool) -> None:
+        tag = "samples/lora" if adapters else "samples/base"
+        self.log_grid(trainer, self.draw(trainer, pl_module, adapters), tag)
+        rank_zero_info(f"SampleGrid: logged {tag} at step {trainer.global_step}")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.log_base and trainer.is_global_zero:
+            self._grid(trainer, pl_module, adapters=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if (trainer.is_global_zero and self.every_n_steps and step % self.every_n_steps == 0
+                and step != self._last_step):
+            self._last_step = step
+            self._grid(trainer, pl_module, adapters=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and trainer.global_step != self._last_step and not trainer.interrupted:
+            self._last_step = trainer.global_step
+            self._grid(trainer, pl_module, adapters=True)

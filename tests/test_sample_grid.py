@@ -1,0 +1,64 @@
+"""SampleGrid: base and LoRA grids differ, weights/flags/RNG are untouched, and a fit logs images to TensorBoard."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dreambooth_pl.callbacks.sample_grid import SampleGrid
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_draw_switches_adapters_off_and_back_without_touching_weights(tiny_base):
+    from dreambooth_pl.module import DreamBoothLoRA
+
+    module = DreamBoothLoRA(base_model=tiny_base, lora_init=False)
+    module.configure_model()
+    module.unet.train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in module.named_parameters()}
+    rng = torch.get_rng_state()
+    grid = SampleGrid(["a photo of sks dog", "a dog"], steps=2, resolution=32)
+    lora = grid.draw(None, module, adapters=True)
+    base = grid.draw(None, module, adapters=False)
+    again = grid.draw(None, module, adapters=True)
+    assert len(lora) == 2 and lora[0].size == (32, 32)
+    assert np.abs(np.asarray(lora[0], dtype=int) - np.asarray(base[0])).mean() > 1  # adapters really were off
+    assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(lora, again))  # ...and really back on
+    after = module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert grads == {n: p.requires_grad for n, p in module.named_parameters()}
+    assert module.unet.training and not module.vae.training
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_bad_settings_fail_at_construction():
+    with pytest.raises(ValueError, match="unknown scheduler 'fast'"):
+        SampleGrid(scheduler="fast")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        SampleGrid(resolution=30)
+
+
+def test_fit_logs_base_and_lora_grids_to_tensorboard(tiny_base, subject_dirs, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import fit_args
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    instance_dir, _ = subject_dirs
+    class_dir = tmp_path / "generated-class"  # empty: data.generate_class_images fills it with the linked base
+    args = fit_args(tiny_base, instance_dir, str(class_dir), str(tmp_path), steps=2, **{
+        "data.num_class_images": 2, "data.generate_class_images": "true", "data.class_generation.steps": 1})
+    args += ["--trainer.callbacks+", "dreambooth_pl.callbacks.sample_grid.SampleGrid",
+             "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.steps", "2"]
+    cli = DreamBoothCLI(args=args)
+    assert len(list(class_dir.glob("class_*.png"))) == 2
+    log_dir = cli.trainer.log_dir
+    events = EventAccumulator(log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert {"samples/base", "samples/lora"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Images("samples/lora")] == [1, 2]
+    assert len(events.Images("samples/base")) == 1
+    pngs = sorted(p.name for p in (tmp_path / "lightning_logs").glob("*/samples/*.png"))
+    assert pngs == ["samples_base_step000000.png", "samples_lora_step000001.png", "samples_lora_step000002.png"]
