@@ -17,12 +17,15 @@ COMMANDS = {
     "export": "dreambooth_pl.tools.export:export",
     "merge": "dreambooth_pl.tools.merge:merge",
     "merge-eval": "dreambooth_pl.tools.merge_eval:merge_eval",
+    "evaluate": "dreambooth_pl.tools.evaluate:evaluate",
+    "evaluate-suite": "dreambooth_pl.tools.evaluate:evaluate_suite",
+    "compare-runs": "dreambooth_pl.tools.evaluate:compare_runs",
 }
 
 # verbs whose required arguments are positional (``check-token rraj``); the others take --name value only.
 POSITIONAL = {"check-token"}
 # verbs whose leading arguments fill one list parameter (``merge A.safetensors:1.0 B.safetensors:0.8 --out C``).
-LEADING_LIST = {"merge": "loras"}
+LEADING_LIST = {"merge": "loras", "evaluate": "generated", "compare-runs": "evals"}
 
 
 def _leading_list(args: list[str], name: str) -> list[str]:

@@ -1,0 +1,105 @@
+"""evaluate / evaluate-suite / compare-runs on random-weight embedders and the tiny base: scores of the generated
+images, the real-images row without self-pairs, resumable sample generation, the comparison table."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import SAMPLE, write_images
+from dreambooth_pl.data.images import list_images, load_rgb
+from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINOScore, load_clip, load_dino
+from dreambooth_pl.tools.evaluate import EvaluationError, compare_runs, evaluate, evaluate_suite
+from dreambooth_pl.tools.sample import write_json
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _embedders():
+    torch.manual_seed(0)  # the order evaluate loads them in: the same random weights
+    return load_clip(None, "cpu"), load_dino(None, "cpu")
+
+
+def test_evaluate_scores_the_generated_images(tmp_path):
+    gen, bare, real = tmp_path / "gen", tmp_path / "bare", tmp_path / "real"
+    files = write_images(gen, 4, seed=1)
+    write_json(gen / "manifest.json", {"images": [{"file": f.name, "prompt": p, "seed": i} for i, (f, p) in
+                                                  enumerate(zip(files, ["a sks dog"] * 2 + ["a sks dog in snow"] * 2))]})
+    write_images(bare, 4, seed=2)
+    (tmp_path / "prompts.txt").write_text("a sks dog\na sks dog in snow\n")
+    write_images(real, 3, seed=3)
+    with pytest.raises(EvaluationError, match="no manifest.json: pass --prompts"):
+        evaluate([str(bare)], str(real), str(tmp_path / "out"), clip_weights=None, dino_weights=None)
+    torch.manual_seed(0)
+    table = evaluate([str(gen), str(bare)], str(real), str(tmp_path / "out"), prompts=str(tmp_path / "prompts.txt"),
+                     token="sks", clip_weights=None, dino_weights=None, device="cpu")
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    clip, dino = _embedders()
+    real_images = [load_rgb(p) for p in list_images(real)]
+    for folder, name in ((gen, str(gen)), (bare, str(bare))):
+        images = [load_rgb(p) for p in list_images(folder)]
+        ci, t, d = CLIPIScore(clip, real_images), CLIPTScore(clip, "sks"), DINOScore(dino, real_images)
+        ci.update(images)
+        d.update(images)
+        t.update(images, ["a dog"] * 2 + ["a dog in snow"] * 2)  # the manifest's / file's prompts, token removed
+        assert rows[name]["clip_i"] == pytest.approx(float(ci.compute()), abs=1e-6)
+        assert rows[name]["dino"] == pytest.approx(float(d.compute()), abs=1e-6)
+        assert rows[name]["clip_t"] == pytest.approx(float(t.compute()), abs=1e-6)
+        assert 0 <= rows[name]["div_dino"] <= 2
+    emb = dino.embed_images(real_images)
+    assert rows["real images"]["dino"] == pytest.approx(float((emb @ emb.T)[~torch.eye(3, dtype=bool)].mean()),
+                                                        abs=1e-6)
+    assert "| real images |" in table and "| paper: real images | 0.7740 | 0.8850 |" in table
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_base, tmp_path_factory):
+    """A fit-like run folder: a non-zero UNet LoRA for the tiny base beside a config.yaml with prior preservation."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_pl.lora import add_lora, lora_config, save_diffusers_lora
+
+    run = tmp_path_factory.mktemp("version_0")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
+    add_lora(unet, lora_config(4, init=False))
+    (run / "config.yaml").write_text("data:\n  with_prior_preservation: true\n")
+    return str(save_diffusers_lora(run / "pytorch_lora_weights.safetensors", unet))
+
+
+def _suite(tiny_base, lora, out, **over):
+    torch.manual_seed(0)
+    kw = dict(lora=lora, base=tiny_base, instance_dir=str(SAMPLE), token="sks", class_name="dog", out=str(out),
+              num_prompts=2, images_per_prompt=2, steps=2, resolution=64, clip_weights=None, dino_weights=None,
+              pres_images=2, device="cpu")
+    return evaluate_suite(**(kw | over))
+
+
+def test_evaluate_suite_resumes_and_compare_runs_tabulates(tiny_base, lora_run, tmp_path):
+    out = tmp_path / "eval_euler"
+    first = _suite(tiny_base, lora_run, out)
+    assert {"clip_i", "clip_t", "dino", "div_dino", "pres", "real_clip_i", "real_dino"} <= set(first)
+    assert first["n_images"] == 4
+    samples = sorted((out / "samples").glob("*.png"))
+    assert len(samples) == 4 and len(list((out / "samples_class").glob("*.png"))) == 2
+    samples[1].unlink()  # an interrupted run: only the missing sample is drawn again
+    kept = {p: p.stat().st_mtime_ns for p in samples if p != samples[1]}
+    assert _suite(tiny_base, lora_run, out) == pytest.approx(first, abs=1e-6)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items()) and samples[1].is_file()
+    with pytest.raises(EvaluationError, match="other settings"):
+        _suite(tiny_base, lora_run, out, steps=3)
+
+    other = tmp_path / "eval_ddim"
+    shutil.copytree(out / "samples", other / "samples")  # reused only if the settings match: they do not
+    with pytest.raises(EvaluationError, match="other settings"):
+        _suite(tiny_base, lora_run, other, scheduler="ddim")
+    shutil.rmtree(other)
+    _suite(tiny_base, lora_run, other, scheduler="ddim", pres_images=0)
+    from dreambooth_pl.__main__ import main
+
+    main(["compare-runs", str(out), str(other), "--out", str(tmp_path / "cmp")])
+    table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    assert table[0] == "| scheduler | steps | prior | clip_i | clip_t | dino |"
+    assert table[2].startswith("| ddim | 2 | True | ") and table[3].startswith(f"| euler | 2 | True | {first['clip_i']:.4f}")
