@@ -1,0 +1,80 @@
+"""The sample command: PNGs whose text chunks reproduce them, a contact sheet, a manifest, clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_sampling import lora_file  # noqa: F401  (a non-zero LoRA for the tiny base)
+
+from dreambooth_pl.__main__ import main
+from dreambooth_pl.sampling import SamplingError
+from dreambooth_pl.tools.sample import OutputError, read_png_metadata, sample
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_sample_writes_pngs_that_reproduce_themselves(tiny_base, lora_file, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    main(["sample", "--base", tiny_base, "--out", str(out), "--prompt", "a photo of {token} {class}", "--token",
+          "zwx", "--lora", lora_file, "--lora_scale", "0.7", "--images_per_prompt", "2", "--seed", "5",
+          "--steps", "2", "--batch_size", "1", "--scheduler", "euler_a", "--negative_prompt", "blurry", "--dtype", "float32",
+          "--device", "cpu"])
+    assert capsys.readouterr().out.strip().endswith("manifest.json")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(r["prompt"], r["seed"]) for r in manifest["images"]] == [("a photo of zwx dog", 5), ("a photo of zwx dog", 6)]
+    assert manifest["settings"]["loras"] == [[lora_file, 0.7]]
+    first = out / manifest["images"][0]["file"]
+    meta = read_png_metadata(first)
+    assert (meta["scheduler"], meta["steps"], meta["negative_prompt"], meta["seed"]) == ("euler_a", 2, "blurry", 5)
+    assert "Negative prompt: blurry" in Image.open(first).text["parameters"]
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width == 2 * 64 and sheet.height > 64
+    assert not list(out.glob(".*"))
+    again = sample(from_png=str(first), out=str(tmp_path / "again"), device="cpu")
+    (record,) = json.loads(open(again).read())["images"]
+    a, b = np.asarray(Image.open(first)), np.asarray(Image.open(tmp_path / "again" / record["file"]))
+    assert (a == b).all()  # bit-identical at the same batch size (other sizes may round +-1 level)
+    other = np.asarray(Image.open(out / manifest["images"][1]["file"]))
+    assert np.abs(a.astype(int) - other).mean() > 1  # seeds 5 and 6 are different images
+
+
+def test_list_suites(capsys):
+    main(["sample", "--list_suites", "true"])
+    out = capsys.readouterr().out
+    assert "dreambench_object (25 prompts)" in out and "recontext" in out
+
+
+def test_bad_inputs_fail_before_any_model_loads(tmp_path):
+    with pytest.raises(SamplingError, match="3 seed.*2 image.*1 prompt.*images_per_prompt 2"):
+        sample(base="unused", out=str(tmp_path), prompt="a dog", images_per_prompt=2, seeds=[1, 2, 3])
+    with pytest.raises(SamplingError, match="2 LoRA file.*1 lora_scale"):
+        sample(base="unused", out=str(tmp_path), prompt="a dog", lora=["a.safetensors", "b.safetensors"],
+               lora_scale=0.5)
+    with pytest.raises(ValueError, match="exactly one of --prompt, --prompt_file, --suite"):
+        sample(base="unused", out=str(tmp_path), prompt="a dog", suite="recontext")
+    with pytest.raises(ValueError, match="exactly one of"):
+        sample(base="unused", out=str(tmp_path))
+    with pytest.raises(SamplingError, match="width must be a positive multiple of 8"):
+        sample(base="unused", out=str(tmp_path), prompt="a dog", width=1000 + 1)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="not writable"):
+        sample(base="unused", out=str(blocker / "out"), prompt="a dog")
+
+
+def test_an_interrupted_write_leaves_the_old_file_or_nothing(tmp_path):
+    from dreambooth_pl.tools.sample import atomic_write
+
+    def dies_halfway(tmp):
+        tmp.write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "new.png", dies_halfway)
+    (tmp_path / "old.png").write_bytes(b"complete")
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "old.png", dies_halfway)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.png"]
+    assert (tmp_path / "old.png").read_bytes() == b"complete"
