@@ -1,0 +1,54 @@
+"""Config errors surface before any model loads, each as one message naming the option and the fix.
+
+None of these runs a model: the base path does not even exist, proving the error comes first.
+"""
+from __future__ import annotations
+
+import pytest
+from conftest import fit_args
+
+from dreambooth_pl.cli import DreamBoothCLI
+
+NO_BASE = "/nonexistent/base-never-loaded"
+
+
+def _cli(tmp_path, *extra, run=True, class_dir=True):
+    inst, cls = tmp_path / "instance", tmp_path / "class"
+    args = fit_args(NO_BASE, str(inst), str(cls) if class_dir else None, str(tmp_path / "logs")) + list(extra)
+    return DreamBoothCLI(args=args if run else args[1:], run=run)
+
+
+@pytest.mark.parametrize("missing, present", [("data.class_dir", "data.class_prompt"),
+                                              ("data.class_prompt", "data.class_dir")])
+def test_prior_preservation_needs_class_dir_and_prompt(tmp_path, missing, present):
+    with pytest.raises(ValueError, match=rf"prior preservation needs {missing}; set it, or set "
+                                         r"data.with_prior_preservation: false"):
+        _cli(tmp_path, "--data.with_prior_preservation", "true", f"--{present}", "x", f"--{missing}", "null",
+             class_dir=False, run=False)
+
+
+def test_text_encoder_lora_with_cached_text_embeddings(tmp_path):
+    with pytest.raises(ValueError, match=r"model.cache=all .*model.train_text_encoder=true.*Use model.cache=latents"):
+        _cli(tmp_path, "--model.train_text_encoder", "true", "--model.cache", "all", run=False)
+
+
+def test_fp16_vae_refused_at_parse_time(tmp_path, capsys):
+    """The SDXL VAE overflows in fp16: vae_dtype offers only float32/bfloat16, even under 16-mixed."""
+    with pytest.raises(SystemExit):
+        _cli(tmp_path, "--trainer.precision", "16-mixed", "--model.vae_dtype", "float16", run=False)
+    err = capsys.readouterr().err
+    assert "vae_dtype" in err and "float32" in err and "bfloat16" in err
+
+
+@pytest.mark.parametrize("key", ["checkpoint.dirpath", "export.dirpath", "trainer.logger.init_args.save_dir"])
+def test_unwritable_output_dir_fails_at_start(tmp_path, key):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit, match=rf"output folder\(s\) cannot be written.*\n  {key} = .*a_file/out"):
+        _cli(tmp_path, f"--{key}", str(tmp_path / "a_file" / "out"))
+
+
+def test_missing_resume_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match=r"--ckpt_path last: no checkpoint at .*Resume with the run's own config"):
+        _cli(tmp_path, "--ckpt_path", "last")
+    with pytest.raises(SystemExit, match="does not exist"):
+        _cli(tmp_path, "--ckpt_path", str(tmp_path / "nope.ckpt"))
