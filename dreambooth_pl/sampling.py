@@ -71,6 +71,26 @@ def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
 
 
+def load_vae(vae: str, dtype: torch.dtype):
+    """An ``AutoencoderKL`` from a VAE folder, a pipeline folder (its ``vae/``) or a hub id.
+
+    Args:
+        vae: e.g. a local copy of ``madebyollin/sdxl-vae-fp16-fix``.
+        dtype: weights dtype.
+    """
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(str(path), dtype=dtype)
+    if (path / "vae" / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(str(path), subfolder="vae", dtype=dtype)
+    if path.exists():
+        raise SamplingError(f"VAE {vae!r} has neither config.json nor vae/config.json: give a diffusers "
+                            "AutoencoderKL folder (e.g. a local copy of madebyollin/sdxl-vae-fp16-fix).")
+    return AutoencoderKL.from_pretrained(resolve_base(vae), dtype=dtype)
+
+
 def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler: str = "euler",
                   dtype: str = "float16", device: str | None = None, vae: str | None = None,
                   vae_tiling: bool = False, vae_slicing: bool = False):
@@ -86,7 +106,7 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
         vae_tiling: decode in overlapping tiles (large sizes on small GPUs).
         vae_slicing: decode one image of a batch at a time.
     """
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
     if dtype not in DTYPES:
         raise SamplingError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -95,7 +115,7 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
         warnings.warn("float16 sampling on CPU is slow or unsupported; using float32.", stacklevel=2)
         dtype = "float32"
     root = resolve_base(base)
-    extra = {"vae": AutoencoderKL.from_pretrained(resolve_base(vae), dtype=DTYPES[dtype])} if vae else {}
+    extra = {"vae": load_vae(vae, DTYPES[dtype])} if vae else {}
     pipe = StableDiffusionXLPipeline.from_pretrained(root, dtype=DTYPES[dtype], add_watermarker=False,
                                                      **extra)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)

@@ -109,3 +109,25 @@ def test_pipeline_from_module_shares_live_models_and_decodes_beside_a_bf16_unet(
     assert p.unet is module.unet and p.vae is module.vae and p.vae.dtype == torch.float32
     (img,) = generate(p, [PROMPT], [0], steps=2)
     assert img.size == (64, 64) and px(img).std() > 0
+
+
+def test_a_separate_vae_folder_replaces_the_base_vae(tiny_base, tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_base, subfolder="vae")
+    vae.register_to_config(force_upcast=False)  # what the fp16-fix VAE declares: it decodes safely in fp16
+    vae.save_pretrained(tmp_path / "vae-fix")
+    p = load_pipeline(tiny_base, vae=str(tmp_path / "vae-fix"), dtype="float32", device="cpu")
+    assert p.vae.config.force_upcast is False
+    (img,) = generate(p, [PROMPT], [0], steps=1)
+    assert img.size == (64, 64)
+    with pytest.raises(SamplingError, match="neither config.json nor vae/config.json"):
+        load_pipeline(tiny_base, vae=str(tmp_path), dtype="float32", device="cpu")
+
+
+@pytest.mark.gpu
+def test_fp16_sampling_on_gpu_decodes_in_fp32_without_nans(tiny_base):
+    p = load_pipeline(tiny_base, dtype="float16", device="cuda")
+    assert p.unet.dtype == torch.float16 and p.vae.dtype == torch.float32
+    (img,) = generate(p, [PROMPT], [0], steps=4)
+    assert px(img).std() > 0  # a NaN decode comes back as a flat black image
