@@ -14,6 +14,7 @@ COMMANDS = {
     "check-token": "dreambooth_pl.tools.check_token:check_token",
     "generate-class-images": "dreambooth_pl.tools.generate_class_images:generate_class_images",
     "sample": "dreambooth_pl.tools.sample:sample",
+    "list-suites": "dreambooth_pl.tools.sample:suites",
     "export": "dreambooth_pl.tools.export:export",
     "merge": "dreambooth_pl.tools.merge:merge",
     "merge-eval": "dreambooth_pl.tools.merge_eval:merge_eval",

@@ -43,7 +43,9 @@ def test_sample_writes_pngs_that_reproduce_themselves(tiny_base, lora_file, tmp_
 def test_list_suites(capsys):
     main(["sample", "--list_suites", "true"])
     out = capsys.readouterr().out
-    assert "dreambench_object (25 prompts)" in out and "recontext" in out
+    assert "dreambench_object (25 prompts), e.g. 'a sks dog in the jungle'" in out and "recontext" in out
+    main(["list-suites", "--token", "zwx", "--class_name", "cat"])
+    assert "'a painting of zwx cat at Oktoberfest'" in capsys.readouterr().out
 
 
 def test_bad_inputs_fail_before_any_model_loads(tmp_path):

@@ -118,6 +118,22 @@ def collect_prompts(prompt, prompt_file: Optional[str], suite: Optional[str], to
     return [fill(p, token, class_name) for p in raw]
 
 
+def suites(token: str = "sks", class_name: str = "dog") -> str:
+    """The built-in prompt suites, each with its size and first prompt.
+
+    Args:
+        token: identifier shown in the examples.
+        class_name: class noun shown in the examples.
+    """
+    from ..prompts import get_suite, list_suites
+
+    lines = []
+    for name in list_suites():
+        prompts = get_suite(name, token, class_name)
+        lines.append(f"{name} ({len(prompts)} prompts), e.g. {prompts[0]!r}")
+    return "\n".join(lines)
+
+
 def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "outputs/samples",
            prompt: Union[str, list[str], None] = None, prompt_file: Optional[str] = None,
            suite: Optional[str] = None, token: str = "sks", class_name: str = "dog",
@@ -155,13 +171,12 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         vae_tiling: decode in tiles (sizes above 1024 on small GPUs).
         vae_slicing: decode one image at a time.
         from_png: regenerate the image a PNG of this tool records (its settings replace the ones above).
-        list_suites: print the prompt suites and exit.
+        list_suites: print the prompt suites and exit (also: ``python -m dreambooth_pl list-suites``).
     """
-    from ..prompts import get_suite, list_suites as suites
     from ..sampling import SamplingError, check_size, generate, load_pipeline
 
     if list_suites:
-        return "\n".join(f"{name} ({len(get_suite(name))} prompts)" for name in suites())
+        return suites(token, class_name)
     loras = [[str(p), 1.0] for p in _as_list(lora)]
     scales = _as_list(lora_scale)
     if scales and len(scales) != len(loras):
