@@ -1,0 +1,128 @@
+"""DreamBoothCLI: bad input fails before any model loads, the shipped configs parse, ``--ckpt_path last`` resumes."""
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from dreambooth_pl.cli import DreamBoothCLI
+from tests.conftest import REPO, fit_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the base gets loaded: bad input must be reported before that."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the bad input was reported")
+
+    monkeypatch.setattr("dreambooth_pl.module.load_parts", refuse)
+    monkeypatch.setattr("dreambooth_pl.sdxl.load_parts", refuse)
+
+
+def _fails(args: list[str], capsys) -> str:
+    """Run the CLI on bad input; return the error text, whether raised or printed by the argument parser."""
+    with pytest.raises((SystemExit, ValueError)) as err:
+        DreamBoothCLI(args=args)
+    return str(err.value) + capsys.readouterr().err
+
+
+def test_unknown_key_on_the_command_line(subject_dirs, tmp_path, capsys, no_model_load):
+    msg = _fails(fit_args("unused", *subject_dirs, str(tmp_path)) + ["--model.lora_rnk", "8"], capsys)
+    assert "lora_rnk" in msg
+
+
+def test_unknown_key_in_a_config_file(subject_dirs, tmp_path, capsys, no_model_load):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"base_model": "unused", "prior_los_weight": 1.0}}))
+    msg = _fails(fit_args("unused", *subject_dirs, str(tmp_path))[:1] + ["--config", str(cfg)]
+                 + fit_args("unused", *subject_dirs, str(tmp_path))[1:], capsys)
+    assert "prior_los_weight" in msg
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"model.lora_rank": 0}, "model.lora_rank must be > 0"),
+    ({"model.prior_loss_weight": -1.0}, "prior_loss_weight must be >= 0"),
+    ({"data.resolution": 100}, "data.resolution must be a positive multiple of 8"),
+])
+def test_bad_values_fail_before_the_model_loads(subject_dirs, tmp_path, capsys, no_model_load, override, message):
+    assert message in _fails(fit_args("unused", *subject_dirs, str(tmp_path), **override), capsys)
+
+
+def test_corrupt_image_is_named_before_the_model_loads(subject_dirs, tiny_base, tmp_path, no_model_load):
+    from dreambooth_pl.data.images import ImageIntakeError
+
+    bad = Path(subject_dirs[0]) / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageIntakeError, match=str(bad)):
+        DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path)))
+
+
+def test_missing_class_images_fail_before_the_model_loads(subject_dirs, tiny_base, tmp_path, no_model_load):
+    from dreambooth_pl.data.images import ImageIntakeError
+
+    with pytest.raises(ImageIntakeError, match="generate-class-images"):
+        DreamBoothCLI(args=fit_args(tiny_base, subject_dirs[0], str(tmp_path / "none"), str(tmp_path)))
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_what_to_do(subject_dirs, tiny_base, tmp_path, no_model_load):
+    with pytest.raises(SystemExit, match="no checkpoint at .*last.ckpt.*config.yaml"):
+        DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path)) + ["--ckpt_path", "last"])
+
+
+@pytest.mark.parametrize("name, prior", [("sdxl_lora_prior.yaml", True), ("sdxl_lora_no_prior.yaml", False)])
+def test_shipped_sdxl_configs_hold_the_original_run(name, prior, capsys):
+    with pytest.raises(SystemExit) as done:
+        DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / name), "--print_config"])
+    assert done.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
+    assert m["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (m["lora_rank"], m["learning_rate"], m["optimizer"], m["gradient_checkpointing"]) == (4, 1e-4, "adamw8bit",
+                                                                                              True)
+    assert (t["precision"], t["max_steps"], d["resolution"]) == ("16-mixed", 1000, 1024)
+    assert (d["instance_dir"], d["instance_prompt"]) == ("data/rraj", "a photo of rraj person")
+    assert d["with_prior_preservation"] is prior
+    if prior:
+        assert (m["prior_loss_weight"], d["num_class_images"]) == (1.0, 197)
+        assert (d["class_dir"], d["class_prompt"]) == ("data/class_person", "a photo of person")
+
+
+class ResumeProbe(L.Callback):
+    """Records where a (resumed) fit starts: step, optimizer state and learning rate."""
+
+    def on_train_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        self.start = (trainer.global_step, {k: v.clone() for k, v in opt.state_dict()["state"][0].items()},
+                      opt.param_groups[0]["lr"])
+
+
+def _lora(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "pytorch_lora_weights.safetensors")
+
+
+def test_resume_continues_at_the_same_step_optimizer_state_and_lr(subject_dirs, tiny_base, tmp_path):
+    # a warm-up schedule whose LR does not depend on max_steps, so the interrupted and the full run share it
+    sched = {"model.lr_scheduler": "constant_with_warmup", "model.lr_warmup_steps": 3, "model.learning_rate": 1e-3}
+    DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "full"), steps=3, **sched))
+    DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "cut"), steps=2, **sched))
+    run = tmp_path / "cut" / "lightning_logs" / "version_0"
+    stopped = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["global_step"] == 2
+    probe = ResumeProbe()
+    DreamBoothCLI(args=["fit", "--config", str(run / "config.yaml"), "--trainer.max_steps", "3", "--ckpt_path", "last"],
+                  trainer_defaults={"callbacks": [probe]})
+    step, state, lr = probe.start
+    assert step == 2
+    saved = stopped["optimizer_states"][0]
+    assert all(torch.equal(state[k], saved["state"][0][k]) for k in saved["state"][0])
+    assert lr == pytest.approx(1e-3 * 2 / 3) == saved["param_groups"][0]["lr"]
+    assert not (tmp_path / "cut" / "lightning_logs" / "version_1").exists()  # the same run folder continues
+    full, resumed = _lora(tmp_path / "full" / "lightning_logs" / "version_0"), _lora(run)
+    assert full.keys() == resumed.keys()
+    for k in full:  # same data position, noise, optimizer moments and LR: the same weights as never stopping
+        torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,68 @@
+"""The smoke run end to end: configs/smoke.yaml on a fresh base, its outputs, and the LoRA in a diffusers pipeline."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth_pl.cli import DreamBoothCLI
+from tests.conftest import REPO, fit_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, one_thread):
+    """configs/smoke.yaml as shipped, with its outputs (base, class images, logs) moved under a temp folder."""
+    root = tmp_path_factory.mktemp("smoke")
+    cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "smoke.yaml"), "--trainer.max_steps", "3",
+                              "--model.base_model", str(root / "tiny-sdxl"), "--data.class_dir", str(root / "class"),
+                              "--trainer.logger.init_args.save_dir", str(root),
+                              "--trainer.enable_progress_bar", "false"])
+    return cli, root / "lightning_logs" / "version_0"
+
+
+def test_smoke_run_writes_logs_config_checkpoint_and_lora(smoke):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli, run = smoke
+    assert cli.trainer.global_step == 3
+    assert (run / "config.yaml").exists() and len(list((Path(cli.datamodule.hparams.class_dir)).glob("*.png"))) == 4
+    events = EventAccumulator(str(run)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss_instance", "train/loss_prior"} <= tags
+    assert any(t.startswith("lr-") for t in tags), tags
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in events.Scalars("train/loss"))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.stat().st_size < 50 * 2**20
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == 3 and state["optimizer_states"] and state["lr_schedulers"]
+    assert state["state_dict"] and all("lora_" in k for k in state["state_dict"])
+    assert (run / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_smoke_lora_loads_into_a_diffusers_pipeline_and_changes_its_output(smoke):
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    from dreambooth_pl.lora import lora_state_dict
+
+    cli, run = smoke
+    pipe = StableDiffusionXLPipeline.from_pretrained(cli.model.hparams.base_model)
+    kw = dict(prompt="a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np")
+    before = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(str(run / "pytorch_lora_weights.safetensors"))
+    trained, loaded = lora_state_dict(cli.model.unet), get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
+    after = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(after - before).max() > 1e-4
+
+
+def test_no_prior_run_trains_on_instances_alone(subject_dirs, tiny_base, tmp_path):
+    with pytest.warns(UserWarning, match="adamw8bit needs a CUDA GPU"):
+        cli = DreamBoothCLI(args=fit_args(tiny_base, subject_dirs[0], None, str(tmp_path), steps=2,
+                                          **{"model.optimizer": "adamw8bit"}))
+    assert cli.trainer.global_step == 2 and cli.datamodule.prior is None
+    assert isinstance(cli.trainer.optimizers[0], torch.optim.AdamW)
+    logged = cli.trainer.logged_metrics
+    assert logged["train/loss_prior"].item() == 0.0
+    assert logged["train/loss"].item() == logged["train/loss_instance"].item() > 0
