@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .callbacks.export import LoRAExport
@@ -54,6 +54,8 @@ class DreamBoothCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 250,
                              "checkpoint.save_top_k": 0, "checkpoint.save_weights_only": False})
         parser.add_lightning_class_args(LoRAExport, "export")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")  # lr-AdamW/pg1 in TensorBoard
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(FaultTolerance, "faults")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
         parser.link_arguments("seed_everything", "model.seed", compute_fn=_seed)
