@@ -84,9 +84,10 @@ def test_lora_for_another_base_names_the_first_mismatching_key(pipe, tmp_path):
 def test_lora_files_apply_at_their_scale_in_both_layouts(pipe, tiny_base, lora_file, tmp_path):
     kohya = write_lora(read_lora(lora_file), tmp_path / "kohya.safetensors", format="kohya")
     (base_img,) = generate(pipe, [PROMPT], [3], steps=2)
-    loaded = load_pipeline(tiny_base, [(lora_file, 1.0)], dtype="float32", device="cpu", vae_slicing=True,
+    loaded = load_pipeline(tiny_base, [(lora_file, 1.0)], dtype="float32", device="cpu", vae_slicing=False,
                            vae_tiling=True)
-    assert loaded.vae.use_slicing and loaded.vae.use_tiling
+    assert loaded.vae.use_tiling and not loaded.vae.use_slicing
+    assert pipe.vae.use_slicing and not pipe.vae.use_tiling  # the defaults
     (with_lora,) = generate(loaded, [PROMPT], [3], steps=2)
     assert np.abs(px(with_lora) - px(base_img)).mean() > 1
     loaded.set_adapters(["lora0"], adapter_weights=[0.0])
@@ -126,6 +127,7 @@ def test_a_separate_vae_folder_replaces_the_base_vae(tiny_base, tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_sampling_on_gpu_decodes_in_fp32_without_nans(tiny_base):
     p = load_pipeline(tiny_base, dtype="float16", device="cuda")
     assert p.unet.dtype == torch.float16 and p.vae.dtype == torch.float32

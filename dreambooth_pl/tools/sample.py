@@ -142,7 +142,7 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
            height: Optional[int] = None, width: Optional[int] = None, seeds: Union[int, list[int], None] = None,
            seed: int = 0, images_per_prompt: int = 1, batch_size: int = 4, dtype: str = "float16",
            device: Optional[str] = None, vae: Optional[str] = None, vae_tiling: bool = False,
-           vae_slicing: bool = False, from_png: Optional[str] = None, list_suites: bool = False) -> str:
+           vae_slicing: bool = True, from_png: Optional[str] = None, list_suites: bool = False) -> str:
     """Sample images from an SDXL base with zero or more LoRA files; writes PNGs, contact_sheet.png, manifest.json.
 
     Args:
@@ -169,7 +169,7 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         device: cuda, cpu, ... (None: CUDA when available).
         vae: separate VAE folder (e.g. the fp16-fix VAE).
         vae_tiling: decode in tiles (sizes above 1024 on small GPUs).
-        vae_slicing: decode one image at a time.
+        vae_slicing: decode one image of a batch at a time (keeps batched 1024² decodes within 16 GB).
         from_png: regenerate the image a PNG of this tool records (its settings replace the ones above).
         list_suites: print the prompt suites and exit (also: ``python -m dreambooth_pl list-suites``).
     """
