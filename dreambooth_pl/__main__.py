@@ -67,5 +67,18 @@ def main(argv: list[str] | None = None) -> None:
         print(result)
 
 
+def _shell() -> None:
+    """Run :func:`main`; errors whose message already says what to fix print as that message, not a traceback."""
+    try:
+        main()
+    except Exception as e:
+        from .data.images import ImageIntakeError
+        from .sdxl import BaseModelError
+
+        if isinstance(e, (BaseModelError, ImageIntakeError)):
+            raise SystemExit(f"error: {e}") from None
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    _shell()

@@ -126,3 +126,20 @@ def test_resume_continues_at_the_same_step_optimizer_state_and_lr(subject_dirs, 
     assert full.keys() == resumed.keys()
     for k in full:  # same data position, noise, optimizer moments and LR: the same weights as never stopping
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_offline_hub_id_from_the_shell_is_one_message_not_a_traceback(subject_dirs, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    hub_id = "stabilityai/stable-diffusion-xl-base-1.0"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    args = fit_args(hub_id, subject_dirs[0], None, str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert f"base model {hub_id!r}" in done.stderr and "unreachable" in done.stderr
+    assert "model.base_model" in done.stderr
