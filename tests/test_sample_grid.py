@@ -16,6 +16,7 @@ def test_draw_switches_adapters_off_and_back_without_touching_weights(tiny_base)
     module = DreamBoothLoRA(base_model=tiny_base, lora_init=False)
     module.configure_model()
     module.unet.train()
+    module.unet.conv_in.eval()  # a mixed tree: each submodule's own mode must come back
     before = {k: v.clone() for k, v in module.state_dict().items()}
     grads = {n: p.requires_grad for n, p in module.named_parameters()}
     rng = torch.get_rng_state()
@@ -29,7 +30,7 @@ def test_draw_switches_adapters_off_and_back_without_touching_weights(tiny_base)
     after = module.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert grads == {n: p.requires_grad for n, p in module.named_parameters()}
-    assert module.unet.training and not module.vae.training
+    assert module.unet.training and not module.unet.conv_in.training and not module.vae.training
     assert torch.equal(rng, torch.get_rng_state())
 
 

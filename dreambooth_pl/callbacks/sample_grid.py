@@ -64,6 +64,8 @@ class SampleGrid(L.Callback):
 
         Cached per (step, adapters): another callback scoring the same samples (SubjectMetrics) does not redraw.
         """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         from ..sampling import generate, pipeline_from_module
 
         key = (trainer.global_step if trainer is not None else None, adapters)
@@ -71,20 +73,18 @@ class SampleGrid(L.Callback):
             return self._cache[1]
         prompts = self._prompts(trainer)
         seeds = [self.seed + k for k in range(len(prompts))]
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         models = (pl_module.unet, pl_module.text_encoder, pl_module.text_encoder_2)
         # peft's per-layer switch (what diffusers' and transformers' disable_adapters call), with each layer's state
         layers = [(m, m.disable_adapters) for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
         grads = [(p, p.requires_grad) for m in models for p in m.parameters()]
-        modes = [(m, m.training) for m in (pl_module.unet, pl_module.vae, pl_module.text_encoder,
-                                           pl_module.text_encoder_2)]
+        # every submodule's own mode: train() is recursive and would flip frozen parts that the run keeps in eval
+        modes = [(m, m.training) for model in (*models, pl_module.vae) for m in model.modules()]
         device = pl_module.device
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
         with rng, torch.no_grad(), torch.autocast(device.type, enabled=False):
             try:
                 for m, _ in modes:
-                    m.eval()
+                    m.training = False
                 if not adapters:
                     for layer, _ in layers:
                         layer.enable_adapters(False)
@@ -98,7 +98,7 @@ class SampleGrid(L.Callback):
                     for layer, was_disabled in layers:
                         layer.enable_adapters(not was_disabled)
                 for m, training in modes:
-                    m.train(training)
+                    m.training = training
                 for p, flag in grads:  # peft's enable/disable toggles requires_grad; put the run's flags back
                     p.requires_grad_(flag)
 
