@@ -23,9 +23,26 @@ def _module(base: str, **kw) -> DreamBoothLoRA:
     return m
 
 
-@pytest.fixture(scope="module")
-def module(tiny_base) -> DreamBoothLoRA:
-    return _module(tiny_base, prior_loss_weight=0.7, seed=5)
+@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
+def module(request, tiny_base, tmp_path_factory) -> DreamBoothLoRA:
+    """The tiny base, and a copy whose scheduler config says v-prediction (the module must follow it)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    base = Path(tiny_base)
+    if request.param != "epsilon":
+        base = tmp_path_factory.mktemp("vbase") / "base"
+        base.mkdir()
+        for part in Path(tiny_base).iterdir():
+            (base / part.name).symlink_to(part)
+        (base / "scheduler").unlink()
+        shutil.copytree(Path(tiny_base) / "scheduler", base / "scheduler")
+        cfg_file = base / "scheduler" / "scheduler_config.json"
+        cfg_file.write_text(json.dumps(dict(json.loads(cfg_file.read_text()), prediction_type=request.param)))
+    m = _module(str(base), prior_loss_weight=0.7, seed=5)
+    assert m.noise.prediction_type == request.param
+    return m
 
 
 def test_loss_equals_a_hand_computation_with_diffusers_parts(module, batch):
@@ -49,8 +66,10 @@ def test_loss_equals_a_hand_computation_with_diffusers_parts(module, batch):
                               for o, c in zip(batch["original_size"], batch["crop_top_left"])])
         pred = m.unet(noisy, t, encoder_hidden_states=emb,
                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    sched = DDPMScheduler.from_config(m.scheduler_config)
+    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
     pred_inst, pred_prior = pred.chunk(2)
-    target_inst, target_prior = noise.chunk(2)
+    target_inst, target_prior = target.chunk(2)
     instance, prior = F.mse_loss(pred_inst, target_inst), F.mse_loss(pred_prior, target_prior)
     torch.testing.assert_close(got["loss_instance"], instance)
     torch.testing.assert_close(got["loss_prior"], prior)
