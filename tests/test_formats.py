@@ -144,3 +144,19 @@ def test_wrong_keys_are_named(tmp_path, pipe):
     save_file({**{k: torch.ones(2, 1280) if "lora_down" in k else torch.ones(1280, 2) for k in good}}, path)
     with pytest.raises(LoRAFormatError, match=r"down_blocks.1.attentions.0.proj_in.*\(1280, 1280\)"):
         check_base(read_lora(path), {"unet": pipe.unet}, str(path))
+
+
+def test_kohya_sgm_block_names_map_to_diffusers_modules(pipe):
+    from dreambooth_pl.formats import from_kohya
+
+    def one(name: str) -> dict:
+        return {f"{name}.lora_down.weight": torch.ones(2, 64), f"{name}.lora_up.weight": torch.ones(64, 2),
+                f"{name}.alpha": torch.tensor(1.0)}
+
+    # sd-scripts names SDXL's UNet as SGM does: input_blocks_4_1 is down_blocks.1.attentions.0 (2 layers per block)
+    sdxl = from_kohya(one("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"))
+    assert sdxl.modules() == ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    tiny = from_kohya(one("lora_unet_output_blocks_1_1_proj_in"), pipe.unet.config)  # tiny base: 1 layer per block
+    assert tiny.modules() == ["unet.up_blocks.0.attentions.1.proj_in"]
+    check_base(tiny, {"unet": pipe.unet})
+    assert float(tiny.alphas[tiny.modules()[0]]) == 1.0 and tiny.scale(tiny.modules()[0]) == 0.5
