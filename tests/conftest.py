@@ -35,6 +35,17 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session")
+def random_embedders():
+    """(CLIP ViT-B/32, DINO ViT-S/16) of the metrics with seeded random weights: the real architectures offline."""
+    import torch
+
+    from dreambooth_pl.metrics import load_clip, load_dino
+
+    torch.manual_seed(0)
+    return load_clip(None), load_dino(None)
+
+
 def write_images(folder: Path, n: int, size=(80, 64), seed: int = 0, ext: str = "png") -> list[Path]:
     """``n`` random RGB images of ``size`` (w, h) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,17 +8,17 @@ from PIL import Image
 
 from dreambooth_pl.metrics.embedders import EmbedderWeightsError, load_clip, load_dino, to_unit_float
 
-
-@pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    return load_clip(None)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dino():
-    torch.manual_seed(0)
-    return load_dino(None)
+def clip(random_embedders):
+    return random_embedders[0]
+
+
+@pytest.fixture(scope="module")
+def dino(random_embedders):
+    return random_embedders[1]
 
 
 def _uint8(n=2, h=40, w=56, seed=0):

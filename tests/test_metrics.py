@@ -8,20 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreambooth_pl.metrics import (CLIPIScore, CLIPTScore, DINODiversity, DINOScore, load_clip, load_dino,
-                                   remove_identifier)
+from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINODiversity, DINOScore, load_dino, remove_identifier
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def clip():
-    torch.manual_seed(0)
-    return load_clip(None)
+def clip(random_embedders):
+    return random_embedders[0]
 
 
 @pytest.fixture(scope="module")
-def dino():
-    torch.manual_seed(0)
-    return load_dino(None)
+def dino(random_embedders):
+    return random_embedders[1]
 
 
 def _images(n, seed, h=48, w=64):
