@@ -70,7 +70,7 @@ def _todo(folder: Path, num: int) -> list[int]:
 
 
 def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = None, out: Optional[str] = None,
-                          num: int = 200, seed: int = 0, scheduler: str = "euler", steps: int = 25,
+                          num: Optional[int] = None, seed: int = 0, scheduler: str = "euler", steps: int = 25,
                           guidance: float = 5.0, negative_prompt: Optional[str] = None,
                           resolution: Optional[int] = None, batch_size: int = 4, dtype: str = "float16",
                           device: Optional[str] = None, vae: Optional[str] = None, fit_config: Optional[str] = None,
@@ -81,7 +81,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
         base: SDXL pipeline folder or hub id (or from ``fit_config``'s model.base_model).
         prompt: class prompt, e.g. ``a photo of dog`` (or data.class_prompt).
         out: class image folder (or data.class_dir).
-        num: images the folder must hold (or data.num_class_images).
+        num: images the folder must hold (or data.num_class_images; default 200).
         seed: seed of image 0; image i uses ``seed + i``.
         scheduler: ddim, pndm, euler, euler_a, dpmpp_2m, ...
         steps: denoising steps.
@@ -100,13 +100,12 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
     from ..sampling import check_size, generate, load_pipeline
     from .sample import ensure_writable, write_json, write_png
 
-    args = dict(base=base, prompt=prompt, out=out, vae=vae, resolution=resolution)
+    args = dict(base=base, prompt=prompt, out=out, num=num, vae=vae, resolution=resolution)
     if fit_config:
         for k, v in _from_fit_config(fit_config).items():
-            if k == "num":
-                num = v if num == 200 else num
-            elif args.get(k) is None:
+            if args[k] is None:  # arguments given on the command line win over the config
                 args[k] = v
+    num = 200 if args["num"] is None else args["num"]
     missing = [k for k in ("base", "prompt", "out") if not args[k]]
     if missing:
         raise ValueError(f"generate-class-images needs --{', --'.join(missing)} (or --fit_config with "
