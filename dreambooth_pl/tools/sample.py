@@ -86,16 +86,20 @@ def read_png_metadata(path: str | os.PathLike) -> dict:
 
 def contact_sheet(images: list, labels: list[str], cols: int, thumb: int = 256):
     """One PIL image: ``images`` as thumbnails (longest side ``thumb``) in rows of ``cols``, one label per row."""
+    import textwrap
+
     from PIL import Image, ImageDraw
 
     rows = math.ceil(len(images) / cols)
     w, h = images[0].size
     s = min(1.0, thumb / max(w, h))
-    tw, th, bar = max(1, round(w * s)), max(1, round(h * s)), 14
+    tw, th = max(1, round(w * s)), max(1, round(h * s))
+    wrapped = [textwrap.wrap(label, max(8, cols * tw // 6))[:4] or [""] for label in labels]  # ~6 px a glyph
+    bar = 2 + 11 * max(len(lines) for lines in wrapped)
     sheet = Image.new("RGB", (cols * tw, rows * (th + bar)), "white")
     draw = ImageDraw.Draw(sheet)
     for r in range(rows):
-        draw.text((2, r * (th + bar) + 1), labels[r][: max(8, cols * tw // 6)], fill="black")
+        draw.multiline_text((2, r * (th + bar) + 1), "\n".join(wrapped[r]), fill="black", spacing=1)
         for c, img in enumerate(images[r * cols:(r + 1) * cols]):
             sheet.paste(img.resize((tw, th)), (c * tw, r * (th + bar) + bar))
     return sheet
