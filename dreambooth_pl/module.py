@@ -67,6 +67,7 @@ class DreamBoothLoRA(L.LightningModule):
         self.unet = None
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
+        self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
 
     # ---- model set-up --------------------------------------------------------------------------------------
     def weight_dtype(self) -> torch.dtype:
@@ -141,14 +142,19 @@ class DreamBoothLoRA(L.LightningModule):
 
     # ---- training --------------------------------------------------------------------------------------------
     def step_generator(self) -> torch.Generator:
-        """RNG of this optimizer step: a function of (seed, step, rank), so a resumed run draws the same noise."""
+        """RNG of this micro-batch: a function of (seed, step, micro-batch, rank), so a resumed run draws the same
+        noise, and the micro-batches of one accumulated step draw different noise."""
         gen = torch.Generator(self.device)
-        gen.manual_seed(((self.hparams.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank) % 2**63)
+        step_seed = (self.hparams.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
+        gen.manual_seed((step_seed + self._micro_batch * 0x9E3779B97F4A7C15) % 2**63)
         return gen
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # global_step repeats over the accumulate_grad_batches micro-batches of a step; this tells them apart
+        self._micro_batch = batch_idx % self.trainer.accumulate_grad_batches
         if self.hparams.lora_dropout > 0:  # dropout draws from the global RNG: make it a function of the step too
-            torch.manual_seed((self.hparams.seed + 7919 * self.global_step + 104729 * self.global_rank) % 2**63)
+            torch.manual_seed((self.hparams.seed + 7919 * self.global_step + 104729 * self.global_rank
+                               + 15485863 * self._micro_batch) % 2**63)
 
     def forward_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss terms of one batch (see :class:`DreamBoothLoss`)."""

@@ -58,7 +58,7 @@ def _all_finite(state: dict) -> bool:
 def test_nan_stops_run_before_it_reaches_a_checkpoint(tiny_base, subject_dirs, tmp_path):
     """Deferred check (every 100 steps) still fires before the step-3 checkpoint write, naming step and term."""
     with pytest.raises(NonFiniteLossError) as err:
-        _fit(tiny_base, subject_dirs, tmp_path, 4, NaNPixels([3]), **{"faults.check_every_n_steps": 100})
+        _fit(tiny_base, subject_dirs, tmp_path, 3, NaNPixels([3]), **{"faults.check_every_n_steps": 100})
     msg = str(err.value)
     assert "non-finite loss at step 3 (term: loss, loss_instance)" in msg and "loss_prior" not in msg
     assert "was not overwritten" in msg
@@ -69,27 +69,27 @@ def test_nan_stops_run_before_it_reaches_a_checkpoint(tiny_base, subject_dirs, t
 
 def test_nan_steps_skipped_up_to_the_limit(tiny_base, subject_dirs, tmp_path):
     with pytest.warns(UserWarning, match=r"step 2: non-finite loss or gradients, update skipped \(1 of"):
-        with pytest.raises(NonFiniteLossError, match=r"at step 4 .*1 earlier step\(s\) were skipped"):
-            _fit(tiny_base, subject_dirs, tmp_path, 5, NaNPixels([2, 4]), **{"faults.max_nonfinite_skips": 1})
+        with pytest.raises(NonFiniteLossError, match=r"at step 3 .*1 earlier step\(s\) were skipped"):
+            _fit(tiny_base, subject_dirs, tmp_path, 3, NaNPixels([2, 3]), **{"faults.max_nonfinite_skips": 1})
     ckpt = _last(tmp_path)
-    assert ckpt["global_step"] == 3 and _all_finite(ckpt["state_dict"])  # step 2 skipped, 3 trained
+    assert ckpt["global_step"] == 2 and _all_finite(ckpt["state_dict"])  # step 2's update was skipped
 
 
 def test_skip_mode_finishes_and_exports_finite_weights(tiny_base, subject_dirs, tmp_path):
     with pytest.warns(UserWarning, match="step 2: non-finite"):
-        _fit(tiny_base, subject_dirs, tmp_path, 3, NaNPixels([2]), **{"faults.max_nonfinite_skips": 2})
+        _fit(tiny_base, subject_dirs, tmp_path, 2, NaNPixels([2]), **{"faults.max_nonfinite_skips": 2})
     (lora,) = tmp_path.glob("lightning_logs/*/pytorch_lora_weights.safetensors")
-    assert _all_finite(load_file(lora)) and _last(tmp_path)["global_step"] == 3
+    assert _all_finite(load_file(lora)) and _last(tmp_path)["global_step"] == 2
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_saves_resumable_checkpoint_and_exits(tiny_base, subject_dirs, tmp_path, signum):
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(StoppedBySignal) as stop:  # checkpoints only every 100 steps: the signal writes this one
-        _fit(tiny_base, subject_dirs, tmp_path, 5, SendSignal(2, signum), **{"checkpoint.every_n_train_steps": 100})
+        _fit(tiny_base, subject_dirs, tmp_path, 3, SendSignal(1, signum), **{"checkpoint.every_n_train_steps": 100})
     assert stop.value.code == 128 + signum
     ckpt = _last(tmp_path)
-    assert ckpt["global_step"] == 2 and ckpt["loops"] and ckpt["optimizer_states"]  # a full, resumable state
+    assert ckpt["global_step"] == 1 and ckpt["loops"] and ckpt["optimizer_states"]  # a full, resumable state
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C behaves normally again after the run
 
 

@@ -16,7 +16,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 TERMS = ("loss", "loss_instance", "loss_prior")  # what DreamBoothLoRA.training_step returns
 
@@ -63,7 +62,7 @@ class FaultTolerance(L.Callback):
         self._loss: Optional[torch.Tensor] = None
         self._skip_record = False  # this step's update was skipped: its NaN must not stop the run
         self._signal: Optional[int] = None
-        self._old_sigint = None
+        self._old_handlers: dict = {}
 
     # ---- non-finite loss -----------------------------------------------------------------------------------
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -97,8 +96,9 @@ class FaultTolerance(L.Callback):
         if isinstance(outputs, dict) and not self._skip_record:
             self._record(outputs, trainer.global_step)
         self._skip_record = False
-        step = trainer.global_step
-        if step % self.check_every_n_steps == 0:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # mid-accumulation: a checkpoint here would lose the accumulated gradients
+        if trainer.global_step % self.check_every_n_steps == 0:
             self.check(trainer)
         if self.save_on_signal:
             self._stop_if_signalled(trainer)
@@ -147,21 +147,23 @@ class FaultTolerance(L.Callback):
 
     # ---- stop signals --------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
+        # Our handlers replace Lightning's SIGTERM one (restored at the end): Lightning would stop mid-accumulation
         if self.save_on_signal and threading.current_thread() is threading.main_thread():
-            self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            self._old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self._signal is not None:  # second Ctrl-C: the user wants out now
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None and signum == signal.SIGINT:  # second Ctrl-C: the user wants out now
             self._restore()
             raise KeyboardInterrupt
         self._signal = signum
-        print("\nCtrl-C: finishing this step, saving a resumable checkpoint (Ctrl-C again to abort now) ...",
-              file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a resumable checkpoint "
+              "(Ctrl-C again to abort now) ...", file=sys.stderr)
 
     def _restore(self) -> None:
-        if self._old_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._old_sigint)
-            self._old_sigint = None
+        if self._old_handlers and threading.current_thread() is threading.main_thread():
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+            self._old_handlers = {}
 
     def _stop_if_signalled(self, trainer: L.Trainer) -> None:
         signum = self._signal or (signal.SIGTERM if trainer.received_sigterm else None)
@@ -185,12 +187,6 @@ class FaultTolerance(L.Callback):
         raise StoppedBySignal(128 + signum)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """SIGTERM that Lightning noticed after our batch-end check: the step is complete, so save it here."""
-        if isinstance(exception, SIGTERMException) and self.save_on_signal:
-            try:
-                self._save_and_exit(trainer, signal.SIGTERM)
-            except StoppedBySignal:
-                pass  # Lightning re-raises its own SIGTERMException after the callbacks
         self._restore()
 
     def on_train_end(self, trainer, pl_module) -> None:
