@@ -1,4 +1,4 @@
-"""Embedders: the input convention at the boundary, each model's own preprocessing, local weight files, offline errors."""
+"""Embedders: the input convention at the boundary, each model's own preprocessing, local weights, offline errors."""
 from __future__ import annotations
 
 import numpy as np

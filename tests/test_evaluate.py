@@ -20,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_evaluate_scores_the_generated_images(tmp_path, random_embedders):
     gen, bare, real = tmp_path / "gen", tmp_path / "bare", tmp_path / "real"
     files = write_images(gen, 4, seed=1)
-    write_json(gen / "manifest.json", {"images": [{"file": f.name, "prompt": p, "seed": i} for i, (f, p) in
-                                                  enumerate(zip(files, ["a sks dog"] * 2 + ["a sks dog in snow"] * 2))]})
+    prompts = ["a sks dog"] * 2 + ["a sks dog in snow"] * 2
+    write_json(gen / "manifest.json",
+               {"images": [{"file": f.name, "prompt": p, "seed": i} for i, (f, p) in enumerate(zip(files, prompts))]})
     write_images(bare, 4, seed=2)
     (tmp_path / "prompts.txt").write_text("a sks dog\na sks dog in snow\n")
     write_images(real, 3, seed=3)
@@ -97,4 +98,5 @@ def test_evaluate_suite_resumes_and_compare_runs_tabulates(tiny_base, lora_run, 
     main(["compare-runs", str(out), str(other), "--out", str(tmp_path / "cmp")])
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
     assert table[0] == "| scheduler | steps | prior | clip_i | clip_t | dino |"
-    assert table[2].startswith("| ddim | 2 | True | ") and table[3].startswith(f"| euler | 2 | True | {first['clip_i']:.4f}")
+    assert table[2].startswith("| ddim | 2 | True | ")
+    assert table[3].startswith(f"| euler | 2 | True | {first['clip_i']:.4f}")

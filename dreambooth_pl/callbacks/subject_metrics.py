@@ -1,4 +1,4 @@
-"""Subject fidelity during fit: score validation samples against the instance photos, log val/clip_i, val/clip_t, val/dino.
+"""Subject fidelity during fit: score validation samples against the instance photos; log val/clip_i, clip_t, dino.
 
 The samples are the :class:`~dreambooth_pl.callbacks.sample_grid.SampleGrid` callback's (same prompts, seeds and
 sampler) when one is configured, else this callback's own fixed prompts drawn the same way. Scoring runs on global

@@ -122,9 +122,9 @@ class DINOEmbedder(_Embedder):
 
 
 def _fail(arch: str, weights: str, how: str, err: Exception) -> EmbedderWeightsError:
-    return EmbedderWeightsError(
-        f"could not load {arch} weights {weights!r} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}). "
-        f"Offline machines need a local copy: {how}")
+    reason = str(err).splitlines()[0][:200] if str(err) else ""
+    return EmbedderWeightsError(f"could not load {arch} weights {weights!r} ({type(err).__name__}: {reason}). "
+                                f"Offline machines need a local copy: {how}")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""``evaluate``, ``evaluate-suite``, ``compare-runs``: DreamBooth subject metrics (Ruiz et al. 2023, sec. 4.1) as JSON + Markdown.
+"""``evaluate``, ``evaluate-suite``, ``compare-runs``: DreamBooth subject metrics (Ruiz et al. 2023) as JSON + Markdown.
 
 Every score is computed on generated images loaded back from their PNGs (the images the table is about), against
 the subject's real photos; the "real images" row compares the real photos with each other, leaving out the pairs of
@@ -254,7 +254,7 @@ def _run_prior(lora: str) -> Optional[bool]:
 
 
 def compare_runs(evals: list[str], out: Optional[str] = None) -> str:
-    """The original project's comparison table, scheduler x steps x prior -> CLIP-I, CLIP-T, DINO, from evaluate-suite outputs.
+    """The original project's table (scheduler x steps x prior -> CLIP-I, CLIP-T, DINO) of evaluate-suite runs.
 
     Args:
         evals: ``out`` folders of evaluate-suite runs (each holds results.json).
