@@ -72,3 +72,17 @@ def test_safetensors_loaded_and_damaged_ones_named(tmp_path):
         check_safetensors(tmp_path / "text.safetensors")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         check_safetensors(tmp_path / "missing.safetensors")
+
+
+def test_fit_resumes_only_with_weights_only(tiny_base, subject_dirs, tmp_path):
+    """``fit --ckpt_path`` loads with weights_only=True: a hostile .ckpt is refused before any of it runs."""
+    from conftest import fit_args
+
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "global_step": 1, "x": Payload(marker)}, tmp_path / "hostile.ckpt")
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path / "logs"), ckpt_path=tmp_path / "hostile.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        DreamBoothCLI(args=args)
+    assert not marker.exists()
