@@ -1,4 +1,5 @@
 """DreamBoothCLI: bad input fails before any model loads, the shipped configs parse, ``--ckpt_path last`` resumes."""
+import re
 from pathlib import Path
 
 import lightning as L
@@ -37,8 +38,9 @@ def test_unknown_key_on_the_command_line(subject_dirs, tmp_path, capsys, no_mode
 def test_unknown_key_in_a_config_file(subject_dirs, tmp_path, capsys, no_model_load):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"base_model": "unused", "prior_los_weight": 1.0}}))
-    msg = _fails(fit_args("unused", *subject_dirs, str(tmp_path))[:1] + ["--config", str(cfg)]
-                 + fit_args("unused", *subject_dirs, str(tmp_path))[1:], capsys)
+    args = fit_args("unused", *subject_dirs, str(tmp_path))
+    args[1:1] = ["--config", str(cfg)]  # right after the subcommand, as a user would type it
+    msg = _fails(args, capsys)
     assert "prior_los_weight" in msg
 
 
@@ -51,20 +53,26 @@ def test_bad_values_fail_before_the_model_loads(subject_dirs, tmp_path, capsys, 
     assert message in _fails(fit_args("unused", *subject_dirs, str(tmp_path), **override), capsys)
 
 
-def test_corrupt_image_is_named_before_the_model_loads(subject_dirs, tiny_base, tmp_path, no_model_load):
+def _break(case: str, inst: Path, cls: Path, tmp_path: Path) -> tuple[list[str], str]:
+    """Make one kind of bad data; return (instance dir, class dir) arguments and the expected message."""
+    if case == "corrupt image":
+        (inst / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        return [str(inst), str(cls)], re.escape(str(inst / "broken.jpg"))
+    if case == "missing instance dir":
+        return [str(tmp_path / "nowhere"), str(cls)], "instance dir .*nowhere' does not exist"
+    if case == "empty instance dir":
+        (tmp_path / "empty").mkdir()
+        return [str(tmp_path / "empty"), str(cls)], "instance dir .*empty' holds no images"
+    return [str(inst), str(tmp_path / "no_priors")], "has 0 image.*python -m dreambooth_pl generate-class-images"
+
+
+@pytest.mark.parametrize("case", ["corrupt image", "missing instance dir", "empty instance dir", "too few priors"])
+def test_bad_data_is_reported_before_the_model_loads(case, subject_dirs, tiny_base, tmp_path, no_model_load):
     from dreambooth_pl.data.images import ImageIntakeError
 
-    bad = Path(subject_dirs[0]) / "broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(ImageIntakeError, match=str(bad)):
-        DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path)))
-
-
-def test_missing_class_images_fail_before_the_model_loads(subject_dirs, tiny_base, tmp_path, no_model_load):
-    from dreambooth_pl.data.images import ImageIntakeError
-
-    with pytest.raises(ImageIntakeError, match="generate-class-images"):
-        DreamBoothCLI(args=fit_args(tiny_base, subject_dirs[0], str(tmp_path / "none"), str(tmp_path)))
+    dirs, message = _break(case, Path(subject_dirs[0]), Path(subject_dirs[1]), tmp_path)
+    with pytest.raises(ImageIntakeError, match=message):
+        DreamBoothCLI(args=fit_args(tiny_base, *dirs, str(tmp_path / "logs")))
 
 
 def test_ckpt_path_last_without_a_checkpoint_says_what_to_do(subject_dirs, tiny_base, tmp_path, no_model_load):
@@ -128,18 +136,14 @@ def test_resume_continues_at_the_same_step_optimizer_state_and_lr(subject_dirs, 
         torch.testing.assert_close(resumed[k], full[k], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.slow
-def test_offline_hub_id_from_the_shell_is_one_message_not_a_traceback(subject_dirs, tmp_path):
-    import os
-    import subprocess
-    import sys
+def test_offline_hub_id_from_the_shell_is_one_message_not_a_traceback(subject_dirs, tmp_path, monkeypatch):
+    from dreambooth_pl.__main__ import _shell
 
-    hub_id = "stabilityai/stable-diffusion-xl-base-1.0"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
-    args = fit_args(hub_id, subject_dirs[0], None, str(tmp_path))
-    done = subprocess.run([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode != 0
-    assert "Traceback" not in done.stderr
-    assert f"base model {hub_id!r}" in done.stderr and "unreachable" in done.stderr
-    assert "model.base_model" in done.stderr
+    hub_id = "dreambooth-pl-tests/no-such-sdxl"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("sys.argv", ["dreambooth_pl", *fit_args(hub_id, subject_dirs[0], None, str(tmp_path))])
+    with pytest.raises(SystemExit) as done:
+        _shell()
+    msg = done.value.code  # a str code: Python prints it alone on stderr and exits 1, no traceback
+    assert isinstance(msg, str) and done.value.__suppress_context__
+    assert f"base model {hub_id!r}" in msg and "unreachable" in msg and "model.base_model" in msg
