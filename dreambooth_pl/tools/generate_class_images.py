@@ -98,7 +98,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
     from tqdm.auto import tqdm
 
     from ..sampling import check_size, generate, load_pipeline
-    from .sample import ensure_writable, write_json, write_png
+    from .sample import ensure_writable, runtime, write_json, write_png
 
     args = dict(base=base, prompt=prompt, out=out, num=num, vae=vae, resolution=resolution)
     if fit_config:
@@ -123,7 +123,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
         return f"{folder}: {num} class image(s) present, nothing to do"
     pipe = load_pipeline(args["base"], (), scheduler, dtype, device, args["vae"])
     settings = dict(base=args["base"], vae=args["vae"], loras=[], scheduler=scheduler, steps=steps,
-                    guidance=guidance, negative_prompt=negative_prompt, dtype=dtype)
+                    guidance=guidance, negative_prompt=negative_prompt, **runtime(pipe))
     with tqdm(total=len(todo), desc=f"class images -> {folder}", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]

@@ -53,6 +53,18 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
 
 
+def runtime(pipe) -> dict:
+    """What ran, beside the settings: the effective dtype (CPU runs fp16 requests in fp32), device and versions."""
+    import diffusers
+    import torch
+
+    from ..sampling import DTYPES
+
+    names = {v: k for k, v in DTYPES.items()}
+    return {"dtype": names[pipe.unet.dtype], "device": pipe.device.type,
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}}
+
+
 def a1111_parameters(meta: dict) -> str:
     """The ``parameters`` text other tools (A1111, ComfyUI readers) show: prompt, negative, then key: value."""
     neg = f"\nNegative prompt: {meta['negative_prompt']}" if meta.get("negative_prompt") else ""
@@ -174,7 +186,8 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         vae: separate VAE folder (e.g. the fp16-fix VAE).
         vae_tiling: decode in tiles (sizes above 1024 on small GPUs).
         vae_slicing: decode one image of a batch at a time (keeps batched 1024² decodes within 16 GB).
-        from_png: regenerate the image a PNG of this tool records (its settings replace the ones above).
+        from_png: regenerate the image a PNG of this tool records (its settings replace the ones above;
+            pixels match on the same device type, batch size and library versions).
         list_suites: print the prompt suites and exit (also: ``python -m dreambooth_pl list-suites``).
     """
     from ..sampling import SamplingError, check_size, generate, load_pipeline
@@ -209,6 +222,7 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
                          settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing)
     images = generate(pipe, prompts, seed_list, settings["steps"], settings["guidance"],
                       settings["negative_prompt"], settings["height"], settings["width"], batch_size)
+    settings.update(runtime(pipe))
     records = []
     for k, (img, p, s) in enumerate(zip(images, prompts, seed_list)):
         meta = dict(settings, prompt=p, seed=int(s), height=img.height, width=img.width)
