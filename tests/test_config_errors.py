@@ -40,11 +40,13 @@ def test_fp16_vae_refused_at_parse_time(tmp_path, capsys):
     assert "vae_dtype" in err and "float32" in err and "bfloat16" in err
 
 
-@pytest.mark.parametrize("key", ["checkpoint.dirpath", "export.dirpath", "trainer.logger.init_args.save_dir"])
-def test_unwritable_output_dir_fails_at_start(tmp_path, key):
+def test_unwritable_output_dirs_fail_at_start_all_listed(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(SystemExit, match=rf"output folder\(s\) cannot be written.*\n  {key} = .*a_file/out"):
-        _cli(tmp_path, f"--{key}", str(tmp_path / "a_file" / "out"))
+    keys = ["checkpoint.dirpath", "export.dirpath", "trainer.logger.init_args.save_dir"]
+    with pytest.raises(SystemExit, match=r"output folder\(s\) cannot be written") as err:
+        _cli(tmp_path, *[a for k in keys for a in (f"--{k}", str(tmp_path / "a_file" / k))])
+    for key in keys:
+        assert f"\n  {key} = {tmp_path / 'a_file' / key}: " in str(err.value), key
 
 
 def test_missing_resume_checkpoint(tmp_path):
