@@ -66,3 +66,20 @@ def test_no_prior_run_trains_on_instances_alone(subject_dirs, tiny_base, tmp_pat
     logged = cli.trainer.logged_metrics
     assert logged["train/loss_prior"].item() == 0.0
     assert logged["train/loss"].item() == logged["train/loss_instance"].item() > 0
+
+
+@pytest.mark.gpu
+def test_t4_recipe_on_gpu_16_mixed_adamw8bit_checkpointing(subject_dirs, tiny_base, tmp_path):
+    """The SDXL config's training switches on a CUDA GPU: fp16 base, fp32 VAE and adapters, 8-bit AdamW."""
+    import bitsandbytes as bnb
+
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=2, **{
+        "trainer.accelerator": "gpu", "trainer.precision": "16-mixed", "model.optimizer": "adamw8bit",
+        "model.gradient_checkpointing": "true", "data.resolution": "64"})
+    cli = DreamBoothCLI(args=args)
+    m = cli.model
+    assert isinstance(cli.trainer.optimizers[0], bnb.optim.AdamW8bit)
+    assert m.unet.dtype == torch.float16 and m.vae.dtype == torch.float32
+    assert {p.dtype for p in m.trainable_parameters().values()} == {torch.float32}
+    logged = cli.trainer.logged_metrics
+    assert all(torch.isfinite(logged[k]) for k in ("train/loss", "train/loss_instance", "train/loss_prior"))
