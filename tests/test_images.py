@@ -41,6 +41,7 @@ def test_modes_convert_to_rgb(tmp_path):
     assert load_rgb(tmp_path / "rgba.png").getpixel((0, 0)) == (255, 255, 255)
     assert abs(load_rgb(tmp_path / "grey16.png").getpixel((0, 0))[0] - 127) <= 1  # top 8 bits, not clipped to 255
     assert "converted CMYK to RGB" in inspect_image(tmp_path / "cmyk.jpg").notes[0]
+    assert inspect_image(tmp_path / "rgba.png").notes == ["converted RGBA to RGB with transparency composited on white"]
 
 
 def test_exif_orientation_applied(tmp_path):

@@ -122,6 +122,7 @@ def inspect_image(path: str | Path, resolution: int | None = None) -> ImageRepor
                 img.load()
                 orientation = img.getexif().get(0x0112, 1)
                 mode = img.mode
+                alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info)
                 rep.size = ImageOps.exif_transpose(img).size
     except Image.DecompressionBombError as e:  # Pillow refuses in open() before we see the size: it names the count
         if size == "its size":
@@ -138,8 +139,7 @@ def inspect_image(path: str | Path, resolution: int | None = None) -> ImageRepor
     if orientation not in (1, None):
         rep.notes.append(f"rotated upright (EXIF orientation {orientation})")
     if mode not in ("RGB", "L"):
-        alpha = " with transparency composited on white" if mode in ("RGBA", "LA", "PA", "P") else ""
-        rep.notes.append(f"converted {mode} to RGB{alpha}")
+        rep.notes.append(f"converted {mode} to RGB" + (" with transparency composited on white" if alpha else ""))
     if resolution:
         short = min(rep.size)
         floor = resolution / MAX_UPSCALE
