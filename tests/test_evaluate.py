@@ -93,6 +93,9 @@ def test_evaluate_suite_resumes_and_compare_runs_tabulates(tiny_base, lora_run, 
         _suite(tiny_base, lora_run, other, scheduler="ddim")
     shutil.rmtree(other)
     _suite(tiny_base, lora_run, other, scheduler="ddim", pres_images=0)
+    again = evaluate([str(out / "samples")], str(SAMPLE), str(tmp_path / "again"), token="sks", clip_weights=None,
+                     dino_weights=None, device="cpu")  # prompts read back from the PNGs' recorded settings
+    assert f"| {first['dino']:.4f} | {first['clip_i']:.4f} | {first['clip_t']:.4f} |" in again
     from dreambooth_pl.__main__ import main
 
     main(["compare-runs", str(out), str(other), "--out", str(tmp_path / "cmp")])

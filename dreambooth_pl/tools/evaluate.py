@@ -101,7 +101,8 @@ def _write_results(out: Path, results: dict, title: str) -> None:
 
 
 def _load_generated(folder: str, prompts_file: Optional[str]) -> tuple[list, list[str]]:
-    """Images of ``folder`` with their prompts: from ``manifest.json`` (the sample verb's), else a prompts file."""
+    """Images of ``folder`` with their prompts: from ``manifest.json`` (the sample verb's), else from each PNG's
+    recorded settings (sample / evaluate-suite PNGs), else from a prompts file."""
     from ..data.images import list_images, load_rgb
     from ..prompts import read_prompt_file
 
@@ -112,6 +113,11 @@ def _load_generated(folder: str, prompts_file: Optional[str]) -> tuple[list, lis
         return [load_rgb(path / r["file"]) for r in records], [r["prompt"] for r in records]
     files = [f for f in list_images(path, "generated") if f.name != "contact_sheet.png"]
     if not prompts_file:
+        try:
+            recorded = [read_png_metadata(f)["prompt"] for f in files]
+            return [load_rgb(f) for f in files], recorded
+        except (ValueError, KeyError, OSError):  # not PNGs of this project: the prompts must come from a file
+            pass
         raise EvaluationError(f"generated dir {folder!r} has no manifest.json: pass --prompts FILE (one prompt per "
                               "line, in file-name order, or one per group of images_per_prompt files).")
     prompts = read_prompt_file(prompts_file)
@@ -128,7 +134,8 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
     """Score folders of generated images against the subject's real photos; writes results.json and results.md.
 
     Args:
-        generated: folders of generated images, each with the sample verb's manifest.json or used with ``prompts``.
+        generated: folders of generated images: the sample verb's (manifest.json), evaluate-suite's ``samples``
+            (prompts recorded in the PNGs), or any images with ``prompts``.
         real: folder of the subject's real photos.
         out: output folder.
         prompts: text file of prompts (one per line) for folders without a manifest.
