@@ -8,6 +8,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from . import lora as lora_lib
+from . import perf
+from .data.cache import build_cache, check_cache_mode
 from .loss import DreamBoothLoss
 from .noise import NoiseSchedule
 from .sdxl import add_time_ids, encode_prompts, load_parts, tokenize
@@ -41,6 +43,16 @@ class DreamBoothLoRA(L.LightningModule):
         seed: seed of per-step noise and timesteps (linked from ``seed_everything``).
         random_base: build a random-weight base of this preset at ``base_model`` if that folder does not exist
             (smoke runs, tests and benchmarks on machines without the real weights).
+        cache: pre-encode inputs before the first step and free their encoders from the GPU: ``latents`` (VAE
+            latents of every image, plain and mirrored; frees the VAE) or ``all`` (also the prompts' text
+            embeddings; frees both text encoders; refused with ``train_text_encoder``). See data/cache.py.
+        checkpoint_every: with ``gradient_checkpointing``, 1 recomputes every block (diffusers' own), k > 1 only
+            every k-th transformer/resnet block (between the two in memory and speed).
+        compile_blocks: ``torch.compile`` each repeated block (regional compilation; see perf.py).
+        compile_regions: class names of the blocks ``compile_blocks`` compiles.
+        compile_mode: ``torch.compile`` mode (None: default; ``reduce-overhead`` adds CUDA graphs).
+        channels_last: NHWC memory format for the UNet's convolutions.
+        attention: scaled-dot-product attention kernel (``auto`` lets PyTorch choose).
     """
 
     def __init__(self, base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
@@ -52,7 +64,11 @@ class DreamBoothLoRA(L.LightningModule):
                  optimizer: Literal["adamw", "adamw8bit"] = "adamw", weight_decay: float = 1e-4,
                  lr_scheduler: str = "constant", lr_warmup_steps: int = 0, gradient_checkpointing: bool = False,
                  vae_dtype: Literal["float32", "bfloat16"] = "float32", seed: int = 0,
-                 random_base: Optional[Literal["tiny", "sdxl"]] = None):
+                 random_base: Optional[Literal["tiny", "sdxl"]] = None,
+                 cache: Literal["off", "latents", "all"] = "off", checkpoint_every: int = 1,
+                 compile_blocks: bool = False, compile_regions: list[str] = list(perf.BLOCKS),
+                 compile_mode: Optional[str] = None, channels_last: bool = False,
+                 attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"):
         super().__init__()
         self.save_hyperparameters()
         if lora_rank <= 0:
@@ -64,10 +80,13 @@ class DreamBoothLoRA(L.LightningModule):
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"model.snr_gamma must be > 0 or null, got {snr_gamma}")
         self.loss_fn = DreamBoothLoss(prior_loss_weight)  # validates the weight before any model loads
+        check_cache_mode(cache, train_text_encoder)
+        if checkpoint_every < 1:
+            raise ValueError(f"model.checkpoint_every must be >= 1, got {checkpoint_every} (turn checkpointing "
+                             "off with model.gradient_checkpointing: false)")
         self.unet = None
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
-        self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
 
     # ---- model set-up --------------------------------------------------------------------------------------
     def weight_dtype(self) -> torch.dtype:
@@ -109,10 +128,30 @@ class DreamBoothLoRA(L.LightningModule):
             lora_lib.add_lora(self.text_encoder, te_cfg)
             lora_lib.add_lora(self.text_encoder_2, te_cfg)
         if hp.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
+            perf.set_checkpointing(self.unet, hp.checkpoint_every)
             if hp.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
                 self.text_encoder_2.gradient_checkpointing_enable()
+        self.configure_speed()
+
+    def configure_speed(self) -> None:
+        """Apply the perf switches (after the adapters exist, so compiled blocks include them)."""
+        hp = self.hparams
+        if self.weight_dtype() != torch.float32:  # autocast runs the adapters' matmuls in half precision
+            for m in (self.unet, self.text_encoder, self.text_encoder_2):
+                perf.keep_lora_inputs_half(m)
+        if hp.channels_last:
+            perf.to_channels_last(self.unet)
+        if hp.compile_blocks:
+            for m in (self.unet, self.text_encoder, self.text_encoder_2) if hp.train_text_encoder else (self.unet,):
+                perf.compile_blocks(m, hp.compile_regions, mode=hp.compile_mode)
+
+    def on_fit_start(self) -> None:
+        """With ``cache``: encode the data module's images (and prompts) now, then free those encoders."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.hparams.cache == "off" or dm is None or getattr(dm, "cache", None) is not None:
+            return
+        dm.cache = build_cache(self, dm.instance, dm.prior, dm.hparams.resolution, self.hparams.cache)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""
@@ -159,24 +198,34 @@ class DreamBoothLoRA(L.LightningModule):
     def forward_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss terms of one batch (see :class:`DreamBoothLoss`)."""
         gen = self.step_generator()
-        latents = self.encode_images(batch["pixel_values"], gen)
+        if "latent_mean" in batch:  # cached latent distribution (data/cache.py): sample it, as the VAE would
+            eps = torch.randn(batch["latent_mean"].shape, generator=gen, device=self.device)
+            latents = (batch["latent_mean"] + batch["latent_std"] * eps) * self.vae.config.scaling_factor
+        else:
+            latents = self.encode_images(batch["pixel_values"], gen)
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
         if self.hparams.noise_offset:  # offset noise (Guttenberg 2023): per-channel constant shift
             noise = noise + self.hparams.noise_offset * torch.randn(
                 (*latents.shape[:2], 1, 1), generator=gen, device=self.device)
         t = self.noise.sample_timesteps(latents.shape[0], gen)
         noisy = self.noise.add_noise(latents, noise, t)
-        prompt_embeds, pooled = self.encode_text(batch["prompt"])
-        size = torch.tensor(batch["pixel_values"].shape[-2:], device=self.device).expand(latents.shape[0], 2)
+        if "prompt_embeds" in batch:
+            prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        else:
+            prompt_embeds, pooled = self.encode_text(batch["prompt"])
+        size = torch.tensor([s * 8 for s in latents.shape[-2:]], device=self.device).expand(latents.shape[0], 2)
         time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"], size).to(self.device)
-        pred = self.unet(noisy, t, encoder_hidden_states=prompt_embeds,
-                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        if self.hparams.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        with perf.attention_context(self.hparams.attention):
+            pred = self.unet(noisy, t, encoder_hidden_states=prompt_embeds,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         weights = self.noise.min_snr_weights(t, self.hparams.snr_gamma) if self.hparams.snr_gamma else None
         return self.loss_fn(pred, self.noise.target(latents, noise, t), batch["is_prior"], weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         terms = self.forward_loss(batch)
-        n = batch["pixel_values"].shape[0]
+        n = len(batch["prompt"])
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=n)
         self.log("train/loss_instance", terms["loss_instance"], batch_size=n)
         self.log("train/loss_prior", terms["loss_prior"], batch_size=n)

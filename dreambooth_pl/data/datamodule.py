@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from .cache import CachedStream
 from .datasets import ImageSet, PairedStream
 from ..tools.generate_class_images import ClassImageSettings
 from .images import ImageIntakeError, check_images, list_images
@@ -66,6 +67,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_class_images must be >= 1 with prior preservation, got {num_class_images}")
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
+        self.cache = None  # an InputCache the module fills in on_fit_start when model.cache is on
 
     def setup(self, stage: str | None = None) -> None:
         """Find and decode every image now, so bad input fails before the models load."""
@@ -127,10 +129,13 @@ class DreamBoothDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         trainer = self.trainer
-        stream = PairedStream(self.instance, self.prior, hp.resolution, hp.batch_size, hp.center_crop,
-                              hp.random_flip, hp.seed, start_batch=self._consumed_batches(),
-                              rank=trainer.global_rank if trainer else 0,
-                              world_size=trainer.world_size if trainer else 1)
+        place = dict(start_batch=self._consumed_batches(), rank=trainer.global_rank if trainer else 0,
+                     world_size=trainer.world_size if trainer else 1)
+        if self.cache is not None:  # pre-encoded inputs (model.cache, data/cache.py): same order, no decoding
+            stream = CachedStream(self.cache, hp.batch_size, hp.random_flip, hp.seed, **place)
+        else:
+            stream = PairedStream(self.instance, self.prior, hp.resolution, hp.batch_size, hp.center_crop,
+                                  hp.random_flip, hp.seed, **place)
         return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=hp.num_workers > 0,
                           prefetch_factor=2 if hp.num_workers > 0 else None)

@@ -1,0 +1,161 @@
+"""Pre-encoded training inputs: VAE latent distributions of every image (plain and mirrored) and, optionally,
+the prompts' text embeddings, so the VAE (and the text encoders) leave the GPU before the first step.
+
+This is the ``--cache_latents`` of diffusers' ``train_dreambooth_lora_sdxl.py``: the latent *distribution*
+(mean, std) is stored and a latent is sampled from it every step, so training still sees the VAE's noise.
+Crops are centred (a cache cannot hold every random crop); flips keep their per-example probability.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..sdxl import encode_prompts, tokenize
+from .datasets import ImageSet, PairedStream, _mix
+from .images import load_rgb
+from .transforms import prepare_image
+
+CacheMode = Literal["off", "latents", "all"]
+
+
+class CacheError(ValueError):
+    """A cache setting that cannot work; the message says why and what to change."""
+
+
+def check_cache_mode(mode: str, train_text_encoder: bool) -> None:
+    """Refuse text-embedding caching together with text-encoder LoRA.
+
+    Args:
+        mode: ``off``, ``latents`` (VAE latents only) or ``all`` (latents and text embeddings).
+        train_text_encoder: whether the text encoders carry trainable adapters.
+    """
+    if mode not in ("off", "latents", "all"):
+        raise CacheError(f"model.cache must be off, latents or all, got {mode!r}")
+    if mode == "all" and train_text_encoder:
+        raise CacheError("model.cache=all pre-computes the text embeddings once and frees the text encoders, but "
+                         "model.train_text_encoder=true trains LoRA on those encoders, so their embeddings change "
+                         "every step. Use model.cache=latents (caches only the VAE latents and frees the VAE) or "
+                         "set model.train_text_encoder=false.")
+
+
+@dataclass
+class EncodedSet:
+    """Latent moments of one image set: ``mean``/``std`` ``[N, 2, 4, h, w]`` (index 1 = mirrored image)."""
+
+    images: ImageSet
+    mean: torch.Tensor
+    std: torch.Tensor
+    original_size: torch.Tensor  # [N, 2]
+    crop_top_left: torch.Tensor  # [N, 2, 2] (plain, mirrored)
+
+
+@dataclass
+class InputCache:
+    """Everything a training step reads instead of pixels (and prompts, when ``text`` is filled)."""
+
+    instance: EncodedSet
+    prior: EncodedSet | None
+    text: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def encode_set(vae: torch.nn.Module, images: ImageSet, resolution: int) -> EncodedSet:
+    """Encode every image of ``images`` centre-cropped at ``resolution``, plain and mirrored, one image at a time
+    (the VAE's fp32 activations at 1024² are gigabytes per image)."""
+    gen = torch.Generator()
+    means, stds, sizes, crops = [], [], [], []
+    device = next(vae.parameters()).device
+    for path in images.paths:
+        img = load_rgb(path)
+        ex = [prepare_image(img, resolution, True, flip, gen) for flip in (False, True)]
+        dists = []
+        for e in ex:
+            with torch.autocast(device.type, enabled=False):
+                dists.append(vae.encode(e["pixel_values"][None].to(device, vae.dtype)).latent_dist)
+        means.append(torch.cat([d.mean.float().cpu() for d in dists]))
+        stds.append(torch.cat([d.std.float().cpu() for d in dists]))
+        sizes.append(ex[0]["original_size"])
+        crops.append([e["crop_top_left"] for e in ex])
+    return EncodedSet(images, torch.stack(means), torch.stack(stds), torch.tensor(sizes), torch.tensor(crops))
+
+
+@torch.no_grad()
+def encode_texts(text_encoders, tokenizers, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``prompt -> (prompt_embeds [77, d], pooled [d2])`` on the CPU, one forward per distinct prompt."""
+    prompts = list(dict.fromkeys(prompts))
+    emb, pooled = encode_prompts(text_encoders, [tokenize(t, prompts) for t in tokenizers])
+    return {p: (emb[i].cpu(), pooled[i].cpu()) for i, p in enumerate(prompts)}
+
+
+def build_cache(module, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
+                offload: bool = True) -> InputCache:
+    """Encode the data module's image sets with ``module``'s VAE (and text encoders for ``mode="all"``), moving
+    each encoder to the CPU as soon as its part is done, so the VAE's large transient never meets them.
+
+    Args:
+        module: a configured ``DreamBoothLoRA`` (its encoders on the training device).
+        instance, prior: the data module's image sets.
+        resolution: training side in pixels.
+        mode: ``latents`` or ``all``.
+        offload: move the encoders that are no longer needed to the CPU.
+    """
+    text = {}
+    if mode == "all":
+        sets = [s for s in (instance, prior) if s]
+        prompts = [s.prompt_for(i) for s in sets for i in range(len(s.paths))]
+        text = encode_texts((module.text_encoder, module.text_encoder_2), module.tokenizers, prompts)
+        if offload:
+            _offload(module.text_encoder, module.text_encoder_2)
+    cache = InputCache(encode_set(module.vae, instance, resolution),
+                       encode_set(module.vae, prior, resolution) if prior else None, text)
+    if offload:
+        _offload(module.vae)
+    return cache
+
+
+def _offload(*modules: torch.nn.Module) -> None:
+    for m in modules:
+        m.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class CachedStream(PairedStream):
+    """:class:`PairedStream` over an :class:`InputCache`: the same pairing, order, sharding and flip draws,
+    yielding latent moments (and text embeddings) instead of pixels.
+
+    Args:
+        cache: the encoded image sets.
+        batch_size, flip_p, seed, start_batch, rank, world_size: as for :class:`PairedStream`.
+    """
+
+    def __init__(self, cache: InputCache, batch_size: int = 1, flip_p: float = 0.0, seed: int = 0,
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1):
+        super().__init__(cache.instance.images, cache.prior.images if cache.prior else None,
+                         cache.instance.mean.shape[-1] * 8, batch_size, True, flip_p, seed, start_batch, rank,
+                         world_size)
+        self.cache = cache
+
+    def _example(self, images: ImageSet, i: int, position: int, role: int) -> dict:
+        gen = torch.Generator().manual_seed(_mix(self.seed, position, role))
+        flip = int(torch.rand((), generator=gen) < self.flip_p)  # the draw PairedStream makes
+        enc = self.cache.prior if role else self.cache.instance
+        ex = {"latent_mean": enc.mean[i, flip], "latent_std": enc.std[i, flip],
+              "original_size": enc.original_size[i], "crop_top_left": enc.crop_top_left[i, flip],
+              "prompt": images.prompt_for(i), "is_prior": bool(role)}
+        if self.cache.text:
+            ex["prompt_embeds"], ex["pooled_prompt_embeds"] = self.cache.text[ex["prompt"]]
+        return ex
+
+    def batch(self, b: int) -> dict:
+        """Per-rank batch ``b``: instance examples first, then their prior partners (as PairedStream)."""
+        first = (b * self.world_size + self.rank) * self.batch_size
+        pairs = [(p, *self.pair_indices(p)) for p in range(first, first + self.batch_size)]
+        examples = [self._example(self.instance, i, p, 0) for p, i, _ in pairs]
+        examples += [self._example(self.prior, c, p, 1) for p, _, c in pairs if c is not None]
+        out = {k: torch.stack([e[k] for e in examples]) for k in examples[0] if isinstance(examples[0][k], torch.Tensor)}
+        out["prompt"] = [e["prompt"] for e in examples]
+        out["is_prior"] = torch.tensor([e["is_prior"] for e in examples])
+        return out

@@ -1,0 +1,227 @@
+"""``python -m dreambooth_pl benchmark --preset P``: steady-state speed and memory of the real training path
+(DreamBoothCLI -> DreamBoothLoRA + DreamBoothDataModule) on a random-weight full-size SDXL base, or of sampling.
+
+Speed and memory do not depend on weight values, so a random base (built once per machine) stands in for the
+real one. Results feed BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning as L
+import torch
+
+Preset = Literal["fast", "t4-16gb", "t4-16gb-te", "sample"]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "perf"
+SAMPLE_DOG = Path(__file__).resolve().parents[2] / "data" / "sample" / "dog"
+GIB = 2**30
+
+
+class StepTimer(L.Callback):
+    """Times steady-state steps without adding host syncs inside them: one device sync when warm-up ends and
+    one at the end; counts one step's FLOPs with torch's FlopCounterMode (compiled blocks run eagerly then).
+
+    Args:
+        warmup: steps excluded from the timing (compilation, allocator growth, cuDNN autotuning).
+        flop_step: index of the step whose FLOPs are counted (inside the warm-up).
+        profile: write the top kernels of the last warm-up step (torch.profiler) to this file.
+    """
+
+    def __init__(self, warmup: int, flop_step: int = 0, profile: Optional[str] = None):
+        self.warmup, self.flop_step, self.profile = warmup, flop_step, profile
+        self._prof = None
+        self.warmup_s: list[float] = []
+        self.flops = 0
+        self.steps = 0
+        self.seconds = float("nan")
+        self.peak_overall = (0, 0)
+        self._stack: contextlib.ExitStack | None = None
+        self._t = 0.0
+
+    def _sync(self, device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self._t = self._sync(pl_module.device)
+        if batch_idx == self.flop_step:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._stack = contextlib.ExitStack()
+            self._stack.enter_context(torch.compiler.set_stance("force_eager"))
+            self._counter = self._stack.enter_context(FlopCounterMode(display=False))
+        if self.profile and batch_idx == self.warmup - 1:
+            import cProfile
+
+            self._prof = torch.profiler.profile(record_shapes=False)
+            self._prof.__enter__()
+            self._py = cProfile.Profile()
+            self._py.enable()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._stack is not None and batch_idx == self.flop_step:
+            self._stack.close()
+            self._stack = None
+            self.flops = self._counter.get_total_flops()
+        if self._prof is not None and batch_idx == self.warmup - 1:
+            self._sync(pl_module.device)
+            self._py.disable()
+            self._prof.__exit__(None, None, None)
+            import io
+            import pstats
+
+            text = io.StringIO()
+            pstats.Stats(self._py, stream=text).sort_stats("tottime").print_stats(30)
+            Path(self.profile + ".python.txt").write_text(text.getvalue())
+            sort = "self_cuda_time_total" if pl_module.device.type == "cuda" else "self_cpu_time_total"
+            Path(self.profile).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.profile).write_text(self._prof.key_averages().table(sort_by=sort, row_limit=40,
+                                                                          max_name_column_width=90))
+            self._prof = None
+        if batch_idx < self.warmup:  # warm-up steps are synced one by one: their times show compile cost
+            now = self._sync(pl_module.device)
+            self.warmup_s.append(now - self._t)
+            self._t = now
+            if batch_idx == self.warmup - 1 and pl_module.device.type == "cuda":
+                self.peak_overall = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+                torch.cuda.empty_cache()  # blocks cached by compilation/caching would hide the steady-state peak
+                torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.steps = trainer.global_step - self.warmup
+        self.seconds = (self._sync(pl_module.device) - self._t) / max(self.steps, 1)
+
+
+def prepare_inputs(work: Path, n_class: int = 4, seed: int = 0) -> tuple[str, str]:
+    """(instance dir with the sample dog photos, class dir with ``n_class`` random 1024² images)."""
+    import numpy as np
+    from PIL import Image
+
+    cls = work / "class"
+    cls.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n_class):
+        path = cls / f"{i:04d}.png"
+        if not path.exists():
+            Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(path)
+    return str(SAMPLE_DOG), str(cls)
+
+
+def build_base(base: str, preset: Literal["tiny", "sdxl"]) -> str:
+    """Build the random base once per machine (on the GPU when there is one: random init of 3.5B parameters on
+    the CPU takes minutes), stored in float16."""
+    from ..bases import make_base
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        return make_base(preset, base, dtype="float16" if preset == "sdxl" else "float32")
+
+
+def environment() -> dict:
+    """GPU name and library versions for the results table."""
+    import diffusers
+    import peft
+    import transformers
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "lightning": L.__version__,
+            "diffusers": diffusers.__version__, "peft": peft.__version__, "transformers": transformers.__version__}
+
+
+def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path, devices: int,
+                    overrides: list[str], profile: Optional[str] = None) -> dict:
+    """Run ``fit`` with ``configs/perf/<preset>.yaml`` for ``warmup + steps`` steps and time the last ``steps``."""
+    from ..cli import DreamBoothCLI
+
+    instance_dir, class_dir = prepare_inputs(work)
+    timer = StepTimer(warmup, profile=profile)
+    args = ["--config", str(CONFIGS / f"{preset}.yaml"), "--model.base_model", base,
+            "--data.instance_dir", instance_dir, "--data.class_dir", class_dir, "--data.num_class_images", "4",
+            f"--trainer.max_steps={warmup + steps}", f"--trainer.devices={devices}",
+            "--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.enable_progress_bar=false",
+            "--trainer.default_root_dir", str(work / "runs"), "--checkpoint.every_n_train_steps=0",
+            "--checkpoint.save_last=false", "--export.dirpath", str(work / "export"), *overrides]
+    cli = DreamBoothCLI(args=args, run=False, trainer_defaults={"callbacks": [timer]})
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    trainer, model = cli.trainer, cli.model
+    dm = trainer.datamodule.hparams
+    n_images = dm.batch_size * (2 if dm.with_prior_preservation else 1)
+    opt = trainer.optimizers[0]
+    opt_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor))
+    cuda = trainer.strategy.root_device.type == "cuda"
+    return {
+        "preset": preset, "overrides": " ".join(overrides), "devices": trainer.world_size, "steps": timer.steps,
+        "s_per_step": timer.seconds, "images_per_s": n_images * trainer.world_size / timer.seconds,
+        "tflop_per_step": timer.flops / 1e12, "tflops": timer.flops / 1e12 / timer.seconds,
+        "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else float("nan"),
+        "warmup_peak_reserved_gib": timer.peak_overall[1] / GIB,
+        "warmup_s": [round(s, 3) for s in timer.warmup_s], "optimizer_state_mib": opt_bytes / 2**20,
+        "trainable_params_m": sum(p.numel() for p in model.trainable_parameters().values()) / 1e6,
+        "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))), "rank": trainer.global_rank,
+    }
+
+
+def sample_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024) -> dict:
+    """Seconds per 1024² image at ``steps`` Euler steps in float16 through sampling.load_pipeline/generate."""
+    from ..sampling import generate, load_pipeline
+
+    pipe = load_pipeline(base, scheduler="euler", dtype="float16")
+    cuda = torch.cuda.is_available()
+    generate(pipe, ["a photo of sks dog"], [0], steps=steps, height=resolution, width=resolution)  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    generate(pipe, ["a photo of sks dog"] * images, list(range(images)), steps=steps, height=resolution,
+             width=resolution, batch_size=1)
+    if cuda:
+        torch.cuda.synchronize()
+    s = (time.perf_counter() - t) / images
+    return {"preset": "sample", "s_per_image": s, "steps": steps, "resolution": resolution,
+            "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else float("nan"), "rank": 0}
+
+
+def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: str = "data/_cache/sdxl-random",
+              base_preset: Literal["tiny", "sdxl"] = "sdxl", work: str = "data/_cache/bench", devices: int = 1,
+              overrides: Optional[list[str]] = None, out: Optional[str] = None,
+              profile: Optional[str] = None) -> Optional[str]:
+    """Measure s/step, images/s, peak memory and TFLOP/s of the real training path (or sampling s/image).
+
+    Args:
+        preset: ``fast``, ``t4-16gb``, ``t4-16gb-te`` (configs/perf/<preset>.yaml) or ``sample``.
+        steps: timed steady-state steps (images for ``sample``).
+        warmup: untimed first steps (compilation happens here; their times are reported).
+        base: random full-size base folder (built on first use, float16).
+        base_preset: ``sdxl`` (full size) or ``tiny`` (CPU tests of this command).
+        work: scratch folder for class images and run files.
+        devices: GPUs (DDP when > 1).
+        overrides: extra ``fit`` arguments, e.g. ``--model.optimizer=adamw``.
+        out: append the result as one JSON line to this file.
+        profile: write a torch.profiler table (top kernels) of the last warm-up step to this file.
+    """
+    base = build_base(base, base_preset)
+    if preset == "sample":
+        result = sample_benchmark(base, steps, resolution=1024 if base_preset == "sdxl" else 64)
+    else:
+        result = train_benchmark(preset, steps, warmup, base, Path(work), devices, list(overrides or []),
+                                 profile)
+    if result["rank"] != 0:
+        return None
+    result.update(environment(), date=time.strftime("%Y-%m-%d"))
+    line = json.dumps(result)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    return line

@@ -1,0 +1,23 @@
+"""tools/benchmark.py on the tiny base (CPU): the real fit path runs and the result carries every reported field."""
+from __future__ import annotations
+
+import json
+
+
+def test_benchmark_tiny_training_path(tiny_base, tmp_path):
+    from dreambooth_pl.tools.benchmark import benchmark
+
+    out = tmp_path / "results.jsonl"
+    line = benchmark(preset="t4-16gb", steps=1, warmup=2, base=tiny_base, base_preset="tiny", work=str(tmp_path),
+                     out=str(out), profile=str(tmp_path / "prof.txt"),
+                     overrides=["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.resolution=32",
+                                "--model.compile_blocks=false"])
+    result = json.loads(line)
+    assert json.loads(out.read_text().splitlines()[-1]) == result
+    assert result["steps"] == 1 and result["devices"] == 1 and result["s_per_step"] > 0
+    assert result["images_per_s"] == 2 / result["s_per_step"]  # one instance + one prior image per step
+    assert result["tflop_per_step"] > 0 and len(result["warmup_s"]) == 2
+    assert result["trainable_params_m"] > 0 and result["optimizer_state_mib"] > 0
+    assert {"gpu", "torch", "diffusers", "peft", "lightning", "date"} <= set(result)
+    assert "aten::" in (tmp_path / "prof.txt").read_text()  # top-kernel table of the last warm-up step
+    assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()

@@ -1,0 +1,73 @@
+"""data/cache.py: refusal with text-encoder LoRA, same stream as PairedStream, same loss as the pixel path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreambooth_pl.data.cache import CacheError, CachedStream, build_cache, check_cache_mode
+from dreambooth_pl.data.datamodule import DreamBoothDataModule
+from dreambooth_pl.data.datasets import PairedStream
+from dreambooth_pl.module import DreamBoothLoRA
+
+
+def test_cache_all_refused_with_text_encoder_lora():
+    with pytest.raises(CacheError, match="train_text_encoder.*model.cache=latents"):
+        DreamBoothLoRA(base_model="unused", cache="all", train_text_encoder=True)
+    check_cache_mode("latents", True)  # latents alone are fine: the text encoders stay
+    with pytest.raises(CacheError, match="off, latents or all"):
+        check_cache_mode("everything", False)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base, tmp_path_factory):
+    import shutil
+
+    from conftest import SAMPLE, write_images
+
+    root = tmp_path_factory.mktemp("cache")
+    (root / "instance").mkdir()
+    for p in sorted(SAMPLE.glob("*.jpg"))[:2]:
+        shutil.copy(p, root / "instance" / p.name)
+    write_images(root / "class", 3)
+    dm = DreamBoothDataModule(str(root / "instance"), "a photo of sks dog", str(root / "class"), "a photo of dog",
+                              num_class_images=3, resolution=32, center_crop=True, random_flip=0.5, seed=3)
+    dm.setup("fit")
+    module = DreamBoothLoRA(base_model=tiny_base, lora_init=False, cache="all")
+    module.configure_model()
+    return dm, module, build_cache(module, dm.instance, dm.prior, 32, "all", offload=False)
+
+
+def test_cached_stream_matches_paired_stream(setup):
+    dm, module, cache = setup
+    pixels = PairedStream(dm.instance, dm.prior, 32, 2, True, 0.5, 3, rank=1, world_size=2)
+    cached = CachedStream(cache, 2, 0.5, 3, rank=1, world_size=2)
+    flips_seen = set()
+    for b in range(3):
+        p, c = pixels.batch(b), cached.batch(b)
+        assert p["prompt"] == c["prompt"] and torch.equal(p["is_prior"], c["is_prior"])
+        assert torch.equal(p["crop_top_left"], c["crop_top_left"])  # centre crop, mirrored with the flip
+        assert c["latent_mean"].shape == (4, 4, 4, 4) and c["prompt_embeds"].shape[:2] == (4, 77)
+        flips_seen |= {bool(x) for x in (c["crop_top_left"][:, 1] != cache.instance.crop_top_left[0, 0, 1])}
+    assert flips_seen == {False, True}  # both stored orientations are used
+
+
+def test_cached_loss_equals_pixel_loss(setup):
+    dm, module, cache = setup
+    pixels = PairedStream(dm.instance, dm.prior, 32, 1, True, 0.0, 3).batch(0)
+    cached = CachedStream(cache, 1, 0.0, 3).batch(0)
+    with torch.no_grad():
+        ref = module.forward_loss(pixels)
+        got = module.forward_loss(cached)  # latent sampled from the stored distribution with the same draws
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_fit_with_cache_frees_encoders(tiny_base, subject_dirs, tmp_path):
+    from dreambooth_pl.cli import DreamBoothCLI
+    from conftest import fit_args
+
+    inst, cls = subject_dirs
+    cli = DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(tmp_path), steps=2, **{"model.cache": "all"}))
+    assert cli.trainer.global_step == 2 and cli.datamodule.cache is not None
+    assert set(cli.datamodule.cache.text) == {"a photo of sks dog", "a photo of dog"}
+    assert cli.model.vae.device.type == "cpu" and cli.model.text_encoder_2.device.type == "cpu"
