@@ -87,6 +87,7 @@ class DreamBoothLoRA(L.LightningModule):
         self.unet = None
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
+        self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
 
     # ---- model set-up --------------------------------------------------------------------------------------
     def weight_dtype(self) -> torch.dtype:
