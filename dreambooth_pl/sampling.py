@@ -16,6 +16,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        UniPCMultistepScheduler)
 
 from .formats import check_base, read_lora
+from .lora import LORA_FILE
 from .sdxl import resolve_base
 
 SCHEDULERS = {
@@ -57,9 +58,11 @@ def check_size(height: int | None, width: int | None) -> None:
 
 
 def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
-    """Load each ``(file, scale)`` as adapter ``lora<i>`` (diffusers or kohya format) and activate them all."""
+    """Load each ``(file or run folder, scale)`` as adapter ``lora<i>`` (diffusers or kohya format); activate all."""
     names = []
     for i, (path, scale) in enumerate(loras):
+        if Path(path).is_dir():  # a run folder holding the exported file
+            path = str(Path(path) / LORA_FILE)
         if not Path(path).is_file():
             raise SamplingError(f"LoRA file {str(path)!r} does not exist: give the .safetensors that fit exported "
                                 "(lightning_logs/version_N/pytorch_lora_weights.safetensors).")

@@ -78,6 +78,8 @@ def test_lora_for_another_base_names_the_first_mismatching_key(pipe, tmp_path):
         add_loras(pipe, [(str(tmp_path / "other.safetensors"), 1.0)])
     with pytest.raises(SamplingError, match="does not exist"):
         add_loras(pipe, [(str(tmp_path / "missing.safetensors"), 1.0)])
+    with pytest.raises(SamplingError, match="pytorch_lora_weights.safetensors' does not exist"):
+        add_loras(pipe, [(str(tmp_path), 1.0)])  # a run folder without its exported file
     assert not getattr(pipe.unet, "peft_config", None)  # nothing was half-loaded
 
 
