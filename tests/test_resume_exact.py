@@ -10,11 +10,15 @@ import time
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from conftest import REPO, fit_args
 from safetensors.torch import load_file
+from test_faults import SendSignal
 
+from dreambooth_pl.callbacks.fault_tolerance import StoppedBySignal
 from dreambooth_pl.cli import DreamBoothCLI
+from dreambooth_pl.module import DreamBoothLoRA
 
 STEPS = 3
 PAUSE_ENV = "DREAMBOOTH_TEST_PAUSE_MARKER"
@@ -93,11 +97,25 @@ def test_sigkill_resume_and_changed_max_steps_are_bit_exact(tiny_base, subject_d
 
 def test_micro_batches_of_one_step_draw_different_noise():
     """With gradient accumulation, global_step repeats; the micro-batch index keeps their noise apart, reproducibly."""
-    from dreambooth_pl.module import DreamBoothLoRA
-
     module = DreamBoothLoRA(base_model="never-loaded")
     draws = []
     for micro in (0, 1, 0):
         module._micro_batch = micro  # what on_train_batch_start sets from batch_idx % accumulate_grad_batches
         draws.append(torch.randn(8, generator=module.step_generator()))
     assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+
+
+def test_signal_mid_accumulation_waits_for_the_step_and_resumes_exactly(tiny_base, subject_dirs, tmp_path):
+    """SIGTERM on the first micro-batch of step 1 (accumulate_grad_batches=2): the checkpoint is written after the
+    step's second micro-batch, and resuming from it gives the uninterrupted run's LoRA bit for bit."""
+    acc = "--trainer.accumulate_grad_batches=2"
+    DreamBoothCLI(args=_args(tiny_base, subject_dirs, tmp_path / "reference", 2, acc))
+    stopped = tmp_path / "stopped"
+    cli = DreamBoothCLI(args=_args(tiny_base, subject_dirs, stopped, 2, acc)[1:], run=False)
+    cli.trainer.callbacks.insert(0, SendSignal(1, signal.SIGTERM))
+    with pytest.raises(StoppedBySignal):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    ckpt = torch.load(stopped / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 1
+    _resume(stopped)
+    _assert_bit_identical(_lora(stopped), _lora(tmp_path / "reference"))
