@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from conftest import write_images
 from PIL import Image
@@ -15,14 +16,23 @@ from dreambooth_pl.tools.merge_eval import merge_eval
 PROMPT = "pixel art, a photo of sks dog"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the ViT embedders run ~5x faster than with threads fighting over shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_sweep_scores_plots_and_resumes(tiny_base, adapters, tmp_path):  # noqa: F811
     from dreambooth_pl.sampling import generate, load_pipeline
 
     inst, style = tmp_path / "instance", tmp_path / "style_refs"
-    write_images(inst, 2, size=(64, 64), seed=1)
-    write_images(style, 2, size=(64, 64), seed=2)
+    write_images(inst, 1, size=(64, 64), seed=1)
+    write_images(style, 1, size=(64, 64), seed=2)
     out = tmp_path / "eval"
-    kw = dict(prompt=PROMPT, style_text="pixel art", style_dir=str(style), token="sks", images_per_weight=2,
+    kw = dict(prompt=PROMPT, style_text="pixel art", style_dir=str(style), token="sks", images_per_weight=1,
               steps=2, resolution=64, dtype="float32", device="cpu", clip_weights=None, dino_weights=None)
     torch.manual_seed(0)  # clip/dino weights None: seeded random embedders
     result = merge_eval(adapters[0], adapters[1], tiny_base, str(inst), str(out), style_weights=[0.0, 1.0], **kw)
@@ -33,9 +43,9 @@ def test_sweep_scores_plots_and_resumes(tiny_base, adapters, tmp_path):  # noqa:
         assert all(math.isfinite(v) and -1 <= v <= 1 for v in r.values() if v != r["style_weight"])
     # weight 0 is the subject alone: the generation API with only the subject LoRA gives the same pixels
     alone = generate(load_pipeline(tiny_base, [(adapters[0], 1.0)], dtype="float32", device="cpu"),
-                     [PROMPT] * 2, [0, 1], steps=2, height=64, width=64)
+                     [PROMPT], [0], steps=2, height=64, width=64)
     (image_dir,) = (out / "images").iterdir()  # one settings hash
-    at = {w: [np.asarray(Image.open(image_dir / f"style{w}_seed{s}.png"), dtype=np.int16) for s in (0, 1)]
+    at = {w: [np.asarray(Image.open(image_dir / f"style{w}_seed0.png"), dtype=np.int16)]
           for w in ("0", "1")}
     assert max(np.abs(a - np.asarray(b, dtype=np.int16)).max() for a, b in zip(at["0"], alone)) <= 1
     assert max(np.abs(a - b).max() for a, b in zip(at["0"], at["1"])) > 8  # the style changes the images
@@ -48,6 +58,6 @@ def test_sweep_scores_plots_and_resumes(tiny_base, adapters, tmp_path):  # noqa:
     again = merge_eval(adapters[0], adapters[1], tiny_base, str(inst), str(out), style_weights=[0.0, 0.5, 1.0],
                        **kw)
     assert {p.name: p.stat().st_mtime_ns for p in image_dir.iterdir() if p.name in before} == before
-    assert len(list(image_dir.iterdir())) == 6
+    assert len(list(image_dir.iterdir())) == 3
     assert again["rows"][0] == rows[0] and again["rows"][2] == rows[1]  # scores kept, not recomputed
     assert again["rows"][1]["style_weight"] == 0.5 and math.isfinite(again["rows"][1]["dino"])
