@@ -63,3 +63,22 @@ def test_fit_logs_base_and_lora_grids_to_tensorboard(tiny_base, subject_dirs, tm
     assert len(events.Images("samples/base")) == 1
     pngs = sorted(p.name for p in (tmp_path / "lightning_logs").glob("*/samples/*.png"))
     assert pngs == ["samples_base_step000000.png", "samples_lora_step000001.png", "samples_lora_step000002.png"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grids_under_16_mixed_on_gpu(tiny_base, subject_dirs, tmp_path):
+    """fp16 UNet and text encoders, fp32 VAE and adapters: the grid still decodes (no NaN, not flat)."""
+    from conftest import fit_args
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    instance_dir, class_dir = subject_dirs
+    args = fit_args(tiny_base, instance_dir, class_dir, str(tmp_path), steps=1, **{
+        "trainer.accelerator": "gpu", "trainer.precision": "16-mixed"})
+    args += ["--trainer.callbacks+", "dreambooth_pl.callbacks.sample_grid.SampleGrid",
+             "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.steps", "4"]
+    cli = DreamBoothCLI(args=args)
+    grid = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SampleGrid))
+    assert cli.model.unet.dtype == torch.float16
+    (img,) = grid.draw(cli.trainer, cli.model, adapters=True)
+    assert np.asarray(img).std() > 0
