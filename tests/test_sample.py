@@ -17,17 +17,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_sample_writes_pngs_that_reproduce_themselves(tiny_base, lora_file, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
-    main(["sample", "--base", tiny_base, "--out", str(out), "--prompt", "a photo of {token} {class}", "--token",
-          "zwx", "--lora", lora_file, "--lora_scale", "0.7", "--images_per_prompt", "2", "--seed", "5",
-          "--steps", "2", "--batch_size", "1", "--scheduler", "euler_a", "--negative_prompt", "blurry", "--dtype", "float32",
-          "--device", "cpu"])
+    with pytest.warns(UserWarning, match="float16 sampling on CPU"):  # the default dtype; CPU runs it in float32
+        main(["sample", "--base", tiny_base, "--out", str(out), "--prompt", "a photo of {token} {class}",
+              "--token", "zwx", "--lora", lora_file, "--lora_scale", "0.7", "--images_per_prompt", "2",
+              "--seed", "5", "--steps", "2", "--batch_size", "1", "--scheduler", "euler_a",
+              "--negative_prompt", "blurry", "--device", "cpu"])
     assert capsys.readouterr().out.strip().endswith("manifest.json")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [(r["prompt"], r["seed"]) for r in manifest["images"]] == [("a photo of zwx dog", 5), ("a photo of zwx dog", 6)]
+    assert [(r["prompt"], r["seed"]) for r in manifest["images"]] == [("a photo of zwx dog", 5),
+                                                                      ("a photo of zwx dog", 6)]
     assert manifest["settings"]["loras"] == [[lora_file, 0.7]]
     first = out / manifest["images"][0]["file"]
     meta = read_png_metadata(first)
     assert (meta["scheduler"], meta["steps"], meta["negative_prompt"], meta["seed"]) == ("euler_a", 2, "blurry", 5)
+    assert (meta["dtype"], meta["device"]) == ("float32", "cpu") and meta["versions"]["diffusers"]
     assert "Negative prompt: blurry" in Image.open(first).text["parameters"]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width == 2 * 64 and sheet.height > 64
