@@ -1,4 +1,4 @@
-"""LoRA layouts: files we write load in diffusers with identical outputs; kohya round trips are exact; bad keys named."""
+"""LoRA layouts: our files load in diffusers with identical outputs; kohya round trips are exact; bad keys named."""
 from __future__ import annotations
 
 import pytest

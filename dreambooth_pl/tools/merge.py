@@ -190,6 +190,8 @@ def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int
     if method == "fuse":
         if not base:
             raise ValueError("--method fuse needs --base (the pipeline the adapters are baked into).")
+        if out.endswith(".safetensors"):
+            raise ValueError(f"--method fuse writes a whole pipeline folder; give --out a folder, not {out!r}.")
         return fuse(list(zip(adapters, [w for _, w in specs])), base, out)
     with torch.random.fork_rng():  # dare drops at random: seeded, without touching the caller's RNG
         torch.manual_seed(seed)
