@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from dreambooth_pl.tools.ablate import AblationGrid, Cell, STATUS_FILE, ablate, expand, load_grid
 from dreambooth_pl.tools.ablation_report import write_report
@@ -27,7 +29,7 @@ def tiny_grid(tmp: Path, base: str, inst: str, cls: str, **changes) -> str:
                               "data.class_dir": cls})
     spec.update(changes)
     path = tmp / "grid.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # key order = column and name order
     return str(path)
 
 
@@ -122,10 +124,17 @@ def test_resume_reruns_only_the_deleted_cell(grid_run):
     evals_before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ablate_metrics.json")}
     gone = "with_prior_preservation=false__num_instance_images=1"
     shutil.rmtree(out / "runs" / gone)
+    # a run killed after its last checkpoint but before the export: resumed, nothing left to train, exported
+    partial = out / "runs" / "with_prior_preservation=true__num_instance_images=1"
+    lora = load_file(partial / "pytorch_lora_weights.safetensors")
+    (partial / "pytorch_lora_weights.safetensors").unlink()
+    (partial / STATUS_FILE).unlink()
     ablate(grid)
     after = statuses(out)
     assert set(after) == set(before)
-    assert [n for n in after if after[n] != before[n]] == [gone]
+    assert sorted(n for n in after if after.get(n) != before.get(n)) == [gone, partial.name]
+    again = load_file(partial / "pytorch_lora_weights.safetensors")
+    assert again.keys() == lora.keys() and all(torch.equal(again[k], lora[k]) for k in lora)
     evals_after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ablate_metrics.json")}
     assert {p for p in evals_after if evals_before.get(p) != evals_after[p]} == {
         out / "runs" / gone / "eval" / "euler-2" / "ablate_metrics.json"}

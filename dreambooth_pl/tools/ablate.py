@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,7 @@ class Evaluation:
         clip_weights: open_clip weights tag (None: random weights, tests only).
         dino_weights: DINO weights tag (None: random weights, tests only).
         seed: first seed.
+        pres_images: samples of "a <class_name>" for the PRES (prior preservation) score (0: skip).
     """
 
     token: str
@@ -79,6 +81,7 @@ class Evaluation:
     clip_weights: Optional[str] = "openai"
     dino_weights: Optional[str] = "dino"
     seed: int = 0
+    pres_images: int = 8
 
 
 @dataclass
@@ -247,6 +250,25 @@ def _fit_subprocess(args: list[str], log: Path, gpu: Optional[int]) -> Optional[
     return f"exit code {code}: {tail[0][:500]} (full log: {log})"
 
 
+def export_finished(run_dir: Path) -> Optional[str]:
+    """Export the LoRA of a run whose ``last.ckpt`` already reached ``trainer.max_steps`` (a resumed fit that had
+    nothing left to train ends without the export callback firing); returns None or the error text."""
+    import torch
+
+    from .checkpoint_curve import export_checkpoints
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    max_steps = _run_config(run_dir).get("trainer", {}).get("max_steps")
+    step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1) \
+        if last.is_file() else -1
+    if max_steps is None or step < max_steps:
+        return f"fit ended without writing {run_dir / LORA_FILE} (interrupted?)"
+    [(_, lora)] = export_checkpoints([(step, last)], run_dir / "checkpoints" / "export")
+    os.replace(lora, run_dir / LORA_FILE)
+    shutil.rmtree(run_dir / "checkpoints" / "export", ignore_errors=True)
+    return None
+
+
 def run_cell(spec: AblationGrid, name: str, overrides: dict[str, Any], launcher: str,
              gpu: Optional[int] = None) -> dict:
     """Fit one cell unless it is done; write and return its status record."""
@@ -260,7 +282,7 @@ def run_cell(spec: AblationGrid, name: str, overrides: dict[str, Any], launcher:
     print(f"[ablate] fit {name}" + (" (resuming from last.ckpt)" if resume else ""), flush=True)
     error = _fit_inprocess(args, log) if launcher == "inprocess" else _fit_subprocess(args, log, gpu)
     if error is None and not (run_dir / LORA_FILE).is_file():
-        error = f"fit ended without writing {run_dir / LORA_FILE} (interrupted?)"
+        error = export_finished(run_dir)
     state = {"name": name, "status": "failed" if error else "done", "error": error, "overrides": overrides,
              "seconds": round(time.time() - start, 1), "lora": str(run_dir / LORA_FILE) if not error else None}
     write_json(run_dir / STATUS_FILE, state)
@@ -309,7 +331,8 @@ def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, samp
                              class_name=ev.class_name, out=str(out), suite=ev.suite, num_prompts=ev.num_prompts,
                              images_per_prompt=ev.images_per_prompt, scheduler=sampler.scheduler,
                              steps=sampler.steps, guidance=ev.guidance, resolution=ev.resolution,
-                             clip_weights=ev.clip_weights, dino_weights=ev.dino_weights, seed=ev.seed)
+                             clip_weights=ev.clip_weights, dino_weights=ev.dino_weights, seed=ev.seed,
+                             pres_images=ev.pres_images)
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     write_json(cache, metrics)
     return metrics

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-METRIC_ORDER = ("clip_i", "clip_t", "dino")
+METRIC_ORDER = ("clip_i", "clip_t", "dino", "div_dino", "pres")
 META = ("run", "status", "error", "scheduler", "sample_steps", "eval_dir", "eval_error", "grid", "step", "lora")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 CELL_GRID = "cell_grid.jpg"
@@ -56,14 +56,14 @@ def cell_grid(eval_dir: Optional[str], max_images: int = 16, thumb: int = 128) -
     """The evaluation's image grid: a ``*grid*`` image it wrote, else a contact sheet of its images (cached)."""
     if not eval_dir or not Path(eval_dir).is_dir():
         return None
-    root = Path(eval_dir)
+    root = Path(eval_dir) / "samples" if (Path(eval_dir) / "samples").is_dir() else Path(eval_dir)
     images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.name != CELL_GRID)
     made = [p for p in images if "grid" in p.name.lower()]
     if made:
         return made[0]
     if not images:
         return None
-    out = root / CELL_GRID
+    out = Path(eval_dir) / CELL_GRID
     if out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in images):
         return out
     from PIL import Image
@@ -182,6 +182,8 @@ def write_report(rows: list[dict], out: Path, varied: Sequence[str], title: str 
         grid = cell_grid(r.get("eval_dir"))
         r["grid"] = str(grid) if grid else None
     cols = columns(rows, varied)
-    plots = write_plots(rows, out, varied, metric_keys(rows, varied))
+    # the real-photos baseline and image counts are the same in every cell: tabulated, not plotted
+    plotted = [m for m in metric_keys(rows, varied) if not m.startswith("real_") and m != "n_images"]
+    plots = write_plots(rows, out, varied, plotted)
     return {"csv": write_csv(rows, out / f"{stem}.csv", cols),
             "md": write_markdown(rows, out / f"{stem}.md", cols, plots, title), "plots": plots}
