@@ -91,8 +91,8 @@ def peft_pair():
 
 # dare at density 1 keeps every entry, so it is deterministic and comparable; at < 1 peft's own adapter
 # initialisation draws from the RNG before its drop masks, so the masks cannot be matched draw for draw.
-@pytest.mark.parametrize("method,density", [("linear", 0.6), ("ties", 0.6), ("ties_svd", 0.6), ("dare_linear", 1.0),
-                                            ("dare_ties", 1.0), ("dare_ties_svd", 1.0)])
+@pytest.mark.parametrize("method,density", [("linear", 0.6), ("svd", 0.6), ("ties", 0.6), ("ties_svd", 0.6),
+                                            ("dare_linear", 1.0), ("dare_ties", 1.0), ("dare_ties_svd", 1.0)])
 def test_task_arithmetic_methods_match_peft_add_weighted_adapter(method, density):
     model, loras = peft_pair()
     model.add_weighted_adapter(["default", "b"], [1.0, -0.7], "m", combination_type=method, density=density)

@@ -93,9 +93,8 @@ def merge_loras(loras: Sequence[LoRA], weights: Sequence[float], method: Method 
             desc = ", ".join(f"{n}: {_shapes(lora, m)}" for lora, _, n in have)
             raise LoRAFormatError(f"module {m!r} has different sizes in the inputs ({desc}): the LoRAs were trained "
                                   "on different base models and cannot be merged.")
-        if method in ("cat", "weighted"):  # peft's cat: scale folded into A, rank = sum of ranks, exact
-            a = torch.cat([lora.down(m).float() * w * lora.scale(m) for lora, w, _ in have], 0)
-            b = torch.cat([lora.up(m).float() for lora, _, _ in have], 1)
+        if method in ("cat", "weighted"):  # exact, rank = sum of ranks
+            a, b = _cat_factors(have, m)
         elif method in _SVD:
             a, b = _svd_merge(have, m, _SVD[method], rank, density, majority_sign_method)
         elif method in _AB:
@@ -115,17 +114,36 @@ def merge_loras(loras: Sequence[LoRA], weights: Sequence[float], method: Method 
     return LoRA(out_w, out_a)
 
 
+def _cat_factors(have, m: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's ``cat``: A_i scaled by ``w_i alpha_i / r_i`` stacked, B_i side by side; ``B A = sum w_i s_i B_i A_i``."""
+    a = torch.cat([lora.down(m).float() * w * lora.scale(m) for lora, w, _ in have], 0)
+    b = torch.cat([lora.up(m).float() for lora, _, _ in have], 1)
+    return a, b
+
+
 def _svd_merge(have, m: str, how: str, rank: Optional[int], density: float, majority_sign_method: str):
-    """Combine full updates, then the best rank-k factors (Eckart-Young), as kohya's svd_merge_lora and peft do."""
-    deltas = [lora.delta(m) for lora, _, _ in have]
-    delta = _combine(deltas, [w for _, w, _ in have], how, density, majority_sign_method)
+    """Best rank-k factors (Eckart-Young) of the combined update, as kohya's svd_merge_lora and peft do.
+
+    A plain weighted sum stays low-rank, so its SVD comes from QR of the concatenated factors and the SVD of a
+    small R x R core (R = sum of ranks): exact, and seconds instead of minutes for a full SDXL UNet on CPU.
+    ties/dare prune the full updates element-wise, which needs the full matrices.
+    """
     k = rank or max(lora.rank(m) for lora, _, _ in have)
-    flat = delta.flatten(1)
-    u, s, vh = torch.linalg.svd(flat.double(), full_matrices=False)
+    shape = (have[0][0].up(m).shape[0], *have[0][0].down(m).shape[1:])
+    if how == "linear":
+        a_cat, b_cat = _cat_factors(have, m)
+        qb, rb = torch.linalg.qr(b_cat.flatten(1).double())
+        qa, ra = torch.linalg.qr(a_cat.flatten(1).double().T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T)
+        u, vh = qb @ u, vh @ qa.T
+    else:
+        deltas = [lora.delta(m) for lora, _, _ in have]
+        delta = _combine(deltas, [w for _, w, _ in have], how, density, majority_sign_method)
+        u, s, vh = torch.linalg.svd(delta.flatten(1).double(), full_matrices=False)
     k = min(k, s.shape[0])
     b, a = (u[:, :k] * s[:k]).float(), vh[:k].float()
-    if delta.dim() == 4:  # conv: A carries the kernel, B is 1x1
-        a, b = a.reshape(k, *delta.shape[1:]), b.reshape(delta.shape[0], k, 1, 1)
+    if len(shape) == 4:  # conv: A carries the kernel, B is 1x1
+        a, b = a.reshape(k, *shape[1:]), b.reshape(shape[0], k, 1, 1)
     return a, b
 
 
