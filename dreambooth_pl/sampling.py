@@ -17,7 +17,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from .formats import check_base, read_lora
 from .lora import LORA_FILE
-from .sdxl import resolve_base
+from .sdxl import load_vae, resolve_base
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -72,26 +72,6 @@ def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
         pipe.load_lora_weights(str(path), adapter_name=names[-1])
     if names:
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
-
-
-def load_vae(vae: str, dtype: torch.dtype):
-    """An ``AutoencoderKL`` from a VAE folder, a pipeline folder (its ``vae/``) or a hub id.
-
-    Args:
-        vae: e.g. a local copy of ``madebyollin/sdxl-vae-fp16-fix``.
-        dtype: weights dtype.
-    """
-    from diffusers import AutoencoderKL
-
-    path = Path(vae).expanduser()
-    if (path / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(str(path), dtype=dtype)
-    if (path / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(str(path), subfolder="vae", dtype=dtype)
-    if path.exists():
-        raise SamplingError(f"VAE {vae!r} has neither config.json nor vae/config.json: give a diffusers "
-                            "AutoencoderKL folder (e.g. a local copy of madebyollin/sdxl-vae-fp16-fix).")
-    return AutoencoderKL.from_pretrained(resolve_base(vae), dtype=dtype)
 
 
 def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler: str = "euler",

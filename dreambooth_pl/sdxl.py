@@ -64,6 +64,26 @@ class SDXLParts:
     scheduler_config: dict
 
 
+def load_vae(vae: str, dtype: torch.dtype = torch.float32):
+    """An ``AutoencoderKL`` from a VAE folder, a pipeline folder (its ``vae/``) or a hub id.
+
+    Args:
+        vae: e.g. a local copy of ``madebyollin/sdxl-vae-fp16-fix``.
+        dtype: weights dtype.
+    """
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    if (path / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(str(path), dtype=dtype)
+    if (path / "vae" / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(str(path), subfolder="vae", dtype=dtype)
+    if path.exists():
+        raise BaseModelError(f"VAE {vae!r} has neither config.json nor vae/config.json: give a diffusers "
+                             "AutoencoderKL folder (e.g. a local copy of madebyollin/sdxl-vae-fp16-fix).")
+    return AutoencoderKL.from_pretrained(resolve_base(vae), dtype=dtype)
+
+
 def load_parts(base: str, vae: str | None = None) -> SDXLParts:
     """Load tokenizers, text encoders, VAE and UNet of an SDXL base (fp32 on CPU, frozen, eval mode).
 
@@ -81,8 +101,7 @@ def load_parts(base: str, vae: str | None = None) -> SDXLParts:
             tokenizer_2=AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
             text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
             text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2"),
-            vae=AutoencoderKL.from_pretrained(resolve_base(vae)) if vae else
-            AutoencoderKL.from_pretrained(root, subfolder="vae"),
+            vae=load_vae(vae) if vae else AutoencoderKL.from_pretrained(root, subfolder="vae"),
             unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
             scheduler_config=dict(DDPMScheduler.load_config(root, subfolder="scheduler")),
         )

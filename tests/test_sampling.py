@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dreambooth_pl.sdxl import BaseModelError
 from dreambooth_pl.formats import LoRAFormatError, read_lora, write_lora
 from dreambooth_pl.sampling import (SCHEDULERS, SamplingError, add_loras, generate, load_pipeline, make_scheduler,
                                     pipeline_from_module)
@@ -124,7 +125,7 @@ def test_a_separate_vae_folder_replaces_the_base_vae(tiny_base, tmp_path):
     assert p.vae.config.force_upcast is False
     (img,) = generate(p, [PROMPT], [0], steps=1)
     assert img.size == (64, 64)
-    with pytest.raises(SamplingError, match="neither config.json nor vae/config.json"):
+    with pytest.raises(BaseModelError, match="neither config.json nor vae/config.json"):
         load_pipeline(tiny_base, vae=str(tmp_path), dtype="float32", device="cpu")
 
 
