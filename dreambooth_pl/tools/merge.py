@@ -125,7 +125,7 @@ def _svd_merge(have, m: str, how: str, rank: Optional[int], density: float, majo
     """Best rank-k factors (Eckart-Young) of the combined update, as kohya's svd_merge_lora and peft do.
 
     A plain weighted sum stays low-rank, so its SVD comes from QR of the concatenated factors and the SVD of a
-    small R x R core (R = sum of ranks): exact, and seconds instead of minutes for a full SDXL UNet on CPU.
+    small R x R core (R = sum of ranks): exact, O((out + in) R^2) per module instead of a full SVD of out x in.
     ties/dare prune the full updates element-wise, which needs the full matrices.
     """
     k = rank or max(lora.rank(m) for lora, _, _ in have)
