@@ -13,7 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dreambooth_pl.tools.ablate import AblationGrid, Cell, STATUS_FILE, ablate, expand, load_grid
+from dreambooth_pl.tools.ablate import STATUS_FILE, ablate
+from dreambooth_pl.tools.ablation_grid import AblationGrid, Cell, expand, load_grid
 from dreambooth_pl.tools.ablation_report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(grid_run, tmp_path):
 
 
 def test_checkpoint_curve_evaluates_each_saved_step(grid_run):
-    from dreambooth_pl.tools.ablate import Evaluation, Sampler
+    from dreambooth_pl.tools.ablation_grid import Evaluation, Sampler
     from dreambooth_pl.tools.checkpoint_curve import ablate_checkpoints
 
     _, out, _ = grid_run

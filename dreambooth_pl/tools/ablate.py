@@ -1,6 +1,6 @@
 """Ablation grids: fit every cell of a grid of config overrides, evaluate each LoRA, tabulate and plot the results.
 
-A grid file (``configs/ablations/*.yaml``) is parsed into :class:`AblationGrid`. Each cell is one fit, in its own
+A grid file (``configs/ablations/*.yaml``) is parsed into :class:`.ablation_grid.AblationGrid`. Each cell is one fit, in its own
 named version dir ``OUT/runs/NAME`` (config.yaml, checkpoints/, the exported LoRA, ``ablate_status.json``),
 evaluated with :func:`dreambooth_pl.tools.evaluate.evaluate_suite` once per sampler into ``OUT/runs/NAME/eval/``.
 Everything is resumable: a run whose status says ``done`` and whose LoRA exists is skipped, an interrupted one
@@ -10,173 +10,25 @@ resumes from its ``last.ckpt``, an evaluation whose metrics JSON exists is read 
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from queue import Queue
 from typing import Any, Literal, Optional
 
 from ..lora import LORA_FILE
+from .ablation_grid import AblationGrid, Evaluation, Sampler, check_evaluation, expand, load_grid
 from .ablation_report import write_json, write_report
 
 STATUS_FILE = "ablate_status.json"
 METRICS_FILE = "ablate_metrics.json"
-
-
-@dataclass
-class Sampler:
-    """One sampler setting of the evaluation (the original project's table crosses DDIM/PNDM x 50/80 steps).
-
-    Args:
-        scheduler: a name in ``dreambooth_pl.sampling.SCHEDULERS``.
-        steps: denoising steps.
-    """
-
-    scheduler: str = "euler"
-    steps: int = 25
-
-    @property
-    def key(self) -> str:
-        return f"{self.scheduler}-{self.steps}"
-
-
-@dataclass
-class Evaluation:
-    """How every LoRA is evaluated (arguments of ``evaluate_suite``).
-
-    Args:
-        token: the identifier in the prompts, e.g. ``sks``.
-        class_name: the subject's class, e.g. ``dog``.
-        instance_dir: reference photos (None: the run's ``data.instance_dir``).
-        suite: prompt suite name (``dreambooth_pl.prompts.list_suites()``).
-        num_prompts: first N prompts of the suite (None: all).
-        images_per_prompt: images per prompt (seeds ``seed .. seed + N - 1``).
-        samplers: one evaluation per sampler.
-        guidance: classifier-free guidance scale.
-        resolution: image side (None: the base's default).
-        clip_weights: open_clip weights tag (None: random weights, tests only).
-        dino_weights: DINO weights tag (None: random weights, tests only).
-        seed: first seed.
-        pres_images: samples of "a <class_name>" for the PRES (prior preservation) score (0: skip).
-    """
-
-    token: str
-    class_name: str
-    instance_dir: Optional[str] = None
-    suite: str = "dreambench_object"
-    num_prompts: Optional[int] = None
-    images_per_prompt: int = 4
-    samplers: list[Sampler] = field(default_factory=lambda: [Sampler()])
-    guidance: float = 5.0
-    resolution: Optional[int] = None
-    clip_weights: Optional[str] = "openai"
-    dino_weights: Optional[str] = "dino"
-    seed: int = 0
-    pres_images: int = 8
-
-
-@dataclass
-class Cell:
-    """An explicit cell: overrides (dotted fit-config keys) and an optional name."""
-
-    overrides: dict[str, Any] = field(default_factory=dict)
-    name: Optional[str] = None
-
-
-@dataclass
-class AblationGrid:
-    """A grid file.
-
-    Args:
-        base_config: fit config file(s) every run starts from (paths relative to the working directory).
-        out: output folder (runs/, results.csv, results.md, plots).
-        overrides: fixed overrides applied to every run, e.g. ``trainer.max_steps: 800``.
-        grid: cartesian product of overrides, e.g. ``{data.with_prior_preservation: [true, false]}``.
-        runs: explicit cells; with ``grid`` too, each explicit cell is crossed with the product.
-        evaluation: how runs are evaluated (None: fits only).
-    """
-
-    base_config: list[str]
-    out: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    runs: list[Cell] = field(default_factory=list)
-    evaluation: Optional[Evaluation] = None
-
-
-def load_grid(path: str) -> AblationGrid:
-    """Parse and type-check a grid file; errors name the file and the key."""
-    import yaml
-    from jsonargparse import ArgumentParser
-
-    if not Path(path).is_file():
-        raise SystemExit(f"ablate: grid file {path!r} does not exist (see configs/ablations/ for examples).")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--spec", type=AblationGrid, required=True)
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        cfg = parser.parse_object({"spec": raw})
-        spec = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg).spec  # renamed in 4.49
-    except Exception as e:  # yaml or type errors: say which file and which key
-        raise SystemExit(f"ablate: invalid grid file {path!r}: {str(e).strip()[:800]}") from None
-    for key, values in spec.grid.items():
-        if not isinstance(values, list) or not values:
-            raise SystemExit(f"ablate: {path!r} grid.{key} must be a non-empty list of values, got {values!r}.")
-    if isinstance(spec.base_config, str):
-        spec.base_config = [spec.base_config]
-    return spec
-
-
-def check_evaluation(ev: Evaluation, path: str) -> None:
-    """Refuse unknown schedulers and suites before hours of fitting, naming the grid file and key."""
-    from ..prompts import list_suites
-    from ..sampling import SCHEDULERS
-
-    for i, sampler in enumerate(ev.samplers):
-        if sampler.scheduler not in SCHEDULERS:
-            raise SystemExit(f"ablate: {path!r} evaluation.samplers[{i}].scheduler {sampler.scheduler!r} is unknown; "
-                             f"choose one of {sorted(SCHEDULERS)}.")
-        if sampler.steps < 1:
-            raise SystemExit(f"ablate: {path!r} evaluation.samplers[{i}].steps must be >= 1, got {sampler.steps}.")
-    if ev.suite not in list_suites():
-        raise SystemExit(f"ablate: {path!r} evaluation.suite {ev.suite!r} is unknown; choose one of {list_suites()}.")
-
-
-def _slug(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (bool, list, dict, type(None))) else str(value)
-    return re.sub(r"[^A-Za-z0-9.=+_-]+", "_", text).strip("_")
-
-
-def cell_name(overrides: dict[str, Any]) -> str:
-    """``key=value`` pairs joined by ``__`` (last component of each dotted key), safe as a folder name."""
-    return "__".join(f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in overrides.items()) or "base"
-
-
-def expand(spec: AblationGrid) -> list[tuple[str, dict[str, Any]]]:
-    """``[(name, overrides)]`` of every cell: explicit cells crossed with the cartesian product of ``grid``."""
-    keys = list(spec.grid)
-    product = [dict(zip(keys, vals)) for vals in itertools.product(*(spec.grid[k] for k in keys))]
-    explicit = spec.runs or [Cell()]
-    cells, seen = [], {}
-    for cell in explicit:
-        for combo in product:
-            over = {**cell.overrides, **combo}
-            name = "__".join(p for p in (cell.name, cell_name(combo) if combo else None) if p) or cell_name(over)
-            if name in seen:
-                raise SystemExit(f"ablate: two cells are both named {name!r} ({seen[name]} and {over}); give the "
-                                 "explicit runs distinct names.")
-            seen[name] = over
-            cells.append((name, over))
-    return cells
 
 
 def _arg(key: str, value: Any) -> str:
@@ -333,7 +185,8 @@ def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, samp
                              steps=sampler.steps, guidance=ev.guidance, resolution=ev.resolution,
                              clip_weights=ev.clip_weights, dino_weights=ev.dino_weights, seed=ev.seed,
                              pres_images=ev.pres_images)
-    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    metrics = {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()  # counts stay integers
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     write_json(cache, metrics)
     return metrics
 

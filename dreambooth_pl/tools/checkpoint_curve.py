@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .ablate import Evaluation, evaluate_run
+from .ablate import evaluate_run
+from .ablation_grid import Evaluation
 from .ablation_report import write_report
 
 
