@@ -68,16 +68,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _shell() -> None:
-    """Run :func:`main`; errors whose message already says what to fix print as that message, not a traceback."""
+    """Run :func:`main`; input and config errors print as their message (which names the fix), not a traceback.
+
+    ``ValueError`` and ``OSError`` are what our checks raise for bad input (unknown keys, bad values, missing or
+    unreadable files, offline models); set ``DREAMBOOTH_PL_TRACEBACK=1`` to see the full traceback instead.
+    """
+    import os
+
     try:
         main()
-    except Exception as e:
-        from .data.images import ImageIntakeError
+    except (ValueError, OSError, RuntimeError) as e:
+        from .metrics.embedders import EmbedderWeightsError
         from .sdxl import BaseModelError
 
-        if isinstance(e, (BaseModelError, ImageIntakeError)):
-            raise SystemExit(f"error: {e}") from None
-        raise
+        expected = isinstance(e, (ValueError, OSError, BaseModelError, EmbedderWeightsError))
+        if not expected or os.environ.get("DREAMBOOTH_PL_TRACEBACK"):
+            raise
+        raise SystemExit(f"error: {e}\n(set DREAMBOOTH_PL_TRACEBACK=1 for the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ def build_components(preset: Preset = "tiny", seed: int = 0) -> dict:
     te1 = CLIPTextModel(CLIPTextConfig(**common, **te1_cfg))
     torch.manual_seed(seed + 3)
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, **te2_cfg))
-    scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
+    with torch.device("cpu"):  # scheduler tables live on the CPU even when models are built on "meta"
+        scheduler = EulerDiscreteScheduler.from_config(SCHEDULER)
     return dict(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2, scheduler=scheduler)
 
 
