@@ -43,15 +43,6 @@ def statuses(out: Path) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob(f"*/{STATUS_FILE}")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: fits and ViT embedders run faster than with threads fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def grid_run(tiny_base, tmp_path_factory, one_thread):
     """The 2x2 tiny grid (prior on/off x 1/2 photos), fitted and evaluated once for this module."""

@@ -16,15 +16,6 @@ from dreambooth_pl.tools.merge_eval import merge_eval
 PROMPT = "pixel art, a photo of sks dog"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the ViT embedders run ~5x faster than with threads fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_sweep_scores_plots_and_resumes(tiny_base, adapters, tmp_path):  # noqa: F811
     from dreambooth_pl.sampling import generate, load_pipeline
 

@@ -64,7 +64,8 @@ def test_sigkill_resume_and_changed_max_steps_are_bit_exact(tiny_base, subject_d
     marker = tmp_path / "paused"
     cmd = [sys.executable, "-m", "dreambooth_pl", *_args(tiny_base, subject_dirs, killed, STEPS),
            "--trainer.callbacks+=test_resume_exact.PauseAt", "--trainer.callbacks.step=2"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]), **{PAUSE_ENV: str(marker)})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]), **{PAUSE_ENV: str(marker)},
+               OMP_NUM_THREADS=str(torch.get_num_threads()))  # same CPU reduction order as this process's runs
     child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         # the uninterrupted reference trains in this process while the child runs
