@@ -11,7 +11,7 @@ import torch
 from conftest import SAMPLE, write_images
 from dreambooth_pl.data.images import list_images, load_rgb
 from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINOScore
-from dreambooth_pl.tools.evaluate import EvaluationError, compare_runs, evaluate, evaluate_suite
+from dreambooth_pl.tools.evaluate import EvaluationError, evaluate, evaluate_suite
 from dreambooth_pl.tools.sample import write_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")

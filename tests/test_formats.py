@@ -83,12 +83,7 @@ def test_text_encoder_parts_load_in_diffusers(pipe, tmp_path, fmt):
     path = write_lora(from_models({"text_encoder": te1, "text_encoder_2": te2}), tmp_path / "te.safetensors", fmt)
     keys = list(load_file(path))
     assert any(k.startswith("lora_te2_text_model_encoder_layers_0_mlp_fc1") for k in keys) or fmt == "diffusers"
-    try:
-        pipe.load_lora_weights(str(path), adapter_name=f"te_{fmt}")
-    except ValueError as e:  # transformers' PEFT integration may demand a newer peft than the one installed
-        if "version of PEFT" in str(e):
-            pytest.skip(f"transformers refuses the installed peft: {e}")
-        raise
+    pipe.load_lora_weights(str(path), adapter_name=f"te_{fmt}")
     try:
         with torch.no_grad():
             got = (pipe.text_encoder(ids).last_hidden_state, pipe.text_encoder_2(ids).text_embeds)

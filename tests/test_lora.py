@@ -62,18 +62,6 @@ def test_unknown_target_module_is_named(pipe):
         lora_lib.add_lora(copy.deepcopy(pipe.unet), lora_lib.lora_config(2, target_modules=["no_such_proj"]))
 
 
-def _transformers_takes_this_peft() -> bool:
-    """transformers 5.2x gates its adapter API (text encoders) on a newer peft than diffusers needs."""
-    from transformers.integrations.peft import MIN_PEFT_VERSION
-    from transformers.utils.peft_utils import check_peft_version
-
-    try:
-        check_peft_version(min_version=MIN_PEFT_VERSION)
-    except ValueError:
-        return False
-    return True
-
-
 def _roundtrip(pipe, tmp_path, text: bool):
     from peft.utils import get_peft_model_state_dict
 
@@ -98,8 +86,6 @@ def test_unet_export_loads_into_the_sdxl_pipeline_unchanged(pipe, tmp_path):
     _roundtrip(pipe, tmp_path, text=False)
 
 
-@pytest.mark.skipif(not _transformers_takes_this_peft(),
-                    reason="installed transformers needs a newer peft for text-encoder adapters")
 def test_text_encoder_export_loads_into_the_sdxl_pipeline_unchanged(pipe, tmp_path):
     _roundtrip(pipe, tmp_path, text=True)
 

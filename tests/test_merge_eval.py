@@ -5,7 +5,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 import torch
 from conftest import write_images
 from PIL import Image
