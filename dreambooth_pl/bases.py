@@ -10,12 +10,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
+
+from .atomic import save_pipeline_atomically
 
 Preset = Literal["tiny", "sdxl"]
 
@@ -129,22 +130,14 @@ def make_base(preset: Preset = "tiny", out: str = "data/_cache/tiny-sdxl", seed:
     dest = Path(out)
     if (dest / "model_index.json").exists() and not overwrite:
         return str(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     parts = build_components(preset, seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        tok1 = build_tokenizer(tmp / "_tok1", pad_token="<|endoftext|>")
-        tok2 = build_tokenizer(tmp / "_tok2", pad_token="!")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok1 = build_tokenizer(Path(tmp) / "tok1", pad_token="<|endoftext|>")
+        tok2 = build_tokenizer(Path(tmp) / "tok2", pad_token="!")
         pipe = StableDiffusionXLPipeline(tokenizer=tok1, tokenizer_2=tok2, **parts)
         if dtype == "float16":
             pipe.to(torch.float16)
-        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp / "pipe", dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
+        return save_pipeline_atomically(pipe, dest)
 
 
 def count_params(module: torch.nn.Module) -> float:

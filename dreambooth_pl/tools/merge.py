@@ -15,14 +15,13 @@ same module with different sizes come from different bases: an error names both 
 """
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
 
+from ..atomic import save_pipeline_atomically
 from ..formats import (Format, LoRA, LoRAFormatError, base_skeleton, check_base, read_lora, uniform_alpha,
                        write_lora)
 
@@ -160,26 +159,17 @@ def fuse(loras: Sequence[tuple[LoRA, float]], base: str, out: str) -> str:
     from ..sdxl import resolve_base
 
     pipe = StableDiffusionXLPipeline.from_pretrained(resolve_base(base))
-    dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
         names = []
         for i, (lora, _) in enumerate(loras):
             check_base(lora, {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2")}, f"LoRA #{i}")
-            path = write_lora(lora, tmp / f"lora{i}.safetensors", "diffusers")
+            path = write_lora(lora, Path(tmp) / f"lora{i}.safetensors", "diffusers")
             pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
             names.append(f"lora{i}")
-        pipe.set_adapters(names, [w for _, w in loras])
-        pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
-        pipe.unload_lora_weights()  # fused weights stay; the adapter modules go
-        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp / "pipe", dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
+    pipe.set_adapters(names, [w for _, w in loras])
+    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    pipe.unload_lora_weights()  # fused weights stay; the adapter modules go
+    return save_pipeline_atomically(pipe, out)
 
 
 def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int] = None, density: float = 0.5,

@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Literal, Optional
 
 from PIL import Image
 
-
-def _atomic_save(write, path: Path) -> None:
-    """Write through ``write(tmp_path)`` then rename, so an existing output is never half-overwritten."""
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
+from ..atomic import atomic_write
 
 
 def _curves(rows: list[dict], path: Path, title: str) -> None:
@@ -45,7 +39,7 @@ def _curves(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _atomic_save(lambda p: fig.savefig(p, dpi=120, format="png"), path)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -65,7 +59,7 @@ def _grid(images: list[list[Image.Image]], labels: list[str], path: Path) -> Non
         canvas.paste(row, (strip, y))
         ImageDraw.Draw(canvas).text((4, y + row.height // 2 - 6), label, fill="black")
         y += row.height
-    _atomic_save(lambda p: canvas.save(p, format="png"), path)
+    atomic_write(path, lambda p: canvas.save(p, format="png"))
 
 
 def _table(rows: list[dict]) -> str:
@@ -135,7 +129,7 @@ def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str,
             images = generate(pipe, [prompt] * len(seeds), seeds, steps, guidance, height=resolution,
                               width=resolution)
             for img, p in zip(images, paths):
-                _atomic_save(lambda t, img=img: img.save(t, format="png"), p)
+                atomic_write(p, lambda t, img=img: img.save(t, format="png"))
             scored.pop(float(w), None)
         grids.append([load_rgb(p) for p in paths])
     del pipe
@@ -157,11 +151,11 @@ def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str,
             row[name] = float(metric.compute())
         rows.append(row)
     result = {"config": score_cfg, "rows": rows}
-    _atomic_save(lambda p: p.write_text(json.dumps(result, indent=2)), root / "merge_eval.json")
+    atomic_write(root / "merge_eval.json", lambda p: p.write_text(json.dumps(result, indent=2)))
     md = (f"# Subject + style merge sweep\n\nSubject `{subject}` (weight {subject_weight:g}), style `{style}`; "
           f"prompt: `{prompt}`; style text: `{style_text}`; seeds {seeds}.\n\n{_table(rows)}\n\n"
           "![curves](merge_eval.png)\n\n![grid](grid.png)\n")
-    _atomic_save(lambda p: p.write_text(md), root / "merge_eval.md")
+    atomic_write(root / "merge_eval.md", lambda p: p.write_text(md))
     _curves(rows, root / "merge_eval.png", f"subject vs style, subject weight {subject_weight:g}")
     _grid(grids, [f"style {w:g}" for w in style_weights], root / "grid.png")
     return result

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+from ..atomic import atomic_write
+
 PNG_KEY = "dreambooth_pl"
 # sample() arguments that a PNG's metadata pins; the rest (out, batch size, device) do not change pixels.
 REPRO_KEYS = ("base", "vae", "loras", "scheduler", "steps", "guidance", "negative_prompt", "height", "width", "dtype")
@@ -32,19 +34,6 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
     except OSError as e:
         raise OutputError(f"output dir {str(path)!r} is not writable ({e.strerror or e}): choose another --out "
                           "or fix its permissions.") from None
-    return path
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers see the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
