@@ -58,6 +58,18 @@ def random_embedders():
     return load_clip(None), load_dino(None)
 
 
+@pytest.fixture(scope="session")
+def clip(random_embedders):
+    """The random-weight CLIP ViT-B/32 embedder."""
+    return random_embedders[0]
+
+
+@pytest.fixture(scope="session")
+def dino(random_embedders):
+    """The random-weight DINO ViT-S/16 embedder."""
+    return random_embedders[1]
+
+
 def write_images(folder: Path, n: int, size=(80, 64), seed: int = 0, ext: str = "png") -> list[Path]:
     """``n`` random RGB images of ``size`` (w, h) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,6 @@ import yaml
 from dreambooth_pl.cli import DreamBoothCLI
 from tests.conftest import REPO, fit_args
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture
 def no_model_load(monkeypatch):

@@ -8,18 +8,6 @@ from PIL import Image
 
 from dreambooth_pl.metrics.embedders import EmbedderWeightsError, load_clip, load_dino, to_unit_float
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def clip(random_embedders):
-    return random_embedders[0]
-
-
-@pytest.fixture(scope="module")
-def dino(random_embedders):
-    return random_embedders[1]
-
 
 def _uint8(n=2, h=40, w=56, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, h, w), dtype=np.uint8))

@@ -14,8 +14,6 @@ from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINOScore
 from dreambooth_pl.tools.evaluate import EvaluationError, evaluate, evaluate_suite
 from dreambooth_pl.tools.sample import write_json
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_evaluate_scores_the_generated_images(tmp_path, random_embedders):
     gen, bare, real = tmp_path / "gen", tmp_path / "bare", tmp_path / "real"

@@ -12,7 +12,6 @@ from PIL import Image
 from dreambooth_pl.tools.generate_class_images import ClassImageSettings, generate_class_images
 from dreambooth_pl.tools.sample import OutputError, read_png_metadata
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 FAST = dict(steps=2, progress=False, dtype="float32", device="cpu")
 
 

@@ -6,8 +6,6 @@ import torch
 
 from dreambooth_pl import lora as lora_lib
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def pipe(tiny_base):

@@ -10,18 +10,6 @@ import torch.nn.functional as F
 
 from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINODiversity, DINOScore, load_dino, remove_identifier
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def clip(random_embedders):
-    return random_embedders[0]
-
-
-@pytest.fixture(scope="module")
-def dino(random_embedders):
-    return random_embedders[1]
-
 
 def _images(n, seed, h=48, w=64):
     """Smooth random images: random low-frequency colour fields, so random-weight ViTs see distinct inputs."""

@@ -6,8 +6,6 @@ from dreambooth_pl.data.datasets import ImageSet, PairedStream
 from dreambooth_pl.module import DreamBoothLoRA
 from tests.conftest import write_images
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):

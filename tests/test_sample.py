@@ -12,8 +12,6 @@ from dreambooth_pl.__main__ import main
 from dreambooth_pl.sampling import SamplingError
 from dreambooth_pl.tools.sample import OutputError, read_png_metadata, sample
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_sample_writes_pngs_that_reproduce_themselves(tiny_base, lora_file, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"

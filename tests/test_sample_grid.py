@@ -7,8 +7,6 @@ import torch
 
 from dreambooth_pl.callbacks.sample_grid import SampleGrid
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_draw_switches_adapters_off_and_back_without_touching_weights(tiny_base):
     from dreambooth_pl.module import DreamBoothLoRA

@@ -12,7 +12,6 @@ from dreambooth_pl.sampling import (SCHEDULERS, SamplingError, add_loras, genera
                                     pipeline_from_module)
 
 PROMPT = "a photo of sks dog"
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def px(img) -> np.ndarray:

@@ -7,7 +7,6 @@ import torch
 
 from dreambooth_pl.sdxl import BaseModelError, add_time_ids, encode_prompts, load_parts, resolve_base, tokenize
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAKE_ID = "dreambooth-pl-tests/no-such-sdxl"
 

@@ -7,8 +7,6 @@ import torch
 from dreambooth_pl.cli import DreamBoothCLI
 from tests.conftest import REPO, fit_args
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, one_thread):
