@@ -219,6 +219,7 @@ def read_lora(path: str | os.PathLike, unet_config=None) -> LoRA:
     from safetensors import safe_open
 
     from .lora import LORA_FILE
+    from .safe_load import check_safetensors
 
     p = Path(path)
     if p.is_dir():
@@ -227,6 +228,7 @@ def read_lora(path: str | os.PathLike, unet_config=None) -> LoRA:
         raise LoRAFormatError(f"LoRA file {str(p)!r} does not exist.")
     if p.suffix != ".safetensors":
         raise LoRAFormatError(f"{str(p)!r}: LoRA files are read from .safetensors only (no pickles).")
+    check_safetensors(p, "LoRA")  # a pickle renamed .safetensors is named as such, never unpickled
     with safe_open(str(p), framework="pt") as f:
         state_dict = {k: f.get_tensor(k) for k in f.keys()}
         header = f.metadata() or {}

@@ -155,3 +155,12 @@ def test_kohya_sgm_block_names_map_to_diffusers_modules(pipe):
     assert tiny.modules() == ["unet.up_blocks.0.attentions.1.proj_in"]
     check_base(tiny, {"unet": pipe.unet})
     assert float(tiny.alphas[tiny.modules()[0]]) == 1.0 and tiny.scale(tiny.modules()[0]) == 0.5
+
+
+def test_a_pickle_named_safetensors_is_refused_unopened(tmp_path):
+    from dreambooth_pl.safe_load import UnsafeFileError
+
+    path = tmp_path / "hostile.safetensors"
+    torch.save({"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, path)
+    with pytest.raises(UnsafeFileError, match="pickle inside"):
+        read_lora(path)
