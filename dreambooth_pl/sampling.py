@@ -137,7 +137,10 @@ def decode_latents(pipe, latents: torch.Tensor) -> list:
         latents = latents * std / cfg.scaling_factor + mean
     else:
         latents = latents / cfg.scaling_factor
-    image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+    # outside any autocast (a 16-mixed trainer samples under one): the SDXL VAE overflows in fp16; one image at a
+    # time, as vae slicing does, so a 1024² fp32 decode stays a small transient beside a training run
+    with torch.autocast(vae.device.type, enabled=False):
+        image = torch.cat([vae.decode(x[None].to(vae.device, vae.dtype), return_dict=False)[0] for x in latents])
     return pipe.image_processor.postprocess(image.float(), output_type="pil")
 
 

@@ -80,3 +80,35 @@ def test_grids_under_16_mixed_on_gpu(tiny_base, subject_dirs, tmp_path):
     assert cli.model.unet.dtype == torch.float16
     (img,) = grid.draw(cli.trainer, cli.model, adapters=True)
     assert np.asarray(img).std() > 0
+
+
+@pytest.mark.parametrize("cache,text_encoder", [("off", False), ("all", False), ("latents", True)])
+def test_callbacks_sample_from_half_weights_and_fp32_adapters(tiny_base, subject_dirs, tmp_path, cache, text_encoder):
+    """bf16-mixed on the CPU gives the GPU's 16-mixed layout (half frozen base, fp32 adapters): SampleGrid and
+    SubjectMetrics draw and score from it, with input caching and text-encoder LoRA, leaving training untouched."""
+    from conftest import fit_args
+    from dreambooth_pl.callbacks.subject_metrics import SubjectMetrics
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=2, **{
+        "trainer.precision": "bf16-mixed", "model.cache": cache, "model.train_text_encoder": str(text_encoder)})
+    args += ["--trainer.callbacks+", "dreambooth_pl.callbacks.sample_grid.SampleGrid",
+             "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.steps", "2",
+             "--trainer.callbacks+=dreambooth_pl.callbacks.subject_metrics.SubjectMetrics",
+             "--trainer.callbacks.every_n_steps=1", "--trainer.callbacks.clip_weights=null",
+             "--trainer.callbacks.dino_weights=null"]
+    cli = DreamBoothCLI(args=args)
+    module, trainer = cli.model, cli.trainer
+    assert trainer.global_step == 2 and module.unet.dtype == torch.bfloat16
+    assert {p.dtype for p in module.trainable_parameters().values()} == {torch.float32}
+    metrics = next(cb for cb in trainer.callbacks if isinstance(cb, SubjectMetrics))
+    assert set(metrics.last_scores) == {"val/clip_i", "val/clip_t", "val/dino"}
+    assert all(np.isfinite(v) for v in metrics.last_scores.values())
+    grid = next(cb for cb in trainer.callbacks if isinstance(cb, SampleGrid))
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    rng = torch.get_rng_state()
+    module.unet.train()
+    images = grid.draw(None, module, adapters=True)  # no cache key: a fresh draw through the same path
+    assert np.asarray(images[0]).std() > 0
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state()) and module.unet.training

@@ -66,6 +66,7 @@ class SampleGrid(L.Callback):
         """
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        from ..data.cache import borrowed
         from ..sampling import generate, pipeline_from_module
 
         key = (trainer.global_step if trainer is not None else None, adapters)
@@ -81,7 +82,12 @@ class SampleGrid(L.Callback):
         modes = [(m, m.training) for model in (*models, pl_module.vae) for m in model.modules()]
         device = pl_module.device
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        with rng, torch.no_grad(), torch.autocast(device.type, enabled=False):
+        # the frozen base is half under 16-/bf16-mixed while the adapters stay fp32: sample under the same autocast
+        # that trains them (the VAE decode turns it off again); cached runs moved the encoders off the device
+        half = pl_module.weight_dtype()
+        autocast = torch.autocast(device.type, dtype=half, enabled=half != torch.float32)
+        encoders = borrowed((pl_module.vae, pl_module.text_encoder, pl_module.text_encoder_2), device)
+        with rng, torch.no_grad(), encoders, autocast:
             try:
                 for m, _ in modes:
                     m.training = False

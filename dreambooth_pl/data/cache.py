@@ -7,6 +7,7 @@ Crops are centred (a cache cannot hold every random crop); flips keep their per-
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -120,6 +121,27 @@ def _offload(*modules: torch.nn.Module) -> None:
         m.to("cpu")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextmanager
+def borrowed(modules, device: torch.device):
+    """Bring encoders that the cache moved off ``device`` back for the block (in-training sampling), then return
+    each to where it was, so the training step's memory is what it was before.
+
+    Args:
+        modules: the encoders a sampler needs (VAE, text encoders).
+        device: the training device.
+    """
+    moved = [(m, next(m.parameters()).device) for m in modules if next(m.parameters()).device != device]
+    for m, _ in moved:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in moved:
+            m.to(home)
+        if moved and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class CachedStream(PairedStream):
