@@ -53,6 +53,9 @@ class DreamBoothLoRA(L.LightningModule):
         compile_mode: ``torch.compile`` mode (None: default; ``reduce-overhead`` adds CUDA graphs).
         channels_last: NHWC memory format for the UNet's convolutions.
         attention: scaled-dot-product attention kernel (``auto`` lets PyTorch choose).
+        cuda_graph: replay the UNet's forward and backward from a CUDA graph (graphs.py): the step stops being
+            bound by Python launching ~10k small adapter kernels. Needs a CUDA device, frozen text encoders, no
+            adapter dropout and no ``compile_blocks``; on a CPU it is ignored with a warning.
     """
 
     def __init__(self, base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
@@ -68,7 +71,8 @@ class DreamBoothLoRA(L.LightningModule):
                  cache: Literal["off", "latents", "all"] = "off", checkpoint_every: int = 1,
                  compile_blocks: bool = False, compile_regions: list[str] = list(perf.BLOCKS),
                  compile_mode: Optional[str] = None, channels_last: bool = False,
-                 attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"):
+                 attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto",
+                 cuda_graph: bool = False):
         super().__init__()
         self.save_hyperparameters()
         if lora_rank <= 0:
@@ -84,7 +88,16 @@ class DreamBoothLoRA(L.LightningModule):
         if checkpoint_every < 1:
             raise ValueError(f"model.checkpoint_every must be >= 1, got {checkpoint_every} (turn checkpointing "
                              "off with model.gradient_checkpointing: false)")
+        if cuda_graph:
+            clash = [k for k, on in (("model.train_text_encoder", train_text_encoder),
+                                     ("model.lora_dropout", lora_dropout > 0), ("model.compile_blocks", compile_blocks))
+                     if on]
+            if clash:
+                raise ValueError(f"model.cuda_graph replays a fixed UNet call, which {clash[0]} breaks (text "
+                                 "embeddings that need gradients, random dropout masks, or compiled code in the "
+                                 f"capture). Turn {clash[0]} off, or set model.cuda_graph: false.")
         self.unet = None
+        self._graphed = None
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
         self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
@@ -128,8 +141,8 @@ class DreamBoothLoRA(L.LightningModule):
                                           hp.lora_init)
             lora_lib.add_lora(self.text_encoder, te_cfg)
             lora_lib.add_lora(self.text_encoder_2, te_cfg)
-        if hp.gradient_checkpointing:
-            perf.set_checkpointing(self.unet, hp.checkpoint_every)
+        if hp.gradient_checkpointing:  # only dropout draws random numbers inside the UNet's blocks
+            perf.set_checkpointing(self.unet, hp.checkpoint_every, preserve_rng_state=hp.lora_dropout > 0)
             if hp.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
                 self.text_encoder_2.gradient_checkpointing_enable()
@@ -218,11 +231,32 @@ class DreamBoothLoRA(L.LightningModule):
         time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"], size).to(self.device)
         if self.hparams.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
-        with perf.attention_context(self.hparams.attention):
-            pred = self.unet(noisy, t, encoder_hidden_states=prompt_embeds,
-                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        pred = self.unet_call()(noisy, t, prompt_embeds, pooled, time_ids)
         weights = self.noise.min_snr_weights(t, self.hparams.snr_gamma) if self.hparams.snr_gamma else None
         return self.loss_fn(pred, self.noise.target(latents, noise, t), batch["is_prior"], weights)
+
+    def _unet(self, noisy, t, prompt_embeds, pooled, time_ids) -> torch.Tensor:
+        """The UNet's noise prediction from positional tensors (the form a CUDA graph captures)."""
+        with perf.attention_context(self.hparams.attention):
+            return self.unet(noisy, t, encoder_hidden_states=prompt_embeds,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    def unet_call(self):
+        """The eager UNet call, or its CUDA-graph replay with ``cuda_graph`` on a CUDA device."""
+        if not self.hparams.cuda_graph or not torch.is_grad_enabled():
+            return self._unet
+        if self.device.type != "cuda":
+            if self._graphed is None:
+                rank_zero_warn(f"model.cuda_graph needs a CUDA device; running the UNet eagerly on {self.device.type}.")
+                self._graphed = self._unet
+            return self._graphed
+        if self._graphed is None:
+            from .graphs import GraphedCall
+
+            dtype = self.weight_dtype()
+            self._graphed = GraphedCall(self._unet, [p for p in self.unet.parameters() if p.requires_grad],
+                                        None if dtype == torch.float32 else dtype)
+        return self._graphed
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         terms = self.forward_loss(batch)

@@ -68,26 +68,30 @@ def compile_blocks(model: torch.nn.Module, types: Sequence[str] = BLOCKS, **comp
     return len(blocks)
 
 
-def _checkpointed(forward):
+def _checkpointed(forward, preserve_rng_state: bool = True):
     @functools.wraps(forward)
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state, **kwargs)
 
     run.checkpointed = True
     return run
 
 
-def set_checkpointing(unet: torch.nn.Module, every: int = 1, types: Sequence[str] = CHECKPOINT_BLOCKS) -> int:
+def set_checkpointing(unet: torch.nn.Module, every: int = 1, types: Sequence[str] = CHECKPOINT_BLOCKS,
+                      preserve_rng_state: bool = True) -> int:
     """Gradient checkpointing (Chen et al. 2016, arXiv 1604.06174) of all or every k-th block.
 
     Args:
         unet: a diffusers model.
         every: 0 = off; 1 = diffusers' own checkpointing of every block; k > 1 = recompute only every k-th
             block of ``types`` (memory falls roughly by (k-1)/k of the block activations, recompute time by 1/k).
+        types: class names of the blocks that may be recomputed.
+        preserve_rng_state: replay the forward's RNG in the recompute; needed only when the blocks draw random
+            numbers (adapter dropout), and it reads the CUDA RNG state, which a CUDA-graph capture cannot.
     Returns the number of blocks recomputed in backward.
     """
     if every < 0:
@@ -96,7 +100,12 @@ def set_checkpointing(unet: torch.nn.Module, every: int = 1, types: Sequence[str
         if getattr(m.forward, "checkpointed", False):
             del m.forward
     if every == 1:
-        unet.enable_gradient_checkpointing()
+        from torch.utils.checkpoint import checkpoint
+
+        def func(module, *args):  # diffusers' default, with the RNG choice made explicit
+            return checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state)
+
+        unet.enable_gradient_checkpointing(func)
         return len(blocks_of(unet, types))
     if getattr(unet, "is_gradient_checkpointing", False):
         unet.disable_gradient_checkpointing()
@@ -104,7 +113,7 @@ def set_checkpointing(unet: torch.nn.Module, every: int = 1, types: Sequence[str
         return 0
     chosen = blocks_of(unet, types)[every - 1::every]
     for m in chosen:  # instance attribute: the class's forward stays untouched for other instances
-        m.forward = _checkpointed(m.forward)
+        m.forward = _checkpointed(m.forward, preserve_rng_state)
     return len(chosen)
 
 

@@ -1,0 +1,99 @@
+"""CUDA-graph replay of the UNet's forward and backward: one launch each instead of ~10k small kernels.
+
+The frozen-base LoRA step is host-bound: the GPU idles while Python issues thousands of small adapter kernels
+(BENCHMARKS.md profile). With pre-encoded inputs (``model.cache``) and a fixed resolution every tensor of the UNet
+call has a static shape, so its forward and backward can be captured once and replayed (NVIDIA, "CUDA Graphs";
+the same idea as ``torch.cuda.make_graphed_callables``, written out here so that the warm-up's memory is returned
+before capture and the adapters' gradients leave the graph as fresh tensors, which gradient accumulation needs).
+
+The loss, the optimizer (8-bit Adam included), gradient scaling and clipping stay eager and unchanged; only the
+UNet call is replayed, so Lightning's loop, resume, accumulation and the NaN guard work as before. A call whose
+shapes differ from the captured ones runs eagerly.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+
+class GraphedCall:
+    """``fn(*inputs) -> Tensor`` replayed from a CUDA graph, differentiable w.r.t. ``params``.
+
+    Args:
+        fn: the eager call (the UNet on positional tensors), free of host syncs and data-dependent control flow.
+        params: the trainable parameters ``fn`` reads (the adapters); their gradients come out of the graph.
+        autocast_dtype: the mixed-precision dtype the trainer runs ``fn`` under (None: no autocast).
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], params: Sequence[torch.nn.Parameter],
+                 autocast_dtype: torch.dtype | None = None):
+        self.fn, self.params, self.autocast_dtype = fn, tuple(params), autocast_dtype
+        self.key = None
+        self.fallbacks = 0
+
+    @staticmethod
+    def signature(inputs: Sequence[torch.Tensor]) -> tuple:
+        return tuple((x.shape, x.dtype, x.stride(), x.device) for x in inputs)
+
+    def _autocast(self):
+        # make_graphed_callables' rule: autocast's weight-cast cache would hold tensors from outside the graph
+        return torch.autocast("cuda", dtype=self.autocast_dtype or torch.float16,
+                              enabled=self.autocast_dtype is not None, cache_enabled=False)
+
+    def capture(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Warm up once on a side stream, give its memory back, then capture forward and backward in one pool."""
+        self.static_in = [x.detach().clone() for x in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), self._autocast():  # cuBLAS/cuDNN plans and lazy init happen outside capture
+            out = self.fn(*self.static_in)
+            torch.autograd.grad(out, self.params, torch.ones_like(out), allow_unused=True)
+            del out
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's activations would otherwise stay cached beside the graph's pool
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(self.fwd, pool=pool, stream=stream), self._autocast():
+            self.static_out = self.fn(*self.static_in)
+        self.static_grad_out = torch.empty_like(self.static_out)
+        with torch.cuda.graph(self.bwd, pool=pool, stream=stream):
+            grads = torch.autograd.grad(self.static_out, self.params, self.static_grad_out, allow_unused=True)
+        self.static_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        self.key = self.signature(inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.key is None:
+            self.capture(inputs)
+        if self.signature(inputs) != self.key:  # e.g. a last short batch: correct, just not replayed
+            self.fallbacks += 1
+            if self.fallbacks == 1:
+                warnings.warn("model.cuda_graph: a batch of another shape than the captured one ran eagerly "
+                              f"({[tuple(x.shape) for x in inputs]}).", stacklevel=2)
+            return self.fn(*inputs)
+        return _Replay.apply(self, *inputs, *self.params)
+
+
+class _Replay(torch.autograd.Function):
+    """Autograd node of one replay: forward copies the inputs in and replays; backward replays the gradient graph."""
+
+    @staticmethod
+    def forward(ctx, call: GraphedCall, *args: torch.Tensor) -> torch.Tensor:
+        ctx.call = call
+        for static, x in zip(call.static_in, args[:len(call.static_in)]):
+            static.copy_(x)
+        call.fwd.replay()
+        return call.static_out.clone()  # the next replay overwrites the static output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        call = ctx.call
+        call.static_grad_out.copy_(grad_out)
+        call.bwd.replay()
+        # fresh tensors in a few multi-tensor kernels: autograd may keep a returned gradient as ``.grad``, and a
+        # static buffer kept there would be overwritten by the next micro-batch's replay
+        grads = torch._foreach_mul(call.static_grads, 1.0)
+        return (None,) + (None,) * len(call.static_in) + tuple(grads)
