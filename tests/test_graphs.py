@@ -3,6 +3,7 @@ the graphed step trains the same adapters as the eager one."""
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -43,20 +44,30 @@ def _fit(base, dirs, root, graph: bool, steps: int, **over):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("checkpointing", [0, 1, 2])
-def test_graphed_steps_equal_eager_steps_on_gpu(tiny_base, subject_dirs, tmp_path, checkpointing):
-    """20 graphed steps (2 micro-batches each) against 20 eager steps from the same start: same adapters within
-    bf16 tolerance, and the graph was really replayed (no eager fallback)."""
+@pytest.mark.parametrize("precision,checkpointing", [("32-true", 0), ("32-true", 1), ("32-true", 2),
+                                                     ("bf16-mixed", 1)])
+def test_graphed_steps_equal_eager_steps_on_gpu(tiny_base, subject_dirs, tmp_path, precision, checkpointing):
+    """20 graphed steps (2 micro-batches each) against 20 eager steps from the same start, with the graph really
+    replayed (no eager fallback): in fp32 the adapters agree to rounding; under bf16 the two updates point the same
+    way (Adam turns bf16 rounding of near-zero gradients into full-size steps, so elementwise equality is not the
+    test there)."""
     over = {"model.gradient_checkpointing": str(checkpointing > 0).lower(),
-            "model.checkpoint_every": max(checkpointing, 1)}
+            "model.checkpoint_every": max(checkpointing, 1), "trainer.precision": precision}
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     eager, start = _fit(tiny_base, subject_dirs, tmp_path / "eager", False, 20, **over)
     graphed, start_g = _fit(tiny_base, subject_dirs, tmp_path / "graph", True, 20, **over)
     call = graphed.model._graphed
     assert call.key is not None and call.fallbacks == 0
     a, b = eager.model.trainable_parameters(), graphed.model.trainable_parameters()
     assert all(torch.equal(start[k], start_g[k]) for k in start)
-    moved = sum((a[k].float() - start[k].float()).norm() ** 2 for k in a) ** 0.5
-    diff = sum((a[k].float() - b[k].float()).norm() ** 2 for k in a) ** 0.5
-    assert moved > 0 and diff <= 2e-2 * moved, (float(diff), float(moved))
-    le, lg = eager.trainer.logged_metrics["train/loss"], graphed.trainer.logged_metrics["train/loss"]
-    assert torch.isfinite(lg) and abs(float(le) - float(lg)) <= 2e-2 * abs(float(le)) + 1e-4
+    da = torch.cat([(a[k].detach().float() - start[k].float()).flatten() for k in a])
+    db = torch.cat([(b[k].detach().float() - start[k].float()).flatten() for k in a])
+    rel, cos = float((da - db).norm() / da.norm()), float(torch.nn.functional.cosine_similarity(da, db, dim=0))
+    le, lg = float(eager.trainer.logged_metrics["train/loss"]), float(graphed.trainer.logged_metrics["train/loss"])
+    detail = f"rel={rel:.3g} cos={cos:.4f} loss eager={le:.6g} graphed={lg:.6g}"
+    print(detail)
+    assert da.norm() > 0 and np.isfinite(lg), detail
+    if precision == "32-true":
+        assert rel <= 1e-3 and abs(le - lg) <= 1e-4 * abs(le), detail
+    else:
+        assert cos >= 0.9 and abs(le - lg) <= 5e-2 * abs(le), detail

@@ -102,6 +102,14 @@ def build_cache(module, instance: ImageSet, prior: ImageSet | None, resolution: 
         mode: ``latents`` or ``all``.
         offload: move the encoders that are no longer needed to the CPU.
     """
+    # the VAE's fp32 activations at 1024² are the run's largest transient: encode with the UNet parked on the CPU
+    unet = getattr(module, "unet", None)
+    with borrowed([unet] if offload and unet is not None else [], torch.device("cpu")):
+        return _build(module, instance, prior, resolution, mode, offload)
+
+
+def _build(module, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
+           offload: bool) -> InputCache:
     text = {}
     if mode == "all":
         sets = [s for s in (instance, prior) if s]

@@ -17,8 +17,9 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 
-Preset = Literal["fast", "t4-16gb", "t4-16gb-te", "sample"]
+Preset = Literal["recipe", "fast", "t4-16gb", "t4-16gb-te", "sample"]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "perf"
+RECIPE = CONFIGS.parent / "sdxl_lora_prior.yaml"  # the shipped recipe, preset "recipe"
 SAMPLE_DOG = Path(__file__).resolve().parents[2] / "data" / "sample" / "dog"
 GIB = 2**30
 
@@ -70,7 +71,9 @@ class StepTimer(L.Callback):
         if self._stack is not None and batch_idx == self.flop_step:
             self._stack.close()
             self._stack = None
-            self.flops = self._counter.get_total_flops()
+            # a CUDA-graph capture step runs the UNet twice (warm-up, capture) and replays once unseen by the counter
+            passes = 2 if getattr(pl_module.hparams, "cuda_graph", False) and pl_module.device.type == "cuda" else 1
+            self.flops = self._counter.get_total_flops() / passes
         if self._prof is not None and batch_idx == self.warmup - 1:
             self._sync(pl_module.device)
             self._py.disable()
@@ -141,9 +144,14 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
     """Run ``fit`` with ``configs/perf/<preset>.yaml`` for ``warmup + steps`` steps and time the last ``steps``."""
     from ..cli import DreamBoothCLI
 
+    import yaml
+
+    start = time.perf_counter()
     instance_dir, class_dir = prepare_inputs(work)
     timer = StepTimer(warmup, profile=profile)
-    args = ["--config", str(CONFIGS / f"{preset}.yaml"), "--model.base_model", base,
+    config = RECIPE if preset == "recipe" else CONFIGS / f"{preset}.yaml"
+    recipe_steps = yaml.safe_load(config.read_text())["trainer"]["max_steps"]
+    args = ["--config", str(config), "--model.base_model", base,
             "--data.instance_dir", instance_dir, "--data.class_dir", class_dir, "--data.num_class_images", "4",
             f"--trainer.max_steps={warmup + steps}", f"--trainer.devices={devices}",
             "--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.enable_progress_bar=false",
@@ -151,6 +159,7 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
             "--checkpoint.save_last=false", "--export.dirpath", str(work / "export"), *overrides]
     cli = DreamBoothCLI(args=args, run=False, trainer_defaults={"callbacks": [timer]})
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    wall = time.perf_counter() - start  # load, caching, capture/compile, every step, export: what a user waits for
     trainer, model = cli.trainer, cli.model
     dm = trainer.datamodule.hparams
     n_images = dm.batch_size * (2 if dm.with_prior_preservation else 1)
@@ -165,10 +174,63 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else float("nan"),
         "warmup_peak_reserved_gib": timer.peak_overall[1] / GIB,
+        "run_peak_reserved_gib": max(timer.peak_overall[1], torch.cuda.max_memory_reserved() if cuda else 0) / GIB,
+        "wall_s": wall, "recipe_steps": recipe_steps,
+        # the measured run, plus the recipe's remaining steps at the steady rate
+        "time_to_lora_min": (wall + (recipe_steps - trainer.global_step) * timer.seconds) / 60,
         "warmup_s": [round(s, 3) for s in timer.warmup_s], "optimizer_state_mib": opt_bytes / 2**20,
         "trainable_params_m": sum(p.numel() for p in model.trainable_parameters().values()) / 1e6,
         "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))), "rank": trainer.global_rank,
     }
+
+
+def reference_benchmark(script: str, base: str, work: Path, steps: int, mixed_precision: str = "fp16",
+                        recipe: bool = True, recipe_steps: int = 1000) -> dict:
+    """Time diffusers' ``train_dreambooth_lora_sdxl.py`` (unchanged) on the same base and data in this call.
+
+    Args:
+        script: path of the reference script.
+        base, work: as for :func:`train_benchmark` (same sample photos and class images).
+        steps: steps it runs; s/step is the difference of two runs (``steps`` and ``steps // 4``) over their step
+            difference, so its load time cancels out.
+        mixed_precision: ``fp16`` (with ``recipe``: the original project's recipe: checkpointing, 8-bit Adam) or
+            ``bf16`` (its fastest: no checkpointing, AdamW).
+        recipe: add ``--gradient_checkpointing --use_8bit_adam``.
+        recipe_steps: steps of the full run its time-to-LoRA is extrapolated to.
+    """
+    import subprocess
+    import sys
+
+    instance_dir, class_dir = prepare_inputs(work)
+    # the peak is read in the same process at exit; the script itself is run unchanged
+    probe = ("import atexit, runpy, sys, torch; atexit.register(lambda: print('REFERENCE_PEAK', "
+             "torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved(), flush=True)); "
+             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    runs = {}
+    for n in (max(steps // 4, 1), steps):
+        out = work / f"reference-{mixed_precision}-{n}"
+        cmd = [sys.executable, "-c", probe, script, "--pretrained_model_name_or_path", base,
+               "--instance_data_dir", instance_dir, "--instance_prompt", "a photo of sks dog",
+               "--output_dir", str(out), "--resolution", "1024", "--train_batch_size", "1", "--learning_rate",
+               "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
+               "--with_prior_preservation", "--class_data_dir", class_dir, "--num_class_images", "4",
+               "--class_prompt", "a photo of dog", "--mixed_precision", mixed_precision, "--rank", "4",
+               "--max_train_steps", str(n), "--checkpointing_steps", "100000", "--report_to", "tensorboard"]
+        cmd += ["--gradient_checkpointing", "--use_8bit_adam"] if recipe else []
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode:
+            raise RuntimeError(f"reference script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        peak = next(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("REFERENCE_PEAK"))
+        runs[n] = (wall, int(peak[0]) / GIB, int(peak[1]) / GIB)
+    (n0, (w0, _, _)), (n1, (w1, alloc, reserved)) = sorted(runs.items())
+    per_step = (w1 - w0) / (n1 - n0)
+    return {"preset": f"reference-{mixed_precision}" + ("-recipe" if recipe else ""), "s_per_step": per_step,
+            "images_per_s": 2 / per_step, "peak_alloc_gib": alloc, "peak_reserved_gib": reserved,
+            "run_peak_reserved_gib": reserved, "wall_s": w1, "recipe_steps": recipe_steps,
+            "time_to_lora_min": (w1 + (recipe_steps - n1) * per_step) / 60, "steps": n1, "rank": 0,
+            "script": script}
 
 
 def sample_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024) -> dict:
@@ -195,7 +257,8 @@ def sample_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
 def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: str = "data/_cache/sdxl-random",
               base_preset: Literal["tiny", "sdxl"] = "sdxl", work: str = "data/_cache/bench", devices: int = 1,
               overrides: Optional[list[str]] = None, out: Optional[str] = None,
-              profile: Optional[str] = None) -> Optional[str]:
+              profile: Optional[str] = None, reference: Optional[str] = None,
+              reference_precision: Literal["fp16", "bf16"] = "fp16") -> Optional[str]:
     """Measure s/step, images/s, peak memory and TFLOP/s of the real training path (or sampling s/image).
 
     Args:
@@ -209,9 +272,15 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         overrides: extra ``fit`` arguments, e.g. ``--model.optimizer=adamw``.
         out: append the result as one JSON line to this file.
         profile: write a torch.profiler table (top kernels) of the last warm-up step to this file.
+        reference: instead, time diffusers' ``train_dreambooth_lora_sdxl.py`` at this path on the same base and
+            data (``../shared/reference/``; run unchanged), for ``warmup + steps`` steps.
+        reference_precision: the reference's ``fp16`` recipe (checkpointing, 8-bit Adam) or ``bf16`` (its fastest).
     """
     base = build_base(base, base_preset)
-    if preset == "sample":
+    if reference:
+        fp16 = reference_precision == "fp16"
+        result = reference_benchmark(reference, base, Path(work), warmup + steps, reference_precision, recipe=fp16)
+    elif preset == "sample":
         result = sample_benchmark(base, steps, resolution=1024 if base_preset == "sdxl" else 64)
     else:
         result = train_benchmark(preset, steps, warmup, base, Path(work), devices, list(overrides or []),

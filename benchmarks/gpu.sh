@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One device call: install the wheels the GPU image lacks, then run the named stages, logging under $OUT.
+#   bash benchmarks/gpu.sh tests bench reference     (stages run in the order given)
+# Wheels: .whl/ (see docs/gpu-tests.md); the reference script: .bench/reference/ (a copy of ../shared/reference/).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+BASE=data/_cache/sdxl-random
+JSONL=$OUT/bench.jsonl
+bench() { timeout 300 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" "$@" 2>&1 | tail -n 4; }
+for stage in "$@"; do
+  echo "== $stage $(date +%T)"
+  case $stage in
+    base) python3 -c "from dreambooth_pl.tools.benchmark import build_base; build_base('$BASE', 'sdxl')" ;;
+    tests) timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=15 2>&1 > "$OUT/pytest-gpu.txt";
+      grep -E "passed|failed|rel=|Error|^FAILED|^E " "$OUT/pytest-gpu.txt" | tail -n 40 ;;
+    graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
+    recipe) bench --preset recipe --steps 15 --warmup 4 ;;
+    recipe-expandable) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench --preset recipe --steps 12 --warmup 4 \
+        --overrides '["--data.instance_prompt=expandable_segments"]' ;;
+    recipe-eager) bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.cuda_graph=false"]' ;;
+    recipe-variants)
+      bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.checkpoint_every=2"]'
+      bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.gradient_checkpointing=false"]' ;;
+    fast) bench --preset fast --steps 15 --warmup 4 --overrides '["--model.compile_blocks=false","--model.cuda_graph=true"]' ;;
+    t4) bench --preset t4-16gb --steps 12 --warmup 4 --overrides '["--model.compile_blocks=false","--model.cuda_graph=true"]' ;;
+    t4-te) bench --preset t4-16gb-te --steps 10 --warmup 3 --overrides '["--model.compile_blocks=false"]' ;;
+    reference) bench --reference .bench/reference/train_dreambooth_lora_sdxl.py --steps 16 --warmup 4 ;;
+    reference-bf16) bench --reference .bench/reference/train_dreambooth_lora_sdxl.py --reference_precision bf16 --steps 16 --warmup 4 ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+echo "== done $(date +%T)"
+python3 - "$JSONL" <<'PY'
+import json, sys, os
+if os.path.exists(sys.argv[1]):
+    for line in open(sys.argv[1]):
+        r = json.loads(line)
+        print(f"{r['preset']:>22} {r.get('overrides',''):>60} {r['s_per_step']:.3f} s/step  "
+              f"steady {r.get('peak_reserved_gib', 0):.2f}  run-peak {r.get('run_peak_reserved_gib', 0):.2f} GiB  "
+              f"ttl {r.get('time_to_lora_min', 0):.1f} min  warmup {r.get('warmup_s', '')}")
+PY
