@@ -16,7 +16,7 @@ for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
     base) python3 -c "from dreambooth_pl.tools.benchmark import build_base; build_base('$BASE', 'sdxl')" ;;
-    tests) timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=15 2>&1 > "$OUT/pytest-gpu.txt";
+    tests) timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=15 > "$OUT/pytest-gpu.txt" 2>&1;
       grep -E "passed|failed|rel=|Error|^FAILED|^E " "$OUT/pytest-gpu.txt" | tail -n 40 ;;
     graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
     recipe) bench --preset recipe --steps 15 --warmup 4 ;;
