@@ -22,6 +22,8 @@ for stage in "$@"; do
     recipe) bench --preset recipe --steps 15 --warmup 4 ;;
     recipe-expandable) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench --preset recipe --steps 12 --warmup 4 \
         --overrides '["--data.instance_prompt=expandable_segments"]' ;;
+    recipe-noflops) bench --preset recipe --steps 10 --warmup 3 --count_flops false ;;
+    graph-memory) timeout 200 python3 benchmarks/graph_memory.py $BASE 1 2 2>&1 | grep -v Warning ;;
     recipe-eager) bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.cuda_graph=false"]' ;;
     recipe-variants)
       bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.checkpoint_every=2"]'

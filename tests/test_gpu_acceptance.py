@@ -78,16 +78,17 @@ def test_recipe_trains_and_scores_under_mixed_precision(sdxl, recipe_run, precis
     scores = next(cb for cb in trainer.callbacks if isinstance(cb, SubjectMetrics)).last_scores
     assert set(scores) == {"val/clip_i", "val/clip_t", "val/dino"} and all(np.isfinite(list(scores.values())))
     grid = next(cb for cb in trainer.callbacks if isinstance(cb, SampleGrid))
+    model.cuda()  # Lightning hands the module back on the CPU when fit ends
     image = np.asarray(grid.draw(trainer, model)[0], dtype=float)
     assert image.shape == (SIZE, SIZE, 3) and image.std() > 1  # decoded, not NaN-black or flat
-    assert sorted(p.name for p in root.glob("*/samples/*.png"))[0] == "samples_base_step000000.png"
+    assert sorted(p.name for p in root.glob("lightning_logs/*/samples/*.png"))[0] == "samples_base_step000000.png"
 
 
 def test_resume_from_last_continues_the_run(sdxl, recipe_run):
     from dreambooth_pl.cli import DreamBoothCLI
 
     cli, root = recipe_run
-    last = next(root.glob("*/checkpoints/last.ckpt"))
+    last = next(root.glob("lightning_logs/*/checkpoints/last.ckpt"))
     before = {k: v.detach().clone() for k, v in cli.model.trainable_parameters().items()}
     resumed = DreamBoothCLI(args=recipe_args(sdxl, sdxl[3] / "resumed", 12, "--ckpt_path", str(last)))
     assert resumed.trainer.global_step == 12
@@ -102,6 +103,7 @@ def exported(sdxl, recipe_run):
     from dreambooth_pl.tools.export import export
 
     cli, _ = recipe_run
+    cli.model.cuda()  # Lightning hands the module back on the CPU when fit ends
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in cli.model.trainable_parameters().items():
@@ -159,7 +161,7 @@ def sampled(sdxl, exported):
     for scheduler in ("euler", "dpmpp_2m"):
         outs[scheduler] = sample(base=sdxl[0], out=str(sdxl[3] / f"samples-{scheduler}"), prompt="a photo of sks dog",
                                  lora=files["diffusers"], scheduler=scheduler, steps=4, height=SIZE, width=SIZE,
-                                 seeds=[0, 1])
+                                 images_per_prompt=2)
     return outs
 
 
@@ -178,8 +180,9 @@ def test_generate_class_images(sdxl):
 
     from dreambooth_pl.tools.generate_class_images import generate_class_images
 
-    out = Path(generate_class_images(base=sdxl[0], prompt="a photo of dog", out=str(sdxl[3] / "class-gen"), num=2,
-                                     steps=4, resolution=SIZE, progress=False))
+    out = sdxl[3] / "class-gen"
+    generate_class_images(base=sdxl[0], prompt="a photo of dog", out=str(out), num=2, steps=4, resolution=SIZE,
+                          progress=False)
     images = [np.asarray(Image.open(p), dtype=float) for p in sorted(out.glob("*.png"))]
     assert len(images) == 2 and all(im.shape == (SIZE, SIZE, 3) and im.std() > 1 for im in images)
 
@@ -234,5 +237,5 @@ def test_ddp_two_gpus_trains_and_exports_once(sdxl):
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 
-    lora = load_file(next(root.glob("*/pytorch_lora_weights.safetensors")))
+    lora = load_file(next(root.glob("lightning_logs/*/pytorch_lora_weights.safetensors")))
     assert lora and all(torch.isfinite(t).all() for t in lora.values())

@@ -60,8 +60,8 @@ def test_graphed_steps_equal_eager_steps_on_gpu(tiny_base, subject_dirs, tmp_pat
     assert call.key is not None and call.fallbacks == 0
     a, b = eager.model.trainable_parameters(), graphed.model.trainable_parameters()
     assert all(torch.equal(start[k], start_g[k]) for k in start)
-    da = torch.cat([(a[k].detach().float() - start[k].float()).flatten() for k in a])
-    db = torch.cat([(b[k].detach().float() - start[k].float()).flatten() for k in a])
+    da = torch.cat([(a[k].detach().cpu().float() - start[k].cpu().float()).flatten() for k in a])
+    db = torch.cat([(b[k].detach().cpu().float() - start[k].cpu().float()).flatten() for k in a])
     rel, cos = float((da - db).norm() / da.norm()), float(torch.nn.functional.cosine_similarity(da, db, dim=0))
     le, lg = float(eager.trainer.logged_metrics["train/loss"]), float(graphed.trainer.logged_metrics["train/loss"])
     detail = f"rel={rel:.3g} cos={cos:.4f} loss eager={le:.6g} graphed={lg:.6g}"

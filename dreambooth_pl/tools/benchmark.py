@@ -42,6 +42,7 @@ class StepTimer(L.Callback):
         self.steps = 0
         self.seconds = float("nan")
         self.peak_overall = (0, 0)
+        self.peak_setup = 0
         self._stack: contextlib.ExitStack | None = None
         self._t = 0.0
 
@@ -49,6 +50,10 @@ class StepTimer(L.Callback):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":  # model load + input caching, before the first step
+            self.peak_setup = torch.cuda.max_memory_reserved()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if batch_idx == 0:
@@ -140,7 +145,7 @@ def environment() -> dict:
 
 
 def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path, devices: int,
-                    overrides: list[str], profile: Optional[str] = None) -> dict:
+                    overrides: list[str], profile: Optional[str] = None, count_flops: bool = True) -> dict:
     """Run ``fit`` with ``configs/perf/<preset>.yaml`` for ``warmup + steps`` steps and time the last ``steps``."""
     from ..cli import DreamBoothCLI
 
@@ -148,7 +153,7 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
 
     start = time.perf_counter()
     instance_dir, class_dir = prepare_inputs(work)
-    timer = StepTimer(warmup, profile=profile)
+    timer = StepTimer(warmup, flop_step=0 if count_flops else -1, profile=profile)
     config = RECIPE if preset == "recipe" else CONFIGS / f"{preset}.yaml"
     recipe_steps = yaml.safe_load(config.read_text())["trainer"]["max_steps"]
     args = ["--config", str(config), "--model.base_model", base,
@@ -173,6 +178,7 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
         "tflop_per_step": timer.flops / 1e12, "tflops": timer.flops / 1e12 / timer.seconds,
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else float("nan"),
+        "setup_peak_reserved_gib": timer.peak_setup / GIB,
         "warmup_peak_reserved_gib": timer.peak_overall[1] / GIB,
         "run_peak_reserved_gib": max(timer.peak_overall[1], torch.cuda.max_memory_reserved() if cuda else 0) / GIB,
         "wall_s": wall, "recipe_steps": recipe_steps,
@@ -258,7 +264,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
               base_preset: Literal["tiny", "sdxl"] = "sdxl", work: str = "data/_cache/bench", devices: int = 1,
               overrides: Optional[list[str]] = None, out: Optional[str] = None,
               profile: Optional[str] = None, reference: Optional[str] = None,
-              reference_precision: Literal["fp16", "bf16"] = "fp16") -> Optional[str]:
+              reference_precision: Literal["fp16", "bf16"] = "fp16", count_flops: bool = True) -> Optional[str]:
     """Measure s/step, images/s, peak memory and TFLOP/s of the real training path (or sampling s/image).
 
     Args:
@@ -275,6 +281,8 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         reference: instead, time diffusers' ``train_dreambooth_lora_sdxl.py`` at this path on the same base and
             data (``../shared/reference/``; run unchanged), for ``warmup + steps`` steps.
         reference_precision: the reference's ``fp16`` recipe (checkpointing, 8-bit Adam) or ``bf16`` (its fastest).
+        count_flops: count the first step's FLOPs (torch's FlopCounterMode; it runs that step's compiled parts
+            eagerly, so turn it off to see the first step as a user gets it).
     """
     base = build_base(base, base_preset)
     if reference:
@@ -284,7 +292,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         result = sample_benchmark(base, steps, resolution=1024 if base_preset == "sdxl" else 64)
     else:
         result = train_benchmark(preset, steps, warmup, base, Path(work), devices, list(overrides or []),
-                                 profile)
+                                 profile, count_flops)
     if result["rank"] != 0:
         return None
     result.update(environment(), date=time.strftime("%Y-%m-%d"))
