@@ -99,12 +99,9 @@ class DreamBoothLoRA(L.LightningModule):
     def prepare_data(self) -> None:
         """Build the random base once per machine (local rank 0) before any process loads it."""
         if self.hparams.random_base:
-            from pathlib import Path
+            from .bases import build_random_base
 
-            from .bases import make_base
-
-            if not (Path(self.hparams.base_model) / "model_index.json").exists():
-                make_base(self.hparams.random_base, self.hparams.base_model)
+            build_random_base(self.hparams.random_base, self.hparams.base_model)  # refuses folders not its own
 
     def configure_model(self) -> None:
         """Load the base and inject adapters; Lightning calls this after the data is validated."""

@@ -158,7 +158,7 @@ def test_kohya_sgm_block_names_map_to_diffusers_modules(pipe):
 
 
 def test_a_pickle_named_safetensors_is_refused_unopened(tmp_path):
-    from dreambooth_pl.safe_load import UnsafeFileError
+    from dreambooth_pl.io import UnsafeFileError
 
     path = tmp_path / "hostile.safetensors"
     torch.save({"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, path)
