@@ -30,6 +30,7 @@ def test_sample_writes_pngs_that_reproduce_themselves(tiny_base, lora_file, tmp_
     meta = read_png_metadata(first)
     assert (meta["scheduler"], meta["steps"], meta["negative_prompt"], meta["seed"]) == ("euler_a", 2, "blurry", 5)
     assert (meta["dtype"], meta["device"]) == ("float32", "cpu") and meta["versions"]["diffusers"]
+    assert meta["random_base"] == "tiny"  # drawn from make-base's random weights, and the PNG says so
     assert "Negative prompt: blurry" in Image.open(first).text["parameters"]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width == 2 * 64 and sheet.height > 64

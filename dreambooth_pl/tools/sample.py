@@ -17,14 +17,17 @@ REPRO_KEYS = ("base", "vae", "loras", "scheduler", "steps", "guidance", "negativ
 
 
 def runtime(pipe) -> dict:
-    """What ran, beside the settings: the effective dtype (CPU runs fp16 requests in fp32), device and versions."""
+    """What ran, beside the settings: the effective dtype (CPU runs fp16 requests in fp32), device, versions, and
+    ``random_base`` (the make-base preset, or None) so a PNG drawn from random weights says so."""
     import diffusers
     import torch
 
     from ..sampling import DTYPES
+    from ..sdxl import random_base_preset
 
     names = {v: k for k, v in DTYPES.items()}
     return {"dtype": names[pipe.unet.dtype], "device": pipe.device.type,
+            "random_base": random_base_preset(pipe.name_or_path) if pipe.name_or_path else None,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}}
 
 
