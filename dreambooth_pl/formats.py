@@ -154,7 +154,7 @@ def check_values(lora: LoRA, source: str) -> LoRA:
                                   f"{lora.up(m).dim()}-D lora_B; the file is damaged.")
         alpha = float(lora.alphas[m])
         if not math.isfinite(alpha) or abs(alpha / lora.rank(m)) > MAX_SCALE:
-            raise LoRAFormatError(f"{source}: module {m!r} has alpha {alpha} for rank {lora.rank(m)} (scale "
+            raise LoRAFormatError(f"{source}: module {m!r} has alpha {alpha:g} for rank {lora.rank(m)} (scale "
                                   f"alpha/rank beyond ±{MAX_SCALE:g}): the file's alpha is broken.")
     return lora
 
