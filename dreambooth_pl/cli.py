@@ -102,6 +102,20 @@ class DreamBoothCLI(LightningCLI):
         parser.link_arguments("model.base_model", "data.base_model")  # data.generate_class_images draws with it
         parser.link_arguments("model.vae_model", "data.vae_model")
 
+    def before_instantiate_classes(self) -> None:
+        """Trainer values Lightning would reject with a traceback (or accept and misbehave on), named here."""
+        sub = self.config.get(self.config.get("subcommand") or "", self.config)
+        trainer = sub.get("trainer") if hasattr(sub, "get") else None
+        if trainer is None:
+            return
+        checks = (("max_steps", lambda v: v is None or v == -1 or v > 0, "> 0 (or -1: no step limit)"),
+                  ("accumulate_grad_batches", lambda v: v is None or v >= 1, ">= 1"),
+                  ("log_every_n_steps", lambda v: v is None or v >= 1, ">= 1"))
+        for key, ok, want in checks:
+            value = trainer.get(key)
+            if not ok(value):
+                raise ValueError(f"trainer.{key} must be {want}, got {value}")
+
     def _parse_ckpt_path(self) -> None:
         """Replaces Lightning's, which copies the checkpoint's hyper-parameters over the user's values: the file is
         read safely (a clear message for a damaged one) and any differing value is refused by name."""
@@ -147,6 +161,9 @@ class DreamBoothCLI(LightningCLI):
         """Every folder this run will write must be writable now, not after the models have loaded."""
         trainer = self.trainer
         dirs = {"trainer.default_root_dir": trainer.default_root_dir}
+        model = self.model.hparams
+        if model.get("random_base") and not os.path.exists(os.path.join(model["base_model"], "model_index.json")):
+            dirs["model.base_model (random_base builds it)"] = model["base_model"]
         if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
             dirs["trainer.logger.init_args.save_dir"] = trainer.logger.save_dir
         for cb in trainer.callbacks:

@@ -77,6 +77,9 @@ class DreamBoothLoRA(L.LightningModule):
             raise ValueError(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
         if learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
+        if noise_offset < 0 or lr_warmup_steps < 0:
+            key, value = ("noise_offset", noise_offset) if noise_offset < 0 else ("lr_warmup_steps", lr_warmup_steps)
+            raise ValueError(f"model.{key} must be >= 0, got {value}")
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"model.snr_gamma must be > 0 or null, got {snr_gamma}")
         self.loss_fn = DreamBoothLoss(prior_loss_weight)  # validates the weight before any model loads

@@ -112,3 +112,12 @@ def test_tokenizer_2_keeps_the_real_sdxl_exclamation_quirk(tiny_base):
 
     tok = AutoTokenizer.from_pretrained(tiny_base, subfolder="tokenizer_2")
     assert tok("hat!").input_ids == [49406, 3801, 0, 49407]
+
+
+def test_an_unwritable_base_folder_names_the_option(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=r"could not write .*afile/base.*choose another model\.base_model"):
+        from dreambooth_pl.bases import build_random_base
+
+        build_random_base("tiny", str(blocker / "base"))

@@ -46,6 +46,11 @@ def test_unknown_key_in_a_config_file(subject_dirs, tmp_path, capsys, no_model_l
     ({"model.lora_rank": 0}, "model.lora_rank must be > 0"),
     ({"model.prior_loss_weight": -1.0}, "prior_loss_weight must be >= 0"),
     ({"data.resolution": 100}, "data.resolution must be a positive multiple of 8"),
+    ({"trainer.max_steps": -5}, "trainer.max_steps must be > 0 (or -1"),
+    ({"trainer.accumulate_grad_batches": 0}, "trainer.accumulate_grad_batches must be >= 1, got 0"),
+    ({"model.noise_offset": -0.1}, "model.noise_offset must be >= 0"),
+    ({"model.lr_warmup_steps": -3}, "model.lr_warmup_steps must be >= 0"),
+    ({"data.instance_prompt": " "}, "data.instance_prompt is empty"),
 ])
 def test_bad_values_fail_before_the_model_loads(subject_dirs, tmp_path, capsys, no_model_load, override, message):
     assert message in _fails(fit_args("unused", *subject_dirs, str(tmp_path), **override), capsys)

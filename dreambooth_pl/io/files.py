@@ -203,7 +203,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False, option: str = "
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_temp_prefix(dest), suffix=TEMP_SUFFIX))
     except OSError as e:
-        raise _write_error(dest, e, "", "folder") from None
+        raise _write_error(dest, e, f"choose another {option}", "folder") from None
     try:
         yield tmp
         write_json(tmp / OWNER_FILE, dict(owner or {}, made_by="dreambooth_pl"))
@@ -223,7 +223,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False, option: str = "
     except OSError as e:
         if isinstance(e, (WriteError, OutputError)):
             raise
-        raise _write_error(dest, e, "", "folder") from e
+        raise _write_error(dest, e, f"choose another {option}", "folder") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
