@@ -12,6 +12,8 @@ from .callbacks.export import LoRAExport
 from .callbacks.fault_tolerance import FaultTolerance
 from .callbacks.fault_tolerance import last_checkpoint_path
 from .io import check_writable, clean_stale_temps, load_checkpoint, write_text
+from .config_guard import check_class_paths
+from .console import quiet_third_party
 from .data.datamodule import DreamBoothDataModule
 from .module import DreamBoothLoRA
 
@@ -75,6 +77,11 @@ class DreamBoothCLI(LightningCLI):
     """``python -m dreambooth_pl fit --config configs/<x>.yaml``; ``--print_config`` shows every value."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs):
+        import sys
+
+        quiet_third_party()
+        check_class_paths([str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict)
+                          else [])  # before jsonargparse imports any class a config names
         trainer_defaults = {
             "max_steps": 1000,
             "precision": "16-mixed",

@@ -190,3 +190,32 @@ def test_ckpt_path_last_damaged_is_named_before_the_model_loads(content, subject
     with pytest.raises(ValueError, match=r"checkpoint '.*last\.ckpt' is (empty|not a PyTorch).*resume from another"):
         DreamBoothCLI(args=args)
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.LambdaCallback",
+                                 "init_args": {"on_fit_start": "os.system"}}]}}, "LambdaCallback is refused"),
+    ({"trainer": {"logger": {"class_path": "this.X"}}}, "class_path 'this.X' is outside dreambooth_pl"),
+])
+def test_configs_may_name_only_project_and_lightning_classes(cfg, message, subject_dirs, tmp_path, capsys,
+                                                             monkeypatch, no_model_load):
+    """jsonargparse imported ``this`` (printing the Zen of Python) and LambdaCallback reached os.system."""
+    path = tmp_path / "evil.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = fit_args("unused", *subject_dirs, str(tmp_path))
+    args[1:1] = ["--config", str(path)]
+    with pytest.raises(ValueError, match=message):
+        DreamBoothCLI(args=args)
+    assert "Beautiful is better than ugly" not in capsys.readouterr().out  # `this` was never imported
+    from dreambooth_pl.config_guard import TRUST_ENV, check_class_paths
+
+    monkeypatch.setenv(TRUST_ENV, "1")
+    check_class_paths(args)  # the switch lets a trusted config through
+
+
+def test_shipped_configs_pass_the_class_path_check():
+    from dreambooth_pl.config_guard import check_class_paths
+
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        check_class_paths(["--config", str(path)])
+    check_class_paths(["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--model.lr_scheduler", "cosine"])
