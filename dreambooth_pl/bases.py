@@ -16,7 +16,8 @@ from typing import Literal
 
 import torch
 
-from .atomic import save_pipeline_atomically
+from .io import atomic_dir
+from .sdxl import looks_like_hub_id
 
 Preset = Literal["tiny", "sdxl"]
 
@@ -120,16 +121,36 @@ def make_base(preset: Preset = "tiny", out: str = "data/_cache/tiny-sdxl", seed:
 
     Args:
         preset: ``tiny`` (CPU tests, smoke runs) or ``sdxl`` (real architecture, 3.5B parameters).
-        out: destination folder; written to a temporary sibling and renamed, so it is complete or absent.
+        out: destination folder (not ``owner/name``, which reads as a hub id); written to a temporary sibling and
+            renamed, so it is complete or absent. An existing pipeline folder is reused.
         seed: seed of the random initialisation.
         dtype: storage dtype (``float16`` halves the 14 GB of a full-size base).
-        overwrite: replace an existing folder instead of reusing it.
+        overwrite: replace an existing folder instead of reusing (or refusing) it.
+    """
+    return build_random_base(preset, out, seed, dtype, overwrite, "--out")
+
+
+def build_random_base(preset: Preset, out: str, seed: int = 0, dtype: str = "float32", overwrite: bool = False,
+                      option: str = "model.base_model") -> str:
+    """:func:`make_base` for callers that name the option differently (``model.random_base`` builds on first use).
+
+    Never deletes a folder it did not build: an existing non-empty folder without ``model_index.json`` is refused
+    unless ``overwrite`` (and even then ``.``, ``/`` and home are), and a hub-id-shaped path is refused.
     """
     from diffusers import StableDiffusionXLPipeline
 
     dest = Path(out)
+    if looks_like_hub_id(out):
+        raise ValueError(f"{option} {out!r} reads as a Hugging Face hub id (owner/name), so a random base there "
+                         "could later be taken for the real model: give a path such as "
+                         f"data/_cache/{dest.name} or ./{out}.")
     if (dest / "model_index.json").exists() and not overwrite:
         return str(dest)
+    holds_files = dest.is_dir() and any(dest.iterdir())
+    if (holds_files and not overwrite) or (dest.exists() and not dest.is_dir()):
+        raise ValueError(f"{option} {out!r} exists but is not a diffusers pipeline folder (no model_index.json), "
+                         "and a random base is only built in a new folder: point it at an SDXL pipeline folder, "
+                         "or at a new path for the random base.")
     parts = build_components(preset, seed)
     with tempfile.TemporaryDirectory() as tmp:
         tok1 = build_tokenizer(Path(tmp) / "tok1", pad_token="<|endoftext|>")
@@ -137,7 +158,10 @@ def make_base(preset: Preset = "tiny", out: str = "data/_cache/tiny-sdxl", seed:
         pipe = StableDiffusionXLPipeline(tokenizer=tok1, tokenizer_2=tok2, **parts)
         if dtype == "float16":
             pipe.to(torch.float16)
-        return save_pipeline_atomically(pipe, dest)
+        with atomic_dir(dest, overwrite, option, owner={"kind": "random-base", "preset": preset, "seed": seed,
+                                                         "dtype": dtype}) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+    return str(dest)
 
 
 def count_params(module: torch.nn.Module) -> float:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -9,7 +10,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from .callbacks.export import LoRAExport
 from .callbacks.fault_tolerance import FaultTolerance
-from .checkpoint_io import check_writable
+from .callbacks.fault_tolerance import last_checkpoint_path
+from .io import check_writable, clean_stale_temps, load_checkpoint, write_text
+from .config_guard import check_class_paths
+from .console import quiet_third_party
 from .data.datamodule import DreamBoothDataModule
 from .module import DreamBoothLoRA
 
@@ -28,13 +32,56 @@ class VersionedSaveConfig(SaveConfigCallback):
         init_args = getattr(logger, "init_args", None)
         if init_args is not None and trainer.logger is not None and hasattr(init_args, "version"):
             init_args.version = trainer.logger.version
-        super().setup(trainer, pl_module, stage)
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a collective call: every rank asks
+        if trainer.is_global_zero:  # atomic: a kill or full disk leaves the previous config.yaml or the whole new one
+            write_text(os.path.join(log_dir, self.config_filename), self.parser.dump(self.config, skip_none=False))
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+# settings that change speed or memory, never the maths: a resume may change them
+RESUME_MAY_DIFFER = {"cache", "gradient_checkpointing", "checkpoint_every", "compile_blocks", "compile_regions",
+                     "compile_mode", "channels_last", "attention"}
+
+
+class ResumeConflictError(ValueError):
+    """A checkpoint was trained with settings that differ from this run's; the message names every key."""
+
+
+def check_resume(ckpt_path: str, model_config) -> None:
+    """Read ``ckpt_path`` safely and refuse it when its saved ``model.*`` values differ from this run's.
+
+    Lightning would instead copy the checkpoint's values over the command line (and a checkpoint from elsewhere
+    could redirect ``base_model`` or set ``random_base``); here the user's values always win or the run stops.
+    """
+    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    saved = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    now = dict(vars(model_config)) if model_config is not None else {}
+    diff = [(k, v, now[k]) for k, v in saved.items()
+            if k in now and k not in RESUME_MAY_DIFFER and _norm(v) != _norm(now[k])]
+    if diff:
+        lines = "\n".join(f"  model.{k}: checkpoint {v!r}, this run {n!r}" for k, v, n in diff)
+        raise ResumeConflictError(
+            f"--ckpt_path {ckpt_path} was trained with other settings than this run's:\n{lines}\nA resume keeps "
+            "the run's settings: resume with the run's own config (fit --config <run dir>/config.yaml --ckpt_path "
+            "last), or set these keys to the checkpoint's values. Nothing is taken from the checkpoint silently.")
+
+
+def _norm(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 class DreamBoothCLI(LightningCLI):
     """``python -m dreambooth_pl fit --config configs/<x>.yaml``; ``--print_config`` shows every value."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs):
+        import sys
+
+        quiet_third_party()
+        check_class_paths([str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict)
+                          else [])  # before jsonargparse imports any class a config names
         trainer_defaults = {
             "max_steps": 1000,
             "precision": "16-mixed",
@@ -62,9 +109,35 @@ class DreamBoothCLI(LightningCLI):
         parser.link_arguments("model.base_model", "data.base_model")  # data.generate_class_images draws with it
         parser.link_arguments("model.vae_model", "data.vae_model")
 
+    def before_instantiate_classes(self) -> None:
+        """Trainer values Lightning would reject with a traceback (or accept and misbehave on), named here."""
+        sub = self.config.get(self.config.get("subcommand") or "", self.config)
+        trainer = sub.get("trainer") if hasattr(sub, "get") else None
+        if trainer is None:
+            return
+        checks = (("max_steps", lambda v: v is None or v == -1 or v > 0, "> 0 (or -1: no step limit)"),
+                  ("accumulate_grad_batches", lambda v: v is None or v >= 1, ">= 1"),
+                  ("log_every_n_steps", lambda v: v is None or v >= 1, ">= 1"))
+        for key, ok, want in checks:
+            value = trainer.get(key)
+            if not ok(value):
+                raise ValueError(f"trainer.{key} must be {want}, got {value}")
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces Lightning's, which copies the checkpoint's hyper-parameters over the user's values: the file is
+        read safely (a clear message for a damaged one) and any differing value is refused by name."""
+        if not self.config.get("subcommand"):
+            return
+        sub = self.config[self.config.subcommand]
+        if sub.get("ckpt_path") and Path(sub["ckpt_path"]).is_file():
+            check_resume(sub["ckpt_path"], sub.get("model"))
+
     def before_fit(self) -> None:
-        """Resolve ``--ckpt_path last`` to this run's ``last.ckpt`` and load checkpoints with ``weights_only``."""
+        """Resolve ``--ckpt_path last`` to this run's ``last.ckpt``, check it before any model loads, and load
+        checkpoints with ``weights_only``; refuse to start a new run over a finished one."""
         self._check_outputs()
+        last = last_checkpoint_path(self.trainer)
+        clean_stale_temps(last.parent)  # temp files a killed run left beside its checkpoint
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("weights_only") is None and "weights_only" in self._subcommand_method_arguments["fit"]:
             kwargs["weights_only"] = True
@@ -76,13 +149,28 @@ class DreamBoothCLI(LightningCLI):
                                  "(lightning_logs/version_N/config.yaml, which pins the version), or give the "
                                  "checkpoint file itself.")
             kwargs["ckpt_path"] = path
+            check_resume(path, self.config[self.subcommand].get("model"))
         elif kwargs.get("ckpt_path") and not os.path.exists(kwargs["ckpt_path"]):
             raise SystemExit(f"--ckpt_path {kwargs['ckpt_path']!r} does not exist.")
+        elif not kwargs.get("ckpt_path"):
+            self._refuse_rerun(last)
+
+    def _refuse_rerun(self, last: Path) -> None:
+        """A run folder that already holds a checkpoint or an export belongs to an earlier run: never overwrite it."""
+        export = next((cb.path(self.trainer) for cb in self.trainer.callbacks if isinstance(cb, LoRAExport)), None)
+        found = [str(p) for p in (last, export) if p and os.path.exists(p)]
+        if found:
+            raise SystemExit(f"this run would overwrite an earlier run's files ({', '.join(found)}). Resume that run "
+                             "with --ckpt_path last, or start a new one: leave trainer.logger.init_args.version unset "
+                             "(a run's saved config.yaml pins it) or choose another save_dir.")
 
     def _check_outputs(self) -> None:
         """Every folder this run will write must be writable now, not after the models have loaded."""
         trainer = self.trainer
         dirs = {"trainer.default_root_dir": trainer.default_root_dir}
+        model = self.model.hparams
+        if model.get("random_base") and not os.path.exists(os.path.join(model["base_model"], "model_index.json")):
+            dirs["model.base_model (random_base builds it)"] = model["base_model"]
         if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
             dirs["trainer.logger.init_args.save_dir"] = trainer.logger.save_dir
         for cb in trainer.callbacks:

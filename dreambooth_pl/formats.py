@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,6 +132,33 @@ def check_pairs(lora: LoRA, source: str) -> LoRA:
     return lora
 
 
+MAX_SCALE = 1024.0  # |alpha / rank| above this is no LoRA anyone trained: the images would saturate to black
+
+
+def check_values(lora: LoRA, source: str) -> LoRA:
+    """Floating-point, 2-D (linear) or 4-D (conv) factors, finite weights and a sane alpha, else an error naming
+    the tensor: NaN, inf or an absurd alpha would otherwise give black images and a successful exit."""
+    for k, v in lora.weights.items():
+        if not v.is_floating_point():
+            raise LoRAFormatError(f"{source}: tensor {k!r} has dtype {v.dtype}; LoRA weights are floating point "
+                                  "(quantised files are not supported): export it again in float16/32.")
+        if v.dim() not in (2, 4):
+            raise LoRAFormatError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}; LoRA factors are 2-D "
+                                  "(linear) or 4-D (conv).")
+        if not torch.isfinite(v).all():
+            raise LoRAFormatError(f"{source}: tensor {k!r} holds NaN or inf values: the LoRA is broken (a "
+                                  "diverged training run?); use an earlier checkpoint.")
+    for m in lora.modules():
+        if lora.down(m).dim() != lora.up(m).dim():
+            raise LoRAFormatError(f"{source}: module {m!r} has a {lora.down(m).dim()}-D lora_A but a "
+                                  f"{lora.up(m).dim()}-D lora_B; the file is damaged.")
+        alpha = float(lora.alphas[m])
+        if not math.isfinite(alpha) or abs(alpha / lora.rank(m)) > MAX_SCALE:
+            raise LoRAFormatError(f"{source}: module {m!r} has alpha {alpha:g} for rank {lora.rank(m)} (scale "
+                                  f"alpha/rank beyond ±{MAX_SCALE:g}): the file's alpha is broken.")
+    return lora
+
+
 def on_disk_name(component: str, name: str) -> str:
     """Text-encoder modules as every tool names them (``text_model.encoder...``): transformers 5's CLIP has no
     ``text_model`` level, so files it writes lack it; diffusers strips the prefix again where the model lacks it."""
@@ -216,10 +243,8 @@ def read_lora(path: str | os.PathLike, unet_config=None) -> LoRA:
         path: the file.
         unet_config: base UNet config, only needed for kohya files with SGM block names on a non-SDXL layout.
     """
-    from safetensors import safe_open
-
+    from .io import load_safetensors, parse_json
     from .lora import LORA_FILE
-    from .safe_load import check_safetensors
 
     p = Path(path)
     if p.is_dir():
@@ -228,14 +253,14 @@ def read_lora(path: str | os.PathLike, unet_config=None) -> LoRA:
         raise LoRAFormatError(f"LoRA file {str(p)!r} does not exist.")
     if p.suffix != ".safetensors":
         raise LoRAFormatError(f"{str(p)!r}: LoRA files are read from .safetensors only (no pickles).")
-    check_safetensors(p, "LoRA")  # a pickle renamed .safetensors is named as such, never unpickled
-    with safe_open(str(p), framework="pt") as f:
-        state_dict = {k: f.get_tensor(k) for k in f.keys()}
-        header = f.metadata() or {}
+    state_dict, header = load_safetensors(p, "LoRA")  # a pickle renamed .safetensors is refused, never unpickled
     fmt = detect_format(state_dict, str(p))
     if fmt == "kohya":
-        return from_kohya(state_dict, unet_config, str(p))
-    return from_diffusers(state_dict, json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None, str(p))
+        return check_values(from_kohya(state_dict, unet_config, str(p)), str(p))
+    meta = parse_json(header[METADATA_KEY], f"{p} (header {METADATA_KEY})") if METADATA_KEY in header else None
+    if meta is not None and not isinstance(meta, dict):
+        raise LoRAFormatError(f"{p}: header {METADATA_KEY} is not a JSON object; export the file again.")
+    return check_values(from_diffusers(state_dict, meta, str(p)), str(p))
 
 
 def lora_config_dict(lora: LoRA, component: str) -> dict:
@@ -286,14 +311,16 @@ def to_kohya(lora: LoRA) -> dict[str, torch.Tensor]:
 
 
 def write_lora(lora: LoRA, path: str | os.PathLike, format: Format = "diffusers") -> Path:
-    """Write ``lora`` to ``path`` in ``format``, atomically (temp file, then ``os.replace``).
+    """Write ``lora`` to ``path`` in ``format``, atomically (:func:`dreambooth_pl.io.atomic_write`).
 
     Args:
         lora: the adapter.
         path: output ``.safetensors`` file.
         format: ``diffusers`` (``load_lora_weights``) or ``kohya`` (A1111, ComfyUI, sd-scripts).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .io import atomic_write
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -307,16 +334,8 @@ def write_lora(lora: LoRA, path: str | os.PathLike, format: Format = "diffusers"
     else:
         raise LoRAFormatError(f"unknown LoRA format {format!r}; choose diffusers or kohya.")
     header["format"] = "pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=header)
-        os.replace(tmp, path)  # a reader sees the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=header)
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def base_skeleton(base: str) -> dict[str, torch.nn.Module]:
@@ -355,6 +374,9 @@ def check_base(lora: LoRA, models: dict[str, torch.nn.Module], source: str = "Lo
         if weight is None:
             raise LoRAFormatError(f"{source}: key {module}.lora_A.weight adapts {name!r}, which the base's {comp} "
                                   "does not have: the LoRA was trained on a different base model.")
+        if lora.down(module).dim() != weight.dim():
+            raise LoRAFormatError(f"{source}: key {module}.lora_A.weight is {lora.down(module).dim()}-D but the "
+                                  f"base's {name} weight is {weight.dim()}-D: the file is damaged or for another base.")
         want = (weight.shape[0], weight.shape[1])
         got = (lora.up(module).shape[0], lora.down(module).shape[1])
         if want != got:

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import torch
 
+from .io import write_bytes
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -73,7 +75,6 @@ def save_diffusers_lora(path: str | os.PathLike, unet: torch.nn.Module | None = 
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / LORA_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {}
     for name, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if model is not None and getattr(model, "peft_config", None):
@@ -83,7 +84,6 @@ def save_diffusers_lora(path: str | os.PathLike, unet: torch.nn.Module | None = 
     if not kwargs:
         raise ValueError(f"nothing to save to {str(path)!r}: none of the given models carries a LoRA adapter "
                          "(call add_lora first, or export from a trained DreamBoothLoRA).")
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dbpl-lora-") as tmp:  # diffusers writes folders; io makes it atomic
         StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name=LORA_FILE, safe_serialization=True, **kwargs)
-        os.replace(Path(tmp) / LORA_FILE, path)  # atomic: a reader sees the old file or the whole new one
-    return path
+        return write_bytes(path, (Path(tmp) / LORA_FILE).read_bytes())

@@ -81,6 +81,9 @@ class DreamBoothLoRA(L.LightningModule):
             raise ValueError(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
         if learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
+        if noise_offset < 0 or lr_warmup_steps < 0:
+            key, value = ("noise_offset", noise_offset) if noise_offset < 0 else ("lr_warmup_steps", lr_warmup_steps)
+            raise ValueError(f"model.{key} must be >= 0, got {value}")
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"model.snr_gamma must be > 0 or null, got {snr_gamma}")
         self.loss_fn = DreamBoothLoss(prior_loss_weight)  # validates the weight before any model loads
@@ -112,12 +115,9 @@ class DreamBoothLoRA(L.LightningModule):
     def prepare_data(self) -> None:
         """Build the random base once per machine (local rank 0) before any process loads it."""
         if self.hparams.random_base:
-            from pathlib import Path
+            from .bases import build_random_base
 
-            from .bases import make_base
-
-            if not (Path(self.hparams.base_model) / "model_index.json").exists():
-                make_base(self.hparams.random_base, self.hparams.base_model)
+            build_random_base(self.hparams.random_base, self.hparams.base_model)  # refuses folders not its own
 
     def configure_model(self) -> None:
         """Load the base and inject adapters; Lightning calls this after the data is validated."""

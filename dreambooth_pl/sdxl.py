@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +12,23 @@ import torch
 
 class BaseModelError(RuntimeError):
     """The base model cannot be found or loaded; the message says how to fix it."""
+
+
+class RandomBaseWarning(UserWarning):
+    """The base being loaded has random weights (built by make-base or ``model.random_base``)."""
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` that does not start with ``.``, ``/`` or ``~``: what :func:`resolve_base` may fetch from the hub."""
+    return not str(name).startswith((".", "/", "~")) and str(name).count("/") == 1
+
+
+def random_base_preset(folder: str | os.PathLike) -> str | None:
+    """The preset of a random-weight base this project built at ``folder`` (``tiny``/``sdxl``), else None."""
+    from .io import owner_info
+
+    info = owner_info(folder) or {}
+    return info.get("preset", "unknown preset") if info.get("kind") == "random-base" else None
 
 
 def resolve_base(name: str) -> str:
@@ -26,6 +44,13 @@ def resolve_base(name: str) -> str:
             raise BaseModelError(f"base folder {str(path)!r} has no model_index.json or unet/: point "
                                  "model.base_model at a diffusers SDXL pipeline folder (python -m dreambooth_pl "
                                  "make-base writes a random one).")
+        if looks_like_hub_id(name):
+            warnings.warn(f"base {name!r} is read from the local folder {str(path.resolve())!r}, not from the "
+                          f"Hugging Face hub (write ./{name} to say so, or run from another folder).", stacklevel=2)
+        preset = random_base_preset(path)
+        if preset:
+            warnings.warn(f"base {name!r} has RANDOM weights (a make-base {preset} stand-in for tests and speed "
+                          "runs): its images are noise.", RandomBaseWarning, stacklevel=2)
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise BaseModelError(f"base model {name!r} is neither an existing folder nor a hub id (owner/name).")

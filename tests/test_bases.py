@@ -46,6 +46,36 @@ def test_make_base_reuses_a_complete_folder_and_is_a_command(tiny_base):
         main(["make-base", "--preset", "huge", "--out", tiny_base])
 
 
+def test_random_base_never_replaces_a_folder_it_did_not_build(tmp_path, monkeypatch):
+    """``random_base`` with ``base_model`` at a user's folder deleted it and trained on noise; now it is refused."""
+    from dreambooth_pl.module import DreamBoothLoRA
+
+    user = tmp_path / "v"
+    (user / "sub").mkdir(parents=True)
+    (user / "thesis.txt").write_text("years of work")
+    with pytest.raises(ValueError, match=r"model\.base_model .* exists but is not a diffusers pipeline folder"):
+        DreamBoothLoRA(base_model=str(user), random_base="tiny").prepare_data()
+    with pytest.raises(ValueError, match="--out .*not a diffusers pipeline folder"):
+        make_base("tiny", str(user))
+    monkeypatch.chdir(user)
+    with pytest.raises(OSError, match="current folder"):
+        make_base("tiny", str(tmp_path), overwrite=True)  # overwrite never reaches a folder holding the cwd
+    assert (user / "thesis.txt").read_text() == "years of work" and (user / "sub").is_dir()
+
+
+def test_random_base_refuses_hub_ids_and_says_it_is_random(tiny_base, tmp_path, monkeypatch):
+    """A random base at ``stabilityai/...`` was later loaded as the real model; now it cannot be built there, and
+    loading any random base warns."""
+    from dreambooth_pl.sdxl import RandomBaseWarning, resolve_base
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="reads as a Hugging Face hub id"):
+        make_base("tiny", "stabilityai/stable-diffusion-xl-base-1.0")
+    assert not (tmp_path / "stabilityai").exists()
+    with pytest.warns(RandomBaseWarning, match="RANDOM weights"):
+        resolve_base(tiny_base)
+
+
 def test_sdxl_preset_has_the_real_parameter_counts():
     with torch.device("meta"):  # sizes without allocating 14 GB
         parts = build_components("sdxl")
@@ -82,3 +112,12 @@ def test_tokenizer_2_keeps_the_real_sdxl_exclamation_quirk(tiny_base):
 
     tok = AutoTokenizer.from_pretrained(tiny_base, subfolder="tokenizer_2")
     assert tok("hat!").input_ids == [49406, 3801, 0, 49407]
+
+
+def test_an_unwritable_base_folder_names_the_option(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=r"could not write .*afile/base.*choose another model\.base_model"):
+        from dreambooth_pl.bases import build_random_base
+
+        build_random_base("tiny", str(blocker / "base"))

@@ -46,6 +46,11 @@ def test_unknown_key_in_a_config_file(subject_dirs, tmp_path, capsys, no_model_l
     ({"model.lora_rank": 0}, "model.lora_rank must be > 0"),
     ({"model.prior_loss_weight": -1.0}, "prior_loss_weight must be >= 0"),
     ({"data.resolution": 100}, "data.resolution must be a positive multiple of 8"),
+    ({"trainer.max_steps": -5}, "trainer.max_steps must be > 0 (or -1"),
+    ({"trainer.accumulate_grad_batches": 0}, "trainer.accumulate_grad_batches must be >= 1, got 0"),
+    ({"model.noise_offset": -0.1}, "model.noise_offset must be >= 0"),
+    ({"model.lr_warmup_steps": -3}, "model.lr_warmup_steps must be >= 0"),
+    ({"data.instance_prompt": " "}, "data.instance_prompt is empty"),
 ])
 def test_bad_values_fail_before_the_model_loads(subject_dirs, tmp_path, capsys, no_model_load, override, message):
     assert message in _fails(fit_args("unused", *subject_dirs, str(tmp_path), **override), capsys)
@@ -119,6 +124,11 @@ def test_resume_continues_at_the_same_step_optimizer_state_and_lr(subject_dirs, 
     run = tmp_path / "cut" / "lightning_logs" / "version_0"
     stopped = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert stopped["global_step"] == 2
+    files = [run / "config.yaml", run / "pytorch_lora_weights.safetensors", run / "checkpoints" / "last.ckpt"]
+    before = [p.read_bytes() for p in files]
+    with pytest.raises(SystemExit, match="would overwrite an earlier run.*--ckpt_path last"):
+        DreamBoothCLI(args=["fit", "--config", str(run / "config.yaml")])  # a rerun without --ckpt_path
+    assert [p.read_bytes() for p in files] == before
     probe = ResumeProbe()
     DreamBoothCLI(args=["fit", "--config", str(run / "config.yaml"), "--trainer.max_steps", "3", "--ckpt_path", "last"],
                   trainer_defaults={"callbacks": [probe]})
@@ -145,3 +155,67 @@ def test_offline_hub_id_from_the_shell_is_one_message_not_a_traceback(subject_di
     msg = done.value.code  # a str code: Python prints it alone on stderr and exits 1, no traceback
     assert isinstance(msg, str) and done.value.__suppress_context__
     assert f"base model {hub_id!r}" in msg and "unreachable" in msg and "model.base_model" in msg
+
+
+def test_a_checkpoint_never_overrides_the_command_line(subject_dirs, tiny_base, tmp_path, no_model_load):
+    """Lightning copied a checkpoint's hyper-parameters over the user's (learning rate, base_model, random_base):
+    now every differing key is named and the run stops, and the user's folder is untouched."""
+    user = tmp_path / "v"
+    (user / "sub").mkdir(parents=True)
+    (user / "thesis.txt").write_text("years of work")
+    ckpt = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "hyper_parameters": {
+        "learning_rate": 123.0, "base_model": str(user), "random_base": "tiny", "compile_blocks": True}}, ckpt)
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path / "logs"), ckpt_path=ckpt, **{"model.learning_rate": 1e-4})
+    with pytest.raises(ValueError) as err:
+        DreamBoothCLI(args=args)
+    msg = str(err.value)
+    for key in ("model.learning_rate: checkpoint 123.0, this run 0.0001", "model.base_model", "model.random_base"):
+        assert key in msg
+    assert "compile_blocks" not in msg  # speed switches may change on resume
+    assert (user / "thesis.txt").read_text() == "years of work" and (user / "sub").is_dir()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage"])
+def test_ckpt_path_last_damaged_is_named_before_the_model_loads(content, subject_dirs, tiny_base, tmp_path,
+                                                               no_model_load):
+    """A 0-byte or garbage last.ckpt (and a dead writer's temp file) at --ckpt_path last: one clear message."""
+    ckpt_dir = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / "last.ckpt").write_bytes(content)
+    stale = ckpt_dir / ".last.ckpt.999999999.abcd.dbpl-tmp"  # no such pid: its writer is gone
+    stale.write_bytes(b"")
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), ckpt_path="last",
+                    **{"trainer.logger.init_args.version": 0})
+    with pytest.raises(ValueError, match=r"checkpoint '.*last\.ckpt' is (empty|not a PyTorch).*resume from another"):
+        DreamBoothCLI(args=args)
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.LambdaCallback",
+                                 "init_args": {"on_fit_start": "os.system"}}]}}, "LambdaCallback is refused"),
+    ({"trainer": {"logger": {"class_path": "this.X"}}}, "class_path 'this.X' is outside dreambooth_pl"),
+])
+def test_configs_may_name_only_project_and_lightning_classes(cfg, message, subject_dirs, tmp_path, capsys,
+                                                             monkeypatch, no_model_load):
+    """jsonargparse imported ``this`` (printing the Zen of Python) and LambdaCallback reached os.system."""
+    path = tmp_path / "evil.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = fit_args("unused", *subject_dirs, str(tmp_path))
+    args[1:1] = ["--config", str(path)]
+    with pytest.raises(ValueError, match=message):
+        DreamBoothCLI(args=args)
+    assert "Beautiful is better than ugly" not in capsys.readouterr().out  # `this` was never imported
+    from dreambooth_pl.config_guard import TRUST_ENV, check_class_paths
+
+    monkeypatch.setenv(TRUST_ENV, "1")
+    check_class_paths(args)  # the switch lets a trusted config through
+
+
+def test_shipped_configs_pass_the_class_path_check():
+    from dreambooth_pl.config_guard import check_class_paths
+
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        check_class_paths(["--config", str(path)])
+    check_class_paths(["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--model.lr_scheduler", "cosine"])

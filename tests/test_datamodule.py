@@ -98,3 +98,33 @@ def test_corrupt_image_is_named(subject_dirs):
 def test_bad_settings_fail_at_construction(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _dm(tmp_path, **kwargs)
+
+
+def test_a_caption_that_is_not_utf8_is_named_with_the_images(subject_dirs):
+    """It failed mid-training without naming the file; now setup() lists it before any model loads."""
+    image = sorted(Path(subject_dirs[0]).iterdir())[0]
+    caption = image.with_suffix(".txt")
+    caption.write_bytes("a photo of sks dog in the café".encode("latin-1"))
+    with pytest.raises(ImageIntakeError, match=re.escape(str(caption)) + ".*not UTF-8.*save it as UTF-8"):
+        _dm(subject_dirs[0], subject_dirs[1]).setup("fit")
+
+
+def test_class_dir_problems_are_named_before_the_base_draws(subject_dirs, monkeypatch, tmp_path):
+    """With generate_class_images, bad files in the class dir counted as drawn and a read-only class dir gave a raw
+    Errno: both are now named (with data.class_dir) before the base loads."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base was loaded before the class dir was checked")
+
+    monkeypatch.setattr("dreambooth_pl.tools.generate_class_images.generate_class_images", refuse)
+    gen = dict(generate_class_images=True, base_model="unused", num_class_images=8)
+    bad = Path(subject_dirs[1]) / "0001.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ImageIntakeError, match=re.escape(str(bad))):
+        _dm(subject_dirs[0], subject_dirs[1], **gen).setup("fit")
+    bad.unlink()
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    from dreambooth_pl.io import OutputError
+
+    with pytest.raises(OutputError, match=r"afile/class.*not writable.*data\.class_dir"):
+        _dm(subject_dirs[0], blocker / "class", **gen).setup("fit")

@@ -49,7 +49,8 @@ def test_ddp_two_cpu_processes(tiny_base, subject_dirs, tmp_path):
     single_out.mkdir()
     args = fit_args(tiny_base, inst, cls, str(ddp_out), steps=2, **{"trainer.devices": 2, "trainer.strategy": "ddp",
                     "export.dirpath": str(ddp_out / "export")})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]), OMP_NUM_THREADS="1",
+               DREAMBOOTH_PL_TRUST_CONFIG="1")  # Recorder is a test class, outside the allowed class paths
     proc = subprocess.run([sys.executable, "-m", "dreambooth_pl", *args, _recorder_arg(ddp_out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,9 +74,12 @@ def test_ddp_two_cpu_processes(tiny_base, subject_dirs, tmp_path):
     # the same first batch, noise and initial weights as a single process: the same first loss
     sys.path.insert(0, str(tmp_path))
     try:
+        from unittest import mock
+
         from dreambooth_pl.cli import DreamBoothCLI
 
-        DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(single_out), steps=1) + [_recorder_arg(single_out)])
+        with mock.patch.dict(os.environ, DREAMBOOTH_PL_TRUST_CONFIG="1"):  # Recorder is a test class
+            DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(single_out), steps=1) + [_recorder_arg(single_out)])
     finally:
         sys.path.remove(str(tmp_path))
     single = json.loads((single_out / "rank0.json").read_text())

@@ -12,7 +12,7 @@ from conftest import SAMPLE, write_images
 from dreambooth_pl.data.images import list_images, load_rgb
 from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINOScore
 from dreambooth_pl.tools.evaluate import EvaluationError, evaluate, evaluate_suite
-from dreambooth_pl.tools.sample import write_json
+from dreambooth_pl.io import write_json
 
 
 def test_evaluate_scores_the_generated_images(tmp_path, random_embedders):

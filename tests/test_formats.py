@@ -158,9 +158,53 @@ def test_kohya_sgm_block_names_map_to_diffusers_modules(pipe):
 
 
 def test_a_pickle_named_safetensors_is_refused_unopened(tmp_path):
-    from dreambooth_pl.safe_load import UnsafeFileError
+    from dreambooth_pl.io import UnsafeFileError
 
     path = tmp_path / "hostile.safetensors"
     torch.save({"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, path)
     with pytest.raises(UnsafeFileError, match="pickle inside"):
         read_lora(path)
+
+
+def _one_module_file(path, a, b, metadata=None):
+    save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": a,
+               "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": b}, path,
+              metadata=dict({"format": "pt"}, **(metadata or {})))
+    return path
+
+
+@pytest.mark.parametrize("a, b, meta, message", [
+    (torch.ones(2, 64, dtype=torch.int8), torch.ones(64, 2), None, r"lora_A\.weight' has dtype torch\.int8"),
+    (torch.ones(2, 64, 1, 1, 1), torch.ones(64, 2), None, r"lora_A\.weight' has shape \(2, 64, 1, 1, 1\)"),
+    (torch.full((2, 64), float("nan")), torch.ones(64, 2), None, r"lora_A\.weight' holds NaN or inf"),
+    (torch.ones(2, 64), torch.full((64, 2), float("inf")), None, r"lora_B\.weight' holds NaN or inf"),
+    (torch.ones(2, 64), torch.ones(64, 2), {"lora_adapter_metadata": '{"unet.lora_alpha": 1e30}'},
+     r"alpha 1e\+30 for rank 2"),
+    (torch.ones(2, 64), torch.ones(64, 2), {"lora_adapter_metadata": "{not json"}, r"bad\.safetensors.*invalid JSON"),
+    (torch.ones(2, 64), torch.ones(64, 2), {"lora_adapter_metadata": "[" * 100_000 + "]" * 100_000},
+     r"bad\.safetensors.*nested too deeply"),
+])
+def test_broken_values_and_headers_are_refused_by_name(tmp_path, a, b, meta, message):
+    """int8 or 5-D factors, NaN/inf weights, an absurd alpha (black images, exit 0) or a broken JSON header."""
+    path = _one_module_file(tmp_path / "bad.safetensors", a, b, meta)
+    with pytest.raises(ValueError, match=message):
+        read_lora(path)
+
+
+def test_a_conv_shaped_factor_on_a_linear_layer_is_named(pipe, tmp_path):
+    path = _one_module_file(tmp_path / "conv.safetensors", torch.ones(2, 64, 1, 1), torch.ones(64, 2, 1, 1))
+    lora = read_lora(path)
+    with pytest.raises(LoRAFormatError, match=r"to_q\.lora_A\.weight is 4-D but the base's .* weight is 2-D"):
+        check_base(lora, {"unet": pipe.unet})
+
+
+def test_a_full_disk_while_exporting_names_the_file(tmp_path):
+    from test_io import file_size_limit
+
+    from dreambooth_pl.io import WriteError
+
+    lora = read_lora(_one_module_file(tmp_path / "in.safetensors", torch.ones(2, 64), torch.ones(64, 2)))
+    lora.weights = {k: v.repeat(1, 100) if k.endswith("A.weight") else v for k, v in lora.weights.items()}
+    with file_size_limit(16 * 1024), pytest.raises(WriteError, match=r"out\.safetensors.*full"):
+        write_lora(lora, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from dreambooth_pl.tools.generate_class_images import ClassImageSettings, generate_class_images
-from dreambooth_pl.tools.sample import OutputError, read_png_metadata
+from dreambooth_pl.io import OutputError, read_png_metadata
 
 FAST = dict(steps=2, progress=False, dtype="float32", device="cpu")
 

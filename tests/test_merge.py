@@ -125,6 +125,34 @@ def test_fuse_equals_unfused_adapters(pipe, adapters, tiny_base, tmp_path):
     torch.testing.assert_close(unet_out(fused), both_at_once(pipe, adapters, [1.0, 0.5]), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="needs --base"):
         merge([adapters[0]], str(tmp_path / "f2"), "fuse")
+    again = [f"{adapters[0]}:1.0"]
+    with pytest.raises(OSError, match="already exists and was built by dreambooth_pl.*--overwrite"):
+        merge(again, out, "fuse", base=tiny_base)  # its own earlier output: replaced only when asked
+    assert merge(again, out, "fuse", base=tiny_base, overwrite=True) == out
+
+
+def test_fuse_never_deletes_folders_it_did_not_create(adapters, tiny_base, tmp_path, monkeypatch):
+    """``merge --method fuse --out .`` once deleted the current folder, inputs included; EXISTING_DIR was replaced."""
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    lora = shutil.copy(adapters[0], work / "l.safetensors")
+    (work / "notes.txt").write_text("mine")
+    user = tmp_path / "existing"
+    user.mkdir()
+    (user / "thesis.txt").write_text("years of work")
+    monkeypatch.chdir(work)
+    with pytest.raises(OSError, match="current folder"):
+        main(["merge", "l.safetensors:1.0", "--method", "fuse", "--base", tiny_base, "--out", ".", "--overwrite",
+              "true"])
+    with pytest.raises(OSError, match="not created by dreambooth_pl.*--overwrite"):
+        merge([f"{lora}:1.0"], str(user), "fuse", base=tiny_base)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError, match="holds the input"):
+        merge([f"{lora}:1.0"], str(tmp_path / "work"), "fuse", base=str(tiny_base), overwrite=True)
+    assert sorted(p.name for p in work.iterdir()) == ["l.safetensors", "notes.txt"]
+    assert (user / "thesis.txt").read_text() == "years of work"
 
 
 def test_mismatched_bases_and_ranks_are_clear_errors(adapters, tmp_path, tiny_base):

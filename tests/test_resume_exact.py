@@ -59,12 +59,14 @@ def _resume(root, *extra) -> None:
     DreamBoothCLI(args=["fit", "--config", str(config), "--ckpt_path", "last", *extra])
 
 
-def test_sigkill_resume_and_changed_max_steps_are_bit_exact(tiny_base, subject_dirs, tmp_path):
+def test_sigkill_resume_and_changed_max_steps_are_bit_exact(tiny_base, subject_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("DREAMBOOTH_PL_TRUST_CONFIG", "1")  # the run's config names the test's PauseAt callback
     killed = tmp_path / "killed"
     marker = tmp_path / "paused"
     cmd = [sys.executable, "-m", "dreambooth_pl", *_args(tiny_base, subject_dirs, killed, STEPS),
            "--trainer.callbacks+=test_resume_exact.PauseAt", "--trainer.callbacks.step=2"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]), **{PAUSE_ENV: str(marker)},
+               DREAMBOOTH_PL_TRUST_CONFIG="1",  # PauseAt is a test class, outside the allowed class paths
                OMP_NUM_THREADS=str(torch.get_num_threads()))  # same CPU reduction order as this process's runs
     child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -10,7 +10,8 @@ from test_sampling import lora_file  # noqa: F401  (a non-zero LoRA for the tiny
 
 from dreambooth_pl.__main__ import main
 from dreambooth_pl.sampling import SamplingError
-from dreambooth_pl.tools.sample import OutputError, read_png_metadata, sample
+from dreambooth_pl.io import OutputError, read_png_metadata
+from dreambooth_pl.tools.sample import sample
 
 
 def test_sample_writes_pngs_that_reproduce_themselves(tiny_base, lora_file, tmp_path, capsys):  # noqa: F811
@@ -29,6 +30,7 @@ def test_sample_writes_pngs_that_reproduce_themselves(tiny_base, lora_file, tmp_
     meta = read_png_metadata(first)
     assert (meta["scheduler"], meta["steps"], meta["negative_prompt"], meta["seed"]) == ("euler_a", 2, "blurry", 5)
     assert (meta["dtype"], meta["device"]) == ("float32", "cpu") and meta["versions"]["diffusers"]
+    assert meta["random_base"] == "tiny"  # drawn from make-base's random weights, and the PNG says so
     assert "Negative prompt: blurry" in Image.open(first).text["parameters"]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width == 2 * 64 and sheet.height > 64
@@ -65,19 +67,3 @@ def test_bad_inputs_fail_before_any_model_loads(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="not writable"):
         sample(base="unused", out=str(blocker / "out"), prompt="a dog")
-
-
-def test_an_interrupted_write_leaves_the_old_file_or_nothing(tmp_path):
-    from dreambooth_pl.tools.sample import atomic_write
-
-    def dies_halfway(tmp):
-        tmp.write_bytes(b"\x89PNG half")
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(tmp_path / "new.png", dies_halfway)
-    (tmp_path / "old.png").write_bytes(b"complete")
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write(tmp_path / "old.png", dies_halfway)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.png"]
-    assert (tmp_path / "old.png").read_bytes() == b"complete"

@@ -113,7 +113,7 @@ class SampleGrid(L.Callback):
         import numpy as np
         from torchvision.utils import make_grid
 
-        from ..tools.sample import atomic_write
+        from ..io import save_image
 
         tensors = [torch.from_numpy(np.asarray(img)).permute(2, 0, 1) for img in images]
         # one row per prompt when there are several images per prompt, else all prompts side by side
@@ -131,8 +131,7 @@ class SampleGrid(L.Callback):
             folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "samples")
             os.makedirs(folder, exist_ok=True)
             image = Image.fromarray(grid.permute(1, 2, 0).numpy())
-            atomic_write(os.path.join(folder, f"{tag.replace('/', '_')}_step{step:06d}.png"),
-                         lambda tmp: image.save(tmp, format="PNG"))
+            save_image(os.path.join(folder, f"{tag.replace('/', '_')}_step{step:06d}.png"), image)
 
     def _grid(self, trainer: L.Trainer, pl_module: L.LightningModule, adapters: bool) -> None:
         tag = "samples/lora" if adapters else "samples/base"

@@ -56,6 +56,11 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= random_flip <= 1.0:
             raise ValueError(f"data.random_flip is a probability in [0, 1], got {random_flip}")
+        if not instance_prompt.strip():
+            raise ValueError("data.instance_prompt is empty: give the prompt with the identifier, e.g. "
+                             "'a photo of sks dog'.")
+        if with_prior_preservation and class_prompt is not None and not class_prompt.strip():
+            raise ValueError("data.class_prompt is empty: give the class prompt, e.g. 'a photo of dog'.")
         if with_prior_preservation and (not class_dir or not class_prompt):
             missing = " and ".join(k for k, v in (("data.class_dir", class_dir), ("data.class_prompt", class_prompt))
                                    if not v)
@@ -110,6 +115,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise ValueError("data.generate_class_images needs data.base_model (the CLI links it from "
                              "model.base_model).")
         if trainer is None or trainer.local_rank == 0:
+            self._check_class_dir_before_drawing()
             s = hp.class_generation or ClassImageSettings()
             s = s if isinstance(s, ClassImageSettings) else ClassImageSettings(**dict(s))  # the CLI passes a dict
             generate_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s.seed,
@@ -118,6 +124,21 @@ class DreamBoothDataModule(L.LightningDataModule):
                                   str(trainer.strategy.root_device) if trainer else None, hp.vae_model)
         if trainer is not None:
             trainer.strategy.barrier("generate_class_images")
+
+    def _check_class_dir_before_drawing(self) -> None:
+        """Images already in class_dir count as drawn, so a bad one must be named now, not after the base has
+        loaded and drawn the rest; and a folder that needs images must be writable."""
+        from ..io import ensure_writable
+
+        hp = self.hparams
+        try:
+            present = list_images(hp.class_dir, "class")
+        except ImageIntakeError:  # missing or empty: every image will be drawn
+            present = []
+        if present:
+            check_images(present, "class", hp.resolution, hp.strict_images)
+        if len(present) < hp.num_class_images:
+            ensure_writable(hp.class_dir, "data.class_dir")
 
     def _consumed_batches(self) -> int:
         """Batches this rank already trained on: a resumed run continues the stream where it stopped."""

@@ -180,6 +180,12 @@ def validate_images(paths: list[Path], role: str = "image", resolution: int | No
 def _reports(paths: list[Path], role: str, resolution: int | None, strict: bool) -> list[ImageReport]:
     """Reports of the usable files, after one warning with every adjustment and one error (or skip) list."""
     reports = [inspect_image(p, resolution) for p in paths]
+    for r in reports:  # captions are read in training: a bad one must fail here, with the images, not mid-run
+        if not r.error:
+            try:
+                caption_for(r.path)
+            except ImageIntakeError as e:
+                r.error = str(e)
     bad = [r for r in reports if r.error]
     notes = [f"  {r.path}: {n}" for r in reports if not r.error for n in r.notes]
     if notes:
@@ -219,7 +225,11 @@ def caption_for(path: Path) -> str | None:
     for ext in CAPTION_EXTS:
         side = path.with_suffix(ext)
         if side.exists():
-            text = side.read_text(encoding="utf-8").strip()
+            try:
+                text = side.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise ImageIntakeError(f"{side}: caption is not UTF-8 text ({e.reason} at byte {e.start}): save it "
+                                       "as UTF-8.") from None
             if text:
                 return text
     return None

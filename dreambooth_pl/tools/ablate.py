@@ -25,7 +25,8 @@ from typing import Any, Literal, Optional
 
 from ..lora import LORA_FILE
 from .ablation_grid import AblationGrid, Evaluation, Sampler, check_evaluation, expand, load_grid
-from .ablation_report import write_json, write_report
+from ..io import write_json
+from .ablation_report import write_report
 
 STATUS_FILE = "ablate_status.json"
 METRICS_FILE = "ablate_metrics.json"
@@ -105,14 +106,12 @@ def _fit_subprocess(args: list[str], log: Path, gpu: Optional[int]) -> Optional[
 def export_finished(run_dir: Path) -> Optional[str]:
     """Export the LoRA of a run whose ``last.ckpt`` already reached ``trainer.max_steps`` (a resumed fit that had
     nothing left to train ends without the export callback firing); returns None or the error text."""
-    import torch
-
+    from ..io import load_checkpoint
     from .checkpoint_curve import export_checkpoints
 
     last = run_dir / "checkpoints" / "last.ckpt"
     max_steps = _run_config(run_dir).get("trainer", {}).get("max_steps")
-    step = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1) \
-        if last.is_file() else -1
+    step = load_checkpoint(last, mmap=True).get("global_step", -1) if last.is_file() else -1
     if max_steps is None or step < max_steps:
         return f"fit ended without writing {run_dir / LORA_FILE} (interrupted?)"
     [(_, lora)] = export_checkpoints([(step, last)], run_dir / "checkpoints" / "export")

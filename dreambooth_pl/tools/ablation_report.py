@@ -15,16 +15,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..atomic import atomic_write_bytes
+from ..io import write_bytes
+from ..io import write_json
 
 METRIC_ORDER = ("clip_i", "clip_t", "dino", "div_dino", "pres")
 META = ("run", "status", "error", "scheduler", "sample_steps", "eval_dir", "eval_error", "grid", "step", "lora")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 CELL_GRID = "cell_grid.jpg"
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
 
 
 def metric_keys(rows: Sequence[dict], varied: Sequence[str]) -> list[str]:
@@ -66,7 +63,7 @@ def cell_grid(eval_dir: Optional[str], max_images: int = 16, thumb: int = 128) -
             sheet.paste(im.convert("RGB").resize((thumb, thumb)), ((i % cols) * thumb, (i // cols) * thumb))
     buf = io.BytesIO()
     sheet.save(buf, format="JPEG", quality=85)
-    return atomic_write_bytes(out, buf.getvalue())
+    return write_bytes(out, buf.getvalue())
 
 
 def _fmt(v: Any) -> str:
@@ -83,7 +80,7 @@ def write_csv(rows: Sequence[dict], path: Path, cols: Sequence[str]) -> Path:
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    return atomic_write_bytes(path, buf.getvalue().encode())
+    return write_bytes(path, buf.getvalue().encode())
 
 
 def write_markdown(rows: Sequence[dict], path: Path, cols: Sequence[str], plots: Sequence[Path], title: str) -> Path:
@@ -98,7 +95,7 @@ def write_markdown(rows: Sequence[dict], path: Path, cols: Sequence[str], plots:
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in shown) + f" | {img} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({os.path.relpath(p, path.parent)})" for p in plots]
-    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def _is_number(v: Any) -> bool:
@@ -149,7 +146,7 @@ def plot_axis(rows: Sequence[dict], axis: str, others: Sequence[str], metrics: S
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return write_bytes(path, buf.getvalue())
 
 
 def write_plots(rows: Sequence[dict], out: Path, varied: Sequence[str], metrics: Sequence[str]) -> list[Path]:

@@ -12,8 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Optional
 
-import torch
-
+from ..io import load_checkpoint
 from .ablate import evaluate_run
 from .ablation_grid import Evaluation
 from .ablation_report import write_report
@@ -23,7 +22,7 @@ def list_checkpoints(ckpt_dir: Path, every: Optional[int] = None) -> list[tuple[
     """``[(global_step, path)]`` of the ``.ckpt`` files in ``ckpt_dir``, one per step, steps divisible by ``every``."""
     by_step: dict[int, Path] = {}
     for path in sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.name)):
-        step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+        step = int(load_checkpoint(path, mmap=True).get("global_step", -1))
         if step > 0 and (not every or step % every == 0):
             by_step.setdefault(step, path)  # last.ckpt repeats a step already saved under its own name
     return sorted(by_step.items())
@@ -37,7 +36,7 @@ def export_checkpoints(ckpts: list[tuple[int, Path]], out: Path) -> list[tuple[i
     todo = [(s, p) for s, p in ckpts if not (out / f"step_{s}" / LORA_FILE).is_file()]
     module = None
     for step, path in todo:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(path)
         if module is None:  # one module for every checkpoint: the base loads once
             names = set(inspect.signature(DreamBoothLoRA.__init__).parameters) - {"self"}
             module = DreamBoothLoRA(**{k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in names})

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .sample import ensure_writable, read_png_metadata, write_json, write_png
+from ..io import ensure_writable, read_png_metadata, write_json, write_png, write_text
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 # Published numbers (DreamBooth paper, Table 1), shown beside ours for scale; not computed here.
@@ -93,11 +93,9 @@ def markdown_table(rows: dict[str, dict], columns: Sequence[str] = COLUMNS, key:
 
 
 def _write_results(out: Path, results: dict, title: str) -> None:
-    from .sample import atomic_write
-
     write_json(out / RESULTS_JSON, results)
     text = f"# {title}\n\n{markdown_table(results['rows'])}\n(paper rows: DreamBooth, Table 1, for scale only)\n"
-    atomic_write(out / RESULTS_MD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(out / RESULTS_MD, text)
 
 
 def _load_generated(folder: str, prompts_file: Optional[str]) -> tuple[list, list[str]]:
@@ -282,9 +280,7 @@ def compare_runs(evals: list[str], out: Optional[str] = None) -> str:
     table = markdown_table({f"{r['scheduler']} | {r['steps']} | {r['prior']}": r for r in rows},
                            ("clip_i", "clip_t", "dino"), key="scheduler | steps | prior")
     if out:
-        from .sample import atomic_write
-
         folder = ensure_writable(out)
         write_json(folder / "compare.json", rows)
-        atomic_write(folder / "compare.md", lambda tmp: tmp.write_text(table, encoding="utf-8"))
+        write_text(folder / "compare.md", table)
     return table

@@ -12,7 +12,8 @@ from typing import Literal, Optional
 import torch
 
 from ..formats import (COMPONENTS, Format, LoRA, LoRAFormatError, base_skeleton, check_base, check_pairs,
-                       on_disk_name, read_lora, uniform_alpha, write_lora)
+                       check_values, on_disk_name, read_lora, uniform_alpha, write_lora)
+from ..io import load_checkpoint
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
@@ -25,14 +26,8 @@ def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
         path: ``.ckpt`` written by the ``checkpoint`` callback (or ``last.ckpt``).
         adapter_name: the peft adapter name inside the checkpoint.
     """
-    import pickle
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise LoRAFormatError(f"{path}: not loadable with weights_only=True ({str(e).splitlines()[0][:200]}); "
-                              "only checkpoints written by this project's fit are read.") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    ckpt = load_checkpoint(path)
+    if "state_dict" not in ckpt:
         raise LoRAFormatError(f"{path}: no 'state_dict' entry, not a Lightning checkpoint.")
     hp = ckpt.get("hyper_parameters") or {}
     weights = {}
@@ -50,7 +45,7 @@ def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
     alpha = hp.get("lora_alpha") or hp.get("lora_rank")
     if alpha is not None:  # the module trains one LoraConfig per component: one alpha everywhere
         lora.alphas = {mod: torch.tensor(float(alpha)) for mod in lora.modules()}
-    return check_pairs(lora, path)
+    return check_values(check_pairs(lora, path), path)
 
 
 def export(source: str, out: str, format: Format = "diffusers",

@@ -50,9 +50,9 @@ def _from_fit_config(path: str) -> dict:
     found = dict(base=model.get("base_model"), vae=model.get("vae_model"), prompt=data.get("class_prompt"),
                  out=data.get("class_dir"), num=data.get("num_class_images"), resolution=data.get("resolution"))
     if model.get("random_base") and model.get("base_model"):  # the smoke config's base is built on first use
-        from ..bases import make_base
+        from ..bases import build_random_base
 
-        make_base(model["random_base"], model["base_model"])
+        build_random_base(model["random_base"], model["base_model"])
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -98,7 +98,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
     from tqdm.auto import tqdm
 
     from ..sampling import check_size, generate, load_pipeline
-    from .sample import ensure_writable, runtime, write_json, write_png
+    from ..io import ensure_writable, write_json, write_png
+    from .sample import runtime
 
     args = dict(base=base, prompt=prompt, out=out, num=num, vae=vae, resolution=resolution)
     if fit_config:

@@ -21,7 +21,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from ..atomic import save_pipeline_atomically
+from ..io import atomic_dir, check_replaceable
 from ..formats import (Format, LoRA, LoRAFormatError, base_skeleton, check_base, read_lora, uniform_alpha,
                        write_lora)
 
@@ -146,13 +146,16 @@ def _svd_merge(have, m: str, how: str, rank: Optional[int], density: float, majo
     return a, b
 
 
-def fuse(loras: Sequence[tuple[LoRA, float]], base: str, out: str) -> str:
+def fuse(loras: Sequence[tuple[LoRA, float]], base: str, out: str, overwrite: bool = False,
+         inputs: Sequence[str] = ()) -> str:
     """Bake ``sum w_i s_i B_i A_i`` into a copy of ``base`` (diffusers ``set_adapters`` + ``fuse_lora``) and save it.
 
     Args:
         loras: (adapter, weight) pairs.
         base: SDXL pipeline folder or hub id.
         out: output pipeline folder (written to a temporary sibling, then renamed).
+        overwrite: replace an existing ``out`` (never ``.``, ``/``, home or a folder holding the inputs).
+        inputs: the LoRA files (with ``base``, never inside a folder that is replaced).
     """
     from diffusers import StableDiffusionXLPipeline
 
@@ -169,12 +172,14 @@ def fuse(loras: Sequence[tuple[LoRA, float]], base: str, out: str) -> str:
     pipe.set_adapters(names, [w for _, w in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()  # fused weights stay; the adapter modules go
-    return save_pipeline_atomically(pipe, out)
+    with atomic_dir(out, overwrite, "--out", [base, *inputs], owner={"kind": "fused-pipeline"}) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
 
 
 def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int] = None, density: float = 0.5,
           majority_sign_method: Literal["total", "frequency"] = "total", base: Optional[str] = None,
-          format: Format = "diffusers", seed: int = 0) -> str:
+          format: Format = "diffusers", seed: int = 0, overwrite: bool = False) -> str:
     """Merge LoRA files (``A.safetensors:1.0 B.safetensors:0.8``) into one file, or into the base with ``fuse``.
 
     Args:
@@ -188,8 +193,11 @@ def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int
         base: base pipeline; required for fuse, else optional to check the LoRAs fit it.
         format: layout of the output file (diffusers or kohya).
         seed: seed of dare's random drop.
+        overwrite: with fuse, replace an existing --out folder (never ``.``, ``/``, home or one holding inputs).
     """
     specs = [parse_spec(s) for s in loras]
+    if method == "fuse":  # before any model loads: an output folder that may not be replaced is refused now
+        check_replaceable(out, overwrite, "--out", [p for p in (base, *(p for p, _ in specs)) if p])
     models = base_skeleton(base) if base else None
     adapters = [read_lora(p, models["unet"].config if models else None) for p, _ in specs]
     for lora, (p, _) in zip(adapters, specs):
@@ -200,7 +208,7 @@ def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int
             raise ValueError("--method fuse needs --base (the pipeline the adapters are baked into).")
         if out.endswith(".safetensors"):
             raise ValueError(f"--method fuse writes a whole pipeline folder; give --out a folder, not {out!r}.")
-        return fuse(list(zip(adapters, [w for _, w in specs])), base, out)
+        return fuse(list(zip(adapters, [w for _, w in specs])), base, out, overwrite, [p for p, _ in specs])
     with torch.random.fork_rng():  # dare drops at random: seeded, without touching the caller's RNG
         torch.manual_seed(seed)
         merged = merge_loras(adapters, [w for _, w in specs], method, rank, density, majority_sign_method,

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 from PIL import Image
 
-from ..atomic import atomic_write
+from ..io import atomic_write, save_image, write_json, write_text
 
 
 def _curves(rows: list[dict], path: Path, title: str) -> None:
@@ -39,7 +39,7 @@ def _curves(rows: list[dict], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -59,7 +59,7 @@ def _grid(images: list[list[Image.Image]], labels: list[str], path: Path) -> Non
         canvas.paste(row, (strip, y))
         ImageDraw.Draw(canvas).text((4, y + row.height // 2 - 6), label, fill="black")
         y += row.height
-    atomic_write(path, lambda p: canvas.save(p, format="png"))
+    save_image(path, canvas)
 
 
 def _table(rows: list[dict]) -> str:
@@ -129,7 +129,7 @@ def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str,
             images = generate(pipe, [prompt] * len(seeds), seeds, steps, guidance, height=resolution,
                               width=resolution)
             for img, p in zip(images, paths):
-                atomic_write(p, lambda t, img=img: img.save(t, format="png"))
+                save_image(p, img)
             scored.pop(float(w), None)
         grids.append([load_rgb(p) for p in paths])
     del pipe
@@ -151,11 +151,11 @@ def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str,
             row[name] = float(metric.compute())
         rows.append(row)
     result = {"config": score_cfg, "rows": rows}
-    atomic_write(root / "merge_eval.json", lambda p: p.write_text(json.dumps(result, indent=2)))
+    write_json(root / "merge_eval.json", result)
     md = (f"# Subject + style merge sweep\n\nSubject `{subject}` (weight {subject_weight:g}), style `{style}`; "
           f"prompt: `{prompt}`; style text: `{style_text}`; seeds {seeds}.\n\n{_table(rows)}\n\n"
           "![curves](merge_eval.png)\n\n![grid](grid.png)\n")
-    atomic_write(root / "merge_eval.md", lambda p: p.write_text(md))
+    write_text(root / "merge_eval.md", md)
     _curves(rows, root / "merge_eval.png", f"subject vs style, subject weight {subject_weight:g}")
     _grid(grids, [f"style {w:g}" for w in style_weights], root / "grid.png")
     return result

@@ -6,83 +6,29 @@ temporary name and renamed, so an interrupted run leaves only complete files.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from ..atomic import atomic_write
+from ..io import ensure_writable, read_png_metadata, save_image, write_json, write_png
 
-PNG_KEY = "dreambooth_pl"
 # sample() arguments that a PNG's metadata pins; the rest (out, batch size, device) do not change pixels.
 REPRO_KEYS = ("base", "vae", "loras", "scheduler", "steps", "guidance", "negative_prompt", "height", "width", "dtype")
 
 
-class OutputError(OSError):
-    """An output folder cannot be written; the message names it and the fix."""
-
-
-def ensure_writable(folder: str | os.PathLike) -> Path:
-    """Create ``folder`` if needed and prove it writable, before any model loads."""
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise OutputError(f"output dir {str(path)!r} is not writable ({e.strerror or e}): choose another --out "
-                          "or fix its permissions.") from None
-    return path
-
-
-def write_json(path: str | os.PathLike, obj) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    return atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
-
-
 def runtime(pipe) -> dict:
-    """What ran, beside the settings: the effective dtype (CPU runs fp16 requests in fp32), device and versions."""
+    """What ran, beside the settings: the effective dtype (CPU runs fp16 requests in fp32), device, versions, and
+    ``random_base`` (the make-base preset, or None) so a PNG drawn from random weights says so."""
     import diffusers
     import torch
 
     from ..sampling import DTYPES
+    from ..sdxl import random_base_preset
 
     names = {v: k for k, v in DTYPES.items()}
     return {"dtype": names[pipe.unet.dtype], "device": pipe.device.type,
+            "random_base": random_base_preset(pipe.name_or_path) if pipe.name_or_path else None,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}}
-
-
-def a1111_parameters(meta: dict) -> str:
-    """The ``parameters`` text other tools (A1111, ComfyUI readers) show: prompt, negative, then key: value."""
-    neg = f"\nNegative prompt: {meta['negative_prompt']}" if meta.get("negative_prompt") else ""
-    loras = ", ".join(f"{Path(p).name}:{s}" for p, s in meta.get("loras") or [])
-    return (f"{meta['prompt']}{neg}\nSteps: {meta['steps']}, Sampler: {meta['scheduler']}, CFG scale: "
-            f"{meta['guidance']}, Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, Model: {meta['base']}"
-            + (f", LoRA: {loras}" if loras else ""))
-
-
-def write_png(path: str | os.PathLike, image, meta: dict) -> Path:
-    """Save ``image`` as PNG with ``meta`` in its text chunks (JSON + A1111 ``parameters``), atomically."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text(PNG_KEY, json.dumps(meta))
-    info.add_text("parameters", a1111_parameters(meta))
-    return atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-
-
-def read_png_metadata(path: str | os.PathLike) -> dict:
-    """The settings a PNG written by :func:`write_png` records."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        text = getattr(img, "text", {}).get(PNG_KEY)
-    if text is None:
-        raise ValueError(f"{str(path)!r} has no {PNG_KEY!r} text chunk: only PNGs written by sample or "
-                         "generate-class-images record their settings.")
-    return json.loads(text)
 
 
 def contact_sheet(images: list, labels: list[str], cols: int, thumb: int = 256):
@@ -219,6 +165,6 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         records.append({"file": f"{k:04d}_s{s}.png", "prompt": p, "seed": int(s)})
     cols = 1 if from_png else images_per_prompt
     labels = [prompts[r * cols] for r in range(math.ceil(len(images) / cols))]
-    atomic_write(folder / "contact_sheet.png", lambda tmp: contact_sheet(images, labels, cols).save(tmp, format="PNG"))
+    save_image(folder / "contact_sheet.png", contact_sheet(images, labels, cols))
     write_json(folder / "manifest.json", {"settings": settings, "images": records})
     return str(folder / "manifest.json")

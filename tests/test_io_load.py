@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreambooth_pl.safe_load import (UnsafeFileError, check_safetensors, file_kind, load_checkpoint,
-                                     load_safetensors)
+from dreambooth_pl.io import (CheckpointError, UnsafeFileError, check_safetensors, file_kind, load_checkpoint,
+                              load_safetensors, parse_json)
 
 
 class Payload:
@@ -48,8 +48,9 @@ def test_pickles_refused_as_lora_without_running(hostile):
 
 def test_hostile_checkpoint_refused_with_weights_only(hostile, tmp_path):
     files, marker = hostile
-    with pytest.raises(UnsafeFileError, match="holds objects other than tensors"):
+    with pytest.raises(CheckpointError, match="holds objects other than tensors") as err:
         load_checkpoint(files["lora.bin"])
+    assert "weights_only=False" not in str(err.value)
     assert not marker.exists()
     torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, tmp_path / "good.ckpt")
     assert load_checkpoint(tmp_path / "good.ckpt")["global_step"] == 3
@@ -83,6 +84,29 @@ def test_fit_resumes_only_with_weights_only(tiny_base, subject_dirs, tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "global_step": 1, "x": Payload(marker)}, tmp_path / "hostile.ckpt")
     args = fit_args(tiny_base, *subject_dirs, str(tmp_path / "logs"), ckpt_path=tmp_path / "hostile.ckpt")
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(CheckpointError, match=r"refusing checkpoint .*hostile\.ckpt.*holds objects") as err:
         DreamBoothCLI(args=args)
+    assert "weights_only=False" not in str(err.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "is empty"), (b"garbage bytes, not a checkpoint", "not a PyTorch"),
+                                             ("truncated", "truncated or damaged")])
+def test_damaged_checkpoints_named_with_the_fix(tmp_path, content, reason):
+    path = tmp_path / "last.ckpt"
+    if content == "truncated":
+        torch.save({"state_dict": {"w": torch.ones(1000)}, "global_step": 3}, path)
+        path.write_bytes(path.read_bytes()[:3000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert str(path) in msg and "resume from another checkpoint" in msg and "weights_only=False" not in msg
+
+
+def test_json_that_is_invalid_or_too_deep_names_its_source():
+    with pytest.raises(ValueError, match=r"lora\.safetensors.*invalid JSON"):
+        parse_json("{not json", "lora.safetensors")
+    with pytest.raises(ValueError, match=r"lora\.safetensors.*nested too deeply"):
+        parse_json("[" * 100_000 + "]" * 100_000, "lora.safetensors")

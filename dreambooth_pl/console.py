@@ -1,0 +1,55 @@
+"""A quiet console: exactly the listed third-party notices that every run prints are hidden; every warning of our
+own, and any other, still shows. ``DREAMBOOTH_PL_SHOW_ALL_WARNINGS=1`` shows everything."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+SHOW_ALL_ENV = "DREAMBOOTH_PL_SHOW_ALL_WARNINGS"
+# (what, warning-message regex) -- Python warnings raised by Lightning
+WARNINGS = (
+    ("pytree deprecation", r".*`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    ("eval-mode modules", r"Found \d+ module\(s\) in eval mode at the start of training"),
+    ("num_workers hint", r"The '\w+' does not have many workers which may be a bottleneck"),
+)
+# (emitting logger, log-message regex) -- log records; a filter on the emitting logger holds whatever the handlers
+RECORDS = (
+    ("lightning.pytorch.utilities.rank_zero", r"💡 Tip: For seamless cloud logging"),  # the litlogger tip
+    ("diffusers.models.modeling_utils", r"There are modules in \w+ that should be kept in float32: \[\]"),
+    ("lightning.pytorch.callbacks.model_summary", r"$^"),  # only its zero Total Flops line
+    ("lightning.pytorch.callbacks.rich_model_summary", r"$^"),
+)
+_ZERO_FLOPS = re.compile(r"\n[ \t]*0[ \t]+Total Flops[ \t]*(?=\n|$)")
+
+
+class _Drop(logging.Filter):
+    """Drops the listed records, and the always-zero ``Total Flops`` line of Lightning's model summary."""
+
+    def __init__(self, patterns: list[re.Pattern]):
+        super().__init__()
+        self.patterns = patterns
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if any(p.match(msg) for p in self.patterns):
+            return False
+        if "Total Flops" in msg:
+            record.msg = _ZERO_FLOPS.sub("", msg)
+        return True
+
+
+def quiet_third_party() -> None:
+    """Install the filters (idempotent); no-op when :data:`SHOW_ALL_ENV` is set."""
+    if os.environ.get(SHOW_ALL_ENV, "") not in ("", "0"):
+        return
+    for _, pattern in WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    by_logger: dict[str, list[re.Pattern]] = {}
+    for name, pattern in RECORDS:
+        by_logger.setdefault(name, []).append(re.compile(pattern))
+    for name, patterns in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) for f in logger.filters):
+            logger.addFilter(_Drop(patterns))
