@@ -32,6 +32,7 @@ class GraphedCall:
         self.fn, self.params, self.autocast_dtype = fn, tuple(params), autocast_dtype
         self.key = None
         self.fallbacks = 0
+        self.replays = 0
 
     @staticmethod
     def signature(inputs: Sequence[torch.Tensor]) -> tuple:
@@ -73,6 +74,7 @@ class GraphedCall:
                 warnings.warn("model.cuda_graph: a batch of another shape than the captured one ran eagerly "
                               f"({[tuple(x.shape) for x in inputs]}).", stacklevel=2)
             return self.fn(*inputs)
+        self.replays += 1
         return _Replay.apply(self, *inputs, *self.params)
 
 

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from . import lora as lora_lib
 from . import perf
 from .data.cache import build_cache, check_cache_mode
+from .graphs import GraphedCall
 from .loss import DreamBoothLoss
 from .noise import NoiseSchedule
 from .sdxl import add_time_ids, encode_prompts, load_parts, tokenize
@@ -56,6 +57,11 @@ class DreamBoothLoRA(L.LightningModule):
         cuda_graph: replay the UNet's forward and backward from a CUDA graph (graphs.py): the step stops being
             bound by Python launching ~10k small adapter kernels. Needs a CUDA device, frozen text encoders, no
             adapter dropout and no ``compile_blocks``; on a CPU it is ignored with a warning.
+        memory_plan: ``manual`` uses the switches above as given; ``auto`` picks caching, checkpointing and the
+            CUDA graph on a CUDA device: the fastest measured plan whose estimate fits the budget
+            (memory_plan.py), and fails naming every plan's need when none does.
+        memory_budget_gib: GiB that ``auto`` may plan for (None: the GPU's free memory; 14.5 keeps a run inside
+            a 16 GB T4 on a bigger card).
     """
 
     def __init__(self, base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
@@ -72,7 +78,8 @@ class DreamBoothLoRA(L.LightningModule):
                  compile_blocks: bool = False, compile_regions: list[str] = list(perf.BLOCKS),
                  compile_mode: Optional[str] = None, channels_last: bool = False,
                  attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto",
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, memory_plan: Literal["manual", "auto"] = "manual",
+                 memory_budget_gib: Optional[float] = None):
         super().__init__()
         self.save_hyperparameters()
         if lora_rank <= 0:
@@ -99,8 +106,14 @@ class DreamBoothLoRA(L.LightningModule):
                 raise ValueError(f"model.cuda_graph replays a fixed UNet call, which {clash[0]} breaks (text "
                                  "embeddings that need gradients, random dropout masks, or compiled code in the "
                                  f"capture). Turn {clash[0]} off, or set model.cuda_graph: false.")
+        if memory_budget_gib is not None and memory_budget_gib <= 0:
+            raise ValueError(f"model.memory_budget_gib must be > 0 or null, got {memory_budget_gib}")
         self.unet = None
         self._graphed = None
+        self.graph_stats: dict[str, int] = {}  # replays and eager fallbacks of the last fit's CUDA graph
+        # the speed switches in force: the manual ones, or memory_plan=auto's choice (configure_model)
+        self.speed = {"cache": cache, "cuda_graph": cuda_graph,
+                      "checkpoint_every": checkpoint_every if gradient_checkpointing else 0}
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
         self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
@@ -141,12 +154,39 @@ class DreamBoothLoRA(L.LightningModule):
                                           hp.lora_init)
             lora_lib.add_lora(self.text_encoder, te_cfg)
             lora_lib.add_lora(self.text_encoder_2, te_cfg)
-        if hp.gradient_checkpointing:  # only dropout draws random numbers inside the UNet's blocks
-            perf.set_checkpointing(self.unet, hp.checkpoint_every, preserve_rng_state=hp.lora_dropout > 0)
+        if hp.memory_plan == "auto":
+            self.plan_memory()
+        if self.speed["checkpoint_every"]:  # only dropout draws random numbers inside the UNet's blocks
+            perf.set_checkpointing(self.unet, self.speed["checkpoint_every"], preserve_rng_state=hp.lora_dropout > 0)
             if hp.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
                 self.text_encoder_2.gradient_checkpointing_enable()
         self.configure_speed()
+
+    def plan_memory(self) -> None:
+        """``memory_plan: auto``: cache every input the run allows, then the fastest plan that fits the GPU."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from . import memory_plan
+
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        if device.type != "cuda":
+            rank_zero_warn(f"model.memory_plan=auto plans GPU memory; on {device.type} the manual switches apply.")
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        resolution = dm.hparams.resolution if dm is not None else 1024
+        images = dm.hparams.batch_size * (2 if dm is None or dm.hparams.with_prior_preservation else 1)
+        cache = "latents" if hp.train_text_encoder else "all"  # leanest and fastest: the encoders leave the GPU
+        resident = [self.unet] + ([self.text_encoder, self.text_encoder_2] if cache == "latents" else [])
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        weights = memory_plan.frozen_gib(*resident) + trainable * 16 / memory_plan.GIB  # fp32 weight, grad, Adam
+        budget = memory_plan.budget(device, hp.memory_budget_gib)
+        graph_ok = not (hp.train_text_encoder or hp.lora_dropout > 0 or hp.compile_blocks)
+        plan = memory_plan.choose(weights, resolution, images, budget, graph_ok)
+        self.speed = {"cache": cache, "cuda_graph": plan.cuda_graph, "checkpoint_every": plan.checkpoint_every}
+        rank_zero_info(f"memory plan: {plan.name}, cache={cache} (estimated "
+                       f"{memory_plan.estimate(plan, weights, resolution, images):.1f} GiB of {budget:.1f} GiB)")
 
     def configure_speed(self) -> None:
         """Apply the perf switches (after the adapters exist, so compiled blocks include them)."""
@@ -163,9 +203,9 @@ class DreamBoothLoRA(L.LightningModule):
     def on_fit_start(self) -> None:
         """With ``cache``: encode the data module's images (and prompts) now, then free those encoders."""
         dm = getattr(self.trainer, "datamodule", None)
-        if self.hparams.cache == "off" or dm is None or getattr(dm, "cache", None) is not None:
+        if self.speed["cache"] == "off" or dm is None or getattr(dm, "cache", None) is not None:
             return
-        dm.cache = build_cache(self, dm.instance, dm.prior, dm.hparams.resolution, self.hparams.cache)
+        dm.cache = build_cache(self, dm.instance, dm.prior, dm.hparams.resolution, self.speed["cache"])
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""
@@ -243,7 +283,7 @@ class DreamBoothLoRA(L.LightningModule):
 
     def unet_call(self):
         """The eager UNet call, or its CUDA-graph replay with ``cuda_graph`` on a CUDA device."""
-        if not self.hparams.cuda_graph or not torch.is_grad_enabled():
+        if not self.speed["cuda_graph"] or not torch.is_grad_enabled():
             return self._unet
         if self.device.type != "cuda":
             if self._graphed is None:
@@ -251,12 +291,16 @@ class DreamBoothLoRA(L.LightningModule):
                 self._graphed = self._unet
             return self._graphed
         if self._graphed is None:
-            from .graphs import GraphedCall
-
             dtype = self.weight_dtype()
             self._graphed = GraphedCall(self._unet, [p for p in self.unet.parameters() if p.requires_grad],
                                         None if dtype == torch.float32 else dtype)
         return self._graphed
+
+    def teardown(self, stage: str) -> None:
+        # Lightning moves the module to the CPU after fit: a kept graph would replay stale parameter addresses
+        if isinstance(self._graphed, GraphedCall):
+            self.graph_stats = {"replays": self._graphed.replays, "fallbacks": self._graphed.fallbacks}
+        self._graphed = None
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         terms = self.forward_loss(batch)

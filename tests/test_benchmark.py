@@ -9,7 +9,7 @@ def test_benchmark_tiny_training_path(tiny_base, tmp_path):
 
     out = tmp_path / "results.jsonl"
     line = benchmark(preset="t4-16gb", steps=1, warmup=2, base=tiny_base, base_preset="tiny", work=str(tmp_path),
-                     out=str(out), profile=str(tmp_path / "prof.txt"),
+                     out=str(out), profile=str(tmp_path / "prof.txt"), count_flops=True,
                      overrides=["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.resolution=32",
                                 "--model.compile_blocks=false"])
     result = json.loads(line)
@@ -18,6 +18,7 @@ def test_benchmark_tiny_training_path(tiny_base, tmp_path):
     assert result["images_per_s"] == 2 / result["s_per_step"]  # one instance + one prior image per step
     assert result["tflop_per_step"] > 0 and len(result["warmup_s"]) == 2
     assert result["trainable_params_m"] > 0 and result["optimizer_state_mib"] > 0
+    assert result["time_to_lora_min"] * 60 >= result["wall_s"] > 0 and result["recipe_steps"] == 1000
     assert {"gpu", "torch", "diffusers", "peft", "lightning", "date"} <= set(result)
     assert "aten::" in (tmp_path / "prof.txt").read_text()  # top-kernel table of the last warm-up step
     assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()

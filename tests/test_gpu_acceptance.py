@@ -73,7 +73,7 @@ def test_recipe_trains_and_scores_under_mixed_precision(sdxl, recipe_run, precis
     trainer, model = cli.trainer, cli.model
     assert trainer.global_step == 10 and model.unet.dtype == (torch.float16 if precision == "16-mixed"
                                                                else torch.bfloat16)
-    assert model._graphed.key is not None and model._graphed.fallbacks == 0  # the step really was replayed
+    assert model.graph_stats == {"replays": 10, "fallbacks": 0}  # the step really was replayed
     finite_losses(trainer)
     scores = next(cb for cb in trainer.callbacks if isinstance(cb, SubjectMetrics)).last_scores
     assert set(scores) == {"val/clip_i", "val/clip_t", "val/dino"} and all(np.isfinite(list(scores.values())))
@@ -239,3 +239,17 @@ def test_ddp_two_gpus_trains_and_exports_once(sdxl):
 
     lora = load_file(next(root.glob("lightning_logs/*/pytorch_lora_weights.safetensors")))
     assert lora and all(torch.isfinite(t).all() for t in lora.values())
+
+
+def test_auto_memory_plan_fits_its_budget(sdxl):
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved()  # what earlier tests of this process still hold
+    cli = DreamBoothCLI(args=recipe_args(sdxl, sdxl[3] / "auto", 3, "--model.memory_plan=auto",
+                                         "--model.memory_budget_gib=10", "--model.cache=off",
+                                         "--model.gradient_checkpointing=false"))
+    finite_losses(cli.trainer)
+    assert cli.model.speed == {"cache": "all", "cuda_graph": True, "checkpoint_every": 1}
+    assert (torch.cuda.max_memory_reserved() - before) / 2**30 <= 10.0

@@ -1,0 +1,87 @@
+"""``model.memory_plan: auto``: the fastest checkpointing / CUDA-graph / caching plan that fits the GPU's memory.
+
+Each plan's activation memory was measured on the real training path (BENCHMARKS.md, "Memory plans": full-size SDXL
+UNet, 1024², one instance + one prior image, rank 4, 16-mixed, whole-run peak reserved minus the frozen weights).
+A run's estimate is its own frozen weights (counted from the loaded models) plus the plan's activations scaled by
+pixels and images per step; the fastest plan whose estimate fits the budget wins.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GIB = 2**30
+
+
+class MemoryPlanError(ValueError):
+    """No plan fits; the message says how much each needs and what to change."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One setting of the speed/memory switches, with its measured cost at the reference size.
+
+    Args:
+        name: shown in the log.
+        checkpoint_every: gradient checkpointing of every k-th block (0: off).
+        cuda_graph: replay the UNet step from a CUDA graph (only where the run allows it).
+        activations_gib: peak activation memory at 1024², 2 images per step (measured).
+        s_per_step: measured step time on one H200 at that size (ordering and the log only).
+    """
+
+    name: str
+    checkpoint_every: int
+    cuda_graph: bool
+    activations_gib: float
+    s_per_step: float
+
+
+# fastest first; measured 2026-11-30 on one H200 (BENCHMARKS.md, benchmark --preset recipe with overrides)
+PLANS = (
+    Plan("no checkpointing, CUDA graph", 0, True, 15.4, 0.233),
+    Plan("every 2nd block recomputed, CUDA graph", 2, True, 7.9, 0.260),
+    Plan("every block recomputed, CUDA graph", 1, True, 2.1, 0.287),
+)
+REFERENCE_PIXELS, REFERENCE_IMAGES = 1024 * 1024, 2
+
+
+def frozen_gib(*models: torch.nn.Module) -> float:
+    """GiB of the parameters and buffers of the models that stay on the GPU during the steps."""
+    return sum(t.numel() * t.element_size() for m in models for t in (*m.parameters(), *m.buffers())) / GIB
+
+
+def estimate(plan: Plan, weights_gib: float, resolution: int, images: int) -> float:
+    """Estimated whole-run peak (GiB) of ``plan`` for a run with ``weights_gib`` resident, at this size."""
+    scale = resolution * resolution / REFERENCE_PIXELS * images / REFERENCE_IMAGES
+    return weights_gib + plan.activations_gib * scale
+
+
+def choose(weights_gib: float, resolution: int, images: int, budget_gib: float, graph_allowed: bool) -> Plan:
+    """The fastest plan whose estimate fits ``budget_gib``.
+
+    Args:
+        weights_gib: frozen weights + adapters + optimizer state resident during the steps.
+        resolution: training side in pixels.
+        images: images per step (instance + prior, times the batch size).
+        budget_gib: memory the run may use (``model.memory_budget_gib`` or the GPU's free memory).
+        graph_allowed: the run can replay a CUDA graph (see ``model.cuda_graph``); else the same checkpointing
+            runs eagerly (the capture measured no more memory than the eager step).
+    """
+    plans = [p if graph_allowed else Plan(p.name.replace("CUDA graph", "eager"), p.checkpoint_every, False,
+                                          p.activations_gib, p.s_per_step) for p in PLANS]
+    for plan in plans:
+        if estimate(plan, weights_gib, resolution, images) <= budget_gib:
+            return plan
+    need = ", ".join(f"{p.name}: {estimate(p, weights_gib, resolution, images):.1f} GiB" for p in plans)
+    raise MemoryPlanError(f"model.memory_plan=auto: no plan fits {budget_gib:.1f} GiB ({need}). Lower "
+                          "data.resolution or data.batch_size, train without model.train_text_encoder, or raise "
+                          "model.memory_budget_gib if the GPU has more free memory.")
+
+
+def budget(device: torch.device, requested: float | None, margin_gib: float = 0.5) -> float:
+    """The memory a run may plan for: ``requested``, capped by what the GPU has free now (less a margin for the
+    CUDA context and allocator rounding)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    available = free / GIB - margin_gib
+    return available if requested is None else min(requested, available)
