@@ -109,3 +109,26 @@ def fit_args(base: str, instance_dir: str, class_dir: str | None, root: str, ste
     for k, v in over.items():
         args += [f"--{k}", str(v)]
     return args
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After a GPU run (``-m gpu`` on a CUDA machine), append date, GPU and result to docs/gpu-tests.md (and to
+    $OUT/gpu-tests-row.md, which the device tool brings back)."""
+    import datetime
+
+    import torch
+
+    if not torch.cuda.is_available() or "gpu" not in (config.option.markexpr or ""):
+        return
+    counts = {k: len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "error", "skipped")}
+    import diffusers
+    import lightning
+
+    row = (f"| {datetime.date.today()} | {torch.cuda.get_device_name()} x{torch.cuda.device_count()} | "
+           f"torch {torch.__version__}, lightning {lightning.__version__}, diffusers {diffusers.__version__} | "
+           f"{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
+           f"{counts['skipped']} skipped | `pytest -m gpu` |\n")
+    for path in filter(None, [REPO / "docs" / "gpu-tests.md",
+                              os.environ.get("OUT") and Path(os.environ["OUT"]) / "gpu-tests-row.md"]):
+        with open(path, "a") as f:
+            f.write(row)
