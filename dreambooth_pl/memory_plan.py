@@ -85,3 +85,30 @@ def budget(device: torch.device, requested: float | None, margin_gib: float = 0.
     free, _ = torch.cuda.mem_get_info(device)
     available = free / GIB - margin_gib
     return available if requested is None else min(requested, available)
+
+
+def plan_speed(module, device: torch.device, data=None) -> dict:
+    """The speed switches ``memory_plan: auto`` sets for a configured ``DreamBoothLoRA`` (before it moves to
+    ``device``); logs the choice.
+
+    Args:
+        module: the LightningModule, its models loaded and adapters injected.
+        device: the CUDA device it will train on.
+        data: the data module's hyper-parameters (resolution, batch size, prior preservation); None: 1024², 1+1.
+    """
+    from lightning.pytorch.utilities import rank_zero_info
+
+    hp = module.hparams
+    resolution = data["resolution"] if data is not None else 1024
+    images = (data["batch_size"] if data is not None else 1) * (
+        2 if data is None or data["with_prior_preservation"] else 1)
+    cache = "latents" if hp.train_text_encoder else "all"  # leanest and fastest: the encoders leave the GPU
+    resident = [module.unet] + ([module.text_encoder, module.text_encoder_2] if cache == "latents" else [])
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    weights = frozen_gib(*resident) + trainable * 16 / GIB  # fp32 weight, gradient and two Adam moments
+    limit = budget(device, hp.memory_budget_gib)
+    plan = choose(weights, resolution, images, limit, not (hp.train_text_encoder or hp.lora_dropout > 0
+                                                            or hp.compile_blocks))
+    rank_zero_info(f"memory plan: {plan.name}, cache={cache} (estimated "
+                   f"{estimate(plan, weights, resolution, images):.1f} GiB of {limit:.1f} GiB)")
+    return {"cache": cache, "cuda_graph": plan.cuda_graph, "checkpoint_every": plan.checkpoint_every}

@@ -165,28 +165,14 @@ class DreamBoothLoRA(L.LightningModule):
 
     def plan_memory(self) -> None:
         """``memory_plan: auto``: cache every input the run allows, then the fastest plan that fits the GPU."""
-        from lightning.pytorch.utilities import rank_zero_info
+        from .memory_plan import plan_speed
 
-        from . import memory_plan
-
-        hp = self.hparams
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         if device.type != "cuda":
             rank_zero_warn(f"model.memory_plan=auto plans GPU memory; on {device.type} the manual switches apply.")
             return
         dm = getattr(self.trainer, "datamodule", None)
-        resolution = dm.hparams.resolution if dm is not None else 1024
-        images = dm.hparams.batch_size * (2 if dm is None or dm.hparams.with_prior_preservation else 1)
-        cache = "latents" if hp.train_text_encoder else "all"  # leanest and fastest: the encoders leave the GPU
-        resident = [self.unet] + ([self.text_encoder, self.text_encoder_2] if cache == "latents" else [])
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        weights = memory_plan.frozen_gib(*resident) + trainable * 16 / memory_plan.GIB  # fp32 weight, grad, Adam
-        budget = memory_plan.budget(device, hp.memory_budget_gib)
-        graph_ok = not (hp.train_text_encoder or hp.lora_dropout > 0 or hp.compile_blocks)
-        plan = memory_plan.choose(weights, resolution, images, budget, graph_ok)
-        self.speed = {"cache": cache, "cuda_graph": plan.cuda_graph, "checkpoint_every": plan.checkpoint_every}
-        rank_zero_info(f"memory plan: {plan.name}, cache={cache} (estimated "
-                       f"{memory_plan.estimate(plan, weights, resolution, images):.1f} GiB of {budget:.1f} GiB)")
+        self.speed = plan_speed(self, device, dm.hparams if dm is not None else None)
 
     def configure_speed(self) -> None:
         """Apply the perf switches (after the adapters exist, so compiled blocks include them)."""

@@ -57,3 +57,19 @@ def test_bad_budget_is_refused_by_key():
 
     with pytest.raises(ValueError, match="model.memory_budget_gib must be > 0"):
         DreamBoothLoRA(memory_budget_gib=0)
+
+
+@pytest.mark.parametrize("te,extra,expect", [(False, 3.0, (1, True, "all")), (False, 8.5, (2, True, "all")),
+                                             (True, 100.0, (0, False, "latents"))])
+def test_plan_speed_reads_the_run(tiny_base, monkeypatch, te, extra, expect):
+    """The run's own resident weights plus the plan's activations decide (budget = weights + ``extra`` GiB)."""
+    from dreambooth_pl.module import DreamBoothLoRA
+
+    module = DreamBoothLoRA(base_model=tiny_base, train_text_encoder=te)
+    module.configure_model()
+    seen = {}
+    monkeypatch.setattr(mp, "budget", lambda device, requested: seen.setdefault("b", extra + mp.frozen_gib(
+        module.unet, *([module.text_encoder, module.text_encoder_2] if te else [])) + 0.01))
+    speed = mp.plan_speed(module, torch.device("cuda"), {"resolution": 1024, "batch_size": 1,
+                                                          "with_prior_preservation": True})
+    assert (speed["checkpoint_every"], speed["cuda_graph"], speed["cache"]) == expect
