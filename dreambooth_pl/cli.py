@@ -109,6 +109,19 @@ class DreamBoothCLI(LightningCLI):
         parser.link_arguments("model.base_model", "data.base_model")  # data.generate_class_images draws with it
         parser.link_arguments("model.vae_model", "data.vae_model")
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        """Lightning's, plus a ``step N/max_steps`` bar (unless ``trainer.enable_progress_bar: false`` or another
+        bar is configured) and the end-of-fit summary."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from .callbacks.progress import RunSummary, StepProgressBar
+
+        given = [*(config.get("callbacks") or []), *callbacks, *self.trainer_defaults.get("callbacks", [])]
+        callbacks = [*callbacks, RunSummary()]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks.append(StepProgressBar())
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_instantiate_classes(self) -> None:
         """Trainer values Lightning would reject with a traceback (or accept and misbehave on), named here."""
         sub = self.config.get(self.config.get("subcommand") or "", self.config)

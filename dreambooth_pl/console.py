@@ -46,6 +46,12 @@ def quiet_third_party() -> None:
         return
     for _, pattern in WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    # diffusers' and transformers' per-file "Loading weights" / "Writing model shards" bars on every model load
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     by_logger: dict[str, list[re.Pattern]] = {}
     for name, pattern in RECORDS:
         by_logger.setdefault(name, []).append(re.compile(pattern))

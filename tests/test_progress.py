@@ -1,0 +1,28 @@
+"""The console of a fit: a step N/max_steps bar (not epochs) and one end-of-fit summary with the paths and commands."""
+from __future__ import annotations
+
+from conftest import fit_args
+from dreambooth_pl.callbacks.progress import RunSummary, StepProgressBar
+from dreambooth_pl.cli import DreamBoothCLI
+
+
+def test_fit_shows_steps_and_ends_with_a_summary(tiny_base, subject_dirs, tmp_path, capsys):
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=3)
+    i = args.index("--trainer.enable_progress_bar")
+    del args[i:i + 2]  # the default: a bar
+    cli = DreamBoothCLI(args=args)
+    assert any(isinstance(c, StepProgressBar) for c in cli.trainer.callbacks)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "step 3/3" in text and "Epoch" not in text and "v_num" not in text
+    summary = text[text.index("fit finished: step 3/3"):]
+    run = cli.trainer.log_dir
+    for line in (f"LoRA:        {run}/pytorch_lora_weights.safetensors", f"checkpoint:  {run}/checkpoints/last.ckpt",
+                 f"--config {run}/config.yaml --ckpt_path last", "sample --base", "final loss"):
+        assert line in summary, line
+
+
+def test_no_bar_when_progress_bar_is_off_but_the_summary_stays(tiny_base, subject_dirs, tmp_path):
+    cli = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1))
+    assert not any(isinstance(c, StepProgressBar) for c in cli.trainer.callbacks)
+    assert any(isinstance(c, RunSummary) for c in cli.trainer.callbacks)
