@@ -19,6 +19,7 @@ def test_listed_notices_are_hidden_and_others_kept(monkeypatch, caplog):
     assert [str(w.message) for w in seen] == ["model.noise_offset looks large"]
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+    monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)  # diffusers logs to its own handler
     diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
     with caplog.at_level(logging.INFO):
         rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try litlogger")
