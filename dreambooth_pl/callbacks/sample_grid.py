@@ -81,7 +81,8 @@ class SampleGrid(L.Callback):
         modes = [(m, m.training) for model in (*models, pl_module.vae) for m in model.modules()]
         device = pl_module.device
         rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        with rng, torch.no_grad(), torch.autocast(device.type, enabled=False):
+        ema = getattr(pl_module, "averaged_weights", contextlib.nullcontext)()  # EMA adapters if model.ema_decay
+        with rng, ema, torch.no_grad(), torch.autocast(device.type, enabled=False):
             try:
                 for m, _ in modes:
                     m.training = False
