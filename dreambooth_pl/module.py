@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 import lightning as L
 import torch
 
+from . import adapters
 from . import lora as lora_lib
 from . import perf
 from .data.cache import build_cache, check_cache_mode
@@ -24,6 +25,8 @@ class DreamBoothLoRA(L.LightningModule):
     Args:
         base_model: SDXL pipeline folder or hub id.
         vae_model: optional separate VAE folder (e.g. the fp16-fix VAE).
+        adapter: adapter type: ``lora``, ``dora``, ``lokr`` or ``loha`` (adapters.py; the ``lora_*`` keys set
+            its rank, alpha, targets and init).
         lora_rank: adapter rank.
         lora_alpha: adapter alpha (None: equal to the rank, scale 1).
         lora_dropout: dropout on the adapter input.
@@ -67,7 +70,7 @@ class DreamBoothLoRA(L.LightningModule):
                  text_encoder_lr: Optional[float] = None, prior_loss_weight: float = 1.0,
                  snr_gamma: Optional[float] = None, noise_offset: float = 0.0, learning_rate: float = 1e-4,
                  optimizer: OptimizerName = "adamw", weight_decay: float = 1e-4,
-                 ema_decay: Optional[float] = None, ema_export: bool = True,
+                 ema_decay: Optional[float] = None, ema_export: bool = True, adapter: adapters.AdapterType = "lora",
                  lr_scheduler: str = "constant", lr_warmup_steps: int = 0, gradient_checkpointing: bool = False,
                  vae_dtype: Literal["float32", "bfloat16"] = "float32", seed: int = 0,
                  random_base: Optional[Literal["tiny", "sdxl"]] = None,
@@ -81,6 +84,7 @@ class DreamBoothLoRA(L.LightningModule):
             raise ValueError(f"model.lora_rank must be > 0, got {lora_rank}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
+        adapters.check_settings(adapter, lora_dropout)
         if learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
         if snr_gamma is not None and snr_gamma <= 0:
@@ -129,14 +133,14 @@ class DreamBoothLoRA(L.LightningModule):
         self.vae = parts.vae.to(_DTYPES[hp.vae_dtype])
         self.text_encoder = parts.text_encoder.to(dtype)
         self.text_encoder_2 = parts.text_encoder_2.to(dtype)
-        cfg = lora_lib.lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
-                                   hp.lora_init)
-        lora_lib.add_lora(self.unet, cfg)
+        cfg = adapters.adapter_config(hp.adapter, hp.lora_rank, hp.lora_alpha, hp.lora_dropout,
+                                      hp.lora_target_modules, hp.lora_init)
+        adapters.add_adapter(self.unet, hp.adapter, cfg)
         if hp.train_text_encoder:
-            te_cfg = lora_lib.lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, lora_lib.TEXT_TARGETS,
-                                          hp.lora_init)
-            lora_lib.add_lora(self.text_encoder, te_cfg)
-            lora_lib.add_lora(self.text_encoder_2, te_cfg)
+            te_cfg = adapters.adapter_config(hp.adapter, hp.lora_rank, hp.lora_alpha, hp.lora_dropout,
+                                             lora_lib.TEXT_TARGETS, hp.lora_init)
+            adapters.add_adapter(self.text_encoder, hp.adapter, te_cfg)
+            adapters.add_adapter(self.text_encoder_2, hp.adapter, te_cfg)
         if hp.gradient_checkpointing:
             perf.set_checkpointing(self.unet, hp.checkpoint_every)
             if hp.train_text_encoder:
@@ -296,9 +300,11 @@ class DreamBoothLoRA(L.LightningModule):
                                  "off): resume with model.ema_decay: null, or start a new run.")
             self.ema.load_state_dict(checkpoint["ema"])
 
-    def export_lora(self, path: str) -> str:
-        """Write the adapters as a diffusers-format ``.safetensors`` that SDXL pipelines load."""
+    def export_lora(self, path: str, format: Literal["auto", "diffusers", "kohya"] = "auto") -> str:
+        """Write the adapters as ``.safetensors``: diffusers layout (``auto`` for LoRA/DoRA; SDXL pipelines'
+        ``load_lora_weights``) or kohya/LyCORIS (``auto`` for LoKr/LoHa; A1111, ComfyUI)."""
         te = self.hparams.train_text_encoder
+        models = {"unet": self.unet, "text_encoder": self.text_encoder if te else None,
+                  "text_encoder_2": self.text_encoder_2 if te else None}
         with self.averaged_weights() if self.hparams.ema_export else nullcontext():
-            return str(lora_lib.save_diffusers_lora(path, self.unet, self.text_encoder if te else None,
-                                                    self.text_encoder_2 if te else None))
+            return str(adapters.save_adapter(path, self.hparams.adapter, models, format))

@@ -35,6 +35,10 @@ def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise LoRAFormatError(f"{path}: no 'state_dict' entry, not a Lightning checkpoint.")
     hp = ckpt.get("hyper_parameters") or {}
+    if hp.get("adapter", "lora") != "lora":
+        raise LoRAFormatError(f"{path}: trained with model.adapter={hp['adapter']}; export converts LoRA checkpoints "
+                              "only; the fit writes its adapter file when it ends, in the layout export.format picks "
+                              "(diffusers or kohya/LyCORIS).")
     weights, state = {}, ckpt["state_dict"]
     if hp.get("ema_decay") is not None and hp.get("ema_export", True) and "ema" in ckpt:
         state = ckpt["ema"]["shadow"]  # the run exports its EMA weights: so does this
