@@ -11,7 +11,7 @@ from . import adapters
 from . import lora as lora_lib
 from . import perf
 from .data.cache import build_cache, check_cache_mode
-from .loss import DreamBoothLoss
+from .loss import DreamBoothLoss, latent_weights
 from .noise import NoiseSchedule
 from .optimizers import OptimizerName, build_optimizer, step_size_estimates
 from .sdxl import add_time_ids, encode_prompts, load_parts, tokenize
@@ -243,7 +243,8 @@ class DreamBoothLoRA(L.LightningModule):
             pred = self.unet(noisy, t, encoder_hidden_states=prompt_embeds,
                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         weights = self.noise.min_snr_weights(t, self.hparams.snr_gamma) if self.hparams.snr_gamma else None
-        return self.loss_fn(pred, self.noise.target(latents, noise, t), batch["is_prior"], weights)
+        mask = latent_weights(batch["loss_mask"], latents.shape[-2:]) if "loss_mask" in batch else None
+        return self.loss_fn(pred, self.noise.target(latents, noise, t), batch["is_prior"], weights, mask)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

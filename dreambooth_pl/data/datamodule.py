@@ -1,7 +1,7 @@
 """LightningDataModule: the subject's photos interleaved with class-prior images, validated before any model loads."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning as L
 import torch
@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from .cache import CachedStream
 from .datasets import ImageSet, PairedStream
+from .faces import uses_masks
 from ..tools.generate_class_images import ClassImageSettings
 from .images import ImageIntakeError, check_images, list_images
 
@@ -38,6 +39,12 @@ class DreamBoothDataModule(L.LightningDataModule):
         class_generation: steps, guidance, scheduler, ... of those images (None: the defaults).
         base_model: the base that draws them (linked from ``model.base_model`` by the CLI).
         vae_model: its separate VAE, if any (linked from ``model.vae_model``).
+        crop: ``face`` centres each instance crop on the largest face OpenCV's Haar cascade finds (centre crop,
+            with a logged note, where none is found); None: as ``center_crop`` says (data/faces.py).
+        mask: per-pixel weights of the instance loss: ``files`` uses ``photo.mask.png`` beside ``photo.jpg``
+            where present (white 1, black ``mask_floor``); ``face`` also draws an ellipse around each detected
+            face; ``off`` ignores masks.
+        mask_floor: loss weight outside the mask, in [0, 1].
     """
 
     def __init__(self, instance_dir: str, instance_prompt: str, class_dir: Optional[str] = None,
@@ -46,7 +53,9 @@ class DreamBoothDataModule(L.LightningDataModule):
                  random_flip: float = 0.0, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                  num_instance_images: Optional[int] = None, strict_images: bool = True,
                  generate_class_images: bool = False, class_generation: Optional[ClassImageSettings] = None,
-                 base_model: Optional[str] = None, vae_model: Optional[str] = None):
+                 base_model: Optional[str] = None, vae_model: Optional[str] = None,
+                 crop: Optional[Literal["face"]] = None, mask: Literal["off", "files", "face"] = "files",
+                 mask_floor: float = 0.1):
         super().__init__()
         self.save_hyperparameters()
         if resolution <= 0 or resolution % 8:
@@ -65,6 +74,9 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_instance_images must be >= 1 or null (all photos), got {num_instance_images}")
         if with_prior_preservation and num_class_images < 1:
             raise ValueError(f"data.num_class_images must be >= 1 with prior preservation, got {num_class_images}")
+        if not 0.0 <= mask_floor <= 1.0:
+            raise ValueError(f"data.mask_floor is a loss weight in [0, 1], got {mask_floor}")
+        self.faces = None  # instance path -> face box, when data.crop or data.mask asks for faces
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
         self.cache = None  # an InputCache the module fills in on_fit_start when model.cache is on
@@ -83,6 +95,8 @@ class DreamBoothDataModule(L.LightningDataModule):
             inst = inst[: hp.num_instance_images]
         inst = check_images(inst, "instance", hp.resolution, hp.strict_images)
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
+        if hp.crop == "face" or hp.mask == "face":
+            self.faces = detect_faces(self.instance.paths, hp.crop == "face")
         if hp.with_prior_preservation and hp.generate_class_images:
             self._generate_class_images()
         if hp.with_prior_preservation:
@@ -131,11 +145,30 @@ class DreamBoothDataModule(L.LightningDataModule):
         trainer = self.trainer
         place = dict(start_batch=self._consumed_batches(), rank=trainer.global_rank if trainer else 0,
                      world_size=trainer.world_size if trainer else 1)
+        faces = dict(faces=self.faces, face_crop=hp.crop == "face", mask=hp.mask, mask_floor=hp.mask_floor)
+        if self.cache is not None and (hp.crop == "face" or uses_masks(self.instance.paths, hp.mask)):
+            raise ValueError("data.crop: face and loss masks need each example's pixels, but model.cache pre-encodes "
+                             "centre crops: set model.cache: off, or data.crop: null and data.mask: off.")
         if self.cache is not None:  # pre-encoded inputs (model.cache, data/cache.py): same order, no decoding
             stream = CachedStream(self.cache, hp.batch_size, hp.random_flip, hp.seed, **place)
         else:
             stream = PairedStream(self.instance, self.prior, hp.resolution, hp.batch_size, hp.center_crop,
-                                  hp.random_flip, hp.seed, **place)
+                                  hp.random_flip, hp.seed, **place, **faces)
         return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=hp.num_workers > 0,
                           prefetch_factor=2 if hp.num_workers > 0 else None)
+
+
+def detect_faces(paths, for_crop: bool) -> dict:
+    """Face box (or None) of every instance photo; one note lists the photos without a face."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from .faces import detect_face
+    from .images import load_rgb
+
+    faces = {p: detect_face(load_rgb(p)) for p in paths}
+    missing = [p.name for p, box in faces.items() if box is None]
+    if missing:
+        rank_zero_info(f"no face found in {len(missing)} of {len(paths)} instance photo(s): {', '.join(missing)}; "
+                       + ("centre crop and " if for_crop else "") + "no face mask for those.")
+    return faces
