@@ -45,6 +45,11 @@ class DreamBoothDataModule(L.LightningDataModule):
             where present (white 1, black ``mask_floor``); ``face`` also draws an ellipse around each detected
             face; ``off`` ignores masks.
         mask_floor: loss weight outside the mask, in [0, 1].
+        aspect_buckets: train each photo at the bucket of about ``resolution²`` pixels nearest its aspect ratio
+            instead of a square crop; a batch draws from one bucket and each class image is cropped to its
+            partner's bucket (data/buckets.py). Fit logs the table with each bucket's photo count.
+        bucket_step: bucket sides are multiples of this (64 for SDXL).
+        bucket_max_ratio: largest long/short side ratio of a bucket.
     """
 
     def __init__(self, instance_dir: str, instance_prompt: str, class_dir: Optional[str] = None,
@@ -55,7 +60,8 @@ class DreamBoothDataModule(L.LightningDataModule):
                  generate_class_images: bool = False, class_generation: Optional[ClassImageSettings] = None,
                  base_model: Optional[str] = None, vae_model: Optional[str] = None,
                  crop: Optional[Literal["face"]] = None, mask: Literal["off", "files", "face"] = "files",
-                 mask_floor: float = 0.1):
+                 mask_floor: float = 0.1, aspect_buckets: bool = False, bucket_step: int = 64,
+                 bucket_max_ratio: float = 2.0):
         super().__init__()
         self.save_hyperparameters()
         if resolution <= 0 or resolution % 8:
@@ -77,6 +83,11 @@ class DreamBoothDataModule(L.LightningDataModule):
         if not 0.0 <= mask_floor <= 1.0:
             raise ValueError(f"data.mask_floor is a loss weight in [0, 1], got {mask_floor}")
         self.faces = None  # instance path -> face box, when data.crop or data.mask asks for faces
+        self.buckets = None  # instance path -> (height, width) bucket, with data.aspect_buckets
+        if aspect_buckets:
+            from .buckets import bucket_table
+
+            bucket_table(resolution, bucket_step, bucket_max_ratio)  # bad values fail before any model loads
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
         self.cache = None  # an InputCache the module fills in on_fit_start when model.cache is on
@@ -97,6 +108,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
         if hp.crop == "face" or hp.mask == "face":
             self.faces = detect_faces(self.instance.paths, hp.crop == "face")
+        if hp.aspect_buckets:
+            self.buckets = assign_buckets(self.instance.paths, hp.resolution, hp.bucket_step, hp.bucket_max_ratio)
         if hp.with_prior_preservation and hp.generate_class_images:
             self._generate_class_images()
         if hp.with_prior_preservation:
@@ -146,11 +159,18 @@ class DreamBoothDataModule(L.LightningDataModule):
         place = dict(start_batch=self._consumed_batches(), rank=trainer.global_rank if trainer else 0,
                      world_size=trainer.world_size if trainer else 1)
         faces = dict(faces=self.faces, face_crop=hp.crop == "face", mask=hp.mask, mask_floor=hp.mask_floor)
-        if self.cache is not None and (hp.crop == "face" or uses_masks(self.instance.paths, hp.mask)):
-            raise ValueError("data.crop: face and loss masks need each example's pixels, but model.cache pre-encodes "
-                             "centre crops: set model.cache: off, or data.crop: null and data.mask: off.")
+        if self.cache is not None and (hp.crop == "face" or uses_masks(self.instance.paths, hp.mask)
+                                       or hp.aspect_buckets):
+            raise ValueError("data.crop: face, loss masks and data.aspect_buckets need each example's pixels, but "
+                             "model.cache pre-encodes square centre crops: set model.cache: off, or data.crop: null, "
+                             "data.mask: off and data.aspect_buckets: false.")
         if self.cache is not None:  # pre-encoded inputs (model.cache, data/cache.py): same order, no decoding
             stream = CachedStream(self.cache, hp.batch_size, hp.random_flip, hp.seed, **place)
+        elif self.buckets is not None:
+            from .buckets import BucketedStream
+
+            stream = BucketedStream(self.instance, self.prior, self.buckets, hp.batch_size, center_crop=hp.center_crop,
+                                    flip_p=hp.random_flip, seed=hp.seed, **place, **faces)
         else:
             stream = PairedStream(self.instance, self.prior, hp.resolution, hp.batch_size, hp.center_crop,
                                   hp.random_flip, hp.seed, **place, **faces)
@@ -172,3 +192,19 @@ def detect_faces(paths, for_crop: bool) -> dict:
         rank_zero_info(f"no face found in {len(missing)} of {len(paths)} instance photo(s): {', '.join(missing)}; "
                        + ("centre crop and " if for_crop else "") + "no face mask for those.")
     return faces
+
+
+def assign_buckets(paths, resolution: int, step: int, max_ratio: float) -> dict:
+    """Each instance photo's aspect bucket; logs the bucket table with how many photos fell in each."""
+    from collections import Counter
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from .buckets import assign, bucket_table, describe
+    from .images import load_rgb
+
+    table = bucket_table(resolution, step, max_ratio)
+    buckets = {p: assign(load_rgb(p).size[::-1], table) for p in paths}
+    rank_zero_info(f"aspect buckets (height x width, ~{resolution}² pixels):\n"
+                   + describe(table, Counter(buckets.values())))
+    return buckets

@@ -83,7 +83,7 @@ class PairedStream(IterableDataset):
         k = int(self._permutation(position // self.epoch_len)[position % self.epoch_len])
         return k % len(self.instance.paths), (k % len(self.prior.paths) if self.prior else None)
 
-    def _example(self, images: ImageSet, i: int, position: int, role: int) -> dict:
+    def _example(self, images: ImageSet, i: int, position: int, role: int, size: tuple[int, int] | None = None) -> dict:
         gen = torch.Generator().manual_seed(_mix(self.seed, position, role))
         flip = bool(torch.rand((), generator=gen) < self.flip_p)
         img, box, focus, mask = load_rgb(images.paths[i]), None, None, None
@@ -92,10 +92,10 @@ class PairedStream(IterableDataset):
             focus = face_centre(box, img.size) if self.face_crop and box else None
             mask = self._mask(images.paths[i], img.size, box) if self.masked else None
         center = self.center_crop or (self.face_crop and not role)  # no face found: centre, not random
-        ex = prepare_image(img, self.resolution, center, flip, gen, focus, mask)
+        ex = prepare_image(img, size or self.resolution, center, flip, gen, focus, mask)
         if self.masked:
             ex["loss_mask"] = (weights_from_mask(ex["loss_mask"], self.mask_floor) if "loss_mask" in ex
-                               else torch.ones(1, self.resolution, self.resolution))
+                               else torch.ones(1, *ex["pixel_values"].shape[-2:]))
         ex["prompt"] = images.prompt_for(i)
         ex["is_prior"] = bool(role)
         return ex
