@@ -38,7 +38,7 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
                            f"{low[0]:g} trains about {1 / low[0]:g}x slower than Prodigy intends.")
         return Prodigy(groups, weight_decay=weight_decay, decouple=True, use_bias_correction=True,
                        safeguard_warmup=True)
-    if name != "adamw":
+    if name not in ("adamw", "adamw8bit"):
         raise ValueError(f"model.optimizer must be adamw, adamw8bit or prodigy, got {name!r}")
     return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=device.type == "cuda")
 

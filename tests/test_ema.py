@@ -81,6 +81,11 @@ def test_fit_exports_the_hand_computed_ema_or_the_raw_weights(tiny_base, tmp_pat
     assert torch.equal(cli.model.trainable_parameters()[name], record.weights[-1][name])  # raw weights kept
     ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(ckpt["ema"]["shadow"][name], cli.model.ema.shadow[name])
+    from dreambooth_pl.tools.export import read_checkpoint
+
+    from_ckpt = read_checkpoint(str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"))
+    exported_weights = cli.model.ema.shadow if export_ema else record.weights[-1]
+    assert torch.equal(from_ckpt.up(f"unet.{module}"), exported_weights[name])
 
 
 def test_sample_grid_draws_with_the_ema_weights(tiny_base):
@@ -95,7 +100,9 @@ def test_sample_grid_draws_with_the_ema_weights(tiny_base):
     import numpy as np
 
     raw = {k: v.clone() for k, v in m.trainable_parameters().items()}
-    draw = lambda: np.asarray(SampleGrid(prompts=["a photo of sks dog"], steps=2, resolution=32).draw(None, m)[0])  # noqa: E731
+    def draw():
+        return np.asarray(SampleGrid(prompts=["a photo of sks dog"], steps=2, resolution=32).draw(None, m)[0])
+
     drawn = draw()
     assert all(torch.equal(raw[k], v) for k, v in m.trainable_parameters().items())  # raw weights put back
     ema, m.ema = m.ema, None  # EMA off: the grid draws whatever the weights hold

@@ -46,6 +46,11 @@ def test_adamw_reports_no_estimate_and_low_prodigy_lr_warns():
     p = torch.nn.Parameter(torch.zeros(2))
     assert step_size_estimates(build_optimizer("adamw", [{"params": [p], "lr": 1e-4}], 0.0,
                                                torch.device("cpu"))) == {}
+    with pytest.warns(UserWarning, match="needs a CUDA GPU"):  # 8-bit AdamW off the GPU: torch AdamW
+        assert type(build_optimizer("adamw8bit", [{"params": [p], "lr": 1e-4}], 0.0, torch.device("cpu"))) \
+            is torch.optim.AdamW
+    with pytest.raises(ValueError, match="prodigy"):
+        build_optimizer("sgd", [{"params": [p], "lr": 1e-4}], 0.0, torch.device("cpu"))
     with pytest.warns(UserWarning, match="learning_rate: 1.0"):
         build_optimizer("prodigy", [{"params": [p], "lr": 1e-4}], 0.0, torch.device("cpu"))
 
