@@ -30,6 +30,13 @@ _PEFT_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.[\w.]+\.lora_[AB]\
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 
+def foreign_type(key: str) -> str:
+    """The adapter type a non-LoRA key belongs to, for messages (``DoRA``, ``LoKr``, ``LoHa`` or a generic name)."""
+    if "magnitude_vector" in key or "dora_scale" in key:
+        return "DoRA"
+    return "LoKr" if "lokr_" in key else "LoHa" if "hada_" in key else "non-LoRA (e.g. bias-trained)"
+
+
 class LoRAFormatError(ValueError):
     """A LoRA file or state dict that cannot be read; the message names the file, the key and the fix."""
 
@@ -119,8 +126,9 @@ def check_pairs(lora: LoRA, source: str) -> LoRA:
     """Every ``lora_A`` has its ``lora_B`` with a matching rank, and every key is a LoRA weight."""
     bad = next((k for k in lora.weights if not _PEFT_KEY.match(k)), None)
     if bad is not None:
-        raise LoRAFormatError(f"{source}: key {bad!r} is not a LoRA weight (expected <module>.lora_A.weight or "
-                              ".lora_B.weight); DoRA, LoHa/LoKr and bias-trained files are not supported.")
+        raise LoRAFormatError(f"{source}: key {bad!r} is a {foreign_type(bad)} weight, not a LoRA one (expected "
+                              "<module>.lora_A.weight or .lora_B.weight): merging, converting and sampling read "
+                              "plain LoRA files only; load DoRA/LoKr/LoHa files in diffusers, A1111 or ComfyUI.")
     for k in lora.weights:
         other = k.replace(".lora_A.", ".lora_B.") if ".lora_A." in k else k.replace(".lora_B.", ".lora_A.")
         if other not in lora.weights:
@@ -215,7 +223,8 @@ def from_kohya(state_dict: dict[str, torch.Tensor], unet_config=None, source: st
     for k in state_dict:
         if not _KOHYA_KEY.match(k):
             raise LoRAFormatError(f"{source}: kohya key {k!r} is not <lora_unet_|lora_te1_|lora_te2_>NAME."
-                                  "<lora_down.weight|lora_up.weight|alpha>; DoRA/LoHa/LoKr files are not supported.")
+                                  f"<lora_down.weight|lora_up.weight|alpha> but a {foreign_type(k)} weight: merging, "
+                                  "converting and sampling read plain LoRA files only.")
     sd = _maybe_map_sgm_blocks_to_diffusers(dict(state_dict), unet_config or SimpleNamespace(layers_per_block=2))
     weights, alphas = {}, {}
     for key in [k for k in sd if k.endswith(".lora_down.weight")]:

@@ -34,10 +34,12 @@ def lora_config(rank: int, alpha: float | None = None, dropout: float = 0.0,
                       init_lora_weights=init, target_modules=list(target_modules))
 
 
-def add_lora(model: torch.nn.Module, config, adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """Inject an adapter into a diffusers UNet or transformers text encoder; returns its (trainable) parameters."""
+def add_lora(model: torch.nn.Module, config, adapter_name: str = "default",
+             markers: Sequence[str] = ("lora_",)) -> list[torch.nn.Parameter]:
+    """Inject an adapter into a diffusers UNet or transformers text encoder; returns its (trainable) parameters
+    (those whose names contain one of ``markers``: ``lokr_`` / ``hada_`` for LoKr / LoHa, see adapters.py)."""
     model.add_adapter(config, adapter_name=adapter_name)
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    params = [p for n, p in model.named_parameters() if any(k in n for k in markers)]
     if not params:
         raise ValueError(f"no module of {type(model).__name__} matches target_modules {config.target_modules}")
     for p in params:  # adapters train in fp32 even when the frozen base is fp16/bf16
@@ -78,7 +80,7 @@ def save_diffusers_lora(path: str | os.PathLike, unet: torch.nn.Module | None = 
     kwargs = {}
     for name, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if model is not None and getattr(model, "peft_config", None):
-            kwargs[f"{name}_lora_layers"] = {k: v.detach().to("cpu", dtype).contiguous()
+            kwargs[f"{name}_lora_layers"] = {_te_dora_key(name, k): v.detach().to("cpu", dtype).contiguous()
                                              for k, v in lora_state_dict(model).items()}
             kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(model)
     if not kwargs:
@@ -87,3 +89,9 @@ def save_diffusers_lora(path: str | os.PathLike, unet: torch.nn.Module | None = 
     with tempfile.TemporaryDirectory(prefix="dbpl-lora-") as tmp:  # diffusers writes folders; io makes it atomic
         StableDiffusionXLPipeline.save_lora_weights(tmp, weight_name=LORA_FILE, safe_serialization=True, **kwargs)
         return write_bytes(path, (Path(tmp) / LORA_FILE).read_bytes())
+
+
+def _te_dora_key(component: str, key: str) -> str:
+    """transformers' adapter loader finds a text encoder's DoRA magnitude only as ``...lora_magnitude_vector.weight``
+    (without the suffix it re-initialises it from the base norms); the UNet's loader takes peft's plain name."""
+    return f"{key}.weight" if component != "unet" and key.endswith("lora_magnitude_vector") else key

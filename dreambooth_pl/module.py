@@ -1,18 +1,21 @@
 """The LightningModule: frozen SDXL + trainable LoRA, wired to the loss, noise and prompt encoding modules."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from . import adapters
 from . import lora as lora_lib
 from . import perf
 from .data.cache import build_cache, check_cache_mode
 from .graphs import GraphedCall
-from .loss import DreamBoothLoss
+from .loss import DreamBoothLoss, latent_weights
 from .noise import NoiseSchedule
+from .optimizers import OptimizerName, build_optimizer, step_size_estimates
 from .sdxl import add_time_ids, encode_prompts, load_parts, tokenize
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,6 +27,8 @@ class DreamBoothLoRA(L.LightningModule):
     Args:
         base_model: SDXL pipeline folder or hub id.
         vae_model: optional separate VAE folder (e.g. the fp16-fix VAE).
+        adapter: adapter type: ``lora``, ``dora``, ``lokr`` or ``loha`` (adapters.py; the ``lora_*`` keys set
+            its rank, alpha, targets and init).
         lora_rank: adapter rank.
         lora_alpha: adapter alpha (None: equal to the rank, scale 1).
         lora_dropout: dropout on the adapter input.
@@ -34,9 +39,13 @@ class DreamBoothLoRA(L.LightningModule):
         prior_loss_weight: weight of the class-prior term.
         snr_gamma: min-SNR-gamma loss weighting (None: off; 5.0 is the paper's value).
         noise_offset: offset-noise strength (0: off).
-        learning_rate: AdamW learning rate of the UNet adapters.
-        optimizer: ``adamw`` or ``adamw8bit`` (bitsandbytes; needs a CUDA GPU, else AdamW with a warning).
-        weight_decay: AdamW weight decay.
+        learning_rate: learning rate of the UNet adapters (Prodigy: a multiplier of its estimate, 1.0).
+        optimizer: ``adamw``, ``adamw8bit`` (bitsandbytes; needs a CUDA GPU, else AdamW with a warning) or
+            ``prodigy`` (d-adaptation, prodigyopt; its step-size estimate is logged as ``train/prodigy_d_lr``).
+        weight_decay: decoupled weight decay.
+        ema_decay: keep an exponential moving average of the adapter weights with this decay (None: off; see
+            ema.py); sample grids and metrics then use the average.
+        ema_export: with ``ema_decay``, export the averaged weights (False: the raw ones).
         lr_scheduler: diffusers schedule name (constant, constant_with_warmup, linear, cosine, ...).
         lr_warmup_steps: linear warm-up steps.
         gradient_checkpointing: recompute UNet activations in backward (less memory, ~30% slower).
@@ -70,7 +79,8 @@ class DreamBoothLoRA(L.LightningModule):
                  lora_init: Union[bool, str] = True, train_text_encoder: bool = False,
                  text_encoder_lr: Optional[float] = None, prior_loss_weight: float = 1.0,
                  snr_gamma: Optional[float] = None, noise_offset: float = 0.0, learning_rate: float = 1e-4,
-                 optimizer: Literal["adamw", "adamw8bit"] = "adamw", weight_decay: float = 1e-4,
+                 optimizer: OptimizerName = "adamw", weight_decay: float = 1e-4,
+                 ema_decay: Optional[float] = None, ema_export: bool = True, adapter: adapters.AdapterType = "lora",
                  lr_scheduler: str = "constant", lr_warmup_steps: int = 0, gradient_checkpointing: bool = False,
                  vae_dtype: Literal["float32", "bfloat16"] = "float32", seed: int = 0,
                  random_base: Optional[Literal["tiny", "sdxl"]] = None,
@@ -86,6 +96,7 @@ class DreamBoothLoRA(L.LightningModule):
             raise ValueError(f"model.lora_rank must be > 0, got {lora_rank}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
+        adapters.check_settings(adapter, lora_dropout)
         if learning_rate <= 0:
             raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
         if noise_offset < 0 or lr_warmup_steps < 0:
@@ -114,6 +125,9 @@ class DreamBoothLoRA(L.LightningModule):
         # the speed switches in force: the manual ones, or memory_plan=auto's choice (configure_model)
         self.speed = {"cache": cache, "cuda_graph": cuda_graph,
                       "checkpoint_every": checkpoint_every if gradient_checkpointing else 0}
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"model.ema_decay must be in [0, 1) or null (off), got {ema_decay}")
+        self.ema = None  # AdapterEMA, built with the adapters in configure_model
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
         self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
@@ -146,14 +160,14 @@ class DreamBoothLoRA(L.LightningModule):
         self.vae = parts.vae.to(_DTYPES[hp.vae_dtype])
         self.text_encoder = parts.text_encoder.to(dtype)
         self.text_encoder_2 = parts.text_encoder_2.to(dtype)
-        cfg = lora_lib.lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, hp.lora_target_modules,
-                                   hp.lora_init)
-        lora_lib.add_lora(self.unet, cfg)
+        cfg = adapters.adapter_config(hp.adapter, hp.lora_rank, hp.lora_alpha, hp.lora_dropout,
+                                      hp.lora_target_modules, hp.lora_init)
+        adapters.add_adapter(self.unet, hp.adapter, cfg)
         if hp.train_text_encoder:
-            te_cfg = lora_lib.lora_config(hp.lora_rank, hp.lora_alpha, hp.lora_dropout, lora_lib.TEXT_TARGETS,
-                                          hp.lora_init)
-            lora_lib.add_lora(self.text_encoder, te_cfg)
-            lora_lib.add_lora(self.text_encoder_2, te_cfg)
+            te_cfg = adapters.adapter_config(hp.adapter, hp.lora_rank, hp.lora_alpha, hp.lora_dropout,
+                                             lora_lib.TEXT_TARGETS, hp.lora_init)
+            adapters.add_adapter(self.text_encoder, hp.adapter, te_cfg)
+            adapters.add_adapter(self.text_encoder_2, hp.adapter, te_cfg)
         if hp.memory_plan == "auto":
             self.plan_memory()
         if self.speed["checkpoint_every"]:  # only dropout draws random numbers inside the UNet's blocks
@@ -161,6 +175,10 @@ class DreamBoothLoRA(L.LightningModule):
             if hp.train_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
                 self.text_encoder_2.gradient_checkpointing_enable()
+        if hp.ema_decay is not None:
+            from .ema import AdapterEMA
+
+            self.ema = AdapterEMA(self.trainable_parameters(), hp.ema_decay)
         self.configure_speed()
 
     def plan_memory(self) -> None:
@@ -196,6 +214,10 @@ class DreamBoothLoRA(L.LightningModule):
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def averaged_weights(self):
+        """Context in which the adapters hold their EMA (``ema_decay``), or a no-op when EMA is off."""
+        return self.ema.applied() if self.ema is not None else nullcontext()
 
     # ---- encoders --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -259,7 +281,17 @@ class DreamBoothLoRA(L.LightningModule):
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         pred = self.unet_call()(noisy, t, prompt_embeds, pooled, time_ids)
         weights = self.noise.min_snr_weights(t, self.hparams.snr_gamma) if self.hparams.snr_gamma else None
-        return self.loss_fn(pred, self.noise.target(latents, noise, t), batch["is_prior"], weights)
+        mask = latent_weights(batch["loss_mask"], latents.shape[-2:]) if "loss_mask" in batch else None
+        return self.loss_fn(pred, self.noise.target(latents, noise, t), batch["is_prior"], weights, mask)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None:  # once per real optimizer step, before any callback samples at this step
+            self.ema.update()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        for name, value in step_size_estimates(self.trainer.optimizers[0]).items():
+            self.log(name, value, batch_size=len(batch["prompt"]))
 
     def _unet(self, noisy, t, prompt_embeds, pooled, time_ids) -> torch.Tensor:
         """The UNet's noise prediction from positional tensors (the form a CUDA graph captures)."""
@@ -306,15 +338,7 @@ class DreamBoothLoRA(L.LightningModule):
         if hp.train_text_encoder:
             te = [p for m in (self.text_encoder, self.text_encoder_2) for p in m.parameters() if p.requires_grad]
             groups.append({"params": te, "lr": hp.text_encoder_lr or hp.learning_rate})
-        if hp.optimizer == "adamw8bit" and self.device.type != "cuda":
-            rank_zero_warn("model.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); using torch AdamW on "
-                           f"{self.device.type}.")
-        if hp.optimizer == "adamw8bit" and self.device.type == "cuda":
-            import bitsandbytes as bnb
-
-            opt = bnb.optim.AdamW8bit(groups, weight_decay=hp.weight_decay)
-        else:
-            opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay, fused=self.device.type == "cuda")
+        opt = build_optimizer(hp.optimizer, groups, hp.weight_decay, self.device)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         sched = get_scheduler(hp.lr_scheduler, opt, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -324,6 +348,8 @@ class DreamBoothLoRA(L.LightningModule):
         """Keep only the adapters: a checkpoint is megabytes, and the frozen base is reloaded from its folder."""
         trainable = self.trainable_parameters()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         expected, got = set(self.trainable_parameters()), set(checkpoint.get("state_dict", {}))
@@ -334,9 +360,17 @@ class DreamBoothLoRA(L.LightningModule):
                              + (f"missing key {missing[0]!r} " if missing else "")
                              + f"({len(extra)} unexpected, {len(missing)} missing). Resume with the config "
                              "the checkpoint was trained with (its run's config.yaml).")
+        if self.ema is not None:
+            if "ema" not in checkpoint:
+                raise ValueError("model.ema_decay is set but the checkpoint holds no EMA weights (its run had EMA "
+                                 "off): resume with model.ema_decay: null, or start a new run.")
+            self.ema.load_state_dict(checkpoint["ema"])
 
-    def export_lora(self, path: str) -> str:
-        """Write the adapters as a diffusers-format ``.safetensors`` that SDXL pipelines load."""
+    def export_lora(self, path: str, format: Literal["auto", "diffusers", "kohya"] = "auto") -> str:
+        """Write the adapters as ``.safetensors``: diffusers layout (``auto`` for LoRA/DoRA; SDXL pipelines'
+        ``load_lora_weights``) or kohya/LyCORIS (``auto`` for LoKr/LoHa; A1111, ComfyUI)."""
         te = self.hparams.train_text_encoder
-        return str(lora_lib.save_diffusers_lora(path, self.unet, self.text_encoder if te else None,
-                                                self.text_encoder_2 if te else None))
+        models = {"unet": self.unet, "text_encoder": self.text_encoder if te else None,
+                  "text_encoder_2": self.text_encoder_2 if te else None}
+        with self.averaged_weights() if self.hparams.ema_export else nullcontext():
+            return str(adapters.save_adapter(path, self.hparams.adapter, models, format))

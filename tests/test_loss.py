@@ -57,3 +57,26 @@ def test_half_precision_inputs_reduce_in_fp32():
 def test_negative_prior_weight_is_refused():
     with pytest.raises(ValueError, match="prior_loss_weight must be >= 0"):
         DreamBoothLoss(-0.1)
+
+
+def test_masked_loss_equals_hand_computation_and_changes_the_gradient_only_where_the_mask_is_below_one():
+    from dreambooth_pl.loss import latent_weights
+
+    w = torch.tensor([[1.0, 0.25], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]).view(4, 1, 1, 2)  # priors: ones
+    out = DreamBoothLoss(1.0)(PRED, TARGET, IS_PRIOR, pixel_weights=w)
+    # instance rows: (1*1 + 0.25*4)/2 = 1.0 and (4 + 0)/2 = 2.0; priors unchanged
+    assert out["loss_instance"].item() == pytest.approx((1.0 + 2.0) / 2)
+    assert out["loss_prior"].item() == pytest.approx(PRIOR)
+    grads = []
+    for weights in (None, w):
+        pred = PRED.clone().requires_grad_(True)
+        DreamBoothLoss(1.0)(pred, TARGET, IS_PRIOR, pixel_weights=weights)["loss"].backward()
+        grads.append(pred.grad)
+    changed = grads[0] != grads[1]
+    assert changed.view(4, 2).tolist() == [[False, True], [False, False], [False, False], [False, False]]
+    torch.testing.assert_close(grads[1][0, 0, 0, 1], 0.25 * grads[0][0, 0, 0, 1])
+    # pixel weights reach the latent grid as the mean of each 8x8 cell
+    mask = torch.ones(1, 1, 16, 16)
+    mask[..., :8, :8] = 0.0
+    mask[..., :4, 8:] = 0.5
+    assert latent_weights(mask, (2, 2)).view(-1).tolist() == [0.0, 0.75, 1.0, 1.0]

@@ -119,3 +119,13 @@ def test_bad_hyperparameters_fail_before_any_model_loads(monkeypatch, kwargs, me
     monkeypatch.setattr("dreambooth_pl.module.load_parts", no_load)
     with pytest.raises(ValueError, match=message):
         DreamBoothLoRA(base_model="unused", **kwargs)
+
+
+def test_a_loss_mask_of_ones_changes_nothing_and_a_uniform_half_halves_the_loss(module, batch):
+    n = len(batch["prompt"])
+    with torch.no_grad():
+        plain = module.forward_loss(batch)
+        ones = module.forward_loss({**batch, "loss_mask": torch.ones(n, 1, 32, 32)})
+        half = module.forward_loss({**batch, "loss_mask": torch.full((n, 1, 32, 32), 0.5)})
+    assert torch.equal(plain["loss"], ones["loss"])
+    torch.testing.assert_close(half["loss_instance"], 0.5 * plain["loss_instance"])

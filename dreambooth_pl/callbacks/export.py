@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -14,10 +14,20 @@ class LoRAExport(L.Callback):
     Args:
         dirpath: output folder (None: the run's log dir, e.g. ``lightning_logs/version_3``).
         filename: file name inside ``dirpath``.
+        format: ``diffusers``, ``kohya`` (LoRA: kohya's; DoRA/LoKr/LoHa: LyCORIS's) or ``auto`` (diffusers for
+            LoRA/DoRA, LyCORIS for LoKr/LoHa, which diffusers cannot load); checked when fit starts.
     """
 
-    def __init__(self, dirpath: Optional[str] = None, filename: str = "pytorch_lora_weights.safetensors"):
-        self.dirpath, self.filename = dirpath, filename
+    def __init__(self, dirpath: Optional[str] = None, filename: str = "pytorch_lora_weights.safetensors",
+                 format: Literal["auto", "diffusers", "kohya"] = "auto"):
+        self.dirpath, self.filename, self.format = dirpath, filename, format
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from ..adapters import check_layout
+
+        kind = getattr(pl_module.hparams, "adapter", "lora")
+        if self.format != "auto":  # refuse now, not after the whole run
+            check_layout(kind, self.format, "export.format")
 
     def path(self, trainer: L.Trainer) -> str:
         return os.path.join(self.dirpath or trainer.log_dir or trainer.default_root_dir, self.filename)
@@ -26,5 +36,5 @@ class LoRAExport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:  # a stopped run keeps its checkpoint; the export belongs to a finished run
             return
-        out = pl_module.export_lora(self.path(trainer))
+        out = pl_module.export_lora(self.path(trainer), self.format)
         rank_zero_info(f"LoRA written to {out}")

@@ -1,7 +1,7 @@
 """LightningDataModule: the subject's photos interleaved with class-prior images, validated before any model loads."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning as L
 import torch
@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from .cache import CachedStream
 from .datasets import ImageSet, PairedStream
+from .faces import uses_masks
 from ..tools.generate_class_images import ClassImageSettings
 from .images import ImageIntakeError, check_images, list_images
 
@@ -38,6 +39,17 @@ class DreamBoothDataModule(L.LightningDataModule):
         class_generation: steps, guidance, scheduler, ... of those images (None: the defaults).
         base_model: the base that draws them (linked from ``model.base_model`` by the CLI).
         vae_model: its separate VAE, if any (linked from ``model.vae_model``).
+        crop: ``face`` centres each instance crop on the largest face OpenCV's Haar cascade finds (centre crop,
+            with a logged note, where none is found); None: as ``center_crop`` says (data/faces.py).
+        mask: per-pixel weights of the instance loss: ``files`` uses ``photo.mask.png`` beside ``photo.jpg``
+            where present (white 1, black ``mask_floor``); ``face`` also draws an ellipse around each detected
+            face; ``off`` ignores masks.
+        mask_floor: loss weight outside the mask, in [0, 1].
+        aspect_buckets: train each photo at the bucket of about ``resolution²`` pixels nearest its aspect ratio
+            instead of a square crop; a batch draws from one bucket and each class image is cropped to its
+            partner's bucket (data/buckets.py). Fit logs the table with each bucket's photo count.
+        bucket_step: bucket sides are multiples of this (64 for SDXL).
+        bucket_max_ratio: largest long/short side ratio of a bucket.
     """
 
     def __init__(self, instance_dir: str, instance_prompt: str, class_dir: Optional[str] = None,
@@ -46,7 +58,10 @@ class DreamBoothDataModule(L.LightningDataModule):
                  random_flip: float = 0.0, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                  num_instance_images: Optional[int] = None, strict_images: bool = True,
                  generate_class_images: bool = False, class_generation: Optional[ClassImageSettings] = None,
-                 base_model: Optional[str] = None, vae_model: Optional[str] = None):
+                 base_model: Optional[str] = None, vae_model: Optional[str] = None,
+                 crop: Optional[Literal["face"]] = None, mask: Literal["off", "files", "face"] = "files",
+                 mask_floor: float = 0.1, aspect_buckets: bool = False, bucket_step: int = 64,
+                 bucket_max_ratio: float = 2.0):
         super().__init__()
         self.save_hyperparameters()
         if resolution <= 0 or resolution % 8:
@@ -70,6 +85,14 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_instance_images must be >= 1 or null (all photos), got {num_instance_images}")
         if with_prior_preservation and num_class_images < 1:
             raise ValueError(f"data.num_class_images must be >= 1 with prior preservation, got {num_class_images}")
+        if not 0.0 <= mask_floor <= 1.0:
+            raise ValueError(f"data.mask_floor is a loss weight in [0, 1], got {mask_floor}")
+        self.faces = None  # instance path -> face box, when data.crop or data.mask asks for faces
+        self.buckets = None  # instance path -> (height, width) bucket, with data.aspect_buckets
+        if aspect_buckets:
+            from .buckets import bucket_table
+
+            bucket_table(resolution, bucket_step, bucket_max_ratio)  # bad values fail before any model loads
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
         self.cache = None  # an InputCache the module fills in on_fit_start when model.cache is on
@@ -88,6 +111,10 @@ class DreamBoothDataModule(L.LightningDataModule):
             inst = inst[: hp.num_instance_images]
         inst = check_images(inst, "instance", hp.resolution, hp.strict_images)
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
+        if hp.crop == "face" or hp.mask == "face":
+            self.faces = detect_faces(self.instance.paths, hp.crop == "face")
+        if hp.aspect_buckets:
+            self.buckets = assign_buckets(self.instance.paths, hp.resolution, hp.bucket_step, hp.bucket_max_ratio)
         if hp.with_prior_preservation and hp.generate_class_images:
             self._generate_class_images()
         if hp.with_prior_preservation:
@@ -152,11 +179,53 @@ class DreamBoothDataModule(L.LightningDataModule):
         trainer = self.trainer
         place = dict(start_batch=self._consumed_batches(), rank=trainer.global_rank if trainer else 0,
                      world_size=trainer.world_size if trainer else 1)
+        faces = dict(faces=self.faces, face_crop=hp.crop == "face", mask=hp.mask, mask_floor=hp.mask_floor)
+        if self.cache is not None and (hp.crop == "face" or uses_masks(self.instance.paths, hp.mask)
+                                       or hp.aspect_buckets):
+            raise ValueError("data.crop: face, loss masks and data.aspect_buckets need each example's pixels, but "
+                             "model.cache pre-encodes square centre crops: set model.cache: off, or data.crop: null, "
+                             "data.mask: off and data.aspect_buckets: false.")
         if self.cache is not None:  # pre-encoded inputs (model.cache, data/cache.py): same order, no decoding
             stream = CachedStream(self.cache, hp.batch_size, hp.random_flip, hp.seed, **place)
+        elif self.buckets is not None:
+            from .buckets import BucketedStream
+
+            stream = BucketedStream(self.instance, self.prior, self.buckets, hp.batch_size, center_crop=hp.center_crop,
+                                    flip_p=hp.random_flip, seed=hp.seed, **place, **faces)
         else:
             stream = PairedStream(self.instance, self.prior, hp.resolution, hp.batch_size, hp.center_crop,
-                                  hp.random_flip, hp.seed, **place)
+                                  hp.random_flip, hp.seed, **place, **faces)
         return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=hp.num_workers > 0,
                           prefetch_factor=2 if hp.num_workers > 0 else None)
+
+
+def detect_faces(paths, for_crop: bool) -> dict:
+    """Face box (or None) of every instance photo; one note lists the photos without a face."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from .faces import detect_face
+    from .images import load_rgb
+
+    faces = {p: detect_face(load_rgb(p)) for p in paths}
+    missing = [p.name for p, box in faces.items() if box is None]
+    if missing:
+        rank_zero_info(f"no face found in {len(missing)} of {len(paths)} instance photo(s): {', '.join(missing)}; "
+                       + ("centre crop and " if for_crop else "") + "no face mask for those.")
+    return faces
+
+
+def assign_buckets(paths, resolution: int, step: int, max_ratio: float) -> dict:
+    """Each instance photo's aspect bucket; logs the bucket table with how many photos fell in each."""
+    from collections import Counter
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from .buckets import assign, bucket_table, describe
+    from .images import load_rgb
+
+    table = bucket_table(resolution, step, max_ratio)
+    buckets = {p: assign(load_rgb(p).size[::-1], table) for p in paths}
+    rank_zero_info(f"aspect buckets (height x width, ~{resolution}² pixels):\n"
+                   + describe(table, Counter(buckets.values())))
+    return buckets

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .faces import Box, face_centre, face_ellipse, load_mask, mask_file, uses_masks, weights_from_mask
 from .images import caption_for, load_rgb
 from .transforms import prepare_image
 
@@ -52,12 +53,20 @@ class PairedStream(IterableDataset):
         seed: seed of order and augmentation.
         start_batch: first per-rank batch to yield (set on resume).
         rank, world_size: this process's place in DDP.
+        faces: instance path -> detected face box or None (data/faces.py; None: no detection ran).
+        face_crop: centre each instance crop on its face (centre crop where none was found).
+        mask: ``off``; ``files`` (``photo.mask.png`` where present); ``face`` (those, else a face ellipse).
+            Instance examples then carry ``loss_mask`` weights in [``mask_floor``, 1], prior examples ones.
+        mask_floor: loss weight outside the mask.
     """
 
     def __init__(self, instance: ImageSet, prior: ImageSet | None, resolution: int, batch_size: int = 1,
                  center_crop: bool = False, flip_p: float = 0.0, seed: int = 0, start_batch: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, faces: dict[Path, Box | None] | None = None,
+                 face_crop: bool = False, mask: str = "off", mask_floor: float = 0.1):
         super().__init__()
+        self.faces, self.face_crop, self.mask, self.mask_floor = faces or {}, face_crop, mask, mask_floor
+        self.masked = uses_masks(instance.paths, mask)
         self.instance, self.prior = instance, prior
         self.resolution, self.batch_size = resolution, batch_size
         self.center_crop, self.flip_p, self.seed = center_crop, flip_p, seed
@@ -74,13 +83,29 @@ class PairedStream(IterableDataset):
         k = int(self._permutation(position // self.epoch_len)[position % self.epoch_len])
         return k % len(self.instance.paths), (k % len(self.prior.paths) if self.prior else None)
 
-    def _example(self, images: ImageSet, i: int, position: int, role: int) -> dict:
+    def _example(self, images: ImageSet, i: int, position: int, role: int, size: tuple[int, int] | None = None) -> dict:
         gen = torch.Generator().manual_seed(_mix(self.seed, position, role))
         flip = bool(torch.rand((), generator=gen) < self.flip_p)
-        ex = prepare_image(load_rgb(images.paths[i]), self.resolution, self.center_crop, flip, gen)
+        img, box, focus, mask = load_rgb(images.paths[i]), None, None, None
+        if not role:
+            box = self.faces.get(images.paths[i])
+            focus = face_centre(box, img.size) if self.face_crop and box else None
+            mask = self._mask(images.paths[i], img.size, box) if self.masked else None
+        center = self.center_crop or (self.face_crop and not role)  # no face found: centre, not random
+        ex = prepare_image(img, size or self.resolution, center, flip, gen, focus, mask)
+        if self.masked:
+            ex["loss_mask"] = (weights_from_mask(ex["loss_mask"], self.mask_floor) if "loss_mask" in ex
+                               else torch.ones(1, *ex["pixel_values"].shape[-2:]))
         ex["prompt"] = images.prompt_for(i)
         ex["is_prior"] = bool(role)
         return ex
+
+    def _mask(self, path: Path, size: tuple[int, int], box: Box | None):
+        """The mask file beside ``path``, else (``mask: face``) an ellipse around its face, else None."""
+        side = mask_file(path) if self.mask != "off" else None
+        if side is not None:
+            return load_mask(side, size)
+        return face_ellipse(box, size) if self.mask == "face" and box else None
 
     def batch(self, b: int) -> dict:
         """Per-rank batch number ``b``, collated: instance examples first, then their prior partners."""
@@ -110,4 +135,5 @@ def collate(examples: list[dict]) -> dict:
         "original_size": torch.tensor([e["original_size"] for e in examples]),
         "crop_top_left": torch.tensor([e["crop_top_left"] for e in examples]),
         "is_prior": torch.tensor([e["is_prior"] for e in examples]),
+        **({"loss_mask": torch.stack([e["loss_mask"] for e in examples])} if "loss_mask" in examples[0] else {}),
     }

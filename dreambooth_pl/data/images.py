@@ -17,6 +17,7 @@ UNSUPPORTED_EXTS = {".heic": "HEIC", ".heif": "HEIF", ".dng": "camera RAW (DNG)"
                     ".cr3": "camera RAW (CR3)", ".nef": "camera RAW (NEF)", ".arw": "camera RAW (ARW)",
                     ".raw": "camera RAW", ".svg": "SVG (vector)", ".jxl": "JPEG XL"}
 CAPTION_EXTS = {".txt", ".caption"}
+MASK_SUFFIX = ".mask.png"  # photo.mask.png beside photo.jpg: loss weights, not a training image (data/faces.py)
 # Side files that live beside images without being images (captions, manifests, credits).
 SIDE_FILES = CAPTION_EXTS | {".json", ".md", ".yaml", ".yml", ".csv"}
 # Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS, ~179 MP): a 200 MP phone photo is refused, a
@@ -55,7 +56,8 @@ def list_images(folder: str | Path, role: str = "image") -> list[Path]:
                                "or fix the path in the config.")
     if not path.is_dir():
         raise ImageIntakeError(f"{role} dir {str(path)!r} is a file, not a folder of images.")
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and not p.name.endswith(MASK_SUFFIX))
     known = IMAGE_EXTS | set(UNSUPPORTED_EXTS)
     images = [p for p in files if p.suffix.lower() in known]
     skipped = [p.name for p in files if p.suffix.lower() not in known | SIDE_FILES]

@@ -6,30 +6,45 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 
-def prepare_image(img: Image.Image, resolution: int, center_crop: bool, flip: bool,
-                  generator: torch.Generator) -> dict:
+def prepare_image(img: Image.Image, resolution: int | tuple[int, int], center_crop: bool, flip: bool,
+                  generator: torch.Generator, focus: tuple[float, float] | None = None,
+                  mask: Image.Image | None = None) -> dict:
     """Shortest side to ``resolution``, square crop, optional horizontal flip, pixels in [-1, 1].
 
     Args:
         img: RGB image.
-        resolution: output side in pixels.
+        resolution: output side in pixels, or an aspect bucket's ``(height, width)`` (data/buckets.py): the image
+            is then scaled to cover it and cropped to it.
         center_crop: centre crop instead of a random one.
         flip: mirror the image (the recorded crop is mirrored too).
         generator: source of the random crop offsets (seeded per example for exact resume).
+        focus: ``(x, y)`` fractions of the image to centre the crop on (a face, data/faces.py), clamped inside.
+        mask: an ``L`` image of the input's size, cropped and flipped with it (loss weights, data/faces.py).
     Returns:
-        ``pixel_values [3, R, R]``, ``original_size (h, w)`` of the input, ``crop_top_left (top, left)``.
+        ``pixel_values [3, R, R]``, ``original_size (h, w)`` of the input, ``crop_top_left (top, left)``, and with
+        ``mask`` ``loss_mask [1, R, R]`` in [0, 1].
     """
     original_size = (img.height, img.width)
-    img = TF.resize(img, resolution, interpolation=TF.InterpolationMode.BILINEAR)
+    rh, rw = (resolution, resolution) if isinstance(resolution, int) else resolution
+    cover = max(rh / img.height, rw / img.width)  # bucket: the smallest scale at which the image covers it
+    size = resolution if rh == rw else [max(rh, round(img.height * cover)), max(rw, round(img.width * cover))]
+    img = TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR)
     w, h = img.size
-    if center_crop:
-        top, left = max(0, round((h - resolution) / 2)), max(0, round((w - resolution) / 2))
+    if focus is not None:
+        top = min(max(0, round(focus[1] * h - rh / 2)), h - rh)
+        left = min(max(0, round(focus[0] * w - rw / 2)), w - rw)
+    elif center_crop:
+        top, left = max(0, round((h - rh) / 2)), max(0, round((w - rw) / 2))
     else:
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-    img = TF.crop(img, top, left, resolution, resolution)
+        top = int(torch.randint(0, h - rh + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - rw + 1, (1,), generator=generator))
+    img = TF.crop(img, top, left, rh, rw)
+    out = {}
+    if mask is not None:
+        mask = TF.crop(TF.resize(mask, [h, w], interpolation=TF.InterpolationMode.BILINEAR), top, left, rh, rw)
+        out["loss_mask"] = TF.to_tensor(TF.hflip(mask) if flip else mask)
     if flip:
         img = TF.hflip(img)
-        left = w - left - resolution
+        left = w - left - rw
     pixels = TF.normalize(TF.to_tensor(img), [0.5], [0.5])
-    return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": (top, left)}
+    return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": (top, left), **out}

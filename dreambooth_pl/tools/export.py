@@ -30,8 +30,14 @@ def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
     if "state_dict" not in ckpt:
         raise LoRAFormatError(f"{path}: no 'state_dict' entry, not a Lightning checkpoint.")
     hp = ckpt.get("hyper_parameters") or {}
-    weights = {}
-    for key, value in ckpt["state_dict"].items():
+    if hp.get("adapter", "lora") != "lora":
+        raise LoRAFormatError(f"{path}: trained with model.adapter={hp['adapter']}; export converts LoRA checkpoints "
+                              "only; the fit writes its adapter file when it ends, in the layout export.format picks "
+                              "(diffusers or kohya/LyCORIS).")
+    weights, state = {}, ckpt["state_dict"]
+    if hp.get("ema_decay") is not None and hp.get("ema_export", True) and "ema" in ckpt:
+        state = ckpt["ema"]["shadow"]  # the run exports its EMA weights: so does this
+    for key, value in state.items():
         m = _ADAPTER_KEY.match(key)
         comp = key.split(".", 1)[0]
         if not m or comp not in COMPONENTS or m["adapter"] != adapter_name:

@@ -1,0 +1,49 @@
+"""The adapters' optimizer: AdamW, 8-bit AdamW or Prodigy (Mishchenko & Defazio 2023, arXiv 2306.06101)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+OptimizerName = Literal["adamw", "adamw8bit", "prodigy"]
+
+
+def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over parameter ``groups`` (each with its ``lr``).
+
+    Args:
+        name: ``adamw``; ``adamw8bit`` (needs CUDA, else AdamW with a warning); ``prodigy`` (d-adaptation: the
+            group ``lr`` multiplies its step-size estimate, 1.0 by convention; safeguard warm-up and Adam bias
+            correction on, as its authors recommend for diffusion fine-tuning).
+        groups: torch parameter groups.
+        weight_decay: decoupled weight decay.
+        device: where the parameters live (picks fused AdamW on CUDA).
+    """
+    if name == "adamw8bit" and device.type != "cuda":
+        rank_zero_warn("model.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); using torch AdamW on "
+                       f"{device.type}.")
+    if name == "adamw8bit" and device.type == "cuda":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        low = [g["lr"] for g in groups if g["lr"] < 0.1]
+        if low:
+            rank_zero_warn(f"model.optimizer=prodigy with learning rate {low[0]:g}: Prodigy's learning rate multiplies "
+                           "its own step-size estimate, so 1.0 is the convention (set model.learning_rate: 1.0); "
+                           f"{low[0]:g} trains about {1 / low[0]:g}x slower than Prodigy intends.")
+        return Prodigy(groups, weight_decay=weight_decay, decouple=True, use_bias_correction=True,
+                       safeguard_warmup=True)
+    if name not in ("adamw", "adamw8bit"):
+        raise ValueError(f"model.optimizer must be adamw, adamw8bit or prodigy, got {name!r}")
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def step_size_estimates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Prodigy's adapted step size ``d * lr`` per parameter group (empty for optimizers that do not adapt it)."""
+    return {f"train/prodigy_d_lr/pg{i}": float(g["d"]) * float(g["lr"])
+            for i, g in enumerate(optimizer.param_groups) if "d" in g and "d_numerator" in g}

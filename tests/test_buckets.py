@@ -1,0 +1,91 @@
+"""Aspect buckets: the table, nearest-aspect assignment that crops less than one bucket step, batches of one
+bucket with their prior partners in it, and SDXL's add_time_ids recording the real size and crop."""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_pl.data.buckets import BucketedStream, assign, bucket_table
+from dreambooth_pl.data.datasets import ImageSet
+from dreambooth_pl.data.transforms import prepare_image
+from dreambooth_pl.sdxl import add_time_ids
+from tests.conftest import write_images
+
+
+def test_table_has_sdxl_buckets_of_about_resolution_squared():
+    table = bucket_table(1024)
+    assert (1024, 1024) in table and (832, 1216) in table and (1216, 832) in table and (768, 1344) in table
+    for h, w in table:
+        assert h % 64 == 0 and w % 64 == 0 and max(h, w) / min(h, w) <= 2.0
+        assert 0.8 * 1024**2 <= h * w <= 1024**2  # about resolution², never more
+    ratios = [w / h for h, w in table]
+    assert ratios == sorted(ratios) and len(set(ratios)) == len(ratios)
+    with pytest.raises(ValueError, match="bucket_step"):
+        bucket_table(1024, step=60)
+
+
+def test_each_image_keeps_its_aspect_within_one_bucket_step_and_add_time_ids_records_it():
+    table = bucket_table(1024)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        h = int(rng.integers(600, 4000))
+        w = int(h * np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+        bucket = assign((h, w), table)
+        ex = prepare_image(Image.new("RGB", (w, h)), bucket, True, False, torch.Generator())
+        assert tuple(ex["pixel_values"].shape[-2:]) == bucket
+        top, left = ex["crop_top_left"]
+        assert 2 * max(top, left) <= 64 + 1, (h, w, bucket, top, left)  # less than one step cropped away
+        ids = add_time_ids(torch.tensor([ex["original_size"]]), torch.tensor([ex["crop_top_left"]]),
+                           torch.tensor([bucket]))
+        assert ids[0].tolist() == [h, w, top, left, *bucket]
+
+
+def _images(folder, sizes):
+    paths = []
+    for i, (w, h) in enumerate(sizes):
+        paths += write_images(folder, 1, size=(w, h), seed=i)
+        paths[-1] = paths[-1].rename(folder / f"{i:02d}.png")
+    return paths
+
+
+def test_batches_draw_from_one_bucket_with_prior_partners_in_it(tmp_path):
+    table = bucket_table(128, step=32)
+    assert table == [(160, 96), (128, 96), (128, 128), (96, 128), (96, 160)]
+    sizes = [(120, 200), (200, 120), (160, 160), (110, 190), (210, 130)]  # (w, h): portrait, landscape, square
+    inst = _images(tmp_path / "i", sizes)
+    buckets = {p: assign((h, w), table) for p, (w, h) in zip(inst, sizes)}
+    prior = ImageSet(tuple(write_images(tmp_path / "c", 3, size=(128, 128), seed=7)), "a dog")
+    stream = BucketedStream(ImageSet(tuple(inst), "sks dog"), prior, buckets, batch_size=2, seed=3)
+    assert stream.batches_per_epoch == 3  # 160x96, 96x160 and 128x128 hold 2, 2 and 1 of the 5 positions
+    seen = Counter()
+    for b in range(2 * stream.batches_per_epoch):
+        batch = stream.batch(b)
+        assert batch["pixel_values"].shape[0] == 4 and batch["is_prior"].tolist() == [False, False, True, True]
+        shape = tuple(batch["pixel_values"].shape[-2:])
+        assert shape in table and all(tuple(o) for o in batch["original_size"])
+        for k in stream._epoch_batches(b // stream.batches_per_epoch)[b % stream.batches_per_epoch]:
+            assert buckets[inst[k % len(inst)]] == shape  # every instance in its own bucket
+            seen[k % len(inst)] += 1
+    assert set(seen) == set(range(len(inst)))
+    again = BucketedStream(ImageSet(tuple(inst), "sks dog"), prior, buckets, batch_size=2, seed=3, start_batch=5)
+    assert torch.equal(next(iter(again))["pixel_values"], stream.batch(5)["pixel_values"])  # resume: same batch
+
+
+def test_fit_logs_the_bucket_counts(tiny_base, tmp_path, caplog):
+    from conftest import fit_args
+
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    _images(tmp_path / "instance", [(120, 200), (200, 120), (110, 190)])
+    write_images(tmp_path / "class", 4, size=(128, 128))
+    args = fit_args(tiny_base, str(tmp_path / "instance"), str(tmp_path / "class"), str(tmp_path), steps=2,
+                    **{"data.aspect_buckets": "true", "data.resolution": 128, "data.bucket_step": 32})
+    with caplog.at_level(logging.INFO):
+        cli = DreamBoothCLI(args=args)
+    assert "160x96 (0.60): 2 image(s)" in caplog.text and "96x160 (1.67): 1 image(s)" in caplog.text
+    assert cli.trainer.global_step == 2
