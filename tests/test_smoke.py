@@ -11,18 +11,37 @@ from tests.conftest import REPO, fit_args
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, one_thread):
     """configs/smoke.yaml as shipped, with its outputs (base, class images, logs) moved under a temp folder."""
+    import contextlib
+    import io
+    import warnings
+
     root = tmp_path_factory.mktemp("smoke")
-    cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "smoke.yaml"), "--trainer.max_steps", "3",
-                              "--model.base_model", str(root / "tiny-sdxl"), "--data.class_dir", str(root / "class"),
-                              "--trainer.logger.init_args.save_dir", str(root),
-                              "--trainer.enable_progress_bar", "false"])
-    return cli, root / "lightning_logs" / "version_0"
+    with warnings.catch_warnings(record=True) as seen, contextlib.redirect_stdout(io.StringIO()) as out:
+        # what `python -m dreambooth_pl fit` shows: Python's default filters (deprecations hidden outside __main__)
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # in-process runs only
+        cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "smoke.yaml"), "--trainer.max_steps",
+                                  "3", "--model.base_model", str(root / "tiny-sdxl"), "--data.class_dir",
+                                  str(root / "class"), "--trainer.logger.init_args.save_dir", str(root),
+                                  "--trainer.enable_progress_bar", "false"])
+    return cli, root / "lightning_logs" / "version_0", seen, out.getvalue()
+
+
+def test_smoke_console_has_only_our_warnings_and_ends_with_the_summary(smoke):
+    _, run, seen, text = smoke
+    foreign = [f"{w.filename}:{w.lineno}: {w.message}" for w in seen if "dreambooth_pl" not in w.filename]
+    assert not foreign, "\n".join(foreign)
+    assert text.rstrip().splitlines()[-1].startswith("  sample:      python -m dreambooth_pl sample")
+    assert f"LoRA:        {run}/pytorch_lora_weights.safetensors" in text and "fit finished: step 3/3" in text
 
 
 def test_smoke_run_writes_logs_config_checkpoint_and_lora(smoke):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cli, run = smoke
+    cli, run, *_ = smoke
     assert cli.trainer.global_step == 3
     assert (run / "config.yaml").exists() and len(list((Path(cli.datamodule.hparams.class_dir)).glob("*.png"))) == 4
     events = EventAccumulator(str(run)).Reload()
@@ -44,7 +63,7 @@ def test_smoke_lora_loads_into_a_diffusers_pipeline_and_changes_its_output(smoke
 
     from dreambooth_pl.lora import lora_state_dict
 
-    cli, run = smoke
+    cli, run, *_ = smoke
     pipe = StableDiffusionXLPipeline.from_pretrained(cli.model.hparams.base_model)
     kw = dict(prompt="a photo of sks dog", num_inference_steps=2, height=64, width=64, output_type="np")
     before = pipe(generator=torch.Generator().manual_seed(0), **kw).images
