@@ -7,6 +7,7 @@ by the pipeline, so a fp16 UNet can sit beside an fp32 VAE (the SDXL VAE overflo
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +31,24 @@ SCHEDULERS = {
     "unipc": UniPCMultistepScheduler,
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """The one sampler default of every sampling site (verbs, callbacks, class images, ablations).
+
+    Args:
+        scheduler: a key of :data:`SCHEDULERS`.
+        steps: denoising steps.
+        guidance: classifier-free guidance scale (Ho & Salimans 2022); SDXL's usual 5.
+    """
+
+    scheduler: str = "euler"
+    steps: int = 25
+    guidance: float = 5.0
+
+
+SAMPLER = SamplerSettings()
 
 
 class SamplingError(ValueError):
@@ -74,7 +93,7 @@ def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
 
 
-def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler: str = "euler",
+def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler: str = SAMPLER.scheduler,
                   dtype: str = "float16", device: str | None = None, vae: str | None = None,
                   vae_tiling: bool = False, vae_slicing: bool = True):
     """An SDXL pipeline of ``base`` with LoRA files applied at their scales, ready on ``device``.
@@ -114,7 +133,7 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
     return pipe.to(device)
 
 
-def pipeline_from_module(module, scheduler: str = "euler"):
+def pipeline_from_module(module, scheduler: str = SAMPLER.scheduler):
     """An SDXL pipeline over a :class:`DreamBoothLoRA`'s live modules (shared, not copied; adapters active)."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -145,7 +164,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> list:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 5.0,
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
              negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
              batch_size: int = 4) -> list:
     """One PIL image per ``(prompt, seed)``; image i depends only on ``prompts[i]`` and ``seeds[i]``.
@@ -175,3 +194,16 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidan
                        generator=gens, output_type="latent").images
         images += decode_latents(pipe, latents)
     return images
+
+
+def runtime(pipe) -> dict:
+    """What ran, beside the settings: the effective dtype (CPU runs fp16 requests in fp32), device, versions, and
+    ``random_base`` (the make-base preset, or None) so a PNG drawn from random weights says so."""
+    import diffusers
+
+    from .sdxl import random_base_preset
+
+    names = {v: k for k, v in DTYPES.items()}
+    return {"dtype": names[pipe.unet.dtype], "device": pipe.device.type,
+            "random_base": random_base_preset(pipe.name_or_path) if pipe.name_or_path else None,
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}}

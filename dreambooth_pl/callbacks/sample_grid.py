@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..sampling import SAMPLER
+
 
 class SampleGrid(L.Callback):
     """Log a grid of ``prompts`` x fixed seeds every ``every_n_steps`` optimizer steps.
@@ -35,7 +37,8 @@ class SampleGrid(L.Callback):
     """
 
     def __init__(self, prompts: Optional[list[str]] = None, every_n_steps: int = 250, images_per_prompt: int = 1,
-                 seed: int = 0, steps: int = 20, guidance: float = 5.0, scheduler: str = "euler",
+                 seed: int = 0, steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
+                 scheduler: str = SAMPLER.scheduler,
                  resolution: Optional[int] = None, negative_prompt: Optional[str] = None, log_base: bool = True,
                  save_png: bool = True):
         from ..sampling import check_size, make_scheduler

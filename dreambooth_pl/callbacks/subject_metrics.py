@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..sampling import SAMPLER
 from .sample_grid import SampleGrid
 
 
@@ -49,8 +50,9 @@ class SubjectMetrics(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 250, token: Optional[str] = None, instance_dir: Optional[str] = None,
-                 prompts: Optional[list[str]] = None, images_per_prompt: int = 2, seed: int = 0, steps: int = 20,
-                 guidance: float = 5.0, scheduler: str = "euler", resolution: Optional[int] = None,
+                 prompts: Optional[list[str]] = None, images_per_prompt: int = 2, seed: int = 0,
+                 steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance, scheduler: str = SAMPLER.scheduler,
+                 resolution: Optional[int] = None,
                  clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino"):
         if every_n_steps < 0:
             raise ValueError(f"SubjectMetrics.every_n_steps must be >= 0, got {every_n_steps}")

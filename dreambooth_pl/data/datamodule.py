@@ -1,6 +1,8 @@
 """LightningDataModule: the subject's photos interleaved with class-prior images, validated before any model loads."""
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Literal, Optional
 
 import lightning as L
@@ -8,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cache import CachedStream
+from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
-from ..tools.generate_class_images import ClassImageSettings
 from .images import ImageIntakeError, check_images, list_images
 
 
@@ -54,7 +56,7 @@ class DreamBoothDataModule(L.LightningDataModule):
 
     def __init__(self, instance_dir: str, instance_prompt: str, class_dir: Optional[str] = None,
                  class_prompt: Optional[str] = None, with_prior_preservation: bool = True,
-                 num_class_images: int = 200, resolution: int = 1024, center_crop: bool = False,
+                 num_class_images: int = NUM_CLASS_IMAGES, resolution: int = 1024, center_crop: bool = False,
                  random_flip: float = 0.0, batch_size: int = 1, num_workers: int = 0, seed: int = 0,
                  num_instance_images: Optional[int] = None, strict_images: bool = True,
                  generate_class_images: bool = False, class_generation: Optional[ClassImageSettings] = None,
@@ -135,8 +137,6 @@ class DreamBoothDataModule(L.LightningDataModule):
 
     def _generate_class_images(self) -> None:
         """Fill class_dir up to num_class_images with the base; local rank 0 draws, the other ranks wait."""
-        from ..tools.generate_class_images import generate_class_images
-
         hp, trainer = self.hparams, self.trainer
         if not hp.base_model:
             raise ValueError("data.generate_class_images needs data.base_model (the CLI links it from "
@@ -145,10 +145,10 @@ class DreamBoothDataModule(L.LightningDataModule):
             self._check_class_dir_before_drawing()
             s = hp.class_generation or ClassImageSettings()
             s = s if isinstance(s, ClassImageSettings) else ClassImageSettings(**dict(s))  # the CLI passes a dict
-            generate_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s.seed,
-                                  s.scheduler, s.steps, s.guidance, s.negative_prompt,
-                                  s.resolution or hp.resolution, s.batch_size, "float16",
-                                  str(trainer.strategy.root_device) if trainer else None, hp.vae_model)
+            if s.resolution is None:
+                s = dataclasses.replace(s, resolution=hp.resolution)
+            draw_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s, "float16",
+                              str(trainer.strategy.root_device) if trainer else None, hp.vae_model)
         if trainer is not None:
             trainer.strategy.barrier("generate_class_images")
 

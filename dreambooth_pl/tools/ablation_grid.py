@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..sampling import SAMPLER
+
 
 @dataclass
 class Sampler:
@@ -18,8 +20,8 @@ class Sampler:
         steps: denoising steps.
     """
 
-    scheduler: str = "euler"
-    steps: int = 25
+    scheduler: str = SAMPLER.scheduler
+    steps: int = SAMPLER.steps
 
     @property
     def key(self) -> str:
@@ -53,7 +55,7 @@ class Evaluation:
     num_prompts: Optional[int] = None
     images_per_prompt: int = 4
     samplers: list[Sampler] = field(default_factory=lambda: [Sampler()])
-    guidance: float = 5.0
+    guidance: float = SAMPLER.guidance
     resolution: Optional[int] = None
     clip_weights: Optional[str] = "openai"
     dino_weights: Optional[str] = "dino"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..io import ensure_writable, read_png_metadata, write_json, write_png, write_text
+from ..sampling import SAMPLER
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 # Published numbers (DreamBooth paper, Table 1), shown beside ours for scale; not computed here.
@@ -188,7 +189,8 @@ def _suite_samples(folder: Path, jobs: list[tuple[str, int]], settings: dict, pi
 
 def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_name: str, out: str,
                    suite: str = "dreambench_object", num_prompts: Optional[int] = None, images_per_prompt: int = 4,
-                   scheduler: str = "euler", steps: int = 25, guidance: float = 5.0, resolution: Optional[int] = None,
+                   scheduler: str = SAMPLER.scheduler, steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
+                   resolution: Optional[int] = None,
                    clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino", seed: int = 0,
                    pres_images: int = 8, dtype: Optional[str] = None, device: Optional[str] = None) -> dict:
     """The paper's protocol for one LoRA: generate a prompt suite (resumable), score it, add the real-images row.

@@ -18,6 +18,7 @@ from typing import Literal, Optional
 from PIL import Image
 
 from ..io import atomic_write, save_image, write_json, write_text
+from ..sampling import SAMPLER
 
 
 def _curves(rows: list[dict], path: Path, title: str) -> None:
@@ -74,8 +75,8 @@ def _table(rows: list[dict]) -> str:
 def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str, prompt: str,
                style_text: str, style_dir: Optional[str] = None, token: Optional[str] = None,
                style_weights: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0], subject_weight: float = 1.0,
-               images_per_weight: int = 4, seed: int = 0, scheduler: str = "euler", steps: int = 25,
-               guidance: float = 5.0, resolution: Optional[int] = None,
+               images_per_weight: int = 4, seed: int = 0, scheduler: str = SAMPLER.scheduler,
+               steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance, resolution: Optional[int] = None,
                dtype: Literal["float16", "bfloat16", "float32"] = "float16", device: Optional[str] = None,
                clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino") -> dict:
     """Sweep the style LoRA's weight; score subject fidelity and style adherence; write table, plot and grid.

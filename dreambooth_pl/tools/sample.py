@@ -11,24 +11,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..io import ensure_writable, read_png_metadata, save_image, write_json, write_png
+from ..sampling import SAMPLER, runtime
 
 # sample() arguments that a PNG's metadata pins; the rest (out, batch size, device) do not change pixels.
 REPRO_KEYS = ("base", "vae", "loras", "scheduler", "steps", "guidance", "negative_prompt", "height", "width", "dtype")
-
-
-def runtime(pipe) -> dict:
-    """What ran, beside the settings: the effective dtype (CPU runs fp16 requests in fp32), device, versions, and
-    ``random_base`` (the make-base preset, or None) so a PNG drawn from random weights says so."""
-    import diffusers
-    import torch
-
-    from ..sampling import DTYPES
-    from ..sdxl import random_base_preset
-
-    names = {v: k for k, v in DTYPES.items()}
-    return {"dtype": names[pipe.unet.dtype], "device": pipe.device.type,
-            "random_base": random_base_preset(pipe.name_or_path) if pipe.name_or_path else None,
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}}
 
 
 def contact_sheet(images: list, labels: list[str], cols: int, thumb: int = 256):
@@ -89,7 +75,8 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
            prompt: Union[str, list[str], None] = None, prompt_file: Optional[str] = None,
            suite: Optional[str] = None, token: str = "sks", class_name: str = "dog",
            lora: Union[str, list[str], None] = None, lora_scale: Union[float, list[float], None] = None,
-           scheduler: str = "euler", steps: int = 25, guidance: float = 5.0, negative_prompt: Optional[str] = None,
+           scheduler: str = SAMPLER.scheduler, steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
+           negative_prompt: Optional[str] = None,
            height: Optional[int] = None, width: Optional[int] = None, seeds: Union[int, list[int], None] = None,
            seed: int = 0, images_per_prompt: int = 1, batch_size: int = 4, dtype: str = "float16",
            device: Optional[str] = None, vae: Optional[str] = None, vae_tiling: bool = False,
