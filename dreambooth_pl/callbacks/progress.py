@@ -59,20 +59,23 @@ class RunSummary(L.Callback):
 
     def __init__(self):
         self._start, self._first_step = 0.0, 0
+        self._log_dir, self._lora = ".", None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from .export import LoRAExport
+
         self._start, self._first_step = time.perf_counter(), trainer.global_step
+        # trainer.log_dir broadcasts under DDP: read it here, where every rank runs, not in the rank-0 summary
+        self._log_dir = trainer.log_dir or trainer.default_root_dir
+        export = next((cb for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
+        self._lora = export.path(trainer) if export is not None else None
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from .export import LoRAExport
-
         steps = trainer.global_step - self._first_step
         seconds = time.perf_counter() - self._start
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        export = next((cb for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
+        log_dir, lora = self._log_dir, self._lora
         ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
-        lora = export.path(trainer) if export is not None else None
         last = os.path.join(ckpt.dirpath, "last.ckpt") if ckpt is not None and ckpt.dirpath else None
         loss = trainer.callback_metrics.get("train/loss")
         lines = [f"fit {'stopped' if trainer.interrupted else 'finished'}: step {trainer.global_step}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -107,16 +106,14 @@ def export_finished(run_dir: Path) -> Optional[str]:
     """Export the LoRA of a run whose ``last.ckpt`` already reached ``trainer.max_steps`` (a resumed fit that had
     nothing left to train ends without the export callback firing); returns None or the error text."""
     from ..io import load_checkpoint
-    from .checkpoint_curve import export_checkpoints
+    from .export import export
 
     last = run_dir / "checkpoints" / "last.ckpt"
     max_steps = _run_config(run_dir).get("trainer", {}).get("max_steps")
     step = load_checkpoint(last, mmap=True).get("global_step", -1) if last.is_file() else -1
     if max_steps is None or step < max_steps:
         return f"fit ended without writing {run_dir / LORA_FILE} (interrupted?)"
-    [(_, lora)] = export_checkpoints([(step, last)], run_dir / "checkpoints" / "export")
-    os.replace(lora, run_dir / LORA_FILE)
-    shutil.rmtree(run_dir / "checkpoints" / "export", ignore_errors=True)
+    export(str(last), str(run_dir / LORA_FILE))  # written atomically: the run is done once this exists
     return None
 
 

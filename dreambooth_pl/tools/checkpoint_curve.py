@@ -1,14 +1,12 @@
 """Metric vs training steps from one run's saved checkpoints, without retraining.
 
-Each checkpoint holds only the adapters (see ``DreamBoothLoRA.on_save_checkpoint``); they are loaded into one
-module built from the checkpoint's hyper-parameters, exported as diffusers LoRA files, and evaluated like the
-cells of an ablation grid. The run must keep its checkpoints: ``checkpoint.save_top_k: -1`` with
+Each checkpoint holds only the adapters (see ``DreamBoothLoRA.on_save_checkpoint``); they are exported as diffusers
+LoRA files straight from the state dict (tools/export.py, no base loaded) and evaluated like the cells of an
+ablation grid. The run must keep its checkpoints: ``checkpoint.save_top_k: -1`` with
 ``checkpoint.every_n_train_steps: N`` (the default keeps only ``last.ckpt``).
 """
 from __future__ import annotations
 
-import gc
-import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -29,26 +27,19 @@ def list_checkpoints(ckpt_dir: Path, every: Optional[int] = None) -> list[tuple[
 
 
 def export_checkpoints(ckpts: list[tuple[int, Path]], out: Path) -> list[tuple[int, Path]]:
-    """Export each checkpoint's adapters to ``out/step_N.safetensors`` (existing files are kept)."""
+    """Export each checkpoint's adapters to ``out/step_N/pytorch_lora_weights.safetensors`` (existing files are
+    kept), straight from the checkpoint's state dict: no base model is loaded."""
     from ..lora import LORA_FILE
-    from ..module import DreamBoothLoRA
+    from .export import export
 
-    todo = [(s, p) for s, p in ckpts if not (out / f"step_{s}" / LORA_FILE).is_file()]
-    module = None
-    for step, path in todo:
-        ckpt = load_checkpoint(path)
-        if module is None:  # one module for every checkpoint: the base loads once
-            names = set(inspect.signature(DreamBoothLoRA.__init__).parameters) - {"self"}
-            module = DreamBoothLoRA(**{k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in names})
-            module.configure_model()
-        try:
-            module.on_load_checkpoint(ckpt)  # names the first mismatching key if the run's settings differ
-        except ValueError as e:
-            raise SystemExit(f"ablate-checkpoints: {path}: {e}") from None
-        module.load_state_dict(ckpt["state_dict"], strict=False)
-        module.export_lora(str(out / f"step_{step}" / LORA_FILE))
-    del module
-    gc.collect()
+    for step, path in ckpts:
+        target = out / f"step_{step}" / LORA_FILE
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                export(str(path), str(target))
+            except ValueError as e:
+                raise SystemExit(f"ablate-checkpoints: {path}: {e}") from None
     return [(s, out / f"step_{s}" / LORA_FILE) for s, _ in ckpts]
 
 
