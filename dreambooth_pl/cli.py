@@ -135,6 +135,13 @@ class DreamBoothCLI(LightningCLI):
             value = trainer.get(key)
             if not ok(value):
                 raise ValueError(f"trainer.{key} must be {want}, got {value}")
+        data, model = sub.get("data"), sub.get("model")
+        if data is not None and model is not None and data.get("with_prior_preservation") \
+                and model.get("prior_loss_weight") == 0:
+            # data.with_prior_preservation is the switch; a zero weight would load and train on class images for nothing
+            raise ValueError("model.prior_loss_weight is 0 while data.with_prior_preservation is true: prior "
+                             "preservation is switched by data.with_prior_preservation; set it to false to train "
+                             "without class images, or give model.prior_loss_weight > 0 (1.0 in the paper).")
 
     def _parse_ckpt_path(self) -> None:
         """Replaces Lightning's, which copies the checkpoint's hyper-parameters over the user's values: the file is

@@ -14,7 +14,7 @@ from dreambooth_pl.data.buckets import BucketedStream, assign, bucket_table
 from dreambooth_pl.data.datasets import ImageSet
 from dreambooth_pl.data.transforms import prepare_image
 from dreambooth_pl.sdxl import add_time_ids
-from tests.conftest import write_images
+from conftest import write_images
 
 
 def test_table_has_sdxl_buckets_of_about_resolution_squared():

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from dreambooth_pl.cli import DreamBoothCLI
-from tests.conftest import REPO, fit_args
+from conftest import REPO, fit_args
 
 
 @pytest.fixture

@@ -54,3 +54,15 @@ def test_missing_resume_checkpoint(tmp_path):
         _cli(tmp_path, "--ckpt_path", "last")
     with pytest.raises(SystemExit, match="does not exist"):
         _cli(tmp_path, "--ckpt_path", str(tmp_path / "nope.ckpt"))
+
+
+def test_prior_preservation_has_one_switch(tiny_base, subject_dirs, tmp_path):
+    """data.with_prior_preservation switches prior preservation; a zero prior weight beside it is refused by name."""
+    import pytest
+
+    from conftest import fit_args
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    with pytest.raises(ValueError, match="model.prior_loss_weight is 0 while data.with_prior_preservation is true"):
+        DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1,
+                                    **{"model.prior_loss_weight": 0}))

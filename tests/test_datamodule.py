@@ -7,7 +7,7 @@ import pytest
 
 from dreambooth_pl.data.datamodule import DreamBoothDataModule
 from dreambooth_pl.data.images import ImageIntakeError
-from tests.conftest import write_images
+from conftest import write_images
 
 
 def _dm(instance_dir, class_dir=None, **kw) -> DreamBoothDataModule:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dreambooth_pl.data.datasets import ImageSet, PairedStream
-from tests.conftest import write_images
+from conftest import write_images
 
 
 def _names(n: int, prefix: str) -> tuple[Path, ...]:

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from dreambooth_pl.data.datasets import ImageSet, PairedStream
 from dreambooth_pl.data.faces import detect_face, face_ellipse
 from dreambooth_pl.data.images import list_images
-from tests.conftest import write_images
+from conftest import write_images
 
 
 def draw_face(size=(320, 240), centre=(230, 110), s=60, bg=200) -> Image.Image:

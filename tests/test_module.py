@@ -4,7 +4,7 @@ import torch
 
 from dreambooth_pl.data.datasets import ImageSet, PairedStream
 from dreambooth_pl.module import DreamBoothLoRA
-from tests.conftest import write_images
+from conftest import write_images
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dreambooth_pl.cli import DreamBoothCLI
-from tests.conftest import REPO, fit_args
+from conftest import REPO, fit_args
 
 
 @pytest.fixture(scope="module")
