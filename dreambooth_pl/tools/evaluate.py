@@ -2,14 +2,17 @@
 
 Every score is computed on generated images loaded back from their PNGs (the images the table is about), against
 the subject's real photos; the "real images" row compares the real photos with each other, leaving out the pairs of
-an image with itself. CLIP-T scores each prompt with the identifier token removed ("a sks dog" -> "a dog").
+an image with itself. CLIP-T scores each prompt with the identifier token removed ("a sks dog" -> "a dog") unless
+``clip_t_prompt=as_generated`` (docs/evaluation.md says why either).
 """
 from __future__ import annotations
 
 import functools
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
+
+ClipTPrompt = Literal["without_identifier", "as_generated"]
 
 from .sample import ensure_writable, read_png_metadata, write_json, write_png
 
@@ -35,7 +38,8 @@ def _embedders(clip_weights: Optional[str], dino_weights: Optional[str], device:
 
 
 def score_subject(images: list, prompts: list[str], real: list, token: Optional[str], clip, dino,
-                  class_images: Optional[list] = None) -> dict[str, float]:
+                  class_images: Optional[list] = None,
+                  clip_t_prompt: ClipTPrompt = "without_identifier") -> dict[str, float]:
     """CLIP-I, CLIP-T, DINO, DIV-DINO (within each prompt) and PRES (class-prompt samples vs real) of one set.
 
     Args:
@@ -45,13 +49,14 @@ def score_subject(images: list, prompts: list[str], real: list, token: Optional[
         token: identifier removed from prompts for CLIP-T.
         clip, dino: embedders from ``metrics.load_clip`` / ``metrics.load_dino``.
         class_images: samples of the class prompt alone, for PRES (None: no PRES).
+        clip_t_prompt: CLIP-T's prompt: ``without_identifier`` or ``as_generated`` (see ``metrics.CLIPTScore``).
     """
     from ..metrics import CLIPIScore, CLIPTScore, DINODiversity, DINOScore
 
     if len(images) != len(prompts):
         raise EvaluationError(f"got {len(images)} images but {len(prompts)} prompts: give one prompt per image.")
     clip_i, dino_s = CLIPIScore(clip, real), DINOScore(dino, real)
-    clip_t, div = CLIPTScore(clip, token), DINODiversity(dino)
+    clip_t, div = CLIPTScore(clip, token, prompt=clip_t_prompt), DINODiversity(dino)
     clip_i.update(images)
     dino_s.update(images)
     clip_t.update(images, prompts)
@@ -130,7 +135,7 @@ def _load_generated(folder: str, prompts_file: Optional[str]) -> tuple[list, lis
 
 def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts: Optional[str] = None,
              token: Optional[str] = None, clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino",
-             device: Optional[str] = None) -> str:
+             device: Optional[str] = None, clip_t_prompt: ClipTPrompt = "without_identifier") -> str:
     """Score folders of generated images against the subject's real photos; writes results.json and results.md.
 
     Args:
@@ -143,6 +148,7 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
         clip_weights: ``openai`` or a local ViT-B-32 checkpoint file (None: random weights, tests only).
         dino_weights: ``dino`` or a local ViT-S/16 DINO file (None: random weights, tests only).
         device: cuda, cpu (None: CUDA when available).
+        clip_t_prompt: ``without_identifier`` (drop ``token`` before CLIP-T) or ``as_generated``.
     """
     from ..data.images import list_images, load_rgb
 
@@ -150,9 +156,11 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
     real_images = [load_rgb(p) for p in list_images(real, "real")]
     sets = {g: _load_generated(g, prompts) for g in generated}
     clip, dino = _embedders(clip_weights, dino_weights, device)
-    rows = {g: score_subject(images, ps, real_images, token, clip, dino) for g, (images, ps) in sets.items()}
+    rows = {g: score_subject(images, ps, real_images, token, clip, dino, clip_t_prompt=clip_t_prompt)
+            for g, (images, ps) in sets.items()}
     rows["real images"] = real_baseline(real_images, clip, dino)
-    settings = dict(real=real, token=token, clip_weights=clip_weights, dino_weights=dino_weights)
+    settings = dict(real=real, token=token, clip_t_prompt=clip_t_prompt, clip_weights=clip_weights,
+                    dino_weights=dino_weights)
     _write_results(folder, {"settings": settings, "rows": rows | PAPER_ROWS}, "Evaluation")
     return (folder / RESULTS_MD).read_text()
 
@@ -192,7 +200,8 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
                    suite: str = "dreambench_object", num_prompts: Optional[int] = None, images_per_prompt: int = 4,
                    scheduler: str = "euler", steps: int = 25, guidance: float = 5.0, resolution: Optional[int] = None,
                    clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino", seed: int = 0,
-                   pres_images: int = 8, dtype: Optional[str] = None, device: Optional[str] = None) -> dict:
+                   pres_images: int = 8, dtype: Optional[str] = None, device: Optional[str] = None,
+                   clip_t_prompt: ClipTPrompt = "without_identifier") -> dict:
     """The paper's protocol for one LoRA: generate a prompt suite (resumable), score it, add the real-images row.
 
     Args:
@@ -215,6 +224,7 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
         pres_images: samples of "a <class_name>" for PRES (0: skip PRES).
         dtype: float16 / bfloat16 / float32 (None: float16 on CUDA, float32 on CPU).
         device: cuda, cpu (None: CUDA when available).
+        clip_t_prompt: ``without_identifier`` (drop ``token`` before CLIP-T) or ``as_generated``.
     """
     import torch
 
@@ -239,10 +249,10 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     class_files = _suite_samples(ensure_writable(folder / "samples_class"), class_jobs, settings, pipe_args)
     clip, dino = _embedders(clip_weights, dino_weights, device)
     row = score_subject([load_rgb(f) for f in files], [p for p, _ in jobs], real_images, token, clip, dino,
-                        [load_rgb(f) for f in class_files] or None)
+                        [load_rgb(f) for f in class_files] or None, clip_t_prompt)
     baseline = real_baseline(real_images, clip, dino)
     results = {"settings": dict(settings, suite=suite, num_prompts=len(prompts), images_per_prompt=images_per_prompt,
-                                token=token, class_name=class_name, instance_dir=instance_dir, seed=seed,
+                                token=token, clip_t_prompt=clip_t_prompt, class_name=class_name, instance_dir=instance_dir, seed=seed,
                                 clip_weights=clip_weights, dino_weights=dino_weights),
                "rows": {Path(lora).name: row, "real images": baseline} | PAPER_ROWS}
     _write_results(folder, results, f"DreamBench evaluation of {Path(lora).name}")
