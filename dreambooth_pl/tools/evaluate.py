@@ -189,7 +189,7 @@ def _suite_samples(folder: Path, jobs: list[tuple[str, int]], settings: dict, pi
                                   settings["resolution"], batch_size=4)
                 for k, img in zip(chunk, images):  # written one by one: a kill keeps every finished sample
                     # the sample verb's metadata too, so ``sample --from_png`` redraws any of these images
-                    meta = dict(settings, vae=None, loras=[[pipe_args["loras"][0][0], 1.0]], negative_prompt=None,
+                    meta = dict(settings, vae=None, loras=[[f, w] for f, w in pipe_args["loras"]], negative_prompt=None,
                                 dtype=pipe_args["dtype"], height=img.height, width=img.width)
                     write_png(files[k], img, dict(meta, prompt=jobs[k][0], seed=jobs[k][1]))
                 bar.update(len(chunk))
@@ -201,7 +201,8 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
                    scheduler: str = "euler", steps: int = 25, guidance: float = 5.0, resolution: Optional[int] = None,
                    clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino", seed: int = 0,
                    pres_images: int = 8, dtype: Optional[str] = None, device: Optional[str] = None,
-                   clip_t_prompt: ClipTPrompt = "without_identifier") -> dict:
+                   clip_t_prompt: ClipTPrompt = "without_identifier", class_prompt: Optional[str] = None,
+                   drift: bool = False) -> dict:
     """The paper's protocol for one LoRA: generate a prompt suite (resumable), score it, add the real-images row.
 
     Args:
@@ -225,10 +226,14 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
         dtype: float16 / bfloat16 / float32 (None: float16 on CUDA, float32 on CPU).
         device: cuda, cpu (None: CUDA when available).
         clip_t_prompt: ``without_identifier`` (drop ``token`` before CLIP-T) or ``as_generated``.
+        class_prompt: prompt of the PRES samples (None: "a <class_name>").
+        drift: also draw the PRES prompts and seeds with the base alone and report language drift
+            (``metrics.pixel.drift_scores``); ``pixel_dist`` (nearest real photo) is always reported.
     """
     import torch
 
     from ..data.images import list_images, load_rgb
+    from ..metrics.pixel import drift_scores, nearest_pixel_distance
     from ..prompts import get_suite
 
     if not Path(lora).is_file():
@@ -238,7 +243,7 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     real_images = [load_rgb(p) for p in list_images(instance_dir, "instance")]
     prompts = get_suite(suite, token, class_name)[:num_prompts]
     jobs = [(p, seed + i * images_per_prompt + j) for i, p in enumerate(prompts) for j in range(images_per_prompt)]
-    class_jobs = [(f"a {class_name}", seed + len(jobs) + j) for j in range(pres_images)]
+    class_jobs = [(class_prompt or f"a {class_name}", seed + len(jobs) + j) for j in range(pres_images)]
     folder = ensure_writable(out)
     settings = dict(lora=str(Path(lora).resolve()), base=base, scheduler=scheduler, steps=steps, guidance=guidance,
                     resolution=resolution)
@@ -248,12 +253,19 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     files = _suite_samples(ensure_writable(folder / "samples"), jobs, settings, pipe_args)
     class_files = _suite_samples(ensure_writable(folder / "samples_class"), class_jobs, settings, pipe_args)
     clip, dino = _embedders(clip_weights, dino_weights, device)
-    row = score_subject([load_rgb(f) for f in files], [p for p, _ in jobs], real_images, token, clip, dino,
-                        [load_rgb(f) for f in class_files] or None, clip_t_prompt)
+    images, class_images = [load_rgb(f) for f in files], [load_rgb(f) for f in class_files]
+    row = score_subject(images, [p for p, _ in jobs], real_images, token, clip, dino, class_images or None,
+                        clip_t_prompt) | {"pixel_dist": nearest_pixel_distance(images, real_images)}
+    if drift and class_jobs:
+        base_files = _suite_samples(ensure_writable(folder / "samples_class_base"), class_jobs,
+                                    dict(settings, lora=None), dict(pipe_args, loras=[]))
+        row |= drift_scores(class_images, [load_rgb(f) for f in base_files], dino)
     baseline = real_baseline(real_images, clip, dino)
     results = {"settings": dict(settings, suite=suite, num_prompts=len(prompts), images_per_prompt=images_per_prompt,
-                                token=token, clip_t_prompt=clip_t_prompt, class_name=class_name, instance_dir=instance_dir, seed=seed,
-                                clip_weights=clip_weights, dino_weights=dino_weights),
+                                token=token, clip_t_prompt=clip_t_prompt, class_name=class_name,
+                                class_prompt=class_jobs[0][0] if class_jobs else None, drift=drift,
+                                instance_dir=instance_dir, seed=seed, clip_weights=clip_weights,
+                                dino_weights=dino_weights),
                "rows": {Path(lora).name: row, "real images": baseline} | PAPER_ROWS}
     _write_results(folder, results, f"DreamBench evaluation of {Path(lora).name}")
     return row | {f"real_{k}": v for k, v in baseline.items() if k != "n_images"}
