@@ -31,3 +31,34 @@ def test_make_procedural_writes_a_loadable_base_with_a_unit_variance_scaling(tmp
         z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     assert z.std().item() == pytest.approx(1.0, rel=0.2)  # SDXL's convention, re-derived for the taught VAE
     assert "exists" in P.make_procedural(str(tmp_path / "p"))  # a second call reuses the base
+
+
+def test_prior_preservation_lowers_class_prompt_drift(tiny_base, tmp_path):
+    """The direction the procedural ablation measured (docs/ablations.md), in a CI-sized copy: the same instance,
+    60 steps with and without the prior term; class-prompt samples drift less from the base's own with it."""
+    from dreambooth_pl.cli import DreamBoothCLI
+    from dreambooth_pl.metrics.pixel import paired_pixel_distance
+    from dreambooth_pl.sampling import generate, load_pipeline
+    from dreambooth_pl.tools.generate_class_images import generate_class_images
+    from tests.conftest import fit_args
+
+    inst, cls = tmp_path / "instance", tmp_path / "class"
+    inst.mkdir()
+    for i, img in enumerate(P.instance_images(3)):
+        img.save(inst / f"{i}.png")
+    generate_class_images(base=tiny_base, prompt="a photo of dog", out=str(cls), num=4, steps=4, guidance=1.0,
+                          resolution=32, dtype="float32", device="cpu")
+    seeds, prompt = [100, 101, 102, 103], ["a photo of dog"] * 4
+    pipe = load_pipeline(tiny_base, dtype="float32", device="cpu")
+    base = generate(pipe, prompt, seeds, steps=4, guidance=1.0, height=32, width=32)
+    drift = {}
+    for prior in (True, False):
+        root = tmp_path / f"prior_{prior}"
+        DreamBoothCLI(args=fit_args(tiny_base, str(inst), str(cls) if prior else None, str(root), steps=60,
+                                    **{"model.lora_init": "gaussian", "model.learning_rate": 1e-2,
+                                       "trainer.gradient_clip_val": 1.0, "checkpoint.every_n_train_steps": 60}))
+        pipe = load_pipeline(tiny_base, [(str(root / "lightning_logs" / "version_0"), 1.0)], dtype="float32",
+                             device="cpu")
+        drift[prior] = paired_pixel_distance(generate(pipe, prompt, seeds, steps=4, guidance=1.0, height=32,
+                                                      width=32), base)
+    assert 0 < drift[True] < drift[False]

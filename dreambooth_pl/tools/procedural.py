@@ -1,9 +1,9 @@
 """A base that knows one class, so DreamBooth's effect can be measured on a CPU: procedural coloured shapes.
 
 The random tiny base cannot show subject fidelity: its "a photo of shape" means nothing. ``make-procedural`` first
-teaches it a class: its VAE learns to reconstruct 32 px renders of coloured shapes (circle, square, triangle,
-diamond in six colours on varied backgrounds), then its UNet learns to generate them for the caption "a photo of
-shape". It also renders the instance: one specific shape outside that distribution (a magenta triangle with a
+teaches it a class: its VAE learns to reconstruct 32 px renders of shapes in any colour (a general-purpose
+autoencoder, as SDXL's is), then its UNet learns to generate the class (circle, square, triangle, diamond in six
+colours on varied backgrounds) for the caption "a photo of shape". It also renders the instance: one specific shape outside that distribution (a magenta triangle with a
 white dot) in a few positions, sizes and backgrounds. ``configs/ablations/procedural.yaml`` then DreamBooths that
 instance into the base with and without prior preservation (Ruiz et al. 2023, eq. 2) and measures fidelity and
 language drift (docs/ablations.md).
@@ -76,20 +76,28 @@ def instance_images(n: int = 5, size: int = 32, seed: int = 1) -> list[Image.Ima
     return out
 
 
-def _batch(rng: np.random.Generator, n: int, size: int) -> torch.Tensor:
-    """``[n, 3, size, size]`` class images in [-1, 1]."""
-    arr = np.stack([np.asarray(class_image(rng, size)) for _ in range(n)])
+def any_shape(rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """A shape of any kind in any colour, with or without a dot: what the VAE learns to reconstruct."""
+    rgb = lambda: tuple(int(v) for v in rng.integers(0, 256, 3))  # noqa: E731
+    r = rng.uniform(0.22, 0.36)
+    return render(KINDS[rng.integers(len(KINDS))], rgb(), rgb(), rng.uniform(r, 1 - r), rng.uniform(r, 1 - r), r,
+                  size, rgb() if rng.random() < 0.5 else None)
+
+
+def _batch(rng: np.random.Generator, n: int, size: int, draw=class_image) -> torch.Tensor:
+    """``[n, 3, size, size]`` images of ``draw`` in [-1, 1]."""
+    arr = np.stack([np.asarray(draw(rng, size)) for _ in range(n)])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def train_vae(vae, steps: int, batch: int, size: int, lr: float, seed: int) -> float:
-    """Fit the VAE to class renders (MSE + 1e-6 KL, as an autoencoder first); returns the last MSE."""
+    """Fit the VAE to renders of :func:`any_shape` (MSE + 1e-6 KL: an autoencoder first); returns the last MSE."""
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     vae.train().requires_grad_(True)
     mse = float("nan")
     for _ in range(steps):
-        x = _batch(rng, batch, size)
+        x = _batch(rng, batch, size, any_shape)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         loss = torch.nn.functional.mse_loss(recon, x)
@@ -99,7 +107,7 @@ def train_vae(vae, steps: int, batch: int, size: int, lr: float, seed: int) -> f
         mse = float(loss.detach())
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # SDXL's convention: scaling_factor makes the scaled latents unit-variance
-        std = vae.encode(_batch(rng, 64, size)).latent_dist.mean.std()
+        std = vae.encode(_batch(rng, 64, size, any_shape)).latent_dist.mean.std()
     vae.register_to_config(scaling_factor=float(1 / std))
     return mse
 
@@ -138,7 +146,7 @@ def train_unet(pipe, steps: int, batch: int, size: int, lr: float, seed: int) ->
 
 
 def make_procedural(out: str = "data/_cache/procedural", size: int = 32, num_instance: int = 5,
-                    vae_steps: int = 300, unet_steps: int = 600, batch: int = 16, lr: float = 1e-3, seed: int = 0,
+                    vae_steps: int = 500, unet_steps: int = 600, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                     overwrite: bool = False) -> str:
     """Render the instance photos into ``out/instance`` and teach the tiny base the class into ``out/base``.
 
