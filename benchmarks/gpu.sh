@@ -16,21 +16,21 @@ for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
     base) python3 -c "from dreambooth_pl.tools.benchmark import build_base; build_base('$BASE', 'sdxl')" ;;
-    tests) timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=15 > "$OUT/pytest-gpu.txt" 2>&1;
+    tests) timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=15 > "$OUT/pytest-gpu.txt" 2>&1;
       grep -E "passed|failed|rel=|Error|^FAILED|^E " "$OUT/pytest-gpu.txt" | tail -n 40 ;;
     graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
     recipe) bench --preset recipe --steps 15 --warmup 4 ;;
-    recipe-expandable) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True bench --preset recipe --steps 12 --warmup 4 \
-        --overrides '["--data.instance_prompt=expandable_segments"]' ;;
-    recipe-noflops) bench --preset recipe --steps 10 --warmup 3 --count_flops false ;;
-    graph-memory) timeout 200 python3 benchmarks/graph_memory.py $BASE 1 2 2>&1 | grep -v Warning ;;
+    recipe-variants)  # the memory plans' rows: every 2nd block, and no checkpointing
+      bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.checkpoint_every=2"]'
+      bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.gradient_checkpointing=false"]' ;;
     recipe-eager) bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.cuda_graph=false"]' ;;
-    recipe-variants)
-      bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.checkpoint_every=2"]'
-      bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.gradient_checkpointing=false"]' ;;
-    fast) bench --preset fast --steps 15 --warmup 4 --overrides '["--model.compile_blocks=false","--model.cuda_graph=true"]' ;;
-    t4) bench --preset t4-16gb --steps 12 --warmup 4 --overrides '["--model.compile_blocks=false","--model.cuda_graph=true"]' ;;
-    t4-te) bench --preset t4-16gb-te --steps 10 --warmup 3 --overrides '["--model.compile_blocks=false"]' ;;
+    graph-memory) timeout 200 python3 benchmarks/graph_memory.py $BASE 1 2 2>&1 | grep -v Warning ;;
+    adapters)  # issue 16's rows: DoRA and LoKr on the t4-16gb recipe
+      bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.adapter=dora"]'
+      bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.adapter=lokr","--export.format=kohya"]' ;;
+    fast) bench --preset fast --steps 15 --warmup 4 ;;
+    t4) bench --preset t4-16gb --steps 12 --warmup 4 ;;
+    t4-te) bench --preset t4-16gb-te --steps 10 --warmup 3 ;;
     reference) bench --reference .bench/reference/train_dreambooth_lora_sdxl.py --steps 16 --warmup 4 ;;
     reference-bf16) bench --reference .bench/reference/train_dreambooth_lora_sdxl.py --reference_precision bf16 --steps 16 --warmup 4 ;;
     *) echo "unknown stage $stage" ;;

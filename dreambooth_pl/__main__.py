@@ -8,6 +8,7 @@ TRAINER_VERBS = ("fit", "validate", "test", "predict")
 # verb -> "module:function"; each function's typed signature and docstring are its command line (jsonargparse).
 COMMANDS = {
     "make-base": "dreambooth_pl.bases:make_base",
+    "make-procedural": "dreambooth_pl.tools.procedural:make_procedural",
     "benchmark": "dreambooth_pl.tools.benchmark:benchmark",
     "ablate": "dreambooth_pl.tools.ablate:ablate",
     "ablate-checkpoints": "dreambooth_pl.tools.checkpoint_curve:ablate_checkpoints",

@@ -16,7 +16,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def lora_config(rank: int, alpha: float | None = None, dropout: float = 0.0,
-                target_modules: Sequence[str] = UNET_TARGETS, init: bool | str = True):
+                target_modules: Sequence[str] = UNET_TARGETS, init: bool | str = "gaussian"):
     """A peft ``LoraConfig``; ``alpha`` defaults to ``rank`` (scale 1), ``init=False`` starts B non-zero (tests).
 
     Args:
@@ -24,7 +24,10 @@ def lora_config(rank: int, alpha: float | None = None, dropout: float = 0.0,
         alpha: scale numerator; the adapter adds ``alpha / r * B A x``.
         dropout: dropout on the adapter input.
         target_modules: module-name suffixes to adapt.
-        init: peft's ``init_lora_weights`` (True: B = 0, so training starts at the base model).
+        init: peft's ``init_lora_weights``. ``"gaussian"`` (A normal with std 1/r, B = 0) is what diffusers'
+            ``train_dreambooth_lora_sdxl.py`` uses and what its LR of 1e-4 was tuned for; ``True`` is peft's
+            Kaiming-uniform A (std ~ 1/sqrt(3 fan_in): 10-20x smaller at SDXL widths), B = 0; both start at the
+            base model. ``False`` starts B non-zero (tests that need the adapter to change the output).
     """
     from peft import LoraConfig
 

@@ -16,7 +16,7 @@ from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
 from .noise import NoiseSchedule
 from .optimizers import OptimizerName, build_optimizer, step_size_estimates
-from .sdxl import add_time_ids, encode_prompts, load_parts, tokenize
+from .sdxl import add_time_ids, encode_prompts, load_parts, scale_latents, tokenize
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,9 +33,11 @@ class DreamBoothLoRA(L.LightningModule):
         lora_alpha: adapter alpha (None: equal to the rank, scale 1).
         lora_dropout: dropout on the adapter input.
         lora_target_modules: UNet module-name suffixes to adapt (default: attention projections).
-        lora_init: peft ``init_lora_weights``; False starts B non-zero (tests assert the adapter's effect).
+        lora_init: peft ``init_lora_weights``: ``gaussian`` (diffusers' script), ``true`` (peft's Kaiming
+            uniform), any other peft init by name; false starts B non-zero (tests assert the adapter's effect).
         train_text_encoder: also train LoRA on both text encoders (q/k/v/out projections).
-        text_encoder_lr: learning rate of the text-encoder adapters (None: ``learning_rate``).
+        text_encoder_lr: learning rate of the text-encoder adapters (None: ``learning_rate``; 5e-6 is diffusers'
+            ``--text_encoder_lr``).
         prior_loss_weight: weight of the class-prior term.
         snr_gamma: min-SNR-gamma loss weighting (None: off; 5.0 is the paper's value).
         noise_offset: offset-noise strength (0: off).
@@ -46,6 +48,8 @@ class DreamBoothLoRA(L.LightningModule):
         ema_decay: keep an exponential moving average of the adapter weights with this decay (None: off; see
             ema.py); sample grids and metrics then use the average.
         ema_export: with ``ema_decay``, export the averaged weights (False: the raw ones).
+        text_encoder_weight_decay: decoupled weight decay of the text-encoder adapters (diffusers'
+            ``--adam_weight_decay_text_encoder``).
         lr_scheduler: diffusers schedule name (constant, constant_with_warmup, linear, cosine, ...).
         lr_warmup_steps: linear warm-up steps.
         gradient_checkpointing: recompute UNet activations in backward (less memory, ~30% slower).
@@ -76,8 +80,8 @@ class DreamBoothLoRA(L.LightningModule):
     def __init__(self, base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
                  vae_model: Optional[str] = None, lora_rank: int = 4, lora_alpha: Optional[float] = None,
                  lora_dropout: float = 0.0, lora_target_modules: list[str] = list(lora_lib.UNET_TARGETS),
-                 lora_init: Union[bool, str] = True, train_text_encoder: bool = False,
-                 text_encoder_lr: Optional[float] = None, prior_loss_weight: float = 1.0,
+                 lora_init: Union[bool, str] = "gaussian", train_text_encoder: bool = False,
+                 text_encoder_lr: Optional[float] = 5e-6, text_encoder_weight_decay: float = 1e-3, prior_loss_weight: float = 1.0,
                  snr_gamma: Optional[float] = None, noise_offset: float = 0.0, learning_rate: float = 1e-4,
                  optimizer: OptimizerName = "adamw", weight_decay: float = 1e-4,
                  ema_decay: Optional[float] = None, ema_export: bool = True, adapter: adapters.AdapterType = "lora",
@@ -222,10 +226,10 @@ class DreamBoothLoRA(L.LightningModule):
     # ---- encoders --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents, scaled; encoded outside autocast in ``vae_dtype`` so the SDXL VAE cannot overflow."""
+        """VAE latents, scaled (and normalised by the VAE's latents_mean/std if it has them); encoded outside autocast in ``vae_dtype`` so the SDXL VAE cannot overflow."""
         with torch.autocast(self.device.type, enabled=False):
             dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-            return dist.sample(generator).float() * self.vae.config.scaling_factor
+            return scale_latents(dist.sample(generator).float(), self.vae.config)
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings and pooled embeddings; cached per prompt while the text encoders are frozen."""
@@ -262,7 +266,7 @@ class DreamBoothLoRA(L.LightningModule):
         gen = self.step_generator()
         if "latent_mean" in batch:  # cached latent distribution (data/cache.py): sample it, as the VAE would
             eps = torch.randn(batch["latent_mean"].shape, generator=gen, device=self.device)
-            latents = (batch["latent_mean"] + batch["latent_std"] * eps) * self.vae.config.scaling_factor
+            latents = scale_latents(batch["latent_mean"] + batch["latent_std"] * eps, self.vae.config)
         else:
             latents = self.encode_images(batch["pixel_values"], gen)
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
@@ -334,10 +338,11 @@ class DreamBoothLoRA(L.LightningModule):
 
         hp = self.hparams
         unet_params = [p for p in self.unet.parameters() if p.requires_grad]
-        groups = [{"params": unet_params, "lr": hp.learning_rate}]
+        groups = [{"params": unet_params, "lr": hp.learning_rate, "weight_decay": hp.weight_decay}]
         if hp.train_text_encoder:
             te = [p for m in (self.text_encoder, self.text_encoder_2) for p in m.parameters() if p.requires_grad]
-            groups.append({"params": te, "lr": hp.text_encoder_lr or hp.learning_rate})
+            groups.append({"params": te, "lr": hp.text_encoder_lr or hp.learning_rate,
+                           "weight_decay": hp.text_encoder_weight_decay})
         opt = build_optimizer(hp.optimizer, groups, hp.weight_decay, self.device)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         sched = get_scheduler(hp.lr_scheduler, opt, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total)

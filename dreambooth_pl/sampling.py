@@ -18,7 +18,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from .formats import check_base, read_lora
 from .lora import LORA_FILE
-from .sdxl import load_vae, resolve_base
+from .sdxl import load_vae, resolve_base, unscale_latents
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -149,13 +149,7 @@ def pipeline_from_module(module, scheduler: str = SAMPLER.scheduler):
 def decode_latents(pipe, latents: torch.Tensor) -> list:
     """PIL images from SDXL latents, decoded in the VAE's own dtype (fp32 unless an fp16-fix VAE was given)."""
     vae = pipe.vae
-    cfg = vae.config
-    if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-        mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / cfg.scaling_factor + mean
-    else:
-        latents = latents / cfg.scaling_factor
+    latents = unscale_latents(latents, vae.config)
     # outside any autocast (a 16-mixed trainer samples under one): the SDXL VAE overflows in fp16; one image at a
     # time, as vae slicing does, so a 1024² fp32 decode stays a small transient beside a training run
     with torch.autocast(vae.device.type, enabled=False):

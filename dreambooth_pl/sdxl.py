@@ -164,3 +164,28 @@ def encode_prompts(text_encoders: Sequence[torch.nn.Module], token_ids: Sequence
 def add_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor) -> torch.Tensor:
     """SDXL micro-conditioning ``[B, 6]`` = (orig h, orig w, crop top, crop left, target h, target w)."""
     return torch.cat([original_size, crop_top_left, target_size], dim=1).float()
+
+
+def _latent_moments(vae_config, like: torch.Tensor):
+    """The VAE config's per-channel ``latents_mean``/``latents_std`` as ``[1, C, 1, 1]`` (None when absent)."""
+    mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
+    if mean is None or std is None:
+        return None, None
+    return (torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like))
+
+
+def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE latents to the UNet's space: ``(z - mean) * scaling_factor / std`` when the config has
+    ``latents_mean``/``latents_std``, else ``z * scaling_factor`` (diffusers' ``train_dreambooth_lora_sdxl.py``)."""
+    mean, std = _latent_moments(vae_config, latents)
+    if mean is None:
+        return latents * vae_config.scaling_factor
+    return (latents - mean) * vae_config.scaling_factor / std
+
+
+def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """Inverse of :func:`scale_latents`, before ``vae.decode`` (as ``StableDiffusionXLPipeline`` decodes)."""
+    mean, std = _latent_moments(vae_config, latents)
+    if mean is None:
+        return latents / vae_config.scaling_factor
+    return latents * std / vae_config.scaling_factor + mean

@@ -101,6 +101,19 @@ def test_shipped_sdxl_configs_hold_the_original_run(name, prior, capsys):
         assert (d["class_dir"], d["class_prompt"]) == ("data/class_person", "a photo of person")
 
 
+@pytest.mark.parametrize("name", ["sdxl_lora_prior.yaml", "sdxl_lora_no_prior.yaml"])
+def test_shipped_recipes_follow_the_reference_defaults(name, capsys):
+    """diffusers' train_dreambooth_lora_sdxl.py: --max_grad_norm 1.0, gaussian LoRA init, --text_encoder_lr 5e-6,
+    --adam_weight_decay 1e-4, --adam_weight_decay_text_encoder 1e-3."""
+    with pytest.raises(SystemExit):
+        DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / name), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    t, m = cfg["trainer"], cfg["model"]
+    assert (t["gradient_clip_val"], t.get("gradient_clip_algorithm") or "norm") == (1.0, "norm")
+    assert (m["lora_init"], m["text_encoder_lr"], m["weight_decay"], m["text_encoder_weight_decay"]) == (
+        "gaussian", 5e-6, 1e-4, 1e-3)
+
+
 class ResumeProbe(L.Callback):
     """Records where a (resumed) fit starts: step, optimizer state and learning rate."""
 

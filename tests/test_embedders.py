@@ -67,3 +67,43 @@ def test_missing_weights_fail_fast_naming_weights_and_fix(tmp_path, monkeypatch)
         load_dino("dino")
     with pytest.raises(EmbedderWeightsError, match=r"ViT-B-32 weights 'openai'.*open_clip_pytorch_model\.bin"):
         load_clip("openai")
+
+
+def _photos(sizes=((300, 200), (97, 130), (40, 56))):
+    """RGB PIL images of varied sizes and aspect ratios; the small one is upscaled by the transforms."""
+    rng = np.random.default_rng(3)
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def test_pil_embeddings_equal_the_library_pil_transform_reference(clip, dino):
+    """CLIP: OpenAI CLIP's own eval transform (PIL bicubic short side 224, centre crop, OpenAI mean/std, as
+    open_clip.image_transform builds it); DINO: DINO's eval_linear.py transform (PIL bicubic short side 256, centre
+    crop 224, ImageNet mean/std). Each embedding equals model(reference transform(image)) within 1e-6."""
+    import open_clip
+    from torchvision import transforms as T
+
+    photos = _photos()
+    clip_ref = open_clip.image_transform(224, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                         std=open_clip.OPENAI_DATASET_STD)
+    dino_ref = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                          T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    with torch.no_grad():
+        want_clip = torch.nn.functional.normalize(clip.model.encode_image(torch.stack([clip_ref(p) for p in photos])))
+        want_dino = torch.nn.functional.normalize(dino.model(torch.stack([dino_ref(p) for p in photos])))
+    assert (clip.embed_images(photos) - want_clip).abs().max() <= 1e-6
+    assert (dino.embed_images(photos) - want_dino).abs().max() <= 1e-6
+    timm_248 = T.Compose([T.Resize(248, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                              T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    with torch.no_grad():  # timm's default crop_pct (resize 248) is a different input: the test can tell
+        other = torch.nn.functional.normalize(dino.model(torch.stack([timm_248(p) for p in photos])))
+    assert (other - want_dino).abs().max() > 1e-3
+
+
+def test_tensors_embed_as_their_8_bit_pil_images(clip, dino):
+    """uint8 tensors convert losslessly; [0, 1] floats are rounded to 8-bit levels, as a saved PNG would be."""
+    photos = _photos()[:2]
+    u8 = [torch.from_numpy(np.asarray(p)).permute(2, 0, 1) for p in photos]
+    for e in (clip, dino):
+        torch.testing.assert_close(e.embed_images(u8), e.embed_images(photos), rtol=0, atol=0)
+        torch.testing.assert_close(e.embed_images([t.float() / 255 for t in u8]), e.embed_images(photos), rtol=0,
+                                   atol=0)

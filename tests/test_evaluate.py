@@ -101,3 +101,23 @@ def test_evaluate_suite_resumes_and_compare_runs_tabulates(tiny_base, lora_run, 
     assert table[0] == "| scheduler | steps | prior | clip_i | clip_t | dino |"
     assert table[2].startswith("| ddim | 2 | True | ")
     assert table[3].startswith(f"| euler | 2 | True | {first['clip_i']:.4f}")
+
+
+def test_drift_is_zero_for_an_identity_lora_and_follows_a_real_one(tiny_base, lora_run, tmp_path):
+    """``drift`` samples the class prompt with the base alone at the same seeds: a LoRA whose B is 0 (the
+    gaussian init, untrained) draws the very same images (drift 0); a non-zero LoRA moves them."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_pl.lora import add_lora, lora_config, save_diffusers_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
+    add_lora(unet, lora_config(4))
+    identity = str(save_diffusers_lora(tmp_path / "identity.safetensors", unet))
+    kw = dict(num_prompts=1, pres_images=2, class_prompt="a photo of dog", drift=True)
+    same = _suite(tiny_base, identity, tmp_path / "identity", **kw)
+    moved = _suite(tiny_base, lora_run, tmp_path / "moved", **kw)
+    assert same["drift_pixel"] == 0 and same["drift_dino"] == pytest.approx(0, abs=1e-6)
+    assert moved["drift_pixel"] > 0.01 and moved["drift_dino"] > 1e-4
+    assert 0 < moved["pixel_dist"] < 1
+    meta = json.loads((tmp_path / "moved" / "results.json").read_text())["settings"]
+    assert (meta["class_prompt"], meta["drift"]) == ("a photo of dog", True)

@@ -106,3 +106,21 @@ def test_fp16_export_halves_the_file(pipe, tmp_path):
     half = lora_lib.save_diffusers_lora(tmp_path / "f16.safetensors", unet, dtype=torch.float16)
     assert {t.dtype for t in load_file(half).values()} == {torch.float16}
     assert half.stat().st_size < 0.6 * full.stat().st_size
+
+
+def test_default_init_is_the_reference_gaussian_and_peft_inits_stay_available(pipe):
+    """diffusers' train_dreambooth_lora_sdxl.py: ``init_lora_weights="gaussian"``, A ~ N(0, std 1/r), B = 0."""
+    import copy
+
+    stds = {}
+    for init in ("gaussian", True, False):
+        torch.manual_seed(0)
+        unet = copy.deepcopy(pipe.unet)
+        lora_lib.add_lora(unet, lora_lib.lora_config(4, init=init))
+        a = torch.cat([p.flatten() for n, p in unet.named_parameters() if "lora_A" in n])
+        b = torch.cat([p.flatten() for n, p in unet.named_parameters() if "lora_B" in n])
+        stds[init] = a.std().item()
+        assert (b.abs().max().item() == 0) is (init is not False)
+    assert lora_lib.lora_config(4).init_lora_weights == "gaussian"
+    assert stds["gaussian"] == pytest.approx(1 / 4, rel=0.03)
+    assert stds[True] < stds["gaussian"] / 2  # peft's Kaiming uniform: the smaller init the issue measured

@@ -83,6 +83,20 @@ def test_clip_t_scores_generated_images_and_strips_the_token(clip):
         metric.update(gen, prompts[:1])
 
 
+def test_clip_t_prompt_option_keeps_the_identifier_when_asked(clip):
+    """``as_generated`` scores the prompt exactly as generated (identifier included), as with no token at all."""
+    gen, prompts = _images(2, 4), ["a rraj person on the beach", "a rraj person in the snow"]
+    scores = {}
+    for name, kw in {"kept": dict(token="rraj", prompt="as_generated"), "no_token": dict(token=None),
+                     "dropped": dict(token="rraj")}.items():
+        m = CLIPTScore(clip, **kw)
+        m.update(gen, prompts)
+        scores[name] = m.compute()
+    assert scores["kept"] == scores["no_token"] and abs(scores["kept"] - scores["dropped"]) > 1e-5
+    with pytest.raises(ValueError, match="without_identifier or as_generated"):
+        CLIPTScore(clip, token="rraj", prompt="literal")
+
+
 def test_diversity_is_zero_for_copies_and_matches_pairwise(dino):
     copies = DINODiversity(dino)
     copies.update(_images(1, 6).expand(3, -1, -1, -1))

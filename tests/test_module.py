@@ -129,3 +129,46 @@ def test_a_loss_mask_of_ones_changes_nothing_and_a_uniform_half_halves_the_loss(
         half = module.forward_loss({**batch, "loss_mask": torch.full((n, 1, 32, 32), 0.5)})
     assert torch.equal(plain["loss"], ones["loss"])
     torch.testing.assert_close(half["loss_instance"], 0.5 * plain["loss_instance"])
+
+
+def test_optimizer_groups_use_the_reference_text_encoder_lr_and_decay(tiny_base):
+    """train_dreambooth_lora_sdxl.py: --text_encoder_lr 5e-6, --adam_weight_decay_text_encoder 1e-3; the UNet
+    keeps --learning_rate 1e-4 and --adam_weight_decay 1e-4; its LoRA init is gaussian."""
+    import lightning as L
+
+    m = DreamBoothLoRA(base_model=tiny_base, train_text_encoder=True)
+    assert m.hparams.lora_init == "gaussian"
+    m.configure_model()
+    m.trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False)
+    unet, te = m.configure_optimizers()["optimizer"].param_groups
+    assert (unet["lr"], unet["weight_decay"]) == (1e-4, 1e-4)
+    assert (te["lr"], te["weight_decay"]) == (5e-6, 1e-3)
+    assert len(te["params"]) == sum(p.requires_grad for t in (m.text_encoder, m.text_encoder_2)
+                                    for p in t.parameters()) > 0
+
+
+def test_encode_and_cached_paths_normalise_by_the_vaes_latents_mean_and_std(tiny_base, batch):
+    """A VAE whose config has latents_mean/std: both training paths apply them, as the reference does."""
+    from dreambooth_pl.sdxl import scale_latents
+
+    m = _module(tiny_base)
+    mean, std = [0.5, -0.5, 0.25, 0.0], [2.0, 0.5, 1.0, 4.0]
+    m.vae.register_to_config(latents_mean=mean, latents_std=std)
+    try:
+        pixels = batch["pixel_values"][:1]
+        z = m.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(3))
+        want = (z - torch.tensor(mean).view(1, 4, 1, 1)) * m.vae.config.scaling_factor / torch.tensor(std).view(
+            1, 4, 1, 1)
+        torch.testing.assert_close(m.encode_images(pixels, torch.Generator().manual_seed(3)), want)
+        dist = m.vae.encode(batch["pixel_values"]).latent_dist
+        cached = {k: v for k, v in batch.items() if k != "pixel_values"}
+        cached.update(latent_mean=dist.mean, latent_std=torch.zeros_like(dist.std))  # std 0: latents = mean
+        plain = dict(cached, latent_mean=scale_latents(dist.mean, m.vae.config))
+        with torch.no_grad():
+            got = m.forward_loss(cached)["loss"]
+        m.vae.register_to_config(latents_mean=None, latents_std=None)
+        with torch.no_grad():  # unnormalised path fed the normalised latents: the same loss
+            same = m.forward_loss(dict(plain, latent_mean=plain["latent_mean"] / m.vae.config.scaling_factor))
+        torch.testing.assert_close(got, same["loss"])
+    finally:
+        m.vae.register_to_config(latents_mean=None, latents_std=None)

@@ -87,3 +87,22 @@ def test_prompt_encoding_matches_the_diffusers_pipeline(parts, tiny_base):
 def test_add_time_ids_order_is_original_crop_target():
     ids = add_time_ids(torch.tensor([[768, 1024]]), torch.tensor([[10, 20]]), torch.tensor([[1024, 1024]]))
     assert ids.tolist() == [[768.0, 1024.0, 10.0, 20.0, 1024.0, 1024.0]] and ids.dtype == torch.float32
+
+
+@pytest.mark.parametrize("moments", [False, True])
+def test_latent_scaling_is_the_reference_formula_and_its_inverse(moments):
+    """train_dreambooth_lora_sdxl.py encodes ``(z - mean) * sf / std``; StableDiffusionXLPipeline decodes
+    ``z * std / sf + mean``; without latents_mean/std both reduce to the scaling factor alone."""
+    from types import SimpleNamespace
+
+    from dreambooth_pl.sdxl import scale_latents, unscale_latents
+
+    mean, std = [0.1, -0.2, 0.3, 0.05], [0.9, 1.1, 0.8, 1.3]
+    cfg = SimpleNamespace(scaling_factor=0.13025, latents_mean=mean if moments else None,
+                          latents_std=std if moments else None)
+    z = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    m, s = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    want = (z - m) * 0.13025 / s if moments else z * 0.13025
+    torch.testing.assert_close(scale_latents(z, cfg), want)
+    torch.testing.assert_close(unscale_latents(scale_latents(z, cfg), cfg), z)
+    assert not torch.allclose(scale_latents(z, cfg), z * 0.13025) if moments else True

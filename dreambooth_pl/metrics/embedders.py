@@ -2,8 +2,11 @@
 
 Input convention (checked by :func:`to_unit_float`): images are PIL images, or tensors ``[B, 3, H, W]`` /
 ``[3, H, W]`` that are either ``uint8`` in [0, 255] or floating point in [0, 1]. Floats outside [0, 1] (0-255 floats,
-or [-1, 1] VAE-range pixels) are rejected with the fix, never silently rescaled. Each embedder then applies the
-preprocessing its own library config defines (resize shortest side, centre crop, normalise).
+or [-1, 1] VAE-range pixels) are rejected with the fix, never silently rescaled. Every image then reaches its model
+as a PIL image through the library's own PIL transform (PIL bicubic resize, centre crop, normalise): open_clip's
+eval transform for CLIP, and DINO's evaluation transform (resize the short side to 256, centre crop 224; Caron et
+al. 2021, ``eval_linear.py``) built by timm. Tensors become 8-bit PIL images first (uint8 exactly; floats rounded
+to the nearest 8-bit level, as saving them as PNG would), so a tensor and its PIL image embed identically.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from PIL import Image
 Images = Union[torch.Tensor, Sequence[Image.Image], Sequence[torch.Tensor]]
 CLIP_ARCH = "ViT-B-32"
 DINO_ARCH = "vit_small_patch16_224.dino"
+DINO_EVAL_RESIZE = 256  # DINO's eval_linear.py / eval_knn.py: Resize(256, bicubic) then CenterCrop(224)
 _RANGE_TOL = 1e-3  # bicubic resampling in generators can overshoot [0, 1] by float noise
 
 
@@ -63,6 +67,25 @@ def to_unit_float(images: Images) -> list[torch.Tensor]:
     return out
 
 
+def to_pil(images: Images) -> list[Image.Image]:
+    """Images as RGB PIL images, after :func:`to_unit_float`'s checks; PIL inputs pass through unchanged.
+
+    Args:
+        images: see :func:`to_unit_float`.
+    """
+    if isinstance(images, (Image.Image, torch.Tensor)) and not (isinstance(images, torch.Tensor) and images.ndim == 4):
+        images = [images]
+    out = []
+    for img in images:
+        if isinstance(img, Image.Image):
+            out.append(img.convert("RGB"))
+            continue
+        unit = to_unit_float([img])[0]  # the range checks, naming the fix
+        u8 = img if img.dtype == torch.uint8 else (unit * 255).round().to(torch.uint8)
+        out.append(Image.fromarray(u8.permute(1, 2, 0).cpu().numpy()))
+    return out
+
+
 class _Embedder(torch.nn.Module):
     """A frozen model plus its own eval preprocessing; returns L2-normalised embeddings."""
 
@@ -77,8 +100,8 @@ class _Embedder(torch.nn.Module):
         return next(self.model.parameters()).device
 
     def pixels(self, images: Images) -> torch.Tensor:
-        """Preprocessed batch ``[B, 3, 224, 224]`` on the model's device."""
-        return torch.stack([self.preprocess(t) for t in to_unit_float(images)]).to(self.device)
+        """Preprocessed batch ``[B, 3, 224, 224]`` on the model's device (the library's PIL transform)."""
+        return torch.stack([self.preprocess(im) for im in to_pil(images)]).to(self.device)
 
     def _encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -91,7 +114,7 @@ class _Embedder(torch.nn.Module):
             images: see :func:`to_unit_float`.
             batch_size: images per forward pass.
         """
-        images = to_unit_float(images)
+        images = to_pil(images)
         chunks = [self._encode_pixels(self.pixels(images[i:i + batch_size])).float()
                   for i in range(0, len(images), batch_size)]
         return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
@@ -170,7 +193,7 @@ def load_clip(weights: str | None = "openai", device: str | torch.device = "cpu"
 
 
 def load_dino(weights: str | None = "dino", device: str | torch.device = "cpu") -> DINOEmbedder:
-    """DINO ViT-S/16 (timm ``vit_small_patch16_224.dino``) with timm's preprocessing for it.
+    """DINO ViT-S/16 (timm ``vit_small_patch16_224.dino``) with DINO's evaluation preprocessing, built by timm.
 
     Args:
         weights: ``dino`` (timm's pretrained tag, from the hub), a local file (timm's ``model.safetensors`` or
@@ -190,5 +213,6 @@ def load_dino(weights: str | None = "dino", device: str | torch.device = "cpu") 
             model = timm.create_model(DINO_ARCH, pretrained=weights is not None, **kwargs).to(device)
     except Exception as e:
         raise _fail(f"DINO {DINO_ARCH}", str(weights), how, e) from None
-    config = timm.data.resolve_data_config({}, model=model)
+    config = timm.data.resolve_data_config({}, model=model)  # timm's default crop_pct 0.9 resizes to 248, not DINO's
+    config["crop_pct"] = config["input_size"][-1] / DINO_EVAL_RESIZE
     return DINOEmbedder(model, timm.data.create_transform(**config, is_training=False), weights)

@@ -7,7 +7,7 @@ number of DDP processes give the same mean as one pass over everything. Images f
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -18,8 +18,10 @@ from .embedders import CLIPEmbedder, DINOEmbedder, Images, _Embedder, load_clip,
 def remove_identifier(prompt: str, token: str | None) -> str:
     """``prompt`` without the identifier ``token`` as a whole word: ``"a rraj person"`` -> ``"a person"``.
 
-    CLIP has never seen the rare identifier, so CLIP-T scores the prompt's meaning without it (what the image
-    should show); the token alone would add tokenizer noise, not subject fidelity.
+    The DreamBooth paper (sec. 4.1) defines CLIP-T as the cosine between prompt and image CLIP embeddings and does
+    not say what happens to the identifier; DreamBench's prompts all carry it (``a {unique_token} {class_token} in
+    the jungle``). Dropping it is our choice (:class:`CLIPTScore`'s ``prompt="without_identifier"``): CLIP never
+    saw the rare token, so it adds tokenizer noise, not what the image should show.
     """
     if not token:
         return prompt
@@ -121,19 +123,23 @@ class CLIPIScore(ImageSimilarity):
 class CLIPTScore(_SumCountMetric):
     """CLIP-T: mean cosine similarity between each generated image and its prompt's CLIP embedding (sec. 4.1).
 
-    The identifier token is removed from the prompt before scoring (see :func:`remove_identifier`).
-
     Args:
         embedder: a :class:`CLIPEmbedder` (None: :func:`load_clip` with ``weights``).
-        token: identifier token to remove from prompts (None: prompts are scored as given).
+        token: the identifier token in the prompts (None: prompts are scored as given).
         weights: CLIP weights when ``embedder`` is None.
+        prompt: ``without_identifier`` scores each prompt with ``token`` removed (:func:`remove_identifier`, which
+            says why); ``as_generated`` scores the prompt the image was generated from, identifier included (the
+            paper's text read literally).
     """
 
     def __init__(self, embedder: Optional[CLIPEmbedder] = None, token: Optional[str] = None,
-                 weights: Optional[str] = "openai", **kwargs):
+                 weights: Optional[str] = "openai",
+                 prompt: Literal["without_identifier", "as_generated"] = "without_identifier", **kwargs):
         super().__init__(**kwargs)
+        if prompt not in ("without_identifier", "as_generated"):
+            raise ValueError(f"CLIP-T prompt must be without_identifier or as_generated, got {prompt!r}")
         self.embedder = embedder or load_clip(weights)
-        self.token = token
+        self.token = token if prompt == "without_identifier" else None
 
     def update(self, images: Images, prompts: Sequence[str]) -> None:
         """Score generated ``images`` (one per prompt, in order) against their ``prompts``."""

@@ -46,6 +46,8 @@ class Evaluation:
         dino_weights: DINO weights tag (None: random weights, tests only).
         seed: first seed.
         pres_images: samples of "a <class_name>" for the PRES (prior preservation) score (0: skip).
+        class_prompt: prompt of those samples (None: "a <class_name>"; use the fit's class prompt).
+        drift: also sample them with the base alone at the same seeds and report language drift.
     """
 
     token: str
@@ -61,6 +63,8 @@ class Evaluation:
     dino_weights: Optional[str] = "dino"
     seed: int = 0
     pres_images: int = 8
+    class_prompt: Optional[str] = None
+    drift: bool = False
 
 
 @dataclass

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..io import write_bytes
-from ..io import write_json
 
-METRIC_ORDER = ("clip_i", "clip_t", "dino", "div_dino", "pres")
+METRIC_ORDER = ("clip_i", "clip_t", "dino", "div_dino", "pres", "pixel_dist", "drift_pixel", "drift_dino")
 META = ("run", "status", "error", "scheduler", "sample_steps", "eval_dir", "eval_error", "grid", "step", "lora")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 CELL_GRID = "cell_grid.jpg"

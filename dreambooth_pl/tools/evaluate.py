@@ -2,14 +2,17 @@
 
 Every score is computed on generated images loaded back from their PNGs (the images the table is about), against
 the subject's real photos; the "real images" row compares the real photos with each other, leaving out the pairs of
-an image with itself. CLIP-T scores each prompt with the identifier token removed ("a sks dog" -> "a dog").
+an image with itself. CLIP-T scores each prompt with the identifier token removed ("a sks dog" -> "a dog") unless
+``clip_t_prompt=as_generated`` (docs/evaluation.md says why either).
 """
 from __future__ import annotations
 
 import functools
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
+
+ClipTPrompt = Literal["without_identifier", "as_generated"]
 
 from ..io import ensure_writable, read_png_metadata, write_json, write_png, write_text
 from ..sampling import SAMPLER
@@ -36,7 +39,8 @@ def _embedders(clip_weights: Optional[str], dino_weights: Optional[str], device:
 
 
 def score_subject(images: list, prompts: list[str], real: list, token: Optional[str], clip, dino,
-                  class_images: Optional[list] = None) -> dict[str, float]:
+                  class_images: Optional[list] = None,
+                  clip_t_prompt: ClipTPrompt = "without_identifier") -> dict[str, float]:
     """CLIP-I, CLIP-T, DINO, DIV-DINO (within each prompt) and PRES (class-prompt samples vs real) of one set.
 
     Args:
@@ -46,13 +50,14 @@ def score_subject(images: list, prompts: list[str], real: list, token: Optional[
         token: identifier removed from prompts for CLIP-T.
         clip, dino: embedders from ``metrics.load_clip`` / ``metrics.load_dino``.
         class_images: samples of the class prompt alone, for PRES (None: no PRES).
+        clip_t_prompt: CLIP-T's prompt: ``without_identifier`` or ``as_generated`` (see ``metrics.CLIPTScore``).
     """
     from ..metrics import CLIPIScore, CLIPTScore, DINODiversity, DINOScore
 
     if len(images) != len(prompts):
         raise EvaluationError(f"got {len(images)} images but {len(prompts)} prompts: give one prompt per image.")
     clip_i, dino_s = CLIPIScore(clip, real), DINOScore(dino, real)
-    clip_t, div = CLIPTScore(clip, token), DINODiversity(dino)
+    clip_t, div = CLIPTScore(clip, token, prompt=clip_t_prompt), DINODiversity(dino)
     clip_i.update(images)
     dino_s.update(images)
     clip_t.update(images, prompts)
@@ -129,7 +134,7 @@ def _load_generated(folder: str, prompts_file: Optional[str]) -> tuple[list, lis
 
 def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts: Optional[str] = None,
              token: Optional[str] = None, clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino",
-             device: Optional[str] = None) -> str:
+             device: Optional[str] = None, clip_t_prompt: ClipTPrompt = "without_identifier") -> str:
     """Score folders of generated images against the subject's real photos; writes results.json and results.md.
 
     Args:
@@ -142,6 +147,7 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
         clip_weights: ``openai`` or a local ViT-B-32 checkpoint file (None: random weights, tests only).
         dino_weights: ``dino`` or a local ViT-S/16 DINO file (None: random weights, tests only).
         device: cuda, cpu (None: CUDA when available).
+        clip_t_prompt: ``without_identifier`` (drop ``token`` before CLIP-T) or ``as_generated``.
     """
     from ..data.images import list_images, load_rgb
 
@@ -149,9 +155,11 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
     real_images = [load_rgb(p) for p in list_images(real, "real")]
     sets = {g: _load_generated(g, prompts) for g in generated}
     clip, dino = _embedders(clip_weights, dino_weights, device)
-    rows = {g: score_subject(images, ps, real_images, token, clip, dino) for g, (images, ps) in sets.items()}
+    rows = {g: score_subject(images, ps, real_images, token, clip, dino, clip_t_prompt=clip_t_prompt)
+            for g, (images, ps) in sets.items()}
     rows["real images"] = real_baseline(real_images, clip, dino)
-    settings = dict(real=real, token=token, clip_weights=clip_weights, dino_weights=dino_weights)
+    settings = dict(real=real, token=token, clip_t_prompt=clip_t_prompt, clip_weights=clip_weights,
+                    dino_weights=dino_weights)
     _write_results(folder, {"settings": settings, "rows": rows | PAPER_ROWS}, "Evaluation")
     return (folder / RESULTS_MD).read_text()
 
@@ -180,7 +188,7 @@ def _suite_samples(folder: Path, jobs: list[tuple[str, int]], settings: dict, pi
                                   settings["resolution"], batch_size=4)
                 for k, img in zip(chunk, images):  # written one by one: a kill keeps every finished sample
                     # the sample verb's metadata too, so ``sample --from_png`` redraws any of these images
-                    meta = dict(settings, vae=None, loras=[[pipe_args["loras"][0][0], 1.0]], negative_prompt=None,
+                    meta = dict(settings, vae=None, loras=[[f, w] for f, w in pipe_args["loras"]], negative_prompt=None,
                                 dtype=pipe_args["dtype"], height=img.height, width=img.width)
                     write_png(files[k], img, dict(meta, prompt=jobs[k][0], seed=jobs[k][1]))
                 bar.update(len(chunk))
@@ -192,7 +200,9 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
                    scheduler: str = SAMPLER.scheduler, steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
                    resolution: Optional[int] = None,
                    clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino", seed: int = 0,
-                   pres_images: int = 8, dtype: Optional[str] = None, device: Optional[str] = None) -> dict:
+                   pres_images: int = 8, dtype: Optional[str] = None, device: Optional[str] = None,
+                   clip_t_prompt: ClipTPrompt = "without_identifier", class_prompt: Optional[str] = None,
+                   drift: bool = False) -> dict:
     """The paper's protocol for one LoRA: generate a prompt suite (resumable), score it, add the real-images row.
 
     Args:
@@ -215,10 +225,15 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
         pres_images: samples of "a <class_name>" for PRES (0: skip PRES).
         dtype: float16 / bfloat16 / float32 (None: float16 on CUDA, float32 on CPU).
         device: cuda, cpu (None: CUDA when available).
+        clip_t_prompt: ``without_identifier`` (drop ``token`` before CLIP-T) or ``as_generated``.
+        class_prompt: prompt of the PRES samples (None: "a <class_name>").
+        drift: also draw the PRES prompts and seeds with the base alone and report language drift
+            (``metrics.pixel.drift_scores``); ``pixel_dist`` (nearest real photo) is always reported.
     """
     import torch
 
     from ..data.images import list_images, load_rgb
+    from ..metrics.pixel import drift_scores, nearest_pixel_distance
     from ..prompts import get_suite
 
     if not Path(lora).is_file():
@@ -228,7 +243,7 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     real_images = [load_rgb(p) for p in list_images(instance_dir, "instance")]
     prompts = get_suite(suite, token, class_name)[:num_prompts]
     jobs = [(p, seed + i * images_per_prompt + j) for i, p in enumerate(prompts) for j in range(images_per_prompt)]
-    class_jobs = [(f"a {class_name}", seed + len(jobs) + j) for j in range(pres_images)]
+    class_jobs = [(class_prompt or f"a {class_name}", seed + len(jobs) + j) for j in range(pres_images)]
     folder = ensure_writable(out)
     settings = dict(lora=str(Path(lora).resolve()), base=base, scheduler=scheduler, steps=steps, guidance=guidance,
                     resolution=resolution)
@@ -238,12 +253,19 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     files = _suite_samples(ensure_writable(folder / "samples"), jobs, settings, pipe_args)
     class_files = _suite_samples(ensure_writable(folder / "samples_class"), class_jobs, settings, pipe_args)
     clip, dino = _embedders(clip_weights, dino_weights, device)
-    row = score_subject([load_rgb(f) for f in files], [p for p, _ in jobs], real_images, token, clip, dino,
-                        [load_rgb(f) for f in class_files] or None)
+    images, class_images = [load_rgb(f) for f in files], [load_rgb(f) for f in class_files]
+    row = score_subject(images, [p for p, _ in jobs], real_images, token, clip, dino, class_images or None,
+                        clip_t_prompt) | {"pixel_dist": nearest_pixel_distance(images, real_images)}
+    if drift and class_jobs:
+        base_files = _suite_samples(ensure_writable(folder / "samples_class_base"), class_jobs,
+                                    dict(settings, lora=None), dict(pipe_args, loras=[]))
+        row |= drift_scores(class_images, [load_rgb(f) for f in base_files], dino)
     baseline = real_baseline(real_images, clip, dino)
     results = {"settings": dict(settings, suite=suite, num_prompts=len(prompts), images_per_prompt=images_per_prompt,
-                                token=token, class_name=class_name, instance_dir=instance_dir, seed=seed,
-                                clip_weights=clip_weights, dino_weights=dino_weights),
+                                token=token, clip_t_prompt=clip_t_prompt, class_name=class_name,
+                                class_prompt=class_jobs[0][0] if class_jobs else None, drift=drift,
+                                instance_dir=instance_dir, seed=seed, clip_weights=clip_weights,
+                                dino_weights=dino_weights),
                "rows": {Path(lora).name: row, "real images": baseline} | PAPER_ROWS}
     _write_results(folder, results, f"DreamBench evaluation of {Path(lora).name}")
     return row | {f"real_{k}": v for k, v in baseline.items() if k != "n_images"}

@@ -7,7 +7,6 @@ temporary name and renamed, so an interrupted run leaves only complete files.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Optional, Union
 
 from ..io import ensure_writable, read_png_metadata, save_image, write_json, write_png
