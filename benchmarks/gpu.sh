@@ -18,6 +18,7 @@ for stage in "$@"; do
     base) python3 -c "from dreambooth_pl.tools.benchmark import build_base; build_base('$BASE', 'sdxl')" ;;
     tests) timeout 500 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=15 > "$OUT/pytest-gpu.txt" 2>&1;
       grep -E "passed|failed|rel=|Error|^FAILED|^E " "$OUT/pytest-gpu.txt" | tail -n 40 ;;
+    resume-test) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_acceptance.py -k resume 2>&1 | tail -n 3 ;;
     graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
     recipe) bench --preset recipe --steps 15 --warmup 4 ;;
     recipe-variants)  # the memory plans' rows: every 2nd block, and no checkpointing
