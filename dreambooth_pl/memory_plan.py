@@ -37,10 +37,11 @@ class Plan:
     s_per_step: float
 
 
-# fastest first; measured 2026-11-30 on one H200 (BENCHMARKS.md, benchmark --preset recipe with overrides)
+# fastest first; measured 2026-11-30 on one H200 (BENCHMARKS.md "Memory plans": whole-run peak reserved minus the
+# 5.06 GiB resident at the steady state's start; benchmark --preset recipe with overrides)
 PLANS = (
-    Plan("no checkpointing, CUDA graph", 0, True, 15.4, 0.233),
-    Plan("every 2nd block recomputed, CUDA graph", 2, True, 7.9, 0.260),
+    Plan("no checkpointing, CUDA graph", 0, True, 14.2, 0.226),
+    Plan("every 2nd block recomputed, CUDA graph", 2, True, 8.0, 0.239),
     Plan("every block recomputed, CUDA graph", 1, True, 2.1, 0.287),
 )
 REFERENCE_PIXELS, REFERENCE_IMAGES = 1024 * 1024, 2

@@ -163,7 +163,7 @@ def make_procedural(out: str = "data/_cache/procedural", size: int = 32, num_ins
     """
     from diffusers import StableDiffusionXLPipeline
 
-    from ..atomic import save_pipeline_atomically
+    from ..io import atomic_dir
     from ..bases import make_base
 
     root = Path(out)
@@ -178,7 +178,8 @@ def make_procedural(out: str = "data/_cache/procedural", size: int = 32, num_ins
     pipe = StableDiffusionXLPipeline.from_pretrained(make_base("tiny", str(root / "random-tiny"), seed=seed))
     vae_mse = train_vae(pipe.vae, vae_steps, batch, size, lr, seed)
     unet_loss = train_unet(pipe, unet_steps, batch, size, lr, seed + 1)
-    save_pipeline_atomically(pipe, base)
+    with atomic_dir(base, overwrite=True, option="--out", owner={"kind": "procedural-base"}) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
     from ..sampling import generate
 
     pipe.set_progress_bar_config(disable=True)
