@@ -111,15 +111,17 @@ class DreamBoothCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         """Lightning's, plus a ``step N/max_steps`` bar (unless ``trainer.enable_progress_bar: false`` or another
-        bar is configured) and the end-of-fit summary."""
-        from lightning.pytorch.callbacks import ProgressBar
+        bar is configured), a plain model summary (one block, no all-zero FLOPs) and the end-of-fit summary."""
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
-        from .callbacks.progress import RunSummary, StepProgressBar
+        from .callbacks.progress import PlainModelSummary, RunSummary, StepProgressBar
 
         given = [*(config.get("callbacks") or []), *callbacks, *self.trainer_defaults.get("callbacks", [])]
         callbacks = [*callbacks, RunSummary()]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks.append(StepProgressBar())
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in given):
+            callbacks.append(PlainModelSummary())
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:

@@ -20,6 +20,8 @@ RECORDS = (
     ("diffusers.models.modeling_utils", r"There are modules in \w+ that should be kept in float32: \[\]"),
     ("lightning.pytorch.callbacks.model_summary", r"$^"),  # only its zero Total Flops line
     ("lightning.pytorch.callbacks.rich_model_summary", r"$^"),
+    # the CLI installs its own plain summary (callbacks/progress.py), which Lightning reports as a second notice
+    ("lightning.pytorch.utilities.rank_zero", r"Trainer already configured with model summary callbacks"),
 )
 _ZERO_FLOPS = re.compile(r"\n[ \t]*0[ \t]+Total Flops[ \t]*(?=\n|$)")
 

@@ -26,3 +26,22 @@ def test_no_bar_when_progress_bar_is_off_but_the_summary_stays(tiny_base, subjec
     cli = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1))
     assert not any(isinstance(c, StepProgressBar) for c in cli.trainer.callbacks)
     assert any(isinstance(c, RunSummary) for c in cli.trainer.callbacks)
+
+
+def test_one_plain_model_summary_without_zero_flops(tiny_base, subject_dirs, tmp_path, caplog):
+    import logging
+
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from dreambooth_pl.callbacks.progress import PlainModelSummary
+
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1)
+    i = args.index("--trainer.enable_model_summary")
+    del args[i:i + 2]
+    logging.getLogger("lightning.pytorch.callbacks.model_summary").propagate = True
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.callbacks.model_summary"):
+        cli = DreamBoothCLI(args=args)
+    summaries = [c for c in cli.trainer.callbacks if isinstance(c, ModelSummary)]
+    assert len(summaries) == 1 and isinstance(summaries[0], PlainModelSummary)
+    text = "\n".join(r.getMessage() for r in caplog.records if "Trainable params" in r.getMessage())
+    assert text.count("Trainable params") == 1 and "unet" in text and "FLOPs" not in text and "Flops" not in text

@@ -10,7 +10,7 @@ import time
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -98,3 +98,16 @@ class RunSummary(L.Callback):
             lines.append(f"  sample:      python -m dreambooth_pl sample --base {pl_module.hparams.base_model} "
                          f"--lora {lora} --prompt \"{prompt}\"")
         print("\n".join(lines), flush=True)
+
+
+class PlainModelSummary(ModelSummary):
+    """Lightning's text model summary (Lightning picks the Rich one whenever rich is installed), without the FLOPs
+    column when nothing counted FLOPs: they read 0 for every frozen SDXL part."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **summarize_kwargs) -> None:
+        if not total_flops:
+            summary_data = [column for column in summary_data if column[0] != "FLOPs"]
+        ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                               total_training_modes, total_flops, **summarize_kwargs)
