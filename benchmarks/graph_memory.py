@@ -67,40 +67,29 @@ def main(base: str, everys: list[int]) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         mem("start")
-        with torch.autocast("cuda", dtype=torch.float16):
-            out = fn(*inputs)
-            out.float().pow(2).mean().backward()
-        del out
-        mem("eager fwd+bwd")
-        for p in params:
-            p.grad = None
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        call = GraphedCall(fn, params, torch.float16)
-        with torch.autocast("cuda", dtype=torch.float16):
-            out = call(*inputs)
-            out.float().pow(2).mean().backward()
-        del out
-        mem("GraphedCall captured")
-        print("  " + pools(), flush=True)
-        del call
-        for p in params:
-            p.grad = None
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        mem("graph freed")
-        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
-            graphed = torch.cuda.make_graphed_callables(Wrapped(), inputs, num_warmup_iters=1)
-            out = graphed(*inputs)
-            out.float().pow(2).mean().backward()
-        del out
-        mem("make_graphed_callables")
-        print("  " + pools(), flush=True)
-        del graphed
-        for p in params:
-            p.grad = None
-        torch.cuda.empty_cache()
 
+        def step(call, tag: str, cache_enabled: bool = True) -> None:
+            """One forward + backward of ``call()``'s result under fp16 autocast; memory after; grads and cache freed."""
+            graphed = call()  # held until the pools are read: a freed graph gives its pool back
+            with torch.autocast("cuda", dtype=torch.float16, cache_enabled=cache_enabled):
+                out = graphed(*inputs)
+                out.float().pow(2).mean().backward()
+            del out
+            mem(tag)
+            if tag != "eager fwd+bwd":
+                print("  " + pools(), flush=True)
+            del graphed
+            for p in params:
+                p.grad = None
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+        step(lambda: fn, "eager fwd+bwd")
+        step(lambda: GraphedCall(fn, params, torch.float16), "GraphedCall captured")
+        mem("graph freed")
+        # make_graphed_callables refuses autocast's weight-cast cache
+        step(lambda: torch.cuda.make_graphed_callables(Wrapped(), inputs, num_warmup_iters=1),
+             "make_graphed_callables", cache_enabled=False)
 
 if __name__ == "__main__":
     main(sys.argv[1], [int(a) for a in sys.argv[2:]] or [1])
