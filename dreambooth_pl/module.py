@@ -213,7 +213,8 @@ class DreamBoothLoRA(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if self.speed["cache"] == "off" or dm is None or getattr(dm, "cache", None) is not None:
             return
-        dm.cache = build_cache(self, dm.instance, dm.prior, dm.hparams.resolution, self.speed["cache"])
+        dm.cache = build_cache(self, dm.instance, dm.prior, dm.hparams.resolution, self.speed["cache"],
+                               buckets=getattr(dm, "buckets", None))
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""

@@ -89,3 +89,48 @@ def test_fit_logs_the_bucket_counts(tiny_base, tmp_path, caplog):
         cli = DreamBoothCLI(args=args)
     assert "160x96 (0.60): 2 image(s)" in caplog.text and "96x160 (1.67): 1 image(s)" in caplog.text
     assert cli.trainer.global_step == 2
+
+
+def test_cache_keys_on_the_bucket_and_streams_the_same_batches(tiny_base, tmp_path):
+    """model.cache with aspect buckets: each photo encoded at its bucket, each class image at every bucket in use;
+    the cached stream yields the pixel stream's batches (same bucket, prompts, flips and crops), and its loss
+    equals the pixel path's on centre crops."""
+    from dreambooth_pl.data.cache import CachedBucketedStream, build_cache
+    from dreambooth_pl.module import DreamBoothLoRA
+
+    table = bucket_table(128, step=32)
+    sizes = [(120, 200), (200, 120), (110, 190)]
+    inst = ImageSet(tuple(_images(tmp_path / "i", sizes)), "a photo of sks dog")
+    buckets = {p: assign((h, w), table) for p, (w, h) in zip(inst.paths, sizes)}
+    prior = ImageSet(tuple(write_images(tmp_path / "c", 3, size=(128, 128), seed=7)), "a photo of dog")
+    module = DreamBoothLoRA(base_model=tiny_base, lora_init=False, cache="all")
+    module.configure_model()
+    cache = build_cache(module, inst, prior, 128, "all", offload=False, buckets=buckets)
+    assert set(cache.instance.entries) == {(i, buckets[p]) for i, p in enumerate(inst.paths)}
+    assert set(cache.prior.entries) == {(c, b) for c in range(3) for b in set(buckets.values())}
+    kw = dict(batch_size=2, flip_p=0.5, seed=3)
+    pixels = BucketedStream(inst, prior, buckets, center_crop=True, **kw)
+    cached = CachedBucketedStream(cache, buckets, **kw)
+    for b in range(4):
+        p, c = pixels.batch(b), cached.batch(b)
+        assert p["prompt"] == c["prompt"] and torch.equal(p["is_prior"], c["is_prior"])
+        assert torch.equal(p["crop_top_left"], c["crop_top_left"]) and torch.equal(p["original_size"],
+                                                                                  c["original_size"])
+        assert tuple(c["latent_mean"].shape[-2:]) == tuple(s // 8 for s in p["pixel_values"].shape[-2:])
+        with torch.no_grad():
+            ref, got = module.forward_loss(p), module.forward_loss(c)
+        torch.testing.assert_close(got["loss"], ref["loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_fit_with_buckets_and_cache(tiny_base, tmp_path):
+    from conftest import fit_args
+
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    _images(tmp_path / "instance", [(120, 200), (200, 120), (110, 190)])
+    write_images(tmp_path / "class", 4, size=(128, 128))
+    cli = DreamBoothCLI(args=fit_args(tiny_base, str(tmp_path / "instance"), str(tmp_path / "class"), str(tmp_path),
+                                      steps=2, **{"data.aspect_buckets": "true", "data.resolution": 128,
+                                                  "data.bucket_step": 32, "model.cache": "all"}))
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.logged_metrics["train/loss"])
+    assert {size for _, size in cli.datamodule.cache.instance.entries} == {(160, 96), (96, 160)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .datasets import ImageSet, PairedStream, _mix, collate
+from .datasets import ImageSet, PairedStream, _mix
 
 Bucket = tuple[int, int]  # (height, width) in pixels
 
@@ -102,4 +102,4 @@ class BucketedStream(PairedStream):
             inst.append(self._example(self.instance, i, position, 0, size))
             if self.prior is not None:
                 prior.append(self._example(self.prior, k % len(self.prior.paths), position, 1, size))
-        return collate(inst + prior)
+        return self._collate(inst + prior)

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from ..sdxl import encode_prompts, tokenize
+from .buckets import BucketedStream
 from .datasets import ImageSet, PairedStream, _mix
 from .images import load_rgb
 from .transforms import prepare_image
@@ -41,15 +42,25 @@ def check_cache_mode(mode: str, train_text_encoder: bool) -> None:
                          "set model.train_text_encoder=false.")
 
 
-@dataclass
-class EncodedSet:
-    """Latent moments of one image set: ``mean``/``std`` ``[N, 2, 4, h, w]`` (index 1 = mirrored image)."""
+Size = tuple[int, int]  # (height, width) in pixels: the square resolution, or an aspect bucket (data/buckets.py)
 
-    images: ImageSet
+
+@dataclass
+class Encoded:
+    """One image's latent moments at one size: ``mean``/``std`` ``[2, 4, h/8, w/8]`` (index 1 = mirrored)."""
+
     mean: torch.Tensor
     std: torch.Tensor
+    crop_top_left: torch.Tensor  # [2, 2] (plain, mirrored)
+
+
+@dataclass
+class EncodedSet:
+    """Latent moments of one image set at every size it trains at: ``entries[(index, size)]``."""
+
+    images: ImageSet
     original_size: torch.Tensor  # [N, 2]
-    crop_top_left: torch.Tensor  # [N, 2, 2] (plain, mirrored)
+    entries: dict[tuple[int, Size], Encoded]
 
 
 @dataclass
@@ -58,28 +69,28 @@ class InputCache:
 
     instance: EncodedSet
     prior: EncodedSet | None
+    resolution: int
     text: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 @torch.no_grad()
-def encode_set(vae: torch.nn.Module, images: ImageSet, resolution: int) -> EncodedSet:
-    """Encode every image of ``images`` centre-cropped at ``resolution``, plain and mirrored, one image at a time
-    (the VAE's fp32 activations at 1024² are gigabytes per image)."""
+def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]]) -> EncodedSet:
+    """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain and mirrored, one image at a
+    time (the VAE's fp32 activations at 1024² are gigabytes per image)."""
     gen = torch.Generator()
-    means, stds, sizes, crops = [], [], [], []
+    originals, entries = [], {}
     device = next(vae.parameters()).device
-    for path in images.paths:
+    for i, path in enumerate(images.paths):
         img = load_rgb(path)
-        ex = [prepare_image(img, resolution, True, flip, gen) for flip in (False, True)]
-        dists = []
-        for e in ex:
+        for size in sizes[i]:
+            ex = [prepare_image(img, size[0] if size[0] == size[1] else size, True, flip, gen) for flip in (False, True)]
             with torch.autocast(device.type, enabled=False):
-                dists.append(vae.encode(e["pixel_values"][None].to(device, vae.dtype)).latent_dist)
-        means.append(torch.cat([d.mean.float().cpu() for d in dists]))
-        stds.append(torch.cat([d.std.float().cpu() for d in dists]))
-        sizes.append(ex[0]["original_size"])
-        crops.append([e["crop_top_left"] for e in ex])
-    return EncodedSet(images, torch.stack(means), torch.stack(stds), torch.tensor(sizes), torch.tensor(crops))
+                dists = [vae.encode(e["pixel_values"][None].to(device, vae.dtype)).latent_dist for e in ex]
+            entries[(i, tuple(size))] = Encoded(torch.cat([d.mean.float().cpu() for d in dists]),
+                                                torch.cat([d.std.float().cpu() for d in dists]),
+                                                torch.tensor([e["crop_top_left"] for e in ex]))
+        originals.append(img.size[::-1])
+    return EncodedSet(images, torch.tensor(originals), entries)
 
 
 @torch.no_grad()
@@ -91,7 +102,7 @@ def encode_texts(text_encoders, tokenizers, prompts: list[str]) -> dict[str, tup
 
 
 def build_cache(module, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
-                offload: bool = True) -> InputCache:
+                offload: bool = True, buckets: dict | None = None) -> InputCache:
     """Encode the data module's image sets with ``module``'s VAE (and text encoders for ``mode="all"``), moving
     each encoder to the CPU as soon as its part is done, so the VAE's large transient never meets them.
 
@@ -101,15 +112,17 @@ def build_cache(module, instance: ImageSet, prior: ImageSet | None, resolution: 
         resolution: training side in pixels.
         mode: ``latents`` or ``all``.
         offload: move the encoders that are no longer needed to the CPU.
+        buckets: instance path -> aspect bucket (``data.aspect_buckets``): each photo is encoded at its bucket,
+            each class image at every bucket in use (it is cropped to its partner's).
     """
     # the VAE's fp32 activations at 1024² are the run's largest transient: encode with the UNet parked on the CPU
     unet = getattr(module, "unet", None)
     with borrowed([unet] if offload and unet is not None else [], torch.device("cpu")):
-        return _build(module, instance, prior, resolution, mode, offload)
+        return _build(module, instance, prior, resolution, mode, offload, buckets)
 
 
 def _build(module, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
-           offload: bool) -> InputCache:
+           offload: bool, buckets: dict | None) -> InputCache:
     text = {}
     if mode == "all":
         sets = [s for s in (instance, prior) if s]
@@ -117,8 +130,14 @@ def _build(module, instance: ImageSet, prior: ImageSet | None, resolution: int, 
         text = encode_texts((module.text_encoder, module.text_encoder_2), module.tokenizers, prompts)
         if offload:
             _offload(module.text_encoder, module.text_encoder_2)
-    cache = InputCache(encode_set(module.vae, instance, resolution),
-                       encode_set(module.vae, prior, resolution) if prior else None, text)
+    if buckets:
+        sizes = [[tuple(buckets[p])] for p in instance.paths]
+        prior_sizes = sorted({tuple(b) for b in buckets.values()})
+    else:
+        sizes, prior_sizes = [[(resolution, resolution)]] * len(instance.paths), [(resolution, resolution)]
+    cache = InputCache(encode_set(module.vae, instance, sizes),
+                       encode_set(module.vae, prior, [prior_sizes] * len(prior.paths)) if prior else None,
+                       resolution, text)
     if offload:
         _offload(module.vae)
     return cache
@@ -152,7 +171,32 @@ def borrowed(modules, device: torch.device):
             torch.cuda.empty_cache()
 
 
-class CachedStream(PairedStream):
+class CachedExamples:
+    """Examples from an :class:`InputCache` instead of pixels: the same flip draw as the pixel streams, latent
+    moments at the example's size (and text embeddings), stacked by :meth:`_collate`."""
+
+    cache: InputCache
+
+    def _example(self, images: ImageSet, i: int, position: int, role: int, size: Size | None = None) -> dict:
+        gen = torch.Generator().manual_seed(_mix(self.seed, position, role))
+        flip = int(torch.rand((), generator=gen) < self.flip_p)  # the draw PairedStream makes
+        enc = self.cache.prior if role else self.cache.instance
+        e = enc.entries[(i, tuple(size) if size else (self.cache.resolution, self.cache.resolution))]
+        ex = {"latent_mean": e.mean[flip], "latent_std": e.std[flip], "original_size": enc.original_size[i],
+              "crop_top_left": e.crop_top_left[flip], "prompt": images.prompt_for(i), "is_prior": bool(role)}
+        if self.cache.text:
+            ex["prompt_embeds"], ex["pooled_prompt_embeds"] = self.cache.text[ex["prompt"]]
+        return ex
+
+    @staticmethod
+    def _collate(examples: list[dict]) -> dict:
+        out = {k: torch.stack([e[k] for e in examples]) for k in examples[0] if isinstance(examples[0][k], torch.Tensor)}
+        out["prompt"] = [e["prompt"] for e in examples]
+        out["is_prior"] = torch.tensor([e["is_prior"] for e in examples])
+        return out
+
+
+class CachedStream(CachedExamples, PairedStream):
     """:class:`PairedStream` over an :class:`InputCache`: the same pairing, order, sharding and flip draws,
     yielding latent moments (and text embeddings) instead of pixels.
 
@@ -163,29 +207,24 @@ class CachedStream(PairedStream):
 
     def __init__(self, cache: InputCache, batch_size: int = 1, flip_p: float = 0.0, seed: int = 0,
                  start_batch: int = 0, rank: int = 0, world_size: int = 1):
-        super().__init__(cache.instance.images, cache.prior.images if cache.prior else None,
-                         cache.instance.mean.shape[-1] * 8, batch_size, True, flip_p, seed, start_batch, rank,
-                         world_size)
+        super().__init__(cache.instance.images, cache.prior.images if cache.prior else None, cache.resolution,
+                         batch_size, True, flip_p, seed, start_batch, rank, world_size)
         self.cache = cache
 
-    def _example(self, images: ImageSet, i: int, position: int, role: int) -> dict:
-        gen = torch.Generator().manual_seed(_mix(self.seed, position, role))
-        flip = int(torch.rand((), generator=gen) < self.flip_p)  # the draw PairedStream makes
-        enc = self.cache.prior if role else self.cache.instance
-        ex = {"latent_mean": enc.mean[i, flip], "latent_std": enc.std[i, flip],
-              "original_size": enc.original_size[i], "crop_top_left": enc.crop_top_left[i, flip],
-              "prompt": images.prompt_for(i), "is_prior": bool(role)}
-        if self.cache.text:
-            ex["prompt_embeds"], ex["pooled_prompt_embeds"] = self.cache.text[ex["prompt"]]
-        return ex
 
-    def batch(self, b: int) -> dict:
-        """Per-rank batch ``b``: instance examples first, then their prior partners (as PairedStream)."""
-        first = (b * self.world_size + self.rank) * self.batch_size
-        pairs = [(p, *self.pair_indices(p)) for p in range(first, first + self.batch_size)]
-        examples = [self._example(self.instance, i, p, 0) for p, i, _ in pairs]
-        examples += [self._example(self.prior, c, p, 1) for p, _, c in pairs if c is not None]
-        out = {k: torch.stack([e[k] for e in examples]) for k in examples[0] if isinstance(examples[0][k], torch.Tensor)}
-        out["prompt"] = [e["prompt"] for e in examples]
-        out["is_prior"] = torch.tensor([e["is_prior"] for e in examples])
-        return out
+class CachedBucketedStream(CachedExamples, BucketedStream):
+    """:class:`~dreambooth_pl.data.buckets.BucketedStream` over an :class:`InputCache` built with ``buckets``: the
+    same batches (one bucket each) and flip draws, latent moments at each example's bucket.
+
+    Args:
+        cache: the encoded image sets (``build_cache(..., buckets=...)``).
+        buckets: instance path -> its bucket.
+        batch_size, flip_p, seed, start_batch, rank, world_size: as for :class:`PairedStream`.
+    """
+
+    def __init__(self, cache: InputCache, buckets: dict, batch_size: int = 1, flip_p: float = 0.0, seed: int = 0,
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1):
+        super().__init__(cache.instance.images, cache.prior.images if cache.prior else None, buckets, batch_size,
+                         center_crop=True, flip_p=flip_p, seed=seed, start_batch=start_batch, rank=rank,
+                         world_size=world_size)
+        self.cache = cache

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import CachedStream
+from .cache import CachedBucketedStream, CachedStream
 from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
@@ -180,12 +180,12 @@ class DreamBoothDataModule(L.LightningDataModule):
         place = dict(start_batch=self._consumed_batches(), rank=trainer.global_rank if trainer else 0,
                      world_size=trainer.world_size if trainer else 1)
         faces = dict(faces=self.faces, face_crop=hp.crop == "face", mask=hp.mask, mask_floor=hp.mask_floor)
-        if self.cache is not None and (hp.crop == "face" or uses_masks(self.instance.paths, hp.mask)
-                                       or hp.aspect_buckets):
-            raise ValueError("data.crop: face, loss masks and data.aspect_buckets need each example's pixels, but "
-                             "model.cache pre-encodes square centre crops: set model.cache: off, or data.crop: null, "
-                             "data.mask: off and data.aspect_buckets: false.")
-        if self.cache is not None:  # pre-encoded inputs (model.cache, data/cache.py): same order, no decoding
+        if self.cache is not None and (hp.crop == "face" or uses_masks(self.instance.paths, hp.mask)):
+            raise ValueError("data.crop: face and loss masks need each example's pixels, but model.cache pre-encodes "
+                             "centre crops: set model.cache: off, or data.crop: null and data.mask: off.")
+        if self.cache is not None and self.buckets is not None:  # pre-encoded at each photo's bucket
+            stream = CachedBucketedStream(self.cache, self.buckets, hp.batch_size, hp.random_flip, hp.seed, **place)
+        elif self.cache is not None:  # pre-encoded inputs (model.cache, data/cache.py): same order, no decoding
             stream = CachedStream(self.cache, hp.batch_size, hp.random_flip, hp.seed, **place)
         elif self.buckets is not None:
             from .buckets import BucketedStream

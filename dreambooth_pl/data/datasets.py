@@ -116,7 +116,11 @@ class PairedStream(IterableDataset):
             inst.append(self._example(self.instance, i, position, 0))
             if c is not None:
                 prior.append(self._example(self.prior, c, position, 1))
-        return collate(inst + prior)
+        return self._collate(inst + prior)
+
+    @staticmethod
+    def _collate(examples: list[dict]) -> dict:
+        return collate(examples)
 
     def __iter__(self):
         info = get_worker_info()
