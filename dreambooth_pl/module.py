@@ -81,7 +81,8 @@ class DreamBoothLoRA(L.LightningModule):
                  vae_model: Optional[str] = None, lora_rank: int = 4, lora_alpha: Optional[float] = None,
                  lora_dropout: float = 0.0, lora_target_modules: list[str] = list(lora_lib.UNET_TARGETS),
                  lora_init: Union[bool, str] = "gaussian", train_text_encoder: bool = False,
-                 text_encoder_lr: Optional[float] = 5e-6, text_encoder_weight_decay: float = 1e-3, prior_loss_weight: float = 1.0,
+                 text_encoder_lr: Optional[float] = 5e-6, text_encoder_weight_decay: float = 1e-3,
+                 prior_loss_weight: float = 1.0,
                  snr_gamma: Optional[float] = None, noise_offset: float = 0.0, learning_rate: float = 1e-4,
                  optimizer: OptimizerName = "adamw", weight_decay: float = 1e-4,
                  ema_decay: Optional[float] = None, ema_export: bool = True, adapter: adapters.AdapterType = "lora",
@@ -227,7 +228,8 @@ class DreamBoothLoRA(L.LightningModule):
     # ---- encoders --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents, scaled (and normalised by the VAE's latents_mean/std if it has them); encoded outside autocast in ``vae_dtype`` so the SDXL VAE cannot overflow."""
+        """VAE latents, scaled (``sdxl.scale_latents``: with the VAE's latents_mean/std when it has them); encoded
+        outside autocast in ``vae_dtype`` so the SDXL VAE cannot overflow."""
         with torch.autocast(self.device.type, enabled=False):
             dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
             return scale_latents(dist.sample(generator).float(), self.vae.config)

@@ -3,8 +3,8 @@
 The random tiny base cannot show subject fidelity: its "a photo of shape" means nothing. ``make-procedural`` first
 teaches it a class: its VAE learns to reconstruct 32 px renders of shapes in any colour (a general-purpose
 autoencoder, as SDXL's is), then its UNet learns to generate the class (circle, square, triangle, diamond in six
-colours on varied backgrounds) for the caption "a photo of shape". It also renders the instance: one specific shape outside that distribution (a magenta triangle with a
-white dot) in a few positions, sizes and backgrounds. ``configs/ablations/procedural.yaml`` then DreamBooths that
+colours on varied backgrounds) for the caption "a photo of shape". It also renders the instance: one specific
+shape outside that distribution (a magenta triangle with a white dot) in a few positions, sizes and backgrounds. ``configs/ablations/procedural.yaml`` then DreamBooths that
 instance into the base with and without prior preservation (Ruiz et al. 2023, eq. 2) and measures fidelity and
 language drift (docs/ablations.md).
 """
