@@ -66,16 +66,6 @@ def add_adapter(model: torch.nn.Module, kind: AdapterType, config) -> list[torch
     return lora_lib.add_lora(model, config, markers=PARAM_MARKERS[kind])
 
 
-def adapter_kind(config) -> AdapterType:
-    """The type of an injected peft config (``model.peft_config['default']``)."""
-    name = type(config).__name__
-    if name == "LoKrConfig":
-        return "lokr"
-    if name == "LoHaConfig":
-        return "loha"
-    return "dora" if getattr(config, "use_dora", False) else "lora"
-
-
 def check_layout(kind: AdapterType, layout: str, what: str = "export") -> None:
     """Refuse writing adapter type ``kind`` in a file ``layout`` that cannot hold it, naming the alternative."""
     if layout not in LAYOUTS[kind]:

@@ -162,8 +162,3 @@ def build_random_base(preset: Preset, out: str, seed: int = 0, dtype: str = "flo
                                                          "dtype": dtype}) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
     return str(dest)
-
-
-def count_params(module: torch.nn.Module) -> float:
-    """Parameters of ``module`` in millions."""
-    return sum(p.numel() for p in module.parameters()) / 1e6

@@ -168,17 +168,6 @@ def check_images(paths: list[Path], role: str = "image", resolution: int | None 
     return [r.path for r in _reports(paths, role, resolution, strict)]
 
 
-def validate_images(paths: list[Path], role: str = "image", resolution: int | None = None) -> list[tuple[int, int]]:
-    """Strict :func:`check_images`: raise listing every unusable file; returns the upright (w, h) sizes.
-
-    Args:
-        paths: image files.
-        role: what the images are for, used in messages.
-        resolution: training side, for the too-small floor (None: no size check).
-    """
-    return [r.size for r in _reports(paths, role, resolution, strict=True)]
-
-
 def _reports(paths: list[Path], role: str, resolution: int | None, strict: bool) -> list[ImageReport]:
     """Reports of the usable files, after one warning with every adjustment and one error (or skip) list."""
     reports = [inspect_image(p, resolution) for p in paths]
