@@ -43,7 +43,7 @@ class VersionedSaveConfig(SaveConfigCallback):
 
 # settings that change speed or memory, never the maths: a resume may change them
 RESUME_MAY_DIFFER = {"cache", "gradient_checkpointing", "checkpoint_every", "compile_blocks", "compile_regions",
-                     "compile_mode", "channels_last", "attention"}
+                     "compile_mode", "channels_last", "attention", "cuda_graph", "memory_plan", "memory_budget_gib"}
 
 
 class ResumeConflictError(ValueError):
