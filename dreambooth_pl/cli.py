@@ -200,3 +200,37 @@ class DreamBoothCLI(LightningCLI):
                 if isinstance(cb, kind) and cb.dirpath:
                     dirs[f"{section}.dirpath"] = cb.dirpath
         check_writable(dirs)
+
+
+class _Parsed(Exception):
+    """Carries a parsed fit config out of :func:`read_fit_config` before any class is built."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+
+class _ConfigReader(DreamBoothCLI):
+    def _set_seed(self) -> None:  # reading a config must not reseed the caller's RNGs
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed(self.config.get(self.config.get("subcommand") or "fit", self.config))
+
+
+def read_fit_config(*paths: str, partial: bool = False) -> dict:
+    """The fit settings that ``fit --config P1 --config P2 ...`` would run with: the CLI's own parser (code defaults,
+    stacked configs, linked values, the class-path guard), as a plain dict; nothing is instantiated or loaded.
+
+    Args:
+        paths: fit config files, later ones overriding earlier ones.
+        partial: accept configs without the subject (``data.instance_dir`` / ``instance_prompt``, then empty),
+            for verbs that read only other sections.
+    """
+    subject = ["--data.instance_dir=", "--data.instance_prompt="] if partial else []  # the configs override these
+    args = ["fit", *subject, *[a for p in paths for a in ("--config", str(p))]]
+    try:
+        _ConfigReader(args=args, run=True)
+    except _Parsed as parsed:
+        return parsed.config.as_dict()
+    raise RuntimeError("read_fit_config: the parser finished without reaching instantiation")  # not reached

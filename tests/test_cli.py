@@ -233,3 +233,28 @@ def test_shipped_configs_pass_the_class_path_check():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         check_class_paths(["--config", str(path)])
     check_class_paths(["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--model.lr_scheduler", "cosine"])
+
+
+def test_read_fit_config_is_the_fit_parser_without_building_anything(tmp_path):
+    """Verbs read fit configs as fit would (code defaults, stacked configs, links), load nothing, reseed nothing."""
+    import yaml
+
+    from dreambooth_pl.cli import read_fit_config
+    from dreambooth_pl.data.class_images import NUM_CLASS_IMAGES
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"model": {"base_model": "somewhere/base"}, "data": {
+        "instance_dir": "x", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}}))
+    b.write_text(yaml.safe_dump({"data": {"class_prompt": "a photo of cat"}}))
+    torch.manual_seed(123)
+    expected = torch.rand(2)
+    torch.manual_seed(123)
+    cfg = read_fit_config(a, b)
+    assert torch.equal(torch.rand(2), expected)
+    assert cfg["data"]["class_prompt"] == "a photo of cat"  # the later config wins
+    assert cfg["data"]["num_class_images"] == NUM_CLASS_IMAGES  # a code default the YAML never names
+    assert cfg["data"]["base_model"] == "somewhere/base"  # linked from model.base_model
+    b.write_text(yaml.safe_dump({"data": {"class_dir": "cls"}}))
+    with pytest.raises(SystemExit):
+        read_fit_config(b)  # no subject: a fit config is incomplete ...
+    assert read_fit_config(b, partial=True)["data"]["class_dir"] == "cls"  # ... unless the verb reads other parts

@@ -11,13 +11,13 @@ from ..sampling import SAMPLER
 
 
 def _from_fit_config(path: str) -> dict:
-    """``generate_class_images`` arguments that a fit config sets (data.class_dir, model.base_model, ...)."""
-    import yaml
+    """``generate_class_images`` arguments that a fit config sets (data.class_dir, model.base_model, ...), read with
+    the fit command's own parser, so code defaults apply as they would in ``fit``."""
+    from ..cli import read_fit_config
 
-    try:
-        cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read fit config {path!r}: {e}") from None
+    if not Path(path).is_file():
+        raise ValueError(f"fit config {path!r} does not exist.")
+    cfg = read_fit_config(path, partial=True)
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
     found = dict(base=model.get("base_model"), vae=model.get("vae_model"), prompt=data.get("class_prompt"),
                  out=data.get("class_dir"), num=data.get("num_class_images"), resolution=data.get("resolution"))
