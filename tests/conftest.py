@@ -95,20 +95,20 @@ def subject_dirs(tmp_path) -> tuple[str, str]:
 
 def fit_args(base: str, instance_dir: str, class_dir: str | None, root: str, steps: int = 2, **over) -> list[str]:
     """Command-line arguments of a tiny CPU fit (used in-process through LightningCLI's ``args``)."""
-    args = ["fit", "--seed_everything", "0", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-            "--trainer.precision", "32-true", f"--trainer.max_steps={steps}", "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-            "--trainer.logger.init_args.save_dir", root, "--model.base_model", base, "--model.lora_init", "false",
-            "--data.instance_dir", instance_dir, "--data.instance_prompt", "a photo of sks dog",
-            "--data.resolution", "32", "--checkpoint.every_n_train_steps", "1"]
+    from dreambooth_pl.runs import fit_command
+
+    settings = {"seed_everything": 0, "trainer.accelerator": "cpu", "trainer.devices": 1,
+                "trainer.precision": "32-true", "trainer.max_steps": steps, "trainer.log_every_n_steps": 1,
+                "trainer.enable_progress_bar": "false", "trainer.enable_model_summary": "false",
+                "trainer.logger.init_args.save_dir": root, "model.base_model": base, "model.lora_init": "false",
+                "data.instance_dir": instance_dir, "data.instance_prompt": "a photo of sks dog",
+                "data.resolution": 32, "checkpoint.every_n_train_steps": 1}
     if class_dir:
-        args += ["--data.class_dir", class_dir, "--data.class_prompt", "a photo of dog",
-                 "--data.num_class_images", "4"]
+        settings.update({"data.class_dir": class_dir, "data.class_prompt": "a photo of dog",
+                         "data.num_class_images": 4})
     else:
-        args += ["--data.with_prior_preservation", "false"]
-    for k, v in over.items():
-        args += [f"--{k}", str(v)]
-    return args
+        settings["data.with_prior_preservation"] = "false"
+    return fit_command(overrides={**settings, **over})  # the builder ablate uses too
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

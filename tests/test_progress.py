@@ -7,9 +7,7 @@ from dreambooth_pl.cli import DreamBoothCLI
 
 
 def test_fit_shows_steps_and_ends_with_a_summary(tiny_base, subject_dirs, tmp_path, capsys):
-    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=3)
-    i = args.index("--trainer.enable_progress_bar")
-    del args[i:i + 2]  # the default: a bar
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=3, **{"trainer.enable_progress_bar": "true"})
     cli = DreamBoothCLI(args=args)
     assert any(isinstance(c, StepProgressBar) for c in cli.trainer.callbacks)
     out = capsys.readouterr()
@@ -35,9 +33,7 @@ def test_one_plain_model_summary_without_zero_flops(tiny_base, subject_dirs, tmp
 
     from dreambooth_pl.callbacks.progress import PlainModelSummary
 
-    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1)
-    i = args.index("--trainer.enable_model_summary")
-    del args[i:i + 2]
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1, **{"trainer.enable_model_summary": "true"})
     logging.getLogger("lightning.pytorch.callbacks.model_summary").propagate = True
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.callbacks.model_summary"):
         cli = DreamBoothCLI(args=args)

@@ -22,7 +22,7 @@ from pathlib import Path
 from queue import Queue
 from typing import Any, Literal, Optional
 
-from ..lora import LORA_FILE
+from ..runs import RunDir, fit_command
 from .ablation_grid import AblationGrid, Evaluation, Sampler, check_evaluation, expand, load_grid
 from ..io import write_json
 from .ablation_report import write_report
@@ -31,20 +31,10 @@ STATUS_FILE = "ablate_status.json"
 METRICS_FILE = "ablate_metrics.json"
 
 
-def _arg(key: str, value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (bool, list, dict, type(None))) else str(value)
-    return f"--{key}={text}"
-
-
 def fit_args(spec: AblationGrid, name: str, overrides: dict[str, Any], resume: bool) -> list[str]:
     """Command line of one cell's fit; logger, checkpoint and export paths are pinned to ``OUT/runs/NAME``."""
-    run_dir = Path(spec.out) / "runs" / name
-    args = ["fit"] + [a for c in spec.base_config for a in ("--config", c)]
-    args += [_arg(k, v) for k, v in {**spec.overrides, **overrides}.items()]
-    args += [f"--trainer.logger.init_args.save_dir={spec.out}", "--trainer.logger.init_args.name=runs",
-             f"--trainer.logger.init_args.version={name}", f"--checkpoint.dirpath={run_dir / 'checkpoints'}",
-             f"--export.dirpath={run_dir}", f"--export.filename={LORA_FILE}"]
-    return args + (["--ckpt_path=last"] if resume else [])
+    return fit_command(spec.base_config, {**spec.overrides, **overrides}, RunDir(Path(spec.out) / "runs" / name),
+                       resume)
 
 
 def run_state(run_dir: Path) -> dict:
@@ -56,7 +46,7 @@ def run_state(run_dir: Path) -> dict:
 
 
 def is_done(run_dir: Path) -> bool:
-    return run_state(run_dir).get("status") == "done" and (run_dir / LORA_FILE).is_file()
+    return run_state(run_dir).get("status") == "done" and RunDir(run_dir).lora.is_file()
 
 
 def _fit_inprocess(args: list[str], log: Path) -> Optional[str]:
@@ -108,12 +98,13 @@ def export_finished(run_dir: Path) -> Optional[str]:
     from ..io import load_checkpoint
     from .export import export
 
-    last = run_dir / "checkpoints" / "last.ckpt"
-    max_steps = _run_config(run_dir).get("trainer", {}).get("max_steps")
+    run = RunDir(run_dir)
+    last = run.last_ckpt
+    max_steps = run.config().get("trainer", {}).get("max_steps")
     step = load_checkpoint(last, mmap=True).get("global_step", -1) if last.is_file() else -1
     if max_steps is None or step < max_steps:
-        return f"fit ended without writing {run_dir / LORA_FILE} (interrupted?)"
-    export(str(last), str(run_dir / LORA_FILE))  # written atomically: the run is done once this exists
+        return f"fit ended without writing {run.lora} (interrupted?)"
+    export(str(last), str(run.lora))  # written atomically: the run is done once this exists
     return None
 
 
@@ -123,16 +114,16 @@ def run_cell(spec: AblationGrid, name: str, overrides: dict[str, Any], launcher:
     run_dir = Path(spec.out) / "runs" / name
     if is_done(run_dir):
         return run_state(run_dir)
-    resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    resume = RunDir(run_dir).last_ckpt.is_file()
     args = fit_args(spec, name, overrides, resume)
     log = Path(spec.out) / "logs" / f"{name}.log"
     start = time.time()
     print(f"[ablate] fit {name}" + (" (resuming from last.ckpt)" if resume else ""), flush=True)
     error = _fit_inprocess(args, log) if launcher == "inprocess" else _fit_subprocess(args, log, gpu)
-    if error is None and not (run_dir / LORA_FILE).is_file():
+    if error is None and not RunDir(run_dir).lora.is_file():
         error = export_finished(run_dir)
     state = {"name": name, "status": "failed" if error else "done", "error": error, "overrides": overrides,
-             "seconds": round(time.time() - start, 1), "lora": str(run_dir / LORA_FILE) if not error else None}
+             "seconds": round(time.time() - start, 1), "lora": str(RunDir(run_dir).lora) if not error else None}
     write_json(run_dir / STATUS_FILE, state)
     print(f"[ablate] {name}: {state['status']}" + (f" - {error}" if error else ""), flush=True)
     return state
@@ -157,15 +148,6 @@ def run_all(spec: AblationGrid, cells: list[tuple[str, dict]], launcher: str, gp
         return
     for cell in cells:
         run_cell(spec, *cell, launcher)
-
-
-def _run_config(run_dir: Path) -> dict:
-    import yaml
-
-    try:
-        return yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except OSError:
-        return {}
 
 
 def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, sampler: Sampler, out: Path) -> dict:
@@ -196,7 +178,7 @@ def evaluate_run(run_dir: Path, lora: Path, ev: Evaluation, eval_root: Optional[
         ev: evaluation settings.
         eval_root: where each sampler's evaluation goes (None: ``run_dir/eval``).
     """
-    cfg = _run_config(run_dir)
+    cfg = RunDir(run_dir).config()
     base = cfg.get("model", {}).get("base_model")
     instance_dir = ev.instance_dir or cfg.get("data", {}).get("instance_dir")
     if not base or not instance_dir:
@@ -249,7 +231,7 @@ def ablate(grid: str, out: Optional[str] = None, launcher: Literal["inprocess", 
         state = run_state(run_dir)
         base = {"run": name, "status": state.get("status", "not run"), "error": state.get("error"), **over}
         if base["status"] == "done" and evaluate and spec.evaluation is not None:
-            rows += [{**base, **r} for r in evaluate_run(run_dir, run_dir / LORA_FILE, spec.evaluation)]
+            rows += [{**base, **r} for r in evaluate_run(run_dir, RunDir(run_dir).lora, spec.evaluation)]
         else:
             rows.append(base)
     paths = write_report(rows, Path(spec.out), varied, title=f"Ablation {Path(grid).stem}")

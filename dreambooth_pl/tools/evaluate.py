@@ -273,13 +273,10 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
 
 def _run_prior(lora: str) -> Optional[bool]:
     """``data.with_prior_preservation`` of the fit run that wrote ``lora`` (its config.yaml), if found."""
-    import yaml
+    from ..runs import RunDir
 
-    for folder in Path(lora).resolve().parents[:3]:
-        if (folder / "config.yaml").is_file():
-            cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-            return (cfg.get("data") or {}).get("with_prior_preservation")
-    return None
+    run = RunDir.holding(lora)
+    return (run.config().get("data") or {}).get("with_prior_preservation") if run else None
 
 
 def compare_runs(evals: list[str], out: Optional[str] = None) -> str:
