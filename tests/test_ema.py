@@ -7,7 +7,6 @@ import lightning as L
 import pytest
 import torch
 from conftest import fit_args, write_images
-from safetensors.torch import load_file
 
 from dreambooth_pl.ema import AdapterEMA
 

@@ -152,12 +152,12 @@ def _offload(*modules: torch.nn.Module) -> None:
 
 @contextmanager
 def borrowed(modules, device: torch.device):
-    """Bring encoders that the cache moved off ``device`` back for the block (in-training sampling), then return
-    each to where it was, so the training step's memory is what it was before.
+    """Move ``modules`` that are elsewhere onto ``device`` for the block, then each back to where it was: encoders
+    the cache freed come back for in-training sampling, and the UNet is parked on the CPU while the VAE encodes.
 
     Args:
-        modules: the encoders a sampler needs (VAE, text encoders).
-        device: the training device.
+        modules: the modules the block needs on ``device``.
+        device: where the block needs them.
     """
     moved = [(m, next(m.parameters()).device) for m in modules if next(m.parameters()).device != device]
     for m, _ in moved:

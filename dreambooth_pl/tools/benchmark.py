@@ -145,7 +145,7 @@ def environment() -> dict:
 
 
 def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path, devices: int,
-                    overrides: list[str], profile: Optional[str] = None, count_flops: bool = True) -> dict:
+                    overrides: list[str], profile: Optional[str] = None, count_flops: bool = False) -> dict:
     """Run ``fit`` with ``configs/perf/<preset>.yaml`` for ``warmup + steps`` steps and time the last ``steps``."""
     from ..cli import DreamBoothCLI
 
