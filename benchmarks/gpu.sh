@@ -4,7 +4,7 @@
 # Wheels: .whl/ (see docs/gpu-tests.md); the reference script: .bench/reference/ (a copy of ../shared/reference/).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
@@ -30,6 +30,16 @@ for stage in "$@"; do
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.adapter=dora"]'
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.adapter=lokr","--export.format=kohya"]' ;;
     fast) bench --preset fast --steps 15 --warmup 4 ;;
+    fast2) bench --preset fast --steps 15 --warmup 4 --devices 2 ;;  # DDP scaling: images/s against fast
+    ddp-probe)  # a 2-GPU fit that dumps every rank's Python stacks if it has not finished in 150 s
+      ( sleep 150; pkill -ABRT -f "dreambooth_pl benchmark" ) & watchdog=$!
+      PYTHONFAULTHANDLER=1 NCCL_DEBUG=WARN python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
+        --preset fast --steps 15 --warmup 4 --devices 2 > "$OUT/ddp-probe.txt" 2>&1; echo "rc=$?"
+      kill $watchdog 2>/dev/null; tail -n 5 "$OUT/ddp-probe.txt" ;;
+    recipe2) bench --preset recipe --steps 15 --warmup 4 --devices 2 ;;
+    profile)  # where the GPU time of a step goes: the eager step (kernel times) and the graphed one
+      bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-eager.txt" --overrides '["--model.cuda_graph=false"]'
+      bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-graph.txt" ;;
     t4) bench --preset t4-16gb --steps 12 --warmup 4 ;;
     t4-te) bench --preset t4-16gb-te --steps 10 --warmup 3 ;;
     reference) bench --reference .bench/reference/train_dreambooth_lora_sdxl.py --steps 16 --warmup 4 ;;

@@ -57,10 +57,13 @@ class GraphedCall:
         torch.cuda.empty_cache()  # the warm-up's activations would otherwise stay cached beside the graph's pool
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(self.fwd, pool=pool, stream=stream), self._autocast():
+        # thread_local: under DDP, NCCL's watchdog thread polls CUDA events during the capture; the default
+        # "global" mode would count those calls against this capture and invalidate it
+        mode = "thread_local"
+        with torch.cuda.graph(self.fwd, pool=pool, stream=stream, capture_error_mode=mode), self._autocast():
             self.static_out = self.fn(*self.static_in)
         self.static_grad_out = torch.empty_like(self.static_out)
-        with torch.cuda.graph(self.bwd, pool=pool, stream=stream):
+        with torch.cuda.graph(self.bwd, pool=pool, stream=stream, capture_error_mode=mode):
             grads = torch.autograd.grad(self.static_out, self.params, self.static_grad_out, allow_unused=True)
         self.static_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         self.key = self.signature(inputs)

@@ -185,6 +185,7 @@ class DreamBoothLoRA(L.LightningModule):
 
             self.ema = AdapterEMA(self.trainable_parameters(), hp.ema_decay)
         self.configure_speed()
+        perf.ddp_ignore_frozen(self)
 
     def plan_memory(self) -> None:
         """``memory_plan: auto``: cache every input the run allows, then the fastest plan that fits the GPU."""

@@ -128,3 +128,18 @@ def keep_lora_inputs_half(model: torch.nn.Module) -> int:
     for m in layers:
         m.cast_input_dtype_enabled = False
     return len(layers)
+
+
+def ddp_ignore_frozen(model: torch.nn.Module) -> int:
+    """Tell DistributedDataParallel to leave the frozen base alone: no start-up broadcast of its billions of
+    weights, and no per-step buffer broadcast (input caching parks the VAE and text encoders on the CPU, where
+    NCCL cannot reach their buffers). Only the adapters are synchronised and all-reduced, so DDP needs no
+    strategy flag (``broadcast_buffers: false``) with caching on.
+
+    Uses torch's ``_ddp_params_and_buffers_to_ignore``, which Lightning's DDPStrategy honours (it wraps the
+    LightningModule itself). Returns the number of names ignored.
+    """
+    names = [n for n, p in model.named_parameters() if not p.requires_grad]
+    names += [n for n, _ in model.named_buffers()]
+    model._ddp_params_and_buffers_to_ignore = names
+    return len(names)

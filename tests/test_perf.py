@@ -101,3 +101,32 @@ def test_keep_lora_inputs_half_under_autocast(unet):
         out = half(**inputs).sample.float()
     assert all(not m.cast_input_dtype_enabled for m in half.modules() if hasattr(m, "cast_input_dtype_enabled"))
     torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)  # bf16 rounding of the adapter input only
+
+
+def test_ddp_ignores_the_frozen_base(unet):
+    """DDP wraps only the adapters: the frozen weights and every buffer are left out of its start-up broadcast
+    and per-step buffer sync (so encoders parked on the CPU by caching need no strategy flag)."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    unet.register_buffer("parked", torch.zeros(3))  # stands for a cached-away encoder's buffer
+    try:
+        n = perf.ddp_ignore_frozen(unet)
+        frozen = {name for name, p in unet.named_parameters() if not p.requires_grad}
+        assert set(unet._ddp_params_and_buffers_to_ignore) == frozen | {"parked"} and n == len(frozen) + 1
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        try:
+            ddp = DistributedDataParallel(unet)
+            trainable = [p for p in unet.parameters() if p.requires_grad]
+            assert len(ddp._module_parameters) == len(trainable)
+            assert not ddp.modules_buffers  # nothing to broadcast before each forward
+        finally:
+            dist.destroy_process_group()
+    finally:
+        del unet._buffers["parked"]
+        del unet._ddp_params_and_buffers_to_ignore
