@@ -91,8 +91,12 @@ class StepTimer(L.Callback):
             Path(self.profile + ".python.txt").write_text(text.getvalue())
             sort = "self_cuda_time_total" if pl_module.device.type == "cuda" else "self_cpu_time_total"
             Path(self.profile).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.profile).write_text(self._prof.key_averages().table(sort_by=sort, row_limit=40,
-                                                                          max_name_column_width=90))
+            rows = self._prof.key_averages()
+            Path(self.profile).write_text(rows.table(sort_by=sort, row_limit=40, max_name_column_width=90))
+            # every row, for grouping kernel time by kind (gemm, attention, elementwise, ...) outside this run
+            Path(self.profile + ".json").write_text(json.dumps(
+                [{"name": r.key, "count": r.count, "self_device_us": getattr(r, "self_device_time_total", 0),
+                  "self_cpu_us": r.self_cpu_time_total} for r in rows]))
             self._prof = None
         if batch_idx < self.warmup:  # warm-up steps are synced one by one: their times show compile cost
             now = self._sync(pl_module.device)
