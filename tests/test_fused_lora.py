@@ -1,0 +1,156 @@
+"""fused_lora.py: the fused frozen-linear + LoRA node equals peft's path (values and gradients), falls back to
+peft wherever it cannot, and leaves the adapters' parameters and state dict as peft's own."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreambooth_pl.fused_lora import fuse_lora_layers, unfuse_lora_layers
+from dreambooth_pl.lora import add_lora, lora_config, lora_state_dict
+
+
+def _close(a, b, rel):
+    return (a - b).abs().max() <= rel * b.abs().max()
+
+
+def _layers(bias: bool, **cfg):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=bias)).requires_grad_(False)
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False,
+                                               **cfg), model)
+    return model
+
+
+def _run(model, x):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[-1])).pow(2).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        p.grad = None
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_equals_peft_in_fp32(bias):
+    model = _layers(bias)
+    x = torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(1))
+    ref = _run(model, x)
+    assert fuse_lora_layers(model) == 1
+    got = _run(model, x)
+    assert _close(got[0], ref[0], 1e-6) and _close(got[1], ref[1], 1e-5)
+    assert ref[2].keys() == got[2].keys() and len(got[2]) == 2
+    assert all(_close(got[2][k], ref[2][k], 1e-5) for k in ref[2])
+    assert unfuse_lora_layers(model) == 1 and "forward" not in vars(model[0])
+
+
+def test_fused_unet_loss_and_adapter_gradients_equal_peft(tiny_base):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
+    add_lora(unet, lora_config(4, alpha=8, init=False))
+    g = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, 77, cfg.cross_attention_dim, generator=g),
+                  added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g),
+                                     "time_ids": torch.randn(2, 6, generator=g)})
+
+    def loss_and_grads():
+        out = unet(**inputs).sample
+        loss = out.pow(2).mean()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+        for p in unet.parameters():
+            p.grad = None
+        return loss.detach(), grads
+
+    before = {k: v.clone() for k, v in lora_state_dict(unet).items()}
+    ref_loss, ref = loss_and_grads()
+    n = fuse_lora_layers(unet)
+    assert n == len(ref) // 2  # every adapted projection: one A and one B each
+    loss, got = loss_and_grads()
+    assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    worst = max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in ref)
+    assert worst <= 1e-5, worst
+    # the parameters are still peft's: same names, same values, same export
+    after = lora_state_dict(unet)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fused_under_autocast_matches_peft_with_half_inputs():
+    from dreambooth_pl.perf import keep_lora_inputs_half
+
+    model = _layers(True).to(torch.bfloat16)
+    for n, p in model.named_parameters():  # the module's layout: half frozen base, fp32 adapters
+        if "lora_" in n:
+            p.data = p.data.float()
+    keep_lora_inputs_half(model)
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _run(model, x)
+        fuse_lora_layers(model)
+        got = _run(model, x)
+    assert got[0].dtype == ref[0].dtype == torch.bfloat16
+    assert _close(got[0].float(), ref[0].float(), 2e-2)
+    assert all(got[2][k].dtype == torch.float32 and _close(got[2][k], ref[2][k], 3e-2) for k in ref[2])
+
+
+@pytest.mark.parametrize("case", ["dora", "dropout", "disabled", "merged"])
+def test_states_the_fused_node_does_not_cover_run_peft_unchanged(case):
+    model = _layers(True, **({"use_dora": True} if case == "dora" else {"lora_dropout": 0.5} if case == "dropout"
+                             else {}))
+    layer = model[0]
+    if case == "disabled":
+        layer.enable_adapters(False)
+    if case == "merged":
+        layer.merge()
+    x = torch.randn(2, 3, 24, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    ref = model(x)
+    fuse_lora_layers(model)
+    torch.manual_seed(5)  # dropout draws the same mask only if the same (peft) code runs
+    assert torch.equal(model(x), ref)
+
+
+@pytest.mark.gpu
+def test_fused_on_gpu_matches_peft_in_bf16_and_replays_from_a_cuda_graph():
+    """An SDXL-sized projection (1280 wide, 2 x 1024 tokens) under bf16 autocast: the fused node equals peft's
+    path within bf16 tolerance, eagerly and replayed from the CUDA graph the recipe's step uses."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from dreambooth_pl.graphs import GraphedCall
+    from dreambooth_pl.perf import keep_lora_inputs_half
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1280, 1280)).requires_grad_(False)
+    model = inject_adapter_in_model(LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), model).cuda()
+    model.to(torch.bfloat16)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+    keep_lora_inputs_half(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(2, 1024, 1280, device="cuda", dtype=torch.bfloat16)
+
+    def step(call):
+        out = call(x)
+        (out.float() * torch.linspace(-1, 1, 1280, device="cuda")).pow(2).mean().backward()
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out.detach().float(), grads
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = step(model)
+        fuse_lora_layers(model)
+        eager = step(model)
+        graphed = GraphedCall(model, params, torch.bfloat16)
+        for _ in range(3):  # capture, then replays
+            replay = step(graphed)
+    for got in (eager, replay):
+        assert _close(got[0], ref[0], 2e-2)
+        assert all(_close(a, b, 3e-2) for a, b in zip(got[1], ref[1]))
+    assert graphed.replays == 3 and graphed.fallbacks == 0
