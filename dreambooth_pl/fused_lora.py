@@ -20,6 +20,11 @@ import types
 import torch
 
 
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * a @ b`` in one GEMM (cuBLAS alpha; with beta 0 the empty input is never read)."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scale)
+
+
 class _LoraLinear(torch.autograd.Function):
     """Frozen linear + LoRA in one node; every tensor is already in the compute dtype."""
 
@@ -27,7 +32,7 @@ class _LoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
         x2 = x.reshape(-1, x.shape[-1])
         out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-        xa = torch.mm(x2, lora_a.t()).mul_(scale)  # [tokens, r]: the only activation the adapter adds
+        xa = _scaled_mm(x2, lora_a.t(), scale)  # [tokens, r]: the only activation the adapter adds
         out.addmm_(xa, lora_b.t())
         ctx.scale = scale
         ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
@@ -39,7 +44,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x2, weight, lora_a, lora_b, xa = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
-        gb = torch.mm(g2, lora_b).mul_(ctx.scale)  # [tokens, r]
+        gb = _scaled_mm(g2, lora_b, ctx.scale)  # [tokens, r]
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g2, weight).addmm_(gb, lora_a).view(*grad.shape[:-1], weight.shape[1])
