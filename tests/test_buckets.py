@@ -95,7 +95,7 @@ def test_cache_keys_on_the_bucket_and_streams_the_same_batches(tiny_base, tmp_pa
     """model.cache with aspect buckets: each photo encoded at its bucket, each class image at every bucket in use;
     the cached stream yields the pixel stream's batches (same bucket, prompts, flips and crops), and its loss
     equals the pixel path's on centre crops."""
-    from dreambooth_pl.data.cache import CachedBucketedStream, build_cache
+    from dreambooth_pl.data.cache import CachedBucketedStream, Encoders, build_cache
     from dreambooth_pl.module import DreamBoothLoRA
 
     table = bucket_table(128, step=32)
@@ -105,7 +105,8 @@ def test_cache_keys_on_the_bucket_and_streams_the_same_batches(tiny_base, tmp_pa
     prior = ImageSet(tuple(write_images(tmp_path / "c", 3, size=(128, 128), seed=7)), "a photo of dog")
     module = DreamBoothLoRA(base_model=tiny_base, lora_init=False, cache="all")
     module.configure_model()
-    cache = build_cache(module, inst, prior, 128, "all", offload=False, buckets=buckets)
+    encoders = Encoders(module.vae, (module.text_encoder, module.text_encoder_2), module.tokenizers)
+    cache = build_cache(encoders, inst, prior, 128, "all", offload=False, buckets=buckets)
     assert set(cache.instance.entries) == {(i, buckets[p]) for i, p in enumerate(inst.paths)}
     assert set(cache.prior.entries) == {(c, b) for c in range(3) for b in set(buckets.values())}
     kw = dict(batch_size=2, flip_p=0.5, seed=3)

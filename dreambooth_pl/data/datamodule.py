@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import CachedBucketedStream, CachedStream
+from .cache import CacheMode, CachedBucketedStream, CachedStream, Encoders, build_cache
 from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
@@ -97,7 +97,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             bucket_table(resolution, bucket_step, bucket_max_ratio)  # bad values fail before any model loads
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
-        self.cache = None  # an InputCache the module fills in on_fit_start when model.cache is on
+        self.cache = None  # an InputCache, built by cache_inputs when model.cache is on
 
     def setup(self, stage: str | None = None) -> None:
         """Find and decode every image now, so bad input fails before the models load."""
@@ -134,6 +134,21 @@ class DreamBoothDataModule(L.LightningDataModule):
             cls = cls[: hp.num_class_images]
             cls = check_images(cls, "class", hp.resolution, hp.strict_images)
             self.prior = ImageSet(tuple(cls), hp.class_prompt)
+
+    def cache_inputs(self, encoders: Encoders, mode: CacheMode, offload: bool = True) -> None:
+        """Pre-encode this module's images (and prompts, ``mode="all"``) with ``encoders`` and keep the result for
+        the training stream (``model.cache``, data/cache.py); a second call keeps the first result.
+
+        Args:
+            encoders: the training module's encoders, on its device (each rank encodes its own copy under DDP).
+            mode: ``latents`` or ``all``.
+            offload: move the encoders to the CPU once their part is done (see ``build_cache``).
+        """
+        if self.cache is not None:
+            return
+        self.setup("fit")  # a no-op after Lightning's own call: the images are found and checked once
+        self.cache = build_cache(encoders, self.instance, self.prior, self.hparams.resolution, mode, offload,
+                                 self.buckets)
 
     def _generate_class_images(self) -> None:
         """Fill class_dir up to num_class_images with the base; local rank 0 draws, the other ranks wait."""
