@@ -49,7 +49,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         mask_floor: loss weight outside the mask, in [0, 1].
         aspect_buckets: train each photo at the bucket of about ``resolution²`` pixels nearest its aspect ratio
             instead of a square crop; a batch draws from one bucket and each class image is cropped to its
-            partner's bucket (data/buckets.py). Fit logs the table with each bucket's photo count.
+            partner's bucket (data/buckets.py). Fit logs the table with each bucket's photo count
+            (``python -m dreambooth_pl buckets CONFIG`` prints it before training).
         bucket_step: bucket sides are multiples of this (64 for SDXL).
         bucket_max_ratio: largest long/short side ratio of a bucket.
     """
@@ -104,14 +105,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         if self.instance is not None:
             return
         hp = self.hparams
-        inst = list_images(hp.instance_dir, "instance")
-        if hp.num_instance_images is not None:
-            if len(inst) < hp.num_instance_images:
-                raise ImageIntakeError(f"instance dir {hp.instance_dir!r} has {len(inst)} image(s) but "
-                                       f"data.num_instance_images is {hp.num_instance_images}: add photos or "
-                                       "lower it.")
-            inst = inst[: hp.num_instance_images]
-        inst = check_images(inst, "instance", hp.resolution, hp.strict_images)
+        inst = find_instance_images(hp.instance_dir, hp.num_instance_images, hp.resolution, hp.strict_images)
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
         if hp.crop == "face" or hp.mask == "face":
             self.faces = detect_faces(self.instance.paths, hp.crop == "face")
@@ -232,15 +226,27 @@ def detect_faces(paths, for_crop: bool) -> dict:
 
 def assign_buckets(paths, resolution: int, step: int, max_ratio: float) -> dict:
     """Each instance photo's aspect bucket; logs the bucket table with how many photos fell in each."""
-    from collections import Counter
-
     from lightning.pytorch.utilities import rank_zero_info
 
-    from .buckets import assign, bucket_table, describe
-    from .images import load_rgb
+    from .buckets import bucket_photos
 
-    table = bucket_table(resolution, step, max_ratio)
-    buckets = {p: assign(load_rgb(p).size[::-1], table) for p in paths}
-    rank_zero_info(f"aspect buckets (height x width, ~{resolution}² pixels):\n"
-                   + describe(table, Counter(buckets.values())))
+    buckets, table = bucket_photos(paths, resolution, step, max_ratio)
+    rank_zero_info(table)
     return buckets
+
+
+def find_instance_images(instance_dir: str, num_instance_images: Optional[int], resolution: int,
+                         strict: bool) -> list:
+    """The instance photos fit trains on: sorted, the first ``num_instance_images``, each checked (data/images.py).
+
+    Args:
+        instance_dir, num_instance_images, resolution: as for :class:`DreamBoothDataModule`.
+        strict: ``data.strict_images``.
+    """
+    inst = list_images(instance_dir, "instance")
+    if num_instance_images is not None:
+        if len(inst) < num_instance_images:
+            raise ImageIntakeError(f"instance dir {instance_dir!r} has {len(inst)} image(s) but "
+                                   f"data.num_instance_images is {num_instance_images}: add photos or lower it.")
+        inst = inst[:num_instance_images]
+    return check_images(inst, "instance", resolution, strict)
