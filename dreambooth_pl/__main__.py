@@ -13,6 +13,7 @@ COMMANDS = {
     "ablate": "dreambooth_pl.tools.ablate:ablate",
     "ablate-checkpoints": "dreambooth_pl.tools.checkpoint_curve:ablate_checkpoints",
     "check-token": "dreambooth_pl.tools.check_token:check_token",
+    "buckets": "dreambooth_pl.tools.buckets:buckets",
     "generate-class-images": "dreambooth_pl.tools.generate_class_images:generate_class_images",
     "sample": "dreambooth_pl.tools.sample:sample",
     "list-suites": "dreambooth_pl.tools.sample:suites",
@@ -27,7 +28,7 @@ COMMANDS = {
 # verbs whose required arguments are positional (``check-token rraj``); the others take --name value only.
 POSITIONAL = {"check-token"}
 # verbs whose leading arguments fill one list parameter (``merge A.safetensors:1.0 B.safetensors:0.8 --out C``).
-LEADING_LIST = {"merge": "loras", "evaluate": "generated", "compare-runs": "evals"}
+LEADING_LIST = {"merge": "loras", "evaluate": "generated", "compare-runs": "evals", "buckets": "configs"}
 
 
 def _leading_list(args: list[str], name: str) -> list[str]:

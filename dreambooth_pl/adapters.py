@@ -85,7 +85,7 @@ def save_adapter(path: str | os.PathLike, kind: AdapterType, models: dict[str, t
         layout: ``diffusers``, ``kohya`` (LoRA: kohya's; DoRA/LoKr/LoHa: LyCORIS's), or ``auto`` (the first of
             ``LAYOUTS[kind]``).
     """
-    from . import formats, lycoris
+    from . import formats, lora_state, lycoris
 
     layout = LAYOUTS[kind][0] if layout == "auto" else layout
     check_layout(kind, layout)
@@ -96,5 +96,5 @@ def save_adapter(path: str | os.PathLike, kind: AdapterType, models: dict[str, t
         return lora_lib.save_diffusers_lora(path, models["unet"], models.get("text_encoder"),
                                             models.get("text_encoder_2"))
     if kind == "lora":
-        return formats.write_lora(formats.uniform_alpha(formats.from_models(models)), path, "kohya")
+        return formats.write_lora(lora_state.uniform_alpha(lora_state.from_models(models)), path, "kohya")
     return lycoris.write_lycoris(lycoris.module_tensors(models), kind, path)

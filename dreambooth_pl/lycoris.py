@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import on_disk_name
+from .lora_state import on_disk_name
 
 PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 # peft parameter name -> LyCORIS parameter name (the rest are spelled alike)

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from . import adapters
 from . import lora as lora_lib
 from . import perf
-from .data.cache import build_cache, check_cache_mode
+from .data.cache import Encoders, check_cache_mode
 from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
 from .noise import NoiseSchedule
@@ -211,12 +211,13 @@ class DreamBoothLoRA(L.LightningModule):
                 perf.compile_blocks(m, hp.compile_regions, mode=hp.compile_mode)
 
     def on_fit_start(self) -> None:
-        """With ``cache``: encode the data module's images (and prompts) now, then free those encoders."""
+        """With ``cache``: hand the encoders to the data module, which encodes its images (and prompts) now and
+        frees those encoders; the UNet waits on the CPU meanwhile."""
         dm = getattr(self.trainer, "datamodule", None)
-        if self.speed["cache"] == "off" or dm is None or getattr(dm, "cache", None) is not None:
+        if self.speed["cache"] == "off" or dm is None:
             return
-        dm.cache = build_cache(self, dm.instance, dm.prior, dm.hparams.resolution, self.speed["cache"],
-                               buckets=getattr(dm, "buckets", None))
+        dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
+                                 park=(self.unet,)), self.speed["cache"])
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""

@@ -2,7 +2,8 @@
 
 ``RunDir`` names what a run's version folder holds (``config.yaml``, ``checkpoints/last.ckpt``, the exported LoRA);
 :func:`fit_command` builds ``fit`` arguments from configs and ``key: value`` overrides, optionally pinning every
-output into a run folder. The ablation runner, checkpoint curves, evaluation and the tests use them.
+output into a run folder. The ablation runner, checkpoint curves, evaluation, the benchmark and the tests
+use them.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def override(key: str, value: Any) -> str:
 
 
 def fit_command(configs: Sequence[str] = (), overrides: Optional[Mapping[str, Any]] = None,
-                run: Optional[RunDir] = None, resume: bool = False) -> list[str]:
+                run: Optional[RunDir] = None, resume: bool = False, verb: bool = True) -> list[str]:
     """Arguments of ``python -m dreambooth_pl fit`` (or ``DreamBoothCLI(args=...)``).
 
     Args:
@@ -75,8 +76,11 @@ def fit_command(configs: Sequence[str] = (), overrides: Optional[Mapping[str, An
         overrides: ``{"model.lora_rank": 8, ...}``, after the configs.
         run: pin the logger version, checkpoints and export into this folder (``<save_dir>/<name>/<version>``).
         resume: continue from the run's ``last.ckpt``.
+        verb: lead with ``fit``; false for ``DreamBoothCLI(args=..., run=False)``, which parses fit's arguments
+            without a subcommand and leaves calling ``trainer.fit`` to the caller (tools/benchmark.py).
     """
-    args = ["fit"] + [a for c in configs for a in ("--config", str(c))]
+    args = ["fit"] if verb else []
+    args += [a for c in configs for a in ("--config", str(c))]
     args += [override(k, v) for k, v in (overrides or {}).items()]
     if run is not None:
         args += [f"--trainer.logger.init_args.save_dir={run.path.parent.parent}",

@@ -16,7 +16,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler,
                        UniPCMultistepScheduler)
 
-from .formats import check_base, read_lora
+from .formats import read_lora
+from .lora_state import check_base
 from .lora import LORA_FILE
 from .sdxl import load_vae, resolve_base, unscale_latents
 

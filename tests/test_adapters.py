@@ -10,7 +10,8 @@ from conftest import fit_args, write_images
 from safetensors.torch import load_file
 
 from dreambooth_pl import adapters, lycoris
-from dreambooth_pl.formats import LoRAFormatError, read_lora
+from dreambooth_pl.formats import read_lora
+from dreambooth_pl.lora_state import LoRAFormatError
 from dreambooth_pl.module import DreamBoothLoRA
 from dreambooth_pl.sdxl import load_parts
 

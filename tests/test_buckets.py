@@ -14,6 +14,7 @@ from dreambooth_pl.data.buckets import BucketedStream, assign, bucket_table
 from dreambooth_pl.data.datasets import ImageSet
 from dreambooth_pl.data.transforms import prepare_image
 from dreambooth_pl.sdxl import add_time_ids
+from dreambooth_pl.tools.buckets import buckets
 from conftest import write_images
 
 
@@ -89,13 +90,47 @@ def test_fit_logs_the_bucket_counts(tiny_base, tmp_path, caplog):
         cli = DreamBoothCLI(args=args)
     assert "160x96 (0.60): 2 image(s)" in caplog.text and "96x160 (1.67): 1 image(s)" in caplog.text
     assert cli.trainer.global_step == 2
+    config = _data_config(tmp_path, aspect_buckets=True, class_dir=str(tmp_path / "class"),
+                          class_prompt="a photo of dog", num_class_images=4)
+    assert buckets([config]) in caplog.text  # the verb prints the very table fit logged
+
+
+def _data_config(tmp_path, **data) -> str:
+    import yaml
+
+    data = {"instance_dir": str(tmp_path / "instance"), "instance_prompt": "a photo of sks dog", "resolution": 128,
+            "bucket_step": 32, "with_prior_preservation": False, **data}
+    path = tmp_path / "fit.yaml"
+    data = {k: v for k, v in data.items() if v is not None}  # None: leave the key out
+    path.write_text(yaml.safe_dump({"model": {"base_model": "unused"}, "data": data}))
+    return str(path)
+
+
+def test_buckets_verb_shows_the_table_before_training(tmp_path, capsys):
+    """``buckets CONFIG``: the table and counts, a note when data.aspect_buckets is off, values to try, and bad
+    values or files named."""
+    from dreambooth_pl.__main__ import main
+
+    _images(tmp_path / "instance", [(120, 200), (200, 120), (110, 190)])
+    main(["buckets", _data_config(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("data.aspect_buckets is off in this config: fit trains square 128x128 crops")
+    assert "160x96 (0.60): 2 image(s)\n  128x96 (0.75): 0 image(s)" in out and "96x160 (1.67): 1 image(s)" in out
+    tried = buckets([_data_config(tmp_path, aspect_buckets=True)], resolution=256, bucket_step=64)
+    assert tried.startswith("aspect buckets (height x width, ~256² pixels):") and "320x192 (0.60): 2 image(s)" in tried
+    no_subject = buckets([_data_config(tmp_path, instance_dir=None)])
+    assert "  160x96 (0.60)\n" in no_subject and "image(s)" not in no_subject
+    with pytest.raises(ValueError, match="data.bucket_step must be a positive multiple of 8"):
+        buckets([_data_config(tmp_path)], bucket_step=50)
+    with pytest.raises(ValueError, match="not found: .*missing.yaml"):
+        buckets([str(tmp_path / "missing.yaml")])
 
 
 def test_cache_keys_on_the_bucket_and_streams_the_same_batches(tiny_base, tmp_path):
     """model.cache with aspect buckets: each photo encoded at its bucket, each class image at every bucket in use;
     the cached stream yields the pixel stream's batches (same bucket, prompts, flips and crops), and its loss
     equals the pixel path's on centre crops."""
-    from dreambooth_pl.data.cache import CachedBucketedStream, build_cache
+    from dreambooth_pl.data.cache import CachedBucketedStream, Encoders, build_cache
     from dreambooth_pl.module import DreamBoothLoRA
 
     table = bucket_table(128, step=32)
@@ -105,7 +140,8 @@ def test_cache_keys_on_the_bucket_and_streams_the_same_batches(tiny_base, tmp_pa
     prior = ImageSet(tuple(write_images(tmp_path / "c", 3, size=(128, 128), seed=7)), "a photo of dog")
     module = DreamBoothLoRA(base_model=tiny_base, lora_init=False, cache="all")
     module.configure_model()
-    cache = build_cache(module, inst, prior, 128, "all", offload=False, buckets=buckets)
+    encoders = Encoders(module.vae, (module.text_encoder, module.text_encoder_2), module.tokenizers)
+    cache = build_cache(encoders, inst, prior, 128, "all", offload=False, buckets=buckets)
     assert set(cache.instance.entries) == {(i, buckets[p]) for i, p in enumerate(inst.paths)}
     assert set(cache.prior.entries) == {(c, b) for c in range(3) for b in set(buckets.values())}
     kw = dict(batch_size=2, flip_p=0.5, seed=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreambooth_pl.data.cache import CacheError, CachedStream, build_cache, check_cache_mode
+from dreambooth_pl.data.cache import CacheError, CachedStream, Encoders, build_cache, check_cache_mode
 from dreambooth_pl.data.datamodule import DreamBoothDataModule
 from dreambooth_pl.data.datasets import PairedStream
 from dreambooth_pl.module import DreamBoothLoRA
@@ -34,7 +34,9 @@ def setup(tiny_base, tmp_path_factory):
     dm.setup("fit")
     module = DreamBoothLoRA(base_model=tiny_base, lora_init=False, cache="all")
     module.configure_model()
-    return dm, module, build_cache(module, dm.instance, dm.prior, 32, "all", offload=False)
+    dm.cache_inputs(Encoders(module.vae, (module.text_encoder, module.text_encoder_2), module.tokenizers), "all",
+                    offload=False)
+    return dm, module, dm.cache
 
 
 def test_cached_stream_matches_paired_stream(setup):
@@ -50,6 +52,16 @@ def test_cached_stream_matches_paired_stream(setup):
         plain_left = cache.instance.entries[(0, (32, 32))].crop_top_left[0, 1]
         flips_seen |= {bool(x) for x in (c["crop_top_left"][:, 1] != plain_left)}
     assert flips_seen == {False, True}  # both stored orientations are used
+
+
+def test_cache_inputs_keeps_its_first_result(setup):
+    """A second hand-over (a second fit on the same data module) reuses the cache instead of re-encoding."""
+    dm, module, cache = setup
+    dm.cache_inputs(Encoders(module.vae, (module.text_encoder, module.text_encoder_2), module.tokenizers), "latents",
+                    offload=False)
+    assert dm.cache is cache and set(cache.text) == {"a photo of sks dog", "a photo of dog"}
+    with pytest.raises(CacheError, match="latents or all, got 'off'"):
+        build_cache(Encoders(module.vae, (), ()), dm.instance, None, 32, "off")
 
 
 def test_cached_loss_equals_pixel_loss(setup):

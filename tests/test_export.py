@@ -9,7 +9,8 @@ from conftest import fit_args
 from safetensors.torch import load_file
 
 from dreambooth_pl.__main__ import main
-from dreambooth_pl.formats import LoRAFormatError, detect_format, read_lora
+from dreambooth_pl.formats import detect_format, read_lora
+from dreambooth_pl.lora_state import LoRAFormatError
 from dreambooth_pl.io import CheckpointError
 from dreambooth_pl.tools.export import export, read_checkpoint
 

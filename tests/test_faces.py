@@ -110,5 +110,5 @@ def test_fit_with_face_crop_and_face_mask(tiny_base, face_dir, tmp_path):
     batch = cli.datamodule.train_dataloader().dataset.batch(0)
     assert batch["loss_mask"].shape == (1, 1, 64, 64) and batch["loss_mask"].min() == pytest.approx(0.1)
     with pytest.raises(ValueError, match="model.cache: off"):
-        cli.datamodule.cache = object()  # what model.cache fills in
+        cli.datamodule.cache = object()  # what cache_inputs keeps with model.cache on
         cli.datamodule.train_dataloader()

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dreambooth_pl.formats import (LoRAFormatError, check_base, detect_format, from_models, read_lora, to_kohya,
-                                   uniform_alpha, write_lora)
+from dreambooth_pl.formats import detect_format, read_lora, to_kohya, write_lora
+from dreambooth_pl.lora_state import LoRAFormatError, check_base, from_models, uniform_alpha
 from dreambooth_pl.lora import TEXT_TARGETS, UNET_TARGETS
 
 

@@ -7,7 +7,8 @@ import torch
 from test_formats import load_unet, pipe, random_lora, unet_out  # noqa: F401  (pipe is a fixture)
 
 from dreambooth_pl.__main__ import main
-from dreambooth_pl.formats import LoRA, LoRAFormatError, from_models, read_lora, uniform_alpha, write_lora
+from dreambooth_pl.formats import read_lora, write_lora
+from dreambooth_pl.lora_state import LoRA, LoRAFormatError, from_models, uniform_alpha
 from dreambooth_pl.tools.merge import merge, merge_loras, parse_spec
 
 STYLE_TARGETS = ("to_v", "to_out.0", "proj_in", "proj_out")  # overlaps the subject's q/k/v/out on two modules

@@ -28,3 +28,5 @@ def test_fit_command_orders_configs_overrides_pins_and_resume(tmp_path):
     assert f"--trainer.logger.init_args.save_dir={tmp_path / 'grid'}" in args
     assert "--trainer.logger.init_args.name=runs" in args and "--trainer.logger.init_args.version=rank8" in args
     assert f"--export.dirpath={run.path}" in args and args[-1] == "--ckpt_path=last"
+    assert fit_command(["a.yaml"], {"trainer.max_steps": 3}, verb=False) == ["--config", "a.yaml",
+                                                                             "--trainer.max_steps=3"]

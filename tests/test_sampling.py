@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dreambooth_pl.sdxl import BaseModelError
-from dreambooth_pl.formats import LoRAFormatError, read_lora, write_lora
+from dreambooth_pl.formats import read_lora, write_lora
+from dreambooth_pl.lora_state import LoRAFormatError
 from dreambooth_pl.sampling import (SCHEDULERS, SamplingError, add_loras, generate, load_pipeline, make_scheduler,
                                     pipeline_from_module)
 

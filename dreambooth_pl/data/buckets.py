@@ -50,9 +50,29 @@ def assign(size: tuple[int, int], table: list[Bucket]) -> Bucket:
     return min(table, key=lambda b: (abs(math.log(b[1] / b[0]) - ratio), -b[0] * b[1]))
 
 
-def describe(table: list[Bucket], counts: Counter) -> str:
-    """One line per bucket: ``HxW (aspect): n image(s)``, for the fit log."""
-    return "\n".join(f"  {h}x{w} ({w / h:.2f}): {counts.get((h, w), 0)} image(s)" for h, w in table)
+def describe(table: list[Bucket], counts: Counter | None) -> str:
+    """One line per bucket: ``HxW (aspect): n image(s)`` (just ``HxW (aspect)`` without ``counts``)."""
+    return "\n".join(f"  {h}x{w} ({w / h:.2f})" + (f": {counts.get((h, w), 0)} image(s)" if counts is not None else "")
+                     for h, w in table)
+
+
+def bucket_photos(paths, resolution: int, step: int = 64, max_ratio: float = 2.0) -> tuple[dict[Path, Bucket], str]:
+    """Each photo's bucket, and the table with each bucket's photo count: what fit logs and ``buckets`` prints.
+
+    Args:
+        paths: the instance photos.
+        resolution, step, max_ratio: as for :func:`bucket_table`.
+    """
+    from .images import load_rgb
+
+    table = bucket_table(resolution, step, max_ratio)
+    buckets = {p: assign(load_rgb(p).size[::-1], table) for p in paths}
+    return buckets, table_header(resolution) + describe(table, Counter(buckets.values()))
+
+
+def table_header(resolution: int) -> str:
+    """The first line of the bucket table as fit logs it."""
+    return f"aspect buckets (height x width, ~{resolution}² pixels):\n"
 
 
 class BucketedStream(PairedStream):

@@ -4,6 +4,10 @@ the prompts' text embeddings, so the VAE (and the text encoders) leave the GPU b
 This is the ``--cache_latents`` of diffusers' ``train_dreambooth_lora_sdxl.py``: the latent *distribution*
 (mean, std) is stored and a latent is sampled from it every step, so training still sees the VAE's noise.
 Crops are centred (a cache cannot hold every random crop); flips keep their per-example probability.
+
+One direction: the training module hands its encoders over as an :class:`Encoders` value to
+``DreamBoothDataModule.cache_inputs``, which calls :func:`build_cache` with its own images, buckets and resolution
+and keeps the result for its stream (the idea of kohya sd-scripts' ``dataset.cache_latents(vae)``).
 """
 from __future__ import annotations
 
@@ -101,45 +105,64 @@ def encode_texts(text_encoders, tokenizers, prompts: list[str]) -> dict[str, tup
     return {p: (emb[i].cpu(), pooled[i].cpu()) for i, p in enumerate(prompts)}
 
 
-def build_cache(module, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
-                offload: bool = True, buckets: dict | None = None) -> InputCache:
-    """Encode the data module's image sets with ``module``'s VAE (and text encoders for ``mode="all"``), moving
-    each encoder to the CPU as soon as its part is done, so the VAE's large transient never meets them.
+@dataclass(frozen=True)
+class Encoders:
+    """What the cache encodes with, handed over by the training module (data/cache.py never sees the module).
 
     Args:
-        module: a configured ``DreamBoothLoRA`` (its encoders on the training device).
+        vae: the image encoder, on the device that encodes.
+        text_encoders: SDXL's two text encoders (for ``mode="all"``).
+        tokenizers: their tokenizers, in the same order.
+        park: modules moved to the CPU while the VAE encodes and back after (the UNet: the VAE's fp32
+            activations at 1024² are the run's largest transient).
+    """
+
+    vae: torch.nn.Module
+    text_encoders: tuple[torch.nn.Module, ...]
+    tokenizers: tuple
+    park: tuple[torch.nn.Module, ...] = ()
+
+
+def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
+                offload: bool = True, buckets: dict | None = None) -> InputCache:
+    """Encode the image sets with ``encoders.vae`` (and the prompts with the text encoders for ``mode="all"``),
+    moving each encoder to the CPU as soon as its part is done, so the VAE's large transient never meets them.
+
+    Args:
+        encoders: the encoders (on the training device) and the modules to park meanwhile.
         instance, prior: the data module's image sets.
         resolution: training side in pixels.
         mode: ``latents`` or ``all``.
-        offload: move the encoders that are no longer needed to the CPU.
+        offload: move the encoders that are no longer needed to the CPU, and park ``encoders.park`` meanwhile.
         buckets: instance path -> aspect bucket (``data.aspect_buckets``): each photo is encoded at its bucket,
             each class image at every bucket in use (it is cropped to its partner's).
     """
-    # the VAE's fp32 activations at 1024² are the run's largest transient: encode with the UNet parked on the CPU
-    unet = getattr(module, "unet", None)
-    with borrowed([unet] if offload and unet is not None else [], torch.device("cpu")):
-        return _build(module, instance, prior, resolution, mode, offload, buckets)
+    if mode not in ("latents", "all"):
+        raise CacheError(f"build_cache encodes for model.cache=latents or all, got {mode!r}")
+    with borrowed(encoders.park if offload else (), torch.device("cpu")):
+        return _build(encoders, instance, prior, resolution, mode, offload, buckets)
 
 
-def _build(module, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
+def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
            offload: bool, buckets: dict | None) -> InputCache:
     text = {}
     if mode == "all":
         sets = [s for s in (instance, prior) if s]
         prompts = [s.prompt_for(i) for s in sets for i in range(len(s.paths))]
-        text = encode_texts((module.text_encoder, module.text_encoder_2), module.tokenizers, prompts)
+        text = encode_texts(encoders.text_encoders, encoders.tokenizers, prompts)
         if offload:
-            _offload(module.text_encoder, module.text_encoder_2)
+            _offload(*encoders.text_encoders)
     if buckets:
         sizes = [[tuple(buckets[p])] for p in instance.paths]
         prior_sizes = sorted({tuple(b) for b in buckets.values()})
     else:
         sizes, prior_sizes = [[(resolution, resolution)]] * len(instance.paths), [(resolution, resolution)]
-    cache = InputCache(encode_set(module.vae, instance, sizes),
-                       encode_set(module.vae, prior, [prior_sizes] * len(prior.paths)) if prior else None,
+    vae = encoders.vae
+    cache = InputCache(encode_set(vae, instance, sizes),
+                       encode_set(vae, prior, [prior_sizes] * len(prior.paths)) if prior else None,
                        resolution, text)
     if offload:
-        _offload(module.vae)
+        _offload(vae)
     return cache
 
 

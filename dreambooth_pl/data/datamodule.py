@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import CachedBucketedStream, CachedStream
+from .cache import CacheMode, CachedBucketedStream, CachedStream, Encoders, build_cache
 from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
@@ -49,7 +49,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         mask_floor: loss weight outside the mask, in [0, 1].
         aspect_buckets: train each photo at the bucket of about ``resolution²`` pixels nearest its aspect ratio
             instead of a square crop; a batch draws from one bucket and each class image is cropped to its
-            partner's bucket (data/buckets.py). Fit logs the table with each bucket's photo count.
+            partner's bucket (data/buckets.py). Fit logs the table with each bucket's photo count
+            (``python -m dreambooth_pl buckets CONFIG`` prints it before training).
         bucket_step: bucket sides are multiples of this (64 for SDXL).
         bucket_max_ratio: largest long/short side ratio of a bucket.
     """
@@ -97,21 +98,14 @@ class DreamBoothDataModule(L.LightningDataModule):
             bucket_table(resolution, bucket_step, bucket_max_ratio)  # bad values fail before any model loads
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
-        self.cache = None  # an InputCache the module fills in on_fit_start when model.cache is on
+        self.cache = None  # an InputCache, built by cache_inputs when model.cache is on
 
     def setup(self, stage: str | None = None) -> None:
         """Find and decode every image now, so bad input fails before the models load."""
         if self.instance is not None:
             return
         hp = self.hparams
-        inst = list_images(hp.instance_dir, "instance")
-        if hp.num_instance_images is not None:
-            if len(inst) < hp.num_instance_images:
-                raise ImageIntakeError(f"instance dir {hp.instance_dir!r} has {len(inst)} image(s) but "
-                                       f"data.num_instance_images is {hp.num_instance_images}: add photos or "
-                                       "lower it.")
-            inst = inst[: hp.num_instance_images]
-        inst = check_images(inst, "instance", hp.resolution, hp.strict_images)
+        inst = find_instance_images(hp.instance_dir, hp.num_instance_images, hp.resolution, hp.strict_images)
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
         if hp.crop == "face" or hp.mask == "face":
             self.faces = detect_faces(self.instance.paths, hp.crop == "face")
@@ -134,6 +128,21 @@ class DreamBoothDataModule(L.LightningDataModule):
             cls = cls[: hp.num_class_images]
             cls = check_images(cls, "class", hp.resolution, hp.strict_images)
             self.prior = ImageSet(tuple(cls), hp.class_prompt)
+
+    def cache_inputs(self, encoders: Encoders, mode: CacheMode, offload: bool = True) -> None:
+        """Pre-encode this module's images (and prompts, ``mode="all"``) with ``encoders`` and keep the result for
+        the training stream (``model.cache``, data/cache.py); a second call keeps the first result.
+
+        Args:
+            encoders: the training module's encoders, on its device (each rank encodes its own copy under DDP).
+            mode: ``latents`` or ``all``.
+            offload: move the encoders to the CPU once their part is done (see ``build_cache``).
+        """
+        if self.cache is not None:
+            return
+        self.setup("fit")  # a no-op after Lightning's own call: the images are found and checked once
+        self.cache = build_cache(encoders, self.instance, self.prior, self.hparams.resolution, mode, offload,
+                                 self.buckets)
 
     def _generate_class_images(self) -> None:
         """Fill class_dir up to num_class_images with the base; local rank 0 draws, the other ranks wait."""
@@ -217,15 +226,27 @@ def detect_faces(paths, for_crop: bool) -> dict:
 
 def assign_buckets(paths, resolution: int, step: int, max_ratio: float) -> dict:
     """Each instance photo's aspect bucket; logs the bucket table with how many photos fell in each."""
-    from collections import Counter
-
     from lightning.pytorch.utilities import rank_zero_info
 
-    from .buckets import assign, bucket_table, describe
-    from .images import load_rgb
+    from .buckets import bucket_photos
 
-    table = bucket_table(resolution, step, max_ratio)
-    buckets = {p: assign(load_rgb(p).size[::-1], table) for p in paths}
-    rank_zero_info(f"aspect buckets (height x width, ~{resolution}² pixels):\n"
-                   + describe(table, Counter(buckets.values())))
+    buckets, table = bucket_photos(paths, resolution, step, max_ratio)
+    rank_zero_info(table)
     return buckets
+
+
+def find_instance_images(instance_dir: str, num_instance_images: Optional[int], resolution: int,
+                         strict: bool) -> list:
+    """The instance photos fit trains on: sorted, the first ``num_instance_images``, each checked (data/images.py).
+
+    Args:
+        instance_dir, num_instance_images, resolution: as for :class:`DreamBoothDataModule`.
+        strict: ``data.strict_images``.
+    """
+    inst = list_images(instance_dir, "instance")
+    if num_instance_images is not None:
+        if len(inst) < num_instance_images:
+            raise ImageIntakeError(f"instance dir {instance_dir!r} has {len(inst)} image(s) but "
+                                   f"data.num_instance_images is {num_instance_images}: add photos or lower it.")
+        inst = inst[:num_instance_images]
+    return check_images(inst, "instance", resolution, strict)

@@ -152,6 +152,7 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
                     overrides: list[str], profile: Optional[str] = None, count_flops: bool = False) -> dict:
     """Run ``fit`` with ``configs/perf/<preset>.yaml`` for ``warmup + steps`` steps and time the last ``steps``."""
     from ..cli import DreamBoothCLI
+    from ..runs import fit_command
 
     import yaml
 
@@ -160,12 +161,14 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
     timer = StepTimer(warmup, flop_step=0 if count_flops else -1, profile=profile)
     config = RECIPE if preset == "recipe" else CONFIGS / f"{preset}.yaml"
     recipe_steps = yaml.safe_load(config.read_text())["trainer"]["max_steps"]
-    args = ["--config", str(config), "--model.base_model", base,
-            "--data.instance_dir", instance_dir, "--data.class_dir", class_dir, "--data.num_class_images", "4",
-            f"--trainer.max_steps={warmup + steps}", f"--trainer.devices={devices}",
-            "--trainer.logger.init_args.save_dir", str(work / "runs"), "--trainer.enable_progress_bar=false",
-            "--trainer.default_root_dir", str(work / "runs"), "--checkpoint.every_n_train_steps=0",
-            "--checkpoint.save_last=false", "--export.dirpath", str(work / "export"), *overrides]
+    # reruns share work/export, so the CLI parses without running (run=False: no refusal to overwrite an earlier
+    # run's export) and trainer.fit is called here
+    args = fit_command([config], {
+        "model.base_model": base, "data.instance_dir": instance_dir, "data.class_dir": class_dir,
+        "data.num_class_images": 4, "trainer.max_steps": warmup + steps, "trainer.devices": devices,
+        "trainer.logger.init_args.save_dir": work / "runs", "trainer.enable_progress_bar": False,
+        "trainer.default_root_dir": work / "runs", "checkpoint.every_n_train_steps": 0,
+        "checkpoint.save_last": False, "export.dirpath": work / "export"}, verb=False) + list(overrides)
     cli = DreamBoothCLI(args=args, run=False, trainer_defaults={"callbacks": [timer]})
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     wall = time.perf_counter() - start  # load, caching, capture/compile, every step, export: what a user waits for

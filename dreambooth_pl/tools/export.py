@@ -11,8 +11,9 @@ from typing import Literal, Optional
 
 import torch
 
-from ..formats import (COMPONENTS, Format, LoRA, LoRAFormatError, base_skeleton, check_base, check_pairs,
-                       check_values, on_disk_name, read_lora, uniform_alpha, write_lora)
+from ..formats import Format, read_lora, write_lora
+from ..lora_state import (COMPONENTS, LoRA, LoRAFormatError, base_skeleton, check_base, check_pairs, check_values,
+                          on_disk_name, uniform_alpha)
 from ..io import load_checkpoint
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

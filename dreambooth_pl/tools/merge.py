@@ -22,8 +22,8 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from ..io import atomic_dir, check_replaceable
-from ..formats import (Format, LoRA, LoRAFormatError, base_skeleton, check_base, read_lora, uniform_alpha,
-                       write_lora)
+from ..formats import Format, read_lora, write_lora
+from ..lora_state import LoRA, LoRAFormatError, base_skeleton, check_base, uniform_alpha
 
 Method = Literal["weighted", "cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "ties_svd",
                  "dare_linear_svd", "dare_ties_svd", "fuse"]
