@@ -82,6 +82,9 @@ def test_bad_grid_files_name_the_file_and_key(tmp_path):
         load_grid(str(bad))
     with pytest.raises(SystemExit, match="does not exist"):
         load_grid(str(tmp_path / "missing.yaml"))
+    bad.write_text("base_config: [a.yaml]\nout: o\nruns: [{name: r, overrides: {model.lora_rank: 8}}]\n")
+    with pytest.raises(SystemExit, match=r"model.lora_rank moved to model.lora.rank .*grid file '.*bad.yaml'"):
+        load_grid(str(bad))  # before any cell's fit, not once per cell
     bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, samplers: [{scheduler: "
                    "ddmi, steps: 50}]}\n")
     with pytest.raises(SystemExit, match=r"bad.yaml.*samplers\[0\].scheduler 'ddmi' is unknown"):

@@ -43,7 +43,7 @@ def test_checkpoint_export_equals_fit_export(fitted, tmp_path, fmt, tiny_base):
     main(["export", "--source", ckpt, "--out", str(out), "--format", fmt, "--base", tiny_base])
     assert detect_format(load_file(out)) == fmt
     ours, reference = read_lora(out), read_lora(fit_file)
-    assert {float(a) for a in ours.alphas.values()} == {2.0}  # lora_alpha from the checkpoint's hparams
+    assert {float(a) for a in ours.alphas.values()} == {2.0}  # lora.alpha from the checkpoint's hparams
     same(ours, reference)
     assert any(reference.up(m).abs().max() > 0 for m in reference.modules())
 
