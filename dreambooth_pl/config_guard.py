@@ -34,13 +34,13 @@ def _class_paths(node: Any, key: str = "") -> Iterator[str]:
 
 
 def sources(argv: list[str]) -> Iterator[tuple[str, Any]]:
-    """(where, parsed value) of each ``--config`` file and each inline ``--key value`` of the command line (a bare
-    ``--key`` gives ``{key: None}``)."""
+    """(where, parsed value) of each ``--config`` (or ``-c``) file and each inline ``--key value`` of the command
+    line (a bare ``--key`` gives ``{key: None}``)."""
     import yaml
 
     i = 0
     while i < len(argv):
-        arg = argv[i]
+        arg = "--config" + argv[i][2:] if argv[i].startswith("-c") and argv[i][2:3] in ("", "=") else argv[i]
         key, eq, value = arg.partition("=")
         if not arg.startswith("--"):
             i += 1

@@ -232,6 +232,8 @@ def test_configs_may_name_only_project_and_lightning_classes(cfg, message, subje
     with pytest.raises(ValueError, match=message):
         DreamBoothCLI(args=args)
     assert "Beautiful is better than ugly" not in capsys.readouterr().out  # `this` was never imported
+    with pytest.raises(ValueError, match=message):  # LightningCLI's short form of --config
+        DreamBoothCLI(args=[args[0], "-c", str(path), *args[3:]])
     from dreambooth_pl.config_guard import TRUST_ENV, check_class_paths
 
     monkeypatch.setenv(TRUST_ENV, "1")

@@ -36,6 +36,8 @@ def test_every_stacked_config_is_read(tmp_path):
     first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
     first.write_text(yaml.safe_dump({"model": {"lora": {"rank": 8}}}))
     second.write_text(yaml.safe_dump({"model": {"cuda_graph": True, "learning_rate": 1e-3}}))
+    with pytest.raises(MovedKeyError, match="model.cuda_graph moved"):
+        check_moved_keys(["fit", "-c", str(second)])  # LightningCLI's short form of --config
     with pytest.raises(MovedKeyError) as err:
         check_moved_keys(["fit", "--config", str(first), "--config", str(second)])
     msg = str(err.value)
