@@ -22,13 +22,13 @@ for stage in "$@"; do
     graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
     recipe) bench --preset recipe --steps 15 --warmup 4 ;;
     recipe-variants)  # the memory plans' rows: every 2nd block, and no checkpointing
-      bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.checkpoint_every=2"]'
-      bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.gradient_checkpointing=false"]' ;;
-    recipe-eager) bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.cuda_graph=false"]' ;;
+      bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.checkpoint_every=2"]'
+      bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.gradient_checkpointing=false"]' ;;
+    recipe-eager) bench --preset recipe --steps 12 --warmup 4 --overrides '["--model.perf.cuda_graph=false"]' ;;
     graph-memory) timeout 200 python3 benchmarks/graph_memory.py $BASE 1 2 2>&1 | grep -v Warning ;;
     adapters)  # issue 16's rows: DoRA and LoKr on the t4-16gb recipe
-      bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.adapter=dora"]'
-      bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.adapter=lokr","--export.format=kohya"]' ;;
+      bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=dora"]'
+      bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=lokr","--export.format=kohya"]' ;;
     fast) bench --preset fast --steps 15 --warmup 4 ;;
     fast2) bench --preset fast --steps 15 --warmup 4 --devices 2 ;;  # DDP scaling: images/s against fast
     ddp-probe)  # a 2-GPU fit that dumps every rank's Python stacks if it has not finished in 150 s
@@ -38,7 +38,7 @@ for stage in "$@"; do
       kill $watchdog 2>/dev/null; tail -n 5 "$OUT/ddp-probe.txt" ;;
     recipe2) bench --preset recipe --steps 15 --warmup 4 --devices 2 ;;
     profile)  # where the GPU time of a step goes: the eager step (kernel times) and the graphed one
-      bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-eager.txt" --overrides '["--model.cuda_graph=false"]'
+      bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-eager.txt" --overrides '["--model.perf.cuda_graph=false"]'
       bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-graph.txt" ;;
     t4) bench --preset t4-16gb --steps 12 --warmup 4 ;;
     t4-te) bench --preset t4-16gb-te --steps 10 --warmup 3 ;;

@@ -1,7 +1,8 @@
 """Adapter types through peft: LoRA (Hu et al. 2021), DoRA (Liu et al. 2024, arXiv 2402.09353), LoKr (Kronecker
 product, Yeh et al. 2024 "LyCORIS", arXiv 2309.14859) and LoHa (Hadamard product, Hyeon-Woo et al. 2022, FedPara).
 
-One ``model.adapter`` key picks the type; rank/alpha/targets/init keep their LoRA names so configs stay short.
+One ``model.lora.adapter`` key picks the type; the other ``model.lora`` keys (rank, alpha, targets, init) apply
+to every type.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ class AdapterTypeError(ValueError):
 def check_settings(kind: str, dropout: float) -> None:
     """Refuse an unknown type, or a setting the type lacks, before any model loads."""
     if kind not in PARAM_MARKERS:
-        raise AdapterTypeError(f"model.adapter must be lora, dora, lokr or loha, got {kind!r}")
+        raise AdapterTypeError(f"model.lora.adapter must be lora, dora, lokr or loha, got {kind!r}")
     if dropout and kind in ("lokr", "loha"):
-        raise AdapterTypeError(f"model.lora_dropout={dropout} is an input dropout of LoRA/DoRA; model.adapter={kind} "
-                               "has none: set model.lora_dropout: 0.")
+        raise AdapterTypeError(f"model.lora.dropout={dropout} is an input dropout of LoRA/DoRA; "
+                               f"model.lora.adapter={kind} has none: set model.lora.dropout: 0.")
 
 
 def adapter_config(kind: AdapterType, rank: int, alpha: float | None = None, dropout: float = 0.0,
@@ -53,7 +54,7 @@ def adapter_config(kind: AdapterType, rank: int, alpha: float | None = None, dro
         return cfg
     check_settings(kind, dropout)
     if rank <= 0:
-        raise AdapterTypeError(f"model.lora_rank must be > 0, got {rank}")
+        raise AdapterTypeError(f"model.lora.rank must be > 0, got {rank}")
     from peft import LoHaConfig, LoKrConfig
 
     config_class = LoKrConfig if kind == "lokr" else LoHaConfig

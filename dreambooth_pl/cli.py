@@ -13,6 +13,7 @@ from .callbacks.fault_tolerance import FaultTolerance
 from .callbacks.fault_tolerance import last_checkpoint_path
 from .io import check_writable, clean_stale_temps, load_checkpoint, write_text
 from .config_guard import check_class_paths
+from .moved_keys import check_moved_keys, nest_hparams
 from .console import quiet_third_party
 from .data.datamodule import DreamBoothDataModule
 from .module import DreamBoothLoRA
@@ -41,9 +42,8 @@ class VersionedSaveConfig(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
-# settings that change speed or memory, never the maths: a resume may change them
-RESUME_MAY_DIFFER = {"cache", "gradient_checkpointing", "checkpoint_every", "compile_blocks", "compile_regions",
-                     "compile_mode", "channels_last", "attention", "cuda_graph", "memory_plan", "memory_budget_gib"}
+# groups of settings that change speed or memory, never the maths: a resume may change them
+RESUME_MAY_DIFFER = ("perf",)
 
 
 class ResumeConflictError(ValueError):
@@ -57,10 +57,11 @@ def check_resume(ckpt_path: str, model_config) -> None:
     could redirect ``base_model`` or set ``random_base``); here the user's values always win or the run stops.
     """
     ckpt = load_checkpoint(ckpt_path, mmap=True)
-    saved = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    now = dict(vars(model_config)) if model_config is not None else {}
+    saved = _dotted(nest_hparams({k: v for k, v in (ckpt.get("hyper_parameters") or {}).items()
+                                  if not k.startswith("_")}))  # checkpoints saved flat, before settings.py, too
+    now = _dotted(model_config.as_dict() if hasattr(model_config, "as_dict") else dict(model_config or {}))
     diff = [(k, v, now[k]) for k, v in saved.items()
-            if k in now and k not in RESUME_MAY_DIFFER and _norm(v) != _norm(now[k])]
+            if k in now and k.split(".")[0] not in RESUME_MAY_DIFFER and _norm(v) != _norm(now[k])]
     if diff:
         lines = "\n".join(f"  model.{k}: checkpoint {v!r}, this run {n!r}" for k, v, n in diff)
         raise ResumeConflictError(
@@ -73,6 +74,17 @@ def _norm(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """``{"lora": {"rank": 4}}`` as ``{"lora.rank": 4}``."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class DreamBoothCLI(LightningCLI):
     """``python -m dreambooth_pl fit --config configs/<x>.yaml``; ``--print_config`` shows every value."""
 
@@ -80,8 +92,9 @@ class DreamBoothCLI(LightningCLI):
         import sys
 
         quiet_third_party()
-        check_class_paths([str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict)
-                          else [])  # before jsonargparse imports any class a config names
+        argv = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else None
+        check_class_paths(argv or [])  # before jsonargparse imports any class a config names
+        check_moved_keys(argv if argv is not None else args)  # old flat model keys: name the new one, not "unknown"
         trainer_defaults = {
             "max_steps": 1000,
             "precision": "16-mixed",

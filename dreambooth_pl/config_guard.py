@@ -33,13 +33,14 @@ def _class_paths(node: Any, key: str = "") -> Iterator[str]:
         yield node.strip()
 
 
-def _sources(argv: list[str]) -> Iterator[tuple[str, Any]]:
-    """(where, parsed value) of each ``--config`` file and each inline ``--key value`` of the command line."""
+def sources(argv: list[str]) -> Iterator[tuple[str, Any]]:
+    """(where, parsed value) of each ``--config`` (or ``-c``) file and each inline ``--key value`` of the command
+    line (a bare ``--key`` gives ``{key: None}``)."""
     import yaml
 
     i = 0
     while i < len(argv):
-        arg = argv[i]
+        arg = "--config" + argv[i][2:] if argv[i].startswith("-c") and argv[i][2:3] in ("", "=") else argv[i]
         key, eq, value = arg.partition("=")
         if not arg.startswith("--"):
             i += 1
@@ -58,7 +59,7 @@ def _sources(argv: list[str]) -> Iterator[tuple[str, Any]]:
                 yield value, yaml.safe_load(text)
             except yaml.YAMLError:
                 continue  # and a broken one
-        elif value:
+        elif key != "config":
             try:
                 parsed = yaml.safe_load(value)
             except yaml.YAMLError:
@@ -76,7 +77,7 @@ def check_class_paths(argv: list[str]) -> None:
     """
     if os.environ.get(TRUST_ENV, "") not in ("", "0"):
         return
-    for where, tree in _sources(argv):
+    for where, tree in sources(argv):
         for name in _class_paths(tree):
             short = name.rsplit(".", 1)[-1]
             if short in REFUSED_NAMES:

@@ -25,7 +25,7 @@ class AdapterEMA:
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"model.ema_decay must be in [0, 1) or null (off), got {decay}")
+            raise ValueError(f"model.ema.decay must be in [0, 1) or null (off), got {decay}")
         self.decay, self.params = decay, params
         self.shadow = {n: p.detach().clone() for n, p in params.items()}
         self.num_updates = 0
@@ -55,7 +55,7 @@ class AdapterEMA:
             raise ValueError(f"{source}: its EMA weights do not match this model's adapters (first difference "
                              f"{diff[0]!r}); resume with the config the checkpoint was trained with.")
         if float(state["decay"]) != self.decay:
-            raise ValueError(f"{source}: EMA decay was {state['decay']} but model.ema_decay is {self.decay}; resume "
+            raise ValueError(f"{source}: EMA decay was {state['decay']} but model.ema.decay is {self.decay}; resume "
                              "with the same decay (a changed decay would not continue the same average).")
         for n, v in state["shadow"].items():
             self.shadow[n].copy_(v)

@@ -1,7 +1,7 @@
 """CUDA-graph replay of the UNet's forward and backward: one launch each instead of ~10k small kernels.
 
 The frozen-base LoRA step is host-bound: the GPU idles while Python issues thousands of small adapter kernels
-(BENCHMARKS.md profile). With pre-encoded inputs (``model.cache``) and a fixed resolution every tensor of the UNet
+(BENCHMARKS.md profile). With pre-encoded inputs (``model.perf.cache``) and a fixed resolution every tensor of the UNet
 call has a static shape, so its forward and backward can be captured once and replayed (NVIDIA, "CUDA Graphs";
 the same idea as ``torch.cuda.make_graphed_callables``, written out here so that the warm-up's memory is returned
 before capture and the adapters' gradients leave the graph as fresh tensors, which gradient accumulation needs).
@@ -74,7 +74,7 @@ class GraphedCall:
         if self.signature(inputs) != self.key:  # e.g. a last short batch: correct, just not replayed
             self.fallbacks += 1
             if self.fallbacks == 1:
-                warnings.warn("model.cuda_graph: a batch of another shape than the captured one ran eagerly "
+                warnings.warn("model.perf.cuda_graph: a batch of another shape than the captured one ran eagerly "
                               f"({[tuple(x.shape) for x in inputs]}).", stacklevel=2)
             return self.fn(*inputs)
         self.replays += 1

@@ -1,4 +1,4 @@
-"""``model.memory_plan: auto``: the fastest checkpointing / CUDA-graph / caching plan that fits the GPU's memory.
+"""``model.perf.memory_plan: auto``: the fastest checkpointing / CUDA-graph / caching plan that fits the GPU's memory.
 
 Each plan's activation memory was measured on the real training path (BENCHMARKS.md, "Memory plans": full-size SDXL
 UNet, 1024², one instance + one prior image, rank 4, 16-mixed, whole-run peak reserved minus the frozen weights).
@@ -65,8 +65,8 @@ def choose(weights_gib: float, resolution: int, images: int, budget_gib: float, 
         weights_gib: frozen weights + adapters + optimizer state resident during the steps.
         resolution: training side in pixels.
         images: images per step (instance + prior, times the batch size).
-        budget_gib: memory the run may use (``model.memory_budget_gib`` or the GPU's free memory).
-        graph_allowed: the run can replay a CUDA graph (see ``model.cuda_graph``); else the same checkpointing
+        budget_gib: memory the run may use (``model.perf.memory_budget_gib`` or the GPU's free memory).
+        graph_allowed: the run can replay a CUDA graph (see ``model.perf.cuda_graph``); else the same checkpointing
             runs eagerly (the capture measured no more memory than the eager step).
     """
     plans = [p if graph_allowed else Plan(p.name.replace("CUDA graph", "eager"), p.checkpoint_every, False,
@@ -75,9 +75,9 @@ def choose(weights_gib: float, resolution: int, images: int, budget_gib: float, 
         if estimate(plan, weights_gib, resolution, images) <= budget_gib:
             return plan
     need = ", ".join(f"{p.name}: {estimate(p, weights_gib, resolution, images):.1f} GiB" for p in plans)
-    raise MemoryPlanError(f"model.memory_plan=auto: no plan fits {budget_gib:.1f} GiB ({need}). Lower "
-                          "data.resolution or data.batch_size, train without model.train_text_encoder, or raise "
-                          "model.memory_budget_gib if the GPU has more free memory.")
+    raise MemoryPlanError(f"model.perf.memory_plan=auto: no plan fits {budget_gib:.1f} GiB ({need}). Lower "
+                          "data.resolution or data.batch_size, train without model.lora.train_text_encoder, or raise "
+                          "model.perf.memory_budget_gib if the GPU has more free memory.")
 
 
 def budget(device: torch.device, requested: float | None, margin_gib: float = 0.5) -> float:
@@ -86,6 +86,20 @@ def budget(device: torch.device, requested: float | None, margin_gib: float = 0.
     free, _ = torch.cuda.mem_get_info(device)
     available = free / GIB - margin_gib
     return available if requested is None else min(requested, available)
+
+
+def auto_speed(module) -> dict:
+    """``memory_plan: auto``'s speed switches for a configured ``DreamBoothLoRA`` on its trainer's device; off a
+    CUDA device, a warning and the manual switches (``module.speed``)."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    trainer = module._trainer
+    device = trainer.strategy.root_device if trainer is not None else module.device
+    if device.type != "cuda":
+        rank_zero_warn(f"model.perf.memory_plan=auto plans GPU memory; on {device.type} the manual switches apply.")
+        return module.speed
+    dm = getattr(trainer, "datamodule", None)
+    return plan_speed(module, device, dm.hparams if dm is not None else None)
 
 
 def plan_speed(module, device: torch.device, data=None) -> dict:
@@ -99,17 +113,17 @@ def plan_speed(module, device: torch.device, data=None) -> dict:
     """
     from lightning.pytorch.utilities import rank_zero_info
 
-    hp = module.hparams
+    lora, perf = module.hparams.lora, module.hparams.perf
     resolution = data["resolution"] if data is not None else 1024
     images = (data["batch_size"] if data is not None else 1) * (
         2 if data is None or data["with_prior_preservation"] else 1)
-    cache = "latents" if hp.train_text_encoder else "all"  # leanest and fastest: the encoders leave the GPU
+    cache = "latents" if lora.train_text_encoder else "all"  # leanest and fastest: the encoders leave the GPU
     resident = [module.unet] + ([module.text_encoder, module.text_encoder_2] if cache == "latents" else [])
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     weights = frozen_gib(*resident) + trainable * 16 / GIB  # fp32 weight, gradient and two Adam moments
-    limit = budget(device, hp.memory_budget_gib)
-    plan = choose(weights, resolution, images, limit, not (hp.train_text_encoder or hp.lora_dropout > 0
-                                                            or hp.compile_blocks))
+    limit = budget(device, perf.memory_budget_gib)
+    plan = choose(weights, resolution, images, limit, not (lora.train_text_encoder or lora.dropout > 0
+                                                            or perf.compile_blocks))
     rank_zero_info(f"memory plan: {plan.name}, cache={cache} (estimated "
                    f"{estimate(plan, weights, resolution, images):.1f} GiB of {limit:.1f} GiB)")
     return {"cache": cache, "cuda_graph": plan.cuda_graph, "checkpoint_every": plan.checkpoint_every}

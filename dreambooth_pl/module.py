@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Literal, Optional, Union
+from typing import Literal, Optional
 
 import lightning as L
 import torch
@@ -10,128 +10,56 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from . import adapters
 from . import lora as lora_lib
-from . import perf
-from .data.cache import Encoders, check_cache_mode
+from . import perf as perf_lib
+from .data.cache import Encoders
+from .fused_lora import fuse_lora_layers
 from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
 from .noise import NoiseSchedule
-from .optimizers import OptimizerName, build_optimizer, step_size_estimates
+from .optimizers import build_optimizer, step_size_estimates
 from .sdxl import add_time_ids, encode_prompts, load_parts, scale_latents, tokenize
+from .settings import EmaSettings, LoraSettings, OptimSettings, PerfSettings, check_model, plain
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DreamBoothLoRA(L.LightningModule):
-    """DreamBooth with prior preservation (Ruiz et al. 2023) on SDXL, training LoRA adapters only.
+    """DreamBooth with prior preservation (Ruiz et al. 2023) on SDXL, training adapters only.
 
     Args:
         base_model: SDXL pipeline folder or hub id.
         vae_model: optional separate VAE folder (e.g. the fp16-fix VAE).
-        adapter: adapter type: ``lora``, ``dora``, ``lokr`` or ``loha`` (adapters.py; the ``lora_*`` keys set
-            its rank, alpha, targets and init).
-        lora_rank: adapter rank.
-        lora_alpha: adapter alpha (None: equal to the rank, scale 1).
-        lora_dropout: dropout on the adapter input.
-        lora_target_modules: UNet module-name suffixes to adapt (default: attention projections).
-        lora_init: peft ``init_lora_weights``: ``gaussian`` (diffusers' script), ``true`` (peft's Kaiming
-            uniform), any other peft init by name; false starts B non-zero (tests assert the adapter's effect).
-        train_text_encoder: also train LoRA on both text encoders (q/k/v/out projections).
-        text_encoder_lr: learning rate of the text-encoder adapters (None: ``learning_rate``; 5e-6 is diffusers'
-            ``--text_encoder_lr``).
+        vae_dtype: dtype the VAE encodes in; float16 is refused because the SDXL VAE overflows in it.
         prior_loss_weight: weight of the class-prior term.
         snr_gamma: min-SNR-gamma loss weighting (None: off; 5.0 is the paper's value).
         noise_offset: offset-noise strength (0: off).
-        learning_rate: learning rate of the UNet adapters (Prodigy: a multiplier of its estimate, 1.0).
-        optimizer: ``adamw``, ``adamw8bit`` (bitsandbytes; needs a CUDA GPU, else AdamW with a warning) or
-            ``prodigy`` (d-adaptation, prodigyopt; its step-size estimate is logged as ``train/prodigy_d_lr``).
-        weight_decay: decoupled weight decay.
-        ema_decay: keep an exponential moving average of the adapter weights with this decay (None: off; see
-            ema.py); sample grids and metrics then use the average.
-        ema_export: with ``ema_decay``, export the averaged weights (False: the raw ones).
-        text_encoder_weight_decay: decoupled weight decay of the text-encoder adapters (diffusers'
-            ``--adam_weight_decay_text_encoder``).
-        lr_scheduler: diffusers schedule name (constant, constant_with_warmup, linear, cosine, ...).
-        lr_warmup_steps: linear warm-up steps.
-        gradient_checkpointing: recompute UNet activations in backward (less memory, ~30% slower).
-        vae_dtype: dtype the VAE encodes in; float16 is refused because the SDXL VAE overflows in it.
         seed: seed of per-step noise and timesteps (linked from ``seed_everything``).
         random_base: build a random-weight base of this preset at ``base_model`` if that folder does not exist
             (smoke runs, tests and benchmarks on machines without the real weights).
-        cache: pre-encode inputs before the first step and free their encoders from the GPU: ``latents`` (VAE
-            latents of every image, plain and mirrored; frees the VAE) or ``all`` (also the prompts' text
-            embeddings; frees both text encoders; refused with ``train_text_encoder``). See data/cache.py.
-        checkpoint_every: with ``gradient_checkpointing``, 1 recomputes every block (diffusers' own), k > 1 only
-            every k-th transformer/resnet block (between the two in memory and speed).
-        compile_blocks: ``torch.compile`` each repeated block (regional compilation; see perf.py).
-        compile_regions: class names of the blocks ``compile_blocks`` compiles.
-        compile_mode: ``torch.compile`` mode (None: default; ``reduce-overhead`` adds CUDA graphs).
-        channels_last: NHWC memory format for the UNet's convolutions.
-        attention: scaled-dot-product attention kernel (``auto`` lets PyTorch choose).
-        cuda_graph: replay the UNet's forward and backward from a CUDA graph (graphs.py): the step stops being
-            bound by Python launching ~10k small adapter kernels. Needs a CUDA device, frozen text encoders, no
-            adapter dropout and no ``compile_blocks``; on a CPU it is ignored with a warning.
-        memory_plan: ``manual`` uses the switches above as given; ``auto`` picks caching, checkpointing and the
-            CUDA graph on a CUDA device: the fastest measured plan whose estimate fits the budget
-            (memory_plan.py), and fails naming every plan's need when none does.
-        memory_budget_gib: GiB that ``auto`` may plan for (None: the GPU's free memory; 14.5 keeps a run inside
-            a 16 GB T4 on a bigger card).
+        lora: the adapters: type, rank, alpha, dropout, targets, init, text encoders (settings.LoraSettings).
+        optim: optimizer, learning rates, weight decays and schedule (settings.OptimSettings).
+        ema: moving average of the adapter weights (settings.EmaSettings).
+        perf: speed and memory switches (settings.PerfSettings).
     """
 
     def __init__(self, base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
-                 vae_model: Optional[str] = None, lora_rank: int = 4, lora_alpha: Optional[float] = None,
-                 lora_dropout: float = 0.0, lora_target_modules: list[str] = list(lora_lib.UNET_TARGETS),
-                 lora_init: Union[bool, str] = "gaussian", train_text_encoder: bool = False,
-                 text_encoder_lr: Optional[float] = 5e-6, text_encoder_weight_decay: float = 1e-3,
-                 prior_loss_weight: float = 1.0,
-                 snr_gamma: Optional[float] = None, noise_offset: float = 0.0, learning_rate: float = 1e-4,
-                 optimizer: OptimizerName = "adamw", weight_decay: float = 1e-4,
-                 ema_decay: Optional[float] = None, ema_export: bool = True, adapter: adapters.AdapterType = "lora",
-                 lr_scheduler: str = "constant", lr_warmup_steps: int = 0, gradient_checkpointing: bool = False,
-                 vae_dtype: Literal["float32", "bfloat16"] = "float32", seed: int = 0,
-                 random_base: Optional[Literal["tiny", "sdxl"]] = None,
-                 cache: Literal["off", "latents", "all"] = "off", checkpoint_every: int = 1,
-                 compile_blocks: bool = False, compile_regions: list[str] = list(perf.BLOCKS),
-                 compile_mode: Optional[str] = None, channels_last: bool = False,
-                 attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto",
-                 cuda_graph: bool = False, memory_plan: Literal["manual", "auto"] = "manual",
-                 memory_budget_gib: Optional[float] = None):
+                 vae_model: Optional[str] = None, vae_dtype: Literal["float32", "bfloat16"] = "float32",
+                 prior_loss_weight: float = 1.0, snr_gamma: Optional[float] = None, noise_offset: float = 0.0,
+                 seed: int = 0, random_base: Optional[Literal["tiny", "sdxl"]] = None,
+                 lora: LoraSettings = LoraSettings(), optim: OptimSettings = OptimSettings(),
+                 ema: EmaSettings = EmaSettings(), perf: PerfSettings = PerfSettings()):
         super().__init__()
-        self.save_hyperparameters()
-        if lora_rank <= 0:
-            raise ValueError(f"model.lora_rank must be > 0, got {lora_rank}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"model.lora_dropout must be in [0, 1), got {lora_dropout}")
-        adapters.check_settings(adapter, lora_dropout)
-        if learning_rate <= 0:
-            raise ValueError(f"model.learning_rate must be > 0, got {learning_rate}")
-        if noise_offset < 0 or lr_warmup_steps < 0:
-            key, value = ("noise_offset", noise_offset) if noise_offset < 0 else ("lr_warmup_steps", lr_warmup_steps)
-            raise ValueError(f"model.{key} must be >= 0, got {value}")
-        if snr_gamma is not None and snr_gamma <= 0:
-            raise ValueError(f"model.snr_gamma must be > 0 or null, got {snr_gamma}")
+        self.save_hyperparameters()  # the groups are frozen dataclasses: their shared defaults cannot change
+        # LightningCLI hands save_hyperparameters its config, where the groups are dicts: keep them typed here too
+        self.hparams.update(lora=lora, optim=optim, ema=ema, perf=perf)
+        check_model(lora, perf, noise_offset, snr_gamma)
         self.loss_fn = DreamBoothLoss(prior_loss_weight)  # validates the weight before any model loads
-        check_cache_mode(cache, train_text_encoder)
-        if checkpoint_every < 1:
-            raise ValueError(f"model.checkpoint_every must be >= 1, got {checkpoint_every} (turn checkpointing "
-                             "off with model.gradient_checkpointing: false)")
-        if cuda_graph:
-            clash = [k for k, on in (("model.train_text_encoder", train_text_encoder),
-                                     ("model.lora_dropout", lora_dropout > 0), ("model.compile_blocks", compile_blocks))
-                     if on]
-            if clash:
-                raise ValueError(f"model.cuda_graph replays a fixed UNet call, which {clash[0]} breaks (text "
-                                 "embeddings that need gradients, random dropout masks, or compiled code in the "
-                                 f"capture). Turn {clash[0]} off, or set model.cuda_graph: false.")
-        if memory_budget_gib is not None and memory_budget_gib <= 0:
-            raise ValueError(f"model.memory_budget_gib must be > 0 or null, got {memory_budget_gib}")
         self.unet = None
         self._graphed = None
         self.graph_stats: dict[str, int] = {}  # replays and eager fallbacks of the last fit's CUDA graph
         # the speed switches in force: the manual ones, or memory_plan=auto's choice (configure_model)
-        self.speed = {"cache": cache, "cuda_graph": cuda_graph,
-                      "checkpoint_every": checkpoint_every if gradient_checkpointing else 0}
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"model.ema_decay must be in [0, 1) or null (off), got {ema_decay}")
+        self.speed = {"cache": perf.cache, "cuda_graph": perf.cuda_graph,
+                      "checkpoint_every": perf.checkpoint_every if perf.gradient_checkpointing else 0}
         self.ema = None  # AdapterEMA, built with the adapters in configure_model
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
@@ -141,8 +69,7 @@ class DreamBoothLoRA(L.LightningModule):
     def weight_dtype(self) -> torch.dtype:
         """Dtype of the frozen base: half under mixed precision (the T4 recipe), fp32 otherwise."""
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        return torch.float16 if precision.startswith("16") else (
-            torch.bfloat16 if precision.startswith("bf16") else torch.float32)
+        return {"16": torch.float16, "bf": torch.bfloat16}.get(precision[:2], torch.float32)
 
     def prepare_data(self) -> None:
         """Build the random base once per machine (local rank 0) before any process loads it."""
@@ -165,54 +92,44 @@ class DreamBoothLoRA(L.LightningModule):
         self.vae = parts.vae.to(_DTYPES[hp.vae_dtype])
         self.text_encoder = parts.text_encoder.to(dtype)
         self.text_encoder_2 = parts.text_encoder_2.to(dtype)
-        cfg = adapters.adapter_config(hp.adapter, hp.lora_rank, hp.lora_alpha, hp.lora_dropout,
-                                      hp.lora_target_modules, hp.lora_init)
-        adapters.add_adapter(self.unet, hp.adapter, cfg)
-        if hp.train_text_encoder:
-            te_cfg = adapters.adapter_config(hp.adapter, hp.lora_rank, hp.lora_alpha, hp.lora_dropout,
-                                             lora_lib.TEXT_TARGETS, hp.lora_init)
-            adapters.add_adapter(self.text_encoder, hp.adapter, te_cfg)
-            adapters.add_adapter(self.text_encoder_2, hp.adapter, te_cfg)
-        if hp.memory_plan == "auto":
-            self.plan_memory()
+        lora = hp.lora
+        encoders = (self.text_encoder, self.text_encoder_2) if lora.train_text_encoder else ()
+        for model in (self.unet, *encoders):  # the text encoders name their attention projections differently
+            targets = lora.target_modules if model is self.unet else lora_lib.TEXT_TARGETS
+            cfg = adapters.adapter_config(lora.adapter, lora.rank, lora.alpha, lora.dropout, targets, lora.init)
+            adapters.add_adapter(model, lora.adapter, cfg)
+        if hp.perf.memory_plan == "auto":  # cache all the run allows, then the fastest plan that fits the GPU
+            from .memory_plan import auto_speed
+
+            self.speed = auto_speed(self)
         if self.speed["checkpoint_every"]:  # only dropout draws random numbers inside the UNet's blocks
-            perf.set_checkpointing(self.unet, self.speed["checkpoint_every"], preserve_rng_state=hp.lora_dropout > 0)
-            if hp.train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable()
-                self.text_encoder_2.gradient_checkpointing_enable()
-        if hp.ema_decay is not None:
+            perf_lib.set_checkpointing(self.unet, self.speed["checkpoint_every"], preserve_rng_state=lora.dropout > 0)
+            for model in encoders:
+                model.gradient_checkpointing_enable()
+        if hp.ema.decay is not None:
             from .ema import AdapterEMA
 
-            self.ema = AdapterEMA(self.trainable_parameters(), hp.ema_decay)
+            self.ema = AdapterEMA(self.trainable_parameters(), hp.ema.decay)
         self.configure_speed()
-        perf.ddp_ignore_frozen(self)
-
-    def plan_memory(self) -> None:
-        """``memory_plan: auto``: cache every input the run allows, then the fastest plan that fits the GPU."""
-        from .memory_plan import plan_speed
-
-        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-        if device.type != "cuda":
-            rank_zero_warn(f"model.memory_plan=auto plans GPU memory; on {device.type} the manual switches apply.")
-            return
-        dm = getattr(self.trainer, "datamodule", None)
-        self.speed = plan_speed(self, device, dm.hparams if dm is not None else None)
+        perf_lib.ddp_ignore_frozen(self)
 
     def configure_speed(self) -> None:
         """Apply the perf switches (after the adapters exist, so compiled blocks include them)."""
-        hp = self.hparams
-        if self.weight_dtype() != torch.float32:  # autocast runs the adapters' matmuls in half precision
-            for m in (self.unet, self.text_encoder, self.text_encoder_2):
-                perf.keep_lora_inputs_half(m)
-        if hp.channels_last:
-            perf.to_channels_last(self.unet)
-        if hp.compile_blocks:
-            for m in (self.unet, self.text_encoder, self.text_encoder_2) if hp.train_text_encoder else (self.unet,):
-                perf.compile_blocks(m, hp.compile_regions, mode=hp.compile_mode)
+        p, models = self.hparams.perf, (self.unet, self.text_encoder, self.text_encoder_2)
+        for m in models:
+            if self.weight_dtype() != torch.float32:  # autocast runs the adapters' matmuls in half precision
+                perf_lib.keep_lora_inputs_half(m)
+            if p.fused_lora:
+                fuse_lora_layers(m)
+        if p.channels_last:
+            perf_lib.to_channels_last(self.unet)
+        if p.compile_blocks:
+            for m in models if self.hparams.lora.train_text_encoder else (self.unet,):
+                perf_lib.compile_blocks(m, p.compile_regions, mode=p.compile_mode)
 
     def on_fit_start(self) -> None:
-        """With ``cache``: hand the encoders to the data module, which encodes its images (and prompts) now and
-        frees those encoders; the UNet waits on the CPU meanwhile."""
+        """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now
+        and frees those encoders; the UNet waits on the CPU meanwhile."""
         dm = getattr(self.trainer, "datamodule", None)
         if self.speed["cache"] == "off" or dm is None:
             return
@@ -224,7 +141,7 @@ class DreamBoothLoRA(L.LightningModule):
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     def averaged_weights(self):
-        """Context in which the adapters hold their EMA (``ema_decay``), or a no-op when EMA is off."""
+        """Context in which the adapters hold their EMA (``ema.decay``), or a no-op when EMA is off."""
         return self.ema.applied() if self.ema is not None else nullcontext()
 
     # ---- encoders --------------------------------------------------------------------------------------------
@@ -239,7 +156,7 @@ class DreamBoothLoRA(L.LightningModule):
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings and pooled embeddings; cached per prompt while the text encoders are frozen."""
         encoders = (self.text_encoder, self.text_encoder_2)
-        if self.hparams.train_text_encoder:
+        if self.hparams.lora.train_text_encoder:
             return encode_prompts(encoders, [tokenize(t, prompts) for t in self.tokenizers])
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
@@ -262,7 +179,7 @@ class DreamBoothLoRA(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # global_step repeats over the accumulate_grad_batches micro-batches of a step; this tells them apart
         self._micro_batch = batch_idx % self.trainer.accumulate_grad_batches
-        if self.hparams.lora_dropout > 0:  # dropout draws from the global RNG: make it a function of the step too
+        if self.hparams.lora.dropout > 0:  # dropout draws from the global RNG: make it a function of the step too
             torch.manual_seed((self.hparams.seed + 7919 * self.global_step + 104729 * self.global_rank
                                + 15485863 * self._micro_batch) % 2**63)
 
@@ -286,7 +203,7 @@ class DreamBoothLoRA(L.LightningModule):
             prompt_embeds, pooled = self.encode_text(batch["prompt"])
         size = torch.tensor([s * 8 for s in latents.shape[-2:]], device=self.device).expand(latents.shape[0], 2)
         time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"], size).to(self.device)
-        if self.hparams.channels_last:
+        if self.hparams.perf.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         pred = self.unet_call()(noisy, t, prompt_embeds, pooled, time_ids)
         weights = self.noise.min_snr_weights(t, self.hparams.snr_gamma) if self.hparams.snr_gamma else None
@@ -304,17 +221,17 @@ class DreamBoothLoRA(L.LightningModule):
 
     def _unet(self, noisy, t, prompt_embeds, pooled, time_ids) -> torch.Tensor:
         """The UNet's noise prediction from positional tensors (the form a CUDA graph captures)."""
-        with perf.attention_context(self.hparams.attention):
+        with perf_lib.attention_context(self.hparams.perf.attention):
             return self.unet(noisy, t, encoder_hidden_states=prompt_embeds,
                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
     def unet_call(self):
-        """The eager UNet call, or its CUDA-graph replay with ``cuda_graph`` on a CUDA device."""
+        """The eager UNet call, or its CUDA-graph replay with ``perf.cuda_graph`` on a CUDA device."""
         if not self.speed["cuda_graph"] or not torch.is_grad_enabled():
             return self._unet
         if self.device.type != "cuda":
             if self._graphed is None:
-                rank_zero_warn(f"model.cuda_graph needs a CUDA device; running the UNet eagerly on {self.device.type}.")
+                rank_zero_warn(f"model.perf.cuda_graph needs a CUDA device; the UNet runs eagerly on {self.device}.")
                 self._graphed = self._unet
             return self._graphed
         if self._graphed is None:
@@ -341,22 +258,23 @@ class DreamBoothLoRA(L.LightningModule):
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
 
-        hp = self.hparams
+        o = self.hparams.optim
         unet_params = [p for p in self.unet.parameters() if p.requires_grad]
-        groups = [{"params": unet_params, "lr": hp.learning_rate, "weight_decay": hp.weight_decay}]
-        if hp.train_text_encoder:
+        groups = [{"params": unet_params, "lr": o.learning_rate, "weight_decay": o.weight_decay}]
+        if self.hparams.lora.train_text_encoder:
             te = [p for m in (self.text_encoder, self.text_encoder_2) for p in m.parameters() if p.requires_grad]
-            groups.append({"params": te, "lr": hp.text_encoder_lr or hp.learning_rate,
-                           "weight_decay": hp.text_encoder_weight_decay})
-        opt = build_optimizer(hp.optimizer, groups, hp.weight_decay, self.device)
+            groups.append({"params": te, "lr": o.text_encoder_lr or o.learning_rate,
+                           "weight_decay": o.text_encoder_weight_decay})
+        opt = build_optimizer(o.name, groups, o.weight_decay, self.device)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
-        sched = get_scheduler(hp.lr_scheduler, opt, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total)
+        sched = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the adapters: a checkpoint is megabytes, and the frozen base is reloaded from its folder."""
         trainable = self.trainable_parameters()
+        checkpoint["hyper_parameters"] = plain(checkpoint.get("hyper_parameters") or {})
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
@@ -365,22 +283,21 @@ class DreamBoothLoRA(L.LightningModule):
         expected, got = set(self.trainable_parameters()), set(checkpoint.get("state_dict", {}))
         if expected != got:
             extra, missing = sorted(got - expected), sorted(expected - got)
-            raise ValueError("checkpoint does not match this model's adapters: "
-                             + (f"unexpected key {extra[0]!r} " if extra else "")
-                             + (f"missing key {missing[0]!r} " if missing else "")
-                             + f"({len(extra)} unexpected, {len(missing)} missing). Resume with the config "
-                             "the checkpoint was trained with (its run's config.yaml).")
+            first = f"unexpected key {extra[0]!r} " if extra else f"missing key {missing[0]!r} "
+            raise ValueError(f"checkpoint does not match this model's adapters: {first}({len(extra)} unexpected, "
+                             f"{len(missing)} missing). Resume with the config the checkpoint was trained with (its "
+                             "run's config.yaml).")
         if self.ema is not None:
             if "ema" not in checkpoint:
-                raise ValueError("model.ema_decay is set but the checkpoint holds no EMA weights (its run had EMA "
-                                 "off): resume with model.ema_decay: null, or start a new run.")
+                raise ValueError("model.ema.decay is set but the checkpoint holds no EMA weights (its run had EMA "
+                                 "off): resume with model.ema.decay: null, or start a new run.")
             self.ema.load_state_dict(checkpoint["ema"])
 
     def export_lora(self, path: str, format: Literal["auto", "diffusers", "kohya"] = "auto") -> str:
         """Write the adapters as ``.safetensors``: diffusers layout (``auto`` for LoRA/DoRA; SDXL pipelines'
         ``load_lora_weights``) or kohya/LyCORIS (``auto`` for LoKr/LoHa; A1111, ComfyUI)."""
-        te = self.hparams.train_text_encoder
+        hp, te = self.hparams, self.hparams.lora.train_text_encoder
         models = {"unet": self.unet, "text_encoder": self.text_encoder if te else None,
                   "text_encoder_2": self.text_encoder_2 if te else None}
-        with self.averaged_weights() if self.hparams.ema_export else nullcontext():
-            return str(adapters.save_adapter(path, self.hparams.adapter, models, format))
+        with self.averaged_weights() if hp.ema.export else nullcontext():
+            return str(adapters.save_adapter(path, hp.lora.adapter, models, format))

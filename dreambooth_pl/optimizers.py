@@ -22,7 +22,7 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
         device: where the parameters live (picks fused AdamW on CUDA).
     """
     if name == "adamw8bit" and device.type != "cuda":
-        rank_zero_warn("model.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes); using torch AdamW on "
+        rank_zero_warn("model.optim.name=adamw8bit needs a CUDA GPU (bitsandbytes); using torch AdamW on "
                        f"{device.type}.")
     if name == "adamw8bit" and device.type == "cuda":
         import bitsandbytes as bnb
@@ -33,13 +33,14 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
 
         low = [g["lr"] for g in groups if g["lr"] < 0.1]
         if low:
-            rank_zero_warn(f"model.optimizer=prodigy with learning rate {low[0]:g}: Prodigy's learning rate multiplies "
-                           "its own step-size estimate, so 1.0 is the convention (set model.learning_rate: 1.0); "
+            rank_zero_warn(f"model.optim.name=prodigy with learning rate {low[0]:g}: Prodigy's learning rate "
+                           "multiplies its own step-size estimate, so 1.0 is the convention (set "
+                           "model.optim.learning_rate: 1.0); "
                            f"{low[0]:g} trains about {1 / low[0]:g}x slower than Prodigy intends.")
         return Prodigy(groups, weight_decay=weight_decay, decouple=True, use_bias_correction=True,
                        safeguard_warmup=True)
     if name not in ("adamw", "adamw8bit"):
-        raise ValueError(f"model.optimizer must be adamw, adamw8bit or prodigy, got {name!r}")
+        raise ValueError(f"model.optim.name must be adamw, adamw8bit or prodigy, got {name!r}")
     return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=device.type == "cuda")
 
 

@@ -73,7 +73,7 @@ def fit_command(configs: Sequence[str] = (), overrides: Optional[Mapping[str, An
 
     Args:
         configs: ``--config`` files, later ones overriding earlier ones.
-        overrides: ``{"model.lora_rank": 8, ...}``, after the configs.
+        overrides: ``{"model.lora.rank": 8, ...}``, after the configs.
         run: pin the logger version, checkpoints and export into this folder (``<save_dir>/<name>/<version>``).
         resume: continue from the run's ``last.ckpt``.
         verb: lead with ``fit``; false for ``DreamBoothCLI(args=..., run=False)``, which parses fit's arguments

@@ -100,7 +100,7 @@ def fit_args(base: str, instance_dir: str, class_dir: str | None, root: str, ste
     settings = {"seed_everything": 0, "trainer.accelerator": "cpu", "trainer.devices": 1,
                 "trainer.precision": "32-true", "trainer.max_steps": steps, "trainer.log_every_n_steps": 1,
                 "trainer.enable_progress_bar": "false", "trainer.enable_model_summary": "false",
-                "trainer.logger.init_args.save_dir": root, "model.base_model": base, "model.lora_init": "false",
+                "trainer.logger.init_args.save_dir": root, "model.base_model": base, "model.lora.init": "false",
                 "data.instance_dir": instance_dir, "data.instance_prompt": "a photo of sks dog",
                 "data.resolution": 32, "checkpoint.every_n_train_steps": 1}
     if class_dir:

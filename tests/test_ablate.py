@@ -60,13 +60,12 @@ def grid_run(tiny_base, tmp_path_factory, one_thread):
 
 
 def test_expand_crosses_explicit_cells_with_the_product():
-    spec = AblationGrid(base_config=["x.yaml"], out="o", grid={"model.lora_rank": [4, 8]},
+    spec = AblationGrid(base_config=["x.yaml"], out="o", grid={"model.lora.rank": [4, 8]},
                         runs=[Cell({"data.with_prior_preservation": True}, "prior"),
                               Cell({"data.with_prior_preservation": False}, "noprior")])
     cells = expand(spec)
-    assert [n for n, _ in cells] == ["prior__lora_rank=4", "prior__lora_rank=8", "noprior__lora_rank=4",
-                                     "noprior__lora_rank=8"]
-    assert cells[3][1] == {"data.with_prior_preservation": False, "model.lora_rank": 8}
+    assert [n for n, _ in cells] == ["prior__rank=4", "prior__rank=8", "noprior__rank=4", "noprior__rank=8"]
+    assert cells[3][1] == {"data.with_prior_preservation": False, "model.lora.rank": 8}
     product_only = expand(AblationGrid(["x.yaml"], "o", grid={"a.b": [1], "c.d": [True, None]}))
     assert [n for n, _ in product_only] == ["b=1__d=true", "b=1__d=null"]
     with pytest.raises(SystemExit, match="both named 'same'"):
@@ -75,7 +74,7 @@ def test_expand_crosses_explicit_cells_with_the_product():
 
 def test_bad_grid_files_name_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("base_config: [a.yaml]\nout: o\ngrid:\n  model.lora_rank: 4\n")
+    bad.write_text("base_config: [a.yaml]\nout: o\ngrid:\n  model.lora.rank: 4\n")
     with pytest.raises(SystemExit, match=r"bad.yaml.*grid"):
         load_grid(str(bad))
     bad.write_text("out: o\n")
@@ -83,6 +82,9 @@ def test_bad_grid_files_name_the_file_and_key(tmp_path):
         load_grid(str(bad))
     with pytest.raises(SystemExit, match="does not exist"):
         load_grid(str(tmp_path / "missing.yaml"))
+    bad.write_text("base_config: [a.yaml]\nout: o\nruns: [{name: r, overrides: {model.lora_rank: 8}}]\n")
+    with pytest.raises(SystemExit, match=r"model.lora_rank moved to model.lora.rank .*grid file '.*bad.yaml'"):
+        load_grid(str(bad))  # before any cell's fit, not once per cell
     bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, samplers: [{scheduler: "
                    "ddmi, steps: 50}]}\n")
     with pytest.raises(SystemExit, match=r"bad.yaml.*samplers\[0\].scheduler 'ddmi' is unknown"):
@@ -146,15 +148,15 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(grid_run, tmp_path):
     grid, out, _ = grid_run
     spec = yaml.safe_load(Path(grid).read_text())
     spec.update(out=str(tmp_path / "out"), grid={}, evaluation=None,
-                runs=[{"name": "bad", "overrides": {"model.lora_rank": 0}},
+                runs=[{"name": "bad", "overrides": {"model.lora.rank": 0}},
                       {"name": "ok", "overrides": {"trainer.max_steps": 1}}])
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
     summary = ablate(str(tmp_path / "g.yaml"))
     rows = {r["run"]: r for r in read_csv(tmp_path / "out" / "results.csv")}
     assert "1 not done ['bad']" in summary
-    assert rows["bad"]["status"] == "failed" and "lora_rank must be > 0" in rows["bad"]["error"]
+    assert rows["bad"]["status"] == "failed" and "model.lora.rank must be > 0" in rows["bad"]["error"]
     assert rows["ok"]["status"] == "done" and not rows["ok"]["error"]
-    assert "lora_rank must be > 0" in (tmp_path / "out" / "results.md").read_text()
+    assert "model.lora.rank must be > 0" in (tmp_path / "out" / "results.md").read_text()
     assert "Traceback" in (tmp_path / "out" / "logs" / "bad.log").read_text()
 
 
@@ -210,8 +212,8 @@ def test_num_instance_images_takes_the_first_photos(tmp_path):
 def test_subprocess_launcher_records_a_failing_child(tmp_path):
     grid = tmp_path / "g.yaml"
     grid.write_text(yaml.safe_dump({"base_config": [str(REPO / "configs/smoke.yaml")], "out": str(tmp_path / "out"),
-                                    "runs": [{"name": "bad", "overrides": {"model.lora_rank": 0}}]}))
+                                    "runs": [{"name": "bad", "overrides": {"model.lora.rank": 0}}]}))
     summary = ablate(str(grid), launcher="subprocess", evaluate=False)
     state = json.loads((tmp_path / "out" / "runs" / "bad" / STATUS_FILE).read_text())
     assert "1 not done ['bad']" in summary and state["status"] == "failed" and state["error"].startswith("exit code")
-    assert "lora_rank must be > 0" in (tmp_path / "out" / "logs" / "bad.log").read_text()
+    assert "model.lora.rank must be > 0" in (tmp_path / "out" / "logs" / "bad.log").read_text()

@@ -13,13 +13,14 @@ from dreambooth_pl import adapters, lycoris
 from dreambooth_pl.formats import read_lora
 from dreambooth_pl.lora_state import LoRAFormatError
 from dreambooth_pl.module import DreamBoothLoRA
+from dreambooth_pl.settings import LoraSettings
 from dreambooth_pl.sdxl import load_parts
 
 KINDS = ["dora", "lokr", "loha"]
 
 
 def _module(base, kind, **kw) -> DreamBoothLoRA:
-    m = DreamBoothLoRA(base_model=base, adapter=kind, lora_init=False, lora_alpha=2, train_text_encoder=True, **kw)
+    m = DreamBoothLoRA(base_model=base, lora=LoraSettings(kind, alpha=2, init=False, train_text_encoder=True), **kw)
     m.configure_model()
     return m
 
@@ -98,8 +99,8 @@ def test_dora_diffusers_export_loads_with_load_lora_weights(tiny_base, tmp_path)
 def test_formats_and_tools_that_cannot_hold_a_type_refuse_it_by_name(tiny_base, tmp_path, kind):
     with pytest.raises(adapters.AdapterTypeError, match=f"cannot represent {kind.upper()}"):
         adapters.check_layout(kind, "diffusers")
-    with pytest.raises(adapters.AdapterTypeError, match="lora_dropout"):
-        DreamBoothLoRA(base_model="never-loaded", adapter=kind, lora_dropout=0.1)
+    with pytest.raises(adapters.AdapterTypeError, match="model.lora.dropout"):
+        LoraSettings(kind, dropout=0.1)
     m = _module(tiny_base, kind)
     path = m.export_lora(str(tmp_path / "x.safetensors"))
     with pytest.raises(LoRAFormatError, match={"lokr": "LoKr", "loha": "LoHa"}[kind]):
@@ -119,7 +120,7 @@ def test_each_type_trains_and_resumes_bit_exactly(tiny_base, instance_dir, tmp_p
 
     def fit(root, steps):
         args = fit_args(tiny_base, instance_dir, None, str(root), steps=steps,
-                        **{"model.adapter": kind, "model.learning_rate": 1e-2, "data.random_flip": 0.5})
+                        **{"model.lora.adapter": kind, "model.optim.learning_rate": 1e-2, "data.random_flip": 0.5})
         return DreamBoothCLI(args=args)
 
     ref = fit(tmp_path / "ref", 3)
@@ -140,7 +141,7 @@ def test_each_type_trains_and_resumes_bit_exactly(tiny_base, instance_dir, tmp_p
         k = next(k for k in cr if "magnitude" in k)
         assert not torch.equal(cr[k], init[k])
     if kind != "dora":
-        with pytest.raises(LoRAFormatError, match=f"model.adapter={kind}"):
+        with pytest.raises(LoRAFormatError, match=f"model.lora.adapter={kind}"):
             from dreambooth_pl.tools.export import read_checkpoint
 
             read_checkpoint(str(run / "checkpoints" / "last.ckpt"))

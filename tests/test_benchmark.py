@@ -11,7 +11,7 @@ def test_benchmark_tiny_training_path(tiny_base, tmp_path):
     line = benchmark(preset="t4-16gb", steps=1, warmup=2, base=tiny_base, base_preset="tiny", work=str(tmp_path),
                      out=str(out), profile=str(tmp_path / "prof.txt"), count_flops=True,
                      overrides=["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.resolution=32",
-                                "--model.compile_blocks=false"])
+                                "--model.perf.compile_blocks=false"])
     result = json.loads(line)
     assert json.loads(out.read_text().splitlines()[-1]) == result
     assert result["steps"] == 1 and result["devices"] == 1 and result["s_per_step"] > 0

@@ -127,18 +127,19 @@ def test_buckets_verb_shows_the_table_before_training(tmp_path, capsys):
 
 
 def test_cache_keys_on_the_bucket_and_streams_the_same_batches(tiny_base, tmp_path):
-    """model.cache with aspect buckets: each photo encoded at its bucket, each class image at every bucket in use;
+    """model.perf.cache with aspect buckets: each photo encoded at its bucket, each class image at every bucket in use;
     the cached stream yields the pixel stream's batches (same bucket, prompts, flips and crops), and its loss
     equals the pixel path's on centre crops."""
     from dreambooth_pl.data.cache import CachedBucketedStream, Encoders, build_cache
     from dreambooth_pl.module import DreamBoothLoRA
+    from dreambooth_pl.settings import LoraSettings, PerfSettings
 
     table = bucket_table(128, step=32)
     sizes = [(120, 200), (200, 120), (110, 190)]
     inst = ImageSet(tuple(_images(tmp_path / "i", sizes)), "a photo of sks dog")
     buckets = {p: assign((h, w), table) for p, (w, h) in zip(inst.paths, sizes)}
     prior = ImageSet(tuple(write_images(tmp_path / "c", 3, size=(128, 128), seed=7)), "a photo of dog")
-    module = DreamBoothLoRA(base_model=tiny_base, lora_init=False, cache="all")
+    module = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(init=False), perf=PerfSettings(cache="all"))
     module.configure_model()
     encoders = Encoders(module.vae, (module.text_encoder, module.text_encoder_2), module.tokenizers)
     cache = build_cache(encoders, inst, prior, 128, "all", offload=False, buckets=buckets)
@@ -167,6 +168,6 @@ def test_fit_with_buckets_and_cache(tiny_base, tmp_path):
     write_images(tmp_path / "class", 4, size=(128, 128))
     cli = DreamBoothCLI(args=fit_args(tiny_base, str(tmp_path / "instance"), str(tmp_path / "class"), str(tmp_path),
                                       steps=2, **{"data.aspect_buckets": "true", "data.resolution": 128,
-                                                  "data.bucket_step": 32, "model.cache": "all"}))
+                                                  "data.bucket_step": 32, "model.perf.cache": "all"}))
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.logged_metrics["train/loss"])
     assert {size for _, size in cli.datamodule.cache.instance.entries} == {(160, 96), (96, 160)}

@@ -1,21 +1,14 @@
-"""data/cache.py: refusal with text-encoder LoRA, same stream as PairedStream, same loss as the pixel path."""
+"""data/cache.py: same stream as PairedStream, same loss as the pixel path."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dreambooth_pl.data.cache import CacheError, CachedStream, Encoders, build_cache, check_cache_mode
+from dreambooth_pl.data.cache import CacheError, CachedStream, Encoders, build_cache
 from dreambooth_pl.data.datamodule import DreamBoothDataModule
 from dreambooth_pl.data.datasets import PairedStream
 from dreambooth_pl.module import DreamBoothLoRA
-
-
-def test_cache_all_refused_with_text_encoder_lora():
-    with pytest.raises(CacheError, match="train_text_encoder.*model.cache=latents"):
-        DreamBoothLoRA(base_model="unused", cache="all", train_text_encoder=True)
-    check_cache_mode("latents", True)  # latents alone are fine: the text encoders stay
-    with pytest.raises(CacheError, match="off, latents or all"):
-        check_cache_mode("everything", False)
+from dreambooth_pl.settings import LoraSettings, PerfSettings
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +25,7 @@ def setup(tiny_base, tmp_path_factory):
     dm = DreamBoothDataModule(str(root / "instance"), "a photo of sks dog", str(root / "class"), "a photo of dog",
                               num_class_images=3, resolution=32, center_crop=True, random_flip=0.5, seed=3)
     dm.setup("fit")
-    module = DreamBoothLoRA(base_model=tiny_base, lora_init=False, cache="all")
+    module = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(init=False), perf=PerfSettings(cache="all"))
     module.configure_model()
     dm.cache_inputs(Encoders(module.vae, (module.text_encoder, module.text_encoder_2), module.tokenizers), "all",
                     offload=False)
@@ -80,7 +73,7 @@ def test_fit_with_cache_frees_encoders(tiny_base, subject_dirs, tmp_path):
     from conftest import fit_args
 
     inst, cls = subject_dirs
-    cli = DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(tmp_path), steps=2, **{"model.cache": "all"}))
+    cli = DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(tmp_path), steps=2, **{"model.perf.cache": "all"}))
     assert cli.trainer.global_step == 2 and cli.datamodule.cache is not None
     assert set(cli.datamodule.cache.text) == {"a photo of sks dog", "a photo of dog"}
     assert cli.model.vae.device.type == "cpu" and cli.model.text_encoder_2.device.type == "cpu"

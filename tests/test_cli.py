@@ -43,13 +43,13 @@ def test_unknown_key_in_a_config_file(subject_dirs, tmp_path, capsys, no_model_l
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"model.lora_rank": 0}, "model.lora_rank must be > 0"),
+    ({"model.lora.rank": 0}, "model.lora.rank must be > 0"),
     ({"model.prior_loss_weight": -1.0}, "prior_loss_weight must be >= 0"),
     ({"data.resolution": 100}, "data.resolution must be a positive multiple of 8"),
     ({"trainer.max_steps": -5}, "trainer.max_steps must be > 0 (or -1"),
     ({"trainer.accumulate_grad_batches": 0}, "trainer.accumulate_grad_batches must be >= 1, got 0"),
     ({"model.noise_offset": -0.1}, "model.noise_offset must be >= 0"),
-    ({"model.lr_warmup_steps": -3}, "model.lr_warmup_steps must be >= 0"),
+    ({"model.optim.warmup_steps": -3}, "model.optim.warmup_steps must be >= 0"),
     ({"data.instance_prompt": " "}, "data.instance_prompt is empty"),
 ])
 def test_bad_values_fail_before_the_model_loads(subject_dirs, tmp_path, capsys, no_model_load, override, message):
@@ -91,8 +91,9 @@ def test_shipped_sdxl_configs_hold_the_original_run(name, prior, capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
     assert m["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
-    assert (m["lora_rank"], m["learning_rate"], m["optimizer"], m["gradient_checkpointing"]) == (4, 1e-4, "adamw8bit",
-                                                                                              True)
+    lora, optim, perf = m["lora"], m["optim"], m["perf"]
+    assert (lora["rank"], optim["learning_rate"], optim["name"], perf["gradient_checkpointing"]) == (
+        4, 1e-4, "adamw8bit", True)
     assert (t["precision"], t["max_steps"], d["resolution"]) == ("16-mixed", 1000, 1024)
     assert (d["instance_dir"], d["instance_prompt"]) == ("data/rraj", "a photo of rraj person")
     assert d["with_prior_preservation"] is prior
@@ -110,7 +111,8 @@ def test_shipped_recipes_follow_the_reference_defaults(name, capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     t, m = cfg["trainer"], cfg["model"]
     assert (t["gradient_clip_val"], t.get("gradient_clip_algorithm") or "norm") == (1.0, "norm")
-    assert (m["lora_init"], m["text_encoder_lr"], m["weight_decay"], m["text_encoder_weight_decay"]) == (
+    optim = m["optim"]
+    assert (m["lora"]["init"], optim["text_encoder_lr"], optim["weight_decay"], optim["text_encoder_weight_decay"]) == (
         "gaussian", 5e-6, 1e-4, 1e-3)
 
 
@@ -131,7 +133,8 @@ def _lora(run_dir: Path) -> dict:
 
 def test_resume_continues_at_the_same_step_optimizer_state_and_lr(subject_dirs, tiny_base, tmp_path):
     # a warm-up schedule whose LR does not depend on max_steps, so the interrupted and the full run share it
-    sched = {"model.lr_scheduler": "constant_with_warmup", "model.lr_warmup_steps": 3, "model.learning_rate": 1e-3}
+    sched = {"model.optim.scheduler": "constant_with_warmup", "model.optim.warmup_steps": 3,
+             "model.optim.learning_rate": 1e-3}
     DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "full"), steps=3, **sched))
     DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "cut"), steps=2, **sched))
     run = tmp_path / "cut" / "lightning_logs" / "version_0"
@@ -170,21 +173,29 @@ def test_offline_hub_id_from_the_shell_is_one_message_not_a_traceback(subject_di
     assert f"base model {hub_id!r}" in msg and "unreachable" in msg and "model.base_model" in msg
 
 
-def test_a_checkpoint_never_overrides_the_command_line(subject_dirs, tiny_base, tmp_path, no_model_load):
+@pytest.mark.parametrize("layout", ["flat", "grouped"])
+def test_a_checkpoint_never_overrides_the_command_line(subject_dirs, tiny_base, tmp_path, no_model_load, layout):
     """Lightning copied a checkpoint's hyper-parameters over the user's (learning rate, base_model, random_base):
-    now every differing key is named and the run stops, and the user's folder is untouched."""
+    now every differing key is named and the run stops, and the user's folder is untouched. Checkpoints saved with
+    the flat keys of before settings.py are compared by their new names."""
     user = tmp_path / "v"
     (user / "sub").mkdir(parents=True)
     (user / "thesis.txt").write_text("years of work")
     ckpt = tmp_path / "other.ckpt"
-    torch.save({"state_dict": {}, "global_step": 1, "hyper_parameters": {
-        "learning_rate": 123.0, "base_model": str(user), "random_base": "tiny", "compile_blocks": True,
-        "cuda_graph": True, "memory_plan": "auto"}}, ckpt)
-    args = fit_args(tiny_base, *subject_dirs, str(tmp_path / "logs"), ckpt_path=ckpt, **{"model.learning_rate": 1e-4})
+    hp = {"base_model": str(user), "random_base": "tiny"}
+    if layout == "flat":
+        hp.update(learning_rate=123.0, lora_rank=8, compile_blocks=True, cuda_graph=True, memory_plan="auto")
+    else:
+        hp.update(optim={"learning_rate": 123.0}, lora={"rank": 8},
+                  perf={"compile_blocks": True, "cuda_graph": True, "memory_plan": "auto"})
+    torch.save({"state_dict": {}, "global_step": 1, "hyper_parameters": hp}, ckpt)
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path / "logs"), ckpt_path=ckpt,
+                    **{"model.optim.learning_rate": 1e-4})
     with pytest.raises(ValueError) as err:
         DreamBoothCLI(args=args)
     msg = str(err.value)
-    for key in ("model.learning_rate: checkpoint 123.0, this run 0.0001", "model.base_model", "model.random_base"):
+    for key in ("model.optim.learning_rate: checkpoint 123.0, this run 0.0001", "model.lora.rank: checkpoint 8, "
+                "this run 4", "model.base_model", "model.random_base"):
         assert key in msg
     assert all(k not in msg for k in ("compile_blocks", "cuda_graph", "memory_plan"))  # speed may change on resume
     assert (user / "thesis.txt").read_text() == "years of work" and (user / "sub").is_dir()
@@ -221,6 +232,8 @@ def test_configs_may_name_only_project_and_lightning_classes(cfg, message, subje
     with pytest.raises(ValueError, match=message):
         DreamBoothCLI(args=args)
     assert "Beautiful is better than ugly" not in capsys.readouterr().out  # `this` was never imported
+    with pytest.raises(ValueError, match=message):  # LightningCLI's short form of --config
+        DreamBoothCLI(args=[args[0], "-c", str(path), *args[3:]])
     from dreambooth_pl.config_guard import TRUST_ENV, check_class_paths
 
     monkeypatch.setenv(TRUST_ENV, "1")
@@ -232,7 +245,7 @@ def test_shipped_configs_pass_the_class_path_check():
 
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         check_class_paths(["--config", str(path)])
-    check_class_paths(["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--model.lr_scheduler", "cosine"])
+    check_class_paths(["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--model.optim.scheduler", "cosine"])
 
 
 def test_read_fit_config_is_the_fit_parser_without_building_anything(tmp_path):

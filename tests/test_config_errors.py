@@ -28,8 +28,9 @@ def test_prior_preservation_needs_class_dir_and_prompt(tmp_path, missing, presen
 
 
 def test_text_encoder_lora_with_cached_text_embeddings(tmp_path):
-    with pytest.raises(ValueError, match=r"model.cache=all .*model.train_text_encoder=true.*Use model.cache=latents"):
-        _cli(tmp_path, "--model.train_text_encoder", "true", "--model.cache", "all", run=False)
+    with pytest.raises(ValueError, match=r"model.perf.cache=all .*model.lora.train_text_encoder=true.*Use "
+                                         r"model.perf.cache=latents"):
+        _cli(tmp_path, "--model.lora.train_text_encoder", "true", "--model.perf.cache", "all", run=False)
 
 
 def test_fp16_vae_refused_at_parse_time(tmp_path, capsys):

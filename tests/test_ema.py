@@ -29,7 +29,7 @@ def test_update_equals_the_hand_formula_and_applied_restores_raw_weights():
 
 def test_bad_decay_and_mismatched_state_are_named():
     p = torch.nn.Parameter(torch.zeros(1))
-    with pytest.raises(ValueError, match="ema_decay"):
+    with pytest.raises(ValueError, match="model.ema.decay"):
         AdapterEMA({"w": p}, 1.0)
     ema = AdapterEMA({"w": p}, 0.9)
     with pytest.raises(ValueError, match="'v'"):
@@ -61,7 +61,7 @@ def test_fit_exports_the_hand_computed_ema_or_the_raw_weights(tiny_base, tmp_pat
 
     write_images(tmp_path / "instance", 2, seed=5)
     args = fit_args(tiny_base, str(tmp_path / "instance"), None, str(tmp_path), steps=3,
-                    **{"model.ema_decay": 0.6, "model.ema_export": export_ema, "model.learning_rate": 1e-2})
+                    **{"model.ema.decay": 0.6, "model.ema.export": export_ema, "model.optim.learning_rate": 1e-2})
     cli = DreamBoothCLI(args=args[1:], run=False)
     record = Record()
     cli.trainer.callbacks.append(record)
@@ -90,8 +90,9 @@ def test_fit_exports_the_hand_computed_ema_or_the_raw_weights(tiny_base, tmp_pat
 def test_sample_grid_draws_with_the_ema_weights(tiny_base):
     from dreambooth_pl.callbacks.sample_grid import SampleGrid
     from dreambooth_pl.module import DreamBoothLoRA
+    from dreambooth_pl.settings import EmaSettings, LoraSettings
 
-    m = DreamBoothLoRA(base_model=tiny_base, lora_init=False, ema_decay=0.5)
+    m = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(init=False), ema=EmaSettings(decay=0.5))
     m.configure_model()
     with torch.no_grad():
         for p in m.trainable_parameters().values():

@@ -25,7 +25,7 @@ def fitted(tiny_base, tmp_path_factory):
     from conftest import write_images
 
     write_images(inst, 2, seed=3)
-    DreamBoothCLI(args=fit_args(tiny_base, str(inst), None, str(root), steps=1, **{"model.lora_alpha": 2}))
+    DreamBoothCLI(args=fit_args(tiny_base, str(inst), None, str(root), steps=1, **{"model.lora.alpha": 2}))
     run = next(Path(root).glob("lightning_logs/version_*"))
     return str(run / "checkpoints" / "last.ckpt"), str(run / "pytorch_lora_weights.safetensors")
 
@@ -44,7 +44,7 @@ def test_checkpoint_export_equals_fit_export(fitted, tmp_path, fmt, tiny_base):
     main(["export", "--source", ckpt, "--out", str(out), "--format", fmt, "--base", tiny_base])
     assert detect_format(load_file(out)) == fmt
     ours, reference = read_lora(out), read_lora(fit_file)
-    assert {float(a) for a in ours.alphas.values()} == {2.0}  # lora_alpha from the checkpoint's hparams
+    assert {float(a) for a in ours.alphas.values()} == {2.0}  # lora.alpha from the checkpoint's hparams
     same(ours, reference)
     assert any(reference.up(m).abs().max() > 0 for m in reference.modules())
 
@@ -71,3 +71,29 @@ def test_bad_checkpoints_are_named(tmp_path, fitted):
     with pytest.raises(LoRAFormatError, match="does not exist"):
         export(str(tmp_path / "missing.safetensors"), str(tmp_path / "o.safetensors"))
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("layout", ["grouped", "flat"])
+def test_grouped_and_old_flat_checkpoints_export_alike(fitted, tmp_path, layout):
+    """A fit's checkpoint holds its settings groups as plain dicts; checkpoints from before settings.py hold flat
+    keys (adapter, lora_rank, lora_alpha, ema_decay, ema_export). export reads both: alpha, type and EMA choice."""
+    ckpt = torch.load(fitted[0], weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert (hp["lora"]["adapter"], hp["lora"]["rank"], hp["lora"]["alpha"], hp["ema"]["decay"]) == ("lora", 4, 2, None)
+    if layout == "flat":
+        hp = {k: v for k, v in hp.items() if k not in ("lora", "optim", "ema", "perf")}
+        hp.update(adapter="lora", lora_rank=4, lora_alpha=2.0, ema_decay=0.5, ema_export=True)
+    else:
+        hp["ema"] = {"decay": 0.5, "export": True}
+    # an EMA entry whose weights are twice the raw ones: the export must take it
+    ckpt["ema"] = {"decay": 0.5, "num_updates": 1, "shadow": {k: 2 * v for k, v in ckpt["state_dict"].items()}}
+    path = tmp_path / f"{layout}.ckpt"
+    torch.save({**ckpt, "hyper_parameters": hp}, path)
+    raw, averaged = read_checkpoint(fitted[0]), read_checkpoint(str(path))
+    assert {float(a) for a in averaged.alphas.values()} == {2.0}
+    for m in raw.modules():
+        torch.testing.assert_close(averaged.up(m), 2 * raw.up(m))
+    hp = {**hp, "adapter": "dora"} if layout == "flat" else {**hp, "lora": {**hp["lora"], "adapter": "dora"}}
+    torch.save({**ckpt, "hyper_parameters": hp}, path)
+    with pytest.raises(LoRAFormatError, match="model.lora.adapter=dora"):
+        read_checkpoint(str(path))

@@ -109,6 +109,6 @@ def test_fit_with_face_crop_and_face_mask(tiny_base, face_dir, tmp_path):
     assert faces[face_dir / "face.png"] is not None and faces[face_dir / "0000.png"] is None
     batch = cli.datamodule.train_dataloader().dataset.batch(0)
     assert batch["loss_mask"].shape == (1, 1, 64, 64) and batch["loss_mask"].min() == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="model.cache: off"):
-        cli.datamodule.cache = object()  # what cache_inputs keeps with model.cache on
+    with pytest.raises(ValueError, match="model.perf.cache: off"):
+        cli.datamodule.cache = object()  # what cache_inputs keeps with model.perf.cache on
         cli.datamodule.train_dataloader()

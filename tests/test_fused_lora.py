@@ -154,3 +154,20 @@ def test_fused_on_gpu_matches_peft_in_bf16_and_replays_from_a_cuda_graph():
         assert _close(got[0], ref[0], 2e-2)
         assert all(_close(a, b, 3e-2) for a, b in zip(got[1], ref[1]))
     assert graphed.replays == 3 and graphed.fallbacks == 0
+
+
+def test_module_switch_routes_every_adapted_projection(tiny_base):
+    from peft.tuners.lora.layer import Linear
+
+    from dreambooth_pl.module import DreamBoothLoRA
+    from dreambooth_pl.settings import LoraSettings, PerfSettings
+
+    def routed(perf):
+        module = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(init=False), perf=perf)
+        module.configure_model()
+        layers = [m for m in module.unet.modules() if isinstance(m, Linear)]
+        return len(layers), sum("forward" in vars(m) for m in layers)
+
+    n, fused = routed(PerfSettings(fused_lora=True))
+    assert n > 0 and fused == n
+    assert routed(PerfSettings()) == (n, 0)

@@ -214,9 +214,9 @@ def test_merge_fuse_equals_the_loaded_adapter(sdxl, exported, plain):
 def test_text_encoder_lora_three_steps(sdxl):
     from dreambooth_pl.cli import DreamBoothCLI
 
-    cli = DreamBoothCLI(args=recipe_args(sdxl, sdxl[3] / "te", 3, "--model.train_text_encoder=true",
-                                         "--model.cache=latents", "--model.cuda_graph=false",
-                                         "--model.lora_init=false"))
+    cli = DreamBoothCLI(args=recipe_args(sdxl, sdxl[3] / "te", 3, "--model.lora.train_text_encoder=true",
+                                         "--model.perf.cache=latents", "--model.perf.cuda_graph=false",
+                                         "--model.lora.init=false"))
     assert cli.trainer.global_step == 3
     finite_losses(cli.trainer)
     te = [p for p in cli.model.text_encoder.parameters() if p.requires_grad]
@@ -247,9 +247,9 @@ def test_auto_memory_plan_fits_its_budget(sdxl):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_reserved()  # what earlier tests of this process still hold
-    cli = DreamBoothCLI(args=recipe_args(sdxl, sdxl[3] / "auto", 3, "--model.memory_plan=auto",
-                                         "--model.memory_budget_gib=10", "--model.cache=off",
-                                         "--model.gradient_checkpointing=false"))
+    cli = DreamBoothCLI(args=recipe_args(sdxl, sdxl[3] / "auto", 3, "--model.perf.memory_plan=auto",
+                                         "--model.perf.memory_budget_gib=10", "--model.perf.cache=off",
+                                         "--model.perf.gradient_checkpointing=false"))
     finite_losses(cli.trainer)
     assert cli.model.speed == {"cache": "all", "cuda_graph": True, "checkpoint_every": 1}
     assert (torch.cuda.max_memory_reserved() - before) / 2**30 <= 10.0

@@ -10,20 +10,23 @@ import torch
 from conftest import fit_args
 from dreambooth_pl.cli import DreamBoothCLI
 from dreambooth_pl.module import DreamBoothLoRA
+from dreambooth_pl.settings import LoraSettings, PerfSettings
 
 
-@pytest.mark.parametrize("key", ["train_text_encoder", "lora_dropout", "compile_blocks"])
+@pytest.mark.parametrize("key", ["lora.train_text_encoder", "lora.dropout", "perf.compile_blocks"])
 def test_settings_that_break_a_fixed_capture_are_refused_by_name(key):
-    value = 0.1 if key == "lora_dropout" else True
-    with pytest.raises(ValueError, match=f"model.cuda_graph .* model.{key} breaks"):
-        DreamBoothLoRA(cuda_graph=True, **{key: value})
+    group, name = key.split(".")
+    lora = LoraSettings(**{name: 0.1 if name == "dropout" else True} if group == "lora" else {})
+    perf = PerfSettings(cuda_graph=True, **{name: True} if group == "perf" else {})
+    with pytest.raises(ValueError, match=f"model.perf.cuda_graph .* model.{key} breaks"):
+        DreamBoothLoRA(lora=lora, perf=perf)
 
 
 def test_on_cpu_it_warns_and_trains_eagerly(tiny_base, subject_dirs, tmp_path):
     eager = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "a"), steps=2))
     with pytest.warns(UserWarning, match="cuda_graph needs a CUDA device"):
         graphed = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "b"), steps=2,
-                                              **{"model.cuda_graph": "true"}))
+                                              **{"model.perf.cuda_graph": "true"}))
     a, b = eager.model.trainable_parameters(), graphed.model.trainable_parameters()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -35,8 +38,8 @@ class _Start(L.Callback):
 
 def _fit(base, dirs, root, graph: bool, steps: int, **over):
     args = fit_args(base, *dirs, str(root), steps=steps, **{
-        "trainer.accelerator": "gpu", "trainer.precision": "bf16-mixed", "model.cache": "all",
-        "model.cuda_graph": str(graph).lower(), "data.resolution": "64", "trainer.accumulate_grad_batches": 2,
+        "trainer.accelerator": "gpu", "trainer.precision": "bf16-mixed", "model.perf.cache": "all",
+        "model.perf.cuda_graph": str(graph).lower(), "data.resolution": "64", "trainer.accumulate_grad_batches": 2,
         "checkpoint.every_n_train_steps": steps, **over})
     start = _Start()
     cli = DreamBoothCLI(args=args, trainer_defaults={"callbacks": [start]})
@@ -51,8 +54,8 @@ def test_graphed_steps_equal_eager_steps_on_gpu(tiny_base, subject_dirs, tmp_pat
     replayed (no eager fallback): in fp32 the adapters agree to rounding; under bf16 the two updates point the same
     way (Adam turns bf16 rounding of near-zero gradients into full-size steps, so elementwise equality is not the
     test there)."""
-    over = {"model.gradient_checkpointing": str(checkpointing > 0).lower(),
-            "model.checkpoint_every": max(checkpointing, 1), "trainer.precision": precision}
+    over = {"model.perf.gradient_checkpointing": str(checkpointing > 0).lower(),
+            "model.perf.checkpoint_every": max(checkpointing, 1), "trainer.precision": precision}
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     eager, start = _fit(tiny_base, subject_dirs, tmp_path / "eager", False, 20, **over)
     graphed, start_g = _fit(tiny_base, subject_dirs, tmp_path / "graph", True, 20, **over)

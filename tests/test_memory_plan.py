@@ -48,15 +48,15 @@ def test_auto_on_cpu_warns_and_keeps_manual_switches(tiny_base, subject_dirs, tm
 
     with pytest.warns(UserWarning, match="memory_plan=auto plans GPU memory"):
         cli = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1,
-                                          **{"model.memory_plan": "auto"}))
+                                          **{"model.perf.memory_plan": "auto"}))
     assert cli.model.speed == {"cache": "off", "cuda_graph": False, "checkpoint_every": 0}
 
 
 def test_bad_budget_is_refused_by_key():
-    from dreambooth_pl.module import DreamBoothLoRA
+    from dreambooth_pl.settings import PerfSettings
 
-    with pytest.raises(ValueError, match="model.memory_budget_gib must be > 0"):
-        DreamBoothLoRA(memory_budget_gib=0)
+    with pytest.raises(ValueError, match="model.perf.memory_budget_gib must be > 0"):
+        PerfSettings(memory_budget_gib=0)
 
 
 @pytest.mark.parametrize("te,extra,expect", [(False, 3.0, (1, True, "all")), (False, 8.5, (2, True, "all")),
@@ -64,8 +64,9 @@ def test_bad_budget_is_refused_by_key():
 def test_plan_speed_reads_the_run(tiny_base, monkeypatch, te, extra, expect):
     """The run's own resident weights plus the plan's activations decide (budget = weights + ``extra`` GiB)."""
     from dreambooth_pl.module import DreamBoothLoRA
+    from dreambooth_pl.settings import LoraSettings
 
-    module = DreamBoothLoRA(base_model=tiny_base, train_text_encoder=te)
+    module = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(train_text_encoder=te))
     module.configure_model()
     seen = {}
     monkeypatch.setattr(mp, "budget", lambda device, requested: seen.setdefault("b", extra + mp.frozen_gib(

@@ -4,6 +4,7 @@ import torch
 
 from dreambooth_pl.data.datasets import ImageSet, PairedStream
 from dreambooth_pl.module import DreamBoothLoRA
+from dreambooth_pl.settings import LoraSettings, PerfSettings
 from conftest import write_images
 
 
@@ -16,7 +17,7 @@ def batch(tmp_path_factory):
 
 
 def _module(base: str, **kw) -> DreamBoothLoRA:
-    m = DreamBoothLoRA(base_model=base, lora_init=False, **kw)
+    m = DreamBoothLoRA(base_model=base, lora=LoraSettings(init=False), **kw)
     m.configure_model()
     return m
 
@@ -106,13 +107,13 @@ def test_checkpoints_keep_only_the_adapters_and_refuse_other_models(module):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"lora_rank": 0}, "model.lora_rank must be > 0"),
     ({"prior_loss_weight": -1.0}, "prior_loss_weight must be >= 0"),
-    ({"lora_dropout": 1.0}, r"model.lora_dropout must be in \[0, 1\)"),
-    ({"learning_rate": 0.0}, "model.learning_rate must be > 0"),
     ({"snr_gamma": 0.0}, "model.snr_gamma must be > 0"),
+    ({"noise_offset": -0.1}, "model.noise_offset must be >= 0"),
+    ({"perf": PerfSettings(cuda_graph=True), "lora": LoraSettings(dropout=0.1)}, "model.lora.dropout breaks"),
 ])
 def test_bad_hyperparameters_fail_before_any_model_loads(monkeypatch, kwargs, message):
+    """Top-level values and combinations of groups (each group checks its own values: test_settings.py)."""
     def no_load(*a, **k):
         raise AssertionError("the base was loaded before the hyperparameters were checked")
 
@@ -136,8 +137,8 @@ def test_optimizer_groups_use_the_reference_text_encoder_lr_and_decay(tiny_base)
     keeps --learning_rate 1e-4 and --adam_weight_decay 1e-4; its LoRA init is gaussian."""
     import lightning as L
 
-    m = DreamBoothLoRA(base_model=tiny_base, train_text_encoder=True)
-    assert m.hparams.lora_init == "gaussian"
+    m = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(train_text_encoder=True))
+    assert m.hparams.lora.init == "gaussian"
     m.configure_model()
     m.trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False)
     unet, te = m.configure_optimizers()["optimizer"].param_groups

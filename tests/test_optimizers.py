@@ -65,9 +65,9 @@ def instance_dir(tmp_path_factory):
 def _fit(base, inst, root, steps, *extra):
     from dreambooth_pl.cli import DreamBoothCLI
 
-    args = fit_args(base, inst, None, str(root), steps=steps, **{"model.optimizer": "prodigy",
-                                                                 "model.learning_rate": 1.0,
-                                                                 "model.ema_decay": 0.5, "data.random_flip": 0.5})
+    args = fit_args(base, inst, None, str(root), steps=steps, **{"model.optim.name": "prodigy",
+                                                                 "model.optim.learning_rate": 1.0,
+                                                                 "model.ema.decay": 0.5, "data.random_flip": 0.5})
     return DreamBoothCLI(args=args + list(extra))
 
 

@@ -55,7 +55,7 @@ def test_prior_preservation_lowers_class_prompt_drift(tiny_base, tmp_path):
     for prior in (True, False):
         root = tmp_path / f"prior_{prior}"
         DreamBoothCLI(args=fit_args(tiny_base, str(inst), str(cls) if prior else None, str(root), steps=60,
-                                    **{"model.lora_init": "gaussian", "model.learning_rate": 1e-2,
+                                    **{"model.lora.init": "gaussian", "model.optim.learning_rate": 1e-2,
                                        "trainer.gradient_clip_val": 1.0, "checkpoint.every_n_train_steps": 60}))
         pipe = load_pipeline(tiny_base, [(str(root / "lightning_logs" / "version_0"), 1.0)], dtype="float32",
                              device="cpu")

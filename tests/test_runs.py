@@ -19,12 +19,12 @@ def test_run_dir_names_its_files_and_is_found_from_inside(tmp_path):
 
 def test_fit_command_orders_configs_overrides_pins_and_resume(tmp_path):
     run = RunDir(tmp_path / "grid" / "runs" / "rank8")
-    args = fit_command(["a.yaml", "b.yaml"], {"model.lora_rank": 8, "data.with_prior_preservation": False,
-                                              "model.lora_target_modules": ["to_q"], "model.vae_model": None},
+    args = fit_command(["a.yaml", "b.yaml"], {"model.lora.rank": 8, "data.with_prior_preservation": False,
+                                              "model.lora.target_modules": ["to_q"], "model.vae_model": None},
                        run, resume=True)
     assert args[:5] == ["fit", "--config", "a.yaml", "--config", "b.yaml"]
-    assert args[5:9] == ["--model.lora_rank=8", "--data.with_prior_preservation=false",
-                         '--model.lora_target_modules=["to_q"]', "--model.vae_model=null"]
+    assert args[5:9] == ["--model.lora.rank=8", "--data.with_prior_preservation=false",
+                         '--model.lora.target_modules=["to_q"]', "--model.vae_model=null"]
     assert f"--trainer.logger.init_args.save_dir={tmp_path / 'grid'}" in args
     assert "--trainer.logger.init_args.name=runs" in args and "--trainer.logger.init_args.version=rank8" in args
     assert f"--export.dirpath={run.path}" in args and args[-1] == "--ckpt_path=last"

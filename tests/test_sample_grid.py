@@ -10,8 +10,9 @@ from dreambooth_pl.callbacks.sample_grid import SampleGrid
 
 def test_draw_switches_adapters_off_and_back_without_touching_weights(tiny_base):
     from dreambooth_pl.module import DreamBoothLoRA
+    from dreambooth_pl.settings import LoraSettings
 
-    module = DreamBoothLoRA(base_model=tiny_base, lora_init=False)
+    module = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(init=False))
     module.configure_model()
     module.unet.train()
     module.unet.conv_in.eval()  # a mixed tree: each submodule's own mode must come back
@@ -91,7 +92,8 @@ def test_callbacks_sample_from_half_weights_and_fp32_adapters(tiny_base, subject
     from dreambooth_pl.cli import DreamBoothCLI
 
     args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=2, **{
-        "trainer.precision": "bf16-mixed", "model.cache": cache, "model.train_text_encoder": str(text_encoder)})
+        "trainer.precision": "bf16-mixed", "model.perf.cache": cache,
+        "model.lora.train_text_encoder": str(text_encoder)})
     args += ["--trainer.callbacks+", "dreambooth_pl.callbacks.sample_grid.SampleGrid",
              "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.steps", "2",
              "--trainer.callbacks+=dreambooth_pl.callbacks.subject_metrics.SubjectMetrics",

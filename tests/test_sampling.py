@@ -103,8 +103,9 @@ def test_lora_files_apply_at_their_scale_in_both_layouts(pipe, tiny_base, lora_f
 
 def test_pipeline_from_module_shares_live_models_and_decodes_beside_a_bf16_unet(tiny_base):
     from dreambooth_pl.module import DreamBoothLoRA
+    from dreambooth_pl.settings import LoraSettings
 
-    module = DreamBoothLoRA(base_model=tiny_base, lora_init=False)
+    module = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(init=False))
     module.configure_model()
     module.unet.to(torch.bfloat16)  # a half-precision UNet beside the fp32 VAE, as under bf16/16-mixed training
     module.text_encoder.to(torch.bfloat16)

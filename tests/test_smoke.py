@@ -77,7 +77,7 @@ def test_smoke_lora_loads_into_a_diffusers_pipeline_and_changes_its_output(smoke
 def test_no_prior_run_trains_on_instances_alone(subject_dirs, tiny_base, tmp_path):
     with pytest.warns(UserWarning, match="adamw8bit needs a CUDA GPU"):
         cli = DreamBoothCLI(args=fit_args(tiny_base, subject_dirs[0], None, str(tmp_path), steps=2,
-                                          **{"model.optimizer": "adamw8bit"}))
+                                          **{"model.optim.name": "adamw8bit"}))
     assert cli.trainer.global_step == 2 and cli.datamodule.prior is None
     assert isinstance(cli.trainer.optimizers[0], torch.optim.AdamW)
     logged = cli.trainer.logged_metrics
@@ -91,8 +91,8 @@ def test_t4_recipe_on_gpu_16_mixed_adamw8bit_checkpointing(subject_dirs, tiny_ba
     import bitsandbytes as bnb
 
     args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=2, **{
-        "trainer.accelerator": "gpu", "trainer.precision": "16-mixed", "model.optimizer": "adamw8bit",
-        "model.gradient_checkpointing": "true", "data.resolution": "64"})
+        "trainer.accelerator": "gpu", "trainer.precision": "16-mixed", "model.optim.name": "adamw8bit",
+        "model.perf.gradient_checkpointing": "true", "data.resolution": "64"})
     cli = DreamBoothCLI(args=args)
     m = cli.model
     assert isinstance(cli.trainer.optimizers[0], bnb.optim.AdamW8bit)

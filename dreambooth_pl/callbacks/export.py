@@ -25,7 +25,7 @@ class LoRAExport(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from ..adapters import check_layout
 
-        kind = getattr(pl_module.hparams, "adapter", "lora")
+        kind = pl_module.hparams.lora.adapter
         if self.format != "auto":  # refuse now, not after the whole run
             check_layout(kind, self.format, "export.format")
 

@@ -90,7 +90,7 @@ class SampleGrid(L.Callback):
         half = pl_module.weight_dtype()
         autocast = torch.autocast(device.type, dtype=half, enabled=half != torch.float32)
         encoders = borrowed((pl_module.vae, pl_module.text_encoder, pl_module.text_encoder_2), device)
-        ema = getattr(pl_module, "averaged_weights", contextlib.nullcontext)()  # EMA adapters if model.ema_decay
+        ema = getattr(pl_module, "averaged_weights", contextlib.nullcontext)()  # EMA adapters if model.ema.decay
         with rng, ema, torch.no_grad(), encoders, autocast:
             try:
                 for m, _ in modes:

@@ -30,22 +30,6 @@ class CacheError(ValueError):
     """A cache setting that cannot work; the message says why and what to change."""
 
 
-def check_cache_mode(mode: str, train_text_encoder: bool) -> None:
-    """Refuse text-embedding caching together with text-encoder LoRA.
-
-    Args:
-        mode: ``off``, ``latents`` (VAE latents only) or ``all`` (latents and text embeddings).
-        train_text_encoder: whether the text encoders carry trainable adapters.
-    """
-    if mode not in ("off", "latents", "all"):
-        raise CacheError(f"model.cache must be off, latents or all, got {mode!r}")
-    if mode == "all" and train_text_encoder:
-        raise CacheError("model.cache=all pre-computes the text embeddings once and frees the text encoders, but "
-                         "model.train_text_encoder=true trains LoRA on those encoders, so their embeddings change "
-                         "every step. Use model.cache=latents (caches only the VAE latents and frees the VAE) or "
-                         "set model.train_text_encoder=false.")
-
-
 Size = tuple[int, int]  # (height, width) in pixels: the square resolution, or an aspect bucket (data/buckets.py)
 
 
@@ -138,7 +122,7 @@ def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, 
             each class image at every bucket in use (it is cropped to its partner's).
     """
     if mode not in ("latents", "all"):
-        raise CacheError(f"build_cache encodes for model.cache=latents or all, got {mode!r}")
+        raise CacheError(f"build_cache encodes for model.perf.cache=latents or all, got {mode!r}")
     with borrowed(encoders.park if offload else (), torch.device("cpu")):
         return _build(encoders, instance, prior, resolution, mode, offload, buckets)
 

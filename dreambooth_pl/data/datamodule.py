@@ -98,7 +98,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             bucket_table(resolution, bucket_step, bucket_max_ratio)  # bad values fail before any model loads
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
-        self.cache = None  # an InputCache, built by cache_inputs when model.cache is on
+        self.cache = None  # an InputCache, built by cache_inputs when model.perf.cache is on
 
     def setup(self, stage: str | None = None) -> None:
         """Find and decode every image now, so bad input fails before the models load."""
@@ -131,7 +131,7 @@ class DreamBoothDataModule(L.LightningDataModule):
 
     def cache_inputs(self, encoders: Encoders, mode: CacheMode, offload: bool = True) -> None:
         """Pre-encode this module's images (and prompts, ``mode="all"``) with ``encoders`` and keep the result for
-        the training stream (``model.cache``, data/cache.py); a second call keeps the first result.
+        the training stream (``model.perf.cache``, data/cache.py); a second call keeps the first result.
 
         Args:
             encoders: the training module's encoders, on its device (each rank encodes its own copy under DDP).
@@ -190,11 +190,11 @@ class DreamBoothDataModule(L.LightningDataModule):
                      world_size=trainer.world_size if trainer else 1)
         faces = dict(faces=self.faces, face_crop=hp.crop == "face", mask=hp.mask, mask_floor=hp.mask_floor)
         if self.cache is not None and (hp.crop == "face" or uses_masks(self.instance.paths, hp.mask)):
-            raise ValueError("data.crop: face and loss masks need each example's pixels, but model.cache pre-encodes "
-                             "centre crops: set model.cache: off, or data.crop: null and data.mask: off.")
+            raise ValueError("data.crop: face and loss masks need each example's pixels, but model.perf.cache pre-encodes "
+                             "centre crops: set model.perf.cache: off, or data.crop: null and data.mask: off.")
         if self.cache is not None and self.buckets is not None:  # pre-encoded at each photo's bucket
             stream = CachedBucketedStream(self.cache, self.buckets, hp.batch_size, hp.random_flip, hp.seed, **place)
-        elif self.cache is not None:  # pre-encoded inputs (model.cache, data/cache.py): same order, no decoding
+        elif self.cache is not None:  # pre-encoded inputs (model.perf.cache, data/cache.py): same order, no decoding
             stream = CachedStream(self.cache, hp.batch_size, hp.random_flip, hp.seed, **place)
         elif self.buckets is not None:
             from .buckets import BucketedStream

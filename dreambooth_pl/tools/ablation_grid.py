@@ -116,6 +116,13 @@ def load_grid(path: str) -> AblationGrid:
             raise SystemExit(f"ablate: {path!r} grid.{key} must be a non-empty list of values, got {values!r}.")
     if isinstance(spec.base_config, str):
         spec.base_config = [spec.base_config]
+    from ..moved_keys import MovedKeyError, check_moved_keys
+
+    try:  # every cell would fail on it: say so before the first fit
+        check_moved_keys({**spec.overrides, **spec.grid, **{k: v for c in spec.runs for k, v in c.overrides.items()}},
+                         f"grid file {path!r}")
+    except MovedKeyError as e:
+        raise SystemExit(f"ablate: {e}") from None
     return spec
 
 

@@ -77,7 +77,7 @@ class StepTimer(L.Callback):
             self._stack.close()
             self._stack = None
             # a CUDA-graph capture step runs the UNet twice (warm-up, capture) and replays once unseen by the counter
-            passes = 2 if getattr(pl_module.hparams, "cuda_graph", False) and pl_module.device.type == "cuda" else 1
+            passes = 2 if pl_module.speed["cuda_graph"] and pl_module.device.type == "cuda" else 1
             self.flops = self._counter.get_total_flops() / passes
         if self._prof is not None and batch_idx == self.warmup - 1:
             self._sync(pl_module.device)
@@ -282,7 +282,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         base_preset: ``sdxl`` (full size) or ``tiny`` (CPU tests of this command).
         work: scratch folder for class images and run files.
         devices: GPUs (DDP when > 1).
-        overrides: extra ``fit`` arguments, e.g. ``--model.optimizer=adamw``.
+        overrides: extra ``fit`` arguments, e.g. ``--model.optim.name=adamw``.
         out: append the result as one JSON line to this file.
         profile: write a torch.profiler table (top kernels) of the last warm-up step to this file.
         reference: instead, time diffusers' ``train_dreambooth_lora_sdxl.py`` at this path on the same base and

@@ -15,13 +15,14 @@ from ..formats import Format, read_lora, write_lora
 from ..lora_state import (COMPONENTS, LoRA, LoRAFormatError, base_skeleton, check_base, check_pairs, check_values,
                           on_disk_name, uniform_alpha)
 from ..io import load_checkpoint
+from ..moved_keys import nest_hparams
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
 def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
-    """The adapters of a DreamBoothLoRA Lightning checkpoint; alpha from its ``lora_alpha`` (None: the rank).
+    """The adapters of a DreamBoothLoRA Lightning checkpoint; alpha from its ``lora.alpha`` (None: the rank).
 
     Args:
         path: ``.ckpt`` written by the ``checkpoint`` callback (or ``last.ckpt``).
@@ -30,13 +31,14 @@ def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
     ckpt = load_checkpoint(path)
     if "state_dict" not in ckpt:
         raise LoRAFormatError(f"{path}: no 'state_dict' entry, not a Lightning checkpoint.")
-    hp = ckpt.get("hyper_parameters") or {}
-    if hp.get("adapter", "lora") != "lora":
-        raise LoRAFormatError(f"{path}: trained with model.adapter={hp['adapter']}; export converts LoRA checkpoints "
-                              "only; the fit writes its adapter file when it ends, in the layout export.format picks "
-                              "(diffusers or kohya/LyCORIS).")
+    hp = nest_hparams(ckpt.get("hyper_parameters") or {})  # grouped, or flat from before settings.py
+    adapter, ema = hp.get("lora", {}), hp.get("ema", {})
+    if adapter.get("adapter", "lora") != "lora":
+        raise LoRAFormatError(f"{path}: trained with model.lora.adapter={adapter['adapter']}; export converts LoRA "
+                              "checkpoints only; the fit writes its adapter file when it ends, in the layout "
+                              "export.format picks (diffusers or kohya/LyCORIS).")
     weights, state = {}, ckpt["state_dict"]
-    if hp.get("ema_decay") is not None and hp.get("ema_export", True) and "ema" in ckpt:
+    if ema.get("decay") is not None and ema.get("export", True) and "ema" in ckpt:
         state = ckpt["ema"]["shadow"]  # the run exports its EMA weights: so does this
     for key, value in state.items():
         m = _ADAPTER_KEY.match(key)
@@ -49,7 +51,7 @@ def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
     if not weights:
         raise LoRAFormatError(f"{path}: the checkpoint holds no LoRA weights.")
     lora = LoRA(weights)
-    alpha = hp.get("lora_alpha") or hp.get("lora_rank")
+    alpha = adapter.get("alpha") or adapter.get("rank")
     if alpha is not None:  # the module trains one LoraConfig per component: one alpha everywhere
         lora.alphas = {mod: torch.tensor(float(alpha)) for mod in lora.modules()}
     return check_values(check_pairs(lora, path), path)

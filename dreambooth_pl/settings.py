@@ -1,0 +1,189 @@
+"""The model's settings in typed groups (``model.lora``, ``model.optim``, ``model.ema``, ``model.perf``).
+
+Each group checks its own values when it is built, with messages that name the full config key, so a bad value
+stops the run before any model loads; :func:`check_model` checks what spans groups. Values that define the recipe
+itself (base, loss weights, noise, seed) stay top-level arguments of :class:`~dreambooth_pl.module.DreamBoothLoRA`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from . import adapters
+from . import lora as lora_lib
+from . import perf as perf_lib
+from .optimizers import OptimizerName
+
+
+def _require(ok: bool, key: str, want: str, value: Any) -> None:
+    """Raise ``model.<key> must be <want>, got <value>`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"model.{key} must be {want}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The trainable adapters: their type, size and where they go.
+
+    Args:
+        adapter: ``lora``, ``dora``, ``lokr`` or ``loha`` (adapters.py); rank, alpha, targets and init apply to
+            every type.
+        rank: adapter rank.
+        alpha: adapter alpha (None: equal to the rank, scale 1).
+        dropout: dropout on the adapter input (LoRA and DoRA only).
+        target_modules: UNet module-name suffixes to adapt (default: attention projections).
+        init: peft ``init_lora_weights``: ``gaussian`` (diffusers' script), ``true`` (peft's Kaiming uniform), any
+            other peft init by name; false starts B non-zero (tests assert the adapter's effect).
+        train_text_encoder: also train adapters on both text encoders (q/k/v/out projections).
+    """
+
+    adapter: adapters.AdapterType = "lora"
+    rank: int = 4
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(lora_lib.UNET_TARGETS))
+    init: Union[bool, str] = "gaussian"
+    train_text_encoder: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.rank > 0, "lora.rank", "> 0", self.rank)
+        _require(self.alpha is None or self.alpha > 0, "lora.alpha", "> 0 or null (the rank)", self.alpha)
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", "in [0, 1)", self.dropout)
+        _require(len(self.target_modules) > 0, "lora.target_modules", "a non-empty list", self.target_modules)
+        adapters.check_settings(self.adapter, self.dropout)
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The optimizer and learning-rate schedule of the adapters.
+
+    Args:
+        name: ``adamw``, ``adamw8bit`` (bitsandbytes; needs a CUDA GPU, else AdamW with a warning) or ``prodigy``
+            (d-adaptation, prodigyopt; its step-size estimate is logged as ``train/prodigy_d_lr``).
+        learning_rate: learning rate of the UNet adapters (Prodigy: a multiplier of its estimate, 1.0).
+        weight_decay: decoupled weight decay of the UNet adapters.
+        text_encoder_lr: learning rate of the text-encoder adapters (None: ``learning_rate``; 5e-6 is diffusers'
+            ``--text_encoder_lr``).
+        text_encoder_weight_decay: decoupled weight decay of the text-encoder adapters (diffusers'
+            ``--adam_weight_decay_text_encoder``).
+        scheduler: diffusers schedule name (constant, constant_with_warmup, linear, cosine, ...).
+        warmup_steps: linear warm-up steps.
+    """
+
+    name: OptimizerName = "adamw"
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    text_encoder_lr: Optional[float] = 5e-6
+    text_encoder_weight_decay: float = 1e-3
+    scheduler: str = "constant"
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "optim.learning_rate", "> 0", self.learning_rate)
+        _require(self.text_encoder_lr is None or self.text_encoder_lr > 0, "optim.text_encoder_lr",
+                 "> 0 or null (optim.learning_rate)", self.text_encoder_lr)
+        _require(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        _require(self.text_encoder_weight_decay >= 0, "optim.text_encoder_weight_decay", ">= 0",
+                 self.text_encoder_weight_decay)
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+
+
+@dataclass(frozen=True)
+class EmaSettings:
+    """An exponential moving average of the adapter weights (ema.py); sample grids and metrics then use it.
+
+    Args:
+        decay: weight of the old average per optimizer step (None: no average).
+        export: with ``decay``, export the averaged weights (False: the raw ones).
+    """
+
+    decay: Optional[float] = None
+    export: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.decay is None or 0.0 <= self.decay < 1.0, "ema.decay", "in [0, 1) or null (off)", self.decay)
+
+
+@dataclass(frozen=True)
+class PerfSettings:
+    """Switches that change speed and memory, never the maths: a resumed run may change them (cli.check_resume).
+
+    Args:
+        gradient_checkpointing: recompute UNet activations in backward (less memory, ~30% slower).
+        checkpoint_every: with ``gradient_checkpointing``, 1 recomputes every block (diffusers' own), k > 1 only
+            every k-th transformer/resnet block (between the two in memory and speed).
+        cache: pre-encode inputs before the first step and free their encoders from the GPU: ``latents`` (VAE
+            latents of every image, plain and mirrored; frees the VAE) or ``all`` (also the prompts' text
+            embeddings; frees both text encoders; refused with ``lora.train_text_encoder``). See data/cache.py.
+        compile_blocks: ``torch.compile`` each repeated block (regional compilation; see perf.py).
+        compile_regions: class names of the blocks ``compile_blocks`` compiles.
+        compile_mode: ``torch.compile`` mode (None: default; ``reduce-overhead`` adds CUDA graphs).
+        channels_last: NHWC memory format for the UNet's convolutions.
+        attention: scaled-dot-product attention kernel (``auto`` lets PyTorch choose).
+        cuda_graph: replay the UNet's forward and backward from a CUDA graph (graphs.py): the step stops being
+            bound by Python launching ~10k small adapter kernels. Needs a CUDA device, frozen text encoders, no
+            adapter dropout and no ``compile_blocks``; on a CPU it is ignored with a warning.
+        memory_plan: ``manual`` uses the switches above as given; ``auto`` picks caching, checkpointing and the
+            CUDA graph on a CUDA device: the fastest measured plan whose estimate fits the budget
+            (memory_plan.py), and fails naming every plan's need when none does.
+        memory_budget_gib: GiB that ``auto`` may plan for (None: the GPU's free memory; 14.5 keeps a run inside
+            a 16 GB T4 on a bigger card).
+        fused_lora: run each plain-LoRA projection and its frozen layer as one autograd node with in-place
+            up-projections (fused_lora.py: fewer kernels and activation passes, the same numbers as peft's path);
+            DoRA, LoKr, LoHa and adapter dropout keep peft's forward.
+    """
+
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 1
+    cache: Literal["off", "latents", "all"] = "off"
+    compile_blocks: bool = False
+    compile_regions: list[str] = field(default_factory=lambda: list(perf_lib.BLOCKS))
+    compile_mode: Optional[str] = None
+    channels_last: bool = False
+    attention: perf_lib.Attention = "auto"
+    cuda_graph: bool = False
+    memory_plan: Literal["manual", "auto"] = "manual"
+    memory_budget_gib: Optional[float] = None
+    fused_lora: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.checkpoint_every >= 1, "perf.checkpoint_every",
+                 ">= 1 (turn checkpointing off with model.perf.gradient_checkpointing: false)", self.checkpoint_every)
+        _require(self.cache in ("off", "latents", "all"), "perf.cache", "off, latents or all", self.cache)
+        _require(self.memory_plan in ("manual", "auto"), "perf.memory_plan", "manual or auto", self.memory_plan)
+        _require(self.memory_budget_gib is None or self.memory_budget_gib > 0, "perf.memory_budget_gib",
+                 "> 0 or null", self.memory_budget_gib)
+
+
+def check_model(lora: LoraSettings, perf: PerfSettings, noise_offset: float, snr_gamma: Optional[float]) -> None:
+    """Refuse the top-level recipe values and the combinations of groups that cannot work.
+
+    Args:
+        lora: the adapter settings.
+        perf: the speed switches.
+        noise_offset: offset-noise strength (>= 0).
+        snr_gamma: min-SNR-gamma (> 0 or None).
+    """
+    _require(noise_offset >= 0, "noise_offset", ">= 0", noise_offset)
+    _require(snr_gamma is None or snr_gamma > 0, "snr_gamma", "> 0 or null", snr_gamma)
+    if perf.cache == "all" and lora.train_text_encoder:
+        raise ValueError("model.perf.cache=all pre-computes the text embeddings once and frees the text encoders, "
+                         "but model.lora.train_text_encoder=true trains adapters on those encoders, so their "
+                         "embeddings change every step. Use model.perf.cache=latents (caches only the VAE latents "
+                         "and frees the VAE) or set model.lora.train_text_encoder=false.")
+    if perf.cuda_graph:
+        clash = [key for key, on in (("model.lora.train_text_encoder", lora.train_text_encoder),
+                                     ("model.lora.dropout", lora.dropout > 0),
+                                     ("model.perf.compile_blocks", perf.compile_blocks)) if on]
+        if clash:
+            raise ValueError(f"model.perf.cuda_graph replays a fixed UNet call, which {clash[0]} breaks (text "
+                             "embeddings that need gradients, random dropout masks, or compiled code in the "
+                             f"capture). Turn {clash[0]} off, or set model.perf.cuda_graph: false.")
+
+
+def plain(hparams: dict) -> dict:
+    """``hparams`` with every settings group as a plain dict: what a checkpoint stores (``weights_only`` loading
+    reads plain data only) and what :func:`~dreambooth_pl.moved_keys.nest_hparams` reads back."""
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+            for k, v in hparams.items()}

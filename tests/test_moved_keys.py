@@ -1,0 +1,84 @@
+"""moved_keys.py: old flat model keys in configs and command lines stop with the new key's name; old checkpoints'
+hyper-parameters read in the grouped layout."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import yaml
+
+from conftest import REPO, fit_args
+from dreambooth_pl.moved_keys import MOVED, MovedKeyError, check_moved_keys, nest_hparams
+
+
+def test_every_new_key_exists_and_no_old_one_does():
+    from dreambooth_pl.module import DreamBoothLoRA
+
+    params = inspect.signature(DreamBoothLoRA.__init__).parameters
+    groups = {name: {f.name for f in dataclasses.fields(p.default)} for name, p in params.items()
+              if dataclasses.is_dataclass(p.default)}
+    for old, new in MOVED.items():
+        assert old.split(".", 1)[1] not in params, old
+        _, group, name = new.split(".")
+        assert name in groups[group], new
+
+
+@pytest.mark.parametrize("argv", [["--model.lora_rank=8"], ["--model.lora_rank", "8"], ["--model.lora_rank"],
+                                  ["--model", '{"lora_rank": 8}']])
+def test_command_line_forms_name_the_new_key(argv):
+    with pytest.raises(MovedKeyError, match=r"^model.lora_rank moved to model.lora.rank \(configs and command "
+                                            r"lines\): --model.* sets model.lora_rank; rename it.$"):
+        check_moved_keys(["fit", "--model.lora.alpha=2", *argv])
+
+
+def test_every_stacked_config_is_read(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(yaml.safe_dump({"model": {"lora": {"rank": 8}}}))
+    second.write_text(yaml.safe_dump({"model": {"cuda_graph": True, "learning_rate": 1e-3}}))
+    with pytest.raises(MovedKeyError, match="model.cuda_graph moved"):
+        check_moved_keys(["fit", "-c", str(second)])  # LightningCLI's short form of --config
+    with pytest.raises(MovedKeyError) as err:
+        check_moved_keys(["fit", "--config", str(first), "--config", str(second)])
+    msg = str(err.value)
+    assert msg.startswith(f"model.cuda_graph moved to model.perf.cuda_graph (configs and command lines): {second} "
+                          "sets model.cuda_graph") and "model.learning_rate -> model.optim.learning_rate" in msg
+    assert "\n" not in msg
+    model_only = tmp_path / "model.yaml"  # --model FILE: a file of the model's arguments alone
+    model_only.write_text(yaml.safe_dump({"ema_decay": 0.9}))
+    with pytest.raises(MovedKeyError, match="model.ema_decay moved to model.ema.decay"):
+        check_moved_keys(["fit", "--model", str(model_only)])
+    with pytest.raises(MovedKeyError, match="model.adapter moved to model.lora.adapter .*: the arguments sets"):
+        check_moved_keys({"fit": {"model": {"adapter": "dora"}}})
+
+
+def test_shipped_configs_use_no_old_key():
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        check_moved_keys(["--config", str(path)])
+
+
+def test_the_cli_and_the_shell_stop_with_the_message_before_any_model_loads(subject_dirs, tmp_path, monkeypatch,
+                                                                            capsys):
+    from dreambooth_pl import __main__
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("model:\n  lora_rank: 8\n")
+    args = fit_args("unused", *subject_dirs, str(tmp_path))
+    args[1:1] = ["--config", str(cfg)]
+    with pytest.raises(MovedKeyError, match=f"model.lora_rank moved to model.lora.rank .*: {cfg} sets"):
+        DreamBoothCLI(args=args)
+    monkeypatch.setattr("sys.argv", ["dreambooth_pl", "fit", "--model.cuda_graph=true"])
+    with pytest.raises(SystemExit) as done:
+        __main__._shell()
+    assert str(done.value).splitlines()[0] == ("error: model.cuda_graph moved to model.perf.cuda_graph (configs and "
+                                               "command lines): --model.cuda_graph sets model.cuda_graph; rename it.")
+
+
+def test_old_flat_checkpoint_hparams_nest_and_grouped_ones_stay():
+    flat = {"base_model": "b", "vae_dtype": "float32", "lora_rank": 8, "adapter": "dora", "learning_rate": 1e-3,
+            "ema_decay": None, "cuda_graph": True}
+    grouped = {"base_model": "b", "vae_dtype": "float32", "lora": {"rank": 8, "adapter": "dora"},
+               "optim": {"learning_rate": 1e-3}, "ema": {"decay": None}, "perf": {"cuda_graph": True}}
+    assert nest_hparams(flat) == grouped
+    assert nest_hparams(grouped) == grouped
