@@ -40,15 +40,18 @@ def sources(argv: list[str]) -> Iterator[tuple[str, Any]]:
 
     i = 0
     while i < len(argv):
-        arg = "--config" + argv[i][2:] if argv[i].startswith("-c") and argv[i][2:3] in ("", "=") else argv[i]
+        arg = argv[i]
+        i += 1
+        if arg.startswith("-c") and not arg.startswith("--"):  # -c FILE, -c=FILE and argparse's -cFILE
+            arg = "--config" + ("=" + arg[2:].removeprefix("=") if len(arg) > 2 else "")
         key, eq, value = arg.partition("=")
         if not arg.startswith("--"):
-            i += 1
             continue
-        if not eq:
-            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
-            i += 1
-        i += 1
+        if not eq:  # a bare flag takes the next word as its value only if that word is not an option itself
+            value = ""
+            if i < len(argv) and not argv[i].startswith("-"):
+                value = argv[i]
+                i += 1
         key = key[2:]
         if key == "config" and value:
             try:

@@ -236,6 +236,15 @@ def test_configs_may_name_only_project_and_lightning_classes(cfg, message, subje
         DreamBoothCLI(args=[args[0], "-c", str(path), *args[3:]])
     from dreambooth_pl.config_guard import TRUST_ENV, check_class_paths
 
+    # a bare flag before the config must not hide it, in any spelling argparse accepts
+    for form in (["--print_config", "--config", str(path)], ["--print_config", "-c", str(path)], [f"-c{path}"],
+                 ["--trainer.fast_dev_run", f"-c={path}"]):
+        with pytest.raises(ValueError, match=message):
+            check_class_paths(form)
+    with pytest.raises(SystemExit):  # an abbreviated --config is not an option at all (its file would go unchecked)
+        DreamBoothCLI(args=[args[0], "--conf", str(path), *args[3:]])
+    assert "Beautiful is better than ugly" not in capsys.readouterr().out
+
     monkeypatch.setenv(TRUST_ENV, "1")
     check_class_paths(args)  # the switch lets a trusted config through
 
