@@ -24,6 +24,40 @@ def _seed(value) -> int:
     return 0 if isinstance(value, bool) else int(value)
 
 
+class FitParser(LightningArgumentParser):
+    """Fit's parser. Its YAML dumps (``--print_config`` and each run's config.yaml) end with the aspect-bucket
+    table as comments when ``data.aspect_buckets`` is on: the table is derived from ``data.resolution``,
+    ``data.bucket_step`` and ``data.bucket_max_ratio``, and jsonargparse dumps only the values it parses."""
+
+    def __init__(self, *args, **kwargs):
+        # no abbreviated options: "--conf FILE" would load a config that the class-path and moved-key checks,
+        # which run before parsing, never saw
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def dump(self, cfg, *args, **kwargs) -> str:
+        text = super().dump(cfg, *args, **kwargs)
+        try:
+            return text + self._bucket_comments(cfg, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a comment must never break a dump (or a DDP rank's config save)
+            return text + f"# (aspect-bucket table not shown: {err})\n"
+
+    def _bucket_comments(self, cfg, *args, **kwargs) -> str:
+        data = cfg.get("data") if hasattr(cfg, "get") else None
+        fmt = kwargs.get("format", args[0] if args else "parser_mode")
+        yaml = fmt == "yaml" or (fmt == "parser_mode" and self.parser_mode in ("yaml", "omegaconf"))
+        if not yaml or data is None or not data.get("aspect_buckets"):  # comments would break JSON
+            return ""
+        from .data.buckets import bucket_report
+
+        data = data.as_dict() if hasattr(data, "as_dict") else dict(data)
+        try:
+            report = bucket_report(data)
+        except (OSError, ValueError) as err:  # photos missing or unreadable: fit will say so; show the table
+            report = bucket_report(data, count=False) + f"\n(photos not counted: {err})"
+        return "".join(f"# {line}\n" for line in report.splitlines())
+
+
 class VersionedSaveConfig(SaveConfigCallback):
     """Save ``config.yaml`` with the logger's version filled in, so ``fit --config <it> --ckpt_path last``
     reopens the same run folder and finds its ``checkpoints/last.ckpt``."""
@@ -107,7 +141,8 @@ class DreamBoothCLI(LightningCLI):
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
         super().__init__(DreamBoothLoRA, DreamBoothDataModule, save_config_callback=VersionedSaveConfig,
                          save_config_kwargs={"overwrite": True}, trainer_defaults=trainer_defaults,
-                         seed_everything_default=0, auto_configure_optimizers=False, args=args, run=run, **kwargs)
+                         seed_everything_default=0, auto_configure_optimizers=False, parser_class=FitParser,
+                         args=args, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")

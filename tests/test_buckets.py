@@ -171,3 +171,28 @@ def test_fit_with_buckets_and_cache(tiny_base, tmp_path):
                                                   "data.bucket_step": 32, "model.perf.cache": "all"}))
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.logged_metrics["train/loss"])
     assert {size for _, size in cli.datamodule.cache.instance.entries} == {(160, 96), (96, 160)}
+
+
+def test_print_config_and_the_saved_config_end_with_the_bucket_table(tiny_base, tmp_path, capsys):
+    """``fit --print_config`` shows the derived table (with photo counts) as YAML comments, so the printed config
+    still loads, and reads the same with buckets off (no table)."""
+    import yaml
+
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    _images(tmp_path / "instance", [(120, 200), (200, 120), (110, 190)])
+    config = _data_config(tmp_path, aspect_buckets=True)
+    with pytest.raises(SystemExit):
+        DreamBoothCLI(args=["fit", "--config", config, "--print_config"])
+    out = capsys.readouterr().out
+    table = buckets([config])
+    assert out.endswith("".join(f"# {line}\n" for line in table.splitlines()))
+    assert "# aspect buckets (height x width, ~128² pixels):" in out and "#   160x96 (0.60): 2 image(s)\n" in out
+    assert yaml.safe_load(out)["data"]["aspect_buckets"] is True
+    with pytest.raises(SystemExit):  # an unreadable folder: the table without counts, and why
+        DreamBoothCLI(args=["fit", "--config", config, f"--data.instance_dir={tmp_path / 'gone'}", "--print_config"])
+    out = capsys.readouterr().out
+    assert "#   160x96 (0.60)\n" in out and "# (photos not counted:" in out
+    with pytest.raises(SystemExit):
+        DreamBoothCLI(args=["fit", "--config", _data_config(tmp_path), "--print_config"])
+    assert "aspect buckets" not in capsys.readouterr().out

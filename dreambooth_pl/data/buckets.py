@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .datasets import ImageSet, PairedStream, _mix
+from .images import find_instance_images, load_rgb
 
 Bucket = tuple[int, int]  # (height, width) in pixels
 
@@ -63,8 +64,6 @@ def bucket_photos(paths, resolution: int, step: int = 64, max_ratio: float = 2.0
         paths: the instance photos.
         resolution, step, max_ratio: as for :func:`bucket_table`.
     """
-    from .images import load_rgb
-
     table = bucket_table(resolution, step, max_ratio)
     buckets = {p: assign(load_rgb(p).size[::-1], table) for p in paths}
     return buckets, table_header(resolution) + describe(table, Counter(buckets.values()))
@@ -73,6 +72,26 @@ def bucket_photos(paths, resolution: int, step: int = 64, max_ratio: float = 2.0
 def table_header(resolution: int) -> str:
     """The first line of the bucket table as fit logs it."""
     return f"aspect buckets (height x width, ~{resolution}² pixels):\n"
+
+
+def bucket_report(data: dict, count: bool = True) -> str:
+    """The bucket table a fit config's ``data`` section trains with, as fit logs it: with each bucket's count of
+    ``data.instance_dir``'s photos (read and checked as fit reads them) when ``count`` and the folder is set, and
+    a note first when ``data.aspect_buckets`` is off.
+
+    Args:
+        data: the ``data`` section (resolution, bucket_step, bucket_max_ratio, aspect_buckets, instance_dir, ...).
+        count: read the photos to count them (False: the table alone).
+    """
+    res, step, ratio = data["resolution"], data["bucket_step"], data["bucket_max_ratio"]
+    note = "" if data.get("aspect_buckets") else (
+        f"data.aspect_buckets is off in this config: fit trains square {res}x{res} crops. With "
+        "data.aspect_buckets: true it would use:\n")
+    if not (count and data.get("instance_dir")):  # a config without the subject: the table alone
+        return note + table_header(res) + describe(bucket_table(res, step, ratio), None)
+    photos = find_instance_images(data["instance_dir"], data.get("num_instance_images"), res,
+                                  data.get("strict_images", True))
+    return note + bucket_photos(photos, res, step, ratio)[1]
 
 
 class BucketedStream(PairedStream):

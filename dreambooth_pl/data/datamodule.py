@@ -13,7 +13,7 @@ from .cache import CacheMode, CachedBucketedStream, CachedStream, Encoders, buil
 from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
-from .images import ImageIntakeError, check_images, list_images
+from .images import ImageIntakeError, check_images, find_instance_images, list_images
 
 
 class DreamBoothDataModule(L.LightningDataModule):
@@ -233,20 +233,3 @@ def assign_buckets(paths, resolution: int, step: int, max_ratio: float) -> dict:
     buckets, table = bucket_photos(paths, resolution, step, max_ratio)
     rank_zero_info(table)
     return buckets
-
-
-def find_instance_images(instance_dir: str, num_instance_images: Optional[int], resolution: int,
-                         strict: bool) -> list:
-    """The instance photos fit trains on: sorted, the first ``num_instance_images``, each checked (data/images.py).
-
-    Args:
-        instance_dir, num_instance_images, resolution: as for :class:`DreamBoothDataModule`.
-        strict: ``data.strict_images``.
-    """
-    inst = list_images(instance_dir, "instance")
-    if num_instance_images is not None:
-        if len(inst) < num_instance_images:
-            raise ImageIntakeError(f"instance dir {instance_dir!r} has {len(inst)} image(s) but "
-                                   f"data.num_instance_images is {num_instance_images}: add photos or lower it.")
-        inst = inst[:num_instance_images]
-    return check_images(inst, "instance", resolution, strict)

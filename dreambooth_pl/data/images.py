@@ -224,3 +224,20 @@ def caption_for(path: Path) -> str | None:
             if text:
                 return text
     return None
+
+
+def find_instance_images(instance_dir: str, num_instance_images: int | None, resolution: int,
+                         strict: bool) -> list[Path]:
+    """The instance photos fit trains on: sorted, the first ``num_instance_images``, each checked.
+
+    Args:
+        instance_dir, num_instance_images, resolution: as for ``DreamBoothDataModule``.
+        strict: ``data.strict_images``.
+    """
+    inst = list_images(instance_dir, "instance")
+    if num_instance_images is not None:
+        if len(inst) < num_instance_images:
+            raise ImageIntakeError(f"instance dir {instance_dir!r} has {len(inst)} image(s) but "
+                                   f"data.num_instance_images is {num_instance_images}: add photos or lower it.")
+        inst = inst[:num_instance_images]
+    return check_images(inst, "instance", resolution, strict)

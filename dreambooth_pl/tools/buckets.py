@@ -1,8 +1,8 @@
 """``python -m dreambooth_pl buckets CONFIG...``: the aspect-bucket table a fit config trains with, and how many of
 its instance photos fall in each bucket, before any model loads.
 
-``fit --print_config`` cannot show the table: it is derived from ``data.resolution``, ``data.bucket_step`` and
-``data.bucket_max_ratio``, and jsonargparse dumps only the values it parses. Fit logs the same table when it starts.
+``fit --print_config`` (and each run's config.yaml) ends with the same table as comments, and fit logs it when it
+starts; this command also tries other resolutions and steps without a fit.
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ def buckets(configs: list[str], resolution: Optional[int] = None, bucket_step: O
         bucket_max_ratio: try another ``data.bucket_max_ratio`` (None: the config's).
     """
     from ..cli import read_fit_config
-    from ..data.buckets import bucket_photos, bucket_table, describe, table_header
-    from ..data.datamodule import find_instance_images
+    from ..data.buckets import bucket_report
 
     missing = [c for c in configs if not Path(c).is_file()]
     if not configs or missing:
@@ -36,12 +35,4 @@ def buckets(configs: list[str], resolution: Optional[int] = None, bucket_step: O
         data = read_fit_config(*configs, partial=True).get("data") or {}
     given = {"resolution": resolution, "bucket_step": bucket_step, "bucket_max_ratio": bucket_max_ratio}
     data.update({k: v for k, v in given.items() if v is not None})
-    res, step, ratio = data["resolution"], data["bucket_step"], data["bucket_max_ratio"]
-    note = "" if data.get("aspect_buckets") else (
-        f"data.aspect_buckets is off in this config: fit trains square {res}x{res} crops. With "
-        "data.aspect_buckets: true it would use:\n")
-    if not data.get("instance_dir"):  # a config without the subject: the table alone
-        return note + table_header(res) + describe(bucket_table(res, step, ratio), None)
-    photos = find_instance_images(data["instance_dir"], data.get("num_instance_images"), res,
-                                  data.get("strict_images", True))
-    return note + bucket_photos(photos, res, step, ratio)[1]
+    return bucket_report(data)
