@@ -30,6 +30,9 @@ for stage in "$@"; do
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=dora"]'
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=lokr","--export.format=kohya"]' ;;
     fast) bench --preset fast --steps 15 --warmup 4 ;;
+    fused-variants)  # fused_lora on the recipe, and off in the fast preset
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]'
+      bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=false"]' ;;
     fast2) bench --preset fast --steps 15 --warmup 4 --devices 2 ;;  # DDP scaling: images/s against fast
     ddp-probe)  # a 2-GPU fit that dumps every rank's Python stacks if it has not finished in 150 s
       ( sleep 150; pkill -ABRT -f "dreambooth_pl benchmark" ) & watchdog=$!

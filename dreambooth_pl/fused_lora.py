@@ -64,8 +64,8 @@ def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
     name = layer.active_adapters[0]
     if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
         return None
-    if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
-        return None
+    if not isinstance(layer.lora_dropout[name], torch.nn.Identity) or layer.lora_B[name].bias is not None:
+        return None  # dropout masks and peft's lora_bias are not in the fused node
     base = layer.get_base_layer()
     if type(base) is not torch.nn.Linear or not x.is_floating_point():
         return None

@@ -49,8 +49,10 @@ class DreamBoothLoRA(L.LightningModule):
                  lora: LoraSettings = LoraSettings(), optim: OptimSettings = OptimSettings(),
                  ema: EmaSettings = EmaSettings(), perf: PerfSettings = PerfSettings()):
         super().__init__()
+        # LightningCLI (to save_hyperparameters) and load_from_checkpoint hand the groups over as plain dicts
+        lora, optim, ema, perf = (g(**v) if isinstance(v, dict) else v for g, v in
+                                  ((LoraSettings, lora), (OptimSettings, optim), (EmaSettings, ema), (PerfSettings, perf)))
         self.save_hyperparameters()  # the groups are frozen dataclasses: their shared defaults cannot change
-        # LightningCLI hands save_hyperparameters its config, where the groups are dicts: keep them typed here too
         self.hparams.update(lora=lora, optim=optim, ema=ema, perf=perf)
         check_model(lora, perf, noise_offset, snr_gamma)
         self.loss_fn = DreamBoothLoss(prior_loss_weight)  # validates the weight before any model loads
@@ -249,9 +251,8 @@ class DreamBoothLoRA(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         terms = self.forward_loss(batch)
         n = len(batch["prompt"])
-        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=n)
-        self.log("train/loss_instance", terms["loss_instance"], batch_size=n)
-        self.log("train/loss_prior", terms["loss_prior"], batch_size=n)
+        for name in ("loss", "loss_instance", "loss_prior"):  # train/loss, train/loss_instance, train/loss_prior
+            self.log(f"train/{name}", terms[name], prog_bar=name == "loss", batch_size=n)
         # every term reaches callbacks (FaultTolerance names the one that went non-finite, without a host sync)
         return {"loss": terms["loss"], **{k: v.detach() for k, v in terms.items() if k != "loss"}}
 

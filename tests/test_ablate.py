@@ -85,6 +85,10 @@ def test_bad_grid_files_name_the_file_and_key(tmp_path):
     bad.write_text("base_config: [a.yaml]\nout: o\nruns: [{name: r, overrides: {model.lora_rank: 8}}]\n")
     with pytest.raises(SystemExit, match=r"model.lora_rank moved to model.lora.rank .*grid file '.*bad.yaml'"):
         load_grid(str(bad))  # before any cell's fit, not once per cell
+    (tmp_path / "old_base.yaml").write_text("model:\n  cuda_graph: true\n")
+    bad.write_text(f"base_config: [{tmp_path / 'old_base.yaml'}]\nout: o\n")
+    with pytest.raises(SystemExit, match=r"model.cuda_graph moved to model.perf.cuda_graph .*old_base.yaml"):
+        load_grid(str(bad))  # the base configs too
     bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, samplers: [{scheduler: "
                    "ddmi, steps: 50}]}\n")
     with pytest.raises(SystemExit, match=r"bad.yaml.*samplers\[0\].scheduler 'ddmi' is unknown"):

@@ -98,10 +98,10 @@ def test_fused_under_autocast_matches_peft_with_half_inputs():
     assert all(got[2][k].dtype == torch.float32 and _close(got[2][k], ref[2][k], 3e-2) for k in ref[2])
 
 
-@pytest.mark.parametrize("case", ["dora", "dropout", "disabled", "merged"])
+@pytest.mark.parametrize("case", ["dora", "dropout", "lora_bias", "disabled", "merged"])
 def test_states_the_fused_node_does_not_cover_run_peft_unchanged(case):
-    model = _layers(True, **({"use_dora": True} if case == "dora" else {"lora_dropout": 0.5} if case == "dropout"
-                             else {}))
+    extra = {"dora": {"use_dora": True}, "dropout": {"lora_dropout": 0.5}, "lora_bias": {"lora_bias": True}}
+    model = _layers(True, **extra.get(case, {}))
     layer = model[0]
     if case == "disabled":
         layer.enable_adapters(False)

@@ -86,3 +86,13 @@ def test_the_cli_hands_the_module_typed_groups(tiny_base, subject_dirs, tmp_path
                         run=False)
     assert cli.model.hparams.lora == LoraSettings(rank=8, init=False)
     assert cli.model.hparams.perf == PerfSettings() and cli.model.hparams.optim == OptimSettings()
+
+
+def test_the_module_types_plain_dict_groups():
+    """load_from_checkpoint hands the saved (plain) groups back to __init__."""
+    from dreambooth_pl.module import DreamBoothLoRA
+
+    module = DreamBoothLoRA(base_model="unused", lora={"rank": 8}, perf={"cache": "latents"})
+    assert module.hparams.lora == LoraSettings(rank=8) and module.hparams.perf == PerfSettings(cache="latents")
+    with pytest.raises(ValueError, match="model.lora.rank must be > 0"):
+        DreamBoothLoRA(base_model="unused", lora={"rank": 0})

@@ -121,6 +121,7 @@ def load_grid(path: str) -> AblationGrid:
     try:  # every cell would fail on it: say so before the first fit
         check_moved_keys({**spec.overrides, **spec.grid, **{k: v for c in spec.runs for k, v in c.overrides.items()}},
                          f"grid file {path!r}")
+        check_moved_keys([a for c in spec.base_config for a in ("--config", c)])  # its base configs too
     except MovedKeyError as e:
         raise SystemExit(f"ablate: {e}") from None
     return spec
