@@ -129,9 +129,9 @@ class PerfSettings:
             (memory_plan.py), and fails naming every plan's need when none does.
         memory_budget_gib: GiB that ``auto`` may plan for (None: the GPU's free memory; 14.5 keeps a run inside
             a 16 GB T4 on a bigger card).
-        fused_lora: run each plain-LoRA projection and its frozen layer as one autograd node with in-place
-            up-projections (fused_lora.py: fewer kernels and activation passes, the same numbers as peft's path);
-            DoRA, LoKr, LoHa and adapter dropout keep peft's forward.
+        fused_lora: experimental, off in every preset (docs/performance.md): run each plain-LoRA projection and
+            its frozen layer as one autograd node with in-place up-projections (fused_lora.py: fewer kernels, the
+            same numbers as peft's path); DoRA, LoKr, LoHa and adapter dropout keep peft's forward.
     """
 
     gradient_checkpointing: bool = False
