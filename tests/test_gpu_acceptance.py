@@ -233,7 +233,7 @@ def test_ddp_two_gpus_trains_and_exports_once(sdxl):
     args = recipe_args(sdxl, root, 4, "--trainer.devices=2", "--trainer.strategy=ddp")
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     proc = subprocess.run([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=400)
+                          text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
 
