@@ -22,6 +22,7 @@ for stage in "$@"; do
           "tests/test_graphs.py tests/test_sample_grid.py tests/test_sampling.py tests/test_smoke.py tests/test_fused_lora.py"; do
         timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=10 $files >> "$OUT/pytest-gpu.txt" 2>&1
       done
+      pkill -9 -f "python3 -m dreambooth_pl" || true  # a hung DDP test's other rank would hold a GPU for later stages
       grep -E "passed|failed|rel=|Error|^FAILED|^E " "$OUT/pytest-gpu.txt" | tail -n 40 ;;
     resume-test) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_acceptance.py -k resume 2>&1 | tail -n 3 ;;
     graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
@@ -39,11 +40,13 @@ for stage in "$@"; do
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]'
       bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=false"]' ;;
     fast2) bench --preset fast --steps 15 --warmup 4 --devices 2 ;;  # DDP scaling: images/s against fast
-    ddp-probe)  # a 2-GPU fit that dumps every rank's Python stacks if it has not finished in 150 s
-      ( sleep 150; pkill -ABRT -f "dreambooth_pl benchmark" ) & watchdog=$!
-      PYTHONFAULTHANDLER=1 NCCL_DEBUG=WARN python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
-        --preset fast --steps 15 --warmup 4 --devices 2 > "$OUT/ddp-probe.txt" 2>&1; echo "rc=$?"
-      kill $watchdog 2>/dev/null; tail -n 5 "$OUT/ddp-probe.txt" ;;
+    ddp-probe)  # 2-GPU recipe and fast fits that dump every rank's Python stacks if one has not finished in 150 s
+      for preset in recipe fast; do
+        ( sleep 150; pkill -ABRT -f "dreambooth_pl benchmark" ) & watchdog=$!
+        PYTHONFAULTHANDLER=1 NCCL_DEBUG=WARN python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
+          --preset $preset --steps 15 --warmup 4 --devices 2 > "$OUT/ddp-probe-$preset.txt" 2>&1; echo "rc=$?"
+        kill $watchdog 2>/dev/null; tail -n 5 "$OUT/ddp-probe-$preset.txt"
+      done ;;
     recipe2) bench --preset recipe --steps 15 --warmup 4 --devices 2 ;;
     profile)  # where the GPU time of a step goes: the eager step (kernel times) and the graphed one
       bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-eager.txt" --overrides '["--model.perf.cuda_graph=false"]'

@@ -229,12 +229,25 @@ def test_ddp_two_gpus_trains_and_exports_once(sdxl):
     import subprocess
     import sys
 
+    import signal
+
     root = sdxl[3] / "ddp"
     args = recipe_args(sdxl, root, 4, "--trainer.devices=2", "--trainer.strategy=ddp")
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONFAULTHANDLER": "1"}
+    log = root.parent / "ddp.log"
+    with open(log, "w") as out:  # both ranks write here; a hang is killed with SIGABRT so each rank dumps its stacks
+        proc = subprocess.Popen([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=240)  # a 4-step recipe on 2 GPUs takes about a minute
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGABRT)
+            proc.wait(timeout=60)
+            rc = "hung"
+    text = log.read_text(errors="replace")
+    if os.environ.get("OUT"):  # the device tool brings $OUT back
+        (Path(os.environ["OUT"]) / "ddp-test.log").write_text(text)
+    assert rc == 0, f"DDP fit {rc}:\n{text[-6000:]}"
     from safetensors.torch import load_file
 
     lora = load_file(next(root.glob("lightning_logs/*/pytorch_lora_weights.safetensors")))
