@@ -17,10 +17,8 @@ from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
 from .noise import NoiseSchedule
 from .optimizers import build_optimizer, step_size_estimates
-from .sdxl import add_time_ids, encode_prompts, load_parts, scale_latents, tokenize
+from .sdxl import DTYPES, add_time_ids, encode_prompts, load_parts, scale_latents, tokenize
 from .settings import EmaSettings, LoraSettings, OptimSettings, PerfSettings, check_model, plain
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DreamBoothLoRA(L.LightningModule):
@@ -91,7 +89,7 @@ class DreamBoothLoRA(L.LightningModule):
         self.noise = NoiseSchedule(parts.scheduler_config)
         dtype = self.weight_dtype()
         self.unet = parts.unet.to(dtype)
-        self.vae = parts.vae.to(_DTYPES[hp.vae_dtype])
+        self.vae = parts.vae.to(DTYPES[hp.vae_dtype])
         self.text_encoder = parts.text_encoder.to(dtype)
         self.text_encoder_2 = parts.text_encoder_2.to(dtype)
         lora = hp.lora

@@ -19,7 +19,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from .formats import read_lora
 from .lora_state import check_base
 from .lora import LORA_FILE
-from .sdxl import load_vae, resolve_base, unscale_latents
+from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -31,7 +31,6 @@ SCHEDULERS = {
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

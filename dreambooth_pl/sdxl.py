@@ -9,6 +9,9 @@ from typing import Sequence
 
 import torch
 
+# dtype names in configs and on command lines (vae_dtype, sample --dtype, export --dtype)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 
 class BaseModelError(RuntimeError):
     """The base model cannot be found or loaded; the message says how to fix it."""

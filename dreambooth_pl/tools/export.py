@@ -16,8 +16,8 @@ from ..lora_state import (COMPONENTS, LoRA, LoRAFormatError, base_skeleton, chec
                           on_disk_name, uniform_alpha)
 from ..io import load_checkpoint
 from ..moved_keys import nest_hparams
+from ..sdxl import DTYPES
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
 
 
@@ -76,5 +76,5 @@ def export(source: str, out: str, format: Format = "diffusers",
     if models:
         check_base(lora, models, source)
     if dtype != "keep":
-        lora.weights = {k: v.to(_DTYPES[dtype]) for k, v in lora.weights.items()}
+        lora.weights = {k: v.to(DTYPES[dtype]) for k, v in lora.weights.items()}
     return str(write_lora(uniform_alpha(lora) if format == "kohya" else lora, out, format))
