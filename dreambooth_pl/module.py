@@ -48,8 +48,8 @@ class DreamBoothLoRA(L.LightningModule):
                  ema: EmaSettings = EmaSettings(), perf: PerfSettings = PerfSettings()):
         super().__init__()
         # LightningCLI (to save_hyperparameters) and load_from_checkpoint hand the groups over as plain dicts
-        lora, optim, ema, perf = (g(**v) if isinstance(v, dict) else v for g, v in
-                                  ((LoraSettings, lora), (OptimSettings, optim), (EmaSettings, ema), (PerfSettings, perf)))
+        groups = ((LoraSettings, lora), (OptimSettings, optim), (EmaSettings, ema), (PerfSettings, perf))
+        lora, optim, ema, perf = (g(**v) if isinstance(v, dict) else v for g, v in groups)
         self.save_hyperparameters()  # the groups are frozen dataclasses: their shared defaults cannot change
         self.hparams.update(lora=lora, optim=optim, ema=ema, perf=perf)
         check_model(lora, perf, noise_offset, snr_gamma)

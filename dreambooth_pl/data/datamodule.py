@@ -190,8 +190,9 @@ class DreamBoothDataModule(L.LightningDataModule):
                      world_size=trainer.world_size if trainer else 1)
         faces = dict(faces=self.faces, face_crop=hp.crop == "face", mask=hp.mask, mask_floor=hp.mask_floor)
         if self.cache is not None and (hp.crop == "face" or uses_masks(self.instance.paths, hp.mask)):
-            raise ValueError("data.crop: face and loss masks need each example's pixels, but model.perf.cache pre-encodes "
-                             "centre crops: set model.perf.cache: off, or data.crop: null and data.mask: off.")
+            raise ValueError("data.crop: face and loss masks need each example's pixels, but model.perf.cache "
+                             "pre-encodes centre crops: set model.perf.cache: off, or data.crop: null and "
+                             "data.mask: off.")
         if self.cache is not None and self.buckets is not None:  # pre-encoded at each photo's bucket
             stream = CachedBucketedStream(self.cache, self.buckets, hp.batch_size, hp.random_flip, hp.seed, **place)
         elif self.cache is not None:  # pre-encoded inputs (model.perf.cache, data/cache.py): same order, no decoding
