@@ -36,20 +36,19 @@ for stage in "$@"; do
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=dora"]'
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=lokr","--export.format=kohya"]' ;;
     fast) bench --preset fast --steps 15 --warmup 4 ;;
-    fused-variants)  # fused_lora on the recipe, and off in the fast preset
-      bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]'
-      bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=false"]' ;;
+    fused-variants)  # experimental fused_lora on the fast preset and on the recipe
+      bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]'
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]' ;;
     fast2) bench --preset fast --steps 15 --warmup 4 --devices 2 ;;  # DDP scaling: images/s against fast
     ddp-probe)  # 2-GPU recipe and fast fits that dump every rank's Python stacks if one has not finished in 150 s
-      for preset in recipe fast; do
+      for preset in ${DDP_PRESETS:-recipe fast}; do
         ( sleep 150; pkill -ABRT -f "dreambooth_pl benchmark" ) & watchdog=$!
         PYTHONFAULTHANDLER=1 NCCL_DEBUG=WARN python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
           --preset $preset --steps 15 --warmup 4 --devices 2 > "$OUT/ddp-probe-$preset.txt" 2>&1; echo "rc=$?"
         kill $watchdog 2>/dev/null; tail -n 5 "$OUT/ddp-probe-$preset.txt"
       done ;;
     recipe2) bench --preset recipe --steps 15 --warmup 4 --devices 2 ;;
-    profile)  # where the GPU time of a step goes: the eager step (kernel times) and the graphed one
-      bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-eager.txt" --overrides '["--model.perf.cuda_graph=false"]'
+    profile)  # where a steady graphed step's time goes: kernels by kind, GPU idle gaps, Python hot spots, a trace
       bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-graph.txt" ;;
     t4) bench --preset t4-16gb --steps 12 --warmup 4 ;;
     t4-te) bench --preset t4-16gb-te --steps 10 --warmup 3 ;;

@@ -201,7 +201,9 @@ class DreamBoothLoRA(L.LightningModule):
             prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
         else:
             prompt_embeds, pooled = self.encode_text(batch["prompt"])
-        size = torch.tensor([s * 8 for s in latents.shape[-2:]], device=self.device).expand(latents.shape[0], 2)
+        # filled on the device: torch.tensor(list, device=cuda) is a blocking copy, a host sync every step
+        size = torch.full((latents.shape[0], 2), latents.shape[-2] * 8, dtype=torch.long, device=self.device)
+        size[:, 1] = latents.shape[-1] * 8
         time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"], size).to(self.device)
         if self.hparams.perf.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
@@ -250,7 +252,8 @@ class DreamBoothLoRA(L.LightningModule):
         terms = self.forward_loss(batch)
         n = len(batch["prompt"])
         for name in ("loss", "loss_instance", "loss_prior"):  # train/loss, train/loss_instance, train/loss_prior
-            self.log(f"train/{name}", terms[name], prog_bar=name == "loss", batch_size=n)
+            # no prog_bar: Lightning would turn it into a float after every batch, a host sync per step
+            self.log(f"train/{name}", terms[name], batch_size=n)
         # every term reaches callbacks (FaultTolerance names the one that went non-finite, without a host sync)
         return {"loss": terms["loss"], **{k: v.detach() for k, v in terms.items() if k != "loss"}}
 

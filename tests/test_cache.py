@@ -47,6 +47,21 @@ def test_cached_stream_matches_paired_stream(setup):
     assert flips_seen == {False, True}  # both stored orientations are used
 
 
+def test_cache_moved_to_a_device_yields_the_same_batches_there(setup):
+    """On a GPU the cache moves there (DEVICE_CACHE_BYTES), so batches are stacked on the device: ``meta`` stands
+    in for it on the CPU; every tensor must move, and the stream must yield the same shapes from it."""
+    dm, module, cache = setup
+    moved = cache.to(torch.device("meta"))
+    assert moved.device.type == "meta" and cache.device.type == "cpu" and moved.nbytes() == cache.nbytes()
+    assert len(moved.tensors()) == len(cache.tensors()) and all(t.is_meta for t in moved.tensors())
+    here, there = CachedStream(cache, 2, 0.5, 3).batch(1), CachedStream(moved, 2, 0.5, 3).batch(1)
+    assert here["prompt"] == there["prompt"] and torch.equal(here["is_prior"], there["is_prior"])
+    for k in ("latent_mean", "latent_std", "original_size", "crop_top_left", "prompt_embeds"):
+        assert there[k].is_meta and there[k].shape == here[k].shape, k
+    per_image = 2 * 2 * 4 * 4 * 4 * 4  # mean and std, plain and mirrored, [4, 4, 4] fp32 latents at 32 px
+    assert cache.nbytes() > 5 * per_image  # 2 instance + 3 class images, plus crops, sizes and text embeddings
+
+
 def test_cache_inputs_keeps_its_first_result(setup):
     """A second hand-over (a second fit on the same data module) reuses the cache instead of re-encoding."""
     dm, module, cache = setup

@@ -41,9 +41,10 @@ class StepProgressBar(ProgressBar):
         if self._bar is None or trainer.global_step == self._bar.n:  # mid-accumulation: no step yet
             return
         self._bar.update(trainer.global_step - self._bar.n)
-        loss = trainer.callback_metrics.get("train/loss")
-        if loss is not None and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-            self._bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)  # a host sync: only when logged
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:  # float(loss) syncs: only when logged
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None:
+                self._bar.set_postfix_str(f"loss {float(loss):.4f}", refresh=False)
         if self._bar.total is not None and self._bar.n >= self._bar.total:  # before Lightning's closing messages
             self.on_train_end(trainer, pl_module)
 

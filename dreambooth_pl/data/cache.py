@@ -24,6 +24,7 @@ from .images import load_rgb
 from .transforms import prepare_image
 
 CacheMode = Literal["off", "latents", "all"]
+DEVICE_CACHE_BYTES = 512 * 2**20  # a cache up to this size moves to the GPU (about 500 images at 1024²)
 
 
 class CacheError(ValueError):
@@ -59,6 +60,26 @@ class InputCache:
     prior: EncodedSet | None
     resolution: int
     text: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def tensors(self) -> list[torch.Tensor]:
+        sets = [s for s in (self.instance, self.prior) if s is not None]
+        return ([t for s in sets for e in s.entries.values() for t in (e.mean, e.std, e.crop_top_left)]
+                + [s.original_size for s in sets] + [t for pair in self.text.values() for t in pair])
+
+    @property
+    def device(self) -> torch.device:
+        return self.instance.original_size.device
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def to(self, device: torch.device) -> "InputCache":
+        """A copy with every tensor on ``device``."""
+        def moved(s: EncodedSet | None) -> EncodedSet | None:
+            return None if s is None else EncodedSet(s.images, s.original_size.to(device), {
+                k: Encoded(e.mean.to(device), e.std.to(device), e.crop_top_left.to(device)) for k, e in s.entries.items()})
+        return InputCache(moved(self.instance), moved(self.prior), self.resolution,
+                          {p: (a.to(device), b.to(device)) for p, (a, b) in self.text.items()})
 
 
 @torch.no_grad()

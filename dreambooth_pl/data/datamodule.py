@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .cache import CacheMode, CachedBucketedStream, CachedStream, Encoders, build_cache
+from .cache import DEVICE_CACHE_BYTES, CacheMode, CachedBucketedStream, CachedStream, Encoders, build_cache
 from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
@@ -141,8 +141,13 @@ class DreamBoothDataModule(L.LightningDataModule):
         if self.cache is not None:
             return
         self.setup("fit")  # a no-op after Lightning's own call: the images are found and checked once
+        device = next(encoders.vae.parameters()).device
         self.cache = build_cache(encoders, self.instance, self.prior, self.hparams.resolution, mode, offload,
                                  self.buckets)
+        # on the GPU the batches are stacked there: no per-step collate, pinning and copy on the host, which
+        # otherwise cost tens of ms a step beside a CUDA-graph step (BENCHMARKS.md); workers need CPU tensors
+        if device.type == "cuda" and self.hparams.num_workers == 0 and self.cache.nbytes() <= DEVICE_CACHE_BYTES:
+            self.cache = self.cache.to(device)
 
     def _generate_class_images(self) -> None:
         """Fill class_dir up to num_class_images with the base; local rank 0 draws, the other ranks wait."""
@@ -205,7 +210,9 @@ class DreamBoothDataModule(L.LightningDataModule):
         else:
             stream = PairedStream(self.instance, self.prior, hp.resolution, hp.batch_size, hp.center_crop,
                                   hp.random_flip, hp.seed, **place, **faces)
-        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers, pin_memory=torch.cuda.is_available(),
+        on_gpu = self.cache is not None and self.cache.device.type == "cuda"
+        return DataLoader(stream, batch_size=None, num_workers=hp.num_workers,
+                          pin_memory=torch.cuda.is_available() and not on_gpu,
                           persistent_workers=hp.num_workers > 0,
                           prefetch_factor=2 if hp.num_workers > 0 else None)
 

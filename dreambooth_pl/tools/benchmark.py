@@ -31,7 +31,7 @@ class StepTimer(L.Callback):
     Args:
         warmup: steps excluded from the timing (compilation, allocator growth, cuDNN autotuning).
         flop_step: index of the step whose FLOPs are counted (inside the warm-up).
-        profile: write the top kernels of the last warm-up step (torch.profiler) to this file.
+        profile: write a torch.profiler table, a trace and the GPU idle time of the timed steps to this file.
     """
 
     def __init__(self, warmup: int, flop_step: int = 0, profile: Optional[str] = None):
@@ -64,7 +64,7 @@ class StepTimer(L.Callback):
             self._stack = contextlib.ExitStack()
             self._stack.enter_context(torch.compiler.set_stance("force_eager"))
             self._counter = self._stack.enter_context(FlopCounterMode(display=False))
-        if self.profile and batch_idx == self.warmup - 1:
+        if self.profile and batch_idx == self.warmup:  # steady state: the host may run ahead of the GPU here
             import cProfile
 
             self._prof = torch.profiler.profile(record_shapes=False)
@@ -79,25 +79,11 @@ class StepTimer(L.Callback):
             # a CUDA-graph capture step runs the UNet twice (warm-up, capture) and replays once unseen by the counter
             passes = 2 if pl_module.speed["cuda_graph"] and pl_module.device.type == "cuda" else 1
             self.flops = self._counter.get_total_flops() / passes
-        if self._prof is not None and batch_idx == self.warmup - 1:
-            self._sync(pl_module.device)
-            self._py.disable()
-            self._prof.__exit__(None, None, None)
-            import io
-            import pstats
-
-            text = io.StringIO()
-            pstats.Stats(self._py, stream=text).sort_stats("tottime").print_stats(30)
-            Path(self.profile + ".python.txt").write_text(text.getvalue())
-            sort = "self_cuda_time_total" if pl_module.device.type == "cuda" else "self_cpu_time_total"
-            Path(self.profile).parent.mkdir(parents=True, exist_ok=True)
-            rows = self._prof.key_averages()
-            Path(self.profile).write_text(rows.table(sort_by=sort, row_limit=40, max_name_column_width=90))
-            # every row, for grouping kernel time by kind (gemm, attention, elementwise, ...) outside this run
-            Path(self.profile + ".json").write_text(json.dumps(
-                [{"name": r.key, "count": r.count, "self_device_us": getattr(r, "self_device_time_total", 0),
-                  "self_cpu_us": r.self_cpu_time_total} for r in rows]))
-            self._prof = None
+        if trainer.global_step == trainer.max_steps:  # the last step: stop the clock before the export
+            self.steps = trainer.global_step - self.warmup
+            self.seconds = (self._sync(pl_module.device) - self._t) / max(self.steps, 1)
+            if self._prof is not None:
+                self._write_profile(pl_module.device)
         if batch_idx < self.warmup:  # warm-up steps are synced one by one: their times show compile cost
             now = self._sync(pl_module.device)
             self.warmup_s.append(now - self._t)
@@ -107,9 +93,59 @@ class StepTimer(L.Callback):
                 torch.cuda.empty_cache()  # blocks cached by compilation/caching would hide the steady-state peak
                 torch.cuda.reset_peak_memory_stats()
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.steps = trainer.global_step - self.warmup
-        self.seconds = (self._sync(pl_module.device) - self._t) / max(self.steps, 1)
+    def _write_profile(self, device: torch.device) -> None:
+        """The profiled steady steps: top ops, every row as JSON, the Python hot spots, GPU idle time, a trace."""
+        import gzip
+        import io
+        import pstats
+
+        self._py.disable()
+        self._prof.__exit__(None, None, None)
+        text = io.StringIO()
+        pstats.Stats(self._py, stream=text).sort_stats("tottime").print_stats(30)
+        Path(self.profile + ".python.txt").write_text(text.getvalue())
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        Path(self.profile).parent.mkdir(parents=True, exist_ok=True)
+        rows = self._prof.key_averages()
+        table = rows.table(sort_by=sort, row_limit=40, max_name_column_width=90)
+        Path(self.profile).write_text(table + "\n" + gpu_idle(self._prof, max(self.steps, 1)))
+        # every row, for grouping kernel time by kind (gemm, attention, elementwise, ...) outside this run
+        Path(self.profile + ".json").write_text(json.dumps(
+            [{"name": r.key, "count": r.count, "self_device_us": getattr(r, "self_device_time_total", 0),
+              "self_cpu_us": r.self_cpu_time_total} for r in rows]))
+        trace = Path(self.profile + ".trace.json")
+        self._prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
+            dst.write(src.read())
+        trace.unlink()
+        self._prof = None
+
+
+def gpu_idle(prof, steps: int) -> str:
+    """How long the GPU sat idle per profiled step, and the longest gaps with the host op running at their start."""
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not kernels:
+        return "no device kernels recorded\n"
+    busy, gaps, (start, end) = 0.0, [], kernels[0]
+    for s, e in kernels[1:]:
+        if s > end:
+            busy += end - start
+            gaps.append((s - end, end))
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    span = end - kernels[0][0]
+    host = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CPU), key=lambda t: t[0])
+    lines = [f"GPU busy {busy / 1e3 / steps:.1f} ms/step, idle {(span - busy) / 1e3 / steps:.1f} ms/step over "
+             f"{span / 1e3:.1f} ms ({steps} step(s)); gaps > 20 us: {sum(g > 20 for g, _ in gaps)}, "
+             f"{sum(g for g, _ in gaps if g > 20) / 1e3:.1f} ms; the longest, with the innermost host op then:"]
+    for g, at in sorted(gaps, reverse=True)[:15]:
+        ops = [n for s, e, n in host if s <= at <= e]
+        lines.append(f"  {g / 1e3:8.2f} ms at +{(at - kernels[0][0]) / 1e3:8.1f} ms  {' > '.join(ops[-3:])[:150]}")
+    return "\n".join(lines) + "\n"
 
 
 def prepare_inputs(work: Path, n_class: int = 4, seed: int = 0) -> tuple[str, str]:
@@ -284,7 +320,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         devices: GPUs (DDP when > 1).
         overrides: extra ``fit`` arguments, e.g. ``--model.optim.name=adamw``.
         out: append the result as one JSON line to this file.
-        profile: write a torch.profiler table (top kernels) of the last warm-up step to this file.
+        profile: write a torch.profiler table, trace and GPU idle gaps of the timed steps to this file.
         reference: instead, time diffusers' ``train_dreambooth_lora_sdxl.py`` at this path on the same base and
             data (``../shared/reference/``; run unchanged), for ``warmup + steps`` steps.
         reference_precision: the reference's ``fp16`` recipe (checkpointing, 8-bit Adam) or ``bf16`` (its fastest).
