@@ -234,7 +234,8 @@ def test_ddp_two_gpus_trains_and_exports_once(sdxl):
     root = sdxl[3] / "ddp"
     args = recipe_args(sdxl, root, 4, "--trainer.devices=2", "--trainer.strategy=ddp")
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONFAULTHANDLER": "1"}
-    log = root.parent / "ddp.log"
+    # straight into $OUT where the device tool brings it back, so a hang killed by an outer timeout still reports
+    log = Path(os.environ["OUT"]) / "ddp-test.log" if os.environ.get("OUT") else root.parent / "ddp.log"
     with open(log, "w") as out:  # both ranks write here; a hang is killed with SIGABRT so each rank dumps its stacks
         proc = subprocess.Popen([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -245,8 +246,6 @@ def test_ddp_two_gpus_trains_and_exports_once(sdxl):
             proc.wait(timeout=60)
             rc = "hung"
     text = log.read_text(errors="replace")
-    if os.environ.get("OUT"):  # the device tool brings $OUT back
-        (Path(os.environ["OUT"]) / "ddp-test.log").write_text(text)
     assert rc == 0, f"DDP fit {rc}:\n{text[-6000:]}"
     from safetensors.torch import load_file
 
