@@ -21,6 +21,7 @@ class LoRAExport(L.Callback):
     def __init__(self, dirpath: Optional[str] = None, filename: str = "pytorch_lora_weights.safetensors",
                  format: Literal["auto", "diffusers", "kohya"] = "auto"):
         self.dirpath, self.filename, self.format = dirpath, filename, format
+        self._out: Optional[str] = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from ..adapters import check_layout
@@ -32,9 +33,14 @@ class LoRAExport(L.Callback):
     def path(self, trainer: L.Trainer) -> str:
         return os.path.join(self.dirpath or trainer.log_dir or trainer.default_root_dir, self.filename)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # resolved here, where every rank runs: trainer.log_dir broadcasts under DDP, and asked by rank 0 alone in
+        # on_train_end it waited forever for the other ranks (the 2-GPU GPU test's hang)
+        self._out = self.path(trainer)
+
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:  # a stopped run keeps its checkpoint; the export belongs to a finished run
             return
-        out = pl_module.export_lora(self.path(trainer), self.format)
+        out = pl_module.export_lora(self._out or self.path(trainer), self.format)
         rank_zero_info(f"LoRA written to {out}")
