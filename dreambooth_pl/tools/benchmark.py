@@ -94,58 +94,10 @@ class StepTimer(L.Callback):
                 torch.cuda.reset_peak_memory_stats()
 
     def _write_profile(self, device: torch.device) -> None:
-        """The profiled steady steps: top ops, every row as JSON, the Python hot spots, GPU idle time, a trace."""
-        import gzip
-        import io
-        import pstats
+        from .step_profile import write_profile
 
-        self._py.disable()
-        self._prof.__exit__(None, None, None)
-        text = io.StringIO()
-        pstats.Stats(self._py, stream=text).sort_stats("tottime").print_stats(30)
-        Path(self.profile + ".python.txt").write_text(text.getvalue())
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        Path(self.profile).parent.mkdir(parents=True, exist_ok=True)
-        rows = self._prof.key_averages()
-        table = rows.table(sort_by=sort, row_limit=40, max_name_column_width=90)
-        Path(self.profile).write_text(table + "\n" + gpu_idle(self._prof, max(self.steps, 1)))
-        # every row, for grouping kernel time by kind (gemm, attention, elementwise, ...) outside this run
-        Path(self.profile + ".json").write_text(json.dumps(
-            [{"name": r.key, "count": r.count, "self_device_us": getattr(r, "self_device_time_total", 0),
-              "self_cpu_us": r.self_cpu_time_total} for r in rows]))
-        trace = Path(self.profile + ".trace.json")
-        self._prof.export_chrome_trace(str(trace))
-        with open(trace, "rb") as src, gzip.open(str(trace) + ".gz", "wb") as dst:
-            dst.write(src.read())
-        trace.unlink()
+        write_profile(self._prof, self._py, self.profile, device, max(self.steps, 1))
         self._prof = None
-
-
-def gpu_idle(prof, steps: int) -> str:
-    """How long the GPU sat idle per profiled step, and the longest gaps with the host op running at their start."""
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    if not kernels:
-        return "no device kernels recorded\n"
-    busy, gaps, (start, end) = 0.0, [], kernels[0]
-    for s, e in kernels[1:]:
-        if s > end:
-            busy += end - start
-            gaps.append((s - end, end))
-            start, end = s, e
-        else:
-            end = max(end, e)
-    busy += end - start
-    span = end - kernels[0][0]
-    host = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CPU), key=lambda t: t[0])
-    lines = [f"GPU busy {busy / 1e3 / steps:.1f} ms/step, idle {(span - busy) / 1e3 / steps:.1f} ms/step over "
-             f"{span / 1e3:.1f} ms ({steps} step(s)); gaps > 20 us: {sum(g > 20 for g, _ in gaps)}, "
-             f"{sum(g for g, _ in gaps if g > 20) / 1e3:.1f} ms; the longest, with the innermost host op then:"]
-    for g, at in sorted(gaps, reverse=True)[:15]:
-        ops = [n for s, e, n in host if s <= at <= e]
-        lines.append(f"  {g / 1e3:8.2f} ms at +{(at - kernels[0][0]) / 1e3:8.1f} ms  {' > '.join(ops[-3:])[:150]}")
-    return "\n".join(lines) + "\n"
 
 
 def prepare_inputs(work: Path, n_class: int = 4, seed: int = 0) -> tuple[str, str]:
