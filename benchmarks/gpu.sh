@@ -25,9 +25,12 @@ for stage in "$@"; do
       timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=10 tests/test_gpu_acceptance.py \
         -k "not ddp" >> "$OUT/pytest-gpu.txt" 2>&1
       timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=10 tests/test_graphs.py \
-        tests/test_sample_grid.py tests/test_sampling.py tests/test_smoke.py tests/test_fused_lora.py >> "$OUT/pytest-gpu.txt" 2>&1
+        tests/test_sample_grid.py tests/test_sampling.py tests/test_smoke.py tests/test_fused_lora.py tests/test_block_ops.py >> "$OUT/pytest-gpu.txt" 2>&1
       pkill -9 -f "python3 -m dreambooth_pl" || true  # a hung DDP test's other rank would hold a GPU for later stages
       grep -E "passed|failed|rel=|Error|^FAILED|^E " "$OUT/pytest-gpu.txt" | tail -n 40 ;;
+    tests-fast)  # the fast preset's kernels: compiled GEGLU, fused LoRA, graphed = eager with them on
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_block_ops.py tests/test_fused_lora.py \
+        tests/test_graphs.py 2>&1 | grep -E "passed|failed|rel=|Error|^FAILED|^E " | tail -n 30 ;;
     resume-test) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_acceptance.py -k resume 2>&1 | tail -n 3 ;;
     graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
     recipe) bench --preset recipe --steps 15 --warmup 4 ;;
@@ -52,6 +55,11 @@ for stage in "$@"; do
         kill $watchdog 2>/dev/null; tail -n 5 "$OUT/ddp-probe-$preset.txt"
       done ;;
     recipe2) bench --preset recipe --steps 15 --warmup 4 --devices 2 ;;
+    fast-ab)  # the fast preset without each of its newest switches, in the same call
+      bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_blocks=false"]' ;;
+    profile-eager)  # the same step eagerly: F.ops.txt names the op and shapes behind each kernel
+      bench --preset fast --steps 2 --warmup 3 --overrides '["--model.perf.cuda_graph=false"]' \
+        --profile "$OUT/profile-fast-eager.txt" ;;
     profile)  # where a steady graphed step's time goes: kernels by kind, GPU idle gaps, Python hot spots, a trace
       bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-graph.txt" ;;
     t4) bench --preset t4-16gb --steps 12 --warmup 4 ;;

@@ -15,9 +15,13 @@ several active adapters, merged or disabled adapters) runs peft's forward unchan
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
+
+# id(parameter) -> its half-precision copy for the current UNet call (half_adapters); empty outside that call
+_HALF: dict[int, torch.Tensor] = {}
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -57,6 +61,41 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
 
 
+class _HalfCopies(torch.autograd.Function):
+    """Half-precision copies of many fp32 weights in a few multi-tensor kernels, and their gradients back to fp32
+    the same way (autocast would cast, and its backward un-cast, each weight in its own kernel)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *weights):
+        out = [torch.empty_like(w, dtype=dtype) for w in weights]
+        torch._foreach_copy_(out, list(weights))
+        return tuple(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        out = [torch.empty_like(g, dtype=torch.float32) for g in grads]
+        torch._foreach_copy_(out, list(grads))
+        return (None, *out)
+
+
+@contextlib.contextmanager
+def half_adapters(model: torch.nn.Module, dtype: torch.dtype):
+    """Within: the fused layers of ``model`` read their fp32 adapters through one bulk half-precision copy made
+    on entry (differentiable; gradients come back fp32). A no-op when no fused layer has fp32 adapters."""
+    weights = [p for m in model.modules() if getattr(vars(m).get("forward"), "__func__", None) is _forward
+               for d in (m.lora_A, m.lora_B) for p in (d[n].weight for n in m.active_adapters if n in d)
+               if p.dtype == torch.float32 and p.requires_grad]
+    if not weights or dtype == torch.float32:
+        yield
+        return
+    _HALF.update(zip(map(id, weights), _HalfCopies.apply(dtype, *weights)))
+    try:
+        yield
+    finally:
+        _HALF.clear()
+
+
 def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
     """The single active plain-LoRA adapter of ``layer`` when the fused path computes exactly peft's output."""
     if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
@@ -84,9 +123,11 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # autocast's choice, made once here: the Function runs with autocast off on tensors of one dtype
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     bias = None if base.bias is None else base.bias.to(dtype)
+    a, b = (_HALF.get(id(w)) for w in (self.lora_A[name].weight, self.lora_B[name].weight))
+    a = a if a is not None and a.dtype == dtype else self.lora_A[name].weight.to(dtype)
+    b = b if b is not None and b.dtype == dtype else self.lora_B[name].weight.to(dtype)
     with torch.autocast(device, enabled=False):
-        return _LoraLinear.apply(x.to(dtype), base.weight.to(dtype), bias, self.lora_A[name].weight.to(dtype),
-                                 self.lora_B[name].weight.to(dtype), float(self.scaling[name]))
+        return _LoraLinear.apply(x.to(dtype), base.weight.to(dtype), bias, a, b, float(self.scaling[name]))
 
 
 def fuse_lora_layers(model: torch.nn.Module) -> int:

@@ -8,11 +8,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from . import adapters
+from . import adapters, block_ops
 from . import lora as lora_lib
 from . import perf as perf_lib
 from .data.cache import Encoders
-from .fused_lora import fuse_lora_layers
+from .fused_lora import fuse_lora_layers, half_adapters
 from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
 from .noise import NoiseSchedule
@@ -121,6 +121,9 @@ class DreamBoothLoRA(L.LightningModule):
                 perf_lib.keep_lora_inputs_half(m)
             if p.fused_lora:
                 fuse_lora_layers(m)
+        if p.fused_blocks and self.weight_dtype() != torch.float32:  # only autocast has the fp32 norms to remove
+            block_ops.half_norms(self.unet)
+            block_ops.fuse_geglu(self.unet)
         if p.channels_last:
             perf_lib.to_channels_last(self.unet)
         if p.compile_blocks:
@@ -223,7 +226,9 @@ class DreamBoothLoRA(L.LightningModule):
 
     def _unet(self, noisy, t, prompt_embeds, pooled, time_ids) -> torch.Tensor:
         """The UNet's noise prediction from positional tensors (the form a CUDA graph captures)."""
-        with perf_lib.attention_context(self.hparams.perf.attention):
+        half = self.hparams.perf.fused_lora and torch.is_autocast_enabled(self.device.type)
+        with perf_lib.attention_context(self.hparams.perf.attention), \
+                half_adapters(self.unet, self.weight_dtype()) if half else nullcontext():
             return self.unet(noisy, t, encoder_hidden_states=prompt_embeds,
                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 

@@ -129,9 +129,12 @@ class PerfSettings:
             (memory_plan.py), and fails naming every plan's need when none does.
         memory_budget_gib: GiB that ``auto`` may plan for (None: the GPU's free memory; 14.5 keeps a run inside
             a 16 GB T4 on a bigger card).
-        fused_lora: experimental, off in every preset (docs/performance.md): run each plain-LoRA projection and
-            its frozen layer as one autograd node with in-place up-projections (fused_lora.py: fewer kernels, the
-            same numbers as peft's path); DoRA, LoKr, LoHa and adapter dropout keep peft's forward.
+        fused_lora: run each plain-LoRA projection and its frozen layer as one autograd node with in-place
+            up-projections (fused_lora.py: fewer kernels, the same numbers as peft's path; on in ``fast.yaml``);
+            DoRA, LoKr, LoHa and adapter dropout keep peft's forward.
+        fused_blocks: under mixed precision, run the UNet's frozen LayerNorms and GroupNorms in the half dtype
+            instead of autocast's fp32 round trip, and each GEGLU activation as one compiled kernel on CUDA
+            (block_ops.py: fewer, vectorised passes over the activations; on in ``fast.yaml``).
     """
 
     gradient_checkpointing: bool = False
@@ -146,6 +149,7 @@ class PerfSettings:
     memory_plan: Literal["manual", "auto"] = "manual"
     memory_budget_gib: Optional[float] = None
     fused_lora: bool = False
+    fused_blocks: bool = False
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_every >= 1, "perf.checkpoint_every",

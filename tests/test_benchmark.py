@@ -23,4 +23,6 @@ def test_benchmark_tiny_training_path(tiny_base, tmp_path):
     prof = (tmp_path / "prof.txt").read_text()
     assert "aten::" in prof and "no device kernels recorded" in prof  # top ops of the timed step; CPU: no GPU gaps
     assert (tmp_path / "prof.txt.trace.json.gz").stat().st_size > 0
+    ops = (tmp_path / "prof.txt.ops.txt").read_text().splitlines()  # which op and shapes the time went to
+    assert ops[0].startswith("aten ops' own CPU time") and any("aten::mm" in r and "[[" in r for r in ops[2:])
     assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()

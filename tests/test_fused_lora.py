@@ -2,6 +2,8 @@
 peft wherever it cannot, and leaves the adapters' parameters and state dict as peft's own."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -156,3 +158,48 @@ def test_module_switch_routes_every_adapted_projection(tiny_base):
     n, fused = routed(PerfSettings(fused_lora=True))
     assert n > 0 and fused == n
     assert routed(PerfSettings()) == (n, 0)
+
+
+def test_half_adapters_cast_in_bulk_with_the_same_numbers(tiny_base):
+    """Under bf16 autocast the fused layers read one bulk bf16 copy of the fp32 adapters: the loss and the fp32
+    gradients are bit-identical to casting each weight on its own, and the per-weight casts are gone."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dreambooth_pl.fused_lora import half_adapters
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
+    add_lora(unet, lora_config(4, alpha=8, init=False))
+    unet.to(torch.bfloat16)
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    for p in params.values():
+        p.data = p.data.float()
+    n = fuse_lora_layers(unet)
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]),
+            torch.randn(2, 77, unet.config.cross_attention_dim, generator=g))
+    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+
+    class Casts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.count += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    def run(bulk: bool):
+        Casts.count = 0
+        with Casts(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with half_adapters(unet, torch.bfloat16) if bulk else contextlib.nullcontext():
+                loss = unet(*args, added_cond_kwargs=cond).sample.float().pow(2).mean()
+            grads = torch.autograd.grad(loss, list(params.values()))
+        return loss, grads, Casts.count
+
+    ref, got = run(False), run(True)
+    assert torch.equal(got[0], ref[0])
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(got[1], ref[1]))
+    assert ref[2] - got[2] >= 4 * n  # each layer's A and B: a cast forward and one backward, now in bulk
+    with half_adapters(unet, torch.float32):  # fp32 compute: nothing to copy
+        from dreambooth_pl.fused_lora import _HALF
+
+        assert not _HALF

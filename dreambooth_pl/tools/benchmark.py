@@ -67,7 +67,7 @@ class StepTimer(L.Callback):
         if self.profile and batch_idx == self.warmup:  # steady state: the host may run ahead of the GPU here
             import cProfile
 
-            self._prof = torch.profiler.profile(record_shapes=False)
+            self._prof = torch.profiler.profile(record_shapes=True)  # F.ops.txt groups by shapes
             self._prof.__enter__()
             self._py = cProfile.Profile()
             self._py.enable()

@@ -1,8 +1,9 @@
 """``benchmark --profile F``: what the timed steps spent, written beside F (dreambooth_pl/tools/benchmark.py).
 
 F: torch.profiler's top ops plus the GPU's idle gaps, each with the host op that was running (a gap means the GPU
-waited on the host: a sync, a blocking copy, host-side batch work); F.json: every row, for
-``benchmarks/kernel_kinds.py``; F.python.txt: cProfile's hot spots; F.trace.json.gz: the whole trace.
+waited on the host: a sync, a blocking copy, host-side batch work); F.ops.txt: GPU time per aten op and input
+shapes (which op launched the kernels; only an eager step has it, a graph replay hides its ops); F.json: every
+row, for ``benchmarks/kernel_kinds.py``; F.python.txt: cProfile's hot spots; F.trace.json.gz: the whole trace.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def write_profile(prof, py, path: str, device: torch.device, steps: int) -> None
     rows = prof.key_averages()
     table = rows.table(sort_by=sort, row_limit=40, max_name_column_width=90)
     Path(path).write_text(table + "\n" + gpu_idle(prof, steps))
+    Path(path + ".ops.txt").write_text(op_table(prof, steps, device.type == "cuda"))
     # every row, for grouping kernel time by kind (gemm, attention, elementwise, ...) outside this run
     Path(path + ".json").write_text(json.dumps(
         [{"name": r.key, "count": r.count, "self_device_us": getattr(r, "self_device_time_total", 0),
@@ -63,4 +65,21 @@ def gpu_idle(prof, steps: int) -> str:
     for g, at in sorted(gaps, reverse=True)[:15]:
         ops = [n for s, e, n in host if s <= at <= e]
         lines.append(f"  {g / 1e3:8.2f} ms at +{(at - kernels[0][0]) / 1e3:8.1f} ms  {' > '.join(ops[-3:])[:150]}")
+    return "\n".join(lines) + "\n"
+
+
+def op_table(prof, steps: int, gpu: bool = True, limit: int = 60) -> str:
+    """Milliseconds per step of each aten op and input shapes, largest first: the kernels' GPU time it launched
+    (``gpu``) or its own CPU time (needs ``record_shapes``)."""
+    field = "self_device_time_total" if gpu else "self_cpu_time_total"
+    rows = [r for r in prof.key_averages(group_by_input_shape=True)
+            if r.key.startswith("aten::") and getattr(r, field, 0) > 0]
+    rows.sort(key=lambda r: getattr(r, field), reverse=True)
+    total = sum(getattr(r, field) for r in rows)
+    where = "GPU" if gpu else "CPU"
+    lines = [f"aten ops' own {where} time: {total / 1e3 / steps:.1f} ms/step (a replayed graph's kernels have no op)",
+             f"{where + ' ms/step':>11} {'calls/step':>10}  op  input shapes"]
+    for r in rows[:limit]:
+        lines.append(f"{getattr(r, field) / 1e3 / steps:11.2f} {r.count / steps:10.0f}  {r.key}  "
+                     f"{str(r.input_shapes)[:160]}")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,151 @@
+"""block_ops.py: norms in the half dtype and the one-kernel GEGLU give the eager blocks' numbers (values and input
+gradients), fall back where they cannot apply, and leave the weights alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dreambooth_pl.block_ops import fuse_geglu, geglu, half_norms, unfuse_blocks
+
+
+def _close(a, b, rel):
+    return float((a.float() - b.float()).abs().max()) <= rel * float(b.float().abs().max())
+
+
+def _grad_of(module, x, device="cpu", dtype=torch.bfloat16):
+    x = x.clone().requires_grad_(True)
+    with torch.autocast(device, dtype=dtype):
+        out = module(x)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1], device=out.device)).pow(2).sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("norm", [torch.nn.LayerNorm(64), torch.nn.GroupNorm(8, 64)])
+def test_half_norm_equals_fp32_norm_rounded(norm):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2), norm.bias.normal_(0, 0.2)
+    norm = norm.requires_grad_(False).to(torch.bfloat16)
+    x = (torch.randn(2, 64, 5, 5) if isinstance(norm, torch.nn.GroupNorm) else torch.randn(2, 7, 64)) * 3 + 1
+    x = x.to(torch.bfloat16)
+    ref = type(norm)(*([8, 64] if isinstance(norm, torch.nn.GroupNorm) else [64]))
+    ref.load_state_dict({k: v.float() for k, v in norm.state_dict().items()})
+    with torch.no_grad():
+        want = ref(x.float())  # the fp32 norm autocast runs on CUDA, before its consumers round it to bf16
+    assert half_norms(torch.nn.Sequential(norm)) == 1 and "forward" in vars(norm)
+    got, gx = _grad_of(norm, x)
+    assert got.dtype == torch.bfloat16 and _close(got, want, 1e-2)
+    assert gx.dtype == torch.bfloat16 and torch.isfinite(gx).all()
+    with torch.no_grad():  # without autocast the class's own forward runs (here: bf16 in, bf16 out)
+        assert torch.equal(norm(x), type(norm).forward(norm, x))
+
+
+def test_half_norms_skip_trainable_and_fp32_norms():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.LayerNorm(8).requires_grad_(False),
+                                torch.nn.GroupNorm(2, 8, affine=False))
+    assert half_norms(model) == 1 and "forward" in vars(model[1])
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 weights: the class's forward, fp32 out
+        assert model[1](x).dtype == torch.float32
+    assert unfuse_blocks(model) == 1 and "forward" not in vars(model[1])
+
+
+def test_fused_geglu_equals_diffusers_geglu():
+    from diffusers.models.activations import GEGLU
+
+    torch.manual_seed(0)
+    ff = torch.nn.Sequential(GEGLU(32, 48)).requires_grad_(False)
+    x = torch.randn(2, 9, 32)
+    ref = _grad_of(ff, x)
+    w = ff[0].proj.weight.clone()
+    assert fuse_geglu(ff) == 1
+    got = _grad_of(ff, x)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])  # the same formula on the CPU
+    assert torch.equal(ff[0].proj.weight, w) and unfuse_blocks(ff) == 1
+
+
+def test_module_switch_patches_the_unet_under_mixed_precision_only(tiny_base):
+    import lightning as L
+
+    from dreambooth_pl.module import DreamBoothLoRA
+    from dreambooth_pl.settings import PerfSettings
+
+    def patched(precision):
+        module = DreamBoothLoRA(base_model=tiny_base, perf=PerfSettings(fused_blocks=True))
+        module.trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False)
+        module.configure_model()
+        return unfuse_blocks(module.unet)
+
+    assert patched("bf16-mixed") > 0
+    assert patched("32-true") == 0  # fp32 weights: no autocast round trip to remove
+
+
+def test_tiny_unet_with_fused_blocks_matches_eager_under_autocast(tiny_base):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
+    unet.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    args = (torch.randn(2, 4, 8, 8, generator=g).to(torch.bfloat16), torch.tensor([10, 500]),
+            torch.randn(2, 77, cfg.cross_attention_dim, generator=g).to(torch.bfloat16))
+    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            return unet(*args, added_cond_kwargs=cond).sample.float()
+
+    ref = run()
+    assert half_norms(unet) > 0 and fuse_geglu(unet) > 0
+    assert _close(run(), ref, 2e-2)
+
+
+@pytest.mark.gpu
+def test_compiled_geglu_equals_eager_on_gpu_and_in_a_cuda_graph():
+    """SDXL's widest GEGLU (2 x 1024 tokens, 1280 -> 2 x 5120) in bf16: the compiled kernel equals the eager
+    formula in values and gradients, and replays from a CUDA graph."""
+    from dreambooth_pl.block_ops import _geglu_act
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 1024, 10240, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(2, 1024, 5120, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn, x):
+        x = x.detach().requires_grad_(True)
+        out = fn(x)
+        out.backward(g)
+        return out.detach(), x.grad
+
+    ref, got = run(geglu, h), run(_geglu_act, h)
+    assert _close(got[0], ref[0], 1e-2) and _close(got[1], ref[1], 1e-2)
+    static = h.detach().clone().requires_grad_(True)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _geglu_act(static).backward(g)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    static.grad = None
+    with torch.cuda.graph(graph, stream=stream):
+        out = _geglu_act(static)
+        grad, = torch.autograd.grad(out, static, g)
+    static.data.copy_(h * 0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = run(geglu, h * 0.5)
+    assert _close(out, want[0], 1e-2) and _close(grad, want[1], 1e-2)
+
+
+def test_fast_kernels_fit_on_cpu_under_bf16(tiny_base, subject_dirs, tmp_path):
+    """The fast preset's kernels through a real fit (bf16-mixed on the CPU): the adapters train and stay fp32."""
+    from dreambooth_pl.cli import DreamBoothCLI
+    from conftest import fit_args
+
+    over = {"trainer.precision": "bf16-mixed", "model.perf.fused_lora": "true", "model.perf.fused_blocks": "true",
+            "model.perf.cache": "all"}
+    cli = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=2, **over))
+    params = cli.model.trainable_parameters()
+    assert params and all(p.dtype == torch.float32 for p in params.values())
+    assert np.isfinite(float(cli.trainer.logged_metrics["train/loss"]))
+    assert unfuse_blocks(cli.model.unet) > 0  # the switch reached the trained UNet
