@@ -11,9 +11,11 @@ profile), and two patterns of SDXL's blocks double it under autocast:
   last bit of rounding; only the backward's sum of the consumers' gradients happens in the half dtype.
 - **GEGLU** (Shazeer 2020, ``a · gelu(g)`` of one projection's two halves). ``chunk`` makes both halves strided,
   so diffusers' eager version runs gelu, the product and their backward as non-vectorised kernels and ends the
-  backward with a ``cat``. :func:`fuse_geglu` computes the activation in one compiled kernel forward and one
-  backward (``torch.compile`` of the pointwise function alone: seconds to build, cached between runs), on CUDA;
-  elsewhere the same formula runs eagerly.
+  backward with a ``cat`` (about 24 ms of a 150 ms step on an H200). :func:`fuse_geglu` computes the halves as
+  two GEMMs on the weight's row blocks, so both are contiguous, and the activation in one compiled kernel
+  forward and one backward (``torch.compile`` of the pointwise function alone: seconds to build, cached between
+  runs), on CUDA; elsewhere the same formula runs eagerly. Compiling diffusers' strided form instead gave a
+  backward kernel of 178 us per block (``benchmarks/geglu_variants.py``).
 
 Both are instance attributes on the modules (``perf.fused_blocks``); weights and state dicts are untouched.
 """
@@ -53,24 +55,40 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     return a * F.gelu(g)
 
 
+def gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``a · gelu(g)`` of two contiguous tensors: the kernel :func:`fuse_geglu` compiles (one pass forward, one
+    backward writing both gradients)."""
+    return a * F.gelu(g)
+
+
 _compiled = None
 
 
-def _geglu_act(h: torch.Tensor) -> torch.Tensor:
+def _gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     global _compiled
-    if h.device.type != "cuda" or not torch.is_grad_enabled():  # sampling's shapes vary and it is not the hot path
-        return geglu(h)
-    if _compiled is None:  # a small pointwise graph per shape; Inductor's caches keep it across runs
-        _compiled = torch.compile(geglu, fullgraph=True)
-    return _compiled(h)
+    if a.device.type != "cuda" or not torch.is_grad_enabled():  # sampling's shapes vary and it is not the hot path
+        return gated_gelu(a, g)
+    if _compiled is None:  # one small pointwise graph per shape; Inductor's caches keep it across runs
+        _compiled = torch.compile(gated_gelu, dynamic=False, fullgraph=True)
+    return _compiled(a, g)
 
 
 def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return _geglu_act(self.proj(hidden_states))
+    proj = self.proj
+    if type(proj) is not torch.nn.Linear:  # an adapter on the projection: diffusers' own forward
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    # the two halves as two GEMMs on the weight's row blocks (views): each output is contiguous, so the
+    # activation and its backward read and write whole vectors, and the backward needs no ``cat``
+    half = proj.out_features // 2
+    bias = (None, None) if proj.bias is None else (proj.bias[:half], proj.bias[half:])
+    a = F.linear(hidden_states, proj.weight[:half], bias[0])
+    g = F.linear(hidden_states, proj.weight[half:], bias[1])
+    return _gated_gelu(a, g)
 
 
 def fuse_geglu(model: torch.nn.Module) -> int:
-    """Route every diffusers ``GEGLU`` of ``model`` through the one-kernel activation. Returns the count."""
+    """Route every diffusers ``GEGLU`` of ``model`` through the split projection and the one-kernel activation.
+    Returns the count."""
     from diffusers.models.activations import GEGLU
 
     layers = [m for m in model.modules() if type(m) is GEGLU]
