@@ -57,8 +57,7 @@ for stage in "$@"; do
     recipe2) bench --preset recipe --steps 15 --warmup 4 --devices 2 ;;
     fast-ab)  # the fast preset without each of its newest switches, in the same call
       bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_blocks=false"]'
-      bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.channels_last=false"]' ;;
-    geglu) timeout 200 python3 benchmarks/geglu_variants.py 2>&1 | grep -v Warning ;;
+      bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.channels_last=true"]' ;;
     profile-eager)  # the same step eagerly: F.ops.txt names the op and shapes behind each kernel
       bench --preset fast --steps 2 --warmup 3 --overrides '["--model.perf.cuda_graph=false"]' \
         --profile "$OUT/profile-fast-eager.txt" ;;

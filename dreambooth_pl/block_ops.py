@@ -15,7 +15,7 @@ profile), and two patterns of SDXL's blocks double it under autocast:
   two GEMMs on the weight's row blocks, so both are contiguous, and the activation in one compiled kernel
   forward and one backward (``torch.compile`` of the pointwise function alone: seconds to build, cached between
   runs), on CUDA; elsewhere the same formula runs eagerly. Compiling diffusers' strided form instead gave a
-  backward kernel of 178 us per block (``benchmarks/geglu_variants.py``).
+  backward kernel of 178 us per block (H200 profile, BENCHMARKS.md).
 
 Both are instance attributes on the modules (``perf.fused_blocks``); weights and state dicts are untouched.
 """
