@@ -16,7 +16,7 @@ for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
     base) python3 -c "from dreambooth_pl.tools.benchmark import build_base; build_base('$BASE', 'sdxl')" ;;
-    tests)  # two processes: a capture that fails leaves CUDA's RNG in capture state for the rest of its process
+    tests|tests-core)  # separate processes: a capture that fails leaves CUDA's RNG in capture state for the rest of its process
       : > "$OUT/pytest-gpu.txt"
       # the 2-GPU test alone and first: its fit hung in two sessions, and a hang must not cost the other tests
       timeout 320 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_gpu_acceptance.py -k ddp \
@@ -24,8 +24,11 @@ for stage in "$@"; do
       pkill -9 -f "python3 -m dreambooth_pl" || true
       timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=10 tests/test_gpu_acceptance.py \
         -k "not ddp" >> "$OUT/pytest-gpu.txt" 2>&1
-      timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=10 tests/test_graphs.py \
-        tests/test_sample_grid.py tests/test_sampling.py tests/test_smoke.py tests/test_fused_lora.py tests/test_block_ops.py >> "$OUT/pytest-gpu.txt" 2>&1
+      if [ "$stage" = tests ]; then  # tests-core: the acceptance file only
+        timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=10 tests/test_graphs.py \
+          tests/test_sample_grid.py tests/test_sampling.py tests/test_smoke.py tests/test_fused_lora.py \
+          tests/test_block_ops.py >> "$OUT/pytest-gpu.txt" 2>&1
+      fi
       pkill -9 -f "python3 -m dreambooth_pl" || true  # a hung DDP test's other rank would hold a GPU for later stages
       grep -E "passed|failed|rel=|Error|^FAILED|^E " "$OUT/pytest-gpu.txt" | tail -n 40 ;;
     tests-fast)  # the fast preset's kernels: compiled GEGLU, fused LoRA, graphed = eager with them on
