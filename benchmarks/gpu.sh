@@ -81,5 +81,6 @@ if os.path.exists(sys.argv[1]):
         r = json.loads(line)
         print(f"{r['preset']:>22} {r.get('overrides',''):>60} {r['s_per_step']:.3f} s/step  "
               f"steady {r.get('peak_reserved_gib', 0):.2f}  run-peak {r.get('run_peak_reserved_gib', 0):.2f} GiB  "
-              f"ttl {r.get('time_to_lora_min', 0):.1f} min  warmup {r.get('warmup_s', '')}")
+              f"ttl {r.get('time_to_lora_min', 0):.1f} min  warmup {r.get('warmup_s', '')}  "
+              f"step median/max {r.get('step_s_median', 0):.3f}/{r.get('step_s_max', 0):.3f}")
 PY

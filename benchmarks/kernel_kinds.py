@@ -1,7 +1,7 @@
 """Group a ``benchmark --profile`` run's kernels by kind: python benchmarks/kernel_kinds.py PROFILE.json [...]
 
 Prints one markdown table per file: GPU milliseconds and kernel launches per kind (gemm, attention, convolution,
-copies/casts, normalisation, other elementwise, optimizer), from the per-kernel rows ``StepTimer`` writes beside
+copies/casts, normalisation, other elementwise, optimizer), from the per-kernel rows ``StepTimer`` (tools/step_timer.py) writes beside
 its torch.profiler table. Annotations (``aten::`` ops, autograd nodes, the optimizer's and the graph replay's
 ranges) are skipped so that every kernel counts once.
 """

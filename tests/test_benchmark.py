@@ -17,6 +17,7 @@ def test_benchmark_tiny_training_path(tiny_base, tmp_path):
     assert result["steps"] == 1 and result["devices"] == 1 and result["s_per_step"] > 0
     assert result["images_per_s"] == 2 / result["s_per_step"]  # one instance + one prior image per step
     assert result["tflop_per_step"] > 0 and len(result["warmup_s"]) == 2
+    assert 0 < result["step_s_median"] == result["step_s_max"]  # one timed step, from its own marks
     assert result["trainable_params_m"] > 0 and result["optimizer_state_mib"] > 0
     assert result["time_to_lora_min"] * 60 >= result["wall_s"] > 0 and result["recipe_steps"] == 1000
     assert {"gpu", "torch", "diffusers", "peft", "lightning", "date"} <= set(result)
@@ -26,3 +27,24 @@ def test_benchmark_tiny_training_path(tiny_base, tmp_path):
     ops = (tmp_path / "prof.txt.ops.txt").read_text().splitlines()  # which op and shapes the time went to
     assert ops[0].startswith("aten ops' own CPU time") and any("aten::mm" in r and "[[" in r for r in ops[2:])
     assert (tmp_path / "export" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_reference_timing_reads_every_backward_of_an_unchanged_script(tmp_path):
+    """The reference's s/step comes from the end of each backward pass inside its own process (not from two runs'
+    wall-time difference, which carried its load-time noise): a stand-in script with the reference's command line
+    and a known sleep per step."""
+    from dreambooth_pl.tools.benchmark import reference_benchmark
+
+    script = tmp_path / "train_stand_in.py"
+    script.write_text(
+        "import argparse, time, torch\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--max_train_steps', type=int)\n"
+        "args, _ = p.parse_known_args()\n"
+        "w = torch.zeros(3, requires_grad=True)\n"
+        "for step in range(args.max_train_steps):\n"
+        "    time.sleep(0.5 if step == 0 else 0.05)  # a slow first step, as a warm-up\n"
+        "    (w * 2).sum().backward()\n")
+    result = reference_benchmark(str(script), "unused-base", tmp_path, steps=4, warmup=2, recipe=False)
+    assert result["steps"] == 4 and 0.045 <= result["step_s_median"] <= 0.2
+    assert result["s_per_step"] < 0.3 and result["step_s_max"] < 0.4  # the slow first step is not timed
+    assert result["time_to_lora_min"] * 60 >= result["wall_s"] and result["peak_reserved_gib"] == 0

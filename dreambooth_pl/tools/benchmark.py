@@ -6,7 +6,6 @@ real one. Results feed BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -17,87 +16,13 @@ from typing import Literal, Optional
 import lightning as L
 import torch
 
+from .step_timer import StepTimer, step_stats
+
 Preset = Literal["recipe", "fast", "t4-16gb", "t4-16gb-te", "sample"]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "perf"
 RECIPE = CONFIGS.parent / "sdxl_lora_prior.yaml"  # the shipped recipe, preset "recipe"
 SAMPLE_DOG = Path(__file__).resolve().parents[2] / "data" / "sample" / "dog"
 GIB = 2**30
-
-
-class StepTimer(L.Callback):
-    """Times steady-state steps without adding host syncs inside them: one device sync when warm-up ends and
-    one at the end; counts one step's FLOPs with torch's FlopCounterMode (compiled blocks run eagerly then).
-
-    Args:
-        warmup: steps excluded from the timing (compilation, allocator growth, cuDNN autotuning).
-        flop_step: index of the step whose FLOPs are counted (inside the warm-up).
-        profile: write a torch.profiler table, a trace and the GPU idle time of the timed steps to this file.
-    """
-
-    def __init__(self, warmup: int, flop_step: int = 0, profile: Optional[str] = None):
-        self.warmup, self.flop_step, self.profile = warmup, flop_step, profile
-        self._prof = None
-        self.warmup_s: list[float] = []
-        self.flops = 0
-        self.steps = 0
-        self.seconds = float("nan")
-        self.peak_overall = (0, 0)
-        self.peak_setup = 0
-        self._stack: contextlib.ExitStack | None = None
-        self._t = 0.0
-
-    def _sync(self, device: torch.device) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if pl_module.device.type == "cuda":  # model load + input caching, before the first step
-            self.peak_setup = torch.cuda.max_memory_reserved()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if batch_idx == 0:
-            self._t = self._sync(pl_module.device)
-        if batch_idx == self.flop_step:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._stack = contextlib.ExitStack()
-            self._stack.enter_context(torch.compiler.set_stance("force_eager"))
-            self._counter = self._stack.enter_context(FlopCounterMode(display=False))
-        if self.profile and batch_idx == self.warmup:  # steady state: the host may run ahead of the GPU here
-            import cProfile
-
-            self._prof = torch.profiler.profile(record_shapes=True)  # F.ops.txt groups by shapes
-            self._prof.__enter__()
-            self._py = cProfile.Profile()
-            self._py.enable()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self._stack is not None and batch_idx == self.flop_step:
-            self._stack.close()
-            self._stack = None
-            # a CUDA-graph capture step runs the UNet twice (warm-up, capture) and replays once unseen by the counter
-            passes = 2 if pl_module.speed["cuda_graph"] and pl_module.device.type == "cuda" else 1
-            self.flops = self._counter.get_total_flops() / passes
-        if trainer.global_step == trainer.max_steps:  # the last step: stop the clock before the export
-            self.steps = trainer.global_step - self.warmup
-            self.seconds = (self._sync(pl_module.device) - self._t) / max(self.steps, 1)
-            if self._prof is not None:
-                self._write_profile(pl_module.device)
-        if batch_idx < self.warmup:  # warm-up steps are synced one by one: their times show compile cost
-            now = self._sync(pl_module.device)
-            self.warmup_s.append(now - self._t)
-            self._t = now
-            if batch_idx == self.warmup - 1 and pl_module.device.type == "cuda":
-                self.peak_overall = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
-                torch.cuda.empty_cache()  # blocks cached by compilation/caching would hide the steady-state peak
-                torch.cuda.reset_peak_memory_stats()
-
-    def _write_profile(self, device: torch.device) -> None:
-        from .step_profile import write_profile
-
-        write_profile(self._prof, self._py, self.profile, device, max(self.steps, 1))
-        self._prof = None
 
 
 def prepare_inputs(work: Path, n_class: int = 4, seed: int = 0) -> tuple[str, str]:
@@ -179,21 +104,43 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
         "wall_s": wall, "recipe_steps": recipe_steps,
         # the measured run, plus the recipe's remaining steps at the steady rate
         "time_to_lora_min": (wall + (recipe_steps - trainer.global_step) * timer.seconds) / 60,
-        "warmup_s": [round(s, 3) for s in timer.warmup_s], "optimizer_state_mib": opt_bytes / 2**20,
+        "warmup_s": [round(s, 3) for s in timer.warmup_s], **step_stats(timer.step_s),
+        "optimizer_state_mib": opt_bytes / 2**20,
         "trainable_params_m": sum(p.numel() for p in model.trainable_parameters().values()) / 1e6,
         "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))), "rank": trainer.global_rank,
     }
 
 
-def reference_benchmark(script: str, base: str, work: Path, steps: int, mixed_precision: str = "fp16",
+# runs diffusers' script unchanged in this process, marking the end of every backward (the script reads its loss
+# on the host every step, so the added sync costs it nothing) and printing the marks and memory peaks at exit
+_REFERENCE_PROBE = """
+import atexit, runpy, sys, time, torch
+marks, backward = [], torch.Tensor.backward
+def timed_backward(self, *args, **kwargs):
+    out = backward(self, *args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    marks.append(time.perf_counter())
+    return out
+torch.Tensor.backward = timed_backward
+cuda = torch.cuda.is_available()
+atexit.register(lambda: print('REFERENCE_PEAK', torch.cuda.max_memory_allocated() if cuda else 0,
+                              torch.cuda.max_memory_reserved() if cuda else 0, flush=True))
+atexit.register(lambda: print('REFERENCE_STEPS', *marks, flush=True))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def reference_benchmark(script: str, base: str, work: Path, steps: int, warmup: int, mixed_precision: str = "fp16",
                         recipe: bool = True, recipe_steps: int = 1000) -> dict:
     """Time diffusers' ``train_dreambooth_lora_sdxl.py`` (unchanged) on the same base and data in this call.
 
     Args:
         script: path of the reference script.
         base, work: as for :func:`train_benchmark` (same sample photos and class images).
-        steps: steps it runs; s/step is the difference of two runs (``steps`` and ``steps // 4``) over their step
-            difference, so its load time cancels out.
+        steps, warmup: it runs ``warmup + steps`` steps; s/step is the mean time between the ends of the last
+            ``steps`` backward passes (its load, class-image and warm-up time excluded, as for our runs).
         mixed_precision: ``fp16`` (with ``recipe``: the original project's recipe: checkpointing, 8-bit Adam) or
             ``bf16`` (its fastest: no checkpointing, AdamW).
         recipe: add ``--gradient_checkpointing --use_8bit_adam``.
@@ -203,35 +150,35 @@ def reference_benchmark(script: str, base: str, work: Path, steps: int, mixed_pr
     import sys
 
     instance_dir, class_dir = prepare_inputs(work)
-    # the peak is read in the same process at exit; the script itself is run unchanged
-    probe = ("import atexit, runpy, sys, torch; atexit.register(lambda: print('REFERENCE_PEAK', "
-             "torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved(), flush=True)); "
-             "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    runs = {}
-    for n in (max(steps // 4, 1), steps):
-        out = work / f"reference-{mixed_precision}-{n}"
-        cmd = [sys.executable, "-c", probe, script, "--pretrained_model_name_or_path", base,
-               "--instance_data_dir", instance_dir, "--instance_prompt", "a photo of sks dog",
-               "--output_dir", str(out), "--resolution", "1024", "--train_batch_size", "1", "--learning_rate",
-               "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
-               "--with_prior_preservation", "--class_data_dir", class_dir, "--num_class_images", "4",
-               "--class_prompt", "a photo of dog", "--mixed_precision", mixed_precision, "--rank", "4",
-               "--max_train_steps", str(n), "--checkpointing_steps", "100000", "--report_to", "tensorboard"]
-        cmd += ["--gradient_checkpointing", "--use_8bit_adam"] if recipe else []
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t
-        if proc.returncode:
-            raise RuntimeError(f"reference script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        peak = next(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("REFERENCE_PEAK"))
-        runs[n] = (wall, int(peak[0]) / GIB, int(peak[1]) / GIB)
-    (n0, (w0, _, _)), (n1, (w1, alloc, reserved)) = sorted(runs.items())
-    per_step = (w1 - w0) / (n1 - n0)
+    n = warmup + steps
+    out = work / f"reference-{mixed_precision}"
+    cmd = [sys.executable, "-c", _REFERENCE_PROBE, script, "--pretrained_model_name_or_path", base,
+           "--instance_data_dir", instance_dir, "--instance_prompt", "a photo of sks dog",
+           "--output_dir", str(out), "--resolution", "1024", "--train_batch_size", "1", "--learning_rate",
+           "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
+           "--with_prior_preservation", "--class_data_dir", class_dir, "--num_class_images", "4",
+           "--class_prompt", "a photo of dog", "--mixed_precision", mixed_precision, "--rank", "4",
+           "--max_train_steps", str(n), "--checkpointing_steps", "100000", "--report_to", "tensorboard"]
+    cmd += ["--gradient_checkpointing", "--use_8bit_adam"] if recipe else []
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(f"reference script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()
+             if line.startswith(("REFERENCE_PEAK", "REFERENCE_STEPS"))}
+    alloc, reserved = (int(v) / GIB for v in lines["REFERENCE_PEAK"])
+    marks = [float(v) for v in lines["REFERENCE_STEPS"]]
+    if len(marks) != n:
+        raise RuntimeError(f"reference script ran {len(marks)} backward passes, expected {n} ({script})")
+    timed = marks[max(warmup, 1) - 1:]  # the end of the last warm-up step starts the first timed one
+    step_s = [b - a for a, b in zip(timed, timed[1:])]
+    per_step = sum(step_s) / len(step_s)
     return {"preset": f"reference-{mixed_precision}" + ("-recipe" if recipe else ""), "s_per_step": per_step,
-            "images_per_s": 2 / per_step, "peak_alloc_gib": alloc, "peak_reserved_gib": reserved,
-            "run_peak_reserved_gib": reserved, "wall_s": w1, "recipe_steps": recipe_steps,
-            "time_to_lora_min": (w1 + (recipe_steps - n1) * per_step) / 60, "steps": n1, "rank": 0,
-            "script": script}
+            "images_per_s": 2 / per_step, **step_stats(step_s), "peak_alloc_gib": alloc,
+            "peak_reserved_gib": reserved, "run_peak_reserved_gib": reserved, "wall_s": wall,
+            "recipe_steps": recipe_steps, "time_to_lora_min": (wall + (recipe_steps - n) * per_step) / 60,
+            "steps": len(step_s), "rank": 0, "script": script}
 
 
 def sample_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024) -> dict:
@@ -274,7 +221,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         out: append the result as one JSON line to this file.
         profile: write a torch.profiler table, trace and GPU idle gaps of the timed steps to this file.
         reference: instead, time diffusers' ``train_dreambooth_lora_sdxl.py`` at this path on the same base and
-            data (``../shared/reference/``; run unchanged), for ``warmup + steps`` steps.
+            data (``../shared/reference/``; run unchanged), for ``warmup + steps`` steps, timing the last ``steps``.
         reference_precision: the reference's ``fp16`` recipe (checkpointing, 8-bit Adam) or ``bf16`` (its fastest).
         count_flops: count the first step's FLOPs (torch's FlopCounterMode). Off by default: under the counter
             the first step runs compiled parts eagerly and its memory peak grows by several GiB (measured: 20.3
@@ -283,7 +230,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
     base = build_base(base, base_preset)
     if reference:
         fp16 = reference_precision == "fp16"
-        result = reference_benchmark(reference, base, Path(work), warmup + steps, reference_precision, recipe=fp16)
+        result = reference_benchmark(reference, base, Path(work), steps, warmup, reference_precision, recipe=fp16)
     elif preset == "sample":
         result = sample_benchmark(base, steps, resolution=1024 if base_preset == "sdxl" else 64)
     else:
