@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import types
+import weakref
 
 import torch
 
 # id(parameter) -> its half-precision copy for the current UNet call (half_adapters); empty outside that call
 _HALF: dict[int, torch.Tensor] = {}
+# grouped q/k/v (fuse_lora_layers(group_qkv=True)): to_q -> (to_k, to_v); a sibling -> (its input, its output) that
+# the group's node computed with to_q's call, handed out when the sibling is called on that same tensor
+_GROUPS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_PENDING: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -59,6 +64,56 @@ class _LoraLinear(torch.autograd.Function):
         grad_w = torch.mm(g2.t(), x2) if ctx.needs_input_grad[1] else None  # only if the base itself trains
         grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+
+
+class _LoraGroup(torch.autograd.Function):
+    """Frozen linears + LoRA of ``n`` projections that share their input (q, k, v of self-attention) in one node:
+    the down-projections are one ``x [A_1; ...; A_n]ᵀ`` (one read of ``x`` instead of ``n``), the backward sums the
+    input gradients in place and computes every ``A`` gradient in one GEMM (Hu et al. 2021, eq. 3, per projection).
+    ``tensors``: the ``n`` frozen weights, ``n`` biases (or None), ``n`` A and ``n`` B, in the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, x, scales: tuple, *tensors):
+        n = len(scales)
+        weights, biases, a, b = (tensors[i * n:(i + 1) * n] for i in range(4))
+        x2 = x.reshape(-1, x.shape[-1])
+        a_cat = torch.cat(a)  # [n r, in]
+        xa = torch.mm(x2, a_cat.t())  # [tokens, n r], unscaled
+        outs, start = [], 0
+        for w, bias, lb, s in zip(weights, biases, b, scales):
+            r = lb.shape[1]
+            out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+            out.addmm_(xa[:, start:start + r], lb.t(), alpha=s)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+            start += r
+        ctx.scales, ctx.has_bias, ctx.x_shape = scales, [bias is not None for bias in biases], x.shape
+        ctx.save_for_backward(x2, a_cat, xa, *weights, *b)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        x2, a_cat, xa, *rest = ctx.saved_tensors
+        n = len(ctx.scales)
+        weights, b = rest[:n], rest[n:]
+        g2 = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
+        # an output never used (a sibling called on another tensor) has no gradient: its terms are zero
+        gb = torch.cat([xa.new_zeros(xa.shape[0], lb.shape[1]) if g is None else _scaled_mm(g, lb, s)
+                        for g, lb, s in zip(g2, b, ctx.scales)], dim=1)  # [tokens, n r]
+        grad_x = None
+        if ctx.needs_input_grad[0] and any(g is not None for g in g2):
+            for g, w in zip(g2, weights):  # the input gradients summed in place, not by autograd's adds
+                if g is not None:
+                    grad_x = torch.mm(g, w) if grad_x is None else grad_x.addmm_(g, w)
+            grad_x = grad_x.addmm_(gb, a_cat).view(*ctx.x_shape[:-1], x2.shape[1])
+        grad_a = torch.mm(gb.t(), x2).split([lb.shape[1] for lb in b])
+        grad_b, start = [], 0
+        for g, lb, s in zip(g2, b, ctx.scales):
+            r = lb.shape[1]
+            grad_b.append(torch.zeros_like(lb) if g is None else _scaled_mm(g.t(), xa[:, start:start + r], s))
+            start += r
+        grad_bias = [None if not has or g is None else g.sum(0) for g, has in zip(g2, ctx.has_bias)]
+        return (grad_x, None, *(None,) * n, *grad_bias, *grad_a, *grad_b)
 
 
 class _HalfCopies(torch.autograd.Function):
@@ -114,31 +169,67 @@ def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
     return name
 
 
+def _parts(layer, name: str, dtype: torch.dtype) -> tuple:
+    """(weight, bias, A, B, scale) of a fused layer in ``dtype``; A and B from the bulk copy when there is one."""
+    base = layer.get_base_layer()
+    bias = None if base.bias is None else base.bias.to(dtype)
+    a, b = (_HALF.get(id(w)) for w in (layer.lora_A[name].weight, layer.lora_B[name].weight))
+    a = a if a is not None and a.dtype == dtype else layer.lora_A[name].weight.to(dtype)
+    b = b if b is not None and b.dtype == dtype else layer.lora_B[name].weight.to(dtype)
+    return base.weight.to(dtype), bias, a, b, float(layer.scaling[name])
+
+
 def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    pending = _PENDING.pop(self, None)
+    if pending is not None and pending[0] is x and not args and not kwargs:
+        return pending[1]  # computed by this layer's group with to_q, on this very tensor
     name = _fusable(self, x, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
     device = x.device.type
     # autocast's choice, made once here: the Function runs with autocast off on tensors of one dtype
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    bias = None if base.bias is None else base.bias.to(dtype)
-    a, b = (_HALF.get(id(w)) for w in (self.lora_A[name].weight, self.lora_B[name].weight))
-    a = a if a is not None and a.dtype == dtype else self.lora_A[name].weight.to(dtype)
-    b = b if b is not None and b.dtype == dtype else self.lora_B[name].weight.to(dtype)
+    layers = (self, *_GROUPS.get(self, ()))
+    if len(layers) > 1 and not all(_fusable(m, x, (), {}) == name and not m.get_base_layer().weight.requires_grad
+                                   for m in layers):
+        layers = (self,)
+    parts = [_parts(m, name, dtype) for m in layers]
     with torch.autocast(device, enabled=False):
-        return _LoraLinear.apply(x.to(dtype), base.weight.to(dtype), bias, a, b, float(self.scaling[name]))
+        if len(layers) == 1:
+            return _LoraLinear.apply(x.to(dtype), *parts[0])
+        weights, biases, a, b, scales = zip(*parts)
+        outs = _LoraGroup.apply(x.to(dtype), scales, *weights, *biases, *a, *b)
+    for m, out in zip(layers[1:], outs[1:]):
+        _PENDING[m] = (x, out)
+    return outs[0]
 
 
-def fuse_lora_layers(model: torch.nn.Module) -> int:
+def fuse_lora_layers(model: torch.nn.Module, group_qkv: bool = False) -> int:
     """Route every peft ``lora.Linear`` of ``model`` through the fused node (an instance attribute: the class
-    and other models are untouched). Returns the number of layers routed."""
+    and other models are untouched). Returns the number of layers routed.
+
+    Args:
+        model: the adapted model.
+        group_qkv: also compute each self-attention's q, k and v in one node (:class:`_LoraGroup`) when the
+            three are called on the same tensor, q first (diffusers' attention processors); see
+            :func:`grouped_attentions`.
+    """
     from peft.tuners.lora.layer import Linear
 
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     for m in layers:
         m.forward = types.MethodType(_forward, m)
+    if group_qkv:
+        for m in model.modules():
+            qkv = [getattr(m, k, None) for k in ("to_q", "to_k", "to_v")]
+            if getattr(m, "is_cross_attention", True) is False and all(isinstance(p, Linear) for p in qkv):
+                _GROUPS[qkv[0]] = tuple(qkv[1:])
     return len(layers)
+
+
+def grouped_attentions(model: torch.nn.Module) -> int:
+    """How many of ``model``'s q projections compute their attention's k and v with them."""
+    return sum(m in _GROUPS for m in model.modules())
 
 
 def unfuse_lora_layers(model: torch.nn.Module) -> int:
@@ -146,4 +237,6 @@ def unfuse_lora_layers(model: torch.nn.Module) -> int:
     layers = [m for m in model.modules() if getattr(getattr(m, "forward", None), "__func__", None) is _forward]
     for m in layers:
         del m.forward
+        _GROUPS.pop(m, None)
+        _PENDING.pop(m, None)
     return len(layers)

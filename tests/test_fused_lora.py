@@ -203,3 +203,137 @@ def test_half_adapters_cast_in_bulk_with_the_same_numbers(tiny_base):
         from dreambooth_pl.fused_lora import _HALF
 
         assert not _HALF
+
+
+def _tiny_unet(tiny_base):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
+    add_lora(unet, lora_config(4, alpha=8, init=False))
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]),
+            torch.randn(2, 77, unet.config.cross_attention_dim, generator=g))
+    cond = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+    return unet, args, cond
+
+
+class _Matmuls(contextlib.AbstractContextManager):
+    """Counts the matmul kernels (mm/addmm/addmm_) run inside."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                outer.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_)
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_grouped_qkv_equals_the_fused_layers_with_fewer_matmuls(tiny_base):
+    """q, k and v of each self-attention in one node: the loss and every adapter gradient equal the per-layer fused
+    path to fp32 rounding, and each grouped attention saves matmul kernels (one down-projection instead of three,
+    one A-gradient GEMM instead of three, one in-place up-projection sum in the input gradient)."""
+    from dreambooth_pl.fused_lora import grouped_attentions
+
+    unet, args, cond = _tiny_unet(tiny_base)
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    def run():
+        with _Matmuls() as mm:
+            loss = unet(*args, added_cond_kwargs=cond).sample.pow(2).mean()
+            grads = torch.autograd.grad(loss, params)
+        return loss.detach(), grads, mm.count
+
+    fuse_lora_layers(unet)
+    ref = run()
+    unfuse_lora_layers(unet)
+    fuse_lora_layers(unet, group_qkv=True)
+    groups = grouped_attentions(unet)
+    got = run()
+    assert groups > 0 and got[2] <= ref[2] - 5 * groups
+    assert abs(float(got[0] - ref[0])) <= 1e-6 * abs(float(ref[0]))
+    worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got[1], ref[1]))
+    assert worst <= 1e-5, worst
+    assert unfuse_lora_layers(unet) > 0 and grouped_attentions(unet) == 0
+
+
+def test_grouped_qkv_on_another_input_computes_each_layer_on_its_own():
+    """A sibling called on another tensor than q's (cross-attention-like use) gets its own output, and the group's
+    unused outputs give no gradient: values and gradients equal the ungrouped layers."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from dreambooth_pl.fused_lora import grouped_attentions
+
+    class Attn(torch.nn.Module):
+        is_cross_attention = False
+
+        def __init__(self):
+            super().__init__()
+            self.to_q, self.to_k, self.to_v = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
+
+        def forward(self, x, y):
+            return self.to_q(x) * self.to_k(y) + self.to_v(y if y is not x else x)
+
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"],
+                                               init_lora_weights=False), Attn().requires_grad_(False))
+    x, y = torch.randn(3, 16), torch.randn(3, 16)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(a, b):
+        out = model(a, b)
+        return (out.detach(), *torch.autograd.grad(out.pow(2).sum(), params))
+
+    fuse_lora_layers(model)
+    ref_same, ref_other = run(x, x), run(x, y)
+    unfuse_lora_layers(model)
+    fuse_lora_layers(model, group_qkv=True)
+    assert grouped_attentions(model) == 1
+    for got, ref in ((run(x, x), ref_same), (run(x, y), ref_other)):
+        assert all(_close(a, b, 1e-5) for a, b in zip(got, ref))
+
+
+def test_group_qkv_needs_fused_lora():
+    from dreambooth_pl.settings import PerfSettings
+
+    with pytest.raises(ValueError, match="model.perf.group_qkv must be false unless model.perf.fused_lora"):
+        PerfSettings(group_qkv=True)
+    assert PerfSettings(fused_lora=True, group_qkv=True).group_qkv
+
+
+def test_grouped_qkv_under_bf16_autocast_reads_the_bulk_copies(tiny_base):
+    """The fast preset's precision: bf16 base, fp32 adapters through half_adapters, bf16 autocast; grouping gives
+    the per-layer fused numbers within bf16 rounding and fp32 adapter gradients."""
+    from dreambooth_pl.fused_lora import half_adapters
+
+    unet, args, cond = _tiny_unet(tiny_base)
+    unet.to(torch.bfloat16)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16), half_adapters(unet, torch.bfloat16):
+            loss = unet(*args, added_cond_kwargs=cond).sample.float().pow(2).mean()
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    fuse_lora_layers(unet)
+    ref = run()
+    unfuse_lora_layers(unet)
+    fuse_lora_layers(unet, group_qkv=True)
+    got = run()
+    assert abs(float(got[0] - ref[0])) <= 1e-2 * abs(float(ref[0]))
+    assert all(g.dtype == torch.float32 for g in got[1])
+    flat = [torch.cat([g.flatten() for g in grads]) for grads in (got[1], ref[1])]
+    # bf16 rounding differs where the sums are split differently, and propagates: compare the whole gradient
+    assert float(torch.nn.functional.cosine_similarity(*flat, dim=0)) >= 0.999
+    assert _close(flat[0], flat[1], 5e-2)
