@@ -46,8 +46,6 @@ for stage in "$@"; do
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=dora"]'
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=lokr","--export.format=kohya"]' ;;
     fast) bench --preset fast --steps 15 --warmup 4 ;;
-    fast-qkv)  # q/k/v grouping (perf.group_qkv) on the fast preset, beside the preset as is
-      bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.group_qkv=true"]' ;;
     fused-variants)  # experimental fused_lora on the fast preset and on the recipe
       bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]' ;;

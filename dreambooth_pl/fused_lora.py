@@ -138,7 +138,7 @@ class _HalfCopies(torch.autograd.Function):
 def half_adapters(model: torch.nn.Module, dtype: torch.dtype):
     """Within: the fused layers of ``model`` read their fp32 adapters through one bulk half-precision copy made
     on entry (differentiable; gradients come back fp32). A no-op when no fused layer has fp32 adapters."""
-    weights = [p for m in model.modules() if getattr(vars(m).get("forward"), "__func__", None) is _forward
+    weights = [p for m in model.modules() if getattr(vars(m).get("forward"), "__func__", None) in _FORWARDS
                for d in (m.lora_A, m.lora_B) for p in (d[n].weight for n in m.active_adapters if n in d)
                if p.dtype == torch.float32 and p.requires_grad]
     if not weights or dtype == torch.float32:
@@ -169,6 +169,22 @@ def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
     return name
 
 
+def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    name = _fusable(self, x, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    device = x.device.type
+    # autocast's choice, made once here: the Function runs with autocast off on tensors of one dtype
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    bias = None if base.bias is None else base.bias.to(dtype)
+    a, b = (_HALF.get(id(w)) for w in (self.lora_A[name].weight, self.lora_B[name].weight))
+    a = a if a is not None and a.dtype == dtype else self.lora_A[name].weight.to(dtype)
+    b = b if b is not None and b.dtype == dtype else self.lora_B[name].weight.to(dtype)
+    with torch.autocast(device, enabled=False):
+        return _LoraLinear.apply(x.to(dtype), base.weight.to(dtype), bias, a, b, float(self.scaling[name]))
+
+
 def _parts(layer, name: str, dtype: torch.dtype) -> tuple:
     """(weight, bias, A, B, scale) of a fused layer in ``dtype``; A and B from the bulk copy when there is one."""
     base = layer.get_base_layer()
@@ -179,29 +195,32 @@ def _parts(layer, name: str, dtype: torch.dtype) -> tuple:
     return base.weight.to(dtype), bias, a, b, float(layer.scaling[name])
 
 
-def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    pending = _PENDING.pop(self, None)
-    if pending is not None and pending[0] is x and not args and not kwargs:
-        return pending[1]  # computed by this layer's group with to_q, on this very tensor
-    name = _fusable(self, x, args, kwargs)
-    if name is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    device = x.device.type
-    # autocast's choice, made once here: the Function runs with autocast off on tensors of one dtype
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+def _forward_grouped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """to_q of a group: q, k and v in one node; k and v wait for their layers' calls on this same ``x``."""
     layers = (self, *_GROUPS.get(self, ()))
-    if len(layers) > 1 and not all(_fusable(m, x, (), {}) == name and not m.get_base_layer().weight.requires_grad
-                                   for m in layers):
-        layers = (self,)
-    parts = [_parts(m, name, dtype) for m in layers]
+    name = _fusable(self, x, args, kwargs)
+    if name is None or len(layers) == 1 or not all(
+            _fusable(m, x, (), {}) == name and not m.get_base_layer().weight.requires_grad for m in layers):
+        return _forward(self, x, *args, **kwargs)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    weights, biases, a, b, scales = zip(*(_parts(m, name, dtype) for m in layers))
     with torch.autocast(device, enabled=False):
-        if len(layers) == 1:
-            return _LoraLinear.apply(x.to(dtype), *parts[0])
-        weights, biases, a, b, scales = zip(*parts)
         outs = _LoraGroup.apply(x.to(dtype), scales, *weights, *biases, *a, *b)
     for m, out in zip(layers[1:], outs[1:]):
         _PENDING[m] = (x, out)
     return outs[0]
+
+
+def _forward_sibling(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """to_k / to_v of a group: the output its group computed on this very tensor, else its own fused forward."""
+    pending = _PENDING.pop(self, None)
+    if pending is not None and pending[0] is x and not args and not kwargs:
+        return pending[1]
+    return _forward(self, x, *args, **kwargs)
+
+
+_FORWARDS = (_forward, _forward_grouped, _forward_sibling)
 
 
 def fuse_lora_layers(model: torch.nn.Module, group_qkv: bool = False) -> int:
@@ -224,6 +243,9 @@ def fuse_lora_layers(model: torch.nn.Module, group_qkv: bool = False) -> int:
             qkv = [getattr(m, k, None) for k in ("to_q", "to_k", "to_v")]
             if getattr(m, "is_cross_attention", True) is False and all(isinstance(p, Linear) for p in qkv):
                 _GROUPS[qkv[0]] = tuple(qkv[1:])
+                qkv[0].forward = types.MethodType(_forward_grouped, qkv[0])
+                for sibling in qkv[1:]:
+                    sibling.forward = types.MethodType(_forward_sibling, sibling)
     return len(layers)
 
 
@@ -234,7 +256,7 @@ def grouped_attentions(model: torch.nn.Module) -> int:
 
 def unfuse_lora_layers(model: torch.nn.Module) -> int:
     """Undo :func:`fuse_lora_layers` (peft's forward again). Returns the number of layers restored."""
-    layers = [m for m in model.modules() if getattr(getattr(m, "forward", None), "__func__", None) is _forward]
+    layers = [m for m in model.modules() if getattr(vars(m).get("forward"), "__func__", None) in _FORWARDS]
     for m in layers:
         del m.forward
         _GROUPS.pop(m, None)

@@ -8,11 +8,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from . import adapters
+from . import adapters, block_ops
 from . import lora as lora_lib
 from . import perf as perf_lib
 from .data.cache import Encoders
-from .fused_lora import half_adapters
+from .fused_lora import fuse_lora_layers, half_adapters
 from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
 from .noise import NoiseSchedule
@@ -110,10 +110,25 @@ class DreamBoothLoRA(L.LightningModule):
             from .ema import AdapterEMA
 
             self.ema = AdapterEMA(self.trainable_parameters(), hp.ema.decay)
-        # after the adapters exist, so that compiled blocks and fused layers include them
-        perf_lib.apply_switches(hp.perf, self.unet, (self.text_encoder, self.text_encoder_2),
-                                half=self.weight_dtype() != torch.float32, text_encoders_train=lora.train_text_encoder)
+        self.configure_speed()
         perf_lib.ddp_ignore_frozen(self)
+
+    def configure_speed(self) -> None:
+        """Apply the perf switches (after the adapters exist, so compiled blocks include them)."""
+        p, models = self.hparams.perf, (self.unet, self.text_encoder, self.text_encoder_2)
+        for m in models:
+            if self.weight_dtype() != torch.float32:  # autocast runs the adapters' matmuls in half precision
+                perf_lib.keep_lora_inputs_half(m)
+            if p.fused_lora:
+                fuse_lora_layers(m)
+        if p.fused_blocks and self.weight_dtype() != torch.float32:  # only autocast has the fp32 norms to remove
+            block_ops.half_norms(self.unet)
+            block_ops.fuse_geglu(self.unet)
+        if p.channels_last:
+            perf_lib.to_channels_last(self.unet)
+        if p.compile_blocks:
+            for m in models if self.hparams.lora.train_text_encoder else (self.unet,):
+                perf_lib.compile_blocks(m, p.compile_regions, mode=p.compile_mode)
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now

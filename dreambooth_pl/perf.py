@@ -1,6 +1,5 @@
 """Speed and memory switches for the frozen-base LoRA step: attention backend, channels_last, regional
-torch.compile, gradient checkpointing of every k-th block, LoRA input casting under autocast, and where the fused
-kernels (fused_lora.py, block_ops.py) are switched on (:func:`apply_switches`).
+torch.compile, gradient checkpointing of every k-th block, and LoRA input casting under autocast.
 
 Each helper is independent and leaves the maths unchanged (up to floating-point order); the module applies
 them in ``configure_model`` and the benchmark measures them (BENCHMARKS.md, docs/performance.md).
@@ -18,34 +17,6 @@ Attention = Literal["auto", "flash", "cudnn", "efficient", "math"]
 # compiling one instance compiles every instance of the same shapes, so compile time stays short.
 BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer")
 CHECKPOINT_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
-
-
-def apply_switches(perf, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module], half: bool,
-                   text_encoders_train: bool) -> None:
-    """Apply ``model.perf``'s model-side switches to the adapted models.
-
-    Args:
-        perf: the ``PerfSettings`` (settings.py).
-        unet, text_encoders: the models, with their adapters already injected.
-        half: the frozen weights are half precision under autocast (16-mixed, bf16-mixed).
-        text_encoders_train: the text encoders carry adapters (their blocks are compiled too).
-    """
-    from . import block_ops
-    from .fused_lora import fuse_lora_layers
-
-    for m in (unet, *text_encoders):
-        if half:  # autocast runs the adapters' matmuls in half precision
-            keep_lora_inputs_half(m)
-        if perf.fused_lora:
-            fuse_lora_layers(m, group_qkv=perf.group_qkv)
-    if perf.fused_blocks and half:  # only autocast has the fp32 norms to remove
-        block_ops.half_norms(unet)
-        block_ops.fuse_geglu(unet)
-    if perf.channels_last:
-        to_channels_last(unet)
-    if perf.compile_blocks:
-        for m in (unet, *text_encoders) if text_encoders_train else (unet,):
-            compile_blocks(m, perf.compile_regions, mode=perf.compile_mode)
 
 
 def attention_context(backend: Attention = "auto"):

@@ -132,9 +132,6 @@ class PerfSettings:
         fused_lora: run each plain-LoRA projection and its frozen layer as one autograd node with in-place
             up-projections (fused_lora.py: fewer kernels, the same numbers as peft's path; on in ``fast.yaml``);
             DoRA, LoKr, LoHa and adapter dropout keep peft's forward.
-        group_qkv: with ``fused_lora``, compute each self-attention's q, k and v projections in one node: one
-            down-projection GEMM for the three adapters and the input gradient summed in place (fused_lora.py;
-            measured on the CPU only so far, off in every preset).
         fused_blocks: under mixed precision, run the UNet's frozen LayerNorms and GroupNorms in the half dtype
             instead of autocast's fp32 round trip, and each GEGLU activation as one compiled kernel on CUDA
             (block_ops.py: fewer, vectorised passes over the activations; on in ``fast.yaml``).
@@ -152,15 +149,12 @@ class PerfSettings:
     memory_plan: Literal["manual", "auto"] = "manual"
     memory_budget_gib: Optional[float] = None
     fused_lora: bool = False
-    group_qkv: bool = False
     fused_blocks: bool = False
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_every >= 1, "perf.checkpoint_every",
                  ">= 1 (turn checkpointing off with model.perf.gradient_checkpointing: false)", self.checkpoint_every)
         _require(self.cache in ("off", "latents", "all"), "perf.cache", "off, latents or all", self.cache)
-        _require(self.fused_lora or not self.group_qkv, "perf.group_qkv",
-                 "false unless model.perf.fused_lora is true (it groups the fused layers)", self.group_qkv)
         _require(self.memory_plan in ("manual", "auto"), "perf.memory_plan", "manual or auto", self.memory_plan)
         _require(self.memory_budget_gib is None or self.memory_budget_gib > 0, "perf.memory_budget_gib",
                  "> 0 or null", self.memory_budget_gib)

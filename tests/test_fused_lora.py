@@ -302,14 +302,6 @@ def test_grouped_qkv_on_another_input_computes_each_layer_on_its_own():
         assert all(_close(a, b, 1e-5) for a, b in zip(got, ref))
 
 
-def test_group_qkv_needs_fused_lora():
-    from dreambooth_pl.settings import PerfSettings
-
-    with pytest.raises(ValueError, match="model.perf.group_qkv must be false unless model.perf.fused_lora"):
-        PerfSettings(group_qkv=True)
-    assert PerfSettings(fused_lora=True, group_qkv=True).group_qkv
-
-
 def test_grouped_qkv_under_bf16_autocast_reads_the_bulk_copies(tiny_base):
     """The fast preset's precision: bf16 base, fp32 adapters through half_adapters, bf16 autocast; grouping gives
     the per-layer fused numbers within bf16 rounding and fp32 adapter gradients."""
