@@ -6,9 +6,10 @@ profile), and two patterns of SDXL's blocks double it under autocast:
 - **Norms.** Autocast runs ``layer_norm`` and ``group_norm`` in fp32: the half-precision input is cast up, the
   output comes back fp32, every consumer casts it down again (q, k and v each their own copy) and in the
   backward the fp32 gradients are cast and summed. :func:`half_norms` runs them on the half input with autocast
-  off. The CUDA kernels accumulate mean and variance in fp32 either way, and the consumers would have rounded
-  the output to half precision anyway (their matmuls and convolutions run in it), so the values match to the
-  last bit of rounding; only the backward's sum of the consumers' gradients happens in the half dtype.
+  off. The CUDA kernels accumulate mean and variance in fp32 either way, and the matmul and convolution
+  consumers would have rounded the output to half precision anyway, so they see the same values up to rounding.
+  What does change: elementwise consumers (the SiLU after each resnet GroupNorm) now run in the half dtype, and
+  the backward sums the consumers' gradients in it (bf16 tolerance; tests/test_block_ops.py, ``-m gpu`` too).
 - **GEGLU** (Shazeer 2020, ``a · gelu(g)`` of one projection's two halves). ``chunk`` makes both halves strided,
   so diffusers' eager version runs gelu, the product and their backward as non-vectorised kernels and ends the
   backward with a ``cat`` (about 24 ms of a 150 ms step on an H200). :func:`fuse_geglu` computes the halves as
@@ -61,15 +62,19 @@ def gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return a * F.gelu(g)
 
 
+COMPILE_ON = ("cuda",)  # devices whose activation is compiled (Inductor's Triton kernels); elsewhere eager
+BACKEND = "inductor"
 _compiled = None
 
 
 def _gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     global _compiled
-    if a.device.type != "cuda" or not torch.is_grad_enabled():  # sampling's shapes vary and it is not the hot path
+    if a.device.type not in COMPILE_ON or not torch.is_grad_enabled():  # sampling: shapes vary, not the hot path
         return gated_gelu(a, g)
     if _compiled is None:  # one small pointwise graph per shape; Inductor's caches keep it across runs
-        _compiled = torch.compile(gated_gelu, dynamic=False, fullgraph=True)
+        # no fullgraph: past dynamo's recompile limit (8 shapes, e.g. many aspect buckets) a new shape runs
+        # eagerly instead of failing the fit
+        _compiled = torch.compile(gated_gelu, dynamic=False, backend=BACKEND)
     return _compiled(a, g)
 
 

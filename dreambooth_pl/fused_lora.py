@@ -149,6 +149,7 @@ def half_adapters(model: torch.nn.Module, dtype: torch.dtype):
         yield
     finally:
         _HALF.clear()
+        _PENDING.clear()
 
 
 def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
@@ -202,6 +203,7 @@ def _forward_grouped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if name is None or len(layers) == 1 or not all(
             _fusable(m, x, (), {}) == name and not m.get_base_layer().weight.requires_grad for m in layers):
         return _forward(self, x, *args, **kwargs)
+    _PENDING.clear()  # a group whose siblings were never called (an error mid-forward) keeps nothing alive
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     weights, biases, a, b, scales = zip(*(_parts(m, name, dtype) for m in layers))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_benchmark_tiny_training_path(tiny_base, tmp_path):
     from dreambooth_pl.tools.benchmark import benchmark
@@ -17,7 +19,7 @@ def test_benchmark_tiny_training_path(tiny_base, tmp_path):
     assert result["steps"] == 1 and result["devices"] == 1 and result["s_per_step"] > 0
     assert result["images_per_s"] == 2 / result["s_per_step"]  # one instance + one prior image per step
     assert result["tflop_per_step"] > 0 and len(result["warmup_s"]) == 2
-    assert 0 < result["step_s_median"] == result["step_s_max"]  # one timed step, from its own marks
+    assert 0 < result["step_s_median"] == result["step_s_max"] and result["step_s_n"] == 1  # from its own marks
     assert result["trainable_params_m"] > 0 and result["optimizer_state_mib"] > 0
     assert result["time_to_lora_min"] * 60 >= result["wall_s"] > 0 and result["recipe_steps"] == 1000
     assert {"gpu", "torch", "diffusers", "peft", "lightning", "date"} <= set(result)
@@ -42,9 +44,25 @@ def test_reference_timing_reads_every_backward_of_an_unchanged_script(tmp_path):
         "args, _ = p.parse_known_args()\n"
         "w = torch.zeros(3, requires_grad=True)\n"
         "for step in range(args.max_train_steps):\n"
-        "    time.sleep(0.5 if step == 0 else 0.05)  # a slow first step, as a warm-up\n"
+        "    time.sleep(0.5 if step == 1 else 0.05)  # the last warm-up step is slow: an off-by-one would time it\n"
         "    (w * 2).sum().backward()\n")
     result = reference_benchmark(str(script), "unused-base", tmp_path, steps=4, warmup=2, recipe=False)
-    assert result["steps"] == 4 and 0.045 <= result["step_s_median"] <= 0.2
-    assert result["s_per_step"] < 0.3 and result["step_s_max"] < 0.4  # the slow first step is not timed
+    assert result["steps"] == result["step_s_n"] == 4 and 0.045 <= result["step_s_median"] <= 0.2
+    assert result["s_per_step"] < 0.3 and result["step_s_max"] < 0.4  # the slow warm-up step is not timed
     assert result["time_to_lora_min"] * 60 >= result["wall_s"] and result["peak_reserved_gib"] == 0
+    with pytest.raises(ValueError, match="--warmup >= 1"):
+        reference_benchmark(str(script), "unused-base", tmp_path, steps=4, warmup=0, recipe=False)
+
+
+def test_per_step_times_count_optimizer_steps_under_accumulation(tiny_base, tmp_path):
+    """With 2 micro-batches per optimizer step the per-step times are optimizer steps (2 timed steps, 2 times)."""
+    import json
+
+    from dreambooth_pl.tools.benchmark import benchmark
+
+    line = benchmark(preset="t4-16gb", steps=2, warmup=1, base=tiny_base, base_preset="tiny", work=str(tmp_path),
+                     overrides=["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--data.resolution=32",
+                                "--trainer.accumulate_grad_batches=2"])
+    result = json.loads(line)
+    assert result["steps"] == result["step_s_n"] == 2 and 0 < result["step_s_median"] <= result["step_s_max"]
+    assert result["s_per_step"] > 0

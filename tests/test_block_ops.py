@@ -172,3 +172,38 @@ def test_fast_kernels_fit_on_cpu_under_bf16(tiny_base, subject_dirs, tmp_path):
     assert params and all(p.dtype == torch.float32 for p in params.values())
     assert np.isfinite(float(cli.trainer.logged_metrics["train/loss"]))
     assert unfuse_blocks(cli.model.unet) > 0  # the switch reached the trained UNet
+
+
+def test_compiled_activation_survives_more_shapes_than_the_recompile_limit(monkeypatch):
+    """Aspect buckets give the GEGLU many shapes: past dynamo's recompile limit the activation runs eagerly instead
+    of failing the fit (with ``fullgraph`` the 9th shape raised). Compiled here with the eager backend on the CPU."""
+    from dreambooth_pl import block_ops
+
+    monkeypatch.setattr(block_ops, "COMPILE_ON", ("cpu",))
+    monkeypatch.setattr(block_ops, "BACKEND", "eager")
+    monkeypatch.setattr(block_ops, "_compiled", None)
+    torch._dynamo.reset()
+    for n in range(1, 13):
+        a, g = torch.randn(n, 6, requires_grad=True), torch.randn(n, 6, requires_grad=True)
+        out = block_ops._gated_gelu(a, g)
+        out.sum().backward()
+        assert torch.allclose(out, gated_gelu(a, g)) and a.grad is not None and g.grad is not None
+    assert block_ops._compiled is not None
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["layer", "group"])
+def test_half_norms_on_gpu_replace_autocasts_fp32_round_trip(kind):
+    """On CUDA autocast runs the norms in fp32 (the CPU's autocast does not, so only here can the change show):
+    the patched norm returns bf16 values equal to autocast's fp32 output rounded, and the input gradients agree."""
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(1280) if kind == "layer" else torch.nn.GroupNorm(32, 640)
+    norm = norm.cuda().requires_grad_(False).to(torch.bfloat16)
+    shape = (2, 1024, 1280) if kind == "layer" else (2, 640, 64, 64)
+    x = (torch.randn(*shape, device="cuda") * 3 + 1).to(torch.bfloat16)
+    ref = _grad_of(norm, x, "cuda")
+    assert ref[0].dtype == torch.float32  # autocast's own choice for the unpatched norm
+    assert half_norms(torch.nn.Sequential(norm)) == 1
+    got = _grad_of(norm, x, "cuda")
+    assert got[0].dtype == torch.bfloat16 and _close(got[0], ref[0], 1e-2) and _close(got[1], ref[1], 2e-2)

@@ -111,22 +111,28 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
     }
 
 
-# runs diffusers' script unchanged in this process, marking the end of every backward (the script reads its loss
-# on the host every step, so the added sync costs it nothing) and printing the marks and memory peaks at exit
+# runs diffusers' script unchanged in this process, marking the end of every backward with a CUDA event (host time
+# on a CPU; no sync inside its loop), and printing the seconds between marks and the memory peaks at exit
 _REFERENCE_PROBE = """
 import atexit, runpy, sys, time, torch
-marks, backward = [], torch.Tensor.backward
+marks, backward, cuda = [], torch.Tensor.backward, torch.cuda.is_available()
 def timed_backward(self, *args, **kwargs):
     out = backward(self, *args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    marks.append(time.perf_counter())
+    if cuda:
+        marks.append(torch.cuda.Event(enable_timing=True))
+        marks[-1].record()
+    else:
+        marks.append(time.perf_counter())
     return out
+def report():
+    if cuda:
+        torch.cuda.synchronize()
+    gaps = [(a.elapsed_time(b) / 1e3) if cuda else b - a for a, b in zip(marks, marks[1:])]
+    print('REFERENCE_PEAK', torch.cuda.max_memory_allocated() if cuda else 0,
+          torch.cuda.max_memory_reserved() if cuda else 0, flush=True)
+    print('REFERENCE_STEPS', len(marks), *gaps, flush=True)
 torch.Tensor.backward = timed_backward
-cuda = torch.cuda.is_available()
-atexit.register(lambda: print('REFERENCE_PEAK', torch.cuda.max_memory_allocated() if cuda else 0,
-                              torch.cuda.max_memory_reserved() if cuda else 0, flush=True))
-atexit.register(lambda: print('REFERENCE_STEPS', *marks, flush=True))
+atexit.register(report)
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')
 """
@@ -140,7 +146,8 @@ def reference_benchmark(script: str, base: str, work: Path, steps: int, warmup: 
         script: path of the reference script.
         base, work: as for :func:`train_benchmark` (same sample photos and class images).
         steps, warmup: it runs ``warmup + steps`` steps; s/step is the mean time between the ends of the last
-            ``steps`` backward passes (its load, class-image and warm-up time excluded, as for our runs).
+            ``steps + 1`` backward passes (its load, class-image and warm-up time excluded, as for our runs; at
+            least one warm-up step, whose end starts the first timed one).
         mixed_precision: ``fp16`` (with ``recipe``: the original project's recipe: checkpointing, 8-bit Adam) or
             ``bf16`` (its fastest: no checkpointing, AdamW).
         recipe: add ``--gradient_checkpointing --use_8bit_adam``.
@@ -149,6 +156,9 @@ def reference_benchmark(script: str, base: str, work: Path, steps: int, warmup: 
     import subprocess
     import sys
 
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"--reference needs --warmup >= 1 and --steps >= 1 (got {warmup}, {steps}): the first "
+                         "step's start is not marked inside the script")
     instance_dir, class_dir = prepare_inputs(work)
     n = warmup + steps
     out = work / f"reference-{mixed_precision}"
@@ -168,11 +178,10 @@ def reference_benchmark(script: str, base: str, work: Path, steps: int, warmup: 
     lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()
              if line.startswith(("REFERENCE_PEAK", "REFERENCE_STEPS"))}
     alloc, reserved = (int(v) / GIB for v in lines["REFERENCE_PEAK"])
-    marks = [float(v) for v in lines["REFERENCE_STEPS"]]
-    if len(marks) != n:
-        raise RuntimeError(f"reference script ran {len(marks)} backward passes, expected {n} ({script})")
-    timed = marks[max(warmup, 1) - 1:]  # the end of the last warm-up step starts the first timed one
-    step_s = [b - a for a, b in zip(timed, timed[1:])]
+    count, *gaps = lines["REFERENCE_STEPS"]
+    if int(count) != n:
+        raise RuntimeError(f"reference script ran {count} backward passes, expected {n} ({script})")
+    step_s = [float(v) for v in gaps][warmup - 1:]  # gap i ends at step i + 2; the first timed ends at warmup + 1
     per_step = sum(step_s) / len(step_s)
     return {"preset": f"reference-{mixed_precision}" + ("-recipe" if recipe else ""), "s_per_step": per_step,
             "images_per_s": 2 / per_step, **step_stats(step_s), "peak_alloc_gib": alloc,

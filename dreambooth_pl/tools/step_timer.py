@@ -21,10 +21,10 @@ def _elapsed(a, b) -> float:
 
 
 def step_stats(step_s: list[float]) -> dict:
-    """Median and slowest of per-step seconds (empty when there are none)."""
+    """Median, slowest and count of per-step seconds (empty when there are none)."""
     if not step_s:
         return {}
-    return {"step_s_median": statistics.median(step_s), "step_s_max": max(step_s)}
+    return {"step_s_median": statistics.median(step_s), "step_s_max": max(step_s), "step_s_n": len(step_s)}
 
 
 class StepTimer(L.Callback):
@@ -41,7 +41,8 @@ class StepTimer(L.Callback):
     def __init__(self, warmup: int, flop_step: int = 0, profile: Optional[str] = None):
         self.warmup, self.flop_step, self.profile = warmup, flop_step, profile
         self._prof = None
-        self._marks: list = []  # one CUDA event (or host time) at the end of each timed step
+        self._marks: list = []  # one CUDA event (or host time) at the end of each timed optimizer step
+        self._last_step = 0
         self.step_s: list[float] = []
         self.warmup_s: list[float] = []
         self.flops = 0
@@ -64,6 +65,8 @@ class StepTimer(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if batch_idx == 0:
             self._t = self._sync(pl_module.device)
+            if self.warmup == 0:  # the first timed step starts here
+                self._marks.append(self._mark(pl_module.device))
         if batch_idx == self.flop_step:
             from torch.utils.flop_counter import FlopCounterMode
 
@@ -86,8 +89,9 @@ class StepTimer(L.Callback):
         return event
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if batch_idx >= self.warmup - 1:  # the warm-up's last step end starts the first timed step
-            self._marks.append(self._mark(pl_module.device))
+        stepped, self._last_step = trainer.global_step != self._last_step, trainer.global_step
+        if stepped and trainer.global_step >= max(self.warmup, 1):  # optimizer steps, not accumulated micro-batches
+            self._marks.append(self._mark(pl_module.device))  # the warm-up's last step end starts the first timed one
         if self._stack is not None and batch_idx == self.flop_step:
             self._stack.close()
             self._stack = None
@@ -104,7 +108,8 @@ class StepTimer(L.Callback):
             now = self._sync(pl_module.device)
             self.warmup_s.append(now - self._t)
             self._t = now
-            if batch_idx == self.warmup - 1 and pl_module.device.type == "cuda":
+            # one warm-up step before the timed ones: the steps after a release re-allocate their blocks
+            if batch_idx == max(self.warmup - 2, 0) and pl_module.device.type == "cuda":
                 self.peak_overall = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
                 torch.cuda.empty_cache()  # blocks cached by compilation/caching would hide the steady-state peak
                 torch.cuda.reset_peak_memory_stats()
