@@ -50,12 +50,6 @@ def half_norms(model: torch.nn.Module) -> int:
     return len(norms)
 
 
-def geglu(h: torch.Tensor) -> torch.Tensor:
-    """``a · gelu(g)`` of the last dimension's two halves ``[a | g]`` (diffusers' ``GEGLU`` after its projection)."""
-    a, g = h.chunk(2, dim=-1)
-    return a * F.gelu(g)
-
-
 def gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``a · gelu(g)`` of two contiguous tensors: the kernel :func:`fuse_geglu` compiles (one pass forward, one
     backward writing both gradients)."""

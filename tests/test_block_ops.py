@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dreambooth_pl.block_ops import fuse_geglu, gated_gelu, geglu, half_norms, unfuse_blocks
+from dreambooth_pl.block_ops import fuse_geglu, gated_gelu, half_norms, unfuse_blocks
+
+
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """diffusers' GEGLU after its projection: ``a · gelu(g)`` of the two strided halves of one tensor."""
+    a, g = h.chunk(2, dim=-1)
+    return a * F.gelu(g)
 
 
 def _close(a, b, rel):
