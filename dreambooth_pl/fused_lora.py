@@ -170,22 +170,6 @@ def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
     return name
 
 
-def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = _fusable(self, x, args, kwargs)
-    if name is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
-    device = x.device.type
-    # autocast's choice, made once here: the Function runs with autocast off on tensors of one dtype
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    bias = None if base.bias is None else base.bias.to(dtype)
-    a, b = (_HALF.get(id(w)) for w in (self.lora_A[name].weight, self.lora_B[name].weight))
-    a = a if a is not None and a.dtype == dtype else self.lora_A[name].weight.to(dtype)
-    b = b if b is not None and b.dtype == dtype else self.lora_B[name].weight.to(dtype)
-    with torch.autocast(device, enabled=False):
-        return _LoraLinear.apply(x.to(dtype), base.weight.to(dtype), bias, a, b, float(self.scaling[name]))
-
-
 def _parts(layer, name: str, dtype: torch.dtype) -> tuple:
     """(weight, bias, A, B, scale) of a fused layer in ``dtype``; A and B from the bulk copy when there is one."""
     base = layer.get_base_layer()
@@ -196,6 +180,22 @@ def _parts(layer, name: str, dtype: torch.dtype) -> tuple:
     return base.weight.to(dtype), bias, a, b, float(layer.scaling[name])
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autocast's choice, made once per call: the Functions run with autocast off on tensors of one dtype."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    name = _fusable(self, x, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    dtype = _compute_dtype(x)
+    parts = _parts(self, name, dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LoraLinear.apply(x.to(dtype), *parts)
+
+
 def _forward_grouped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """to_q of a group: q, k and v in one node; k and v wait for their layers' calls on this same ``x``."""
     layers = (self, *_GROUPS.get(self, ()))
@@ -204,10 +204,9 @@ def _forward_grouped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             _fusable(m, x, (), {}) == name and not m.get_base_layer().weight.requires_grad for m in layers):
         return _forward(self, x, *args, **kwargs)
     _PENDING.clear()  # a group whose siblings were never called (an error mid-forward) keeps nothing alive
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = _compute_dtype(x)
     weights, biases, a, b, scales = zip(*(_parts(m, name, dtype) for m in layers))
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         outs = _LoraGroup.apply(x.to(dtype), scales, *weights, *biases, *a, *b)
     for m, out in zip(layers[1:], outs[1:]):
         _PENDING[m] = (x, out)
