@@ -120,7 +120,7 @@ class DreamBoothLoRA(L.LightningModule):
             if self.weight_dtype() != torch.float32:  # autocast runs the adapters' matmuls in half precision
                 perf_lib.keep_lora_inputs_half(m)
             if p.fused_lora:
-                fuse_lora_layers(m)
+                fuse_lora_layers(m, group_qkv=p.group_qkv)
         if p.fused_blocks and self.weight_dtype() != torch.float32:  # only autocast has the fp32 norms to remove
             block_ops.half_norms(self.unet)
             block_ops.fuse_geglu(self.unet)

@@ -135,6 +135,8 @@ class PerfSettings:
         fused_blocks: under mixed precision, run the UNet's frozen LayerNorms and GroupNorms in the half dtype
             instead of autocast's fp32 round trip, and each GEGLU activation as one compiled kernel on CUDA
             (block_ops.py: fewer, vectorised passes over the activations; on in ``fast.yaml``).
+        group_qkv: with ``fused_lora``, compute each self-attention's q, k and v adapters in one node: one
+            down-projection GEMM on ``[A_q; A_k; A_v]`` and one for its gradient (fused_lora.py; fewer kernels).
     """
 
     gradient_checkpointing: bool = False
@@ -150,6 +152,7 @@ class PerfSettings:
     memory_budget_gib: Optional[float] = None
     fused_lora: bool = False
     fused_blocks: bool = False
+    group_qkv: bool = False
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_every >= 1, "perf.checkpoint_every",
@@ -158,6 +161,8 @@ class PerfSettings:
         _require(self.memory_plan in ("manual", "auto"), "perf.memory_plan", "manual or auto", self.memory_plan)
         _require(self.memory_budget_gib is None or self.memory_budget_gib > 0, "perf.memory_budget_gib",
                  "> 0 or null", self.memory_budget_gib)
+        _require(self.fused_lora or not self.group_qkv, "perf.group_qkv",
+                 "false unless model.perf.fused_lora is true (it groups the fused nodes)", self.group_qkv)
 
 
 def check_model(lora: LoraSettings, perf: PerfSettings, noise_offset: float, snr_gamma: Optional[float]) -> None:

@@ -146,6 +146,7 @@ def test_fused_on_gpu_matches_peft_in_bf16():
 def test_module_switch_routes_every_adapted_projection(tiny_base):
     from peft.tuners.lora.layer import Linear
 
+    from dreambooth_pl.fused_lora import grouped_attentions
     from dreambooth_pl.module import DreamBoothLoRA
     from dreambooth_pl.settings import LoraSettings, PerfSettings
 
@@ -153,11 +154,13 @@ def test_module_switch_routes_every_adapted_projection(tiny_base):
         module = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(init=False), perf=perf)
         module.configure_model()
         layers = [m for m in module.unet.modules() if isinstance(m, Linear)]
-        return len(layers), sum("forward" in vars(m) for m in layers)
+        selfattn = sum(getattr(m, "is_cross_attention", True) is False for m in module.unet.modules())
+        return len(layers), sum("forward" in vars(m) for m in layers), grouped_attentions(module.unet), selfattn
 
-    n, fused = routed(PerfSettings(fused_lora=True))
-    assert n > 0 and fused == n
-    assert routed(PerfSettings()) == (n, 0)
+    n, fused, grouped, selfattn = routed(PerfSettings(fused_lora=True))
+    assert n > 0 and fused == n and grouped == 0 and selfattn > 0
+    assert routed(PerfSettings()) == (n, 0, 0, selfattn)
+    assert routed(PerfSettings(fused_lora=True, group_qkv=True)) == (n, n, selfattn, selfattn)
 
 
 def test_half_adapters_cast_in_bulk_with_the_same_numbers(tiny_base):

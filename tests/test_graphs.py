@@ -51,7 +51,8 @@ FAST = ("fused_lora", "fused_blocks")  # the fast preset's kernels
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision,checkpointing,switches", [
-    ("32-true", 0, ()), ("32-true", 1, ()), ("32-true", 2, ()), ("bf16-mixed", 1, ()), ("bf16-mixed", 0, FAST)])
+    ("32-true", 0, ()), ("32-true", 1, ()), ("32-true", 2, ()), ("bf16-mixed", 1, ()), ("bf16-mixed", 0, FAST),
+    ("bf16-mixed", 0, FAST + ("group_qkv",))])
 def test_graphed_steps_equal_eager_steps_on_gpu(tiny_base, subject_dirs, tmp_path, precision, checkpointing,
                                                 switches):
     """20 graphed steps (2 micro-batches each) against 20 eager steps from the same start, with the graph really

@@ -29,6 +29,7 @@ from dreambooth_pl.settings import EmaSettings, LoraSettings, OptimSettings, Per
     (PerfSettings, {"cache": "everything"}, "model.perf.cache must be off, latents or all"),
     (PerfSettings, {"memory_plan": "magic"}, "model.perf.memory_plan must be manual or auto"),
     (PerfSettings, {"memory_budget_gib": 0}, "model.perf.memory_budget_gib must be > 0 or null, got 0"),
+    (PerfSettings, {"group_qkv": True}, "model.perf.group_qkv must be false unless model.perf.fused_lora is true"),
 ])
 def test_each_group_refuses_its_bad_values_by_full_key(group, kwargs, message):
     with pytest.raises(ValueError, match=message):
