@@ -49,7 +49,7 @@ for stage in "$@"; do
     fused-variants)  # experimental fused_lora on the fast preset and on the recipe
       bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]' ;;
-    fast-qkv) bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.group_qkv=true"]' ;;
+    fast-no-qkv) bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.group_qkv=false"]' ;;
     rank-gemms) timeout 120 python3 benchmarks/rank_gemms.py 2>&1 | tee "$OUT/rank-gemms.txt" ;;  # no base needed
     fast2) bench --preset fast --steps 15 --warmup 4 --devices 2 ;;  # DDP scaling: images/s against fast
     ddp-probe)  # 2-GPU recipe and fast fits that dump every rank's Python stacks if one has not finished in 150 s

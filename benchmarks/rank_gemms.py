@@ -47,12 +47,15 @@ def ops(m: int, k: int, n: int, r: int) -> dict:
     out, gx = torch.randn(m, n, device=dev, dtype=dt), torch.randn(m, k, device=dev, dtype=dt)
     xa, gb = torch.randn(m, r, device=dev, dtype=dt), torch.randn(m, r, device=dev, dtype=dt)
     xa_t, gb_t = xa.t().contiguous(), gb.t().contiguous()  # [r, m]: the adapter activations stored transposed
+    bt = b.t().contiguous()  # [r, n]: B stored transposed (fused_lora's bulk copy)
     w, empty = torch.randn(n, k, device=dev, dtype=dt), x.new_empty(())
     return {
         "down x@Aᵀ": lambda: torch.addmm(empty, x, a.t(), beta=0, alpha=0.5),
         "down (A@xᵀ)ᵀ": lambda: torch.mm(a, x.t()),
         "up out+=xa@Bᵀ": lambda: out.addmm_(xa, b.t()),
         "up out+=(xaᵀ)ᵀ@Bᵀ": lambda: out.addmm_(xa_t.t(), b.t()),
+        "up out+=(xaᵀ)ᵀ@Bᵀ(contig)": lambda: out.addmm_(xa_t.t(), bt),
+        "Bᵀ(contig)@gᵀ": lambda: torch.mm(bt, g.t()),
         "g@B": lambda: torch.addmm(empty, g, b, beta=0, alpha=0.5),
         "(Bᵀ@gᵀ)ᵀ": lambda: torch.mm(b.t(), g.t()),
         "gx+=gb@A": lambda: gx.addmm_(gb, a),

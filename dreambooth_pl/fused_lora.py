@@ -6,6 +6,8 @@ full-size matmul, an accumulating add). Here the frozen matmul and the adapter s
 
 - forward: ``out = x Wᵀ (+ b)``, then ``out += (s · x Aᵀ) Bᵀ`` in place (one ``addmm_``: no full-size temporary);
 - backward: ``gx = g W``, then ``gx += (s · g B) A`` in place; ``gA = (s · g B)ᵀ x``, ``gB = gᵀ (s · x Aᵀ)``.
+- layout: the rank-r activations live as ``[r, tokens]`` and B is read as a contiguous ``Bᵀ``, so no GEMM has a
+  leading dimension of r (cuBLAS's rank-4 GEMMs with an 8-byte leading dimension take ~2x as long).
 
 Per adapted layer and step that removes two kernels and four full-size passes over the activation; with the
 UNet's 560 adapted projections and the CUDA-graph step, kernel count is what the step's time follows
@@ -35,116 +37,144 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class _LoraLinear(torch.autograd.Function):
-    """Frozen linear + LoRA in one node; every tensor is already in the compute dtype."""
+    """Frozen linear + LoRA in one node; every tensor is already in the compute dtype. ``lora_bt`` is ``Bᵀ``
+    ([r, out]) and the rank-r activations are kept as ``[r, tokens]``: every adapter GEMM then has a leading
+    dimension of ``tokens``, ``in`` or ``out``, never ``r`` (cuBLAS runs a rank-4 GEMM with an 8-byte leading
+    dimension ~2x slower; benchmarks/rank_gemms.py)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_bt, scale: float):
         x2 = x.reshape(-1, x.shape[-1])
         out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-        xa = _scaled_mm(x2, lora_a.t(), scale)  # [tokens, r]: the only activation the adapter adds
-        out.addmm_(xa, lora_b.t())
+        xat = _scaled_mm(lora_a, x2.t(), scale)  # [r, tokens]: the only activation the adapter adds
+        out.addmm_(xat.t(), lora_bt)
         ctx.scale = scale
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, xa)
+        ctx.save_for_backward(x2, weight, lora_a, lora_bt, xat)
         ctx.has_bias = bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x2, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        x2, weight, lora_a, lora_bt, xat = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])
-        gb = _scaled_mm(g2, lora_b, ctx.scale)  # [tokens, r]
-        grad_x = grad_a = grad_b = None
+        gbt = _scaled_mm(lora_bt, g2.t(), ctx.scale)  # [r, tokens]
+        grad_x = grad_a = grad_bt = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g2, weight).addmm_(gb, lora_a).view(*grad.shape[:-1], weight.shape[1])
+            grad_x = torch.mm(g2, weight).addmm_(gbt.t(), lora_a).view(*grad.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[3]:
-            grad_a = torch.mm(gb.t(), x2)
+            grad_a = torch.mm(gbt, x2)
         if ctx.needs_input_grad[4]:
-            grad_b = torch.mm(g2.t(), xa)
+            grad_bt = torch.mm(xat, g2)
         grad_w = torch.mm(g2.t(), x2) if ctx.needs_input_grad[1] else None  # only if the base itself trains
         grad_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None
+        return grad_x, grad_w, grad_bias, grad_a, grad_bt, None
 
 
 class _LoraGroup(torch.autograd.Function):
     """Frozen linears + LoRA of ``n`` projections that share their input (q, k, v of self-attention) in one node:
-    the down-projections are one ``x [A_1; ...; A_n]ᵀ`` (one read of ``x`` instead of ``n``), the backward sums the
+    the down-projections are one ``[A_1; ...; A_n] xᵀ`` (one read of ``x`` instead of ``n``), the backward sums the
     input gradients in place and computes every ``A`` gradient in one GEMM (Hu et al. 2021, eq. 3, per projection).
-    ``tensors``: the ``n`` frozen weights, ``n`` biases (or None), ``n`` A and ``n`` B, in the compute dtype."""
+    ``tensors``: the ``n`` frozen weights, ``n`` biases (or None), ``n`` A and ``n`` Bᵀ, in the compute dtype;
+    rank-r activations are ``[r, tokens]`` as in :class:`_LoraLinear`."""
 
     @staticmethod
     def forward(ctx, x, scales: tuple, *tensors):
         n = len(scales)
-        weights, biases, a, b = (tensors[i * n:(i + 1) * n] for i in range(4))
+        weights, biases, a, bt = (tensors[i * n:(i + 1) * n] for i in range(4))
         x2 = x.reshape(-1, x.shape[-1])
         a_cat = torch.cat(a)  # [n r, in]
-        xa = torch.mm(x2, a_cat.t())  # [tokens, n r], unscaled
+        xat = torch.mm(a_cat, x2.t())  # [n r, tokens], unscaled
         outs, start = [], 0
-        for w, bias, lb, s in zip(weights, biases, b, scales):
-            r = lb.shape[1]
+        for w, bias, lbt, s in zip(weights, biases, bt, scales):
+            r = lbt.shape[0]
             out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-            out.addmm_(xa[:, start:start + r], lb.t(), alpha=s)
+            out.addmm_(xat[start:start + r].t(), lbt, alpha=s)
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
             start += r
         ctx.scales, ctx.has_bias, ctx.x_shape = scales, [bias is not None for bias in biases], x.shape
-        ctx.save_for_backward(x2, a_cat, xa, *weights, *b)
+        ctx.save_for_backward(x2, a_cat, xat, *weights, *bt)
         return tuple(outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        x2, a_cat, xa, *rest = ctx.saved_tensors
+        x2, a_cat, xat, *rest = ctx.saved_tensors
         n = len(ctx.scales)
-        weights, b = rest[:n], rest[n:]
+        weights, bt = rest[:n], rest[n:]
         g2 = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         # an output never used (a sibling called on another tensor) has no gradient: its terms are zero
-        gb = torch.cat([xa.new_zeros(xa.shape[0], lb.shape[1]) if g is None else _scaled_mm(g, lb, s)
-                        for g, lb, s in zip(g2, b, ctx.scales)], dim=1)  # [tokens, n r]
+        gbt, start = xat.new_zeros(xat.shape) if any(g is None for g in g2) else torch.empty_like(xat), 0  # [n r, tokens]
+        for g, lbt, s in zip(g2, bt, ctx.scales):
+            if g is not None:
+                torch.addmm(gbt.new_empty(()), lbt, g.t(), beta=0, alpha=s, out=gbt[start:start + lbt.shape[0]])
+            start += lbt.shape[0]
         grad_x = None
         if ctx.needs_input_grad[0] and any(g is not None for g in g2):
             for g, w in zip(g2, weights):  # the input gradients summed in place, not by autograd's adds
                 if g is not None:
                     grad_x = torch.mm(g, w) if grad_x is None else grad_x.addmm_(g, w)
-            grad_x = grad_x.addmm_(gb, a_cat).view(*ctx.x_shape[:-1], x2.shape[1])
-        grad_a = torch.mm(gb.t(), x2).split([lb.shape[1] for lb in b])
-        grad_b, start = [], 0
-        for g, lb, s in zip(g2, b, ctx.scales):
-            r = lb.shape[1]
-            grad_b.append(torch.zeros_like(lb) if g is None else _scaled_mm(g.t(), xa[:, start:start + r], s))
+            grad_x = grad_x.addmm_(gbt.t(), a_cat).view(*ctx.x_shape[:-1], x2.shape[1])
+        grad_a = torch.mm(gbt, x2).split([lbt.shape[0] for lbt in bt])
+        grad_bt, start = [], 0
+        for g, lbt, s in zip(g2, bt, ctx.scales):
+            r = lbt.shape[0]
+            grad_bt.append(torch.zeros_like(lbt) if g is None else _scaled_mm(xat[start:start + r], g, s))
             start += r
         grad_bias = [None if not has or g is None else g.sum(0) for g, has in zip(g2, ctx.has_bias)]
-        return (grad_x, None, *(None,) * n, *grad_bias, *grad_a, *grad_b)
+        return (grad_x, None, *(None,) * n, *grad_bias, *grad_a, *grad_bt)
+
+
+def _transposed(tensors: list, dtype: torch.dtype) -> list:
+    """Each ``[m, n]`` tensor as a contiguous ``[n, m]`` one in ``dtype``, a stack and one copy per shape (a
+    per-tensor transpose would be a kernel each)."""
+    out: list = [None] * len(tensors)
+    shapes: dict = {}
+    for i, t in enumerate(tensors):
+        shapes.setdefault(tuple(t.shape), []).append(i)
+    for (m, n), idx in shapes.items():
+        stacked = torch.stack([tensors[i] for i in idx])
+        flipped = torch.empty(len(idx), n, m, dtype=dtype, device=stacked.device)
+        flipped.copy_(stacked.transpose(1, 2))
+        for i, t in zip(idx, flipped.unbind(0)):
+            out[i] = t
+    return out
 
 
 class _HalfCopies(torch.autograd.Function):
     """Half-precision copies of many fp32 weights in a few multi-tensor kernels, and their gradients back to fp32
-    the same way (autocast would cast, and its backward un-cast, each weight in its own kernel)."""
+    the same way (autocast would cast, and its backward un-cast, each weight in its own kernel). The first
+    ``n_plain`` are copied as they are, the rest transposed (LoRA's B, read as Bᵀ by the fused nodes)."""
 
     @staticmethod
-    def forward(ctx, dtype, *weights):
-        out = [torch.empty_like(w, dtype=dtype) for w in weights]
-        torch._foreach_copy_(out, list(weights))
-        return tuple(out)
+    def forward(ctx, dtype, n_plain: int, *weights):
+        out = [torch.empty_like(w, dtype=dtype) for w in weights[:n_plain]]
+        torch._foreach_copy_(out, list(weights[:n_plain]))
+        ctx.n_plain = n_plain
+        return (*out, *_transposed(list(weights[n_plain:]), dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        out = [torch.empty_like(g, dtype=torch.float32) for g in grads]
-        torch._foreach_copy_(out, list(grads))
-        return (None, *out)
+        n = ctx.n_plain
+        out = [torch.empty_like(g, dtype=torch.float32) for g in grads[:n]]
+        torch._foreach_copy_(out, list(grads[:n]))
+        return (None, None, *out, *_transposed(list(grads[n:]), torch.float32))
 
 
 @contextlib.contextmanager
 def half_adapters(model: torch.nn.Module, dtype: torch.dtype):
     """Within: the fused layers of ``model`` read their fp32 adapters through one bulk half-precision copy made
-    on entry (differentiable; gradients come back fp32). A no-op when no fused layer has fp32 adapters."""
-    weights = [p for m in model.modules() if getattr(vars(m).get("forward"), "__func__", None) in _FORWARDS
-               for d in (m.lora_A, m.lora_B) for p in (d[n].weight for n in m.active_adapters if n in d)
-               if p.dtype == torch.float32 and p.requires_grad]
-    if not weights or dtype == torch.float32:
+    on entry (A as it is, B transposed; differentiable, gradients come back fp32). A no-op when no fused layer
+    has fp32 adapters."""
+    layers = [(m, n) for m in model.modules() if getattr(vars(m).get("forward"), "__func__", None) in _FORWARDS
+              for n in m.active_adapters if n in m.lora_A]
+    a, b = ([p for m, n in layers for p in (getattr(m, d)[n].weight,) if p.dtype == torch.float32 and p.requires_grad]
+            for d in ("lora_A", "lora_B"))
+    if not a + b or dtype == torch.float32:
         yield
         return
-    _HALF.update(zip(map(id, weights), _HalfCopies.apply(dtype, *weights)))
+    _HALF.update(zip(map(id, a + b), _HalfCopies.apply(dtype, len(a), *a, *b)))
     try:
         yield
     finally:
@@ -171,13 +201,13 @@ def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
 
 
 def _parts(layer, name: str, dtype: torch.dtype) -> tuple:
-    """(weight, bias, A, B, scale) of a fused layer in ``dtype``; A and B from the bulk copy when there is one."""
+    """(weight, bias, A, Bᵀ, scale) of a fused layer in ``dtype``; A and Bᵀ from the bulk copy when there is one."""
     base = layer.get_base_layer()
     bias = None if base.bias is None else base.bias.to(dtype)
-    a, b = (_HALF.get(id(w)) for w in (layer.lora_A[name].weight, layer.lora_B[name].weight))
+    a, bt = (_HALF.get(id(w)) for w in (layer.lora_A[name].weight, layer.lora_B[name].weight))
     a = a if a is not None and a.dtype == dtype else layer.lora_A[name].weight.to(dtype)
-    b = b if b is not None and b.dtype == dtype else layer.lora_B[name].weight.to(dtype)
-    return base.weight.to(dtype), bias, a, b, float(layer.scaling[name])
+    bt = bt if bt is not None and bt.dtype == dtype else layer.lora_B[name].weight.to(dtype).t()
+    return base.weight.to(dtype), bias, a, bt, float(layer.scaling[name])
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -205,9 +235,9 @@ def _forward_grouped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return _forward(self, x, *args, **kwargs)
     _PENDING.clear()  # a group whose siblings were never called (an error mid-forward) keeps nothing alive
     dtype = _compute_dtype(x)
-    weights, biases, a, b, scales = zip(*(_parts(m, name, dtype) for m in layers))
+    weights, biases, a, bt, scales = zip(*(_parts(m, name, dtype) for m in layers))
     with torch.autocast(x.device.type, enabled=False):
-        outs = _LoraGroup.apply(x.to(dtype), scales, *weights, *biases, *a, *b)
+        outs = _LoraGroup.apply(x.to(dtype), scales, *weights, *biases, *a, *bt)
     for m, out in zip(layers[1:], outs[1:]):
         _PENDING[m] = (x, out)
     return outs[0]

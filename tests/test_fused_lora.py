@@ -15,6 +15,12 @@ def _close(a, b, rel):
     return (a - b).abs().max() <= rel * b.abs().max()
 
 
+def _flat(got: dict, ref: dict) -> float:
+    """Relative error of all tensors of ``got`` as one vector against ``ref``'s."""
+    return float(torch.cat([(got[k] - ref[k]).flatten() for k in ref]).norm()
+                 / torch.cat([ref[k].flatten() for k in ref]).norm())
+
+
 def _layers(bias: bool, **cfg):
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -49,6 +55,10 @@ def test_fused_linear_equals_peft_in_fp32(bias):
 
 
 def test_fused_unet_loss_and_adapter_gradients_equal_peft(tiny_base):
+    """fp32 loss and adapter gradients of the fused UNet against peft's: the loss and all adapter gradients (one
+    vector) within 1e-5 relative, and each gradient tensor as close to the fp64 answer as fp32 rounding allows
+    (max error over max magnitude; peft's own fp32 path is ~1e-5 from fp64 on some attention adapters by that
+    measure, so two fp32 orders of the same sums cannot agree to 1e-5 tensor by tensor)."""
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
@@ -60,23 +70,31 @@ def test_fused_unet_loss_and_adapter_gradients_equal_peft(tiny_base):
                   added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g),
                                      "time_ids": torch.randn(2, 6, generator=g)})
 
-    def loss_and_grads():
-        out = unet(**inputs).sample
+    def loss_and_grads(dtype=torch.float32):
+        unet.to(dtype)
+        cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items() if torch.is_tensor(v)}
+        added = {k: v.to(dtype) for k, v in inputs["added_cond_kwargs"].items()}
+        out = unet(**cast, added_cond_kwargs=added).sample
         loss = out.pow(2).mean()
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.double() for n, p in unet.named_parameters() if p.requires_grad}
         for p in unet.parameters():
             p.grad = None
-        return loss.detach(), grads
+        unet.to(torch.float32)
+        return loss.detach().double(), grads
+
+    def worst(got, ref):
+        return max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in ref)
 
     before = {k: v.clone() for k, v in lora_state_dict(unet).items()}
+    _, exact = loss_and_grads(torch.float64)
     ref_loss, ref = loss_and_grads()
     n = fuse_lora_layers(unet)
     assert n == len(ref) // 2  # every adapted projection: one A and one B each
     loss, got = loss_and_grads()
     assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
-    worst = max(float((got[k] - ref[k]).abs().max() / ref[k].abs().max()) for k in ref)
-    assert worst <= 1e-5, worst
+    assert _flat(got, ref) <= 1e-5, _flat(got, ref)
+    assert worst(got, exact) <= 2.5 * worst(ref, exact), (worst(got, exact), worst(ref, exact))
     # the parameters are still peft's: same names, same values, same export
     after = lora_state_dict(unet)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
