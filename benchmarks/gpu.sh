@@ -46,6 +46,7 @@ for stage in "$@"; do
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=dora"]'
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=lokr","--export.format=kohya"]' ;;
     fast) bench --preset fast --steps 15 --warmup 4 ;;
+    fast-flops) bench --preset fast --steps 15 --warmup 4 --count_flops true ;;  # TFLOP/s; warm-up and memory inflated
     fused-variants)  # experimental fused_lora on the fast preset and on the recipe
       bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]' ;;
@@ -84,5 +85,6 @@ if os.path.exists(sys.argv[1]):
         print(f"{r['preset']:>22} {r.get('overrides',''):>60} {r['s_per_step']:.3f} s/step  "
               f"steady {r.get('peak_reserved_gib', 0):.2f}  run-peak {r.get('run_peak_reserved_gib', 0):.2f} GiB  "
               f"ttl {r.get('time_to_lora_min', 0):.1f} min  warmup {r.get('warmup_s', '')}  "
-              f"step median/max {r.get('step_s_median', 0):.3f}/{r.get('step_s_max', 0):.3f}")
+              f"step median/max {r.get('step_s_median', 0):.3f}/{r.get('step_s_max', 0):.3f}"
+              + (f"  {r['tflop_per_step']:.2f} TFLOP/step, {r['tflops']:.0f} TFLOP/s" if r.get('tflops') else ""))
 PY

@@ -95,7 +95,8 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
     return {
         "preset": preset, "overrides": " ".join(overrides), "devices": trainer.world_size, "steps": timer.steps,
         "s_per_step": timer.seconds, "images_per_s": n_images * trainer.world_size / timer.seconds,
-        "tflop_per_step": timer.flops / 1e12, "tflops": timer.flops / 1e12 / timer.seconds,
+        # null unless counted (--count_flops): a 0 here once read as a measurement
+        "tflop_per_step": timer.flops / 1e12 or None, "tflops": timer.flops / 1e12 / timer.seconds or None,
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else float("nan"),
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else float("nan"),
         "setup_peak_reserved_gib": timer.peak_setup / GIB,
