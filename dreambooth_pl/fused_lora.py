@@ -6,8 +6,9 @@ full-size matmul, an accumulating add). Here the frozen matmul and the adapter s
 
 - forward: ``out = x Wᵀ (+ b)``, then ``out += (s · x Aᵀ) Bᵀ`` in place (one ``addmm_``: no full-size temporary);
 - backward: ``gx = g W``, then ``gx += (s · g B) A`` in place; ``gA = (s · g B)ᵀ x``, ``gB = gᵀ (s · x Aᵀ)``.
-- layout: the rank-r activations live as ``[r, tokens]`` and B is read as a contiguous ``Bᵀ``, so no GEMM has a
-  leading dimension of r (cuBLAS's rank-4 GEMMs with an 8-byte leading dimension take ~2x as long).
+- layout: the rank-r activations live as ``[r, tokens]`` and B is read as ``Bᵀ``; with :func:`half_adapters`' bulk
+  copy that ``Bᵀ`` is contiguous, so no GEMM has a leading dimension of r (cuBLAS's rank-4 GEMMs with an 8-byte
+  leading dimension take ~2x as long). Without it ``Bᵀ`` is ``B.t()``, a view with r as leading dimension.
 
 Per adapted layer and step that removes two kernels and four full-size passes over the activation; with the
 UNet's 560 adapted projections and the CUDA-graph step, kernel count is what the step's time follows
@@ -23,7 +24,8 @@ import weakref
 
 import torch
 
-# id(parameter) -> its half-precision copy for the current UNet call (half_adapters); empty outside that call
+# id(parameter) -> its half-precision copy for the current UNet call (half_adapters; for LoRA's B the copy is Bᵀ);
+# empty outside that call
 _HALF: dict[int, torch.Tensor] = {}
 # grouped q/k/v (fuse_lora_layers(group_qkv=True)): to_q -> (to_k, to_v); a sibling -> (its input, its output) that
 # the group's node computed with to_q's call, handed out when the sibling is called on that same tensor
@@ -38,9 +40,9 @@ def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
 
 class _LoraLinear(torch.autograd.Function):
     """Frozen linear + LoRA in one node; every tensor is already in the compute dtype. ``lora_bt`` is ``Bᵀ``
-    ([r, out]) and the rank-r activations are kept as ``[r, tokens]``: every adapter GEMM then has a leading
-    dimension of ``tokens``, ``in`` or ``out``, never ``r`` (cuBLAS runs a rank-4 GEMM with an 8-byte leading
-    dimension ~2x slower; benchmarks/rank_gemms.py)."""
+    ([r, out]) and the rank-r activations are kept as ``[r, tokens]``: with a contiguous ``Bᵀ`` (the bulk copy)
+    every adapter GEMM then has a leading dimension of ``tokens``, ``in`` or ``out``, never ``r`` (cuBLAS runs a
+    rank-4 GEMM with an 8-byte leading dimension ~2x slower; benchmarks/rank_gemms.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_bt, scale: float):
@@ -103,7 +105,8 @@ class _LoraGroup(torch.autograd.Function):
         n = len(ctx.scales)
         weights, bt = rest[:n], rest[n:]
         g2 = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
-        # an output never used (a sibling called on another tensor) has no gradient: its terms are zero
+        # an output never used (a sibling called on another tensor): autograd hands over zeros (materialised grads),
+        # so the None branches below only guard a caller that turns materialisation off
         gbt, start = xat.new_zeros(xat.shape) if any(g is None for g in g2) else torch.empty_like(xat), 0  # [n r, tokens]
         for g, lbt, s in zip(g2, bt, ctx.scales):
             if g is not None:
