@@ -27,16 +27,9 @@ COMMANDS = {
 
 # verbs whose required arguments are positional (``check-token rraj``); the others take --name value only.
 POSITIONAL = {"check-token"}
-# verbs whose leading arguments fill one list parameter (``merge A.safetensors:1.0 B.safetensors:0.8 --out C``).
+# verbs whose leading arguments fill one list parameter (``merge A.safetensors:1.0 B.safetensors:0.8 --out C``);
+# every list option also takes its values space-separated (``evaluate --generated A B``): argv.gather_lists.
 LEADING_LIST = {"merge": "loras", "evaluate": "generated", "compare-runs": "evals", "buckets": "configs"}
-
-
-def _leading_list(args: list[str], name: str) -> list[str]:
-    """Gather the arguments before the first option into ``--name [...]`` (jsonargparse lists take one value)."""
-    import json
-
-    n = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
-    return ([f"--{name}", json.dumps(args[:n])] if n else []) + args[n:]
 
 
 def _usage() -> str:
@@ -61,10 +54,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown verb {verb!r}\n{_usage()}")
     from jsonargparse import CLI
 
-    module, func = COMMANDS[verb].split(":")
-    if verb in LEADING_LIST:
-        rest = _leading_list(rest, LEADING_LIST[verb])
-    result = CLI(getattr(importlib.import_module(module), func), args=rest, as_positional=verb in POSITIONAL)
+    from .argv import gather_lists
+
+    module, name = COMMANDS[verb].split(":")
+    func = getattr(importlib.import_module(module), name)
+    rest = gather_lists(func, rest, LEADING_LIST.get(verb))
+    result = CLI(func, args=rest, as_positional=verb in POSITIONAL)
     if result is not None:
         print(result)
 

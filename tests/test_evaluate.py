@@ -105,7 +105,15 @@ def test_evaluate_suite_resumes_and_compare_runs_tabulates(tiny_base, lora_run, 
 
 def test_drift_is_zero_for_an_identity_lora_and_follows_a_real_one(tiny_base, lora_run, tmp_path):
     """``drift`` samples the class prompt with the base alone at the same seeds: a LoRA whose B is 0 (the
-    gaussian init, untrained) draws the very same images (drift 0); a non-zero LoRA moves them."""
+    gaussian init, untrained) draws the same images up to float rounding (drift ~0); a non-zero LoRA moves them.
+
+    Why not exactly 0: the adapter's own term is exactly 0, but MKL's CPU sgemm returns results that depend on
+    the operands' memory alignment (its "conditional numerical reproducibility"; ``MKL_CBWR=COMPATIBLE`` removes
+    the dependence). The pipeline with a LoRA holds its frozen weights at other addresses, so one ``nn.Linear``
+    of the UNet on the same input and weights already differs in the last bit (4.8e-7 measured), the sampler
+    carries that to ~2e-6 in the images, and one pixel can round to the next 8-bit level: drift_pixel 4.8e-7 on
+    one machine, 0 on another. The bound below is ~30 levels over the 64² x 3 values, a thousandth of what a real
+    adapter moves (> 0.01). docs/evaluation.md says the same."""
     from diffusers import UNet2DConditionModel
 
     from dreambooth_pl.lora import add_lora, lora_config, save_diffusers_lora
@@ -116,7 +124,7 @@ def test_drift_is_zero_for_an_identity_lora_and_follows_a_real_one(tiny_base, lo
     kw = dict(num_prompts=1, pres_images=2, class_prompt="a photo of dog", drift=True)
     same = _suite(tiny_base, identity, tmp_path / "identity", **kw)
     moved = _suite(tiny_base, lora_run, tmp_path / "moved", **kw)
-    assert same["drift_pixel"] == 0 and same["drift_dino"] == pytest.approx(0, abs=1e-6)
+    assert same["drift_pixel"] < 1e-5 and same["drift_dino"] == pytest.approx(0, abs=1e-5)
     assert moved["drift_pixel"] > 0.01 and moved["drift_dino"] > 1e-4
     assert 0 < moved["pixel_dist"] < 1
     meta = json.loads((tmp_path / "moved" / "results.json").read_text())["settings"]

@@ -63,6 +63,16 @@ def test_animated_uses_first_frame_with_warning(tmp_path):
     assert load_rgb(tmp_path / "anim.webp").getpixel((5, 5))[0] > 200  # red first frame
 
 
+def test_mpo_camera_photos_are_named_as_such_not_animated(tmp_path):
+    """DreamBooth's own candle photos are MPO: a JPEG plus an embedded preview, which is no animation."""
+    frames = [_rgb(64, 48), _rgb(32, 24)]
+    frames[0].save(tmp_path / "cam.jpg", format="MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(tmp_path / "cam.jpg").format == "MPO"
+    with pytest.warns(UserWarning, match=r"cam\.jpg: MPO camera photo with 1 embedded preview") as rec:
+        check_images([tmp_path / "cam.jpg"])
+    assert "animated" not in str(rec[0].message) and load_rgb(tmp_path / "cam.jpg").size == (64, 48)
+
+
 def test_small_images_upscaled_with_warning_and_refused_below_floor(tmp_path):
     _rgb(100, 80).save(tmp_path / "small.png")
     _rgb(30, 20).save(tmp_path / "tiny.png")

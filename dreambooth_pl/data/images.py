@@ -119,7 +119,10 @@ def inspect_image(path: str | Path, resolution: int | None = None) -> ImageRepor
                 if w * h > MAX_PIXELS:
                     raise Image.DecompressionBombError(size)
                 frames = getattr(img, "n_frames", 1)
-                if frames > 1:
+                if frames > 1 and img.format == "MPO":  # a camera JPEG with embedded previews, not an animation
+                    rep.notes.append(f"MPO camera photo with {frames - 1} embedded preview/extra image(s): using "
+                                     "the primary image")
+                elif frames > 1:
                     rep.notes.append(f"animated ({frames} frames): using the first frame")
                 img.load()
                 orientation = img.getexif().get(0x0112, 1)
