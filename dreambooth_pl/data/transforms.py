@@ -20,7 +20,7 @@ def prepare_image(img: Image.Image, resolution: int | tuple[int, int], center_cr
         resolution: output side in pixels, or an aspect bucket's ``(height, width)`` (data/buckets.py): the image
             is then scaled to cover it and cropped to it.
         center_crop: centre crop instead of a random one.
-        flip: mirror the image (the recorded crop is mirrored too).
+        flip: mirror the image before cropping (the recorded crop is the mirrored image's, as in diffusers' script).
         generator: source of the random crop offsets (seeded per example for exact resume).
         focus: ``(x, y)`` fractions of the image to centre the crop on (a face, data/faces.py), clamped inside.
         mask: an ``L`` image of the input's size, cropped and flipped with it (loss weights, data/faces.py).
@@ -35,21 +35,20 @@ def prepare_image(img: Image.Image, resolution: int | tuple[int, int], center_cr
     size = resolution if rh == rw else [max(rh, round(img.height * cover)), max(rw, round(img.width * cover))]
     img = TF.resize(img, size, interpolation=interpolation)
     w, h = img.size
+    if mask is not None:
+        mask = TF.resize(mask, [h, w], interpolation=TF.InterpolationMode.BILINEAR)
+    if flip:  # before the crop, as diffusers' script does: with an odd margin the centre crop then matches it
+        img, mask = TF.hflip(img), (TF.hflip(mask) if mask is not None else None)
+        focus = (1.0 - focus[0], focus[1]) if focus is not None else None
     if focus is not None:
         top = min(max(0, round(focus[1] * h - rh / 2)), h - rh)
         left = min(max(0, round(focus[0] * w - rw / 2)), w - rw)
-    elif center_crop:
+    elif center_crop:  # Python's round, as torchvision's CenterCrop: half-way margins round to even
         top, left = max(0, round((h - rh) / 2)), max(0, round((w - rw) / 2))
     else:
         top = int(torch.randint(0, h - rh + 1, (1,), generator=generator))
         left = int(torch.randint(0, w - rw + 1, (1,), generator=generator))
     img = TF.crop(img, top, left, rh, rw)
-    out = {}
-    if mask is not None:
-        mask = TF.crop(TF.resize(mask, [h, w], interpolation=TF.InterpolationMode.BILINEAR), top, left, rh, rw)
-        out["loss_mask"] = TF.to_tensor(TF.hflip(mask) if flip else mask)
-    if flip:
-        img = TF.hflip(img)
-        left = w - left - rw
+    out = {"loss_mask": TF.to_tensor(TF.crop(mask, top, left, rh, rw))} if mask is not None else {}
     pixels = TF.normalize(TF.to_tensor(img), [0.5], [0.5])
     return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": (top, left), **out}
