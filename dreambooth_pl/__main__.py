@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     verb, rest = argv[0], argv[1:]
+    from .console import quiet_third_party
+
+    quiet_third_party()  # before anything imports peft, which imports bitsandbytes, which logs at import
     if verb in TRAINER_VERBS:
         from .cli import DreamBoothCLI
 

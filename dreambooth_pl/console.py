@@ -13,6 +13,11 @@ WARNINGS = (
     ("pytree deprecation", r".*`isinstance\(treespec, LeafSpec\)` is deprecated"),
     ("eval-mode modules", r"Found \d+ module\(s\) in eval mode at the start of training"),
     ("num_workers hint", r"The '\w+' does not have many workers which may be a bottleneck"),
+    # raised inside autograd's engine (the console then shows `return Variable._execution_engine.run_backward(`):
+    # cuDNN attention re-lays out a gradient once, and a graph captured on a side stream accumulates the frozen
+    # base's gradient-free adapters there; both are measured costs of the step, not news for the user
+    ("cuDNN SDPA stride copy", r"cuDNN SDPA backward got grad_output\.strides\(\) != output\.strides\(\)"),
+    ("AccumulateGrad stream", r"The AccumulateGrad node's stream does not match the stream of the node"),
 )
 # (emitting logger, log-message regex) -- log records; a filter on the emitting logger holds whatever the handlers
 RECORDS = (
@@ -22,6 +27,17 @@ RECORDS = (
     ("lightning.pytorch.callbacks.rich_model_summary", r"$^"),
     # the CLI installs its own plain summary (callbacks/progress.py), which Lightning reports as a second notice
     ("lightning.pytorch.utilities.rank_zero", r"Trainer already configured with model summary callbacks"),
+    # the end-of-fit summary (callbacks/progress.py) says the same with the step count
+    ("lightning.pytorch.utilities.rank_zero", r"`Trainer.fit` stopped: `max_steps=\d+` reached"),
+    # the CLI sets the float32 matmul precision itself (cli.matmul_precision); the tip only repeats the choice
+    ("lightning.fabric.utilities.rank_zero", r"You are using a CUDA device .* that has Tensor Cores"),
+    # the one-line parameter summary (callbacks/progress.py) replaces the table this warns about
+    ("lightning.pytorch.utilities.rank_zero", r"Precision \S+ is not supported by the model summary"),
+    # bitsandbytes on an AVX512-BF16 CPU, at import: an optional hub kernel for 4-bit CPU inference we never use
+    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # sample/evaluate with a UNet-only LoRA: diffusers looks for text-encoder keys and says it found none
+    ("diffusers.loaders.lora_base", r"No LoRA keys associated to CLIPTextModel(WithProjection)? found"),
+    ("diffusers.loaders.peft", r"No LoRA keys associated to CLIPTextModel(WithProjection)? found"),
 )
 _ZERO_FLOPS = re.compile(r"\n[ \t]*0[ \t]+Total Flops[ \t]*(?=\n|$)")
 

@@ -265,3 +265,35 @@ def test_auto_memory_plan_fits_its_budget(sdxl):
     finite_losses(cli.trainer)
     assert cli.model.speed == {"cache": "all", "cuda_graph": True, "checkpoint_every": 1}
     assert (torch.cuda.max_memory_reserved() - before) / 2**30 <= 10.0
+
+
+def test_the_recipes_console_prints_only_the_allowed_lines(sdxl, tmp_path):
+    """What a user sees of `fit --config configs/sdxl_lora_prior.yaml` in a terminal (a process of its own: the
+    console is the point), with class priors drawn first, aspect buckets and the bar on; then `sample` with its
+    UNet-only LoRA prints no diffusers notice. Allowed lines: conftest.CONSOLE_ALLOWED."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import CONSOLE_ALLOWED, console_lines
+
+    root = tmp_path / "console"
+    args = recipe_args(sdxl, root, 5, "--data.class_dir", str(tmp_path / "drawn"), "--data.generate_class_images=true",
+                       "--data.aspect_buckets=true", "--trainer.enable_progress_bar=true")
+    env = {k: v for k, v in os.environ.items() if k != "DREAMBOOTH_PL_SHOW_ALL_WARNINGS"}
+    run = subprocess.run([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=400)
+    lines = console_lines(run.stdout + run.stderr)
+    assert run.returncode == 0, "\n".join(lines[-40:])
+    unexpected = [ln for ln in lines if not any(re.fullmatch(p, ln) for p in CONSOLE_ALLOWED)]
+    assert not unexpected, "unexpected console lines:\n" + "\n".join(unexpected)
+    assert sum(ln.startswith("aspect buckets") for ln in lines) == 1
+    lora = next(root.glob("lightning_logs/*/pytorch_lora_weights.safetensors"))
+    run = subprocess.run([sys.executable, "-m", "dreambooth_pl", "sample", "--base", sdxl[0], "--lora", str(lora),
+                          "--prompt", "a photo of sks dog", "--steps", "2", "--height", str(SIZE), "--width", str(SIZE),
+                          "--out", str(tmp_path / "samples")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    text = run.stdout + run.stderr
+    assert run.returncode == 0, text[-4000:]
+    assert "No LoRA keys" not in text and "kept in float32" not in text, text[-4000:]

@@ -101,14 +101,20 @@ class RunSummary(L.Callback):
         print("\n".join(lines), flush=True)
 
 
-class PlainModelSummary(ModelSummary):
-    """Lightning's text model summary (Lightning picks the Rich one whenever rich is installed), without the FLOPs
-    column when nothing counted FLOPs: they read 0 for every frozen SDXL part."""
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
 
-    @staticmethod
-    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
-                  total_flops, **summarize_kwargs) -> None:
-        if not total_flops:
-            summary_data = [column for column in summary_data if column[0] != "FLOPs"]
-        ModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
-                               total_training_modes, total_flops, **summarize_kwargs)
+
+class ParameterSummary(ModelSummary):
+    """One line where Lightning prints its parameter table (6,000+ module rows for SDXL, and a warning that it
+    cannot summarise mixed precision): trainable and frozen parameters, and the adapters' size."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        params = list(pl_module.parameters())
+        trainable = [p for p in params if p.requires_grad]
+        n_train = sum(p.numel() for p in trainable)
+        size = sum(p.numel() * p.element_size() for p in trainable) / 2**20
+        print(f"parameters: {_count(n_train)} trainable ({size:.1f} MiB of adapters), "
+              f"{_count(sum(p.numel() for p in params) - n_train)} frozen", flush=True)

@@ -51,22 +51,33 @@ def assign(size: tuple[int, int], table: list[Bucket]) -> Bucket:
     return min(table, key=lambda b: (abs(math.log(b[1] / b[0]) - ratio), -b[0] * b[1]))
 
 
-def describe(table: list[Bucket], counts: Counter | None) -> str:
-    """One line per bucket: ``HxW (aspect): n image(s)`` (just ``HxW (aspect)`` without ``counts``)."""
-    return "\n".join(f"  {h}x{w} ({w / h:.2f})" + (f": {counts.get((h, w), 0)} image(s)" if counts is not None else "")
-                     for h, w in table)
+def describe(table: list[Bucket], counts: Counter | None, used_only: bool = False) -> str:
+    """One line per bucket: ``HxW (aspect): n image(s)`` (just ``HxW (aspect)`` without ``counts``).
+
+    Args:
+        table: the buckets.
+        counts: photos per bucket (None: the table alone).
+        used_only: list only buckets that hold photos, and count the others in one closing line (what fit logs).
+    """
+    rows = [b for b in table if counts is None or not used_only or counts.get(b)]
+    text = "\n".join(f"  {h}x{w} ({w / h:.2f})" + (f": {counts.get((h, w), 0)} image(s)" if counts is not None else "")
+                     for h, w in rows)
+    unused = len(table) - len(rows)
+    return text + (f"\n  ({unused} other bucket(s) hold no photo)" if unused else "")
 
 
-def bucket_photos(paths, resolution: int, step: int = 64, max_ratio: float = 2.0) -> tuple[dict[Path, Bucket], str]:
+def bucket_photos(paths, resolution: int, step: int = 64, max_ratio: float = 2.0,
+                  used_only: bool = False) -> tuple[dict[Path, Bucket], str]:
     """Each photo's bucket, and the table with each bucket's photo count: what fit logs and ``buckets`` prints.
 
     Args:
         paths: the instance photos.
         resolution, step, max_ratio: as for :func:`bucket_table`.
+        used_only: the table lists only the buckets in use (fit's log; ``buckets`` shows them all).
     """
     table = bucket_table(resolution, step, max_ratio)
     buckets = {p: assign(load_rgb(p).size[::-1], table) for p in paths}
-    return buckets, table_header(resolution) + describe(table, Counter(buckets.values()))
+    return buckets, table_header(resolution) + describe(table, Counter(buckets.values()), used_only)
 
 
 def table_header(resolution: int) -> str:

@@ -161,8 +161,10 @@ class DreamBoothDataModule(L.LightningDataModule):
             s = s if isinstance(s, ClassImageSettings) else ClassImageSettings(**dict(s))  # the CLI passes a dict
             if s.resolution is None:
                 s = dataclasses.replace(s, resolution=hp.resolution)
-            draw_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s, "float16",
-                              str(trainer.strategy.root_device) if trainer else None, hp.vae_model)
+            device = str(trainer.strategy.root_device) if trainer else None
+            dtype = "float32" if device == "cpu" else "float16"  # fp16 on the CPU is slow: draw in fp32 without a warning
+            draw_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s, dtype, device,
+                              hp.vae_model)
         if trainer is not None:
             trainer.strategy.barrier("generate_class_images")
 
@@ -238,6 +240,6 @@ def assign_buckets(paths, resolution: int, step: int, max_ratio: float) -> dict:
 
     from .buckets import bucket_photos
 
-    buckets, table = bucket_photos(paths, resolution, step, max_ratio)
+    buckets, table = bucket_photos(paths, resolution, step, max_ratio, used_only=True)
     rank_zero_info(table)
     return buckets
