@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import lightning as L
@@ -14,6 +14,19 @@ from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_image
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
 from .images import ImageIntakeError, check_images, find_instance_images, list_images
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a step's memory depends on in the data: the training side and the images per step.
+
+    Args:
+        resolution: training side in pixels.
+        images: images per step (instance images, plus as many class images with prior preservation).
+    """
+
+    resolution: int = 1024
+    images: int = 2
 
 
 class DreamBoothDataModule(L.LightningDataModule):
@@ -99,6 +112,11 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
         self.cache = None  # an InputCache, built by cache_inputs when model.perf.cache is on
+
+    def shape(self) -> DataShape:
+        """The resolution and images per step this module feeds (``memory_plan.resolve_perf`` plans with it)."""
+        hp = self.hparams
+        return DataShape(hp.resolution, hp.batch_size * (2 if hp.with_prior_preservation else 1))
 
     def setup(self, stage: str | None = None) -> None:
         """Find and decode every image now, so bad input fails before the models load."""
