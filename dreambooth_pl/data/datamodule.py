@@ -179,7 +179,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             s = s if isinstance(s, ClassImageSettings) else ClassImageSettings(**dict(s))  # the CLI passes a dict
             if s.resolution is None:
                 s = dataclasses.replace(s, resolution=hp.resolution)
-            draw_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s, "float16",
+            draw_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s, None,
                               str(trainer.strategy.root_device) if trainer else None, hp.vae_model)
         if trainer is not None:
             trainer.strategy.barrier("generate_class_images")
