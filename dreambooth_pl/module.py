@@ -84,11 +84,13 @@ class DreamBoothLoRA(L.LightningModule):
         if self.unet is not None:
             return
         hp = self.hparams
-        parts = load_parts(hp.base_model, hp.vae_model)
+        dtype = self.weight_dtype()
+        trainer = self._trainer  # each weight straight to the training device in the training dtype (start-up)
+        parts = load_parts(hp.base_model, hp.vae_model, dtype, trainer.strategy.root_device if trainer else None,
+                           DTYPES[hp.vae_dtype])
         self.tokenizers = (parts.tokenizer, parts.tokenizer_2)
         self.scheduler_config = parts.scheduler_config
         self.noise = NoiseSchedule(parts.scheduler_config)
-        dtype = self.weight_dtype()
         self.unet = parts.unet.to(dtype)
         self.vae = parts.vae.to(DTYPES[hp.vae_dtype])
         self.text_encoder = parts.text_encoder.to(dtype)
@@ -147,12 +149,14 @@ class DreamBoothLoRA(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now
-        and frees those encoders; the UNet waits on the CPU meanwhile."""
+        and frees those encoders; on a GPU with less than 24 GiB free the UNet waits on the CPU meanwhile."""
         dm = getattr(self.trainer, "datamodule", None)
         if self.perf.cache == "off" or dm is None:
             return
+        # the UNet waits on the CPU while the VAE encodes only where memory is short: the round trip costs seconds
+        roomy = self.device.type == "cuda" and torch.cuda.mem_get_info(self.device)[0] >= 24 * GIB
         dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
-                                 park=(self.unet,)), self.perf.cache)
+                                 park=() if roomy else (self.unet,)), self.perf.cache)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -112,6 +113,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
         self.cache = None  # an InputCache, built by cache_inputs when model.perf.cache is on
+        self.timings: dict[str, float] = {}  # seconds of "priors" and "cache" (the end-of-fit summary prints them)
 
     def shape(self) -> DataShape:
         """The resolution and images per step this module feeds (``memory_plan.resolve_perf`` plans with it)."""
@@ -159,6 +161,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         if self.cache is not None:
             return
         self.setup("fit")  # a no-op after Lightning's own call: the images are found and checked once
+        start = time.perf_counter()
         device = next(encoders.vae.parameters()).device
         self.cache = build_cache(encoders, self.instance, self.prior, self.hparams.resolution, mode, offload,
                                  self.buckets)
@@ -166,6 +169,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         # otherwise cost tens of ms a step beside a CUDA-graph step (BENCHMARKS.md); workers need CPU tensors
         if device.type == "cuda" and self.hparams.num_workers == 0 and self.cache.nbytes() <= DEVICE_CACHE_BYTES:
             self.cache = self.cache.to(device)
+        self.timings["cache"] = time.perf_counter() - start
 
     def _generate_class_images(self) -> None:
         """Fill class_dir up to num_class_images with the base; local rank 0 draws, the other ranks wait."""
@@ -173,6 +177,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         if not hp.base_model:
             raise ValueError("data.generate_class_images needs data.base_model (the CLI links it from "
                              "model.base_model).")
+        start = time.perf_counter()
         if trainer is None or trainer.local_rank == 0:
             self._check_class_dir_before_drawing()
             s = hp.class_generation or ClassImageSettings()
@@ -183,6 +188,7 @@ class DreamBoothDataModule(L.LightningDataModule):
                               str(trainer.strategy.root_device) if trainer else None, hp.vae_model)
         if trainer is not None:
             trainer.strategy.barrier("generate_class_images")
+        self.timings["priors"] = time.perf_counter() - start
 
     def _check_class_dir_before_drawing(self) -> None:
         """Images already in class_dir count as drawn, so a bad one must be named now, not after the base has
