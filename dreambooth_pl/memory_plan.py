@@ -1,17 +1,26 @@
-"""``model.perf.memory_plan: auto``: the fastest checkpointing / CUDA-graph / caching plan that fits the GPU's memory.
+"""``model.perf.memory_plan: auto``: the fastest checkpointing / CUDA-graph / caching / kernel plan that fits the GPU's
+memory, and :func:`resolve_perf`, the one place that turns ``PerfSettings`` into the switches a run uses.
 
 Each plan's activation memory was measured on the real training path (BENCHMARKS.md, "Memory plans": full-size SDXL
-UNet, 1024², one instance + one prior image, rank 4, 16-mixed, whole-run peak reserved minus the frozen weights).
-A run's estimate is its own frozen weights (counted from the loaded models) plus the plan's activations scaled by
-pixels and images per step; the fastest plan whose estimate fits the budget wins.
+UNet, 1024², one instance + one prior image, rank 4, mixed precision, whole-run peak reserved minus the frozen
+weights). A run's estimate is its own frozen weights (counted from the loaded models) plus the plan's activations
+scaled by pixels and images per step; the fastest plan whose estimate fits the budget less a headroom wins.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
+from .data.datamodule import DataShape
+from .settings import LoraSettings, PerfSettings, graph_blockers
+
 GIB = 2**30
+# a plan must leave this share of the budget free: the measured peaks are single runs, and allocator fragmentation
+# and caching transients vary by card (with it, a 15 GiB budget runs the 7 GiB plan, not the 13 GiB one)
+HEADROOM = 0.15
 
 
 class MemoryPlanError(ValueError):
@@ -28,6 +37,8 @@ class Plan:
         cuda_graph: replay the UNet step from a CUDA graph (only where the run allows it).
         activations_gib: peak activation memory at 1024², 2 images per step (measured).
         s_per_step: measured step time on one H200 at that size (ordering and the log only).
+        fused: with the fused kernels (``fused_lora``, ``group_qkv``, ``fused_blocks``): only under mixed
+            precision, where ``fused_blocks`` drops autocast's fp32 norm outputs (its activations were measured so).
     """
 
     name: str
@@ -35,11 +46,14 @@ class Plan:
     cuda_graph: bool
     activations_gib: float
     s_per_step: float
+    fused: bool = False
 
 
 # fastest first; measured 2026-11-30 on one H200 (BENCHMARKS.md "Memory plans": whole-run peak reserved minus the
-# 5.06 GiB resident at the steady state's start; benchmark --preset recipe with overrides)
+# 5.06 GiB resident at the steady state's start; benchmark --preset recipe with overrides; the fused plan is
+# configs/perf/fast.yaml: 14.32 GiB whole-run peak, 0.100 s/step, session 6 call 4)
 PLANS = (
+    Plan("no checkpointing, fused kernels, CUDA graph", 0, True, 9.26, 0.100, fused=True),
     Plan("no checkpointing, CUDA graph", 0, True, 14.2, 0.226),
     Plan("every 2nd block recomputed, CUDA graph", 2, True, 8.0, 0.239),
     Plan("every block recomputed, CUDA graph", 1, True, 2.1, 0.287),
@@ -58,26 +72,30 @@ def estimate(plan: Plan, weights_gib: float, resolution: int, images: int) -> fl
     return weights_gib + plan.activations_gib * scale
 
 
-def choose(weights_gib: float, resolution: int, images: int, budget_gib: float, graph_allowed: bool) -> Plan:
-    """The fastest plan whose estimate fits ``budget_gib``.
+def choose(weights_gib: float, resolution: int, images: int, budget_gib: float, graph_allowed: bool,
+           plans: tuple[Plan, ...] = PLANS) -> Plan:
+    """The fastest of ``plans`` whose estimate fits ``budget_gib`` less :data:`HEADROOM`.
 
     Args:
         weights_gib: frozen weights + adapters + optimizer state resident during the steps.
         resolution: training side in pixels.
         images: images per step (instance + prior, times the batch size).
         budget_gib: memory the run may use (``model.perf.memory_budget_gib`` or the GPU's free memory).
-        graph_allowed: the run can replay a CUDA graph (see ``model.perf.cuda_graph``); else the same checkpointing
+        graph_allowed: the run can replay a CUDA graph (``settings.graph_blockers``); else the same checkpointing
             runs eagerly (the capture measured no more memory than the eager step).
+        plans: the candidates, fastest first.
     """
-    plans = [p if graph_allowed else Plan(p.name.replace("CUDA graph", "eager"), p.checkpoint_every, False,
-                                          p.activations_gib, p.s_per_step) for p in PLANS]
+    plans = [p if graph_allowed else dataclasses.replace(p, name=p.name.replace("CUDA graph", "eager"),
+                                                         cuda_graph=False) for p in plans]
+    usable = budget_gib * (1 - HEADROOM)
     for plan in plans:
-        if estimate(plan, weights_gib, resolution, images) <= budget_gib:
+        if estimate(plan, weights_gib, resolution, images) <= usable:
             return plan
     need = ", ".join(f"{p.name}: {estimate(p, weights_gib, resolution, images):.1f} GiB" for p in plans)
-    raise MemoryPlanError(f"model.perf.memory_plan=auto: no plan fits {budget_gib:.1f} GiB ({need}). Lower "
-                          "data.resolution or data.batch_size, train without model.lora.train_text_encoder, or raise "
-                          "model.perf.memory_budget_gib if the GPU has more free memory.")
+    raise MemoryPlanError(f"model.perf.memory_plan=auto: no plan fits {budget_gib:.1f} GiB less {HEADROOM:.0%} "
+                          f"headroom ({need}). Lower data.resolution or data.batch_size, train without "
+                          "model.lora.train_text_encoder, or raise model.perf.memory_budget_gib if the GPU has more "
+                          "free memory.")
 
 
 def budget(device: torch.device, requested: float | None, margin_gib: float = 0.5) -> float:
@@ -88,42 +106,74 @@ def budget(device: torch.device, requested: float | None, margin_gib: float = 0.
     return available if requested is None else min(requested, available)
 
 
-def auto_speed(module) -> dict:
-    """``memory_plan: auto``'s speed switches for a configured ``DreamBoothLoRA`` on its trainer's device; off a
-    CUDA device, a warning and the manual switches (``module.speed``)."""
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    trainer = module._trainer
-    device = trainer.strategy.root_device if trainer is not None else module.device
-    if device.type != "cuda":
-        rank_zero_warn(f"model.perf.memory_plan=auto plans GPU memory; on {device.type} the manual switches apply.")
-        return module.speed
-    dm = getattr(trainer, "datamodule", None)
-    return plan_speed(module, device, dm.hparams if dm is not None else None)
-
-
-def plan_speed(module, device: torch.device, data=None) -> dict:
-    """The speed switches ``memory_plan: auto`` sets for a configured ``DreamBoothLoRA`` (before it moves to
-    ``device``); logs the choice.
+@dataclass(frozen=True)
+class Target:
+    """Where a run trains, as :func:`resolve_perf` needs it.
 
     Args:
-        module: the LightningModule, its models loaded and adapters injected.
-        device: the CUDA device it will train on.
-        data: the data module's hyper-parameters (resolution, batch size, prior preservation); None: 1024², 1+1.
+        type: the device type (``cuda``, ``cpu``, ...).
+        free_gib: memory the run may plan for (``budget``); None off a GPU.
+        half: mixed precision (16 or bf16): the fused kernels' plan is measured only there.
     """
-    from lightning.pytorch.utilities import rank_zero_info
 
-    lora, perf = module.hparams.lora, module.hparams.perf
-    resolution = data["resolution"] if data is not None else 1024
-    images = (data["batch_size"] if data is not None else 1) * (
-        2 if data is None or data["with_prior_preservation"] else 1)
-    cache = "latents" if lora.train_text_encoder else "all"  # leanest and fastest: the encoders leave the GPU
-    resident = [module.unet] + ([module.text_encoder, module.text_encoder_2] if cache == "latents" else [])
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    weights = frozen_gib(*resident) + trainable * 16 / GIB  # fp32 weight, gradient and two Adam moments
-    limit = budget(device, perf.memory_budget_gib)
-    plan = choose(weights, resolution, images, limit, not (lora.train_text_encoder or lora.dropout > 0
-                                                            or perf.compile_blocks))
-    rank_zero_info(f"memory plan: {plan.name}, cache={cache} (estimated "
-                   f"{estimate(plan, weights, resolution, images):.1f} GiB of {limit:.1f} GiB)")
-    return {"cache": cache, "cuda_graph": plan.cuda_graph, "checkpoint_every": plan.checkpoint_every}
+    type: str = "cpu"
+    free_gib: Optional[float] = None
+    half: bool = False
+
+
+def manual(perf: PerfSettings) -> PerfSettings:
+    """``perf`` with every unset switch off (what ``memory_plan: manual`` and a CPU run use)."""
+    unset = {"gradient_checkpointing": False, "checkpoint_every": 1, "cache": "off", "cuda_graph": False,
+             "fused_lora": False, "fused_blocks": False, "group_qkv": False}
+    return dataclasses.replace(perf, **{k: v for k, v in unset.items() if getattr(perf, k) is None})
+
+
+def _allows(plan: Plan, perf: PerfSettings) -> bool:
+    """The plan keeps every switch the user set: explicit settings always win (``cuda_graph: false`` turns every
+    plan eager in :func:`choose`, with the same memory)."""
+    every = plan.checkpoint_every
+    fused = ("fused_lora", "fused_blocks", "group_qkv")
+    return ((perf.gradient_checkpointing is None or perf.gradient_checkpointing == bool(every))
+            and (perf.checkpoint_every is None or not every or perf.checkpoint_every == every)
+            and (not plan.fused or all(getattr(perf, k) is not False for k in fused)))
+
+
+def resolve_perf(perf: PerfSettings, lora: LoraSettings, shape: DataShape, target: Target, weights_gib: float = 0.0,
+                 log: Optional[Callable[[str], None]] = None) -> PerfSettings:
+    """The switches a run uses: ``perf`` as given (``manual``, or off a GPU), or with ``memory_plan: auto`` the
+    fastest plan whose estimate fits ``target.free_gib``, keeping every switch the user set.
+
+    Args:
+        perf: the run's settings (``model.perf``).
+        lora: the adapters (text-encoder LoRA keeps the text encoders: ``cache: latents``; dropout rules out a graph).
+        shape: the data's resolution and images per step.
+        target: the device, its free memory and whether the run is mixed precision.
+        weights_gib: frozen weights, adapters and optimizer state resident during the steps (auto only).
+        log: called with one line saying what ``auto`` picked and why.
+    """
+    if perf.memory_plan == "manual" or target.type != "cuda":
+        return manual(perf)
+    cache = perf.cache or ("latents" if lora.train_text_encoder else "all")  # the encoders leave the GPU
+    graph = not graph_blockers(lora, perf) and perf.cuda_graph is not False
+    plans = tuple(p for p in PLANS if _allows(p, perf) and (not p.fused or target.half))
+    if not plans:  # the user fixed a checkpointing the plans do not measure: plan with the nearest one's memory
+        every = (perf.checkpoint_every or 1) if perf.gradient_checkpointing else 0
+        near = min(PLANS, key=lambda p: abs(p.checkpoint_every - every) + 9 * p.fused)
+        plans = (dataclasses.replace(near, name=f"checkpoint_every={every} as given", checkpoint_every=every),)
+    plan = choose(weights_gib, shape.resolution, shape.images, target.free_gib, graph, plans)
+    plain = lora.adapter == "lora" and lora.dropout == 0  # the fused node runs plain LoRA; others keep peft's path
+    fused = plan.fused and plain
+    chosen = dataclasses.replace(
+        perf, cache=cache, gradient_checkpointing=bool(plan.checkpoint_every),
+        checkpoint_every=plan.checkpoint_every or 1, cuda_graph=plan.cuda_graph,
+        fused_lora=fused if perf.fused_lora is None else perf.fused_lora,
+        fused_blocks=plan.fused if perf.fused_blocks is None else perf.fused_blocks,
+        group_qkv=fused if perf.group_qkv is None else perf.group_qkv)
+    if log is not None:
+        why = f"estimated {estimate(plan, weights_gib, shape.resolution, shape.images):.1f} GiB of " \
+              f"{target.free_gib:.1f} GiB less {HEADROOM:.0%} headroom"
+        faster = [p.name for p in PLANS if p.s_per_step < plan.s_per_step and p not in plans]
+        log(f"memory plan: {plan.name}, cache={cache} ({why}" + (f"; faster plans ruled out by your settings or "
+                                                                f"precision: {', '.join(faster)}" if faster else "")
+            + "; model.perf.* values you set always win)")
+    return manual(chosen)

@@ -6,15 +6,17 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from . import adapters, block_ops
 from . import lora as lora_lib
 from . import perf as perf_lib
 from .data.cache import Encoders
+from .data.datamodule import DataShape
 from .fused_lora import fuse_lora_layers, half_adapters
 from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
+from .memory_plan import GIB, Target, budget, frozen_gib, manual, resolve_perf
 from .noise import NoiseSchedule
 from .optimizers import build_optimizer, step_size_estimates
 from .sdxl import DTYPES, add_time_ids, encode_prompts, load_parts, scale_latents, tokenize
@@ -57,9 +59,8 @@ class DreamBoothLoRA(L.LightningModule):
         self.unet = None
         self._graphed = None
         self.graph_stats: dict[str, int] = {}  # replays and eager fallbacks of the last fit's CUDA graph
-        # the speed switches in force: the manual ones, or memory_plan=auto's choice (configure_model)
-        self.speed = {"cache": perf.cache, "cuda_graph": perf.cuda_graph,
-                      "checkpoint_every": perf.checkpoint_every if perf.gradient_checkpointing else 0}
+        # the switches in force (memory_plan.resolve_perf): unset ones off until configure_model plans the GPU
+        self.perf: PerfSettings = manual(perf)
         self.ema = None  # AdapterEMA, built with the adapters in configure_model
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
@@ -83,11 +84,13 @@ class DreamBoothLoRA(L.LightningModule):
         if self.unet is not None:
             return
         hp = self.hparams
-        parts = load_parts(hp.base_model, hp.vae_model)
+        dtype = self.weight_dtype()
+        trainer = self._trainer  # each weight straight to the training device in the training dtype (start-up)
+        parts = load_parts(hp.base_model, hp.vae_model, dtype, trainer.strategy.root_device if trainer else None,
+                           DTYPES[hp.vae_dtype])
         self.tokenizers = (parts.tokenizer, parts.tokenizer_2)
         self.scheduler_config = parts.scheduler_config
         self.noise = NoiseSchedule(parts.scheduler_config)
-        dtype = self.weight_dtype()
         self.unet = parts.unet.to(dtype)
         self.vae = parts.vae.to(DTYPES[hp.vae_dtype])
         self.text_encoder = parts.text_encoder.to(dtype)
@@ -98,12 +101,9 @@ class DreamBoothLoRA(L.LightningModule):
             targets = lora.target_modules if model is self.unet else lora_lib.TEXT_TARGETS
             cfg = adapters.adapter_config(lora.adapter, lora.rank, lora.alpha, lora.dropout, targets, lora.init)
             adapters.add_adapter(model, lora.adapter, cfg)
-        if hp.perf.memory_plan == "auto":  # cache all the run allows, then the fastest plan that fits the GPU
-            from .memory_plan import auto_speed
-
-            self.speed = auto_speed(self)
-        if self.speed["checkpoint_every"]:  # only dropout draws random numbers inside the UNet's blocks
-            perf_lib.set_checkpointing(self.unet, self.speed["checkpoint_every"], preserve_rng_state=lora.dropout > 0)
+        self.perf = self.resolve_perf(encoders)
+        if self.perf.gradient_checkpointing:  # only dropout draws random numbers inside the UNet's blocks
+            perf_lib.set_checkpointing(self.unet, self.perf.checkpoint_every, preserve_rng_state=lora.dropout > 0)
             for model in encoders:
                 model.gradient_checkpointing_enable()
         if hp.ema.decay is not None:
@@ -113,9 +113,26 @@ class DreamBoothLoRA(L.LightningModule):
         self.configure_speed()
         perf_lib.ddp_ignore_frozen(self)
 
+    def resolve_perf(self, trained_encoders: tuple) -> PerfSettings:
+        """``model.perf`` resolved for this run's device, precision and data (memory_plan.resolve_perf)."""
+        hp, trainer = self.hparams, self._trainer
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        if hp.perf.memory_plan == "auto" and device.type != "cuda":
+            rank_zero_warn(f"model.perf.memory_plan=auto plans GPU memory; on {device.type} the manual switches "
+                           "apply.")
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        shape = dm.shape() if dm is not None else DataShape()
+        weights = 0.0
+        if device.type == "cuda":  # resident during the steps: the UNet (and trained text encoders), fp32 adapters
+            trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+            weights = frozen_gib(self.unet, *trained_encoders) + trainable * 16 / GIB  # weight, grad, two moments
+        target = Target(device.type, budget(device, hp.perf.memory_budget_gib) if device.type == "cuda" else None,
+                        self.weight_dtype() != torch.float32)
+        return resolve_perf(hp.perf, hp.lora, shape, target, weights, rank_zero_info)
+
     def configure_speed(self) -> None:
         """Apply the perf switches (after the adapters exist, so compiled blocks include them)."""
-        p, models = self.hparams.perf, (self.unet, self.text_encoder, self.text_encoder_2)
+        p, models = self.perf, (self.unet, self.text_encoder, self.text_encoder_2)
         for m in models:
             if self.weight_dtype() != torch.float32:  # autocast runs the adapters' matmuls in half precision
                 perf_lib.keep_lora_inputs_half(m)
@@ -132,12 +149,14 @@ class DreamBoothLoRA(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now
-        and frees those encoders; the UNet waits on the CPU meanwhile."""
+        and frees those encoders; on a GPU with less than 24 GiB free the UNet waits on the CPU meanwhile."""
         dm = getattr(self.trainer, "datamodule", None)
-        if self.speed["cache"] == "off" or dm is None:
+        if self.perf.cache == "off" or dm is None:
             return
+        # the UNet waits on the CPU while the VAE encodes only where memory is short: the round trip costs seconds
+        roomy = self.device.type == "cuda" and torch.cuda.mem_get_info(self.device)[0] >= 24 * GIB
         dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
-                                 park=(self.unet,)), self.speed["cache"])
+                                 park=() if roomy else (self.unet,)), self.perf.cache)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""
@@ -208,7 +227,7 @@ class DreamBoothLoRA(L.LightningModule):
         size = torch.full((latents.shape[0], 2), latents.shape[-2] * 8, dtype=torch.long, device=self.device)
         size[:, 1] = latents.shape[-1] * 8
         time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"], size).to(self.device)
-        if self.hparams.perf.channels_last:
+        if self.perf.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         pred = self.unet_call()(noisy, t, prompt_embeds, pooled, time_ids)
         weights = self.noise.min_snr_weights(t, self.hparams.snr_gamma) if self.hparams.snr_gamma else None
@@ -226,15 +245,15 @@ class DreamBoothLoRA(L.LightningModule):
 
     def _unet(self, noisy, t, prompt_embeds, pooled, time_ids) -> torch.Tensor:
         """The UNet's noise prediction from positional tensors (the form a CUDA graph captures)."""
-        half = self.hparams.perf.fused_lora and torch.is_autocast_enabled(self.device.type)
-        with perf_lib.attention_context(self.hparams.perf.attention), \
+        half = self.perf.fused_lora and torch.is_autocast_enabled(self.device.type)
+        with perf_lib.attention_context(self.perf.attention), \
                 half_adapters(self.unet, self.weight_dtype()) if half else nullcontext():
             return self.unet(noisy, t, encoder_hidden_states=prompt_embeds,
                              added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
 
     def unet_call(self):
         """The eager UNet call, or its CUDA-graph replay with ``perf.cuda_graph`` on a CUDA device."""
-        if not self.speed["cuda_graph"] or not torch.is_grad_enabled():
+        if not self.perf.cuda_graph or not torch.is_grad_enabled():
             return self._unet
         if self.device.type != "cuda":
             if self._graphed is None:

@@ -112,32 +112,55 @@ def load_vae(vae: str, dtype: torch.dtype = torch.float32):
     return AutoencoderKL.from_pretrained(resolve_base(vae), dtype=dtype)
 
 
-def load_parts(base: str, vae: str | None = None) -> SDXLParts:
-    """Load tokenizers, text encoders, VAE and UNet of an SDXL base (fp32 on CPU, frozen, eval mode).
+def load_parts(base: str, vae: str | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None, vae_dtype: torch.dtype | None = None) -> SDXLParts:
+    """Load tokenizers, text encoders, VAE and UNet of an SDXL base (frozen, eval mode), each weight read from its
+    file straight into ``dtype`` on ``device``: no fp32 copy on the host of an fp16 base.
 
     Args:
         base: local folder or hub id (see :func:`resolve_base`).
         vae: optional separate VAE folder, e.g. ``madebyollin/sdxl-vae-fp16-fix`` saved locally.
+        dtype: dtype of the UNet and text encoders (the training dtype).
+        device: where the weights land (None: the CPU). Needs ``accelerate`` to skip the host copy; without it the
+            parts load on the CPU and move.
+        vae_dtype: dtype of the VAE (None: ``dtype``).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     root = resolve_base(base)
+    vae_dtype = dtype if vae_dtype is None else vae_dtype
+    where = _placement(device)
     try:
         parts = SDXLParts(
             tokenizer=AutoTokenizer.from_pretrained(root, subfolder="tokenizer"),
             tokenizer_2=AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
-            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder"),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2"),
-            vae=load_vae(vae) if vae else AutoencoderKL.from_pretrained(root, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet"),
+            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype, **where),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype,
+                                                                       **where),
+            vae=load_vae(vae, vae_dtype) if vae else AutoencoderKL.from_pretrained(root, subfolder="vae",
+                                                                                   dtype=vae_dtype, **where),
+            unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", dtype=dtype, **where),
             scheduler_config=dict(DDPMScheduler.load_config(root, subfolder="scheduler")),
         )
     except (OSError, ValueError) as e:
         raise BaseModelError(f"could not load the SDXL parts from {root!r}: {str(e).splitlines()[0][:300]}") from None
     for m in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):
         m.requires_grad_(False).eval()
+        if device is not None:
+            m.to(device)  # a no-op where the weights landed there already
     return parts
+
+
+def _placement(device: torch.device | str | None) -> dict:
+    """``from_pretrained``'s arguments that read each weight straight onto ``device`` (accelerate's device map)."""
+    if device is None or torch.device(device).type == "cpu":
+        return {}
+    try:
+        import accelerate  # noqa: F401 - diffusers and transformers need it for a device map
+    except ImportError:
+        return {}
+    return {"device_map": {"": torch.device(device)}}
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:

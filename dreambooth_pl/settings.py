@@ -109,6 +109,10 @@ class EmaSettings:
 class PerfSettings:
     """Switches that change speed and memory, never the maths: a resumed run may change them (cli.check_resume).
 
+    The switches ``memory_plan: auto`` may pick default to None (unset): ``auto`` fills them on a CUDA device, and
+    ``manual`` (or a CPU) reads None as off (``cache: off``, ``checkpoint_every: 1``). A value given always wins.
+    ``memory_plan.resolve_perf`` turns these settings into the ones a run uses, with no None left.
+
     Args:
         gradient_checkpointing: recompute UNet activations in backward (less memory, ~30% slower).
         checkpoint_every: with ``gradient_checkpointing``, 1 recomputes every block (diffusers' own), k > 1 only
@@ -123,12 +127,12 @@ class PerfSettings:
         attention: scaled-dot-product attention kernel (``auto`` lets PyTorch choose).
         cuda_graph: replay the UNet's forward and backward from a CUDA graph (graphs.py): the step stops being
             bound by Python launching ~10k small adapter kernels. Needs a CUDA device, frozen text encoders, no
-            adapter dropout and no ``compile_blocks``; on a CPU it is ignored with a warning.
-        memory_plan: ``manual`` uses the switches above as given; ``auto`` picks caching, checkpointing and the
-            CUDA graph on a CUDA device: the fastest measured plan whose estimate fits the budget
-            (memory_plan.py), and fails naming every plan's need when none does.
-        memory_budget_gib: GiB that ``auto`` may plan for (None: the GPU's free memory; 14.5 keeps a run inside
-            a 16 GB T4 on a bigger card).
+            adapter dropout and no ``compile_blocks`` (:func:`graph_blockers`); on a CPU it is ignored with a warning.
+        memory_plan: ``manual`` uses the switches above as given; ``auto`` picks the unset ones on a CUDA device:
+            the fastest measured plan whose estimate fits the budget (memory_plan.py), and fails naming every
+            plan's need when none does.
+        memory_budget_gib: GiB that ``auto`` may plan for (None: the GPU's free memory; 15 plans a 16 GB card's
+            run on a bigger card).
         fused_lora: run each plain-LoRA projection and its frozen layer as one autograd node with in-place
             up-projections (fused_lora.py: fewer kernels, the same numbers as peft's path; on in ``fast.yaml``);
             DoRA, LoKr, LoHa and adapter dropout keep peft's forward.
@@ -139,30 +143,40 @@ class PerfSettings:
             down-projection GEMM on ``[A_q; A_k; A_v]`` and one for its gradient (fused_lora.py; fewer kernels).
     """
 
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 1
-    cache: Literal["off", "latents", "all"] = "off"
+    gradient_checkpointing: Optional[bool] = None
+    checkpoint_every: Optional[int] = None
+    cache: Optional[Literal["off", "latents", "all"]] = None
     compile_blocks: bool = False
     compile_regions: list[str] = field(default_factory=lambda: list(perf_lib.BLOCKS))
     compile_mode: Optional[str] = None
     channels_last: bool = False
     attention: perf_lib.Attention = "auto"
-    cuda_graph: bool = False
+    cuda_graph: Optional[bool] = None
     memory_plan: Literal["manual", "auto"] = "manual"
     memory_budget_gib: Optional[float] = None
-    fused_lora: bool = False
-    fused_blocks: bool = False
-    group_qkv: bool = False
+    fused_lora: Optional[bool] = None
+    fused_blocks: Optional[bool] = None
+    group_qkv: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        _require(self.checkpoint_every >= 1, "perf.checkpoint_every",
+        _require(self.checkpoint_every is None or self.checkpoint_every >= 1, "perf.checkpoint_every",
                  ">= 1 (turn checkpointing off with model.perf.gradient_checkpointing: false)", self.checkpoint_every)
-        _require(self.cache in ("off", "latents", "all"), "perf.cache", "off, latents or all", self.cache)
+        _require(self.cache in (None, "off", "latents", "all"), "perf.cache", "off, latents or all", self.cache)
         _require(self.memory_plan in ("manual", "auto"), "perf.memory_plan", "manual or auto", self.memory_plan)
         _require(self.memory_budget_gib is None or self.memory_budget_gib > 0, "perf.memory_budget_gib",
                  "> 0 or null", self.memory_budget_gib)
-        _require(self.fused_lora or not self.group_qkv, "perf.group_qkv",
+        fused_possible = self.fused_lora or (self.fused_lora is None and self.memory_plan == "auto")
+        _require(not self.group_qkv or fused_possible, "perf.group_qkv",
                  "false unless model.perf.fused_lora is true (it groups the fused nodes)", self.group_qkv)
+
+
+def graph_blockers(lora: LoraSettings, perf: PerfSettings) -> list[str]:
+    """The config keys that rule out replaying the UNet step from a CUDA graph (empty: a graph is allowed): text
+    embeddings that need gradients, random dropout masks, or compiled code inside the capture. The one statement of
+    the rule: :func:`check_model` refuses ``cuda_graph: true`` with it, and ``memory_plan: auto`` plans with it."""
+    return [key for key, on in (("model.lora.train_text_encoder", lora.train_text_encoder),
+                                ("model.lora.dropout", lora.dropout > 0),
+                                ("model.perf.compile_blocks", perf.compile_blocks)) if on]
 
 
 def check_model(lora: LoraSettings, perf: PerfSettings, noise_offset: float, snr_gamma: Optional[float]) -> None:
@@ -182,9 +196,7 @@ def check_model(lora: LoraSettings, perf: PerfSettings, noise_offset: float, snr
                          "embeddings change every step. Use model.perf.cache=latents (caches only the VAE latents "
                          "and frees the VAE) or set model.lora.train_text_encoder=false.")
     if perf.cuda_graph:
-        clash = [key for key, on in (("model.lora.train_text_encoder", lora.train_text_encoder),
-                                     ("model.lora.dropout", lora.dropout > 0),
-                                     ("model.perf.compile_blocks", perf.compile_blocks)) if on]
+        clash = graph_blockers(lora, perf)
         if clash:
             raise ValueError(f"model.perf.cuda_graph replays a fixed UNet call, which {clash[0]} breaks (text "
                              "embeddings that need gradients, random dropout masks, or compiled code in the "

@@ -24,6 +24,16 @@ def tiny_base(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def prior_cache_in_tmp(tmp_path_factory):
+    """The shared class-prior cache (data/prior_cache.py) in this session's temporary folder, not the home's."""
+    from dreambooth_pl.data import prior_cache
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prior_cache, "PRIOR_CACHE", str(tmp_path_factory.mktemp("prior-cache")))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """Tiny models on one intra-op thread: thread start-up and spinning cost more than they save at this size
     (measured: a tiny fit is ~15% faster alone, several times faster when cores are shared)."""

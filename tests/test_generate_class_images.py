@@ -78,3 +78,39 @@ def test_datamodule_generates_missing_class_images_when_asked(tiny_base, subject
                               class_generation=ClassImageSettings(steps=1, batch_size=2))
     dm.setup("fit")
     assert len(dm.prior.paths) == 2 and Image.open(dm.prior.paths[0]).size == (32, 32)
+
+
+def test_a_second_subject_of_the_class_reuses_the_priors_and_the_manifest_says_so(tiny_base, tmp_path):
+    cache = str(tmp_path / "cache")
+    first, second, other = tmp_path / "subject1", tmp_path / "subject2", tmp_path / "other"
+    kw = dict(num=3, seed=4, cache_dir=cache, resolution=32, **FAST)
+    assert "generated 3 class image(s), reused 0" in generate_class_images(tiny_base, "a photo of dog", str(first), **kw)
+    msg = generate_class_images(tiny_base, "a photo of dog", str(second), **kw)
+    assert "generated 0 class image(s), reused 3" in msg
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["last_run"]["reused"] == 3 and manifest["last_run"]["drawn"] == 0
+    assert {v["source"] for v in manifest["images"].values()} == {"prior cache"}
+    assert all((first / n).read_bytes() == (second / n).read_bytes() for n in manifest["images"])
+    assert json.loads((first / "manifest.json").read_text())["images"]["class_00000.png"]["source"] == "drawn"
+    # another key (steps), more images (new seeds), or the cache off: drawn
+    assert "generated 3" in generate_class_images(tiny_base, "a photo of dog", str(other), **dict(kw, steps=1))
+    more = generate_class_images(tiny_base, "a photo of dog", str(second), **dict(kw, num=4))
+    assert "generated 1 class image(s), reused 0" in more
+    assert "generated 2" in generate_class_images(tiny_base, "a photo of dog", str(tmp_path / "off"),
+                                                  **dict(kw, num=2, cache=False))
+    keys = list((tmp_path / "cache").glob("*/key.json"))
+    assert len(keys) == 2 and {json.loads(k.read_text())["steps"] for k in keys} == {1, 2}
+
+
+def test_a_rebuilt_base_gets_a_new_key(tmp_path):
+    from dreambooth_pl.data.prior_cache import PriorCache, prior_key
+
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "unet" / "w.safetensors").write_bytes(b"1")
+    key = dict(prompt="a photo of dog", negative_prompt=None, scheduler="euler", steps=25, guidance=5.0, height=1024,
+               width=1024)
+    a = PriorCache(str(tmp_path), prior_key(str(base), None, **key)).name
+    assert PriorCache(str(tmp_path), prior_key(str(base), None, **key)).name == a
+    (base / "unet" / "w.safetensors").write_bytes(b"22")
+    assert PriorCache(str(tmp_path), prior_key(str(base), None, **key)).name != a

@@ -1,19 +1,28 @@
-"""memory_plan.py: the fastest plan that fits wins, estimates scale with pixels and images, and no fit is a clear
-error naming every plan's need; on a CPU ``auto`` leaves the manual switches alone."""
+"""memory_plan.py: the fastest plan that fits (less the headroom) wins, estimates scale with pixels and images, no
+fit is a clear error naming every plan's need; ``resolve_perf`` keeps every switch the user set, writes the graph
+rule once, and off a GPU (or with ``manual``) reads unset switches as off."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from dreambooth_pl import memory_plan as mp
+from dreambooth_pl.data.datamodule import DataShape
+from dreambooth_pl.settings import LoraSettings, PerfSettings
+
+H200 = mp.Target("cuda", 139.0, half=True)
+AUTO = PerfSettings(memory_plan="auto")
 
 
 def test_fastest_plan_that_fits_wins():
-    weights = 5.0
-    need = {p.checkpoint_every: mp.estimate(p, weights, 1024, 2) for p in mp.PLANS}
-    assert mp.choose(weights, 1024, 2, 100.0, True).checkpoint_every == 0
-    assert mp.choose(weights, 1024, 2, need[2] + 0.01, True).checkpoint_every == 2
-    assert mp.choose(weights, 1024, 2, need[2] - 0.01, True).checkpoint_every == 1
+    weights, usable = 5.0, 1 - mp.HEADROOM
+    need = {p.name: mp.estimate(p, weights, 1024, 2) for p in mp.PLANS}
+    fused, every2, every1 = mp.PLANS[0], mp.PLANS[2], mp.PLANS[3]
+    assert mp.choose(weights, 1024, 2, 100.0, True) == fused
+    assert mp.choose(weights, 1024, 2, (need[every2.name] + 0.01) / usable, True, mp.PLANS[1:]) == every2
+    assert mp.choose(weights, 1024, 2, (need[every2.name] - 0.01) / usable, True, mp.PLANS[1:]) == every1
     assert [p.s_per_step for p in mp.PLANS] == sorted(p.s_per_step for p in mp.PLANS)  # fastest first
 
 
@@ -42,6 +51,54 @@ def test_frozen_gib_counts_parameters_and_buffers():
     assert mp.frozen_gib(m) == pytest.approx((1024 * 256 * 2 + 256 * 2 + 1024 * 4) / 2**30)
 
 
+def switches(p: PerfSettings) -> tuple:
+    return (p.cache, p.cuda_graph, p.gradient_checkpointing, p.checkpoint_every, p.fused_lora, p.fused_blocks,
+            p.group_qkv)
+
+
+@pytest.mark.parametrize("budget,expect", [
+    (139.0, ("all", True, False, 1, True, True, True)),  # an 80 GB-class card: the fast preset's plan
+    (15.0, ("all", True, True, 1, False, False, False)),  # a 16 GB card's budget: the T4 plan, not every 2nd block
+    (16.0, ("all", True, True, 2, False, False, False)),
+    (18.0, ("all", True, False, 1, True, True, True)),  # the fused kernels lower the no-checkpointing peak
+])
+def test_auto_picks_by_budget(budget, expect):
+    target = dataclasses.replace(H200, free_gib=budget)
+    lines = []
+    got = mp.resolve_perf(AUTO, LoraSettings(), DataShape(1024, 2), target, 5.06, lines.append)
+    assert switches(got) == expect
+    assert len(lines) == 1 and lines[0].startswith("memory plan: ") and f"of {budget:.1f} GiB" in lines[0]
+
+
+def test_explicit_switches_win_over_the_plan():
+    perf = PerfSettings(memory_plan="auto", gradient_checkpointing=True, checkpoint_every=2, fused_lora=False)
+    got = mp.resolve_perf(perf, LoraSettings(), DataShape(), H200, 5.06)
+    assert switches(got) == ("all", True, True, 2, False, False, False)
+    got = mp.resolve_perf(PerfSettings(memory_plan="auto", cuda_graph=False, cache="latents"), LoraSettings(),
+                          DataShape(), H200, 5.06)
+    assert (got.cuda_graph, got.cache, got.gradient_checkpointing, got.fused_blocks) == (False, "latents", False, True)
+
+
+def test_the_graph_rule_and_the_adapter_kind_shape_the_plan():
+    lines = []
+    te = mp.resolve_perf(AUTO, LoraSettings(train_text_encoder=True), DataShape(), H200, 8.0, lines.append)
+    assert (te.cache, te.cuda_graph) == ("latents", False) and "eager" in lines[0]
+    dora = mp.resolve_perf(AUTO, LoraSettings(adapter="dora"), DataShape(), H200, 5.06)
+    assert (dora.fused_lora, dora.group_qkv, dora.fused_blocks) == (False, False, True)  # the fused node is LoRA's
+    full = mp.resolve_perf(AUTO, LoraSettings(), DataShape(), dataclasses.replace(H200, half=False), 5.06, lines.append)
+    assert (full.fused_blocks, full.gradient_checkpointing) == (False, False) and "fused kernels" in lines[-1]
+
+
+def test_manual_and_cpu_read_unset_switches_as_off():
+    want = ("off", False, False, 1, False, False, False)
+    assert switches(mp.resolve_perf(PerfSettings(), LoraSettings(), DataShape(), H200)) == want
+    assert switches(mp.resolve_perf(AUTO, LoraSettings(), DataShape(), mp.Target())) == want
+    given = PerfSettings(cache="all", cuda_graph=True)
+    assert mp.resolve_perf(given, LoraSettings(), DataShape(), H200) == dataclasses.replace(
+        given, gradient_checkpointing=False, checkpoint_every=1, fused_lora=False, fused_blocks=False,
+        group_qkv=False)
+
+
 def test_auto_on_cpu_warns_and_keeps_manual_switches(tiny_base, subject_dirs, tmp_path):
     from conftest import fit_args
     from dreambooth_pl.cli import DreamBoothCLI
@@ -49,28 +106,25 @@ def test_auto_on_cpu_warns_and_keeps_manual_switches(tiny_base, subject_dirs, tm
     with pytest.warns(UserWarning, match="memory_plan=auto plans GPU memory"):
         cli = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1,
                                           **{"model.perf.memory_plan": "auto"}))
-    assert cli.model.speed == {"cache": "off", "cuda_graph": False, "checkpoint_every": 0}
+    assert switches(cli.model.perf) == ("off", False, False, 1, False, False, False)
 
 
 def test_bad_budget_is_refused_by_key():
-    from dreambooth_pl.settings import PerfSettings
-
     with pytest.raises(ValueError, match="model.perf.memory_budget_gib must be > 0"):
         PerfSettings(memory_budget_gib=0)
+    with pytest.raises(ValueError, match="model.perf.group_qkv must be false unless"):
+        PerfSettings(group_qkv=True)
+    PerfSettings(group_qkv=True, memory_plan="auto")  # auto may turn fused_lora on
 
 
-@pytest.mark.parametrize("te,extra,expect", [(False, 3.0, (1, True, "all")), (False, 8.5, (2, True, "all")),
-                                             (True, 100.0, (0, False, "latents"))])
-def test_plan_speed_reads_the_run(tiny_base, monkeypatch, te, extra, expect):
-    """The run's own resident weights plus the plan's activations decide (budget = weights + ``extra`` GiB)."""
+def test_module_plans_with_its_own_weights(tiny_base):
+    """The module counts its resident weights and hands the data's shape over as a value."""
     from dreambooth_pl.module import DreamBoothLoRA
-    from dreambooth_pl.settings import LoraSettings
 
-    module = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(train_text_encoder=te))
-    module.configure_model()
-    seen = {}
-    monkeypatch.setattr(mp, "budget", lambda device, requested: seen.setdefault("b", extra + mp.frozen_gib(
-        module.unet, *([module.text_encoder, module.text_encoder_2] if te else [])) + 0.01))
-    speed = mp.plan_speed(module, torch.device("cuda"), {"resolution": 1024, "batch_size": 1,
-                                                          "with_prior_preservation": True})
-    assert (speed["checkpoint_every"], speed["cuda_graph"], speed["cache"]) == expect
+    module = DreamBoothLoRA(base_model=tiny_base, perf=AUTO)
+    module.configure_model()  # no trainer: the CPU, so the manual switches
+    assert switches(module.perf) == ("off", False, False, 1, False, False, False)
+    weights = mp.frozen_gib(module.unet)
+    got = mp.resolve_perf(AUTO, LoraSettings(), DataShape(64, 2), dataclasses.replace(H200, free_gib=weights + 1),
+                          weights)
+    assert got.fused_lora  # tiny activations at 64²: the fastest plan fits

@@ -44,3 +44,22 @@ def test_one_parameter_line_instead_of_the_model_table(tiny_base, subject_dirs, 
     assert len(lines) == 1 and "Trainable params" not in out.out + out.err
     assert lines[0] == (f"parameters: {n_train / 1e3:.1f} K trainable ({n_train * 4 / 2**20:.1f} MiB of adapters), "
                         f"{n_frozen / 1e6:.2f} M frozen")
+
+
+def test_the_summary_prints_each_phase_and_writes_them(tiny_base, subject_dirs, tmp_path, capsys):
+    """Priors drawn (data.generate_class_images) and inputs cached: every phase has its seconds, they add up to the
+    run, and phases.json in the run folder holds the same numbers."""
+    import json
+
+    args = fit_args(tiny_base, subject_dirs[0], str(tmp_path / "priors"), str(tmp_path), steps=3, **{
+        "data.generate_class_images": "true", "data.num_class_images": 2,
+        "data.class_generation": '{"steps": 1, "batch_size": 2}', "model.perf.cache": "all"})
+    cli = DreamBoothCLI(args=args)
+    text = capsys.readouterr().out
+    phases = json.loads((tmp_path / "lightning_logs" / "version_0" / "phases.json").read_text())
+    assert phases == next(c for c in cli.trainer.callbacks if isinstance(c, RunSummary)).phases
+    assert "phases:      start" in text and f"priors {phases['priors']:.1f} s" in text
+    assert phases["priors"] > 0 and phases["cache"] > 0 and phases["steps"] > 0 and phases["start"] > 0
+    parts = sum(phases[k] for k in ("start", "priors", "cache", "first_step", "steps", "export"))
+    assert abs(parts - phases["total"]) < 0.05  # rounding of each part
+    assert phases["to_first_step_without_priors"] < phases["total"] - phases["priors"]

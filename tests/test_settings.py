@@ -75,7 +75,7 @@ def test_print_config_shows_every_grouped_value_and_dotted_overrides_apply(capsy
         assert set(model[name]) == {f.name for f in dataclasses.fields(group)}, name
     assert (model["lora"]["rank"], model["lora"]["alpha"]) == (8, 4)  # the override, and the config's own value
     assert (model["optim"]["name"], model["optim"]["learning_rate"]) == ("prodigy", 1e-4)
-    assert (model["perf"]["cache"], model["perf"]["cuda_graph"]) == ("latents", True)
+    assert (model["perf"]["cache"], model["perf"]["memory_plan"], model["perf"]["cuda_graph"]) == ("latents", "auto", None)
 
 
 def test_the_cli_hands_the_module_typed_groups(tiny_base, subject_dirs, tmp_path):

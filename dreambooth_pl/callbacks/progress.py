@@ -54,17 +54,66 @@ class StepProgressBar(ProgressBar):
             self._bar = None
 
 
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere: since this module was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
 class RunSummary(L.Callback):
     """When fit ends (rank 0): where the LoRA, checkpoint and TensorBoard run are, steps, time, s/step, peak GPU
-    memory, the final loss, and the commands to resume and to sample."""
+    memory, the final loss, the commands to resume and to sample, and the run's phases: start (imports, config,
+    loading the base), priors (data.generate_class_images), cache (model.perf.cache), first step (CUDA-graph
+    capture), steps, export. The phases also go to ``phases.json`` in the run folder."""
 
     def __init__(self):
         self._start, self._first_step = 0.0, 0
         self._log_dir, self._lora = ".", None
+        self._marks: dict[str, float] = {}  # seconds since the process started, at each hook
+        self.phases: dict[str, float] = {}
+
+    def _mark(self, name: str) -> None:
+        self._marks.setdefault(name, process_seconds())
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._mark("setup")  # after the data module's setup, which draws missing priors
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mark("fit_start")  # the base is loaded; the module's own on_fit_start caches next
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if "first_step" not in self._marks and trainer.global_step > self._first_step:
+            self._mark("first_step")
+        self._marks["last_step"] = process_seconds()
+
+    def _phases(self, trainer: L.Trainer, steps: int) -> dict[str, float]:
+        """Seconds per phase from the marks and the data module's own timings."""
+        m, now = self._marks, process_seconds()
+        dm = getattr(trainer, "datamodule", None)
+        timings = getattr(dm, "timings", {}) or {}
+        priors, cache = timings.get("priors", 0.0), timings.get("cache", 0.0)
+        train_start = m.get("train_start", now)
+        first, last = m.get("first_step", train_start), m.get("last_step", train_start)
+        phases = {"start": train_start - priors - cache, "priors": priors, "cache": cache,
+                  "first_step": first - train_start, "steps": last - first, "export": now - last,
+                  "to_first_step_without_priors": first - priors, "total": now}
+        if steps > 1:
+            phases["s_per_step"] = (last - first) / (steps - 1)
+        return {k: round(v, 2) for k, v in phases.items()}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from .export import LoRAExport
 
+        self._mark("train_start")
         self._start, self._first_step = time.perf_counter(), trainer.global_step
         # trainer.log_dir broadcasts under DDP: read it here, where every rank runs, not in the rank-0 summary
         self._log_dir = trainer.log_dir or trainer.default_root_dir
@@ -79,10 +128,19 @@ class RunSummary(L.Callback):
         ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
         last = os.path.join(ckpt.dirpath, "last.ckpt") if ckpt is not None and ckpt.dirpath else None
         loss = trainer.callback_metrics.get("train/loss")
+        self.phases = p = self._phases(trainer, steps)
         lines = [f"fit {'stopped' if trainer.interrupted else 'finished'}: step {trainer.global_step}"
                  + (f"/{trainer.max_steps}" if trainer.max_steps > 0 else "")
                  + f", {steps} step(s) in {seconds:.0f} s" + (f" ({seconds / steps:.3f} s/step)" if steps else "")
                  + (f", final loss {float(loss):.4f}" if loss is not None else "")]
+        lines.append(f"  phases:      start {p['start']:.1f} s, priors {p['priors']:.1f} s, cache {p['cache']:.1f} s, "
+                     f"first step {p['first_step']:.1f} s, steps {p['steps']:.1f} s, export {p['export']:.1f} s "
+                     f"(first step done {p['to_first_step_without_priors']:.1f} s after the process started, "
+                     f"priors aside; {p['total']:.1f} s in all)")
+        if os.path.isdir(log_dir):
+            from ..io import write_json
+
+            write_json(os.path.join(log_dir, "phases.json"), p)
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             lines.append(f"  peak GPU memory: {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
         if lora and os.path.exists(lora) and not trainer.interrupted:

@@ -84,8 +84,8 @@ class InputCache:
 
 @torch.no_grad()
 def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]]) -> EncodedSet:
-    """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain and mirrored, one image at a
-    time (the VAE's fp32 activations at 1024² are gigabytes per image)."""
+    """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain and mirrored together, one
+    image at a time (the VAE's fp32 activations at 1024² are gigabytes per image)."""
     gen = torch.Generator()
     originals, entries = [], {}
     device = next(vae.parameters()).device
@@ -93,10 +93,9 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]]) 
         img = load_rgb(path)
         for size in sizes[i]:
             ex = [prepare_image(img, size[0] if size[0] == size[1] else size, True, flip, gen) for flip in (False, True)]
-            with torch.autocast(device.type, enabled=False):
-                dists = [vae.encode(e["pixel_values"][None].to(device, vae.dtype)).latent_dist for e in ex]
-            entries[(i, tuple(size))] = Encoded(torch.cat([d.mean.float().cpu() for d in dists]),
-                                                torch.cat([d.std.float().cpu() for d in dists]),
+            with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call
+                dist = vae.encode(torch.stack([e["pixel_values"] for e in ex]).to(device, vae.dtype)).latent_dist
+            entries[(i, tuple(size))] = Encoded(dist.mean.float().cpu(), dist.std.float().cpu(),
                                                 torch.tensor([e["crop_top_left"] for e in ex]))
         originals.append(img.size[::-1])
     return EncodedSet(images, torch.tensor(originals), entries)

@@ -1,15 +1,16 @@
 """The class-prior set of DreamBooth (Ruiz et al. 2023, sec. 3.3): the base draws N images of the class prompt.
 
 Image ``class_%05d.png`` number i always has seed ``seed + i``; a rerun counts the images already there and draws
-only the missing ones (never overwriting a file), and each PNG is renamed into place only when complete.
-``manifest.json`` beside the images records prompt, seed, scheduler, steps, guidance and base of every image.
+only the missing ones (never overwriting a file), and each PNG is renamed into place only when complete. Images
+the prior cache holds for the same settings (data/prior_cache.py) are linked instead of drawn.
+``manifest.json`` beside the images records prompt, seed, scheduler, steps, guidance and base of every image, whether
+it was drawn or came from the cache, and how many of each the last run had.
 Both the ``generate-class-images`` verb and the DataModule (``data.generate_class_images``) call
 :func:`draw_class_images`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -28,18 +29,24 @@ class ClassImageSettings:
         guidance: classifier-free guidance scale.
         scheduler: a name of ``sampling.SCHEDULERS``.
         resolution: image side in pixels (None: the base's native size; fit uses ``data.resolution``).
-        batch_size: images per UNet batch.
+        batch_size: images per UNet batch (None: 8 on a GPU with at least 40 GiB, else 4); every batch has this
+            shape, so one CUDA graph serves them all (prior_sampler.py).
         seed: seed of image 0 (image i uses ``seed + i``).
         negative_prompt: prompt to steer away from.
+        cache: keep every image drawn in the prior cache and link cached ones instead of drawing them
+            (data/prior_cache.py).
+        cache_dir: the cache's folder (None: ``~/.cache/dreambooth_pl/priors``, shared by every run and subject).
     """
 
     steps: int = SAMPLER.steps
     guidance: float = SAMPLER.guidance
     scheduler: str = SAMPLER.scheduler
     resolution: Optional[int] = None
-    batch_size: int = 4
+    batch_size: Optional[int] = None
     seed: int = 0
     negative_prompt: Optional[str] = None
+    cache: bool = True
+    cache_dir: Optional[str] = None
 
 
 def missing_indices(folder: Path, num: int) -> list[int]:
@@ -55,32 +62,45 @@ def missing_indices(folder: Path, num: int) -> list[int]:
     return todo
 
 
+def _batch_size(given: Optional[int], device: Optional[str]) -> int:
+    """``given``, or 8 on a GPU with at least 40 GiB (an 80 GB-class card), else 4 (fits a 16 GB card)."""
+    import torch
+
+    if given is not None:
+        return given
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    big = dev.type == "cuda" and torch.cuda.get_device_properties(dev).total_memory >= 40 * 2**30
+    return 8 if big else 4
+
+
 def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMAGES,
-                      settings: Optional[ClassImageSettings] = None, dtype: str = "float16",
+                      settings: Optional[ClassImageSettings] = None, dtype: Optional[str] = None,
                       device: Optional[str] = None, vae: Optional[str] = None, progress: bool = True) -> str:
-    """Draw class images with ``base`` until ``out`` holds ``num`` images; returns a one-line report.
+    """Fill ``out`` with class images of ``prompt`` until it holds ``num``: linked from the prior cache where it
+    has them, drawn by :class:`~dreambooth_pl.prior_sampler.PriorSampler` otherwise; returns a one-line report.
 
     Args:
         base: SDXL pipeline folder or hub id.
         prompt: class prompt, e.g. ``a photo of dog``.
         out: class image folder (created if missing).
         num: images the folder must hold.
-        settings: sampler, size, batch and seed of the images (None: the defaults).
-        dtype: float16 (GPU) or float32 (CPU falls back to it).
+        settings: sampler, size, batch, seed and cache of the images (None: the defaults).
+        dtype: weights dtype (None: bf16 where the GPU has it, fp16 on other GPUs, fp32 on a CPU).
         device: cuda, cpu, ... (None: CUDA when available).
         vae: separate VAE folder.
         progress: show a progress bar.
     """
-    from tqdm.auto import tqdm
-
-    from ..io import ensure_writable, write_json, write_png
-    from ..sampling import check_size, generate, load_pipeline, runtime
+    from ..io import ensure_writable, parse_json, write_json
+    from ..sampling import check_size
+    from ..sdxl import resolve_base
+    from .prior_cache import PRIOR_CACHE, PriorCache, native_size, prior_key
 
     s = settings or ClassImageSettings()
     check_size(s.resolution, s.resolution)
     folder = ensure_writable(out)
     manifest_path = folder / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"images": {}}
+    manifest = parse_json(manifest_path.read_text(), str(manifest_path)) if manifest_path.exists() else {}
+    manifest.setdefault("images", {})
     if manifest.get("prompt", prompt) != prompt:
         raise ValueError(f"class dir {str(folder)!r} holds images of prompt {manifest['prompt']!r}, not "
                          f"{prompt!r}: use another folder (class images of two prompts must not mix).")
@@ -88,21 +108,67 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     todo = missing_indices(folder, num)
     if not todo:
         return f"{folder}: {num} class image(s) present, nothing to do"
-    pipe = load_pipeline(base, (), s.scheduler, dtype, device, vae)
+    root = resolve_base(base)
+    size = s.resolution or native_size(root)
+    key = prior_key(root, vae, prompt, s.negative_prompt, s.scheduler, s.steps, s.guidance, size, size)
+    cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
+    record = dict(scheduler=s.scheduler, steps=s.steps, guidance=s.guidance, base=base, height=size, width=size,
+                  negative_prompt=s.negative_prompt)
+    reused = [i for i in todo if cache is not None and cache.has(s.seed + i)]
+    for i in reused:
+        cache.copy_to(s.seed + i, folder / f"class_{i:05d}.png")
+        manifest["images"][f"class_{i:05d}.png"] = dict(record, seed=s.seed + i, source="prior cache",
+                                                         prior_key=cache.name)
+    drawn = [i for i in todo if i not in set(reused)]
+    if drawn:
+        _draw(base, prompt, folder, drawn, s, size, dtype, device, vae, cache, record, manifest, progress)
+    manifest["last_run"] = {"drawn": len(drawn), "reused": len(reused),
+                            "cache": str(cache.folder) if cache is not None else None}
+    write_json(manifest_path, manifest)
+    return (f"{folder}: generated {len(drawn)} class image(s), reused {len(reused)} from the prior cache, "
+            f"{num} present")
+
+
+def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings, size: int, dtype, device, vae,
+          cache, record: dict, manifest: dict, progress: bool) -> None:
+    """Draw the images of ``indices`` batch by batch; PNGs are encoded and written by background threads while
+    the GPU draws the next batch, and the manifest is written once a batch's files are all on disk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from ..io import write_json, write_png
+    from ..prior_sampler import PriorSampler
+
+    sampler = PriorSampler(base, s.scheduler, dtype, device, vae, _batch_size(s.batch_size, device))
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
-                     negative_prompt=s.negative_prompt, **runtime(pipe))
-    with tqdm(total=len(todo), desc=f"class images -> {folder}", disable=not progress) as bar:
-        for start in range(0, len(todo), s.batch_size):
-            chunk = todo[start:start + s.batch_size]
-            images = generate(pipe, [prompt] * len(chunk), [s.seed + i for i in chunk], s.steps, s.guidance,
-                              s.negative_prompt, s.resolution, s.resolution, s.batch_size)
-            for i, img in zip(chunk, images):
-                meta = dict(meta_base, prompt=prompt, seed=s.seed + i, height=img.height, width=img.width)
-                write_png(folder / f"class_{i:05d}.png", img, meta)
-                manifest["images"][f"class_{i:05d}.png"] = {k: meta[k] for k in ("seed", "scheduler", "steps",
-                                                                                    "guidance", "base", "height",
-                                                                                    "width", "negative_prompt")}
-            write_json(manifest_path, manifest)  # after every batch: an interrupted run keeps its record
-            bar.update(len(chunk))
-    del pipe
-    return f"{folder}: generated {len(todo)} class image(s), {num} present"
+                     negative_prompt=s.negative_prompt, **sampler.runtime())
+    by_seed = {s.seed + i: i for i in indices}
+
+    def write(i: int, image) -> None:
+        path = folder / f"class_{i:05d}.png"
+        write_png(path, image, dict(meta_base, prompt=prompt, seed=s.seed + i, height=image.height,
+                                    width=image.width))
+        if cache is not None:
+            cache.keep(s.seed + i, path)
+
+    def settle(batch: list) -> None:  # a batch's files are on disk: record them (an interrupted run keeps its record)
+        for j, done in batch:
+            done.result()  # a failed write stops the run here, with its own error
+            manifest["images"][f"class_{j:05d}.png"] = dict(record, seed=s.seed + j, source="drawn",
+                                                             prior_key=cache.name if cache else None)
+        write_json(folder / MANIFEST, manifest)
+
+    current: list = []
+    previous: list = []
+    with ThreadPoolExecutor(max_workers=2) as pool, \
+            tqdm(total=len(indices), desc=f"class images -> {folder}", disable=not progress) as bar:
+        for n, (seed, image) in enumerate(sampler.images(prompt, list(by_seed), s.steps, s.guidance,
+                                                         s.negative_prompt, size, size), 1):
+            current.append((by_seed[seed], pool.submit(write, by_seed[seed], image)))
+            bar.update(1)
+            if n % sampler.batch_size == 0:  # wait for the batch before: this one's files write meanwhile
+                settle(previous)
+                previous, current = current, []
+        settle(previous + current)
+    del sampler

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-
+import time
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import lightning as L
@@ -14,6 +15,19 @@ from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_image
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
 from .images import ImageIntakeError, check_images, find_instance_images, list_images
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What a step's memory depends on in the data: the training side and the images per step.
+
+    Args:
+        resolution: training side in pixels.
+        images: images per step (instance images, plus as many class images with prior preservation).
+    """
+
+    resolution: int = 1024
+    images: int = 2
 
 
 class DreamBoothDataModule(L.LightningDataModule):
@@ -99,6 +113,12 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
         self.cache = None  # an InputCache, built by cache_inputs when model.perf.cache is on
+        self.timings: dict[str, float] = {}  # seconds of "priors" and "cache" (the end-of-fit summary prints them)
+
+    def shape(self) -> DataShape:
+        """The resolution and images per step this module feeds (``memory_plan.resolve_perf`` plans with it)."""
+        hp = self.hparams
+        return DataShape(hp.resolution, hp.batch_size * (2 if hp.with_prior_preservation else 1))
 
     def setup(self, stage: str | None = None) -> None:
         """Find and decode every image now, so bad input fails before the models load."""
@@ -141,6 +161,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         if self.cache is not None:
             return
         self.setup("fit")  # a no-op after Lightning's own call: the images are found and checked once
+        start = time.perf_counter()
         device = next(encoders.vae.parameters()).device
         self.cache = build_cache(encoders, self.instance, self.prior, self.hparams.resolution, mode, offload,
                                  self.buckets)
@@ -148,6 +169,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         # otherwise cost tens of ms a step beside a CUDA-graph step (BENCHMARKS.md); workers need CPU tensors
         if device.type == "cuda" and self.hparams.num_workers == 0 and self.cache.nbytes() <= DEVICE_CACHE_BYTES:
             self.cache = self.cache.to(device)
+        self.timings["cache"] = time.perf_counter() - start
 
     def _generate_class_images(self) -> None:
         """Fill class_dir up to num_class_images with the base; local rank 0 draws, the other ranks wait."""
@@ -155,18 +177,18 @@ class DreamBoothDataModule(L.LightningDataModule):
         if not hp.base_model:
             raise ValueError("data.generate_class_images needs data.base_model (the CLI links it from "
                              "model.base_model).")
+        start = time.perf_counter()
         if trainer is None or trainer.local_rank == 0:
             self._check_class_dir_before_drawing()
             s = hp.class_generation or ClassImageSettings()
             s = s if isinstance(s, ClassImageSettings) else ClassImageSettings(**dict(s))  # the CLI passes a dict
             if s.resolution is None:
                 s = dataclasses.replace(s, resolution=hp.resolution)
-            device = str(trainer.strategy.root_device) if trainer else None
-            dtype = "float32" if device == "cpu" else "float16"  # fp16 on the CPU is slow: draw in fp32 without a warning
-            draw_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s, dtype, device,
-                              hp.vae_model)
+            draw_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s, None,
+                              str(trainer.strategy.root_device) if trainer else None, hp.vae_model)
         if trainer is not None:
             trainer.strategy.barrier("generate_class_images")
+        self.timings["priors"] = time.perf_counter() - start
 
     def _check_class_dir_before_drawing(self) -> None:
         """Images already in class_dir count as drawn, so a bad one must be named now, not after the base has

@@ -86,8 +86,7 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     wall = time.perf_counter() - start  # load, caching, capture/compile, every step, export: what a user waits for
     trainer, model = cli.trainer, cli.model
-    dm = trainer.datamodule.hparams
-    n_images = dm.batch_size * (2 if dm.with_prior_preservation else 1)
+    n_images = trainer.datamodule.shape().images
     opt = trainer.optimizers[0]
     opt_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                     if isinstance(t, torch.Tensor))

@@ -32,7 +32,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                           num: Optional[int] = None, seed: int = 0, scheduler: str = SAMPLER.scheduler,
                           steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
                           negative_prompt: Optional[str] = None,
-                          resolution: Optional[int] = None, batch_size: int = 4, dtype: str = "float16",
+                          resolution: Optional[int] = None, batch_size: Optional[int] = None,
+                          dtype: Optional[str] = None, cache: bool = True, cache_dir: Optional[str] = None,
                           device: Optional[str] = None, vae: Optional[str] = None, fit_config: Optional[str] = None,
                           progress: bool = True) -> str:
     """Draw class-prior images with the base model until ``out`` holds ``num`` images (resumable).
@@ -48,8 +49,11 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
         guidance: classifier-free guidance scale.
         negative_prompt: prompt to steer away from.
         resolution: square side in pixels, a multiple of 8 (None: the base's native size; or data.resolution).
-        batch_size: images per UNet batch.
-        dtype: float16 (GPU) or float32 (CPU falls back to it).
+        batch_size: images per UNet batch (None: 8 on a GPU with at least 40 GiB, else 4).
+        dtype: bfloat16, float16 or float32 (None: bf16 where the GPU has it, fp16 on other GPUs, fp32 on a CPU).
+        cache: link images the prior cache holds for the same settings instead of drawing them, and keep the
+            drawn ones there (data/prior_cache.py).
+        cache_dir: the prior cache's folder (None: ~/.cache/dreambooth_pl/priors).
         device: cuda, cpu, ... (None: CUDA when available).
         vae: separate VAE folder (or model.vae_model).
         fit_config: a fit YAML whose data/model sections fill the arguments left unset.
@@ -68,7 +72,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                          "model.base_model, data.class_prompt and data.class_dir).")
     check_size(args["resolution"], args["resolution"])
     settings = ClassImageSettings(steps=steps, guidance=guidance, scheduler=scheduler, resolution=args["resolution"],
-                                  batch_size=batch_size, seed=seed, negative_prompt=negative_prompt)
+                                  batch_size=batch_size, seed=seed, negative_prompt=negative_prompt, cache=cache,
+                                  cache_dir=cache_dir)
     return draw_class_images(args["base"], args["prompt"], args["out"],
                              NUM_CLASS_IMAGES if args["num"] is None else args["num"], settings, dtype, device,
                              args["vae"], progress)

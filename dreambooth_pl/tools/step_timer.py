@@ -96,7 +96,7 @@ class StepTimer(L.Callback):
             self._stack.close()
             self._stack = None
             # a CUDA-graph capture step runs the UNet twice (warm-up, capture) and replays once unseen by the counter
-            passes = 2 if pl_module.speed["cuda_graph"] and pl_module.device.type == "cuda" else 1
+            passes = 2 if pl_module.perf.cuda_graph and pl_module.device.type == "cuda" else 1
             self.flops = self._counter.get_total_flops() / passes
         if trainer.global_step == trainer.max_steps:  # the last step: stop the clock before the export
             self.steps = trainer.global_step - self.warmup

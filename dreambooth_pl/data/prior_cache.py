@@ -1,0 +1,103 @@
+"""The class-prior cache: every image drawn is kept under a key of what decides its pixels, so a second run, or
+another subject of the same class, links the images it needs instead of drawing them again.
+
+The key is (base, VAE, prompt, negative prompt, sampler, steps, guidance, height, width); within a key's folder,
+image ``<seed>.png`` is the one drawn from that seed. The base and VAE enter as fingerprints (resolved folder, and
+each weight file's name, size and modification time), so a base rebuilt at the same path gets a new key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+PRIOR_CACHE = "~/.cache/dreambooth_pl/priors"  # the shared default (ClassImageSettings.cache_dir: null)
+WEIGHTS = (".safetensors", ".bin")
+
+
+def fingerprint(folder: Optional[str]) -> Optional[list]:
+    """Resolved path plus (name, size, mtime) of every weight file under ``folder`` (None for None)."""
+    if folder is None:
+        return None
+    root = Path(folder).expanduser().resolve()
+    files = sorted(p for p in root.rglob("*") if p.suffix in WEIGHTS and p.is_file())
+    return [str(root)] + [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
+def native_size(root: str) -> int:
+    """The side a pipeline draws when no size is given: the UNet's sample size times the VAE's downsampling."""
+    unet = json.loads((Path(root) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(root) / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def prior_key(base_root: str, vae: Optional[str], prompt: str, negative_prompt: Optional[str], scheduler: str,
+              steps: int, guidance: float, height: int, width: int) -> dict:
+    """What decides a prior image's pixels besides its seed (see the module docstring).
+
+    Args:
+        base_root: the base's local folder (``sdxl.resolve_base``).
+        vae: a separate VAE folder, or None.
+        prompt, negative_prompt, scheduler, steps, guidance, height, width: the sampling settings.
+    """
+    vae_root = None
+    if vae is not None:
+        from ..sdxl import resolve_base
+
+        vae_root = vae if Path(vae).expanduser().exists() else resolve_base(vae)
+    return {"base": fingerprint(base_root), "vae": fingerprint(vae_root), "prompt": prompt,
+            "negative_prompt": negative_prompt, "scheduler": scheduler, "steps": int(steps),
+            "guidance": float(guidance), "height": int(height), "width": int(width)}
+
+
+class PriorCache:
+    """One key's folder of the cache.
+
+    Args:
+        root: the cache's root folder (created on first use).
+        key: :func:`prior_key`'s value.
+    """
+
+    def __init__(self, root: str, key: dict):
+        text = json.dumps(key, sort_keys=True)
+        self.name = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.folder = Path(root).expanduser() / self.name
+        self._key_text = text
+
+    def path(self, seed: int) -> Path:
+        return self.folder / f"{int(seed)}.png"
+
+    def has(self, seed: int) -> bool:
+        return self.path(seed).is_file()
+
+    def copy_to(self, seed: int, dest: Path) -> None:
+        """Place the cached image of ``seed`` at ``dest`` (a hard link where the filesystem allows, else a copy)."""
+        _link_or_copy(self.path(seed), dest)
+
+    def keep(self, seed: int, image: Path) -> None:
+        """Add a just-written image to the cache (a hard link, else a copy); a cache that cannot be written is
+        skipped: the run's own image is what matters."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            key_file = self.folder / "key.json"
+            if not key_file.exists():
+                from ..io import write_text
+
+                write_text(key_file, self._key_text)
+            if not self.has(seed):
+                _link_or_copy(image, self.path(seed))
+        except OSError:
+            pass
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """Hard-link ``src`` to ``dest``, or copy it beside ``dest`` and rename it into place (never a partial file)."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)

@@ -1,0 +1,181 @@
+"""Fast class-prior sampling: one prompt, many seeds, in fixed-shape batches, the UNet replayed from a CUDA graph.
+
+The images are diffusers' ``StableDiffusionXLPipeline``'s at the same seeds and settings: the prompt encoding,
+initial latents (one CPU generator per image), time ids, scheduler and classifier-free guidance are the pipeline's
+own functions, called once per batch; only the loop around the UNet is ours. What differs is how it runs:
+- the prompt is encoded once and repeated over the batch (the class prompt is the same for every image);
+- every batch has the same shape (the last one is padded with repeats of its last seed, then dropped), so one
+  CUDA graph of the UNet's forward is captured per shape and replayed for every step of every batch;
+- bf16 where the GPU has it: the VAE then decodes in bf16 without overflowing (SDXL's VAE overflows in fp16, so
+  the pipeline upcasts it to fp32), in batches, and the images are quantised to uint8 on the GPU.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .sampling import SAMPLER, make_scheduler
+from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
+
+
+def default_dtype(device: torch.device) -> str:
+    """bf16 where the GPU has it, else fp16 on a GPU, fp32 on a CPU."""
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+class _GraphedUNet:
+    """The UNet's forward at one input shape, captured once and replayed (inference: no autograd state)."""
+
+    def __init__(self, unet, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, text: torch.Tensor,
+                 time_ids: torch.Tensor):
+        self.unet = unet
+        self.x, self.t, self.embeds, self.text, self.time_ids = (v.clone() for v in (x, t, embeds, text, time_ids))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graphs asks before capture
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._forward()
+
+    def _forward(self) -> torch.Tensor:
+        return self.unet(self.x, self.t, encoder_hidden_states=self.embeds,
+                         added_cond_kwargs={"text_embeds": self.text, "time_ids": self.time_ids}, return_dict=False)[0]
+
+    def __call__(self, x, t, embeds, text, time_ids) -> torch.Tensor:
+        for buf, v in ((self.x, x), (self.t, t), (self.embeds, embeds), (self.text, text), (self.time_ids, time_ids)):
+            if buf.data_ptr() != v.data_ptr():
+                buf.copy_(v)
+        self.graph.replay()
+        return self.out
+
+
+class PriorSampler:
+    """SDXL sampling of one prompt over many seeds, batched and graph-replayed (see the module docstring).
+
+    Args:
+        base: SDXL pipeline folder or hub id.
+        scheduler: a key of ``sampling.SCHEDULERS``.
+        dtype: weights dtype (None: :func:`default_dtype`).
+        device: cuda, cpu, ... (None: CUDA when available).
+        vae: a separate VAE folder.
+        batch_size: images per UNet batch (fixed: the last batch is padded).
+        graph: replay the UNet from a CUDA graph on a CUDA device (falls back to eager, with a warning, when the
+            capture fails).
+        decode_batch: latents per VAE decode call.
+    """
+
+    def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
+                 device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
+                 decode_batch: int = 4):
+        from diffusers import StableDiffusionXLPipeline
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or default_dtype(self.device)
+        if dtype == "float16" and self.device.type == "cpu":
+            warnings.warn("float16 sampling on CPU is slow or unsupported; using float32.", stacklevel=2)
+            dtype = "float32"
+        self.dtype, self.batch_size, self.decode_batch = DTYPES[dtype], batch_size, max(1, decode_batch)
+        extra = {"vae": load_vae(vae, self.dtype)} if vae else {}
+        pipe = StableDiffusionXLPipeline.from_pretrained(resolve_base(base), dtype=self.dtype,
+                                                         add_watermarker=False, **extra)
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
+            pipe.vae.to(torch.float32)  # as the pipeline decodes: the SDXL VAE overflows to NaN in fp16
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.graph = graph and self.device.type == "cuda"
+        self._graphs: dict[tuple, _GraphedUNet] = {}
+
+    def runtime(self) -> dict:
+        """What ran (``sampling.runtime``), plus the sampler's batching."""
+        from .sampling import runtime
+
+        return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
+                    vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype])
+
+    def _unet(self, x, t, embeds, text, time_ids) -> torch.Tensor:
+        if not self.graph:
+            return self.pipe.unet(x, t, encoder_hidden_states=embeds,
+                                  added_cond_kwargs={"text_embeds": text, "time_ids": time_ids}, return_dict=False)[0]
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = _GraphedUNet(self.pipe.unet, x, t, embeds, text, time_ids)
+            except RuntimeError as err:  # a capture that fails must not cost the images: run eagerly
+                warnings.warn(f"prior sampler: CUDA-graph capture failed ({str(err).splitlines()[0][:200]}); "
+                              "the UNet runs eagerly.", stacklevel=2)
+                self.graph = False
+                return self._unet(x, t, embeds, text, time_ids)
+        return self._graphs[key](x, t, embeds, text, time_ids)
+
+    @torch.no_grad()
+    def latents(self, prompt: str, seeds: Sequence[int], steps: int = SAMPLER.steps,
+                guidance: float = SAMPLER.guidance, negative_prompt: Optional[str] = None, height: int = 1024,
+                width: int = 1024) -> torch.Tensor:
+        """Denoised latents ``[len(seeds), 4, h/8, w/8]`` of one batch (``len(seeds) <= batch_size``; padded)."""
+        from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+
+        pipe, n, b = self.pipe, len(seeds), self.batch_size
+        if not 0 < n <= b:
+            raise ValueError(f"a batch holds 1 to {b} seeds, got {n}")
+        seeds = list(seeds) + [seeds[-1]] * (b - n)  # fixed shape: pad with a repeat, dropped below
+        cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
+        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt)
+        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
+                                          text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+        if cfg:
+            embeds, pooled, time_ids = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled]), time_ids.repeat(2, 1)
+        # negatives first, then positives, each repeated over the batch: the pipeline's [uncond x b; cond x b]
+        embeds, pooled = embeds.repeat_interleave(b, 0), pooled.repeat_interleave(b, 0)
+        time_ids = time_ids.to(self.device).repeat_interleave(b, 0)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, self.device)
+        latents = pipe.prepare_latents(b, pipe.unet.config.in_channels, height, width, embeds.dtype, self.device,
+                                       gens)
+        extra = pipe.prepare_extra_step_kwargs(gens, 0.0)
+        if hasattr(pipe.scheduler, "set_begin_index"):
+            pipe.scheduler.set_begin_index(0)
+        for t in timesteps:
+            x = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+            pred = self._unet(x, t, embeds, pooled, time_ids)
+            if cfg:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance * (cond - uncond)
+            latents = pipe.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
+        return latents[:n]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` in [0, 1] (float32), decoded in the VAE's dtype ``decode_batch`` at a time, then
+        denormalised as the pipeline's image processor does (in the decode dtype)."""
+        vae = self.pipe.vae
+        latents = unscale_latents(latents.to(vae.dtype), vae.config)
+        out = []
+        for chunk in latents.split(self.decode_batch):
+            image = vae.decode(chunk, return_dict=False)[0]
+            out.append((image / 2 + 0.5).clamp(0, 1).float())
+        return torch.cat(out)
+
+    def images(self, prompt: str, seeds: Sequence[int], steps: int = SAMPLER.steps,
+               guidance: float = SAMPLER.guidance, negative_prompt: Optional[str] = None, height: int = 1024,
+               width: int = 1024) -> Iterator[tuple[int, "object"]]:
+        """``(seed, PIL image)`` for every seed, a batch at a time; quantised to uint8 on the device as the
+        pipeline's ``numpy_to_pil`` does (``round(x * 255)``), so one small copy per batch reaches the host."""
+        from PIL import Image
+
+        seeds = [int(s) for s in seeds]
+        for start in range(0, len(seeds), self.batch_size):
+            chunk = seeds[start:start + self.batch_size]
+            pixels = self.decode(self.latents(prompt, chunk, steps, guidance, negative_prompt, height, width))
+            arrays = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            for seed, arr in zip(chunk, arrays):
+                yield seed, Image.fromarray(arr)
