@@ -65,6 +65,9 @@ class DreamBoothLoRA(L.LightningModule):
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
         self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
+        from .validation import HeldOutLoss
+
+        self.val_loss = HeldOutLoss(prior_loss_weight)  # data.validation_photos' loss; its sums hold no weights
 
     # ---- model set-up --------------------------------------------------------------------------------------
     def weight_dtype(self) -> torch.dtype:
@@ -218,6 +221,12 @@ class DreamBoothLoRA(L.LightningModule):
             noise = noise + self.hparams.noise_offset * torch.randn(
                 (*latents.shape[:2], 1, 1), generator=gen, device=self.device)
         t = self.noise.sample_timesteps(latents.shape[0], gen)
+        return self.loss_at(batch, latents, noise, t)
+
+    def loss_at(self, batch: dict, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        """Loss terms of ``batch`` at the given clean latents, noise and timesteps (training draws them per step;
+        the held-out loss fixes them per photo, validation.py)."""
         noisy = self.noise.add_noise(latents, noise, t)
         if "prompt_embeds" in batch:
             prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
@@ -280,6 +289,18 @@ class DreamBoothLoRA(L.LightningModule):
             self.log(f"train/{name}", terms[name], batch_size=n)
         # every term reaches callbacks (FaultTolerance names the one that went non-finite, without a host sync)
         return {"loss": terms["loss"], **{k: v.detach() for k, v in terms.items() if k != "loss"}}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """One held-out photo (``data.validation_photos``) at its fixed noise and timesteps (validation.py)."""
+        self.val_loss.update(self, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        terms, seen = self.val_loss.compute(), {"loss_instance": self.val_loss.n_instance, "loss_prior":
+                                                self.val_loss.n_prior}
+        for name, value in terms.items():  # val/loss, val/loss_instance, val/loss_prior (terms that had photos)
+            if seen.get(name, 1):
+                self.log(f"val/{name}", value)
+        self.val_loss.reset()
 
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler

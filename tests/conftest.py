@@ -165,3 +165,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                               os.environ.get("OUT") and Path(os.environ["OUT"]) / "gpu-tests-row.md"]):
         with open(path, "a") as f:
             f.write(row)
+
+
+def face_photos() -> dict:
+    """Public-domain faces that installed packages ship: scikit-image's ``astronaut`` (Eileen Collins, NASA) and
+    matplotlib's ``grace_hopper.jpg`` (US Navy), as RGB PIL images."""
+    import matplotlib
+    from skimage import data
+
+    hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    with Image.open(hopper) as im:
+        return {"astronaut": Image.fromarray(data.astronaut()), "hopper": im.convert("RGB")}

@@ -221,3 +221,12 @@ def test_subprocess_launcher_records_a_failing_child(tmp_path):
     state = json.loads((tmp_path / "out" / "runs" / "bad" / STATUS_FILE).read_text())
     assert "1 not done ['bad']" in summary and state["status"] == "failed" and state["error"].startswith("exit code")
     assert "model.lora.rank must be > 0" in (tmp_path / "out" / "logs" / "bad.log").read_text()
+
+
+def test_report_puts_face_identity_beside_clip_and_dino(tmp_path):
+    rows = [{"run": f"r{i}", "status": "done", "prior": p, "pixel_dist": 0.3, "dino": 0.4, "face_none": i,
+             "face_sim": 0.5, "face_match": 0.25 * i, "clip_i": 0.6} for i, p in enumerate([True, False])]
+    header = next(csv.reader(open(write_report(rows, tmp_path, ["prior"], title="T")["csv"])))
+    assert header[:9] == ["run", "status", "prior", "clip_i", "dino", "face_sim", "face_match", "face_none",
+                          "pixel_dist"]
+    assert load_grid(str(REPO / "configs/ablations/tiny.yaml")).evaluation.face_weights == "dlib"

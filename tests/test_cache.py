@@ -92,3 +92,31 @@ def test_fit_with_cache_frees_encoders(tiny_base, subject_dirs, tmp_path):
     assert cli.trainer.global_step == 2 and cli.datamodule.cache is not None
     assert set(cli.datamodule.cache.text) == {"a photo of sks dog", "a photo of dog"}
     assert cli.model.vae.device.type == "cpu" and cli.model.text_encoder_2.device.type == "cpu"
+
+
+def test_fit_with_caption_dropout_trains_on_the_seeded_empty_prompts(tiny_base, subject_dirs, tmp_path):
+    """A seeded 8-step fit (cache all, prior preservation): the batches training_step receives hold exactly the
+    empty prompts that ``dropped_caption`` names for the positions consumed, encoded in the cache beside the rest."""
+    import lightning as L
+
+    from conftest import fit_args
+    from dreambooth_pl.cli import DreamBoothCLI
+    from dreambooth_pl.data.datasets import dropped_caption
+
+    class Prompts(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(list(batch["prompt"]))
+
+    inst, cls = subject_dirs
+    cli = DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(tmp_path), steps=8, **{
+        "model.perf.cache": "all", "data.caption_dropout": 0.5, "seed_everything": 2})[1:], run=False)
+    recorder = Prompts()
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert set(cli.datamodule.cache.text) == {"a photo of sks dog", "a photo of dog", ""}
+    empty = [[p == "" for p in batch] for batch in recorder.seen]
+    assert empty == [[dropped_caption(2, b, role, 0.5) for role in (0, 1)] for b in range(8)]
+    assert sum(map(sum, empty)) == 11  # the seeded run's count of its 16 examples

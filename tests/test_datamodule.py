@@ -94,6 +94,8 @@ def test_corrupt_image_is_named(subject_dirs):
     ({"batch_size": 0}, "data.batch_size must be >= 1"),
     ({"random_flip": 1.5}, r"data.random_flip is a probability in \[0, 1\]"),
     ({"with_prior_preservation": True}, "prior preservation needs data.class_dir and data.class_prompt"),
+    ({"caption_dropout": -0.1}, r"data.caption_dropout is a probability in \[0, 1\]"),
+    ({"validation_photos": -1}, "data.validation_photos must be >= 0"),
 ])
 def test_bad_settings_fail_at_construction(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -99,3 +99,28 @@ def test_ranks_split_the_stream_and_workers_keep_its_order(image_sets):
         if len(got) == 4:
             break
     assert all(_same(got[j], single.batch(2 + j)) for j in range(4))
+
+
+def test_caption_dropout_drops_the_seeded_examples_and_nothing_else(image_sets):
+    """Over a seeded stream the empty prompts are exactly the examples whose documented draw falls under p (an
+    exact count, pinned), near p's share, on instance and class examples alike; pixels, crops and pairing are
+    those of the stream without dropout."""
+    from dreambooth_pl.data.datasets import CAPTION_SALT, _mix
+
+    inst, cls = image_sets
+    kw = dict(batch_size=2, flip_p=0.5, seed=5)
+    dropped, plain = PairedStream(inst, cls, 16, caption_dropout=0.25, **kw), PairedStream(inst, cls, 16, **kw)
+    empty, expected = [], []
+    for b in range(100):  # 400 examples: positions 2b, 2b + 1, each with its class partner
+        got, ref = dropped.batch(b), plain.batch(b)
+        assert torch.equal(got["pixel_values"], ref["pixel_values"]) and torch.equal(got["is_prior"], ref["is_prior"])
+        for j, (p, q) in enumerate(zip(got["prompt"], ref["prompt"])):
+            assert p in ("", q)
+            empty.append(p == "")
+            position, role = 2 * b + j % 2, j // 2
+            u = torch.rand((), generator=torch.Generator().manual_seed(_mix(5, position, role, CAPTION_SALT)))
+            expected.append(bool(u < 0.25))
+    assert empty == expected
+    assert sum(empty) == 107  # the seeded run's exact count (400 * 0.25 = 100 expected, sd 8.7)
+    assert sum(empty[0::4] + empty[1::4]) > 30 and sum(empty[2::4] + empty[3::4]) > 30  # instance and class
+    assert not any(p == "" for b in range(100) for p in PairedStream(inst, cls, 16, **kw).batch(b)["prompt"])

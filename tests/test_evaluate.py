@@ -129,3 +129,47 @@ def test_drift_is_zero_for_an_identity_lora_and_follows_a_real_one(tiny_base, lo
     assert 0 < moved["pixel_dist"] < 1
     meta = json.loads((tmp_path / "moved" / "results.json").read_text())["settings"]
     assert (meta["class_prompt"], meta["drift"]) == ("a photo of dog", True)
+
+
+def test_evaluate_two_folders_reports_face_identity(tmp_path):
+    """dlib's real weights: a folder of the subject's face (mirrored and rescaled photos) scores within the
+    same-person threshold, a folder of another person and noise does not and counts the image without a face."""
+    from PIL import Image, ImageOps
+
+    from conftest import face_photos
+    from dreambooth_pl.metrics.face import SAME_PERSON
+
+    photos = face_photos()
+    ast = photos["astronaut"]
+    real, same, other = tmp_path / "real", tmp_path / "same", tmp_path / "other"
+    for folder, images in ((real, [ast, ast.resize((400, 400))]),
+                           (same, [ImageOps.mirror(ast), ast.resize((307, 307), Image.BICUBIC)]),
+                           (other, [photos["hopper"], Image.new("RGB", (256, 256), (90, 120, 40))])):
+        folder.mkdir()
+        for i, im in enumerate(images):
+            im.save(folder / f"{i}.png")
+    (tmp_path / "prompts.txt").write_text("a photo of rraj person\n")
+    table = evaluate([str(same), str(other)], str(real), str(tmp_path / "out"), prompts=str(tmp_path / "prompts.txt"),
+                     token="rraj", clip_weights=None, dino_weights=None, device="cpu")
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert rows[str(same)]["face_sim"] > SAME_PERSON + 0.2 and rows[str(same)]["face_match"] == 1.0
+    assert rows[str(same)]["face_none"] == 0
+    assert rows[str(other)]["face_sim"] < SAME_PERSON and rows[str(other)]["face_match"] == 0.0
+    assert rows[str(other)]["face_none"] == 1
+    assert rows["real images"]["face_match"] == 1.0 and rows["real images"]["face_sim"] > SAME_PERSON
+    header = table.splitlines()[2]
+    assert header.startswith("| images | dino | clip_i | clip_t | face_sim | face_match | face_none |"), header
+    assert f"| {rows[str(same)]['face_sim']:.4f} | 1.0000 | 0 |" in table
+
+
+def test_compare_runs_adds_face_columns_when_present(tmp_path):
+    from dreambooth_pl.tools.evaluate import compare_runs
+
+    for name, face in (("a", {"face_sim": 0.55, "face_match": 0.75, "face_none": 1}), ("b", {})):
+        settings = {"lora": str(tmp_path / name / "x.safetensors"), "scheduler": name, "steps": 4}
+        write_json(tmp_path / name / "results.json",
+                   {"settings": settings, "rows": {"x.safetensors": {"clip_i": 0.5, "clip_t": 0.2, "dino": 0.4} | face}})
+    table = compare_runs([str(tmp_path / "a"), str(tmp_path / "b")]).splitlines()
+    assert table[0] == "| scheduler | steps | prior | clip_i | clip_t | dino | face_sim | face_match | face_none |"
+    assert table[2] == "| a | 4 | ? | 0.5000 | 0.2000 | 0.4000 | 0.5500 | 0.7500 | 1 |"
+    assert table[3] == "| b | 4 | ? | 0.5000 | 0.2000 | 0.4000 |  |  |  |"

@@ -1,8 +1,9 @@
-"""Subject fidelity during fit: score validation samples against the instance photos; log val/clip_i, clip_t, dino.
+"""Subject fidelity during fit: score validation samples against the instance photos; log val/clip_i, clip_t, dino
+and the face identity (val/face_sim, val/face_match, val/face_none; metrics/face.py) where the subject has a face.
 
 The samples are the :class:`~dreambooth_pl.callbacks.sample_grid.SampleGrid` callback's (same prompts, seeds and
 sampler) when one is configured, else this callback's own fixed prompts drawn the same way. Scoring runs on global
-rank 0 only (where the samples exist), so the metrics do not sync across processes. The CLIP and DINO models load
+rank 0 only (where the samples exist), so the metrics do not sync across processes. The CLIP, DINO and face models load
 lazily on first use, frozen, and are never attached to the LightningModule (so never in its checkpoints).
 """
 from __future__ import annotations
@@ -47,17 +48,21 @@ class SubjectMetrics(L.Callback):
         resolution: side of the own samples (None: the base's native size).
         clip_weights: CLIP ViT-B/32 weights: ``openai``, a local file, or None (random: tests only).
         dino_weights: DINO ViT-S/16 weights: ``dino``, a local file, or None (random: tests only).
+        face_weights: face identity (metrics/face.py): ``dlib`` (the installed face-recognition-models), a folder
+            with dlib's two model files, or None (skipped). Nothing is logged for it when no instance photo has
+            a face (a non-person subject).
     """
 
     def __init__(self, every_n_steps: int = 250, token: Optional[str] = None, instance_dir: Optional[str] = None,
                  prompts: Optional[list[str]] = None, images_per_prompt: int = 2, seed: int = 0,
                  steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance, scheduler: str = SAMPLER.scheduler,
                  resolution: Optional[int] = None,
-                 clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino"):
+                 clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino",
+                 face_weights: Optional[str] = "dlib"):
         if every_n_steps < 0:
             raise ValueError(f"SubjectMetrics.every_n_steps must be >= 0, got {every_n_steps}")
         self.every_n_steps, self.token, self.instance_dir = every_n_steps, token, instance_dir
-        self.clip_weights, self.dino_weights = clip_weights, dino_weights
+        self.clip_weights, self.dino_weights, self.face_weights = clip_weights, dino_weights, face_weights
         # sampling (and its guarantees: no weight change, RNG untouched) is SampleGrid's; this one never logs
         self._own = SampleGrid(prompts, every_n_steps=0, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
                                guidance=guidance, scheduler=scheduler, resolution=resolution, log_base=False,
@@ -91,6 +96,11 @@ class SubjectMetrics(L.Callback):
             self._metrics = {"val/clip_i": CLIPIScore(clip, real, sync_on_compute=False),
                              "val/clip_t": CLIPTScore(clip, self._identifier(trainer), sync_on_compute=False),
                              "val/dino": DINOScore(dino, real, sync_on_compute=False)}
+            if self.face_weights:
+                from ..metrics.face import FaceIdentity
+
+                self._metrics["val/face"] = FaceIdentity(reference=real, weights=self.face_weights,
+                                                         sync_on_compute=False)
         return self._metrics
 
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -98,12 +108,28 @@ class SubjectMetrics(L.Callback):
         sampler = self._sampler(trainer)
         prompts = sampler._prompts(trainer)
         images = sampler.draw(trainer, pl_module, adapters=True)
-        metrics = self._load(trainer, pl_module.device)
+        return self.score_images(trainer, pl_module.device, images, prompts)
+
+    def score_images(self, trainer: L.Trainer, device: torch.device, images: list, prompts: list[str]
+                     ) -> dict[str, float]:
+        """Score ``images`` (one per prompt in ``prompts``) against the subject's photos; returns and logs the values.
+
+        Args:
+            trainer: the trainer whose loggers and step are used.
+            device: where the CLIP and DINO models run.
+            images: the images (PIL or tensors, as ``metrics.embedders.to_unit_float`` takes).
+            prompts: the prompt of each image.
+        """
+        metrics = self._load(trainer, device)
         scores = {}
         for name, metric in metrics.items():
             metric.reset()
             metric.update(images, prompts) if name == "val/clip_t" else metric.update(images)
-            scores[name] = float(metric.compute())
+            value = metric.compute()
+            if isinstance(value, dict):  # the face metric: face_sim, face_match, face_none ({} without a face)
+                scores.update({f"val/{k}": float(v) for k, v in value.items()})
+            else:
+                scores[name] = float(value)
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics(scores, step=step)

@@ -128,7 +128,7 @@ class Encoders:
 
 
 def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
-                offload: bool = True, buckets: dict | None = None) -> InputCache:
+                offload: bool = True, buckets: dict | None = None, empty_prompt: bool = False) -> InputCache:
     """Encode the image sets with ``encoders.vae`` (and the prompts with the text encoders for ``mode="all"``),
     moving each encoder to the CPU as soon as its part is done, so the VAE's large transient never meets them.
 
@@ -140,19 +140,20 @@ def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, 
         offload: move the encoders that are no longer needed to the CPU, and park ``encoders.park`` meanwhile.
         buckets: instance path -> aspect bucket (``data.aspect_buckets``): each photo is encoded at its bucket,
             each class image at every bucket in use (it is cropped to its partner's).
+        empty_prompt: also encode ``""`` (``mode="all"``), the prompt of examples that caption dropout drops.
     """
     if mode not in ("latents", "all"):
         raise CacheError(f"build_cache encodes for model.perf.cache=latents or all, got {mode!r}")
     with borrowed(encoders.park if offload else (), torch.device("cpu")):
-        return _build(encoders, instance, prior, resolution, mode, offload, buckets)
+        return _build(encoders, instance, prior, resolution, mode, offload, buckets, empty_prompt)
 
 
 def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
-           offload: bool, buckets: dict | None) -> InputCache:
+           offload: bool, buckets: dict | None, empty_prompt: bool = False) -> InputCache:
     text = {}
     if mode == "all":
         sets = [s for s in (instance, prior) if s]
-        prompts = [s.prompt_for(i) for s in sets for i in range(len(s.paths))]
+        prompts = [s.prompt_for(i) for s in sets for i in range(len(s.paths))] + ([""] if empty_prompt else [])
         text = encode_texts(encoders.text_encoders, encoders.tokenizers, prompts)
         if offload:
             _offload(*encoders.text_encoders)
@@ -210,7 +211,8 @@ class CachedExamples:
         enc = self.cache.prior if role else self.cache.instance
         e = enc.entries[(i, tuple(size) if size else (self.cache.resolution, self.cache.resolution))]
         ex = {"latent_mean": e.mean[flip], "latent_std": e.std[flip], "original_size": enc.original_size[i],
-              "crop_top_left": e.crop_top_left[flip], "prompt": images.prompt_for(i), "is_prior": bool(role)}
+              "crop_top_left": e.crop_top_left[flip], "prompt": self._prompt(images, i, position, role),
+              "is_prior": bool(role)}
         if self.cache.text:
             ex["prompt_embeds"], ex["pooled_prompt_embeds"] = self.cache.text[ex["prompt"]]
         return ex
@@ -229,13 +231,14 @@ class CachedStream(CachedExamples, PairedStream):
 
     Args:
         cache: the encoded image sets.
-        batch_size, flip_p, seed, start_batch, rank, world_size: as for :class:`PairedStream`.
+        batch_size, flip_p, seed, start_batch, rank, world_size, caption_dropout: as for :class:`PairedStream`.
     """
 
     def __init__(self, cache: InputCache, batch_size: int = 1, flip_p: float = 0.0, seed: int = 0,
-                 start_batch: int = 0, rank: int = 0, world_size: int = 1):
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1, caption_dropout: float = 0.0):
         super().__init__(cache.instance.images, cache.prior.images if cache.prior else None, cache.resolution,
-                         batch_size, True, flip_p, seed, start_batch, rank, world_size)
+                         batch_size, True, flip_p, seed, start_batch, rank, world_size,
+                         caption_dropout=caption_dropout)
         self.cache = cache
 
 
@@ -246,12 +249,12 @@ class CachedBucketedStream(CachedExamples, BucketedStream):
     Args:
         cache: the encoded image sets (``build_cache(..., buckets=...)``).
         buckets: instance path -> its bucket.
-        batch_size, flip_p, seed, start_batch, rank, world_size: as for :class:`PairedStream`.
+        batch_size, flip_p, seed, start_batch, rank, world_size, caption_dropout: as for :class:`PairedStream`.
     """
 
     def __init__(self, cache: InputCache, buckets: dict, batch_size: int = 1, flip_p: float = 0.0, seed: int = 0,
-                 start_batch: int = 0, rank: int = 0, world_size: int = 1):
+                 start_batch: int = 0, rank: int = 0, world_size: int = 1, caption_dropout: float = 0.0):
         super().__init__(cache.instance.images, cache.prior.images if cache.prior else None, buckets, batch_size,
                          center_crop=True, flip_p=flip_p, seed=seed, start_batch=start_batch, rank=rank,
-                         world_size=world_size)
+                         world_size=world_size, caption_dropout=caption_dropout)
         self.cache = cache

@@ -15,6 +15,7 @@ from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_image
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
 from .images import ImageIntakeError, check_images, find_instance_images, list_images
+from .validation import HeldOutSet, check_validation_schedule, hold_out
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,12 @@ class DreamBoothDataModule(L.LightningDataModule):
             (``python -m dreambooth_pl buckets CONFIG`` prints it before training).
         bucket_step: bucket sides are multiples of this (64 for SDXL).
         bucket_max_ratio: largest long/short side ratio of a bucket.
+        caption_dropout: probability that an example (instance or class) trains on the empty prompt, drawn per
+            example from the seed (``datasets.dropped_caption``).
+        validation_photos: hold out the last N subject photos (and the last N of the class images used, with
+            prior preservation) from training and log the loss on them at fixed noise and timesteps as
+            ``val/loss``, ``val/loss_instance``, ``val/loss_prior`` (data/validation.py, validation.py); needs
+            ``trainer.val_check_interval: STEPS`` and ``trainer.check_val_every_n_epoch: null``.
     """
 
     def __init__(self, instance_dir: str, instance_prompt: str, class_dir: Optional[str] = None,
@@ -78,7 +85,7 @@ class DreamBoothDataModule(L.LightningDataModule):
                  base_model: Optional[str] = None, vae_model: Optional[str] = None,
                  crop: Optional[Literal["face"]] = None, mask: Literal["off", "files", "face"] = "files",
                  mask_floor: float = 0.1, aspect_buckets: bool = False, bucket_step: int = 64,
-                 bucket_max_ratio: float = 2.0):
+                 bucket_max_ratio: float = 2.0, caption_dropout: float = 0.0, validation_photos: int = 0):
         super().__init__()
         self.save_hyperparameters()
         if resolution <= 0 or resolution % 8:
@@ -102,6 +109,10 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_instance_images must be >= 1 or null (all photos), got {num_instance_images}")
         if with_prior_preservation and num_class_images < 1:
             raise ValueError(f"data.num_class_images must be >= 1 with prior preservation, got {num_class_images}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"data.caption_dropout is a probability in [0, 1], got {caption_dropout}")
+        if validation_photos < 0:
+            raise ValueError(f"data.validation_photos must be >= 0, got {validation_photos}")
         if not 0.0 <= mask_floor <= 1.0:
             raise ValueError(f"data.mask_floor is a loss weight in [0, 1], got {mask_floor}")
         self.faces = None  # instance path -> face box, when data.crop or data.mask asks for faces
@@ -112,6 +123,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             bucket_table(resolution, bucket_step, bucket_max_ratio)  # bad values fail before any model loads
         self.instance: ImageSet | None = None
         self.prior: ImageSet | None = None
+        self.held_out = None  # a HeldOutSet with data.validation_photos
         self.cache = None  # an InputCache, built by cache_inputs when model.perf.cache is on
         self.timings: dict[str, float] = {}  # seconds of "priors" and "cache" (the end-of-fit summary prints them)
 
@@ -126,6 +138,7 @@ class DreamBoothDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         inst = find_instance_images(hp.instance_dir, hp.num_instance_images, hp.resolution, hp.strict_images)
+        inst, held_inst = hold_out(inst, hp.validation_photos, "instance")
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
         if hp.crop == "face" or hp.mask == "face":
             self.faces = detect_faces(self.instance.paths, hp.crop == "face")
@@ -147,7 +160,12 @@ class DreamBoothDataModule(L.LightningDataModule):
                     "data.num_class_images).")
             cls = cls[: hp.num_class_images]
             cls = check_images(cls, "class", hp.resolution, hp.strict_images)
+            cls, held_cls = hold_out(cls, hp.validation_photos, "class")
             self.prior = ImageSet(tuple(cls), hp.class_prompt)
+        if hp.validation_photos:
+            self.held_out = HeldOutSet(ImageSet(tuple(held_inst), hp.instance_prompt),
+                                       ImageSet(tuple(held_cls), hp.class_prompt) if self.prior else None,
+                                       hp.resolution)
 
     def cache_inputs(self, encoders: Encoders, mode: CacheMode, offload: bool = True) -> None:
         """Pre-encode this module's images (and prompts, ``mode="all"``) with ``encoders`` and keep the result for
@@ -164,7 +182,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         start = time.perf_counter()
         device = next(encoders.vae.parameters()).device
         self.cache = build_cache(encoders, self.instance, self.prior, self.hparams.resolution, mode, offload,
-                                 self.buckets)
+                                 self.buckets, empty_prompt=self.hparams.caption_dropout > 0)
         # on the GPU the batches are stacked there: no per-step collate, pinning and copy on the host, which
         # otherwise cost tens of ms a step beside a CUDA-graph step (BENCHMARKS.md); workers need CPU tensors
         if device.type == "cuda" and self.hparams.num_workers == 0 and self.cache.nbytes() <= DEVICE_CACHE_BYTES:
@@ -216,7 +234,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         hp = self.hparams
         trainer = self.trainer
         place = dict(start_batch=self._consumed_batches(), rank=trainer.global_rank if trainer else 0,
-                     world_size=trainer.world_size if trainer else 1)
+                     world_size=trainer.world_size if trainer else 1, caption_dropout=hp.caption_dropout)
         faces = dict(faces=self.faces, face_crop=hp.crop == "face", mask=hp.mask, mask_floor=hp.mask_floor)
         if self.cache is not None and (hp.crop == "face" or uses_masks(self.instance.paths, hp.mask)):
             raise ValueError("data.crop: face and loss masks need each example's pixels, but model.perf.cache "
@@ -239,6 +257,13 @@ class DreamBoothDataModule(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available() and not on_gpu,
                           persistent_workers=hp.num_workers > 0,
                           prefetch_factor=2 if hp.num_workers > 0 else None)
+
+    def val_dataloader(self):
+        """The held-out photos, one per batch (``data.validation_photos``); none without them."""
+        if self.held_out is None:
+            return []
+        check_validation_schedule(self.trainer)
+        return DataLoader(self.held_out, batch_size=None, num_workers=0)
 
 
 def detect_faces(paths, for_crop: bool) -> dict:

@@ -24,6 +24,27 @@ class ImageSet:
         return caption_for(self.paths[i]) or self.prompt
 
 
+CAPTION_SALT = 0xCA7  # caption dropout draws from its own stream: crops and flips stay as without it
+
+
+def dropped_caption(seed: int, position: int, role: int, p: float) -> bool:
+    """Whether the example at global ``position`` (``role`` 0 instance, 1 class) trains on the empty prompt:
+    ``u < p`` with ``u`` the first uniform draw of a generator seeded ``_mix(seed, position, role, CAPTION_SALT)``
+    (caption dropout, as kohya's ``caption_dropout_rate``; the model also learns the unconditional prediction
+    that classifier-free guidance subtracts, Ho & Salimans 2022).
+
+    Args:
+        seed: the stream's seed.
+        position: the example's global sample position.
+        role: 0 for the instance example, 1 for its class partner.
+        p: ``data.caption_dropout``.
+    """
+    if p <= 0:
+        return False
+    gen = torch.Generator().manual_seed(_mix(seed, position, role, CAPTION_SALT))
+    return bool(torch.rand((), generator=gen) < p)
+
+
 def _mix(*xs: int) -> int:
     """A 63-bit seed from integers (splitmix64 finaliser), so nearby indices get unrelated streams."""
     h = 0x9E3779B97F4A7C15
@@ -58,13 +79,16 @@ class PairedStream(IterableDataset):
         mask: ``off``; ``files`` (``photo.mask.png`` where present); ``face`` (those, else a face ellipse).
             Instance examples then carry ``loss_mask`` weights in [``mask_floor``, 1], prior examples ones.
         mask_floor: loss weight outside the mask.
+        caption_dropout: probability that an example (instance or class) trains on the empty prompt
+            (:func:`dropped_caption`).
     """
 
     def __init__(self, instance: ImageSet, prior: ImageSet | None, resolution: int, batch_size: int = 1,
                  center_crop: bool = False, flip_p: float = 0.0, seed: int = 0, start_batch: int = 0,
                  rank: int = 0, world_size: int = 1, faces: dict[Path, Box | None] | None = None,
-                 face_crop: bool = False, mask: str = "off", mask_floor: float = 0.1):
+                 face_crop: bool = False, mask: str = "off", mask_floor: float = 0.1, caption_dropout: float = 0.0):
         super().__init__()
+        self.caption_dropout = caption_dropout
         self.faces, self.face_crop, self.mask, self.mask_floor = faces or {}, face_crop, mask, mask_floor
         self.masked = uses_masks(instance.paths, mask)
         self.instance, self.prior = instance, prior
@@ -96,9 +120,13 @@ class PairedStream(IterableDataset):
         if self.masked:
             ex["loss_mask"] = (weights_from_mask(ex["loss_mask"], self.mask_floor) if "loss_mask" in ex
                                else torch.ones(1, *ex["pixel_values"].shape[-2:]))
-        ex["prompt"] = images.prompt_for(i)
+        ex["prompt"] = self._prompt(images, i, position, role)
         ex["is_prior"] = bool(role)
         return ex
+
+    def _prompt(self, images: ImageSet, i: int, position: int, role: int) -> str:
+        """The example's prompt, or ``""`` where caption dropout drops it."""
+        return "" if dropped_caption(self.seed, position, role, self.caption_dropout) else images.prompt_for(i)
 
     def _mask(self, path: Path, size: tuple[int, int], box: Box | None):
         """The mask file beside ``path``, else (``mask: face``) an ellipse around its face, else None."""

@@ -162,7 +162,8 @@ def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, samp
                              images_per_prompt=ev.images_per_prompt, scheduler=sampler.scheduler,
                              steps=sampler.steps, guidance=ev.guidance, resolution=ev.resolution,
                              clip_weights=ev.clip_weights, dino_weights=ev.dino_weights, seed=ev.seed,
-                             pres_images=ev.pres_images, class_prompt=ev.class_prompt, drift=ev.drift)
+                             pres_images=ev.pres_images, class_prompt=ev.class_prompt, drift=ev.drift,
+                             face_weights=ev.face_weights)
     metrics = {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()  # counts stay integers
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     write_json(cache, metrics)

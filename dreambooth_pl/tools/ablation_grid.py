@@ -48,6 +48,7 @@ class Evaluation:
         pres_images: samples of "a <class_name>" for the PRES (prior preservation) score (0: skip).
         class_prompt: prompt of those samples (None: "a <class_name>"; use the fit's class prompt).
         drift: also sample them with the base alone at the same seeds and report language drift.
+        face_weights: face identity (``dlib`` or a folder with dlib's two model files; None: skipped).
     """
 
     token: str
@@ -65,6 +66,7 @@ class Evaluation:
     pres_images: int = 8
     class_prompt: Optional[str] = None
     drift: bool = False
+    face_weights: Optional[str] = "dlib"
 
 
 @dataclass

@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence
 
 from ..io import write_bytes
 
-METRIC_ORDER = ("clip_i", "clip_t", "dino", "div_dino", "pres", "pixel_dist", "drift_pixel", "drift_dino")
+METRIC_ORDER = ("clip_i", "clip_t", "dino", "face_sim", "face_match", "face_none", "div_dino", "pres", "pixel_dist",
+                "drift_pixel", "drift_dino")
 META = ("run", "status", "error", "scheduler", "sample_steps", "eval_dir", "eval_error", "grid", "step", "lora")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 CELL_GRID = "cell_grid.jpg"

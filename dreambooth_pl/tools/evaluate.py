@@ -21,7 +21,8 @@ RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 # Published numbers (DreamBooth paper, Table 1), shown beside ours for scale; not computed here.
 PAPER_ROWS = {"paper: real images": {"dino": 0.774, "clip_i": 0.885},
               "paper: DreamBooth (Stable Diffusion)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}}
-COLUMNS = ("dino", "clip_i", "clip_t", "pres", "div_dino", "n_images")
+COLUMNS = ("dino", "clip_i", "clip_t", "face_sim", "face_match", "face_none", "pres", "div_dino", "n_images")
+FACE_COLUMNS = ("face_sim", "face_match", "face_none")  # metrics/face.py; absent for subjects without a face
 
 
 class EvaluationError(ValueError):
@@ -38,9 +39,16 @@ def _embedders(clip_weights: Optional[str], dino_weights: Optional[str], device:
     return load_clip(clip_weights, device), load_dino(dino_weights, device)
 
 
+def _face(face_weights: Optional[str]):
+    """The face embedder (``metrics.face.load_face``, loaded once), or None when ``face_weights`` is None."""
+    from ..metrics.face import load_face
+
+    return load_face(face_weights) if face_weights else None
+
+
 def score_subject(images: list, prompts: list[str], real: list, token: Optional[str], clip, dino,
                   class_images: Optional[list] = None,
-                  clip_t_prompt: ClipTPrompt = "without_identifier") -> dict[str, float]:
+                  clip_t_prompt: ClipTPrompt = "without_identifier", face=None) -> dict[str, float]:
     """CLIP-I, CLIP-T, DINO, DIV-DINO (within each prompt) and PRES (class-prompt samples vs real) of one set.
 
     Args:
@@ -51,8 +59,10 @@ def score_subject(images: list, prompts: list[str], real: list, token: Optional[
         clip, dino: embedders from ``metrics.load_clip`` / ``metrics.load_dino``.
         class_images: samples of the class prompt alone, for PRES (None: no PRES).
         clip_t_prompt: CLIP-T's prompt: ``without_identifier`` or ``as_generated`` (see ``metrics.CLIPTScore``).
+        face: a face embedder (``metrics.face.load_face``) for face_sim, face_match, face_none (None: skipped).
     """
     from ..metrics import CLIPIScore, CLIPTScore, DINODiversity, DINOScore
+    from ..metrics.face import face_scores
 
     if len(images) != len(prompts):
         raise EvaluationError(f"got {len(images)} images but {len(prompts)} prompts: give one prompt per image.")
@@ -71,14 +81,16 @@ def score_subject(images: list, prompts: list[str], real: list, token: Optional[
         pres = DINOScore(dino, real)
         pres.update(class_images)
         scores["pres"] = pres.compute()
-    return {k: float(v) for k, v in scores.items()} | {"n_images": len(images)}
+    return {k: float(v) for k, v in scores.items()} | face_scores(images, real, face) | {"n_images": len(images)}
 
 
-def real_baseline(real: list, clip, dino) -> dict[str, float]:
-    """The paper's "real images" row: real vs real, without the pairs of an image with itself."""
+def real_baseline(real: list, clip, dino, face=None) -> dict[str, float]:
+    """The paper's "real images" row: real vs real, without the pairs of an image with itself (face: see
+    :func:`score_subject`)."""
     import torch
 
     from ..metrics import CLIPIScore, DINOScore
+    from ..metrics.face import face_scores
 
     if len(real) < 2:
         raise EvaluationError("the real-images baseline needs at least 2 real photos of the subject.")
@@ -86,7 +98,7 @@ def real_baseline(real: list, clip, dino) -> dict[str, float]:
     for name, metric in (("clip_i", CLIPIScore(clip, real)), ("dino", DINOScore(dino, real))):
         metric.update(real, reference_index=torch.arange(len(real)))
         out[name] = float(metric.compute())
-    return out | {"n_images": len(real)}
+    return out | face_scores(real, real, face, torch.arange(len(real))) | {"n_images": len(real)}
 
 
 def markdown_table(rows: dict[str, dict], columns: Sequence[str] = COLUMNS, key: str = "images") -> str:
@@ -134,7 +146,8 @@ def _load_generated(folder: str, prompts_file: Optional[str]) -> tuple[list, lis
 
 def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts: Optional[str] = None,
              token: Optional[str] = None, clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino",
-             device: Optional[str] = None, clip_t_prompt: ClipTPrompt = "without_identifier") -> str:
+             device: Optional[str] = None, clip_t_prompt: ClipTPrompt = "without_identifier",
+             face_weights: Optional[str] = "dlib") -> str:
     """Score folders of generated images against the subject's real photos; writes results.json and results.md.
 
     Args:
@@ -148,6 +161,8 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
         dino_weights: ``dino`` or a local ViT-S/16 DINO file (None: random weights, tests only).
         device: cuda, cpu (None: CUDA when available).
         clip_t_prompt: ``without_identifier`` (drop ``token`` before CLIP-T) or ``as_generated``.
+        face_weights: face identity (face_sim, face_match, face_none; metrics/face.py): ``dlib`` (the installed
+            face-recognition-models) or a folder with dlib's two model files (None: skipped).
     """
     from ..data.images import list_images, load_rgb
 
@@ -155,11 +170,12 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
     real_images = [load_rgb(p) for p in list_images(real, "real")]
     sets = {g: _load_generated(g, prompts) for g in generated}
     clip, dino = _embedders(clip_weights, dino_weights, device)
-    rows = {g: score_subject(images, ps, real_images, token, clip, dino, clip_t_prompt=clip_t_prompt)
+    face = _face(face_weights)
+    rows = {g: score_subject(images, ps, real_images, token, clip, dino, clip_t_prompt=clip_t_prompt, face=face)
             for g, (images, ps) in sets.items()}
-    rows["real images"] = real_baseline(real_images, clip, dino)
+    rows["real images"] = real_baseline(real_images, clip, dino, face)
     settings = dict(real=real, token=token, clip_t_prompt=clip_t_prompt, clip_weights=clip_weights,
-                    dino_weights=dino_weights)
+                    dino_weights=dino_weights, face_weights=face_weights)
     _write_results(folder, {"settings": settings, "rows": rows | PAPER_ROWS}, "Evaluation")
     return (folder / RESULTS_MD).read_text()
 
@@ -202,7 +218,7 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
                    clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino", seed: int = 0,
                    pres_images: int = 8, dtype: Optional[str] = None, device: Optional[str] = None,
                    clip_t_prompt: ClipTPrompt = "without_identifier", class_prompt: Optional[str] = None,
-                   drift: bool = False) -> dict:
+                   drift: bool = False, face_weights: Optional[str] = "dlib") -> dict:
     """The paper's protocol for one LoRA: generate a prompt suite (resumable), score it, add the real-images row.
 
     Args:
@@ -229,6 +245,8 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
         class_prompt: prompt of the PRES samples (None: "a <class_name>").
         drift: also draw the PRES prompts and seeds with the base alone and report language drift
             (``metrics.pixel.drift_scores``); ``pixel_dist`` (nearest real photo) is always reported.
+        face_weights: face identity (face_sim, face_match, face_none; metrics/face.py): ``dlib`` (the installed
+            face-recognition-models) or a folder with dlib's two model files (None: skipped).
     """
     import torch
 
@@ -253,19 +271,20 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     files = _suite_samples(ensure_writable(folder / "samples"), jobs, settings, pipe_args)
     class_files = _suite_samples(ensure_writable(folder / "samples_class"), class_jobs, settings, pipe_args)
     clip, dino = _embedders(clip_weights, dino_weights, device)
+    face = _face(face_weights)
     images, class_images = [load_rgb(f) for f in files], [load_rgb(f) for f in class_files]
     row = score_subject(images, [p for p, _ in jobs], real_images, token, clip, dino, class_images or None,
-                        clip_t_prompt) | {"pixel_dist": nearest_pixel_distance(images, real_images)}
+                        clip_t_prompt, face) | {"pixel_dist": nearest_pixel_distance(images, real_images)}
     if drift and class_jobs:
         base_files = _suite_samples(ensure_writable(folder / "samples_class_base"), class_jobs,
                                     dict(settings, lora=None), dict(pipe_args, loras=[]))
         row |= drift_scores(class_images, [load_rgb(f) for f in base_files], dino)
-    baseline = real_baseline(real_images, clip, dino)
+    baseline = real_baseline(real_images, clip, dino, face)
     results = {"settings": dict(settings, suite=suite, num_prompts=len(prompts), images_per_prompt=images_per_prompt,
                                 token=token, clip_t_prompt=clip_t_prompt, class_name=class_name,
                                 class_prompt=class_jobs[0][0] if class_jobs else None, drift=drift,
                                 instance_dir=instance_dir, seed=seed, clip_weights=clip_weights,
-                                dino_weights=dino_weights),
+                                dino_weights=dino_weights, face_weights=face_weights),
                "rows": {Path(lora).name: row, "real images": baseline} | PAPER_ROWS}
     _write_results(folder, results, f"DreamBench evaluation of {Path(lora).name}")
     return row | {f"real_{k}": v for k, v in baseline.items() if k != "n_images"}
@@ -280,7 +299,7 @@ def _run_prior(lora: str) -> Optional[bool]:
 
 
 def compare_runs(evals: list[str], out: Optional[str] = None) -> str:
-    """The original project's table (scheduler x steps x prior -> CLIP-I, CLIP-T, DINO) of evaluate-suite runs.
+    """The original project's table (scheduler x steps x prior -> CLIP-I, CLIP-T, DINO, face) of evaluate-suite runs.
 
     Args:
         evals: ``out`` folders of evaluate-suite runs (each holds results.json).
@@ -296,10 +315,11 @@ def compare_runs(evals: list[str], out: Optional[str] = None) -> str:
         scores = res["rows"][Path(s["lora"]).name]
         prior = _run_prior(s["lora"])
         rows.append({"scheduler": s["scheduler"], "steps": s["steps"], "prior": "?" if prior is None else prior,
-                     "lora": s["lora"], **{k: scores.get(k) for k in ("clip_i", "clip_t", "dino")}})
+                     "lora": s["lora"], **{k: scores.get(k) for k in ("clip_i", "clip_t", "dino")},
+                     **{k: scores[k] for k in FACE_COLUMNS if k in scores}})  # a subject without a face has none
     rows.sort(key=lambda r: (r["scheduler"], r["steps"], str(r["prior"])))
     table = markdown_table({f"{r['scheduler']} | {r['steps']} | {r['prior']}": r for r in rows},
-                           ("clip_i", "clip_t", "dino"), key="scheduler | steps | prior")
+                           ("clip_i", "clip_t", "dino", *FACE_COLUMNS), key="scheduler | steps | prior")
     if out:
         folder = ensure_writable(out)
         write_json(folder / "compare.json", rows)
