@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown verb {verb!r}\n{_usage()}")
     from jsonargparse import CLI
 
+    from .config_guard import install
+
+    install()  # the allowlist on every import a value names, for every verb
     module, func = COMMANDS[verb].split(":")
     if verb in LEADING_LIST:
         rest = _leading_list(rest, LEADING_LIST[verb])
