@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     from .argv import gather_lists
+    from .config_guard import install
 
+    install()  # the allowlist on every import a value names, for every verb
     module, name = COMMANDS[verb].split(":")
     func = getattr(importlib.import_module(module), name)
     rest = gather_lists(func, rest, LEADING_LIST.get(verb))

@@ -12,7 +12,7 @@ from .callbacks.export import LoRAExport
 from .callbacks.fault_tolerance import FaultTolerance
 from .callbacks.fault_tolerance import last_checkpoint_path
 from .io import check_writable, clean_stale_temps, load_checkpoint, write_text
-from .config_guard import check_class_paths
+from . import config_guard
 from .moved_keys import check_moved_keys, nest_hparams
 from .console import quiet_third_party
 from .data.datamodule import DreamBoothDataModule
@@ -34,6 +34,12 @@ class FitParser(LightningArgumentParser):
         # which run before parsing, never saw
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):
+        guard = config_guard.current()
+        if guard is not None:
+            guard.check()  # a refused import: say so by key, not inside a page of usage and union attempts
+        super().error(message, ex)
 
     def dump(self, cfg, *args, **kwargs) -> str:
         text = super().dump(cfg, *args, **kwargs)
@@ -75,6 +81,8 @@ class VersionedSaveConfig(SaveConfigCallback):
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
+
+PROFILERS = ("simple", "advanced", "pytorch", "xla")  # the names Lightning's Trainer accepts as a string
 
 # groups of settings that change speed or memory, never the maths: a resume may change them
 RESUME_MAY_DIFFER = ("perf",)
@@ -138,7 +146,6 @@ class DreamBoothCLI(LightningCLI):
 
         quiet_third_party()
         argv = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else None
-        check_class_paths(argv or [])  # before jsonargparse imports any class a config names
         check_moved_keys(argv if argv is not None else args)  # old flat model keys: name the new one, not "unknown"
         trainer_defaults = {
             "max_steps": 1000,
@@ -150,10 +157,16 @@ class DreamBoothCLI(LightningCLI):
                        "init_args": {"save_dir": ".", "name": "lightning_logs"}},
         }
         trainer_defaults.update(kwargs.pop("trainer_defaults", {}))
-        super().__init__(DreamBoothLoRA, DreamBoothDataModule, save_config_callback=VersionedSaveConfig,
-                         save_config_kwargs={"overwrite": True}, trainer_defaults=trainer_defaults,
-                         seed_everything_default=0, auto_configure_optimizers=False, parser_class=FitParser,
-                         args=args, run=run, **kwargs)
+        # every class or callable a value names passes the allowlist where jsonargparse imports it
+        with config_guard.guarded(argv, args if isinstance(args, dict) else None):
+            super().__init__(DreamBoothLoRA, DreamBoothDataModule, save_config_callback=VersionedSaveConfig,
+                             save_config_kwargs={"overwrite": True}, trainer_defaults=trainer_defaults,
+                             seed_everything_default=0, auto_configure_optimizers=False, parser_class=FitParser,
+                             args=args, run=run, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        config_guard.current().check()  # a refused value that the parser then took as a plain string
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -200,6 +213,10 @@ class DreamBoothCLI(LightningCLI):
             value = trainer.get(key)
             if not ok(value):
                 raise ValueError(f"trainer.{key} must be {want}, got {value}")
+        profiler = trainer.get("profiler")
+        if isinstance(profiler, str) and profiler.lower() not in PROFILERS:  # Lightning raises it with a traceback
+            raise ValueError(f"trainer.profiler {profiler!r} is not one of {', '.join(PROFILERS)} (or a Lightning "
+                             "profiler class_path)")
         data, model = sub.get("data"), sub.get("model")
         if data is not None and model is not None and data.get("with_prior_preservation") \
                 and model.get("prior_loss_weight") == 0:

@@ -1,36 +1,202 @@
-"""Configs are code: a ``class_path`` makes jsonargparse import and build any class while parsing. Before parsing,
-every ``class_path`` in the command line and its ``--config`` files must name a class that this project or
-Lightning ships (callbacks, loggers, strategies, plugins, optimizers); ``LambdaCallback`` (which calls whatever
-function a config names) is refused. ``DREAMBOOTH_PL_TRUST_CONFIG=1`` allows any class, as running a script would.
+"""Configs are code: jsonargparse imports whatever a value names where a parameter takes a class (``class_path``,
+``--trainer.logger X``) or a callable (``batch_size_fn: sys.exit``), from YAML and the command line alike. Every
+such import passes jsonargparse's ``check_import_path``; :func:`install` puts this module's allowlist there, so it
+holds for every parameter, nested ones included, before the named module is imported:
+
+- callables (functions, methods, objects): only this project's own (``dreambooth_pl.*``);
+- classes: this project's, and those Lightning and ``torch.optim`` have already loaded (callbacks, loggers,
+  strategies, plugins, profilers, optimizers), except ``LambdaCallback``, which calls whatever function it is given.
+
+``DREAMBOOTH_PL_TRUST_CONFIG=1`` lifts the allowlist for a config you trust as you would a script; any other
+non-empty value is an error, so that ``false`` or ``no`` never means "trusted".
 """
 from __future__ import annotations
 
+import inspect
 import os
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 TRUST_ENV = "DREAMBOOTH_PL_TRUST_CONFIG"
-ALLOWED_PREFIXES = ("lightning.pytorch.", "lightning.fabric.", "pytorch_lightning.", "lightning_fabric.",
-                    "dreambooth_pl.", "torch.optim.")
+OWN_PREFIX = "dreambooth_pl."
+CLASS_PREFIXES = ("lightning.pytorch.", "lightning.fabric.", "pytorch_lightning.", "lightning_fabric.",
+                  "torch.optim.")
 REFUSED_NAMES = ("LambdaCallback",)
-# keys whose plain string value is a class name, e.g. --trainer.logger lightning.pytorch.loggers.CSVLogger
-CLASS_KEYS = ("callbacks", "logger", "plugins", "strategy", "class_path", "optimizer", "lr_scheduler")
+
+
+class Guard:
+    """One guarded parse: what it was given (to name the key of a refused value) and what was refused."""
+
+    def __init__(self, argv: Optional[list[str]], args_dict: Optional[dict]):
+        self.argv, self.args_dict, self.refused = argv, args_dict, []
+
+    def check(self) -> None:
+        """Raise :class:`UntrustedConfigError` if anything was refused (jsonargparse may have swallowed it and
+        accepted the value as another type, e.g. a string)."""
+        if self.refused:
+            raise refusal_error(self.refused, self.argv, self.args_dict)
+
+
+_current: ContextVar[Optional[Guard]] = ContextVar("dreambooth_pl_config_guard", default=None)
 
 
 class UntrustedConfigError(ValueError):
-    """A config names a class outside the project and Lightning; the message names it and the switch."""
+    """A config names a class or callable outside the allowlist; the message names the key, the value and the
+    switch."""
 
 
-def _class_paths(node: Any, key: str = "") -> Iterator[str]:
-    """Every class name in a parsed config value (``class_path`` entries and dotted strings under class keys)."""
+def trusted() -> bool:
+    """Whether :data:`TRUST_ENV` is exactly ``1``.
+
+    Raises:
+        UntrustedConfigError: it holds any other non-empty value.
+    """
+    value = os.environ.get(TRUST_ENV, "")
+    if value not in ("", "1"):
+        raise UntrustedConfigError(f"{TRUST_ENV}={value!r} is not understood: set it to exactly 1 to run a config "
+                                   "you trust as you would a script, or unset it (the allowlist then applies).")
+    return value == "1"
+
+
+def _loaded(path: str) -> tuple[bool, Any]:
+    """(found, object) for a dotted path, looked up in modules already imported: nothing new is imported."""
+    parts = path.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:n]))
+        if module is None:
+            continue
+        obj = module
+        for name in parts[n:]:
+            if not hasattr(obj, name):
+                return False, None
+            obj = getattr(obj, name)
+        return True, obj
+    return False, None
+
+
+def why_refused(path: str) -> Optional[str]:
+    """Why the allowlist refuses the import path ``path`` (None: it may be imported).
+
+    Args:
+        path: a dotted path a config value names (``lightning.pytorch.loggers.CSVLogger``, ``sys.exit``).
+    """
+    short = path.rsplit(".", 1)[-1]
+    if short in REFUSED_NAMES:
+        return "it calls whatever function the config names (a config could run shell commands through it)"
+    if path.startswith(OWN_PREFIX):
+        return None  # the project's own classes and functions
+    if not path.startswith(CLASS_PREFIXES):
+        return "it is outside dreambooth_pl, Lightning and torch.optim"
+    found, obj = _loaded(path)
+    if not found:
+        return "it is not a class that Lightning or torch.optim has loaded"
+    if not inspect.isclass(obj):
+        return "only this project's own functions may be named as callables"
+    defined = f"{obj.__module__}."
+    if not defined.startswith((OWN_PREFIX, *CLASS_PREFIXES)):
+        return f"it is {obj.__module__}.{obj.__qualname__}, re-exported from outside Lightning"
+    return None
+
+
+def _check_import_path(path: str) -> None:
+    """Stands in for jsonargparse's ``check_import_path``: called with every import path a value names, before
+    its module is imported (and again with the object's defining path after)."""
+    if trusted():
+        return _ORIGINAL[0](path)
+    why = why_refused(path)
+    if why:
+        from jsonargparse._common import ImportDenied
+
+        guard = _current.get()
+        if guard is not None:
+            guard.refused.append((path, why))
+        raise ImportDenied(f"{path} is refused: {why}; set {TRUST_ENV}=1 only if you trust this config as you "
+                           "would a script")
+
+
+_ORIGINAL: list = []
+
+
+def install() -> None:
+    """Put :func:`_check_import_path` where jsonargparse's ``import_object`` checks each path (idempotent).
+
+    Raises:
+        UntrustedConfigError: :data:`TRUST_ENV` holds a value other than ``1``.
+        RuntimeError: this jsonargparse imports values without that check (a version the guard does not know).
+    """
+    from jsonargparse import _util
+
+    trusted()  # a bad switch value is an error before anything is parsed
+    if _ORIGINAL:
+        return
+    if "check_import_path" not in _util.import_object.__code__.co_names:
+        raise RuntimeError("this jsonargparse resolves import paths without check_import_path, so config values "
+                           "could import any module; install the version constraints.txt pins.")
+    _ORIGINAL.append(_util.check_import_path)
+    _util.check_import_path = _check_import_path
+
+
+def current() -> Optional[Guard]:
+    """The guarded parse running now, if any."""
+    return _current.get()
+
+
+@contextmanager
+def guarded(argv: Optional[list[str]] = None, args_dict: Optional[dict] = None) -> Iterator[Guard]:
+    """Record, while the block parses and builds a config, every value the allowlist refuses (the allowlist
+    itself applies to every parse once :func:`install` ran).
+
+    Args:
+        argv: the command line after the verb, to name the key of a refused value.
+        args_dict: or the config given as a dict.
+    """
+    install()
+    token = _current.set(Guard(argv, args_dict))
+    try:
+        yield _current.get()
+    finally:
+        _current.reset(token)
+
+
+def _leaves(node: Any, key: str) -> Iterator[tuple[str, Any]]:
     if isinstance(node, dict):
         for k, v in node.items():
-            yield from _class_paths(v, str(k))
+            yield from _leaves(v, f"{key}.{k}" if key else str(k))
     elif isinstance(node, list):
-        for v in node:
-            yield from _class_paths(v, key)
-    elif isinstance(node, str) and key.split(".")[-1].rstrip("+") in CLASS_KEYS and "." in node.strip():
-        yield node.strip()
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{key}[{i}]")
+    else:
+        yield key, node
+
+
+def refusal_error(refused: list, argv: Optional[list[str]], args_dict: Optional[dict] = None
+                  ) -> UntrustedConfigError:
+    """One message naming each refused value with the key (and file) that gave it, and the switch.
+
+    Args:
+        refused: ``[(path, why), ...]`` from :func:`guarded`.
+        argv: the command line after the verb (its ``--config`` files are searched too), or None.
+        args_dict: the config given as a dict instead of a command line.
+    """
+    where = list(sources(argv or []))
+    if args_dict is not None:
+        where.append(("the given config", args_dict))
+    lines, seen = [], set()
+    for path, why in refused:
+        if path in seen:
+            continue
+        seen.add(path)
+        keys = [f"{src}: {key}" if src != f"--{key}" else src
+                for src, tree in where for key, v in _leaves(tree, "") if isinstance(v, str) and v.strip() == path]
+        lines.append(f"  {keys[0] if keys else 'a value'} = {path}: {why}")
+    return UntrustedConfigError(
+        "refused, nothing imported: configs are code (a value naming a class or function makes the parser import "
+        "and run it), and these are not on the allowlist (docs/reliability.md):\n" + "\n".join(lines)
+        + f"\nName a dreambooth_pl or Lightning class instead, or set {TRUST_ENV}=1 if you trust this config as "
+        "you would a script.")
 
 
 def sources(argv: list[str]) -> Iterator[tuple[str, Any]]:
@@ -68,28 +234,3 @@ def sources(argv: list[str]) -> Iterator[tuple[str, Any]]:
             except yaml.YAMLError:
                 parsed = value
             yield f"--{key}", {key: parsed}
-
-
-def check_class_paths(argv: list[str]) -> None:
-    """Refuse, before jsonargparse imports anything, a class the project and Lightning do not ship.
-
-    Args:
-        argv: the command line after the verb (``--config`` files are read too).
-    Raises:
-        UntrustedConfigError: naming the class, where it came from, and :data:`TRUST_ENV`.
-    """
-    if os.environ.get(TRUST_ENV, "") not in ("", "0"):
-        return
-    for where, tree in sources(argv):
-        for name in _class_paths(tree):
-            short = name.rsplit(".", 1)[-1]
-            if short in REFUSED_NAMES:
-                raise UntrustedConfigError(
-                    f"{where}: {name} is refused: it calls whatever function the config names (a config could "
-                    f"run shell commands through it). Write a Callback class instead, or set {TRUST_ENV}=1 if you "
-                    "trust this config as you would a script.")
-            if not name.startswith(ALLOWED_PREFIXES):
-                raise UntrustedConfigError(
-                    f"{where}: class_path {name!r} is outside dreambooth_pl and Lightning; configs are code (the "
-                    f"class is imported and built), so only those are accepted. Set {TRUST_ENV}=1 to allow it if "
-                    "you trust this config as you would a script.")

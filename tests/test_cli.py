@@ -219,12 +219,14 @@ def test_ckpt_path_last_damaged_is_named_before_the_model_loads(content, subject
 
 @pytest.mark.parametrize("cfg, message", [
     ({"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.LambdaCallback",
-                                 "init_args": {"on_fit_start": "os.system"}}]}}, "LambdaCallback is refused"),
-    ({"trainer": {"logger": {"class_path": "this.X"}}}, "class_path 'this.X' is outside dreambooth_pl"),
+                                 "init_args": {"on_fit_start": "os.system"}}]}},
+     r"trainer.callbacks\[0\].class_path = lightning.pytorch.callbacks.LambdaCallback: it calls whatever function"),
+    ({"trainer": {"logger": {"class_path": "this.X"}}}, "trainer.logger.class_path = this.X: it is outside dreambooth_pl"),
 ])
 def test_configs_may_name_only_project_and_lightning_classes(cfg, message, subject_dirs, tmp_path, capsys,
-                                                             monkeypatch, no_model_load):
-    """jsonargparse imported ``this`` (printing the Zen of Python) and LambdaCallback reached os.system."""
+                                                             no_model_load):
+    """jsonargparse imported ``this`` (printing the Zen of Python) and LambdaCallback reached os.system; the full
+    walk over every class and callable parameter is in test_config_guard.py."""
     path = tmp_path / "evil.yaml"
     path.write_text(yaml.safe_dump(cfg))
     args = fit_args("unused", *subject_dirs, str(tmp_path))
@@ -232,29 +234,12 @@ def test_configs_may_name_only_project_and_lightning_classes(cfg, message, subje
     with pytest.raises(ValueError, match=message):
         DreamBoothCLI(args=args)
     assert "Beautiful is better than ugly" not in capsys.readouterr().out  # `this` was never imported
-    with pytest.raises(ValueError, match=message):  # LightningCLI's short form of --config
-        DreamBoothCLI(args=[args[0], "-c", str(path), *args[3:]])
-    from dreambooth_pl.config_guard import TRUST_ENV, check_class_paths
-
-    # a bare flag before the config must not hide it, in any spelling argparse accepts
-    for form in (["--print_config", "--config", str(path)], ["--print_config", "-c", str(path)], [f"-c{path}"],
-                 ["--trainer.fast_dev_run", f"-c={path}"]):
+    for form in (["-c", str(path)], [f"-c{path}"], [f"-c={path}"]):  # LightningCLI's short forms of --config
         with pytest.raises(ValueError, match=message):
-            check_class_paths(form)
-    with pytest.raises(SystemExit):  # an abbreviated --config is not an option at all (its file would go unchecked)
+            DreamBoothCLI(args=[args[0], *form, *args[3:]])
+    with pytest.raises(SystemExit):  # an abbreviated --config is not an option at all
         DreamBoothCLI(args=[args[0], "--conf", str(path), *args[3:]])
     assert "Beautiful is better than ugly" not in capsys.readouterr().out
-
-    monkeypatch.setenv(TRUST_ENV, "1")
-    check_class_paths(args)  # the switch lets a trusted config through
-
-
-def test_shipped_configs_pass_the_class_path_check():
-    from dreambooth_pl.config_guard import check_class_paths
-
-    for path in sorted((REPO / "configs").rglob("*.yaml")):
-        check_class_paths(["--config", str(path)])
-    check_class_paths(["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--model.optim.scheduler", "cosine"])
 
 
 def test_read_fit_config_is_the_fit_parser_without_building_anything(tmp_path):
