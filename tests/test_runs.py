@@ -1,6 +1,7 @@
 """runs.py: what a run folder holds, found from a file inside it, and the one fit command-line builder."""
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from dreambooth_pl.lora import LORA_FILE
@@ -87,3 +88,31 @@ def test_default_root_dir_and_checkpoint_dirpath_are_honoured_on_resume(tiny_bas
     resumed, ref = _lora(root / "lightning_logs" / "version_2" / LORA_FILE), \
         _lora(straight / "lightning_logs" / "version_0" / LORA_FILE)
     assert resumed.keys() == ref.keys() and all(torch.equal(resumed[k], ref[k]) for k in ref)
+
+
+@pytest.mark.slow
+def test_two_fits_started_at_once_in_one_root_get_two_folders_and_two_intact_loras(tiny_base, subject_dirs,
+                                                                                    tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import REPO, fit_args
+
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    runs = sorted((tmp_path / "lightning_logs").iterdir())
+    assert [r.name for r in runs] == ["version_0", "version_1"]
+    for n, path in enumerate(runs):
+        run = RunDir.at(path)
+        saved = yaml.safe_load(run.config_file.read_text())["trainer"]["logger"]["init_args"]["version"]
+        assert saved == n and [p.name for p in run.checkpoints.iterdir()] == ["last.ckpt"]  # no last-v1.ckpt
+        assert len(list(path.glob("events.out.tfevents.*"))) == 1
+    a, b = (_lora(RunDir(r).lora) for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same config, same seed

@@ -13,6 +13,7 @@ Faults (docs/scale.md):
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,13 @@ def export_finished(run: RunDir) -> Optional[str]:
     return None
 
 
+def last_error(log: Path) -> str:
+    """The failure's message in a fit log: its last ``error: ...`` or ``...Error: ...`` line, else the last line."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    found = [ln for ln in lines if re.match(r"(error: |[\w.]*(Error|Exception|Exit)\b)", ln)]
+    return (found or lines or [""])[-1][:500]
+
+
 def _die_with_parent() -> None:
     """In the fit child: SIGTERM when the Ray worker that started it dies (Linux), so a stopped grid leaves no
     orphan fit; SIGTERM makes fit save a resumable checkpoint and exit (callbacks/fault_tolerance.py)."""
@@ -130,8 +138,7 @@ def run_fit_job(job: FitJob, session: str, *upstream: Any) -> dict:
         raise FitProcessDied(f"{job.name}: fit process killed by {name} (log: {job.log})")
     error = None
     if code != 0:
-        tail = [ln for ln in job.log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or [""]
-        error = f"exit code {code}: {tail[0][:500]} (log: {job.log})"
+        error = f"exit code {code}: {last_error(job.log)} (log: {job.log})"
     elif not job.run.lora.is_file():
         error = export_finished(job.run)
     state = {"name": job.name, "status": "failed" if error else "done", "error": error, "attempt": attempt,
@@ -139,7 +146,10 @@ def run_fit_job(job: FitJob, session: str, *upstream: Any) -> dict:
              "lora": None if error else str(job.run.lora), **job.info}
     if error is None and job.then is not None:
         fn, fn_args = job.then
-        fn(*fn_args)
+        try:
+            fn(*fn_args)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the fit is done; the driver reruns and reports the rest
+            print(f"[jobs] {job.name}: after-fit step failed in the worker: {type(e).__name__}: {e}", flush=True)
     write_json(job.status_file, state)
     return state
 
