@@ -73,6 +73,13 @@ for stage in "$@"; do
     t4-te) bench --preset t4-16gb-te --steps 10 --warmup 3 ;;
     reference) bench --reference .bench/reference/train_dreambooth_lora_sdxl.py --steps 16 --warmup 4 ;;
     reference-bf16) bench --reference .bench/reference/train_dreambooth_lora_sdxl.py --reference_precision bf16 --steps 16 --warmup 4 ;;
+    ray-grid)  # issue 25: a 4-cell recipe grid through Ray (one cell per GPU) against the 4 fits one after another
+      if python3 -c "import ray" 2>/dev/null; then
+        timeout 580 python3 benchmarks/ray_grid.py $BASE "$OUT" ${RAY_GRID_STEPS:-60} 2>&1 | tee "$OUT/ray-grid.txt" \
+          | grep -E '^\{"bench"|Error|error:' | tail -n 5  # the JSON line stays in ray-grid.txt, not bench.jsonl
+      else
+        echo "ray-grid: ray is not importable here (its manylinux wheel is ~76 MiB, over the device call's 64 MiB)"
+      fi ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

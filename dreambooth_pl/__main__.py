@@ -11,6 +11,7 @@ COMMANDS = {
     "make-procedural": "dreambooth_pl.tools.procedural:make_procedural",
     "benchmark": "dreambooth_pl.tools.benchmark:benchmark",
     "ablate": "dreambooth_pl.tools.ablate:ablate",
+    "fit-many": "dreambooth_pl.tools.fit_many:fit_many",
     "ablate-checkpoints": "dreambooth_pl.tools.checkpoint_curve:ablate_checkpoints",
     "check-token": "dreambooth_pl.tools.check_token:check_token",
     "buckets": "dreambooth_pl.tools.buckets:buckets",
@@ -26,7 +27,7 @@ COMMANDS = {
 }
 
 # verbs whose required arguments are positional (``check-token rraj``); the others take --name value only.
-POSITIONAL = {"check-token"}
+POSITIONAL = {"check-token", "fit-many"}
 # verbs whose leading arguments fill one list parameter (``merge A.safetensors:1.0 B.safetensors:0.8 --out C``);
 # every list option also takes its values space-separated (``evaluate --generated A B``): argv.gather_lists.
 LEADING_LIST = {"merge": "loras", "evaluate": "generated", "compare-runs": "evals", "buckets": "configs"}

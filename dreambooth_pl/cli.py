@@ -10,13 +10,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from .callbacks.export import LoRAExport
 from .callbacks.fault_tolerance import FaultTolerance
-from .callbacks.fault_tolerance import last_checkpoint_path
 from .io import check_writable, clean_stale_temps, load_checkpoint, write_text
 from . import config_guard
 from .moved_keys import check_moved_keys, nest_hparams
 from .console import quiet_third_party
 from .data.datamodule import DreamBoothDataModule
 from .module import DreamBoothLoRA
+from .runs import RunDir, place_run
 
 
 def _seed(value) -> int:
@@ -224,6 +224,8 @@ class DreamBoothCLI(LightningCLI):
             raise ValueError("model.prior_loss_weight is 0 while data.with_prior_preservation is true: prior "
                              "preservation is switched by data.with_prior_preservation; set it to false to train "
                              "without class images, or give model.prior_loss_weight > 0 (1.0 in the paper).")
+        if self.config.get("subcommand") == "fit":
+            place_run(sub)  # default_root_dir, `--ckpt_path last`'s run, an atomically claimed version folder
 
     def _parse_ckpt_path(self) -> None:
         """Replaces Lightning's, which copies the checkpoint's hyper-parameters over the user's values: the file is
@@ -238,16 +240,16 @@ class DreamBoothCLI(LightningCLI):
         """Resolve ``--ckpt_path last`` to this run's ``last.ckpt``, check it before any model loads, and load
         checkpoints with ``weights_only``; refuse to start a new run over a finished one."""
         self._check_outputs()
-        last = last_checkpoint_path(self.trainer)
+        last = RunDir.of(self.trainer).last_ckpt
         clean_stale_temps(last.parent)  # temp files a killed run left beside its checkpoint
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("weights_only") is None and "weights_only" in self._subcommand_method_arguments["fit"]:
             kwargs["weights_only"] = True
         if kwargs.get("ckpt_path") == "last":
-            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
-            path = os.path.join(log_dir, "checkpoints", "last.ckpt")
+            path = str(last)
             if not os.path.exists(path):
-                raise SystemExit(f"--ckpt_path last: no checkpoint at {path}. Resume with the run's own config "
+                raise SystemExit(f"--ckpt_path last: no checkpoint at {path}. Resume with the same "
+                                 "trainer.default_root_dir / checkpoint.dirpath as the run, or its own config "
                                  "(lightning_logs/version_N/config.yaml, which pins the version), or give the "
                                  "checkpoint file itself.")
             kwargs["ckpt_path"] = path

@@ -176,3 +176,45 @@ def face_photos() -> dict:
     hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     with Image.open(hopper) as im:
         return {"astronaut": Image.fromarray(data.astronaut()), "hopper": im.convert("RGB")}
+
+
+KILL_ONCE = '''
+import os, signal
+import lightning as L
+
+
+class KillOnce(L.Callback):
+    """SIGKILL this fit process when run folder ``run`` starts step ``at_step`` (after that step's last.ckpt),
+    once: the marker file makes the retried fit run on."""
+
+    def __init__(self, run: str, marker: str, at_step: int = 1):
+        self.run, self.marker, self.at_step = run, marker, at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step and os.path.basename(trainer.log_dir) == self.run \\
+                and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """A local Ray (2 CPUs: two jobs at once) for one test module; the commands join it instead of starting one.
+    Its workers see ``kill_once.KillOnce`` (a test callback, hence DREAMBOOTH_PL_TRUST_CONFIG)."""
+    helpers = tmp_path_factory.mktemp("helpers")
+    (helpers / "kill_once.py").write_text(KILL_ONCE)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "DREAMBOOTH_PL_TRUST_CONFIG")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(helpers), saved["PYTHONPATH"]) if p)
+    os.environ["DREAMBOOTH_PL_TRUST_CONFIG"] = "1"
+    from dreambooth_pl.tools.jobs import ray_session
+
+    try:
+        with ray_session(workers=2):
+            yield helpers
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,6 +1,7 @@
-"""Ablation grids on the tiny base: a 2x2 grid fits, evaluates (the real evaluate_suite, random-weight embedders),
-reports, resumes re-running only a deleted cell; a failing cell is recorded and the grid goes on; checkpoint
-curves; the num_instance_images option the number-of-photos grid varies."""
+"""Ablation grids on the tiny base, on a local Ray with 2 workers: a 2x2 grid fits, evaluates (the real
+evaluate_suite, random-weight embedders) and reports; each cell's LoRA equals that cell fitted alone; a cell whose
+fit is SIGKILLed is retried and resumes; a rerun trains nothing; a resume re-runs only a deleted cell; a failing
+cell is recorded and the grid goes on; checkpoint curves; the num_instance_images option."""
 from __future__ import annotations
 
 import csv
@@ -13,12 +14,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dreambooth_pl.tools.ablate import STATUS_FILE, ablate
+from dreambooth_pl.tools.ablate import ablate
+from dreambooth_pl.tools.jobs import STATUS_FILE
 from dreambooth_pl.tools.ablation_grid import AblationGrid, Cell, expand, load_grid
 from dreambooth_pl.tools.ablation_report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("clip_i", "clip_t", "dino")
+KILLED = "with_prior_preservation=false__num_instance_images=2"  # the cell whose fit is SIGKILLed at step 1
 
 
 def tiny_grid(tmp: Path, base: str, inst: str, cls: str, **changes) -> str:
@@ -44,8 +47,9 @@ def statuses(out: Path) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def grid_run(tiny_base, tmp_path_factory, one_thread):
-    """The 2x2 tiny grid (prior on/off x 1/2 photos), fitted and evaluated once for this module."""
+def grid_run(tiny_base, tmp_path_factory, one_thread, local_ray):
+    """The 2x2 tiny grid (prior on/off x 1/2 photos), fitted and evaluated once for this module, two cells at
+    once; cell KILLED's fit process is SIGKILLed once at the start of step 2 (kill_once.KillOnce, conftest)."""
     tmp = tmp_path_factory.mktemp("ablate")
     inst = tmp / "instance"
     inst.mkdir()
@@ -55,7 +59,11 @@ def grid_run(tiny_base, tmp_path_factory, one_thread):
 
     write_images(tmp / "class", 4)
     grid = tiny_grid(tmp, tiny_base, str(inst), str(tmp / "class"))
-    summary = ablate(grid)
+    spec = yaml.safe_load(Path(grid).read_text())
+    spec["overrides"]["trainer.callbacks+"] = {"class_path": "kill_once.KillOnce",
+                                               "init_args": {"run": KILLED, "marker": str(tmp / "killed")}}
+    Path(grid).write_text(yaml.safe_dump(spec, sort_keys=False))
+    summary = ablate(grid, workers=2)
     return grid, tmp / "out", summary
 
 
@@ -105,6 +113,7 @@ def test_shipped_grids_parse_and_expand():
     assert {"prior", "num_images", "schedulers", "rank", "tiny"} <= set(sizes) and sizes["tiny"] == 4
 
 
+@pytest.mark.slow
 def test_grid_fits_evaluates_and_reports(grid_run):
     _, out, summary = grid_run
     assert "4 cell(s), 0 not done" in summary
@@ -125,6 +134,37 @@ def test_grid_fits_evaluates_and_reports(grid_run):
         assert (out / plot).stat().st_size > 1000 and f"({plot})" in md
 
 
+@pytest.mark.slow
+def test_each_cell_equals_the_cell_fitted_alone_and_the_killed_one_resumed(grid_run, tmp_path):
+    from dreambooth_pl.cli import DreamBoothCLI
+    from dreambooth_pl.runs import RunDir, fit_command
+
+    grid, out, _ = grid_run
+    spec = load_grid(grid)
+    overrides = {k: v for k, v in spec.overrides.items() if k != "trainer.callbacks+"}  # the killer only kills
+    for name, cell in expand(spec):
+        alone = RunDir(tmp_path / "alone" / name)
+        DreamBoothCLI(args=fit_command(spec.base_config, {**overrides, **cell}, alone))  # `fit`, in this process
+        a, b = load_file(out / "runs" / name / "pytorch_lora_weights.safetensors"), load_file(alone.lora)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # bit-equal tensors
+    log = (out / "logs" / f"{KILLED}.log").read_text()
+    assert "attempt 1: starting at step 0" in log and f"attempt 2: resuming from {out / 'runs' / KILLED}" in log
+    assert "checkpoints/last.ckpt at step 1" in log
+    assert json.loads((out / "runs" / KILLED / STATUS_FILE).read_text())["attempt"] == 2
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_grid_trains_nothing_and_rewrites_the_same_tables(grid_run):
+    grid, out, _ = grid_run
+    before = statuses(out)
+    tables = {p: (out / p).read_bytes() for p in ("results.csv", "results.md")}
+    ckpts = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.ckpt")}
+    assert "4 cell(s), 0 not done" in ablate(grid, workers=2)
+    assert statuses(out) == before and {p: p.stat().st_mtime_ns for p in ckpts} == ckpts
+    assert {p: (out / p).read_bytes() for p in tables} == tables
+
+
+@pytest.mark.slow
 def test_resume_reruns_only_the_deleted_cell(grid_run):
     grid, out, _ = grid_run
     before = statuses(out)
@@ -136,7 +176,7 @@ def test_resume_reruns_only_the_deleted_cell(grid_run):
     lora = load_file(partial / "pytorch_lora_weights.safetensors")
     (partial / "pytorch_lora_weights.safetensors").unlink()
     (partial / STATUS_FILE).unlink()
-    ablate(grid)
+    ablate(grid, workers=2)
     after = statuses(out)
     assert set(after) == set(before)
     assert sorted(n for n in after if after.get(n) != before.get(n)) == [gone, partial.name]
@@ -148,6 +188,7 @@ def test_resume_reruns_only_the_deleted_cell(grid_run):
     assert len(read_csv(out / "results.csv")) == 4
 
 
+@pytest.mark.slow
 def test_failing_cell_is_recorded_and_the_grid_goes_on(grid_run, tmp_path):
     grid, out, _ = grid_run
     spec = yaml.safe_load(Path(grid).read_text())
@@ -155,15 +196,18 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(grid_run, tmp_path):
                 runs=[{"name": "bad", "overrides": {"model.lora.rank": 0}},
                       {"name": "ok", "overrides": {"trainer.max_steps": 1}}])
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
-    summary = ablate(str(tmp_path / "g.yaml"))
+    summary = ablate(str(tmp_path / "g.yaml"), workers=2)
     rows = {r["run"]: r for r in read_csv(tmp_path / "out" / "results.csv")}
+    log = tmp_path / "out" / "logs" / "bad.log"
     assert "1 not done ['bad']" in summary
     assert rows["bad"]["status"] == "failed" and "model.lora.rank must be > 0" in rows["bad"]["error"]
+    assert rows["bad"]["error"].startswith("exit code 1: error: ") and f"(log: {log})" in rows["bad"]["error"]
     assert rows["ok"]["status"] == "done" and not rows["ok"]["error"]
     assert "model.lora.rank must be > 0" in (tmp_path / "out" / "results.md").read_text()
-    assert "Traceback" in (tmp_path / "out" / "logs" / "bad.log").read_text()
+    assert "model.lora.rank must be > 0" in log.read_text()
 
 
+@pytest.mark.slow
 def test_checkpoint_curve_evaluates_each_saved_step(grid_run):
     from dreambooth_pl.tools.ablation_grid import Evaluation, Sampler
     from dreambooth_pl.tools.checkpoint_curve import ablate_checkpoints
@@ -211,16 +255,6 @@ def test_num_instance_images_takes_the_first_photos(tmp_path):
                              num_instance_images=4, resolution=32).setup()
     with pytest.raises(ValueError, match="num_instance_images must be >= 1"):
         DreamBoothDataModule(str(tmp_path / "inst"), "p", with_prior_preservation=False, num_instance_images=0)
-
-
-def test_subprocess_launcher_records_a_failing_child(tmp_path):
-    grid = tmp_path / "g.yaml"
-    grid.write_text(yaml.safe_dump({"base_config": [str(REPO / "configs/smoke.yaml")], "out": str(tmp_path / "out"),
-                                    "runs": [{"name": "bad", "overrides": {"model.lora.rank": 0}}]}))
-    summary = ablate(str(grid), launcher="subprocess", evaluate=False)
-    state = json.loads((tmp_path / "out" / "runs" / "bad" / STATUS_FILE).read_text())
-    assert "1 not done ['bad']" in summary and state["status"] == "failed" and state["error"].startswith("exit code")
-    assert "model.lora.rank must be > 0" in (tmp_path / "out" / "logs" / "bad.log").read_text()
 
 
 def test_report_puts_face_identity_beside_clip_and_dino(tmp_path):

@@ -1,6 +1,7 @@
 """Lightning DDP on 2 CPU processes (gloo), the real ``python -m dreambooth_pl fit`` path: the ranks train on
 disjoint batches that together are the single-process stream, their adapters stay identical (gradients are
-all-reduced), rank 0's first loss equals the single-process one, and only rank 0 exports."""
+all-reduced), rank 0's first loss equals the single-process one, and only rank 0 exports. Two processes started as
+two "nodes" (``NODE_RANK`` 0/1, ``--trainer.num_nodes 2``, docs/scale.md) train the adapters of the one-node run."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,9 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import REPO, fit_args
 
@@ -38,6 +41,15 @@ def _recorder_arg(out) -> str:
     return "--trainer.callbacks+=" + json.dumps({"class_path": "recorder.Recorder", "init_args": {"out": str(out)}})
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_base, subject_dirs, tmp_path):
     from dreambooth_pl.data.datamodule import DreamBoothDataModule
     from dreambooth_pl.data.datasets import PairedStream
@@ -93,3 +105,21 @@ def test_ddp_two_cpu_processes(tiny_base, subject_dirs, tmp_path):
     assert len(list(ddp_out.glob("lightning_logs/version_*/pytorch_lora_weights.safetensors"))) == 1
     assert len(list(ddp_out.glob("lightning_logs/version_*/checkpoints/last.ckpt"))) == 1
     assert (proc.stdout + proc.stderr).count("LoRA written to") == 1
+
+    # the same run as two "nodes" of one device each, started by hand as a cluster's launcher would (no LOCAL_RANK:
+    # Lightning's environment reads NODE_RANK, MASTER_ADDR and MASTER_PORT): the same global batch, the same ranks
+    nodes_out = tmp_path / "nodes"
+    nodes_args = fit_args(tiny_base, inst, cls, str(nodes_out), steps=2, **{
+        "trainer.devices": 1, "trainer.num_nodes": 2, "trainer.strategy": "ddp", "checkpoint.every_n_train_steps": 5})
+    port = str(_free_port())
+    nodes = [subprocess.Popen([sys.executable, "-m", "dreambooth_pl", *nodes_args], cwd=REPO, text=True,
+                              env=dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    logs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
+    two_nodes = list(nodes_out.glob("lightning_logs/version_*/pytorch_lora_weights.safetensors"))
+    one_node = list(ddp_out.glob("lightning_logs/version_*/pytorch_lora_weights.safetensors"))
+    assert len(two_nodes) == 1 and len(list(nodes_out.glob("lightning_logs/version_*"))) == 1  # node 1 made none
+    a, b = load_file(two_nodes[0]), load_file(one_node[0])
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5

@@ -30,11 +30,10 @@ class StoppedBySignal(SystemExit):
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
-    """Where ``--ckpt_path last`` looks: the ModelCheckpoint's ``last.ckpt``, else ``<log_dir>/checkpoints``."""
-    for cb in trainer.checkpoint_callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.dirpath:
-            return Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    """Where ``--ckpt_path last`` looks (:meth:`RunDir.of`; a collective under DDP)."""
+    from ..runs import RunDir
+
+    return RunDir.of(trainer).last_ckpt
 
 
 class FaultTolerance(L.Callback):

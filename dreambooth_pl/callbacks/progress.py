@@ -76,7 +76,7 @@ class RunSummary(L.Callback):
 
     def __init__(self):
         self._start, self._first_step = 0.0, 0
-        self._log_dir, self._lora = ".", None
+        self._log_dir, self._lora, self._last = ".", None, None
         self._marks: dict[str, float] = {}  # seconds since the process started, at each hook
         self.phases: dict[str, float] = {}
 
@@ -116,7 +116,10 @@ class RunSummary(L.Callback):
         self._mark("train_start")
         self._start, self._first_step = time.perf_counter(), trainer.global_step
         # trainer.log_dir broadcasts under DDP: read it here, where every rank runs, not in the rank-0 summary
-        self._log_dir = trainer.log_dir or trainer.default_root_dir
+        from ..runs import RunDir
+
+        run = RunDir.of(trainer)
+        self._log_dir, self._last = str(run.path), str(run.last_ckpt)
         export = next((cb for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
         self._lora = export.path(trainer) if export is not None else None
 
@@ -125,8 +128,7 @@ class RunSummary(L.Callback):
         steps = trainer.global_step - self._first_step
         seconds = time.perf_counter() - self._start
         log_dir, lora = self._log_dir, self._lora
-        ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
-        last = os.path.join(ckpt.dirpath, "last.ckpt") if ckpt is not None and ckpt.dirpath else None
+        last = self._last if any(isinstance(cb, ModelCheckpoint) for cb in trainer.callbacks) else None
         loss = trainer.callback_metrics.get("train/loss")
         self.phases = p = self._phases(trainer, steps)
         lines = [f"fit {'stopped' if trainer.interrupted else 'finished'}: step {trainer.global_step}"

@@ -5,7 +5,6 @@ import itertools
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from ..sampling import SAMPLER
@@ -100,19 +99,9 @@ class AblationGrid:
 
 def load_grid(path: str) -> AblationGrid:
     """Parse and type-check a grid file; errors name the file and the key."""
-    import yaml
-    from jsonargparse import ArgumentParser
+    from .typed_yaml import load_typed
 
-    if not Path(path).is_file():
-        raise SystemExit(f"ablate: grid file {path!r} does not exist (see configs/ablations/ for examples).")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--spec", type=AblationGrid, required=True)
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        cfg = parser.parse_object({"spec": raw})
-        spec = (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg).spec  # renamed in 4.49
-    except Exception as e:  # yaml or type errors: say which file and which key
-        raise SystemExit(f"ablate: invalid grid file {path!r}: {str(e).strip()[:800]}") from None
+    spec = load_typed(path, AblationGrid, "ablate", "grid file", "configs/ablations/ for examples")
     for key, values in spec.grid.items():
         if not isinstance(values, list) or not values:
             raise SystemExit(f"ablate: {path!r} grid.{key} must be a non-empty list of values, got {values!r}.")

@@ -55,7 +55,7 @@ def ablate_checkpoints(run: str, evaluation: Evaluation, every: Optional[int] = 
         out: output folder (None: ``RUN/curve``).
     """
     run_dir = Path(run)
-    ckpt_dir = RunDir(run_dir).checkpoints
+    ckpt_dir = RunDir.at(run_dir).checkpoints
     if not ckpt_dir.is_dir():
         raise SystemExit(f"ablate-checkpoints: {ckpt_dir} does not exist; give the run's version dir "
                          "(lightning_logs/version_N or an ablation's runs/NAME).")
