@@ -113,7 +113,7 @@ CONSOLE_ALLOWED = [
     r".*RandomBaseWarning: base '.*' has RANDOM weights .*", r"  root = resolve_base\(base\)",  # ours, on purpose
     r"class images -> .*", r"parameters: [\d.]+ [KMB] trainable \([\d.]+ MiB of adapters\), [\d.]+ [KMB] frozen",
     r"step \d+/\d+ .*", r"LoRA written to .*", r"fit finished: step .*", r"  peak GPU memory: .*",
-    r"  (LoRA|checkpoint|TensorBoard|resume|sample): .*",
+    r"  (LoRA|checkpoint|TensorBoard|resume|sample|phases): .*", r"memory plan: .*",
 ]
 
 
