@@ -126,8 +126,10 @@ class DreamBoothLoRA(L.LightningModule):
         if device.type == "cuda":  # resident during the steps: the UNet (and trained text encoders), fp32 adapters
             trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
             weights = frozen_gib(self.unet, *trained_encoders) + trainable * 16 / GIB  # weight, grad, two moments
-        target = Target(device.type, budget(device, hp.perf.memory_budget_gib) if device.type == "cuda" else None,
-                        self.weight_dtype() != torch.float32)
+        held = sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers())
+                   if t.device.type == "cuda") / GIB  # loaded straight to the GPU: free memory already lacks them
+        target = Target(device.type, budget(device, hp.perf.memory_budget_gib, held_gib=held)
+                        if device.type == "cuda" else None, self.weight_dtype() != torch.float32)
         return resolve_perf(hp.perf, hp.lora, shape, target, weights, rank_zero_info)
 
     def configure_speed(self) -> None:

@@ -171,4 +171,11 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
                 settle(previous)
                 previous, current = current, []
         settle(previous + current)
-    del sampler
+    del sampler  # its weights and graph pools go back before training loads the base again
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
