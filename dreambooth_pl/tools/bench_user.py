@@ -53,7 +53,9 @@ def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, b
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
                      batch_size: int | None = None, reference_batch: int = 4) -> dict:
     """s/image of :class:`~dreambooth_pl.prior_sampler.PriorSampler` and of diffusers' pipeline at the same
-    settings and seeds in this process, and how far apart their images are (uint8 levels).
+    settings and seeds in this process, and how far apart their images are (uint8 levels); on a GPU where the
+    sampler runs bf16, also the sampler in the pipeline's fp16 over its first batch (``fp16_image_*``), which
+    separates what bf16 changes from what the batching and the graph change.
 
     Args:
         base: the base folder.
@@ -63,8 +65,6 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
         batch_size: the sampler's batch (None: the class-image default for this GPU).
         reference_batch: the pipeline's batch.
     """
-    import numpy as np
-
     from ..data.class_images import _batch_size
     from ..prior_sampler import PriorSampler
 
@@ -84,17 +84,32 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_reserved() / GIB
         torch.cuda.empty_cache()
+    same = None
+    if torch.cuda.is_available() and runtime["dtype"] != "float16":  # the pipeline's dtype: what bf16 alone changes
+        half = PriorSampler(base, "euler", dtype="float16", batch_size=first)
+        same = [img for _, img in half.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution)]
+        del half
+        torch.cuda.empty_cache()
     ref, ref_load, ref_per_image = _pipeline_images(base, seeds, steps, resolution, reference_batch)
-    diff = np.stack([np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)) for a, b in zip(ours, ref)])
-    mse = (diff.astype(np.float64) ** 2).mean()
+    diff = image_difference(ours, ref)
+    fp16 = {f"fp16_{k}": v for k, v in image_difference(same, ref[:first]).items()} if same else {}
     return {"preset": "priors", "s_per_image": per_image, "reference_s_per_image": ref_per_image,
             "speedup": ref_per_image / per_image, "images": images, "steps": steps, "resolution": resolution,
             "batch_size": runtime["batch_size"], "dtype": runtime["dtype"], "vae_dtype": runtime["vae_dtype"],
             "load_s": load, "first_batch_s": warmup, "reference_load_s": ref_load,
             "peak_reserved_gib": peak if torch.cuda.is_available() else float("nan"),
-            "image_diff_max": int(diff.max()), "image_diff_mean": float(diff.mean()),
-            "image_diff_p99": float(np.percentile(diff, 99)), "image_psnr_db": float(10 * np.log10(255**2 / mse))
-            if mse else float("inf"), "rank": 0}
+            **diff, **fp16, "rank": 0}
+
+
+def image_difference(ours: list, ref: list) -> dict:
+    """How far two lists of 8-bit images are apart: max, mean and 99th percentile of |a - b| in levels, PSNR."""
+    import numpy as np
+
+    diff = np.stack([np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)) for a, b in zip(ours, ref)])
+    mse = (diff.astype(np.float64) ** 2).mean()
+    return {"image_diff_max": int(diff.max()), "image_diff_mean": float(diff.mean()),
+            "image_diff_p99": float(np.percentile(diff, 99)),
+            "image_psnr_db": float(10 * np.log10(255**2 / mse)) if mse else float("inf")}
 
 
 def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config: Path,
@@ -132,10 +147,19 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
         raise RuntimeError(f"end-to-end fit wrote no LoRA under {folder}")
     p = json.loads((folder / "phases.json").read_text())
     rate = p["s_per_step"]
-    full = (wall - p["priors"] - p["steps"]) + p["priors"] * full_priors / priors + rate * (full_steps - 1)
+    # priors: loading and the first batch (capture) once, the rest at the steady rate the manifest records
+    timing = json.loads((run / "class" / "manifest.json").read_text()).get("timing", {})
+    steady = timing.get("s_per_image_after_first_batch")
+    if steady is None:  # one batch only: scale the whole phase
+        full_prior_s = p["priors"] * full_priors / priors
+    else:  # the phase's own overhead, loading and the first batch once, then every later image at the steady rate
+        once = p["priors"] - timing["seconds"] + timing["load_s"] + timing["first_batch_s"]
+        full_prior_s = once + steady * (full_priors - timing["batch_size"])
+    full = (wall - p["priors"] - p["steps"]) + full_prior_s + rate * (full_steps - 1)
     plan = [line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line]
     return {"preset": "end-to-end", "config": str(config), "priors": priors, "steps": steps, "wall_s": wall,
-            "phases": p, "s_per_prior": p["priors"] / priors, "s_per_step": rate,
+            "phases": p, "s_per_prior": p["priors"] / priors, "prior_timing": timing,
+            "extrapolated_priors_s": full_prior_s, "s_per_step": rate,
             "start_to_first_step_s": p["to_first_step_without_priors"], "memory_plan": plan[-1] if plan else None,
             "full_priors": full_priors, "full_steps": full_steps, "extrapolated_min": full / 60,
             "overrides": " ".join(overrides or []), "rank": 0}
