@@ -37,6 +37,15 @@ for stage in "$@"; do
     resume-test) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_acceptance.py -k resume 2>&1 | tail -n 3 ;;
     graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
     recipe) bench --preset recipe --steps 15 --warmup 4 ;;
+    recipe-split)  # what separates the recipe's auto plan (16-mixed, 8-bit Adam, clipping) from fast.yaml's 0.100 s
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed"]'
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.optim.name=adamw"]'
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed","--model.optim.name=adamw","--trainer.gradient_clip_val=null"]' ;;
+    recipe-16gb) bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.memory_budget_gib=15"]' ;;
+    priors) bench --preset priors --steps ${PRIORS_N:-16} ;;  # PriorSampler against diffusers' pipeline, same seeds
+    e2e)  # the recipe's fit with data.generate_class_images, from process start to the LoRA; extrapolated to 197/1000
+      timeout 300 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \
+        --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} 2>&1 | tail -n 3 ;;
     recipe-variants)  # the memory plans' rows: every 2nd block, and no checkpointing
       bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.checkpoint_every=2"]'
       bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.gradient_checkpointing=false"]' ;;
@@ -89,6 +98,9 @@ import json, sys, os
 if os.path.exists(sys.argv[1]):
     for line in open(sys.argv[1]):
         r = json.loads(line)
+        if r["preset"] in ("priors", "end-to-end"):
+            print(json.dumps(r)[:1500])
+            continue
         print(f"{r['preset']:>22} {r.get('overrides',''):>60} {r['s_per_step']:.3f} s/step  "
               f"steady {r.get('peak_reserved_gib', 0):.2f}  run-peak {r.get('run_peak_reserved_gib', 0):.2f} GiB  "
               f"ttl {r.get('time_to_lora_min', 0):.1f} min  warmup {r.get('warmup_s', '')}  "

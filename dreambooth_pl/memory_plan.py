@@ -98,11 +98,12 @@ def choose(weights_gib: float, resolution: int, images: int, budget_gib: float, 
                           "free memory.")
 
 
-def budget(device: torch.device, requested: float | None, margin_gib: float = 0.5) -> float:
-    """The memory a run may plan for: ``requested``, capped by what the GPU has free now (less a margin for the
-    CUDA context and allocator rounding)."""
+def budget(device: torch.device, requested: float | None, margin_gib: float = 0.5, held_gib: float = 0.0) -> float:
+    """The memory a run may plan for: ``requested``, capped by what the GPU has free now plus ``held_gib`` (the
+    run's own weights already loaded there, which the estimate counts), less a margin for the CUDA context and
+    allocator rounding."""
     free, _ = torch.cuda.mem_get_info(device)
-    available = free / GIB - margin_gib
+    available = free / GIB + held_gib - margin_gib
     return available if requested is None else min(requested, available)
 
 

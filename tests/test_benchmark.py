@@ -67,3 +67,27 @@ def test_per_step_times_count_optimizer_steps_under_accumulation(tiny_base, tmp_
     assert result["steps"] == result["step_s_n"] == 2 and 0 < result["step_s_median"] <= result["step_s_max"]
     assert result["s_per_step"] > 0
     assert result["tflop_per_step"] is None is result["tflops"]  # not counted: null, not a 0 that reads as measured
+
+
+def test_priors_mode_times_both_samplers_and_states_the_image_difference(tiny_base, tmp_path):
+    from dreambooth_pl.tools.benchmark import benchmark
+
+    result = json.loads(benchmark(preset="priors", steps=2, base=tiny_base, base_preset="tiny", work=str(tmp_path)))
+    assert result["s_per_image"] > 0 and result["reference_s_per_image"] > 0 and result["images"] == 2
+    assert result["image_diff_max"] <= 1 and result["image_psnr_db"] > 50  # fp32 on the CPU: the same images
+    assert (result["dtype"], result["resolution"], result["steps"]) == ("float32", 64, 25)
+
+
+@pytest.mark.slow
+def test_end_to_end_mode_times_the_users_command_with_its_phases(tiny_base, tmp_path):
+    """The recipe's fit in its own process, priors drawn: wall time, phases, and the 197-prior/1000-step figure."""
+    from dreambooth_pl.tools.benchmark import benchmark
+
+    result = json.loads(benchmark(preset="end-to-end", steps=3, priors=2, base=tiny_base, base_preset="tiny",
+                                  work=str(tmp_path), overrides=["--trainer.accelerator=cpu",
+                                                                 "--trainer.precision=32-true", "--data.resolution=32",
+                                                                 "--model.optim.name=adamw"]))
+    p = result["phases"]
+    assert result["wall_s"] > p["total"] - p["start"] > 0 and p["priors"] > 0 and result["s_per_step"] > 0
+    assert result["start_to_first_step_s"] == p["to_first_step_without_priors"]
+    assert result["extrapolated_min"] * 60 > result["wall_s"]  # 197 priors and 1000 steps take longer than 2 and 3

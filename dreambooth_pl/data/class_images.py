@@ -120,6 +120,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         manifest["images"][f"class_{i:05d}.png"] = dict(record, seed=s.seed + i, source="prior cache",
                                                          prior_key=cache.name)
     drawn = [i for i in todo if i not in set(reused)]
+    manifest.pop("timing", None)  # the drawing's own timing, when this run draws
     if drawn:
         _draw(base, prompt, folder, drawn, s, size, dtype, device, vae, cache, record, manifest, progress)
     manifest["last_run"] = {"drawn": len(drawn), "reused": len(reused),
@@ -140,7 +141,11 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     from ..io import write_json, write_png
     from ..prior_sampler import PriorSampler
 
+    import time
+
+    start = time.perf_counter()
     sampler = PriorSampler(base, s.scheduler, dtype, device, vae, _batch_size(s.batch_size, device))
+    timing = {"load_s": time.perf_counter() - start}
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
                      negative_prompt=s.negative_prompt, **sampler.runtime())
     by_seed = {s.seed + i: i for i in indices}
@@ -170,5 +175,19 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
             if n % sampler.batch_size == 0:  # wait for the batch before: this one's files write meanwhile
                 settle(previous)
                 previous, current = current, []
+                timing.setdefault("first_batch_s", time.perf_counter() - start - timing["load_s"])  # with capture
         settle(previous + current)
-    del sampler
+    timing.update(seconds=time.perf_counter() - start, images=len(indices), batch_size=sampler.batch_size)
+    later = len(indices) - sampler.batch_size
+    if later > 0 and "first_batch_s" in timing:  # the steady rate, without loading and the first batch's capture
+        timing["s_per_image_after_first_batch"] = (timing["seconds"] - timing["load_s"]
+                                                   - timing["first_batch_s"]) / later
+    manifest["timing"] = {k: round(v, 3) for k, v in timing.items()}
+    del sampler  # its weights and graph pools go back before training loads the base again
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -18,7 +18,7 @@ import torch
 
 from .step_timer import StepTimer, step_stats
 
-Preset = Literal["recipe", "fast", "t4-16gb", "t4-16gb-te", "sample"]
+Preset = Literal["recipe", "fast", "t4-16gb", "t4-16gb-te", "sample", "priors", "end-to-end"]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "perf"
 RECIPE = CONFIGS.parent / "sdxl_lora_prior.yaml"  # the shipped recipe, preset "recipe"
 SAMPLE_DOG = Path(__file__).resolve().parents[2] / "data" / "sample" / "dog"
@@ -215,12 +215,17 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
               base_preset: Literal["tiny", "sdxl"] = "sdxl", work: str = "data/_cache/bench", devices: int = 1,
               overrides: Optional[list[str]] = None, out: Optional[str] = None,
               profile: Optional[str] = None, reference: Optional[str] = None,
-              reference_precision: Literal["fp16", "bf16"] = "fp16", count_flops: bool = False) -> Optional[str]:
+              reference_precision: Literal["fp16", "bf16"] = "fp16", count_flops: bool = False,
+              priors: int = 197) -> Optional[str]:
     """Measure s/step, images/s, peak memory and TFLOP/s of the real training path (or sampling s/image).
 
     Args:
-        preset: ``fast``, ``t4-16gb``, ``t4-16gb-te`` (configs/perf/<preset>.yaml) or ``sample``.
-        steps: timed steady-state steps (images for ``sample``).
+        preset: ``recipe`` (configs/sdxl_lora_prior.yaml), ``fast``, ``t4-16gb``, ``t4-16gb-te``
+            (configs/perf/<preset>.yaml), ``sample``, ``priors`` (class priors against diffusers' pipeline, same
+            seeds, with the image difference) or ``end-to-end`` (the recipe's ``fit`` with
+            ``data.generate_class_images: true`` timed from process start to the LoRA file, phases included;
+            tools/bench_user.py).
+        steps: timed steady-state steps (images for ``sample`` and ``priors``; the run's steps for ``end-to-end``).
         warmup: untimed first steps (compilation happens here; their times are reported).
         base: random full-size base folder (built on first use, float16).
         base_preset: ``sdxl`` (full size) or ``tiny`` (CPU tests of this command).
@@ -232,6 +237,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         reference: instead, time diffusers' ``train_dreambooth_lora_sdxl.py`` at this path on the same base and
             data (``../shared/reference/``; run unchanged), for ``warmup + steps`` steps, timing the last ``steps``.
         reference_precision: the reference's ``fp16`` recipe (checkpointing, 8-bit Adam) or ``bf16`` (its fastest).
+        priors: class priors the ``end-to-end`` run draws (its figures are also extrapolated to 197 and 1000 steps).
         count_flops: count the first step's FLOPs (torch's FlopCounterMode). Off by default: under the counter
             the first step runs compiled parts eagerly and its memory peak grows by several GiB (measured: 20.3
             against 7.1 GiB whole-run peak for the recipe), so memory and warm-up are measured without it.
@@ -242,6 +248,14 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         result = reference_benchmark(reference, base, Path(work), steps, warmup, reference_precision, recipe=fp16)
     elif preset == "sample":
         result = sample_benchmark(base, steps, resolution=1024 if base_preset == "sdxl" else 64)
+    elif preset == "priors":
+        from .bench_user import priors_benchmark
+
+        result = priors_benchmark(base, steps, resolution=1024 if base_preset == "sdxl" else 64)
+    elif preset == "end-to-end":
+        from .bench_user import end_to_end_benchmark
+
+        result = end_to_end_benchmark(base, Path(work), priors, steps, RECIPE, list(overrides or []))
     else:
         result = train_benchmark(preset, steps, warmup, base, Path(work), devices, list(overrides or []),
                                  profile, count_flops)

@@ -1,0 +1,165 @@
+"""What a user waits for, timed from outside: class priors against diffusers' pipeline (``benchmark --preset
+priors``), and the whole ``fit`` command from process start to the LoRA file (``benchmark --preset end-to-end``).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+GIB = 2**30
+PROMPT = "a photo of person"
+
+
+def _sync() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, batch: int) -> tuple[list, float, float]:
+    """diffusers' plain ``StableDiffusionXLPipeline`` (fp16 on a GPU; its VAE decodes in fp32, as it upcasts):
+    (PIL images, load seconds, seconds per image after one warm-up batch)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ..sampling import make_scheduler
+    from ..sdxl import resolve_base
+
+    cuda = torch.cuda.is_available()
+    t = time.perf_counter()
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve_base(base), dtype=torch.float16 if cuda else torch.float32,
+                                                     add_watermarker=False).to("cuda" if cuda else "cpu")
+    pipe.scheduler = make_scheduler("euler", pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    load = time.perf_counter() - t
+
+    def run(chunk):
+        return pipe(prompt=[PROMPT] * len(chunk), num_inference_steps=steps, guidance_scale=5.0, height=resolution,
+                    width=resolution, generator=[torch.Generator().manual_seed(s) for s in chunk]).images
+
+    run(seeds[:batch])  # warm-up
+    t, images = _sync(), []
+    for start in range(0, len(seeds), batch):
+        images += run(seeds[start:start + batch])
+    per_image = (_sync() - t) / len(seeds)
+    del pipe
+    return images, load, per_image
+
+
+def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
+                     batch_size: int | None = None, reference_batch: int = 4) -> dict:
+    """s/image of :class:`~dreambooth_pl.prior_sampler.PriorSampler` and of diffusers' pipeline at the same
+    settings and seeds in this process, and how far apart their images are (uint8 levels); on a GPU where the
+    sampler runs bf16, also the sampler in the pipeline's fp16 over its first batch (``fp16_image_*``), which
+    separates what bf16 changes from what the batching and the graph change.
+
+    Args:
+        base: the base folder.
+        images: timed images of each (after one warm-up batch).
+        steps: Euler steps.
+        resolution: square side.
+        batch_size: the sampler's batch (None: the class-image default for this GPU).
+        reference_batch: the pipeline's batch.
+    """
+    from ..data.class_images import _batch_size
+    from ..prior_sampler import PriorSampler
+
+    seeds = list(range(images))
+    t = time.perf_counter()
+    sampler = PriorSampler(base, "euler", batch_size=_batch_size(batch_size, None))
+    load = time.perf_counter() - t
+    first = sampler.batch_size
+    t = _sync()
+    list(sampler.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution))  # capture + warm-up
+    warmup = _sync() - t
+    t = _sync()
+    ours = [img for _, img in sampler.images(PROMPT, seeds, steps, 5.0, None, resolution, resolution)]
+    per_image = (_sync() - t) / images
+    runtime = sampler.runtime()
+    del sampler
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_reserved() / GIB
+        torch.cuda.empty_cache()
+    same = None
+    if torch.cuda.is_available() and runtime["dtype"] != "float16":  # the pipeline's dtype: what bf16 alone changes
+        half = PriorSampler(base, "euler", dtype="float16", batch_size=first)
+        same = [img for _, img in half.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution)]
+        del half
+        torch.cuda.empty_cache()
+    ref, ref_load, ref_per_image = _pipeline_images(base, seeds, steps, resolution, reference_batch)
+    diff = image_difference(ours, ref)
+    fp16 = {f"fp16_{k}": v for k, v in image_difference(same, ref[:first]).items()} if same else {}
+    return {"preset": "priors", "s_per_image": per_image, "reference_s_per_image": ref_per_image,
+            "speedup": ref_per_image / per_image, "images": images, "steps": steps, "resolution": resolution,
+            "batch_size": runtime["batch_size"], "dtype": runtime["dtype"], "vae_dtype": runtime["vae_dtype"],
+            "load_s": load, "first_batch_s": warmup, "reference_load_s": ref_load,
+            "peak_reserved_gib": peak if torch.cuda.is_available() else float("nan"),
+            **diff, **fp16, "rank": 0}
+
+
+def image_difference(ours: list, ref: list) -> dict:
+    """How far two lists of 8-bit images are apart: max, mean and 99th percentile of |a - b| in levels, PSNR."""
+    import numpy as np
+
+    diff = np.stack([np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)) for a, b in zip(ours, ref)])
+    mse = (diff.astype(np.float64) ** 2).mean()
+    return {"image_diff_max": int(diff.max()), "image_diff_mean": float(diff.mean()),
+            "image_diff_p99": float(np.percentile(diff, 99)),
+            "image_psnr_db": float(10 * np.log10(255**2 / mse)) if mse else float("inf")}
+
+
+def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config: Path,
+                         overrides: list[str] | None = None, full_priors: int = 197, full_steps: int = 1000) -> dict:
+    """Time ``python -m dreambooth_pl fit --config <config>`` with ``data.generate_class_images: true`` from process
+    start to its LoRA file, on a fresh class folder and prior cache; read its phases (phases.json) and extrapolate
+    them to ``full_priors`` priors and ``full_steps`` steps at the measured rates.
+
+    Args:
+        base: the base folder.
+        work: scratch folder (a fresh run folder, class folder and prior cache under it each call).
+        priors: priors the run draws.
+        steps: steps the run trains.
+        config: the fit config (the shipped recipe).
+        overrides: extra fit arguments.
+        full_priors, full_steps: the user's run the figures are extrapolated to (197 priors, 1000 steps).
+    """
+    from .benchmark import SAMPLE_DOG
+
+    run = work / f"e2e-{time.strftime('%H%M%S')}"
+    cmd = [sys.executable, "-m", "dreambooth_pl", "fit", "--config", str(config), "--model.base_model", base,
+           "--data.instance_dir", str(SAMPLE_DOG), "--data.instance_prompt", "a photo of sks person",
+           "--data.class_dir", str(run / "class"), "--data.class_prompt", PROMPT,
+           "--data.num_class_images", str(priors), "--data.generate_class_images", "true",
+           "--data.class_generation", json.dumps({"cache_dir": str(run / "prior-cache")}),
+           "--trainer.max_steps", str(steps), "--trainer.logger.init_args.save_dir", str(run),
+           "--trainer.enable_progress_bar", "false", *(overrides or [])]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(f"end-to-end fit failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    folder = next(run.glob("lightning_logs/version_*"))
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        raise RuntimeError(f"end-to-end fit wrote no LoRA under {folder}")
+    p = json.loads((folder / "phases.json").read_text())
+    rate = p["s_per_step"]
+    # priors: loading and the first batch (capture) once, the rest at the steady rate the manifest records
+    timing = json.loads((run / "class" / "manifest.json").read_text()).get("timing", {})
+    steady = timing.get("s_per_image_after_first_batch")
+    if steady is None:  # one batch only: scale the whole phase
+        full_prior_s = p["priors"] * full_priors / priors
+    else:  # the phase's own overhead, loading and the first batch once, then every later image at the steady rate
+        once = p["priors"] - timing["seconds"] + timing["load_s"] + timing["first_batch_s"]
+        full_prior_s = once + steady * (full_priors - timing["batch_size"])
+    full = (wall - p["priors"] - p["steps"]) + full_prior_s + rate * (full_steps - 1)
+    plan = [line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line]
+    return {"preset": "end-to-end", "config": str(config), "priors": priors, "steps": steps, "wall_s": wall,
+            "phases": p, "s_per_prior": p["priors"] / priors, "prior_timing": timing,
+            "extrapolated_priors_s": full_prior_s, "s_per_step": rate,
+            "start_to_first_step_s": p["to_first_step_without_priors"], "memory_plan": plan[-1] if plan else None,
+            "full_priors": full_priors, "full_steps": full_steps, "extrapolated_min": full / 60,
+            "overrides": " ".join(overrides or []), "rank": 0}
