@@ -248,10 +248,9 @@ class DreamBoothCLI(LightningCLI):
         if kwargs.get("ckpt_path") == "last":
             path = str(last)
             if not os.path.exists(path):
-                raise SystemExit(f"--ckpt_path last: no checkpoint at {path}. Resume with the same "
-                                 "trainer.default_root_dir / checkpoint.dirpath as the run, or its own config "
-                                 "(lightning_logs/version_N/config.yaml, which pins the version), or give the "
-                                 "checkpoint file itself.")
+                raise SystemExit(f"--ckpt_path last: no checkpoint at {path}. Resume with the run's own config "
+                                 "(lightning_logs/version_N/config.yaml, which pins the version) or the run's "
+                                 "trainer.default_root_dir / checkpoint.dirpath, or give the checkpoint file itself.")
             kwargs["ckpt_path"] = path
             check_resume(path, self.config[self.subcommand].get("model"))
         elif kwargs.get("ckpt_path") and not os.path.exists(kwargs["ckpt_path"]):

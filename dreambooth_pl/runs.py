@@ -94,8 +94,8 @@ def _launched_as_rank_zero() -> bool:
 
 def claim_version(root: str | Path) -> Optional[int]:
     """Take the next free ``root/version_N`` by creating it (``os.mkdir`` fails if another process got there
-    first: then try N + 1), so fits started at once in one root never share a folder; None on a non-zero rank,
-    whose paths Lightning broadcasts from rank 0.
+    first: then try N + 1), so fits started at once in one root never share a folder. None on a non-zero rank,
+    whose paths Lightning broadcasts from rank 0, and where ``root`` cannot be written (fit's output check says so).
 
     Args:
         root: ``<save_dir>/<name>`` of the logger.
@@ -103,8 +103,11 @@ def claim_version(root: str | Path) -> Optional[int]:
     if not _launched_as_rank_zero():
         return None
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in root.iterdir() if (m := VERSION.fullmatch(p.name))]
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        taken = [int(m.group(1)) for p in root.iterdir() if (m := VERSION.fullmatch(p.name))]
+    except OSError:  # not a folder, or not writable: fit's output check names it with the fix, before any model loads
+        return None
     n = max(taken, default=-1) + 1
     while True:
         try:
@@ -112,6 +115,8 @@ def claim_version(root: str | Path) -> Optional[int]:
             return n
         except FileExistsError:
             n += 1
+        except OSError:
+            return None
 
 
 def latest_resumable(root: str | Path) -> Optional[RunDir]:

@@ -132,8 +132,8 @@ def run_fit_job(job: FitJob, session: str, *upstream: Any) -> dict:
         args = [sys.executable, "-m", "dreambooth_pl", *job.args, *(["--ckpt_path=last"] if resume else [])]
         code = subprocess.call(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     if code < 0 or code >= 128:  # a signal: killed (SIGKILL, OOM) or stopped (SIGTERM after a checkpoint)
-        name = signal.Signals(-code if code < 0 else code - 128).name if abs(code) % 128 in signal.valid_signals() \
-            else str(code)
+        signum = -code if code < 0 else code - 128
+        name = signal.Signals(signum).name if signum in signal.valid_signals() else f"signal {signum}"
         write_json(job.status_file, {**read_status(job.run), "status": "retrying", "error": f"fit killed by {name}"})
         raise FitProcessDied(f"{job.name}: fit process killed by {name} (log: {job.log})")
     error = None
