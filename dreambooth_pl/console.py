@@ -13,6 +13,8 @@ WARNINGS = (
     ("pytree deprecation", r".*`isinstance\(treespec, LeafSpec\)` is deprecated"),
     ("eval-mode modules", r"Found \d+ module\(s\) in eval mode at the start of training"),
     ("num_workers hint", r"The '\w+' does not have many workers which may be a bottleneck"),
+    # the data module's val_dataloader is an empty list unless data.validation_photos holds photos out
+    ("no held-out photos", r"Total length of `list` across ranks is zero"),
 )
 # (emitting logger, log-message regex) -- log records; a filter on the emitting logger holds whatever the handlers
 RECORDS = (
