@@ -279,8 +279,8 @@ class DreamBoothLoRA(L.LightningModule):
         terms, seen = self.val_loss.compute(), {"loss_instance": self.val_loss.n_instance, "loss_prior":
                                                 self.val_loss.n_prior}
         for name, value in terms.items():  # val/loss, val/loss_instance, val/loss_prior (terms that had photos)
-            if seen.get(name, 1):
-                self.log(f"val/{name}", value)
+            if seen.get(name, 1):  # equal on every rank already (the sums were reduced): sync_dist only averages
+                self.log(f"val/{name}", value, sync_dist=True)
         self.val_loss.reset()
 
     def configure_optimizers(self):
