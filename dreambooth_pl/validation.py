@@ -84,9 +84,15 @@ class HeldOutLoss(Metric):
         return self.latents[val_id].to(module.device)
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """``loss``, and ``loss_instance`` / ``loss_prior`` where photos of that kind were held out."""
         inst = (self.instance / self.n_instance.clamp(min=1)).float()
         prior = (self.prior / self.n_prior.clamp(min=1)).float()
-        return {"loss": inst + self.prior_loss_weight * prior, "loss_instance": inst, "loss_prior": prior}
+        out = {"loss": inst + self.prior_loss_weight * prior}
+        if self.n_instance:
+            out["loss_instance"] = inst
+        if self.n_prior:
+            out["loss_prior"] = prior
+        return out
 
 
 def _prompt_embeddings(module, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

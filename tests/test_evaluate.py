@@ -159,8 +159,8 @@ def test_compare_runs_adds_face_columns_when_present(tmp_path):
 
     for name, face in (("a", {"face_sim": 0.55, "face_match": 0.75, "face_none": 1}), ("b", {})):
         settings = {"lora": str(tmp_path / name / "x.safetensors"), "scheduler": name, "steps": 4}
-        write_json(tmp_path / name / "results.json",
-                   {"settings": settings, "rows": {"x.safetensors": {"clip_i": 0.5, "clip_t": 0.2, "dino": 0.4} | face}})
+        row = {"clip_i": 0.5, "clip_t": 0.2, "dino": 0.4} | face
+        write_json(tmp_path / name / "results.json", {"settings": settings, "rows": {"x.safetensors": row}})
     table = compare_runs([str(tmp_path / "a"), str(tmp_path / "b")]).splitlines()
     assert table[0] == "| scheduler | steps | prior | clip_i | clip_t | dino | face_sim | face_match | face_none |"
     assert table[2] == "| a | 4 | ? | 0.5000 | 0.2000 | 0.4000 | 0.5500 | 0.7500 | 1 |"
