@@ -9,6 +9,8 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
 fi
+# .face/face_recognition_models/models/: dlib's two model files, found as the installed package (docs/gpu-tests.md)
+[ -d .face ] && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/.face
 BASE=data/_cache/sdxl-random
 JSONL=$OUT/bench.jsonl
 bench() { timeout 300 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" "$@" 2>&1 | tail -n 4; }
@@ -34,6 +36,9 @@ for stage in "$@"; do
     tests-fast)  # the fast preset's kernels: compiled GEGLU, fused LoRA, graphed = eager with them on
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_block_ops.py tests/test_fused_lora.py \
         tests/test_graphs.py 2>&1 | grep -E "passed|failed|rel=|Error|^FAILED|^E " | tail -n 30 ;;
+    face)  # issue 23: the recipe with SubjectMetrics' face identity and the held-out loss (needs .face/, .whl/)
+      timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_gpu_face.py 2>&1 \
+        | grep -E "passed|failed|s/step|Error|^FAILED|^E " | tail -n 20 ;;
     resume-test) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_acceptance.py -k resume 2>&1 | tail -n 3 ;;
     graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
     recipe) bench --preset recipe --steps 15 --warmup 4 ;;

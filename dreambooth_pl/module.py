@@ -299,11 +299,10 @@ class DreamBoothLoRA(L.LightningModule):
         self.val_loss.update(self, batch)
 
     def on_validation_epoch_end(self) -> None:
-        terms, seen = self.val_loss.compute(), {"loss_instance": self.val_loss.n_instance, "loss_prior":
-                                                self.val_loss.n_prior}
-        for name, value in terms.items():  # val/loss, val/loss_instance, val/loss_prior (terms that had photos)
-            if seen.get(name, 1):
-                self.log(f"val/{name}", value)
+        # val/loss, val/loss_instance, val/loss_prior: the same keys and values on every rank (the sums were
+        # reduced), so sync_dist only averages equal numbers
+        for name, value in self.val_loss.compute().items():
+            self.log(f"val/{name}", value, sync_dist=True)
         self.val_loss.reset()
 
     def configure_optimizers(self):

@@ -58,10 +58,7 @@ class HeldOutLoss(Metric):
         latents = self._latents(module, val_id, batch["pixel_values"])
         t = fixed_timesteps(module.noise.num_train_timesteps).to(module.device)
         noise = fixed_noise(val_id, tuple(latents.shape[1:])).to(module.device)
-        # encoded here, not through module.encode_text: its cache would keep inference-mode tensors for training
-        with torch.no_grad():
-            emb, pooled = encode_prompts((module.text_encoder, module.text_encoder_2),
-                                         [tokenize(tok, list(batch["prompt"])) for tok in module.tokenizers])
+        emb, pooled = _prompt_embeddings(module, batch["prompt"][0])
         k = TIMESTEPS
         copies = {"prompt_embeds": emb.to(module.device).expand(k, -1, -1),
                   "pooled_prompt_embeds": pooled.to(module.device).expand(k, -1), "prompt": batch["prompt"] * k,
@@ -87,6 +84,26 @@ class HeldOutLoss(Metric):
         return self.latents[val_id].to(module.device)
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """``loss``, and ``loss_instance`` / ``loss_prior`` where photos of that kind were held out."""
         inst = (self.instance / self.n_instance.clamp(min=1)).float()
         prior = (self.prior / self.n_prior.clamp(min=1)).float()
-        return {"loss": inst + self.prior_loss_weight * prior, "loss_instance": inst, "loss_prior": prior}
+        out = {"loss": inst + self.prior_loss_weight * prior}
+        if self.n_instance:
+            out["loss_instance"] = inst
+        if self.n_prior:
+            out["loss_prior"] = prior
+        return out
+
+
+def _prompt_embeddings(module, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([1, 77, d], [1, d2])`` of ``prompt``: from the data module's cache (``perf.cache: all`` moved the text
+    encoders to the CPU) when it holds the prompt, else encoded now (not through ``module.encode_text``, whose
+    cache would keep inference-mode tensors that training cannot use)."""
+    cache = getattr(getattr(module.trainer, "datamodule", None), "cache", None)
+    text = cache.text if cache is not None else {}
+    if prompt in text:
+        emb, pooled = text[prompt]
+        return emb[None], pooled[None]
+    with torch.no_grad():
+        return encode_prompts((module.text_encoder, module.text_encoder_2),
+                              [tokenize(tok, [prompt]) for tok in module.tokenizers])

@@ -95,8 +95,9 @@ def test_fit_with_cache_frees_encoders(tiny_base, subject_dirs, tmp_path):
 
 
 def test_fit_with_caption_dropout_trains_on_the_seeded_empty_prompts(tiny_base, subject_dirs, tmp_path):
-    """A seeded 8-step fit (cache all, prior preservation): the batches training_step receives hold exactly the
-    empty prompts that ``dropped_caption`` names for the positions consumed, encoded in the cache beside the rest."""
+    """A seeded 8-step fit (cache all, prior preservation, one photo of each held out): the batches training_step
+    receives hold exactly the empty prompts that ``dropped_caption`` names for the positions consumed, encoded in the
+    cache beside the rest; the held-out loss is logged."""
     import lightning as L
 
     from conftest import fit_args
@@ -112,7 +113,8 @@ def test_fit_with_caption_dropout_trains_on_the_seeded_empty_prompts(tiny_base, 
 
     inst, cls = subject_dirs
     cli = DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(tmp_path), steps=8, **{
-        "model.perf.cache": "all", "data.caption_dropout": 0.5, "seed_everything": 2})[1:], run=False)
+        "model.perf.cache": "all", "data.caption_dropout": 0.5, "seed_everything": 2,
+        "data.validation_photos": 1, "trainer.val_check_interval": 4})[1:], run=False)
     recorder = Prompts()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -120,3 +122,6 @@ def test_fit_with_caption_dropout_trains_on_the_seeded_empty_prompts(tiny_base, 
     empty = [[p == "" for p in batch] for batch in recorder.seen]
     assert empty == [[dropped_caption(2, b, role, 0.5) for role in (0, 1)] for b in range(8)]
     assert sum(map(sum, empty)) == 11  # the seeded run's count of its 16 examples
+    # the held-out loss with the encoders moved off by the cache: the cached prompt embeddings, latents where the VAE is
+    assert cli.model.vae.device.type == "cpu" and torch.isfinite(cli.trainer.logged_metrics["val/loss"])
+    assert len(cli.datamodule.instance.paths) == 1 and len(cli.datamodule.held_out) == 2

@@ -167,9 +167,18 @@ def test_compare_runs_adds_face_columns_when_present(tmp_path):
 
     for name, face in (("a", {"face_sim": 0.55, "face_match": 0.75, "face_none": 1}), ("b", {})):
         settings = {"lora": str(tmp_path / name / "x.safetensors"), "scheduler": name, "steps": 4}
-        write_json(tmp_path / name / "results.json",
-                   {"settings": settings, "rows": {"x.safetensors": {"clip_i": 0.5, "clip_t": 0.2, "dino": 0.4} | face}})
+        row = {"clip_i": 0.5, "clip_t": 0.2, "dino": 0.4} | face
+        write_json(tmp_path / name / "results.json", {"settings": settings, "rows": {"x.safetensors": row}})
     table = compare_runs([str(tmp_path / "a"), str(tmp_path / "b")]).splitlines()
     assert table[0] == "| scheduler | steps | prior | clip_i | clip_t | dino | face_sim | face_match | face_none |"
     assert table[2] == "| a | 4 | ? | 0.5000 | 0.2000 | 0.4000 | 0.5500 | 0.7500 | 1 |"
     assert table[3] == "| b | 4 | ? | 0.5000 | 0.2000 | 0.4000 |  |  |  |"
+
+
+def test_a_face_weights_folder_without_the_model_files_is_named_before_any_model_loads(tmp_path):
+    from dreambooth_pl.metrics.embedders import EmbedderWeightsError
+
+    write_images(tmp_path / "real", 2)
+    with pytest.raises(EmbedderWeightsError, match="lacks shape_predictor_5_face_landmarks.dat"):
+        evaluate_suite(lora=__file__, base="no/such-base", instance_dir=str(tmp_path / "real"), token="sks",
+                       class_name="dog", out=str(tmp_path / "out"), face_weights=str(tmp_path))

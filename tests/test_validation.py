@@ -98,3 +98,18 @@ def test_a_fractional_validation_interval_is_refused(tiny_base, subject_dirs, tm
     inst, cls = subject_dirs
     with pytest.raises(ValueError, match="validation_photos needs trainer.val_check_interval as a number of steps"):
         DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(tmp_path), **{"data.validation_photos": 1}))
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric HeldOutLoss was called before")  # sums set here
+def test_loss_terms_are_means_over_their_own_photos_and_absent_without_them():
+    from dreambooth_pl.validation import HeldOutLoss
+
+    metric = HeldOutLoss(prior_loss_weight=0.5)
+    metric.instance += 3.0 * 4  # one photo at 4 timesteps, mean 3
+    metric.n_instance += 4
+    assert {k: float(v) for k, v in metric.compute().items()} == {"loss": 3.0, "loss_instance": 3.0}
+    metric.prior += 2.0 * 4 + 4.0 * 4  # two class images, means 2 and 4
+    metric.n_prior += 8
+    metric._computed = None  # torchmetrics caches compute() until the next update
+    assert {k: float(v) for k, v in metric.compute().items()} == {"loss": 4.5, "loss_instance": 3.0,
+                                                                 "loss_prior": 3.0}

@@ -73,7 +73,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         validation_photos: hold out the last N subject photos (and the last N of the class images used, with
             prior preservation) from training and log the loss on them at fixed noise and timesteps as
             ``val/loss``, ``val/loss_instance``, ``val/loss_prior`` (data/validation.py, validation.py); needs
-            ``trainer.val_check_interval: STEPS`` and ``trainer.check_val_every_n_epoch: null``.
+            ``trainer.val_check_interval`` as a number of steps.
     """
 
     def __init__(self, instance_dir: str, instance_prompt: str, class_dir: Optional[str] = None,

@@ -169,8 +169,8 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
     folder = ensure_writable(out)
     real_images = [load_rgb(p) for p in list_images(real, "real")]
     sets = {g: _load_generated(g, prompts) for g in generated}
+    face = _face(face_weights)  # a wrong face_weights folder is named before CLIP and DINO load
     clip, dino = _embedders(clip_weights, dino_weights, device)
-    face = _face(face_weights)
     rows = {g: score_subject(images, ps, real_images, token, clip, dino, clip_t_prompt=clip_t_prompt, face=face)
             for g, (images, ps) in sets.items()}
     rows["real images"] = real_baseline(real_images, clip, dino, face)
@@ -259,6 +259,7 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     if images_per_prompt < 1 or (num_prompts is not None and num_prompts < 1) or pres_images < 0:
         raise EvaluationError("images_per_prompt and num_prompts must be >= 1 and pres_images >= 0.")
     real_images = [load_rgb(p) for p in list_images(instance_dir, "instance")]
+    face = _face(face_weights)  # a wrong face_weights folder is named before any sample is drawn
     prompts = get_suite(suite, token, class_name)[:num_prompts]
     jobs = [(p, seed + i * images_per_prompt + j) for i, p in enumerate(prompts) for j in range(images_per_prompt)]
     class_jobs = [(class_prompt or f"a {class_name}", seed + len(jobs) + j) for j in range(pres_images)]
@@ -271,7 +272,6 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     files = _suite_samples(ensure_writable(folder / "samples"), jobs, settings, pipe_args)
     class_files = _suite_samples(ensure_writable(folder / "samples_class"), class_jobs, settings, pipe_args)
     clip, dino = _embedders(clip_weights, dino_weights, device)
-    face = _face(face_weights)
     images, class_images = [load_rgb(f) for f in files], [load_rgb(f) for f in class_files]
     row = score_subject(images, [p for p, _ in jobs], real_images, token, clip, dino, class_images or None,
                         clip_t_prompt, face) | {"pixel_dist": nearest_pixel_distance(images, real_images)}
