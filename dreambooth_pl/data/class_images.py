@@ -73,12 +73,13 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     """
     from tqdm.auto import tqdm
 
-    from ..io import ensure_writable, write_json, write_png
+    from ..io import clean_stale_temps, ensure_writable, write_json, write_png
     from ..sampling import check_size, generate, load_pipeline, runtime
 
     s = settings or ClassImageSettings()
     check_size(s.resolution, s.resolution)
     folder = ensure_writable(out)
+    clean_stale_temps(folder)  # images a killed draw was writing
     manifest_path = folder / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"images": {}}
     if manifest.get("prompt", prompt) != prompt:

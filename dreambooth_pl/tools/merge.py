@@ -21,7 +21,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from ..io import atomic_dir, check_replaceable
+from ..io import atomic_dir, check_output_file, check_replaceable
 from ..formats import Format, read_lora, write_lora
 from ..lora_state import LoRA, LoRAFormatError, base_skeleton, check_base, uniform_alpha
 
@@ -198,6 +198,8 @@ def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int
     specs = [parse_spec(s) for s in loras]
     if method == "fuse":  # before any model loads: an output folder that may not be replaced is refused now
         check_replaceable(out, overwrite, "--out", [p for p in (base, *(p for p, _ in specs)) if p])
+    else:
+        check_output_file(out, "--out", [p for p, _ in specs])
     models = base_skeleton(base) if base else None
     adapters = [read_lora(p, models["unet"].config if models else None) for p, _ in specs]
     for lora, (p, _) in zip(adapters, specs):
