@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from .cache import DEVICE_CACHE_BYTES, CacheMode, CachedBucketedStream, CachedStream, Encoders, build_cache
 from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
+from .bounds import check_bounds
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
 from .images import ImageIntakeError, check_images, find_instance_images, list_images
@@ -67,6 +68,12 @@ class DreamBoothDataModule(L.LightningDataModule):
                  bucket_max_ratio: float = 2.0):
         super().__init__()
         self.save_hyperparameters()
+        gen = class_generation or ClassImageSettings()
+        gen = gen if isinstance(gen, ClassImageSettings) else ClassImageSettings(**dict(gen))
+        check_bounds({"resolution": resolution, "bucket_step": bucket_step, "bucket_max_ratio": bucket_max_ratio,
+                      "batch_size": batch_size, "num_workers": num_workers, "num_class_images": num_class_images,
+                      "num_instance_images": num_instance_images, "class_generation.steps": gen.steps,
+                      "class_generation.batch_size": gen.batch_size, "class_generation.resolution": gen.resolution})
         if resolution <= 0 or resolution % 8:
             raise ValueError(f"data.resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
                              f"got {resolution}; try {max(8, round(resolution / 8) * 8)}")
@@ -105,7 +112,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         if self.instance is not None:
             return
         hp = self.hparams
-        inst = find_instance_images(hp.instance_dir, hp.num_instance_images, hp.resolution, hp.strict_images)
+        inst = find_instance_images(hp.instance_dir, hp.num_instance_images, hp.resolution, hp.strict_images,
+                                    hp.mask, hp.mask_floor)
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
         if hp.crop == "face" or hp.mask == "face":
             self.faces = detect_faces(self.instance.paths, hp.crop == "face")
