@@ -111,3 +111,52 @@ def test_fit_refuses_the_root_folder_before_the_model_loads(option, subject_dirs
 
     with pytest.raises(OutputError, match=f"refusing to write into {option} '/': it is the root folder"):
         DreamBoothCLI(args=fit_args("unused", *subject_dirs, str(tmp_path), **{option: "/"}))
+
+
+# a writer killed (SIGKILL) between writing its temp file and renaming it: os.fsync of a temp kills the process
+_KILLED_WRITER = """
+import os, signal, sys
+real = os.fsync
+def fsync(fd):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".dbpl-tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(fd)
+os.fsync = fsync
+from dreambooth_pl.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def _kill_then_rerun(args: list[str], folder: Path) -> None:
+    import subprocess
+    import sys
+
+    from dreambooth_pl.__main__ import main
+
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert list(folder.glob(".*.dbpl-tmp")), "the killed writer left no temp file: the test tests nothing"
+    main(args)
+    assert not list(folder.glob("*.dbpl-tmp")) and not list(folder.glob(".*.dbpl-tmp"))
+
+
+@pytest.mark.slow
+def test_no_temp_file_survives_a_kill_then_rerun_of_generate_class_images(tiny_base, tmp_path):
+    out = tmp_path / "class"
+    _kill_then_rerun(["generate-class-images", "--base", tiny_base, "--prompt", "a dog", "--out", str(out),
+                      "--num", "2", "--steps", "1", "--resolution", "64", "--device", "cpu", "--dtype", "float32",
+                      "--progress", "false"], out)
+    assert sorted(p.name for p in out.glob("*.png")) == ["class_00000.png", "class_00001.png"]
+
+
+@pytest.mark.slow
+def test_no_temp_file_survives_a_kill_then_rerun_of_export(tmp_path):
+    import torch
+    from test_formats import _one_module_file
+
+    source = _one_module_file(tmp_path / "in.safetensors", torch.ones(2, 64), torch.ones(64, 2))
+    out = tmp_path / "exported"
+    out.mkdir()
+    _kill_then_rerun(["export", "--source", str(source), "--out", str(out / "lora.safetensors")], out)
+    assert (out / "lora.safetensors").stat().st_size > 0
