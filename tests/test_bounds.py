@@ -21,8 +21,8 @@ def test_a_huge_bucket_ratio_is_refused_at_once(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("resolution", 10 ** 6), ("num_class_images", 10 ** 9),
-                                        ("batch_size", 0), ("num_workers", 10 ** 4), ("bucket_step", 10 ** 6),
-                                        ("num_instance_images", 0)])
+                                        ("batch_size", 10 ** 5), ("num_workers", 10 ** 4), ("bucket_step", 10 ** 6),
+                                        ("num_instance_images", 10 ** 6)])
 def test_each_bound_names_its_key(tmp_path, key, value):
     with pytest.raises(ValueError, match=rf"data.{key} must be in \["):
         DreamBoothDataModule(str(tmp_path), "a photo of sks dog", with_prior_preservation=False, **{key: value})

@@ -68,12 +68,6 @@ class DreamBoothDataModule(L.LightningDataModule):
                  bucket_max_ratio: float = 2.0):
         super().__init__()
         self.save_hyperparameters()
-        gen = class_generation or ClassImageSettings()
-        gen = gen if isinstance(gen, ClassImageSettings) else ClassImageSettings(**dict(gen))
-        check_bounds({"resolution": resolution, "bucket_step": bucket_step, "bucket_max_ratio": bucket_max_ratio,
-                      "batch_size": batch_size, "num_workers": num_workers, "num_class_images": num_class_images,
-                      "num_instance_images": num_instance_images, "class_generation.steps": gen.steps,
-                      "class_generation.batch_size": gen.batch_size, "class_generation.resolution": gen.resolution})
         if resolution <= 0 or resolution % 8:
             raise ValueError(f"data.resolution must be a positive multiple of 8 (the VAE downsamples by 8), "
                              f"got {resolution}; try {max(8, round(resolution / 8) * 8)}")
@@ -97,6 +91,12 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_class_images must be >= 1 with prior preservation, got {num_class_images}")
         if not 0.0 <= mask_floor <= 1.0:
             raise ValueError(f"data.mask_floor is a loss weight in [0, 1], got {mask_floor}")
+        gen = class_generation or ClassImageSettings()
+        gen = gen if isinstance(gen, ClassImageSettings) else ClassImageSettings(**dict(gen))
+        check_bounds({"resolution": resolution, "bucket_step": bucket_step, "bucket_max_ratio": bucket_max_ratio,
+                      "batch_size": batch_size, "num_workers": num_workers, "num_class_images": num_class_images,
+                      "num_instance_images": num_instance_images, "class_generation.steps": gen.steps,
+                      "class_generation.batch_size": gen.batch_size, "class_generation.resolution": gen.resolution})
         self.faces = None  # instance path -> face box, when data.crop or data.mask asks for faces
         self.buckets = None  # instance path -> (height, width) bucket, with data.aspect_buckets
         if aspect_buckets:
