@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from .callbacks.export import LoRAExport
 from .callbacks.fault_tolerance import FaultTolerance
-from .io import check_writable, clean_stale_temps, load_checkpoint, write_text
+from .io import check_output_dir, check_writable, clean_stale_temps, load_checkpoint, write_text
 from . import config_guard
 from .moved_keys import check_moved_keys, nest_hparams
 from .console import quiet_third_party
@@ -241,7 +241,9 @@ class DreamBoothCLI(LightningCLI):
         checkpoints with ``weights_only``; refuse to start a new run over a finished one."""
         self._check_outputs()
         last = RunDir.of(self.trainer).last_ckpt
-        clean_stale_temps(last.parent)  # temp files a killed run left beside its checkpoint
+        for folder in {last.parent, Path(self.trainer.log_dir or "."), *(Path(cb.path(self.trainer)).parent for cb in
+                       self.trainer.callbacks if isinstance(cb, LoRAExport))}:
+            clean_stale_temps(folder)  # temp files a killed run left beside its checkpoint, config or export
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("weights_only") is None and "weights_only" in self._subcommand_method_arguments["fit"]:
             kwargs["weights_only"] = True
@@ -280,6 +282,8 @@ class DreamBoothCLI(LightningCLI):
             for section, kind in (("checkpoint", ModelCheckpoint), ("export", LoRAExport)):
                 if isinstance(cb, kind) and cb.dirpath:
                     dirs[f"{section}.dirpath"] = cb.dirpath
+                    ours = ("*.ckpt", *(c.filename for c in trainer.callbacks if isinstance(c, LoRAExport)))
+                    check_output_dir(cb.dirpath, "fit", f"{section}.dirpath", ours=ours, create=False)  # not / or ~
         check_writable(dirs)
 
 

@@ -17,6 +17,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        UniPCMultistepScheduler)
 
 from .formats import read_lora
+from .io.magnitude import base_weights, check_magnitude
 from .lora_state import check_base
 from .lora import LORA_FILE
 from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
@@ -76,8 +77,9 @@ def check_size(height: int | None, width: int | None) -> None:
                                 f"try {max(8, round(v / 8) * 8)}")
 
 
-def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
-    """Load each ``(file or run folder, scale)`` as adapter ``lora<i>`` (diffusers or kohya format); activate all."""
+def add_loras(pipe, loras: Sequence[tuple[str, float]], force: bool = False) -> None:
+    """Load each ``(file or run folder, scale)`` as adapter ``lora<i>`` (diffusers or kohya format); activate all.
+    ``force`` skips the magnitude check (io/magnitude.py)."""
     names = []
     for i, (path, scale) in enumerate(loras):
         if Path(path).is_dir():  # a run folder holding the exported file
@@ -86,7 +88,9 @@ def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
             raise SamplingError(f"LoRA file {str(path)!r} does not exist: give the .safetensors that fit exported "
                                 "(lightning_logs/version_N/pytorch_lora_weights.safetensors).")
         lora = read_lora(path, pipe.unet.config)  # names the first bad key of a broken or foreign file
-        check_base(lora, {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2")}, str(path))
+        parts = {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2")}
+        check_base(lora, parts, str(path))
+        check_magnitude(lora.weights, lora.alphas, str(path), base_weights(parts, lora.modules()), scale, force)
         names.append(f"lora{i}")
         pipe.load_lora_weights(str(path), adapter_name=names[-1])
     if names:
@@ -95,7 +99,7 @@ def add_loras(pipe, loras: Sequence[tuple[str, float]]) -> None:
 
 def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler: str = SAMPLER.scheduler,
                   dtype: str = "float16", device: str | None = None, vae: str | None = None,
-                  vae_tiling: bool = False, vae_slicing: bool = True):
+                  vae_tiling: bool = False, vae_slicing: bool = True, force: bool = False):
     """An SDXL pipeline of ``base`` with LoRA files applied at their scales, ready on ``device``.
 
     Args:
@@ -108,6 +112,7 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
         vae_tiling: decode in overlapping tiles (large sizes on small GPUs).
         vae_slicing: decode one image of a batch at a time (default: a batch of fp32 1024² decodes would not
             fit 16 GB beside the fp16 UNet; the time cost is negligible).
+        force: load LoRA files past the magnitude bound (io/magnitude.py).
     """
     from diffusers import StableDiffusionXLPipeline
 
@@ -124,7 +129,7 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows to NaN in fp16; the fp16-fix VAE does not
-    add_loras(pipe, loras)
+    add_loras(pipe, loras, force)
     if vae_tiling:
         pipe.vae.enable_tiling()
     if vae_slicing:

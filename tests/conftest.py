@@ -93,6 +93,16 @@ def write_images(folder: Path, n: int, size=(80, 64), seed: int = 0, ext: str = 
 
 
 @pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the base gets loaded: bad input must be reported before that."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the bad input was reported")
+
+    monkeypatch.setattr("dreambooth_pl.module.load_parts", refuse)
+    monkeypatch.setattr("dreambooth_pl.sdxl.load_parts", refuse)
+
+
+@pytest.fixture
 def subject_dirs(tmp_path) -> tuple[str, str]:
     """(instance dir with 2 sample dog photos, class dir with 4 random images)."""
     inst = tmp_path / "instance"

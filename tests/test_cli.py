@@ -11,16 +11,6 @@ from dreambooth_pl.cli import DreamBoothCLI
 from conftest import REPO, fit_args
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if the base gets loaded: bad input must be reported before that."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the base model was loaded before the bad input was reported")
-
-    monkeypatch.setattr("dreambooth_pl.module.load_parts", refuse)
-    monkeypatch.setattr("dreambooth_pl.sdxl.load_parts", refuse)
-
-
 def _fails(args: list[str], capsys) -> str:
     """Run the CLI on bad input; return the error text, whether raised or printed by the argument parser."""
     with pytest.raises((SystemExit, ValueError)) as err:

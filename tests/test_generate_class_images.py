@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from dreambooth_pl.tools.generate_class_images import ClassImageSettings, generate_class_images
-from dreambooth_pl.io import OutputError, read_png_metadata
+from dreambooth_pl.io import OWNER_FILE, OutputError, read_png_metadata
 
 FAST = dict(steps=2, progress=False, dtype="float32", device="cpu")
 
@@ -29,7 +29,7 @@ def test_resume_draws_only_the_missing_images_with_their_own_seeds(tiny_base, tm
     assert {k: v["seed"] for k, v in manifest["images"].items()} == {f"class_0000{i}.png": 10 + i for i in range(3)}
     assert manifest["images"]["class_00002.png"]["steps"] == 2 and manifest["images"]["class_00002.png"]["base"]
     assert "nothing to do" in generate_class_images(tiny_base, "a photo of dog", str(out), num=3, **FAST)
-    assert not list(out.glob(".*"))  # no temporary files left behind
+    assert [p.name for p in out.glob(".*")] == [OWNER_FILE]  # no temporary files left behind; the folder is marked
     # image i depends on seed + i only: a fresh folder that starts at index 2 draws the same pixels
     fresh = tmp_path / "fresh"
     fresh.mkdir()

@@ -10,7 +10,7 @@ from test_sampling import lora_file  # noqa: F401  (a non-zero LoRA for the tiny
 
 from dreambooth_pl.__main__ import main
 from dreambooth_pl.sampling import SamplingError
-from dreambooth_pl.io import OutputError, read_png_metadata
+from dreambooth_pl.io import OWNER_FILE, OutputError, read_png_metadata
 from dreambooth_pl.tools.sample import sample
 
 
@@ -34,7 +34,7 @@ def test_sample_writes_pngs_that_reproduce_themselves(tiny_base, lora_file, tmp_
     assert "Negative prompt: blurry" in Image.open(first).text["parameters"]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width == 2 * 64 and sheet.height > 64
-    assert not list(out.glob(".*"))
+    assert [p.name for p in out.glob(".*")] == [OWNER_FILE]  # no temp file; the folder is marked as sample's
     again = sample(from_png=str(first), out=str(tmp_path / "again"), device="cpu")
     (record,) = json.loads(open(again).read())["images"]
     a, b = np.asarray(Image.open(first)), np.asarray(Image.open(tmp_path / "again" / record["file"]))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .bounds import check_bounds
 from .datasets import ImageSet, PairedStream, _mix
 from .images import find_instance_images, load_rgb
 
@@ -31,8 +32,7 @@ def bucket_table(resolution: int, step: int = 64, max_ratio: float = 2.0) -> lis
     if resolution < step or step <= 0 or step % 8:
         raise ValueError(f"data.bucket_step must be a positive multiple of 8 no larger than data.resolution, got "
                          f"{step} (resolution {resolution})")
-    if max_ratio < 1.0:
-        raise ValueError(f"data.bucket_max_ratio must be >= 1, got {max_ratio}")
+    check_bounds({"resolution": resolution, "bucket_step": step, "bucket_max_ratio": max_ratio})  # the loop below
     area, table = resolution * resolution, set()
     for w in range(step, int(resolution * max_ratio) + 1, step):
         top = area // w // step * step

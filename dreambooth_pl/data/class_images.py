@@ -90,7 +90,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         vae: separate VAE folder.
         progress: show a progress bar.
     """
-    from ..io import ensure_writable, parse_json, write_json
+    from ..io import clean_stale_temps, ensure_writable, parse_json, write_json
     from ..sampling import check_size
     from ..sdxl import resolve_base
     from .prior_cache import PRIOR_CACHE, PriorCache, native_size, prior_key
@@ -98,6 +98,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     s = settings or ClassImageSettings()
     check_size(s.resolution, s.resolution)
     folder = ensure_writable(out)
+    clean_stale_temps(folder)  # images a killed draw was writing
     manifest_path = folder / MANIFEST
     manifest = parse_json(manifest_path.read_text(), str(manifest_path)) if manifest_path.exists() else {}
     manifest.setdefault("images", {})

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from .cache import DEVICE_CACHE_BYTES, CacheMode, CachedBucketedStream, CachedStream, Encoders, build_cache
 from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
+from .bounds import check_bounds
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
 from .images import ImageIntakeError, check_images, find_instance_images, list_images
@@ -115,6 +116,12 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise ValueError(f"data.validation_photos must be >= 0, got {validation_photos}")
         if not 0.0 <= mask_floor <= 1.0:
             raise ValueError(f"data.mask_floor is a loss weight in [0, 1], got {mask_floor}")
+        gen = class_generation or ClassImageSettings()
+        gen = gen if isinstance(gen, ClassImageSettings) else ClassImageSettings(**dict(gen))
+        check_bounds({"resolution": resolution, "bucket_step": bucket_step, "bucket_max_ratio": bucket_max_ratio,
+                      "batch_size": batch_size, "num_workers": num_workers, "num_class_images": num_class_images,
+                      "num_instance_images": num_instance_images, "class_generation.steps": gen.steps,
+                      "class_generation.batch_size": gen.batch_size, "class_generation.resolution": gen.resolution})
         self.faces = None  # instance path -> face box, when data.crop or data.mask asks for faces
         self.buckets = None  # instance path -> (height, width) bucket, with data.aspect_buckets
         if aspect_buckets:
@@ -137,7 +144,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         if self.instance is not None:
             return
         hp = self.hparams
-        inst = find_instance_images(hp.instance_dir, hp.num_instance_images, hp.resolution, hp.strict_images)
+        inst = find_instance_images(hp.instance_dir, hp.num_instance_images, hp.resolution, hp.strict_images,
+                                    hp.mask, hp.mask_floor)
         inst, held_inst = hold_out(inst, hp.validation_photos, "instance")
         self.instance = ImageSet(tuple(inst), hp.instance_prompt)
         if hp.crop == "face" or hp.mask == "face":

@@ -158,7 +158,7 @@ def inspect_image(path: str | Path, resolution: int | None = None) -> ImageRepor
 
 
 def check_images(paths: list[Path], role: str = "image", resolution: int | None = None,
-                 strict: bool = True) -> list[Path]:
+                 strict: bool = True, mask_floor: float | None = None) -> list[Path]:
     """Inspect every file before any model loads; report all problems at once. Returns the usable paths.
 
     Args:
@@ -167,11 +167,14 @@ def check_images(paths: list[Path], role: str = "image", resolution: int | None 
         resolution: training side, for the upscale note and the too-small floor (None: no size check).
         strict: raise one :class:`ImageIntakeError` listing every unusable file (default); False skips them
             with a warning.
+        mask_floor: inspect each photo's mask file too (data/masks.py), with this ``data.mask_floor`` (None: no
+            masks, as for class and reference images).
     """
-    return [r.path for r in _reports(paths, role, resolution, strict)]
+    return [r.path for r in _reports(paths, role, resolution, strict, mask_floor)]
 
 
-def _reports(paths: list[Path], role: str, resolution: int | None, strict: bool) -> list[ImageReport]:
+def _reports(paths: list[Path], role: str, resolution: int | None, strict: bool,
+             mask_floor: float | None = None) -> list[ImageReport]:
     """Reports of the usable files, after one warning with every adjustment and one error (or skip) list."""
     reports = [inspect_image(p, resolution) for p in paths]
     for r in reports:  # captions are read in training: a bad one must fail here, with the images, not mid-run
@@ -180,6 +183,10 @@ def _reports(paths: list[Path], role: str, resolution: int | None, strict: bool)
                 caption_for(r.path)
             except ImageIntakeError as e:
                 r.error = str(e)
+        if not r.error and mask_floor is not None:  # a bad mask costs the photo, found here, not mid-run
+            from .masks import inspect_mask
+
+            r.error = inspect_mask(r.path, r.size, mask_floor)
     bad = [r for r in reports if r.error]
     notes = [f"  {r.path}: {n}" for r in reports if not r.error for n in r.notes]
     if notes:
@@ -230,11 +237,12 @@ def caption_for(path: Path) -> str | None:
 
 
 def find_instance_images(instance_dir: str, num_instance_images: int | None, resolution: int,
-                         strict: bool) -> list[Path]:
-    """The instance photos fit trains on: sorted, the first ``num_instance_images``, each checked.
+                         strict: bool, mask: str = "off", mask_floor: float = 0.1) -> list[Path]:
+    """The instance photos fit trains on: sorted, the first ``num_instance_images``, each checked (with its mask
+    file unless ``mask`` is ``off``).
 
     Args:
-        instance_dir, num_instance_images, resolution: as for ``DreamBoothDataModule``.
+        instance_dir, num_instance_images, resolution, mask, mask_floor: as for ``DreamBoothDataModule``.
         strict: ``data.strict_images``.
     """
     inst = list_images(instance_dir, "instance")
@@ -243,4 +251,15 @@ def find_instance_images(instance_dir: str, num_instance_images: int | None, res
             raise ImageIntakeError(f"instance dir {instance_dir!r} has {len(inst)} image(s) but "
                                    f"data.num_instance_images is {num_instance_images}: add photos or lower it.")
         inst = inst[:num_instance_images]
-    return check_images(inst, "instance", resolution, strict)
+    if mask == "off":
+        return check_images(inst, "instance", resolution, strict)
+    from .masks import orphan_masks
+
+    orphans = orphan_masks(instance_dir)
+    if orphans:  # a renamed or deleted photo: its mask would silently do nothing
+        lines = "\n".join(f"  {p}: no photo named {p.name[: -len(MASK_SUFFIX)]}.* beside it" for p in orphans)
+        if strict:
+            raise ImageIntakeError(f"{len(orphans)} mask file(s) have no photo — rename or remove them, or set "
+                                   f"data.strict_images: false to ignore them:\n{lines}")
+        warnings.warn(f"ignoring {len(orphans)} mask file(s) without a photo:\n{lines}", stacklevel=2)
+    return check_images(inst, "instance", resolution, strict, mask_floor)

@@ -12,9 +12,8 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 TEMP_SUFFIX = ".dbpl-tmp"
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")
@@ -137,95 +136,6 @@ def owner_info(folder: str | os.PathLike) -> Optional[dict]:
     except (OSError, ValueError, RecursionError):
         return None
     return info if isinstance(info, dict) else None
-
-
-def _protected(dest: Path, inputs: Iterable[str | os.PathLike]) -> Optional[str]:
-    """Why ``dest`` must never be replaced, even with overwrite (None: it may be)."""
-    real = Path(os.path.realpath(dest))
-    home = Path(os.path.realpath(Path.home()))
-    if real == Path(real.anchor):
-        return "it is the root folder"
-    if real == home or real in home.parents:
-        return "it is (or holds) your home folder"
-    if real == Path.cwd().resolve() or real in Path.cwd().resolve().parents:
-        return "it is (or holds) the current folder"
-    for p in inputs:
-        rp = Path(os.path.realpath(p))
-        if rp == real or real in rp.parents:
-            return f"it holds the input {str(p)!r}"
-    return None
-
-
-def check_replaceable(dest: str | os.PathLike, overwrite: bool, option: str = "--out",
-                      inputs: Iterable[str | os.PathLike] = ()) -> None:
-    """Refuse, before any work, an output folder that may not be replaced.
-
-    Args:
-        dest: the folder that will be written.
-        overwrite: the user allowed replacing an existing folder.
-        option: the option that names ``dest`` (for the message).
-        inputs: files and folders this command reads; a folder holding one is never replaced.
-    Raises:
-        OutputError: naming the folder, why, and the fix.
-    """
-    dest = Path(dest)
-    if not dest.exists() and not dest.is_symlink():
-        return
-    if not dest.is_dir():
-        raise OutputError(f"{option} {str(dest)!r} exists and is not a folder: choose a new folder name.")
-    if not any(dest.iterdir()):
-        return  # an empty folder holds nothing to lose
-    why = _protected(dest, inputs)
-    if why:
-        raise OutputError(f"refusing to replace {option} {str(dest)!r}: {why}. Choose a new folder name.")
-    if not overwrite:
-        what = "was built by dreambooth_pl" if is_ours(dest) else "was not created by dreambooth_pl"
-        raise OutputError(f"{option} {str(dest)!r} already exists and {what}: choose a new folder name, or pass "
-                          "--overwrite to replace it (its current contents are then deleted).")
-
-
-@contextmanager
-def atomic_dir(dest: str | os.PathLike, overwrite: bool = False, option: str = "--out",
-               inputs: Iterable[str | os.PathLike] = (), owner: Optional[dict] = None) -> Iterator[Path]:
-    """Yield a new temp folder beside ``dest``; on success it is marked ours and renamed to ``dest``.
-
-    Args:
-        dest: the final folder.
-        overwrite: replace an existing non-empty ``dest`` (never ``.``, ``/``, home or a folder holding inputs).
-        option: the option that names ``dest``, for messages.
-        inputs: what the command reads (see :func:`check_replaceable`).
-        owner: what to record in :data:`OWNER_FILE` (e.g. ``{"kind": "random-base", "preset": "tiny"}``).
-    """
-    dest = Path(dest)
-    inputs = list(inputs)
-    check_replaceable(dest, overwrite, option, inputs)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_temp_prefix(dest), suffix=TEMP_SUFFIX))
-    except OSError as e:
-        raise _write_error(dest, e, f"choose another {option}", "folder") from None
-    try:
-        yield tmp
-        write_json(tmp / OWNER_FILE, dict(owner or {}, made_by="dreambooth_pl"))
-        os.chmod(tmp, 0o777 & ~_umask())
-        check_replaceable(dest, overwrite, option, inputs)  # it may have appeared while we wrote
-        old = None
-        if dest.exists():
-            if any(dest.iterdir()):
-                old = dest.with_name(f"{_temp_prefix(dest)}old{TEMP_SUFFIX}")
-                os.replace(dest, old)
-            else:
-                dest.rmdir()
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        if isinstance(e, (WriteError, OutputError)):
-            raise
-        raise _write_error(dest, e, f"choose another {option}", "folder") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from ..runs import RunDir, fit_command
 from .ablation_grid import AblationGrid, Evaluation, Sampler, check_evaluation, expand, load_grid
-from ..io import write_json
+from ..io import check_output_dir, write_json
 from .ablation_report import write_report
 from .jobs import FitJob, read_status, run_jobs
 
@@ -109,7 +109,7 @@ def ablate(grid: str, out: Optional[str] = None, address: Optional[str] = None, 
     unknown = sorted(set(only or []) - {n for n, _ in cells})
     if unknown:
         raise SystemExit(f"ablate: --only names unknown cells {unknown}; cells: {[n for n, _ in cells]}")
-    Path(spec.out).mkdir(parents=True, exist_ok=True)
+    check_output_dir(spec.out, "ablate", ours=("grid.json", "runs", "eval*", "*.csv", "*.md", "*.png", "*.json"))
     write_json(Path(spec.out) / "grid.json", asdict(spec))
     run_jobs(cell_jobs(spec, [c for c in cells if not only or c[0] in only], evaluate), address, workers, retries,
              title=f"ablate {Path(grid).stem}")

@@ -242,6 +242,11 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
             the first step runs compiled parts eagerly and its memory peak grows by several GiB (measured: 20.3
             against 7.1 GiB whole-run peak for the recipe), so memory and warm-up are measured without it.
     """
+    from ..io import check_output_dir, check_output_file
+
+    check_output_dir(work, "benchmark", "--work", ours=("*",))  # a scratch folder: only never / or ~
+    if out:
+        check_output_file(out)
     base = build_base(base, base_preset)
     if reference:
         fp16 = reference_precision == "fp16"

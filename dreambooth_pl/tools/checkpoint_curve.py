@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..io import load_checkpoint
+from ..io import check_output_dir, load_checkpoint
 from ..runs import RunDir
 from .ablate import evaluate_run
 from .ablation_grid import Evaluation
@@ -67,7 +67,7 @@ def ablate_checkpoints(run: str, evaluation: Evaluation, every: Optional[int] = 
     if len(ckpts) == 1:
         print(f"[ablate-checkpoints] only one checkpoint (step {ckpts[0][0]}) in {ckpt_dir}: was the run trained with "
               "checkpoint.save_top_k: -1?", flush=True)
-    dest = Path(out) if out else run_dir / "curve"
+    dest = check_output_dir(out or run_dir / "curve", "ablate-checkpoints", ours=("loras", "eval*", "*.csv", "*.md", "*.png", "*.json"))
     rows = []
     for step, lora in export_checkpoints(ckpts, dest / "loras"):
         print(f"[ablate-checkpoints] step {step}", flush=True)

@@ -14,7 +14,7 @@ from typing import Literal, Optional, Sequence
 
 ClipTPrompt = Literal["without_identifier", "as_generated"]
 
-from ..io import ensure_writable, read_png_metadata, write_json, write_png, write_text
+from ..io import check_output_dir, ensure_writable, read_png_metadata, write_json, write_png, write_text
 from ..sampling import SAMPLER
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
@@ -166,7 +166,7 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
     """
     from ..data.images import list_images, load_rgb
 
-    folder = ensure_writable(out)
+    folder = check_output_dir(out, "evaluate", ours=("results.*",))
     real_images = [load_rgb(p) for p in list_images(real, "real")]
     sets = {g: _load_generated(g, prompts) for g in generated}
     face = _face(face_weights)  # a wrong face_weights folder is named before CLIP and DINO load
@@ -263,7 +263,7 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     prompts = get_suite(suite, token, class_name)[:num_prompts]
     jobs = [(p, seed + i * images_per_prompt + j) for i, p in enumerate(prompts) for j in range(images_per_prompt)]
     class_jobs = [(class_prompt or f"a {class_name}", seed + len(jobs) + j) for j in range(pres_images)]
-    folder = ensure_writable(out)
+    folder = check_output_dir(out, "evaluate-suite", ours=("results.*", "samples*"))
     settings = dict(lora=str(Path(lora).resolve()), base=base, scheduler=scheduler, steps=steps, guidance=guidance,
                     resolution=resolution)
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
@@ -321,7 +321,7 @@ def compare_runs(evals: list[str], out: Optional[str] = None) -> str:
     table = markdown_table({f"{r['scheduler']} | {r['steps']} | {r['prior']}": r for r in rows},
                            ("clip_i", "clip_t", "dino", *FACE_COLUMNS), key="scheduler | steps | prior")
     if out:
-        folder = ensure_writable(out)
+        folder = check_output_dir(out, "compare-runs", ours=("compare.*",))
         write_json(folder / "compare.json", rows)
         write_text(folder / "compare.md", table)
     return table

@@ -14,7 +14,7 @@ import torch
 from ..formats import Format, read_lora, write_lora
 from ..lora_state import (COMPONENTS, LoRA, LoRAFormatError, base_skeleton, check_base, check_pairs, check_values,
                           on_disk_name, uniform_alpha)
-from ..io import load_checkpoint
+from ..io import check_output_file, load_checkpoint
 from ..moved_keys import nest_hparams
 from ..sdxl import DTYPES
 
@@ -68,6 +68,7 @@ def export(source: str, out: str, format: Format = "diffusers",
         dtype: storage dtype of the weights (``keep``: as in the source).
         base: optional base pipeline to check the adapters fit (module names and sizes).
     """
+    check_output_file(out, "--out", [source])  # before any work; also removes a killed export's temp file
     models = base_skeleton(base) if base else None
     if Path(source).suffix == ".ckpt":
         lora = read_checkpoint(source)

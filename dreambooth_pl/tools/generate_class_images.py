@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..data.class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
+from ..data.class_images import MANIFEST, NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
+from ..io import check_output_dir
 from ..sampling import SAMPLER
 
 
@@ -35,7 +36,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                           resolution: Optional[int] = None, batch_size: Optional[int] = None,
                           dtype: Optional[str] = None, cache: bool = True, cache_dir: Optional[str] = None,
                           device: Optional[str] = None, vae: Optional[str] = None, fit_config: Optional[str] = None,
-                          progress: bool = True) -> str:
+                          progress: bool = True, overwrite: bool = False) -> str:
     """Draw class-prior images with the base model until ``out`` holds ``num`` images (resumable).
 
     Args:
@@ -58,6 +59,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
         vae: separate VAE folder (or model.vae_model).
         fit_config: a fit YAML whose data/model sections fill the arguments left unset.
         progress: show a progress bar.
+        overwrite: draw into an existing ``out`` that holds other files (docs/reliability.md, output folders).
     """
     from ..sampling import check_size
 
@@ -71,6 +73,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
         raise ValueError(f"generate-class-images needs --{', --'.join(missing)} (or --fit_config with "
                          "model.base_model, data.class_prompt and data.class_dir).")
     check_size(args["resolution"], args["resolution"])
+    check_output_dir(args["out"], "generate-class-images", "--out", overwrite, ours=("class_*.png", MANIFEST))
     settings = ClassImageSettings(steps=steps, guidance=guidance, scheduler=scheduler, resolution=args["resolution"],
                                   batch_size=batch_size, seed=seed, negative_prompt=negative_prompt, cache=cache,
                                   cache_dir=cache_dir)

@@ -21,7 +21,8 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from ..io import atomic_dir, check_replaceable
+from ..io import atomic_dir, check_output_file, check_replaceable
+from ..io.magnitude import check_magnitude
 from ..formats import Format, read_lora, write_lora
 from ..lora_state import LoRA, LoRAFormatError, base_skeleton, check_base, uniform_alpha
 
@@ -179,7 +180,7 @@ def fuse(loras: Sequence[tuple[LoRA, float]], base: str, out: str, overwrite: bo
 
 def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int] = None, density: float = 0.5,
           majority_sign_method: Literal["total", "frequency"] = "total", base: Optional[str] = None,
-          format: Format = "diffusers", seed: int = 0, overwrite: bool = False) -> str:
+          format: Format = "diffusers", seed: int = 0, overwrite: bool = False, force: bool = False) -> str:
     """Merge LoRA files (``A.safetensors:1.0 B.safetensors:0.8``) into one file, or into the base with ``fuse``.
 
     Args:
@@ -194,12 +195,17 @@ def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int
         format: layout of the output file (diffusers or kohya).
         seed: seed of dare's random drop.
         overwrite: with fuse, replace an existing --out folder (never ``.``, ``/``, home or one holding inputs).
+        force: merge LoRA files past the magnitude bound (a change of more than 10x a layer's weight).
     """
     specs = [parse_spec(s) for s in loras]
     if method == "fuse":  # before any model loads: an output folder that may not be replaced is refused now
         check_replaceable(out, overwrite, "--out", [p for p in (base, *(p for p, _ in specs)) if p])
+    else:
+        check_output_file(out, "--out", [p for p, _ in specs])
     models = base_skeleton(base) if base else None
     adapters = [read_lora(p, models["unet"].config if models else None) for p, _ in specs]
+    for lora, (p, w) in zip(adapters, specs):  # a finite but absurd file would merge into 1e30 weights
+        check_magnitude(lora.weights, lora.alphas, p, None, w, force)  # base_skeleton has no weights: absolute bound
     for lora, (p, _) in zip(adapters, specs):
         if models:
             check_base(lora, models, p)

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 from PIL import Image
 
-from ..io import atomic_write, save_image, write_json, write_text
+from ..io import atomic_write, check_output_dir, save_image, write_json, write_text
 from ..sampling import SAMPLER
 
 
@@ -108,7 +108,7 @@ def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str,
     from ..data.images import load_rgb
     from ..sampling import generate, load_pipeline
 
-    root = Path(out)
+    root = check_output_dir(out, "merge-eval", ours=("images", "merge_eval.*", "*.png"))
     seeds = [seed + i for i in range(images_per_weight)]
     gen_cfg = dict(subject=str(subject), style=str(style), base=str(base), prompt=prompt, subject_weight=subject_weight,
                    seeds=seeds, scheduler=scheduler, steps=steps, guidance=guidance, resolution=resolution, dtype=dtype)

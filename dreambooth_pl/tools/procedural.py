@@ -163,10 +163,10 @@ def make_procedural(out: str = "data/_cache/procedural", size: int = 32, num_ins
     """
     from diffusers import StableDiffusionXLPipeline
 
-    from ..io import atomic_dir
+    from ..io import atomic_dir, check_output_dir
     from ..bases import make_base
 
-    root = Path(out)
+    root = check_output_dir(out, "make-procedural", ours=("instance", "base", "random-tiny", "*.png", "*.json"))
     inst = root / "instance"
     inst.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(instance_images(num_instance, size, seed + 1)):

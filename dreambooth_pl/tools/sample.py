@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
-from ..io import ensure_writable, read_png_metadata, save_image, write_json, write_png
+from ..io import check_output_dir, read_png_metadata, save_image, write_json, write_png
 from ..sampling import SAMPLER, runtime
 
 # sample() arguments that a PNG's metadata pins; the rest (out, batch size, device) do not change pixels.
@@ -79,7 +79,8 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
            height: Optional[int] = None, width: Optional[int] = None, seeds: Union[int, list[int], None] = None,
            seed: int = 0, images_per_prompt: int = 1, batch_size: int = 4, dtype: str = "float16",
            device: Optional[str] = None, vae: Optional[str] = None, vae_tiling: bool = False,
-           vae_slicing: bool = True, from_png: Optional[str] = None, list_suites: bool = False) -> str:
+           vae_slicing: bool = True, from_png: Optional[str] = None, list_suites: bool = False,
+           overwrite: bool = False, force: bool = False) -> str:
     """Sample images from an SDXL base with zero or more LoRA files; writes PNGs, contact_sheet.png, manifest.json.
 
     Args:
@@ -110,6 +111,8 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         from_png: regenerate the image a PNG of this tool records (its settings replace the ones above;
             pixels match on the same device type, batch size and library versions).
         list_suites: print the prompt suites and exit (also: ``python -m dreambooth_pl list-suites``).
+        overwrite: write into an existing ``out`` that holds other files (docs/reliability.md, output folders).
+        force: use LoRA files past the magnitude bound (a change of more than 10x a layer's weight).
     """
     from ..sampling import SamplingError, check_size, generate, load_pipeline
 
@@ -138,9 +141,9 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
                                 f"x images_per_prompt {images_per_prompt}): give one seed per image, or none "
                                 "(then image k gets seed + k).")
     check_size(settings["height"], settings["width"])
-    folder = ensure_writable(out)
+    folder = check_output_dir(out, "sample", "--out", overwrite, ours=("*.png", "manifest.json"))
     pipe = load_pipeline(settings["base"], [tuple(x) for x in settings["loras"]], settings["scheduler"],
-                         settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing)
+                         settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing, force)
     images = generate(pipe, prompts, seed_list, settings["steps"], settings["guidance"],
                       settings["negative_prompt"], settings["height"], settings["width"], batch_size)
     settings.update(runtime(pipe))
