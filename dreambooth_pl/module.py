@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from . import adapters, block_ops
+from . import adapters, block_ops, quant
 from . import lora as lora_lib
 from . import perf as perf_lib
 from .data.cache import Encoders
@@ -34,6 +34,8 @@ class DreamBoothLoRA(L.LightningModule):
         seed: seed of per-step noise and timesteps (linked from ``seed_everything``).
         random_base: build a random-weight base of this preset at ``base_model`` if that folder does not exist
             (smoke runs, tests and benchmarks on machines without the real weights).
+        base_dtype: storage of the UNet's frozen linears: ``float16`` (the trainer's dtype), ``float8`` (e4m3 with
+            per-channel scales, upcast per layer) or ``nf4`` (bitsandbytes); adapters stay fp32 (quant.py).
         lora: the adapters: type, rank, alpha, dropout, targets, init, text encoders (settings.LoraSettings).
         optim: optimizer, learning rates, weight decays and schedule (settings.OptimSettings).
         ema: moving average of the adapter weights (settings.EmaSettings).
@@ -44,6 +46,7 @@ class DreamBoothLoRA(L.LightningModule):
                  vae_model: Optional[str] = None, vae_dtype: Literal["float32", "bfloat16"] = "float32",
                  prior_loss_weight: float = 1.0, snr_gamma: Optional[float] = None, noise_offset: float = 0.0,
                  seed: int = 0, random_base: Optional[Literal["tiny", "sdxl"]] = None,
+                 base_dtype: quant.BaseDtype = "float16",
                  lora: LoraSettings = LoraSettings(), optim: OptimSettings = OptimSettings(),
                  ema: EmaSettings = EmaSettings(), perf: PerfSettings = PerfSettings()):
         super().__init__()
@@ -53,6 +56,7 @@ class DreamBoothLoRA(L.LightningModule):
         self.save_hyperparameters()  # the groups are frozen dataclasses: their shared defaults cannot change
         self.hparams.update(lora=lora, optim=optim, ema=ema, perf=perf)
         check_model(lora, perf, noise_offset, snr_gamma)
+        quant.check_base_dtype(base_dtype)
         self.loss_fn = DreamBoothLoss(prior_loss_weight)  # validates the weight before any model loads
         self.unet = None
         self._graphed = None
@@ -98,6 +102,8 @@ class DreamBoothLoRA(L.LightningModule):
             targets = lora.target_modules if model is self.unet else lora_lib.TEXT_TARGETS
             cfg = adapters.adapter_config(lora.adapter, lora.rank, lora.alpha, lora.dropout, targets, lora.init)
             adapters.add_adapter(model, lora.adapter, cfg)
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        quant.quantize_base(self.unet, hp.base_dtype, dtype, device, hp.perf.fused_lora)  # before the plan counts it
         if hp.perf.memory_plan == "auto":  # cache all the run allows, then the fastest plan that fits the GPU
             from .memory_plan import auto_speed
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from ..sampling import SAMPLER
 
@@ -31,6 +31,9 @@ class ClassImageSettings:
         batch_size: images per UNet batch.
         seed: seed of image 0 (image i uses ``seed + i``).
         negative_prompt: prompt to steer away from.
+        base_dtype: storage of the UNet's linears while drawing (quant.py): ``float16`` as loaded, ``float8`` or
+            ``nf4`` to draw on a small GPU (loaded on the CPU first, so the full base never sits on the GPU).
+        vae_tiling: decode in tiles (a 1024² fp32 decode otherwise needs ~2 GiB beside the resident models).
     """
 
     steps: int = SAMPLER.steps
@@ -40,6 +43,8 @@ class ClassImageSettings:
     batch_size: int = 4
     seed: int = 0
     negative_prompt: Optional[str] = None
+    base_dtype: Literal["float16", "float8", "nf4"] = "float16"
+    vae_tiling: bool = False
 
 
 def missing_indices(folder: Path, num: int) -> list[int]:
@@ -71,10 +76,12 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         vae: separate VAE folder.
         progress: show a progress bar.
     """
+    import torch
     from tqdm.auto import tqdm
 
     from ..io import ensure_writable, write_json, write_png
     from ..sampling import check_size, generate, load_pipeline, runtime
+    from ..sdxl import DTYPES
 
     s = settings or ClassImageSettings()
     check_size(s.resolution, s.resolution)
@@ -88,9 +95,16 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     todo = missing_indices(folder, num)
     if not todo:
         return f"{folder}: {num} class image(s) present, nothing to do"
-    pipe = load_pipeline(base, (), s.scheduler, dtype, device, vae)
+    if s.base_dtype == "float16":
+        pipe = load_pipeline(base, (), s.scheduler, dtype, device, vae, vae_tiling=s.vae_tiling)
+    else:
+        from ..quant import quantized_pipeline
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_pipeline(base, (), s.scheduler, "float32", "cpu", vae, vae_tiling=s.vae_tiling)
+        pipe = quantized_pipeline(loaded, s.base_dtype, DTYPES[dtype], device)
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
-                     negative_prompt=s.negative_prompt, **runtime(pipe))
+                     negative_prompt=s.negative_prompt, base_dtype=s.base_dtype, **runtime(pipe))
     with tqdm(total=len(todo), desc=f"class images -> {folder}", disable=not progress) as bar:
         for start in range(0, len(todo), s.batch_size):
             chunk = todo[start:start + s.batch_size]
