@@ -122,8 +122,18 @@ def plan_speed(module, device: torch.device, data=None) -> dict:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     weights = frozen_gib(*resident) + trainable * 16 / GIB  # fp32 weight, gradient and two Adam moments
     limit = budget(device, perf.memory_budget_gib)
-    plan = choose(weights, resolution, images, limit, not (lora.train_text_encoder or lora.dropout > 0
-                                                            or perf.compile_blocks))
+    graph = not (lora.train_text_encoder or lora.dropout > 0 or perf.compile_blocks)
+
+    def fit(w: float) -> Plan:
+        return choose(w, resolution, images, limit, graph)
+
+    from .quant import storage_hint  # what a quantized base would allow (the plan never quantizes by itself)
+
+    try:
+        plan = fit(weights)
+    except MemoryPlanError as e:
+        raise MemoryPlanError(f"{e} {storage_hint(module.unet, weights, fit)}".strip()) from None
     rank_zero_info(f"memory plan: {plan.name}, cache={cache} (estimated "
-                   f"{estimate(plan, weights, resolution, images):.1f} GiB of {limit:.1f} GiB)")
+                   f"{estimate(plan, weights, resolution, images):.1f} GiB of {limit:.1f} GiB)"
+                   + (f". {hint}" if (hint := storage_hint(module.unet, weights, fit, plan)) else ""))
     return {"cache": cache, "cuda_graph": plan.cuda_graph, "checkpoint_every": plan.checkpoint_every}

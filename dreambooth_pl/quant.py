@@ -209,3 +209,31 @@ def quantized_pipeline(pipe, base_dtype: BaseDtype, dtype: torch.dtype, device: 
         pipe.vae.to(dtype)
     quantize_base(pipe.unet, base_dtype, dtype, device)
     return pipe.to(device)
+
+
+def storage_hint(unet: torch.nn.Module, weights_gib: float, choose, current=None) -> str:
+    """A sentence naming what ``model.base_dtype: float8`` / ``nf4`` would let ``memory_plan: auto`` pick, when
+    that is a faster plan than ``current`` (or any plan when ``current`` is None: nothing fits). The plan never
+    switches the storage itself: rounding the base changes the maths, which ``model.perf`` switches must not.
+
+    Args:
+        unet: the run's UNet, stored as loaded (float16).
+        weights_gib: the run's resident weights as counted for the plan.
+        choose: resident GiB -> the plan that fits (raises ``memory_plan.MemoryPlanError`` when none does).
+        current: the plan chosen for the float16 base.
+    """
+    from .memory_plan import GIB, MemoryPlanError
+
+    if any(is_quantized(m) for m in unet.modules()):
+        return ""
+    full = stored_bytes(unet, "float16") / GIB
+    options = []
+    for name in ("float8", "nf4"):
+        weights = weights_gib - full + stored_bytes(unet, name) / GIB
+        try:
+            plan = choose(weights)
+        except MemoryPlanError:
+            continue
+        if current is None or plan.s_per_step < current.s_per_step:
+            options.append(f"model.base_dtype: {name} ({weights:.1f} GiB of weights) would allow '{plan.name}'")
+    return ("; ".join(options) + " (docs/performance.md: what the storage costs in quality).") if options else ""
