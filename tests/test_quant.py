@@ -219,6 +219,23 @@ def test_quality_against_the_unquantized_base_on_fixed_inputs_and_over_20_steps(
     assert q["float8"]["update_cosine"] >= 0.9 and q["nf4"]["update_cosine"] >= 0.6
 
 
+def test_resume_on_a_float8_base_continues_and_refuses_another_storage(subject_dirs, tiny_base, tmp_path):
+    from conftest import fit_args
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=2, **{"model.base_dtype": "float8"}))
+    run = tmp_path / "lightning_logs" / "version_0"
+    stopped = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stopped["global_step"] == 2 and stopped["state_dict"] and all("lora_" in k for k in stopped["state_dict"])
+    with pytest.raises(ValueError, match="model.base_dtype: checkpoint 'float8', this run 'float16'"):
+        DreamBoothCLI(args=["fit", "--config", str(run / "config.yaml"), "--model.base_dtype", "float16",
+                            "--ckpt_path", "last"])
+    cli = DreamBoothCLI(args=["fit", "--config", str(run / "config.yaml"), "--trainer.max_steps", "3",
+                              "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 3 and isinstance(cli.model.unet.conv_in, torch.nn.Conv2d)
+    assert any(isinstance(m, quant.Float8Linear) for m in cli.model.unet.modules())
+
+
 def test_class_images_drawn_on_a_float8_base(tiny_base, tmp_path):
     from dreambooth_pl.data.class_images import ClassImageSettings, draw_class_images
     from dreambooth_pl.io.png import read_png_metadata
