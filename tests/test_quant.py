@@ -58,29 +58,38 @@ def test_float8_upcasts_per_call_and_saves_only_the_bits_for_backward():
     assert f.bias.dtype == torch.float16 and f(x.detach().half()).dtype == torch.float16
 
 
+def _dequantized(layer: torch.nn.Module) -> torch.Tensor:
+    if isinstance(layer, quant.Float8Linear):
+        return layer.weight
+    import bitsandbytes.functional as bf
+
+    return bf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+@pytest.mark.parametrize("storage", QUANTIZED)
 @pytest.mark.parametrize("variant", ["lora", "dora", "lora_fused"])
-def test_peft_adapters_on_a_float8_layer_equal_them_on_its_dequantized_weight(variant):
+def test_peft_adapters_on_a_quantized_layer_equal_them_on_its_dequantized_weight(variant, storage):
     from peft import LoraConfig, inject_adapter_in_model
 
     from dreambooth_pl.fused_lora import fuse_lora_layers
 
     def adapted():
         torch.manual_seed(1)
-        model = torch.nn.Sequential(_frozen_linear(40, 24))
+        model = torch.nn.Sequential(_frozen_linear(40, 64))
         return inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False,
                                                   use_dora=variant == "dora"), model)
 
     model, ref = adapted(), adapted()
     if variant == "lora_fused":
         fuse_lora_layers(model)
-        with pytest.warns(UserWarning, match="1 adapted layers on the float8 base keep peft's forward"):
-            assert quant.quantize_base(model, "float8", torch.float32, fused_lora=True) == 1
+        with pytest.warns(UserWarning, match=f"1 adapted layers on the {storage} base keep peft's forward"):
+            assert quant.quantize_base(model, storage, torch.float32, fused_lora=True) == 1
     else:
-        assert quant.quantize_base(model, "float8", torch.float32) == 1
+        assert quant.quantize_base(model, storage, torch.float32) == 1
     base = model[0].get_base_layer()
-    assert isinstance(base, quant.Float8Linear)
-    ref[0].get_base_layer().weight.copy_(base.weight)  # the same rounded weight in an ordinary layer
-    x = torch.randn(2, 7, 24)
+    assert quant.is_quantized(base)
+    ref[0].get_base_layer().weight.copy_(_dequantized(base))  # the same rounded weight in an ordinary layer
+    x = torch.randn(2, 7, 64)
     outs = []
     for m in (model, ref):
         out = m(x)
