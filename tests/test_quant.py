@@ -135,7 +135,8 @@ def _unet_inputs(m: DreamBoothLoRA):
 
 
 def _frozen_linear_weights(model: torch.nn.Module) -> set[str]:
-    return {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad}
+    return {f"{n}.weight" for n, m in model.named_modules()
+            if type(m) is torch.nn.Linear and not m.weight.requires_grad}
 
 
 def test_every_frozen_linear_is_stored_quantized_and_nothing_else_changes(modules):
@@ -164,9 +165,9 @@ def test_quantized_layers_hold_no_gradient_and_the_adapters_get_theirs(modules):
         m._unet(*_unet_inputs(m)).square().mean().backward()
         layers = [x for x in m.unet.modules() if quant.is_quantized(x)]
         assert all(t.grad is None and not t.requires_grad for x in layers for t in (*x.parameters(), *x.buffers()))
-        grads = [p.grad for n, p in m.trainable_parameters().items() if "lora_A" in n]  # B = 0: only A's is zero
-        assert all(p.grad is not None for p in m.trainable_parameters().values())
-        assert all(g is not None for g in grads)
+        grads = {n: p.grad for n, p in m.trainable_parameters().items()}
+        assert all(g is not None for g in grads.values())
+        assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # B = 0 at the start: A's are zero
         m.zero_grad(set_to_none=True)
 
 
@@ -224,7 +225,8 @@ def test_quality_against_the_unquantized_base_on_fixed_inputs_and_over_20_steps(
 
     q = quant_quality(tiny_base, dtype="float32", device="cpu", resolution=64, steps=20)
     print(f"tiny base, fp32: {q}")
-    assert 0 < q["float8"]["output_rel_error"] <= 0.06 and q["float8"]["output_rel_error"] < q["nf4"]["output_rel_error"] <= 0.2
+    f8, nf4 = q["float8"]["output_rel_error"], q["nf4"]["output_rel_error"]
+    assert 0 < f8 <= 0.06 and f8 < nf4 <= 0.2
     assert q["float8"]["update_cosine"] >= 0.9 and q["nf4"]["update_cosine"] >= 0.6
 
 
@@ -271,7 +273,8 @@ def test_float8_lora_loads_with_load_lora_weights_on_the_fp16_base(tmp_path):
     cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "perf" / "8gb.yaml"), "--model.base_model",
                               base, "--data.instance_dir", instance_dir, "--data.class_dir", class_dir,
                               "--data.num_class_images", "4", "--trainer.max_steps=3",
-                              "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar=false"])
+                              "--trainer.logger.init_args.save_dir", str(tmp_path),
+                              "--trainer.enable_progress_bar=false"])
     model = cli.model.cuda()
     assert cli.trainer.global_step == 3 and model.graph_stats["replays"] == 3
     gen = torch.Generator().manual_seed(0)
@@ -312,7 +315,8 @@ def test_8gb_preset_replays_its_graph_and_stays_far_under_the_fp16_run(base_dtyp
     cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "perf" / "8gb.yaml"), "--model.base_model",
                               base, f"--model.base_dtype={base_dtype}", "--data.instance_dir", instance_dir,
                               "--data.class_dir", class_dir, "--data.num_class_images", "4", "--trainer.max_steps=3",
-                              "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar=false"])
+                              "--trainer.logger.init_args.save_dir", str(tmp_path),
+                              "--trainer.enable_progress_bar=false"])
     peak = (torch.cuda.max_memory_reserved() - before) / 2**30
     print(f"8gb preset, {base_dtype}: peak {peak:.2f} GiB, graph {cli.model.graph_stats}")
     assert torch.isfinite(cli.trainer.logged_metrics["train/loss"]) and cli.model.graph_stats["replays"] == 3

@@ -243,7 +243,8 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
     base = build_base(base, base_preset)
     if memory_cap_gib is not None and torch.cuda.is_available():  # after the base is built: the run alone is capped
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(memory_cap_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_cap_gib * GIB / total)
         torch.cuda.reset_peak_memory_stats()
     if reference:
         fp16 = reference_precision == "fp16"
