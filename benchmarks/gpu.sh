@@ -84,6 +84,20 @@ for stage in "$@"; do
     profile)  # where a steady graphed step's time goes: kernels by kind, GPU idle gaps, Python hot spots, a trace
       bench --preset fast --steps 2 --warmup 4 --profile "$OUT/profile-fast-graph.txt" ;;
     t4) bench --preset t4-16gb --steps 12 --warmup 4 ;;
+    quant|quant-bench)  # issue 24: whole-run peak (class-prior generation, caching, steps) of the 8gb preset with the
+      # card capped to 8 GiB, float8 and nf4, beside the fp16 recipe (uncapped; it draws its priors as shipped)
+      GEN='"--data.generate_class_images=true","--data.num_class_images=2","--data.class_generation.steps=4"'
+      bench --preset recipe --steps 12 --warmup 4 --overrides "[$GEN,\"--data.class_dir=$OUT/cls-fp16\"]"
+      for dt in float8 nf4; do
+        bench --preset 8gb --steps 12 --warmup 4 --memory_cap_gib 8 \
+          --overrides "[$GEN,\"--data.class_dir=$OUT/cls-$dt\",\"--model.base_dtype=$dt\",\"--data.class_generation.base_dtype=$dt\"]"
+      done
+      [ "$stage" = quant ] && timeout 240 python3 -c "from dreambooth_pl.tools.quant_quality import quant_quality as q; \
+print(q('$BASE', out='$OUT/quant-quality.jsonl'))" 2>&1 | tail -n 2 ;;
+    quant-quality) timeout 240 python3 -c "from dreambooth_pl.tools.quant_quality import quant_quality as q; \
+print(q('$BASE', out='$OUT/quant-quality.jsonl'))" 2>&1 | tail -n 2 ;;
+    quant-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_quant.py 2>&1 \
+      | grep -E "passed|failed|relative|peak|cosine|Error|^FAILED|^E " | tail -n 30 ;;
     t4-te) bench --preset t4-16gb-te --steps 10 --warmup 3 ;;
     reference) bench --reference .bench/reference/train_dreambooth_lora_sdxl.py --steps 16 --warmup 4 ;;
     reference-bf16) bench --reference .bench/reference/train_dreambooth_lora_sdxl.py --reference_precision bf16 --steps 16 --warmup 4 ;;
@@ -107,7 +121,8 @@ if os.path.exists(sys.argv[1]):
             print(json.dumps(r)[:1500])
             continue
         print(f"{r['preset']:>22} {r.get('overrides',''):>60} {r['s_per_step']:.3f} s/step  "
-              f"steady {r.get('peak_reserved_gib', 0):.2f}  run-peak {r.get('run_peak_reserved_gib', 0):.2f} GiB  "
+              + (f"cap {r['memory_cap_gib']} GiB  " if r.get('memory_cap_gib') else "")
+              + f"steady {r.get('peak_reserved_gib', 0):.2f}  run-peak {r.get('run_peak_reserved_gib', 0):.2f} GiB  "
               f"ttl {r.get('time_to_lora_min', 0):.1f} min  warmup {r.get('warmup_s', '')}  "
               f"step median/max {r.get('step_s_median', 0):.3f}/{r.get('step_s_max', 0):.3f}"
               + (f"  {r['tflop_per_step']:.2f} TFLOP/step, {r['tflops']:.0f} TFLOP/s" if r.get('tflops') else ""))

@@ -139,8 +139,19 @@ def _allows(plan: Plan, perf: PerfSettings) -> bool:
             and (not plan.fused or all(getattr(perf, k) is not False for k in fused)))
 
 
+def _candidates(perf: PerfSettings, fusable: bool) -> tuple[Plan, ...]:
+    """The plans that keep the user's switches (the fused one only where the run can fuse), fastest first."""
+    plans = tuple(p for p in PLANS if _allows(p, perf) and (not p.fused or fusable))
+    if not plans:  # the user fixed a checkpointing the plans do not measure: plan with the nearest one's memory
+        every = (perf.checkpoint_every or 1) if perf.gradient_checkpointing else 0
+        near = min(PLANS, key=lambda p: abs(p.checkpoint_every - every) + 9 * p.fused)
+        plans = (dataclasses.replace(near, name=f"checkpoint_every={every} as given", checkpoint_every=every),)
+    return plans
+
+
 def resolve_perf(perf: PerfSettings, lora: LoraSettings, shape: DataShape, target: Target, weights_gib: float = 0.0,
-                 log: Optional[Callable[[str], None]] = None) -> PerfSettings:
+                 log: Optional[Callable[[str], None]] = None, base_dtype: str = "float16",
+                 storage_gib: Optional[dict[str, float]] = None) -> PerfSettings:
     """The switches a run uses: ``perf`` as given (``manual``, or off a GPU), or with ``memory_plan: auto`` the
     fastest plan whose estimate fits ``target.free_gib``, keeping every switch the user set.
 
@@ -151,17 +162,30 @@ def resolve_perf(perf: PerfSettings, lora: LoraSettings, shape: DataShape, targe
         target: the device, its free memory and whether the run is mixed precision.
         weights_gib: frozen weights, adapters and optimizer state resident during the steps (auto only).
         log: called with one line saying what ``auto`` picked and why.
+        base_dtype: ``model.base_dtype``: on a quantized base the fused LoRA node keeps peft's forward
+            (fused_lora.py fuses plain ``nn.Linear`` bases only), so the fused plan's measured memory does not hold.
+        storage_gib: ``weights_gib`` with the UNet stored as float8 / nf4 instead (``quant.storage_gib``); the log
+            line and the no-plan-fits error name a storage that would allow a faster plan. The plan never
+            switches the storage itself: rounding the base changes the maths, which ``model.perf`` must not.
     """
     if perf.memory_plan == "manual" or target.type != "cuda":
         return manual(perf)
+    from .quant import storage_hint
+
     cache = perf.cache or ("latents" if lora.train_text_encoder else "all")  # the encoders leave the GPU
     graph = not graph_blockers(lora, perf) and perf.cuda_graph is not False
-    plans = tuple(p for p in PLANS if _allows(p, perf) and (not p.fused or target.half))
-    if not plans:  # the user fixed a checkpointing the plans do not measure: plan with the nearest one's memory
-        every = (perf.checkpoint_every or 1) if perf.gradient_checkpointing else 0
-        near = min(PLANS, key=lambda p: abs(p.checkpoint_every - every) + 9 * p.fused)
-        plans = (dataclasses.replace(near, name=f"checkpoint_every={every} as given", checkpoint_every=every),)
-    plan = choose(weights_gib, shape.resolution, shape.images, target.free_gib, graph, plans)
+    plans = _candidates(perf, target.half and base_dtype == "float16")
+
+    def fit(weights: float, plans: tuple[Plan, ...] = plans) -> Plan:
+        return choose(weights, shape.resolution, shape.images, target.free_gib, graph, plans)
+
+    def fit_quantized(weights: float) -> Plan:  # the plans open to a float8/nf4 base (no fused one)
+        return fit(weights, _candidates(perf, False))
+
+    try:
+        plan = fit(weights_gib)
+    except MemoryPlanError as e:
+        raise MemoryPlanError(f"{e} {storage_hint(storage_gib or {}, fit_quantized)}".strip()) from None
     plain = lora.adapter == "lora" and lora.dropout == 0  # the fused node runs plain LoRA; others keep peft's path
     fused = plan.fused and plain
     chosen = dataclasses.replace(
@@ -173,8 +197,9 @@ def resolve_perf(perf: PerfSettings, lora: LoraSettings, shape: DataShape, targe
     if log is not None:
         why = f"estimated {estimate(plan, weights_gib, shape.resolution, shape.images):.1f} GiB of " \
               f"{target.free_gib:.1f} GiB less {HEADROOM:.0%} headroom"
-        faster = [p.name for p in PLANS if p.s_per_step < plan.s_per_step and p not in plans]
-        log(f"memory plan: {plan.name}, cache={cache} ({why}" + (f"; faster plans ruled out by your settings or "
-                                                                f"precision: {', '.join(faster)}" if faster else "")
-            + "; model.perf.* values you set always win)")
+        faster = ", ".join(p.name for p in PLANS if p.s_per_step < plan.s_per_step and p not in plans)
+        log(f"memory plan: {plan.name}, cache={cache} ({why}"
+            + (f"; faster plans ruled out by your settings, precision or base_dtype: {faster}" if faster else "")
+            + "; model.perf.* values you set always win)"
+            + (f". {hint}" if (hint := storage_hint(storage_gib or {}, fit_quantized, plan)) else ""))
     return manual(chosen)

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from . import adapters, block_ops
+from . import adapters, block_ops, quant
 from . import lora as lora_lib
 from . import perf as perf_lib
 from .data.cache import Encoders
@@ -36,6 +36,8 @@ class DreamBoothLoRA(L.LightningModule):
         seed: seed of per-step noise and timesteps (linked from ``seed_everything``).
         random_base: build a random-weight base of this preset at ``base_model`` if that folder does not exist
             (smoke runs, tests and benchmarks on machines without the real weights).
+        base_dtype: storage of the UNet's frozen linears: ``float16`` (the trainer's dtype), ``float8`` (e4m3 with
+            per-channel scales, upcast per layer) or ``nf4`` (bitsandbytes); adapters stay fp32 (quant.py).
         lora: the adapters: type, rank, alpha, dropout, targets, init, text encoders (settings.LoraSettings).
         optim: optimizer, learning rates, weight decays and schedule (settings.OptimSettings).
         ema: moving average of the adapter weights (settings.EmaSettings).
@@ -46,6 +48,7 @@ class DreamBoothLoRA(L.LightningModule):
                  vae_model: Optional[str] = None, vae_dtype: Literal["float32", "bfloat16"] = "float32",
                  prior_loss_weight: float = 1.0, snr_gamma: Optional[float] = None, noise_offset: float = 0.0,
                  seed: int = 0, random_base: Optional[Literal["tiny", "sdxl"]] = None,
+                 base_dtype: quant.BaseDtype = "float16",
                  lora: LoraSettings = LoraSettings(), optim: OptimSettings = OptimSettings(),
                  ema: EmaSettings = EmaSettings(), perf: PerfSettings = PerfSettings()):
         super().__init__()
@@ -55,6 +58,7 @@ class DreamBoothLoRA(L.LightningModule):
         self.save_hyperparameters()  # the groups are frozen dataclasses: their shared defaults cannot change
         self.hparams.update(lora=lora, optim=optim, ema=ema, perf=perf)
         check_model(lora, perf, noise_offset, snr_gamma)
+        quant.check_base_dtype(base_dtype)
         self.loss_fn = DreamBoothLoss(prior_loss_weight)  # validates the weight before any model loads
         self.unet = None
         self._graphed = None
@@ -89,7 +93,10 @@ class DreamBoothLoRA(L.LightningModule):
         hp = self.hparams
         dtype = self.weight_dtype()
         trainer = self._trainer  # each weight straight to the training device in the training dtype (start-up)
-        parts = load_parts(hp.base_model, hp.vae_model, dtype, trainer.strategy.root_device if trainer else None,
+        device = trainer.strategy.root_device if trainer else None
+        # a quantized base loads on the CPU and its linears go to the device one by one, already quantized: the
+        # half-precision UNet never sits on an 8 GB card whole
+        parts = load_parts(hp.base_model, hp.vae_model, dtype, device if hp.base_dtype == "float16" else None,
                            DTYPES[hp.vae_dtype])
         self.tokenizers = (parts.tokenizer, parts.tokenizer_2)
         self.scheduler_config = parts.scheduler_config
@@ -104,6 +111,8 @@ class DreamBoothLoRA(L.LightningModule):
             targets = lora.target_modules if model is self.unet else lora_lib.TEXT_TARGETS
             cfg = adapters.adapter_config(lora.adapter, lora.rank, lora.alpha, lora.dropout, targets, lora.init)
             adapters.add_adapter(model, lora.adapter, cfg)
+        # quantized before the memory plan counts the UNet's bytes
+        quant.quantize_base(self.unet, hp.base_dtype, dtype, device, bool(hp.perf.fused_lora))
         self.perf = self.resolve_perf(encoders)
         if self.perf.gradient_checkpointing:  # only dropout draws random numbers inside the UNet's blocks
             perf_lib.set_checkpointing(self.unet, self.perf.checkpoint_every, preserve_rng_state=lora.dropout > 0)
@@ -125,15 +134,16 @@ class DreamBoothLoRA(L.LightningModule):
                            "apply.")
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         shape = dm.shape() if dm is not None else DataShape()
-        weights = 0.0
+        weights, storage = 0.0, None
         if device.type == "cuda":  # resident during the steps: the UNet (and trained text encoders), fp32 adapters
             trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
             weights = frozen_gib(self.unet, *trained_encoders) + trainable * 16 / GIB  # weight, grad, two moments
+            storage = quant.storage_gib(self.unet, weights)  # what float8/nf4 would leave, for the plan's hint
         held = sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers())
                    if t.device.type == "cuda") / GIB  # loaded straight to the GPU: free memory already lacks them
         target = Target(device.type, budget(device, hp.perf.memory_budget_gib, held_gib=held)
                         if device.type == "cuda" else None, self.weight_dtype() != torch.float32)
-        return resolve_perf(hp.perf, hp.lora, shape, target, weights, rank_zero_info)
+        return resolve_perf(hp.perf, hp.lora, shape, target, weights, rank_zero_info, hp.base_dtype, storage)
 
     def configure_speed(self) -> None:
         """Apply the perf switches (after the adapters exist, so compiled blocks include them)."""

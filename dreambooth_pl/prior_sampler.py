@@ -69,11 +69,15 @@ class PriorSampler:
         graph: replay the UNet from a CUDA graph on a CUDA device (falls back to eager, with a warning, when the
             capture fails).
         decode_batch: latents per VAE decode call.
+        base_dtype: the UNet's linears stored as ``float8`` or ``nf4`` (quant.py), quantised layer by layer on
+            ``device`` from the copy loaded on the CPU, so the half-precision UNet never sits there whole (an 8 GB
+            card); ``float16``: as loaded.
+        vae_tiling: decode in overlapping tiles (less memory above the VAE's tile size).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
-                 decode_batch: int = 4):
+                 decode_batch: int = 4, base_dtype: str = "float16", vae_tiling: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -89,6 +93,13 @@ class PriorSampler:
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             pipe.vae.to(torch.float32)  # as the pipeline decodes: the SDXL VAE overflows to NaN in fp16
         pipe.set_progress_bar_config(disable=True)
+        if vae_tiling:
+            pipe.vae.enable_tiling()
+        self.base_dtype = base_dtype
+        if base_dtype != "float16":
+            from .quant import quantize_base
+
+            quantize_base(pipe.unet.requires_grad_(False), base_dtype, self.dtype, self.device)
         self.pipe = pipe.to(self.device)
         self.graph = graph and self.device.type == "cuda"
         self._graphs: dict[tuple, _GraphedUNet] = {}
@@ -98,7 +109,7 @@ class PriorSampler:
         from .sampling import runtime
 
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
-                    vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype])
+                    vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype)
 
     def _unet(self, x, t, embeds, text, time_ids) -> torch.Tensor:
         if not self.graph:

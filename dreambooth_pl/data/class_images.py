@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from ..sampling import SAMPLER
 
@@ -36,6 +36,10 @@ class ClassImageSettings:
         cache: keep every image drawn in the prior cache and link cached ones instead of drawing them
             (data/prior_cache.py).
         cache_dir: the cache's folder (None: ``~/.cache/dreambooth_pl/priors``, shared by every run and subject).
+        base_dtype: storage of the UNet's linears while drawing (quant.py): ``float16`` as loaded, ``float8`` or
+            ``nf4`` to draw on a small GPU (loaded on the CPU first, so the full base never sits on the GPU). The
+            rounded base draws other pixels: it is part of the prior cache's key.
+        vae_tiling: decode in tiles (a 1024² fp32 decode otherwise needs ~2 GiB beside the resident models).
     """
 
     steps: int = SAMPLER.steps
@@ -47,6 +51,8 @@ class ClassImageSettings:
     negative_prompt: Optional[str] = None
     cache: bool = True
     cache_dir: Optional[str] = None
+    base_dtype: Literal["float16", "float8", "nf4"] = "float16"
+    vae_tiling: bool = False
 
 
 def missing_indices(folder: Path, num: int) -> list[int]:
@@ -111,10 +117,11 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         return f"{folder}: {num} class image(s) present, nothing to do"
     root = resolve_base(base)
     size = s.resolution or native_size(root)
-    key = prior_key(root, vae, prompt, s.negative_prompt, s.scheduler, s.steps, s.guidance, size, size)
+    key = prior_key(root, vae, prompt, s.negative_prompt, s.scheduler, s.steps, s.guidance, size, size,
+                    s.base_dtype, s.vae_tiling)
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=s.scheduler, steps=s.steps, guidance=s.guidance, base=base, height=size, width=size,
-                  negative_prompt=s.negative_prompt)
+                  negative_prompt=s.negative_prompt, base_dtype=s.base_dtype)
     reused = [i for i in todo if cache is not None and cache.has(s.seed + i)]
     for i in reused:
         cache.copy_to(s.seed + i, folder / f"class_{i:05d}.png")
@@ -145,7 +152,8 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     import time
 
     start = time.perf_counter()
-    sampler = PriorSampler(base, s.scheduler, dtype, device, vae, _batch_size(s.batch_size, device))
+    sampler = PriorSampler(base, s.scheduler, dtype, device, vae, _batch_size(s.batch_size, device),
+                           base_dtype=s.base_dtype, vae_tiling=s.vae_tiling)
     timing = {"load_s": time.perf_counter() - start}
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
                      negative_prompt=s.negative_prompt, **sampler.runtime())

@@ -18,7 +18,7 @@ import torch
 
 from .step_timer import StepTimer, step_stats
 
-Preset = Literal["recipe", "fast", "t4-16gb", "t4-16gb-te", "sample", "priors", "end-to-end"]
+Preset = Literal["recipe", "fast", "t4-16gb", "t4-16gb-te", "8gb", "sample", "priors", "end-to-end"]
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "perf"
 RECIPE = CONFIGS.parent / "sdxl_lora_prior.yaml"  # the shipped recipe, preset "recipe"
 SAMPLE_DOG = Path(__file__).resolve().parents[2] / "data" / "sample" / "dog"
@@ -216,11 +216,11 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
               overrides: Optional[list[str]] = None, out: Optional[str] = None,
               profile: Optional[str] = None, reference: Optional[str] = None,
               reference_precision: Literal["fp16", "bf16"] = "fp16", count_flops: bool = False,
-              priors: int = 197) -> Optional[str]:
+              priors: int = 197, memory_cap_gib: Optional[float] = None) -> Optional[str]:
     """Measure s/step, images/s, peak memory and TFLOP/s of the real training path (or sampling s/image).
 
     Args:
-        preset: ``recipe`` (configs/sdxl_lora_prior.yaml), ``fast``, ``t4-16gb``, ``t4-16gb-te``
+        preset: ``recipe`` (configs/sdxl_lora_prior.yaml), ``fast``, ``t4-16gb``, ``t4-16gb-te``, ``8gb``
             (configs/perf/<preset>.yaml), ``sample``, ``priors`` (class priors against diffusers' pipeline, same
             seeds, with the image difference) or ``end-to-end`` (the recipe's ``fit`` with
             ``data.generate_class_images: true`` timed from process start to the LoRA file, phases included;
@@ -241,6 +241,8 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         count_flops: count the first step's FLOPs (torch's FlopCounterMode). Off by default: under the counter
             the first step runs compiled parts eagerly and its memory peak grows by several GiB (measured: 20.3
             against 7.1 GiB whole-run peak for the recipe), so memory and warm-up are measured without it.
+        memory_cap_gib: cap this process's CUDA allocations at this many GiB
+            (``torch.cuda.set_per_process_memory_fraction``): an 8 GB card on a bigger one; past it the run fails.
     """
     from ..io import check_output_dir, check_output_file
 
@@ -248,6 +250,11 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
     if out:
         check_output_file(out)
     base = build_base(base, base_preset)
+    if memory_cap_gib is not None and torch.cuda.is_available():  # after the base is built: the run alone is capped
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_cap_gib * GIB / total)
+        torch.cuda.reset_peak_memory_stats()
     if reference:
         fp16 = reference_precision == "fp16"
         result = reference_benchmark(reference, base, Path(work), steps, warmup, reference_precision, recipe=fp16)
@@ -266,7 +273,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
                                  profile, count_flops)
     if result["rank"] != 0:
         return None
-    result.update(environment(), date=time.strftime("%Y-%m-%d"))
+    result.update(environment(), date=time.strftime("%Y-%m-%d"), memory_cap_gib=memory_cap_gib)
     line = json.dumps(result)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

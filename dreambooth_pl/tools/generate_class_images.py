@@ -4,7 +4,7 @@ of DreamBooth, Ruiz et al. 2023, sec. 3.3), optionally filled from a fit config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from ..data.class_images import MANIFEST, NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
 from ..io import check_output_dir
@@ -36,7 +36,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                           resolution: Optional[int] = None, batch_size: Optional[int] = None,
                           dtype: Optional[str] = None, cache: bool = True, cache_dir: Optional[str] = None,
                           device: Optional[str] = None, vae: Optional[str] = None, fit_config: Optional[str] = None,
-                          progress: bool = True, overwrite: bool = False) -> str:
+                          progress: bool = True, overwrite: bool = False,
+                          base_dtype: Literal["float16", "float8", "nf4"] = "float16", vae_tiling: bool = False) -> str:
     """Draw class-prior images with the base model until ``out`` holds ``num`` images (resumable).
 
     Args:
@@ -60,6 +61,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
         fit_config: a fit YAML whose data/model sections fill the arguments left unset.
         progress: show a progress bar.
         overwrite: draw into an existing ``out`` that holds other files (docs/reliability.md, output folders).
+        base_dtype: the UNet's linears stored in ``float8`` or ``nf4`` while drawing (an 8 GB GPU; quant.py).
+        vae_tiling: decode in tiles (less memory at 1024²).
     """
     from ..sampling import check_size
 
@@ -76,7 +79,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
     check_output_dir(args["out"], "generate-class-images", "--out", overwrite, ours=("class_*.png", MANIFEST))
     settings = ClassImageSettings(steps=steps, guidance=guidance, scheduler=scheduler, resolution=args["resolution"],
                                   batch_size=batch_size, seed=seed, negative_prompt=negative_prompt, cache=cache,
-                                  cache_dir=cache_dir)
+                                  cache_dir=cache_dir, base_dtype=base_dtype, vae_tiling=vae_tiling)
     return draw_class_images(args["base"], args["prompt"], args["out"],
                              NUM_CLASS_IMAGES if args["num"] is None else args["num"], settings, dtype, device,
                              args["vae"], progress)
