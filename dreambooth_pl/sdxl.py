@@ -21,6 +21,9 @@ class RandomBaseWarning(UserWarning):
     """The base being loaded has random weights (built by make-base or ``model.random_base``)."""
 
 
+_WARNED_RANDOM: set[str] = set()
+
+
 def looks_like_hub_id(name: str) -> bool:
     """``owner/name`` that does not start with ``.``, ``/`` or ``~``: what :func:`resolve_base` may fetch from the hub."""
     return not str(name).startswith((".", "/", "~")) and str(name).count("/") == 1
@@ -51,7 +54,8 @@ def resolve_base(name: str) -> str:
             warnings.warn(f"base {name!r} is read from the local folder {str(path.resolve())!r}, not from the "
                           f"Hugging Face hub (write ./{name} to say so, or run from another folder).", stacklevel=2)
         preset = random_base_preset(path)
-        if preset:
+        if preset and str(path.resolve()) not in _WARNED_RANDOM:  # once per base and process: every loader asks
+            _WARNED_RANDOM.add(str(path.resolve()))
             warnings.warn(f"base {name!r} has RANDOM weights (a make-base {preset} stand-in for tests and speed "
                           "runs): its images are noise.", RandomBaseWarning, stacklevel=2)
         return str(path)

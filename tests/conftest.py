@@ -131,9 +131,7 @@ def console_lines(text: str) -> list[str]:
     """The non-empty lines of captured console text (progress-bar redraws split on carriage returns)."""
     import re
 
-    # under pytest the root logger has handlers, so Lightning's records reach the console through the `lightning`
-    # package's own handler, which adds "INFO: " (a plain process prints them bare)
-    return [ln.removeprefix("INFO: ") for ln in re.split(r"[\r\n]+", text) if ln.strip()]
+    return [ln for ln in re.split(r"[\r\n]+", text) if ln.strip()]
 
 
 def fit_args(base: str, instance_dir: str, class_dir: str | None, root: str, steps: int = 2, **over) -> list[str]:

@@ -65,15 +65,21 @@ def test_random_base_never_replaces_a_folder_it_did_not_build(tmp_path, monkeypa
 
 def test_random_base_refuses_hub_ids_and_says_it_is_random(tiny_base, tmp_path, monkeypatch):
     """A random base at ``stabilityai/...`` was later loaded as the real model; now it cannot be built there, and
-    loading any random base warns."""
+    loading any random base warns, once."""
     from dreambooth_pl.sdxl import RandomBaseWarning, resolve_base
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="reads as a Hugging Face hub id"):
         make_base("tiny", "stabilityai/stable-diffusion-xl-base-1.0")
     assert not (tmp_path / "stabilityai").exists()
+    monkeypatch.setattr("dreambooth_pl.sdxl._WARNED_RANDOM", set())  # other tests of this process loaded it already
     with pytest.warns(RandomBaseWarning, match="RANDOM weights"):
         resolve_base(tiny_base)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomBaseWarning)
+        resolve_base(tiny_base)  # once per base and process: the priors, the model and the grids all ask
 
 
 def test_sdxl_preset_has_the_real_parameter_counts():
