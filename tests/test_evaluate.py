@@ -182,3 +182,23 @@ def test_a_face_weights_folder_without_the_model_files_is_named_before_any_model
     with pytest.raises(EmbedderWeightsError, match="lacks shape_predictor_5_face_landmarks.dat"):
         evaluate_suite(lora=__file__, base="no/such-base", instance_dir=str(tmp_path / "real"), token="sks",
                        class_name="dog", out=str(tmp_path / "out"), face_weights=str(tmp_path))
+
+
+def test_evaluate_suite_of_a_person_counts_samples_without_a_face(tiny_base, lora_run, tmp_path):
+    """The tiny random base draws no face: both samples count in face_none, none matches, face_sim has nothing to
+    average; the real-images row scores the subject's two photos with each other (dlib's real weights)."""
+    from PIL import ImageOps
+
+    from conftest import face_photos
+    from dreambooth_pl.metrics.face import SAME_PERSON
+
+    subject = tmp_path / "astronaut"
+    subject.mkdir()
+    ast = face_photos()["astronaut"]
+    ast.save(subject / "a.png")
+    ImageOps.mirror(ast).save(subject / "b.png")
+    row = _suite(tiny_base, lora_run, tmp_path / "eval", instance_dir=str(subject), num_prompts=1, pres_images=0)
+    assert (row["face_none"], row["face_match"]) == (2, 0.0) and "face_sim" not in row
+    assert row["real_face_sim"] > SAME_PERSON + 0.2 and row["real_face_match"] == 1.0
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "face_sim | face_match | face_none" in table
