@@ -77,7 +77,7 @@ def test_an_ablation_over_adapter_kinds_runs_to_its_table(tiny_base, tmp_path):
 
     inst = tmp_path / "instance"
     inst.mkdir()
-    for p in sorted(SAMPLE.glob("*.jpg"))[:1]:
+    for p in sorted(SAMPLE.glob("*.jpg"))[:2]:  # the real-images baseline needs two
         shutil.copy(p, inst / p.name)
     write_images(tmp_path / "class", 4)
     grid = tiny_grid(tmp_path, tiny_base, str(inst), str(tmp_path / "class"),
