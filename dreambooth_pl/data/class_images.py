@@ -9,7 +9,6 @@ Both the ``generate-class-images`` verb and the DataModule (``data.generate_clas
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -73,14 +72,14 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     """
     from tqdm.auto import tqdm
 
-    from ..io import ensure_writable, write_json, write_png
+    from ..io import ensure_writable, read_json, write_json, write_png
     from ..sampling import check_size, generate, load_pipeline, runtime
 
     s = settings or ClassImageSettings()
     check_size(s.resolution, s.resolution)
     folder = ensure_writable(out)
     manifest_path = folder / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"images": {}}
+    manifest = read_json(manifest_path, "class-image manifest", ("images",)) if manifest_path.exists() else {"images": {}}
     if manifest.get("prompt", prompt) != prompt:
         raise ValueError(f"class dir {str(folder)!r} holds images of prompt {manifest['prompt']!r}, not "
                          f"{prompt!r}: use another folder (class images of two prompts must not mix).")
