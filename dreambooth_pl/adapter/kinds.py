@@ -152,7 +152,7 @@ def add_adapter(model: torch.nn.Module, kind: str, config, adapter_name: str = "
     """
     model.add_adapter(config, adapter_name=adapter_name)
     markers = KINDS[kind].markers()
-    params = [p for n, p in model.named_parameters() if any(k in n for k in markers) and f".{adapter_name}" in n]
+    params = [p for n, p in model.named_parameters() if any(k in n for k in markers) and f".{adapter_name}." in f"{n}."]
     if not params:
         raise ValueError(f"no module of {type(model).__name__} matches target_modules {config.target_modules}")
     if train:

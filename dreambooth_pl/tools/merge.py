@@ -10,10 +10,10 @@ applied module by module to adapter files, so no base model is loaded except for
   weights split as sqrt on each side (peft); inputs must share the rank at every common module.
 - ``fuse``: bake the weighted sum into the base (diffusers ``fuse_lora``) and save the merged pipeline folder.
 
-Which kinds each method takes (a clear refusal otherwise): ``weighted``, ``cat``, ``linear``, ``ties``, ``dare_*`` combine
-LoRA factors, so LoRA only; ``svd`` sums full updates, so LoRA, LoKr and LoHa, mixed, into a LoRA; ``ties_svd`` and
-``dare_*_svd`` compare entries of updates, so inputs of one kind; a DoRA update depends on the base weight it adapts,
-so DoRA is merged by ``fuse`` only, which takes every kind (peft's own merge into the base).
+Which kinds each method takes (a clear refusal otherwise): ``weighted``, ``cat``, ``linear``, ``ties``, ``dare_*``
+combine LoRA factors, so LoRA only; ``svd`` sums full updates, so LoRA, LoKr and LoHa, mixed, into a LoRA;
+``ties_svd`` and ``dare_*_svd`` compare entries of updates, so inputs of one kind; a DoRA update depends on the base
+weight it adapts, so DoRA is merged by ``fuse`` only, which takes every kind (peft's own merge into the base).
 
 Modules adapted by only some inputs are merged from those inputs alone (the union of targets). Inputs that adapt the
 same module with different sizes come from different bases: an error names both files and the module.
