@@ -46,11 +46,10 @@ class LoraSettings:
     train_text_encoder: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.rank > 0, "lora.rank", "> 0", self.rank)
         _require(self.alpha is None or self.alpha > 0, "lora.alpha", "> 0 or null (the rank)", self.alpha)
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "in [0, 1)", self.dropout)
         _require(len(self.target_modules) > 0, "lora.target_modules", "a non-empty list", self.target_modules)
-        kinds.check_settings(self.adapter, self.dropout)
+        kinds.check_settings(self.adapter, self.dropout, self.rank)
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ def kind_of(keys) -> str:
 def check_settings(kind: str, dropout: float, rank: int = 1) -> None:
     """Refuse an unknown kind, a rank <= 0, or a setting the kind lacks, before any model loads."""
     if kind not in KINDS:
-        raise AdapterTypeError(f"model.lora.adapter must be one of {', '.join(KINDS)}, got {kind!r}")
+        names = list(KINDS)
+        raise AdapterTypeError(f"model.lora.adapter must be {', '.join(names[:-1])} or {names[-1]}, got {kind!r}")
     if rank <= 0:
         raise AdapterTypeError(f"model.lora.rank must be > 0, got {rank}")
     if dropout and kind in ("lokr", "loha"):
