@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from dreambooth_pl import lora as lora_lib
+from dreambooth_pl.adapter import kinds
 from dreambooth_pl import perf
 from dreambooth_pl.graphs import GraphedCall
 from dreambooth_pl.sdxl import load_parts
@@ -40,7 +40,7 @@ def mem(tag: str) -> None:
 def main(base: str, everys: list[int]) -> None:
     parts = load_parts(base)
     unet = parts.unet.to("cuda", torch.float16)
-    lora_lib.add_lora(unet, lora_lib.lora_config(4, 4, 0.0, lora_lib.UNET_TARGETS, "gaussian"))
+    kinds.add_adapter(unet, "lora", kinds.peft_config("lora", 4, 4, 0.0, kinds.UNET_TARGETS, "gaussian"))
     unet.cuda()
     perf.keep_lora_inputs_half(unet)
     params = [p for p in unet.parameters() if p.requires_grad]

@@ -8,9 +8,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from . import adapters, block_ops, quant
-from . import lora as lora_lib
+from . import block_ops, quant
 from . import perf as perf_lib
+from .adapter import kinds
+from .adapter.files import save_adapter
 from .data.cache import Encoders
 from .data.datamodule import DataShape
 from .fused_lora import fuse_lora_layers, half_adapters
@@ -108,9 +109,9 @@ class DreamBoothLoRA(L.LightningModule):
         lora = hp.lora
         encoders = (self.text_encoder, self.text_encoder_2) if lora.train_text_encoder else ()
         for model in (self.unet, *encoders):  # the text encoders name their attention projections differently
-            targets = lora.target_modules if model is self.unet else lora_lib.TEXT_TARGETS
-            cfg = adapters.adapter_config(lora.adapter, lora.rank, lora.alpha, lora.dropout, targets, lora.init)
-            adapters.add_adapter(model, lora.adapter, cfg)
+            targets = lora.target_modules if model is self.unet else kinds.TEXT_TARGETS
+            cfg = kinds.peft_config(lora.adapter, lora.rank, lora.alpha, lora.dropout, targets, lora.init)
+            kinds.add_adapter(model, lora.adapter, cfg)
         # quantized before the memory plan counts the UNet's bytes
         quant.quantize_base(self.unet, hp.base_dtype, dtype, device, bool(hp.perf.fused_lora))
         self.perf = self.resolve_perf(encoders)
@@ -360,4 +361,4 @@ class DreamBoothLoRA(L.LightningModule):
         models = {"unet": self.unet, "text_encoder": self.text_encoder if te else None,
                   "text_encoder_2": self.text_encoder_2 if te else None}
         with self.averaged_weights() if hp.ema.export else nullcontext():
-            return str(adapters.save_adapter(path, hp.lora.adapter, models, format))
+            return str(save_adapter(path, hp.lora.adapter, models, format))

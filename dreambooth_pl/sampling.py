@@ -16,10 +16,11 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler,
                        UniPCMultistepScheduler)
 
-from .formats import read_lora
+from .adapter.apply import apply_adapter
+from .adapter.base import check_base
+from .adapter.files import LORA_FILE, read_adapter
+from .adapter.value import COMPONENTS
 from .io.magnitude import base_weights, check_magnitude
-from .lora_state import check_base
-from .lora import LORA_FILE
 from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
 
 SCHEDULERS = {
@@ -78,21 +79,22 @@ def check_size(height: int | None, width: int | None) -> None:
 
 
 def add_loras(pipe, loras: Sequence[tuple[str, float]], force: bool = False) -> None:
-    """Load each ``(file or run folder, scale)`` as adapter ``lora<i>`` (diffusers or kohya format); activate all.
+    """Load each ``(file or run folder, scale)`` as adapter ``lora<i>``: any kind fit writes (LoRA, DoRA, LoKr,
+    LoHa), either layout (diffusers or kohya/LyCORIS), through the same peft layers fit trains; activate all.
     ``force`` skips the magnitude check (io/magnitude.py)."""
-    names = []
+    names, models = [], {c: getattr(pipe, c) for c in COMPONENTS}
     for i, (path, scale) in enumerate(loras):
         if Path(path).is_dir():  # a run folder holding the exported file
             path = str(Path(path) / LORA_FILE)
         if not Path(path).is_file():
             raise SamplingError(f"LoRA file {str(path)!r} does not exist: give the .safetensors that fit exported "
                                 "(lightning_logs/version_N/pytorch_lora_weights.safetensors).")
-        lora = read_lora(path, pipe.unet.config)  # names the first bad key of a broken or foreign file
-        parts = {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2")}
-        check_base(lora, parts, str(path))
-        check_magnitude(lora.weights, lora.alphas, str(path), base_weights(parts, lora.modules()), scale, force)
+        adapter = read_adapter(path, pipe.unet.config)  # names the first bad key of a broken or foreign file
+        check_base(adapter, models, str(path))
+        check_magnitude(adapter.weights, adapter.alphas, str(path), base_weights(models, adapter.modules()), scale,
+                        force)
         names.append(f"lora{i}")
-        pipe.load_lora_weights(str(path), adapter_name=names[-1])
+        apply_adapter(models, adapter, names[-1])
     if names:
         pipe.set_adapters(names, adapter_weights=[float(s) for _, s in loras])
 
@@ -104,7 +106,7 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
 
     Args:
         base: SDXL pipeline folder or hub id.
-        loras: ``(file, scale)`` pairs; files in diffusers or kohya format.
+        loras: ``(file, scale)`` pairs; adapter files of any kind, diffusers or kohya layout.
         scheduler: a key of :data:`SCHEDULERS`.
         dtype: weights dtype of UNet and text encoders (float16 halves memory: SDXL + LoRA fits 16 GB).
         device: ``cuda``, ``cpu``, ... (None: CUDA when available).

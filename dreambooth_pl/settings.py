@@ -10,9 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from . import adapters
-from . import lora as lora_lib
 from . import perf as perf_lib
+from .adapter import kinds
 from .optimizers import OptimizerName
 
 
@@ -27,7 +26,7 @@ class LoraSettings:
     """The trainable adapters: their type, size and where they go.
 
     Args:
-        adapter: ``lora``, ``dora``, ``lokr`` or ``loha`` (adapters.py); rank, alpha, targets and init apply to
+        adapter: ``lora``, ``dora``, ``lokr`` or ``loha`` (adapter/kinds.py); rank, alpha, targets and init apply to
             every type.
         rank: adapter rank.
         alpha: adapter alpha (None: equal to the rank, scale 1).
@@ -38,20 +37,19 @@ class LoraSettings:
         train_text_encoder: also train adapters on both text encoders (q/k/v/out projections).
     """
 
-    adapter: adapters.AdapterType = "lora"
+    adapter: kinds.AdapterType = "lora"
     rank: int = 4
     alpha: Optional[float] = None
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(lora_lib.UNET_TARGETS))
+    target_modules: list[str] = field(default_factory=lambda: list(kinds.UNET_TARGETS))
     init: Union[bool, str] = "gaussian"
     train_text_encoder: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.rank > 0, "lora.rank", "> 0", self.rank)
         _require(self.alpha is None or self.alpha > 0, "lora.alpha", "> 0 or null (the rank)", self.alpha)
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", "in [0, 1)", self.dropout)
         _require(len(self.target_modules) > 0, "lora.target_modules", "a non-empty list", self.target_modules)
-        adapters.check_settings(self.adapter, self.dropout)
+        kinds.check_settings(self.adapter, self.dropout, self.rank)
 
 
 @dataclass(frozen=True)

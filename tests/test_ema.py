@@ -57,7 +57,7 @@ class Record(L.Callback):
 @pytest.mark.parametrize("export_ema", [True, False])
 def test_fit_exports_the_hand_computed_ema_or_the_raw_weights(tiny_base, tmp_path, export_ema):
     from dreambooth_pl.cli import DreamBoothCLI
-    from dreambooth_pl.formats import read_lora
+    from dreambooth_pl.adapter.files import read_adapter
 
     write_images(tmp_path / "instance", 2, seed=5)
     args = fit_args(tiny_base, str(tmp_path / "instance"), None, str(tmp_path), steps=3,
@@ -72,7 +72,7 @@ def test_fit_exports_the_hand_computed_ema_or_the_raw_weights(tiny_base, tmp_pat
     for k, v in cli.model.ema.shadow.items():
         torch.testing.assert_close(v, hand[k], rtol=1e-6, atol=1e-7)
     assert any(not torch.allclose(hand[k], record.weights[-1][k]) for k in hand)  # the EMA differs from raw
-    exported = read_lora(Path(cli.trainer.log_dir) / "pytorch_lora_weights.safetensors")
+    exported = read_adapter(Path(cli.trainer.log_dir) / "pytorch_lora_weights.safetensors")
     want = hand if export_ema else record.weights[-1]
     name = next(k for k in want if "lora_B" in k)  # unet.<module>.lora_B.default.weight
     module = name.split(".", 1)[1].rsplit(".lora_B", 1)[0]
@@ -80,7 +80,7 @@ def test_fit_exports_the_hand_computed_ema_or_the_raw_weights(tiny_base, tmp_pat
     assert torch.equal(cli.model.trainable_parameters()[name], record.weights[-1][name])  # raw weights kept
     ckpt = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert torch.equal(ckpt["ema"]["shadow"][name], cli.model.ema.shadow[name])
-    from dreambooth_pl.tools.export import read_checkpoint
+    from dreambooth_pl.adapter.checkpoint import read_checkpoint
 
     from_ckpt = read_checkpoint(str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"))
     exported_weights = cli.model.ema.shadow if export_ema else record.weights[-1]

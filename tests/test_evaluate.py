@@ -53,14 +53,15 @@ def lora_run(tiny_base, tmp_path_factory):
     """A fit-like run folder: a non-zero UNet LoRA for the tiny base beside a config.yaml with prior preservation."""
     from diffusers import UNet2DConditionModel
 
-    from dreambooth_pl.lora import add_lora, lora_config, save_diffusers_lora
+    from dreambooth_pl.adapter.files import save_adapter
+    from dreambooth_pl.adapter.kinds import add_adapter, peft_config
 
     run = tmp_path_factory.mktemp("version_0")
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
-    add_lora(unet, lora_config(4, init=False))
+    add_adapter(unet, "lora", peft_config("lora", 4, init=False))
     (run / "config.yaml").write_text("data:\n  with_prior_preservation: true\n")
-    return str(save_diffusers_lora(run / "pytorch_lora_weights.safetensors", unet))
+    return str(save_adapter(run / "pytorch_lora_weights.safetensors", "lora", {"unet": unet}))
 
 
 def _suite(tiny_base, lora, out, **over):
@@ -116,11 +117,12 @@ def test_drift_is_zero_for_an_identity_lora_and_follows_a_real_one(tiny_base, lo
     adapter moves (> 0.01). docs/evaluation.md says the same."""
     from diffusers import UNet2DConditionModel
 
-    from dreambooth_pl.lora import add_lora, lora_config, save_diffusers_lora
+    from dreambooth_pl.adapter.files import save_adapter
+    from dreambooth_pl.adapter.kinds import add_adapter, peft_config
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
-    add_lora(unet, lora_config(4))
-    identity = str(save_diffusers_lora(tmp_path / "identity.safetensors", unet))
+    add_adapter(unet, "lora", peft_config("lora", 4))
+    identity = str(save_adapter(tmp_path / "identity.safetensors", "lora", {"unet": unet}))
     kw = dict(num_prompts=1, pres_images=2, class_prompt="a photo of dog", drift=True)
     same = _suite(tiny_base, identity, tmp_path / "identity", **kw)
     moved = _suite(tiny_base, lora_run, tmp_path / "moved", **kw)

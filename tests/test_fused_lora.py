@@ -7,8 +7,10 @@ import contextlib
 import pytest
 import torch
 
+from peft.utils import get_peft_model_state_dict as lora_state_dict
+
+from dreambooth_pl.adapter.kinds import add_adapter, peft_config
 from dreambooth_pl.fused_lora import fuse_lora_layers, unfuse_lora_layers
-from dreambooth_pl.lora import add_lora, lora_config, lora_state_dict
 
 
 def _close(a, b, rel):
@@ -62,7 +64,7 @@ def test_fused_unet_loss_and_adapter_gradients_equal_peft(tiny_base):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
-    add_lora(unet, lora_config(4, alpha=8, init=False))
+    add_adapter(unet, "lora", peft_config("lora", 4, alpha=8, init=False))
     g = torch.Generator().manual_seed(0)
     cfg = unet.config
     inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10, 500]),
@@ -190,7 +192,7 @@ def test_half_adapters_cast_in_bulk_with_the_same_numbers(tiny_base):
     from dreambooth_pl.fused_lora import half_adapters
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
-    add_lora(unet, lora_config(4, alpha=8, init=False))
+    add_adapter(unet, "lora", peft_config("lora", 4, alpha=8, init=False))
     unet.to(torch.bfloat16)
     params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
     for p in params.values():
@@ -230,7 +232,7 @@ def _tiny_unet(tiny_base):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
-    add_lora(unet, lora_config(4, alpha=8, init=False))
+    add_adapter(unet, "lora", peft_config("lora", 4, alpha=8, init=False))
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]),
             torch.randn(2, 77, unet.config.cross_attention_dim, generator=g))

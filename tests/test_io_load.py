@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from dreambooth_pl.io import (CheckpointError, UnsafeFileError, check_safetensors, file_kind, load_checkpoint,
-                              load_safetensors, parse_json)
+                              load_safetensors, parse_json, read_json)
 
 
 class Payload:
@@ -110,3 +110,17 @@ def test_json_that_is_invalid_or_too_deep_names_its_source():
         parse_json("{not json", "lora.safetensors")
     with pytest.raises(ValueError, match=r"lora\.safetensors.*nested too deeply"):
         parse_json("[" * 100_000 + "]" * 100_000, "lora.safetensors")
+
+
+def test_project_json_files_are_read_checked_and_named(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text('{"images": {}, "prompt": "a dog"}')
+    assert read_json(path, "class-image manifest", ("images",)) == {"images": {}, "prompt": "a dog"}
+    for text, why in (('{"images": ', "invalid JSON"), ('["images"]', "not a JSON object with images"),
+                      ('{"prompt": "x"}', "not a JSON object with images")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"class-image manifest .*manifest\.json.*{why}"):
+            read_json(path, "class-image manifest", ("images",))
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="manifest.json.*cannot be read.*delete it"):
+        read_json(path, "class-image manifest")

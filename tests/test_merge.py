@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_formats import load_unet, pipe, random_lora, unet_out  # noqa: F401  (pipe is a fixture)
+from test_files import load_unet, pipe, random_lora, unet_out  # noqa: F401  (pipe is a fixture)
 
 from dreambooth_pl.__main__ import main
-from dreambooth_pl.formats import read_lora, write_lora
-from dreambooth_pl.lora_state import LoRA, LoRAFormatError, from_models, uniform_alpha
+from dreambooth_pl.adapter.files import read_adapter, write_adapter
+from dreambooth_pl.adapter.value import Adapter, AdapterFormatError, from_models, uniform_alpha
 from dreambooth_pl.tools.merge import merge, merge_loras, parse_spec
 
 STYLE_TARGETS = ("to_v", "to_out.0", "proj_in", "proj_out")  # overlaps the subject's q/k/v/out on two modules
@@ -21,8 +21,8 @@ def adapters(tiny_base, tmp_path_factory):
     subject = from_models({"unet": random_lora(load_unet(tiny_base), seed=11, rank=4, alpha=4.0)})
     style = from_models({"unet": random_lora(load_unet(tiny_base), seed=12, rank=2, alpha=1.0,
                                              targets=STYLE_TARGETS)})
-    return (str(write_lora(subject, root / "subject.safetensors", "diffusers")),
-            str(write_lora(uniform_alpha(style), root / "style.safetensors", "kohya")))
+    return (str(write_adapter(subject, root / "subject.safetensors", "diffusers")),
+            str(write_adapter(uniform_alpha(style), root / "style.safetensors", "kohya")))
 
 
 def both_at_once(pipe, files, weights) -> torch.Tensor:
@@ -57,8 +57,8 @@ def test_cat_equals_both_adapters_at_once(pipe, adapters, tmp_path, fmt):
     out = tmp_path / "cat.safetensors"
     main(["merge", f"{adapters[0]}:1.0", f"{adapters[1]}:0.8", "--method", "cat", "--out", str(out),
           "--format", fmt])  # the command line, positional specs included
-    merged = read_lora(out)
-    subject, style = read_lora(adapters[0]), read_lora(adapters[1])
+    merged = read_adapter(out)
+    subject, style = read_adapter(adapters[0]), read_adapter(adapters[1])
     assert set(merged.modules()) == set(subject.modules()) | set(style.modules())  # union of targets
     shared = next(m for m in style.modules() if m in subject.modules())
     assert merged.rank(shared) == subject.rank(shared) + style.rank(shared)
@@ -68,7 +68,7 @@ def test_cat_equals_both_adapters_at_once(pipe, adapters, tmp_path, fmt):
 
 
 def test_svd_full_rank_equals_cat_and_truncates(adapters):
-    loras = [read_lora(f) for f in adapters]
+    loras = [read_adapter(f) for f in adapters]
     cat = merge_loras(loras, [1.0, 0.8], "cat")
     full = merge_loras(loras, [1.0, 0.8], "svd", rank=6)
     low = merge_loras(loras, [1.0, 0.8], "svd")  # default: the largest input rank (4)
@@ -106,7 +106,7 @@ def test_task_arithmetic_methods_match_peft_add_weighted_adapter(method, density
 def test_dare_drops_at_the_density_and_is_seeded(adapters, tmp_path):
     out = [merge(list(adapters), str(tmp_path / f"d{i}.safetensors"), "dare_linear_svd", density=0.3, seed=s)
            for i, s in enumerate((1, 1, 2))]
-    a, b, c = (read_lora(p) for p in out)
+    a, b, c = (read_adapter(p) for p in out)
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
     assert any(not torch.equal(a.weights[k], c.weights[k]) for k in a.weights)
     _, loras = peft_pair()
@@ -157,14 +157,14 @@ def test_fuse_never_deletes_folders_it_did_not_create(adapters, tiny_base, tmp_p
 
 
 def test_mismatched_bases_and_ranks_are_clear_errors(adapters, tmp_path, tiny_base):
-    subject = read_lora(adapters[0])
+    subject = read_adapter(adapters[0])
     m = subject.modules()[0]
-    other = LoRA({f"{m}.lora_A.weight": torch.ones(2, 1280), f"{m}.lora_B.weight": torch.ones(1280, 2)})
-    other_file = str(write_lora(other, tmp_path / "sdxl_sized.safetensors"))
-    with pytest.raises(LoRAFormatError, match=rf"{m}.*different base"):
+    other = Adapter({f"{m}.lora_A.weight": torch.ones(2, 1280), f"{m}.lora_B.weight": torch.ones(1280, 2)})
+    other_file = str(write_adapter(other, tmp_path / "sdxl_sized.safetensors"))
+    with pytest.raises(AdapterFormatError, match=rf"{m}.*different base"):
         merge([adapters[0], other_file], str(tmp_path / "x.safetensors"))
-    with pytest.raises(LoRAFormatError, match="sdxl_sized.*different base"):
+    with pytest.raises(AdapterFormatError, match="sdxl_sized.*different base"):
         merge([other_file], str(tmp_path / "x.safetensors"), base=tiny_base)
     with pytest.raises(ValueError, match="needs equal ranks.*ties_svd"):
-        merge_loras([subject, read_lora(adapters[1])], [1.0, 1.0], "ties")
+        merge_loras([subject, read_adapter(adapters[1])], [1.0, 1.0], "ties")
     assert not (tmp_path / "x.safetensors").exists()  # a failed merge writes nothing

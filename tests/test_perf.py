@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dreambooth_pl import perf
-from dreambooth_pl.lora import add_lora, lora_config
+from dreambooth_pl.adapter.kinds import add_adapter, peft_config
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def unet(tiny_base):
     from diffusers import UNet2DConditionModel
 
     model = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
-    add_lora(model, lora_config(4, init=False))
+    add_adapter(model, "lora", peft_config("lora", 4, init=False))
     return model
 
 
@@ -93,7 +93,7 @@ def test_keep_lora_inputs_half_under_autocast(unet):
     half = copy.deepcopy(unet).to(torch.bfloat16)
     for p in half.parameters():
         if p.requires_grad:
-            p.data = p.data.float()  # adapters stay fp32, as lora.add_lora leaves them
+            p.data = p.data.float()  # adapters stay fp32, as kinds.add_adapter leaves them
     inputs = _inputs(unet, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         ref = half(**inputs).sample.float()

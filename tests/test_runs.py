@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from dreambooth_pl.lora import LORA_FILE
+from dreambooth_pl.adapter.files import LORA_FILE
 from dreambooth_pl.runs import RunDir, fit_command
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dreambooth_pl.sdxl import BaseModelError
-from dreambooth_pl.formats import read_lora, write_lora
-from dreambooth_pl.lora_state import LoRAFormatError
+from dreambooth_pl.adapter.files import read_adapter, write_adapter
+from dreambooth_pl.adapter.value import AdapterFormatError
 from dreambooth_pl.sampling import (SCHEDULERS, SamplingError, add_loras, generate, load_pipeline, make_scheduler,
                                     pipeline_from_module)
 
@@ -29,15 +29,16 @@ def lora_file(tiny_base, tmp_path_factory) -> str:
     """A non-zero rank-4 UNet LoRA for the tiny base, written by the training code's exporter."""
     from diffusers import UNet2DConditionModel
 
-    from dreambooth_pl.lora import add_lora, lora_config, save_diffusers_lora
+    from dreambooth_pl.adapter.files import save_adapter
+    from dreambooth_pl.adapter.kinds import add_adapter, peft_config
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
-    add_lora(unet, lora_config(4, init=False))
+    add_adapter(unet, "lora", peft_config("lora", 4, init=False))
     for n, p in unet.named_parameters():  # peft's init=False B is small; make the effect visible in 2 steps
         if "lora_B" in n:
             p.data.normal_(0, 0.5)
-    return str(save_diffusers_lora(tmp_path_factory.mktemp("lora") / "lora.safetensors", unet))
+    return str(save_adapter(tmp_path_factory.mktemp("lora") / "lora.safetensors", "lora", {"unet": unet}))
 
 
 def test_every_listed_scheduler_runs(pipe, tiny_base):
@@ -75,7 +76,7 @@ def test_lora_for_another_base_names_the_first_mismatching_key(pipe, tmp_path):
     save_file({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": a,
                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 4)},
               str(tmp_path / "other.safetensors"))
-    with pytest.raises(LoRAFormatError, match="attn1.to_q.lora_A.weight.*different base"):
+    with pytest.raises(AdapterFormatError, match="attn1.to_q.lora_A.weight.*different base"):
         add_loras(pipe, [(str(tmp_path / "other.safetensors"), 1.0)])
     with pytest.raises(SamplingError, match="does not exist"):
         add_loras(pipe, [(str(tmp_path / "missing.safetensors"), 1.0)])
@@ -85,7 +86,7 @@ def test_lora_for_another_base_names_the_first_mismatching_key(pipe, tmp_path):
 
 
 def test_lora_files_apply_at_their_scale_in_both_layouts(pipe, tiny_base, lora_file, tmp_path):
-    kohya = write_lora(read_lora(lora_file), tmp_path / "kohya.safetensors", format="kohya")
+    kohya = write_adapter(read_adapter(lora_file), tmp_path / "kohya.safetensors", layout="kohya")
     (base_img,) = generate(pipe, [PROMPT], [3], steps=2)
     loaded = load_pipeline(tiny_base, [(lora_file, 1.0)], dtype="float32", device="cpu", vae_slicing=False,
                            vae_tiling=True)

@@ -24,7 +24,7 @@ class LoRAExport(L.Callback):
         self._out: Optional[str] = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from ..adapters import check_layout
+        from ..adapter.kinds import check_layout
 
         kind = pl_module.hparams.lora.adapter
         if self.format != "auto":  # refuse now, not after the whole run

@@ -55,7 +55,8 @@ class SampleGrid(L.Callback):
         self._last_step = -1
         self._cache: tuple = (None, [])
 
-    def _prompts(self, trainer: L.Trainer) -> list[str]:
+    def drawn_prompts(self, trainer: L.Trainer) -> list[str]:
+        """The prompt of each image :meth:`draw` returns, in order (what SubjectMetrics scores the images against)."""
         prompts = self.prompts
         if not prompts:
             dm = getattr(trainer, "datamodule", None)
@@ -75,7 +76,7 @@ class SampleGrid(L.Callback):
         key = (trainer.global_step if trainer is not None else None, adapters)
         if key[0] is not None and self._cache[0] == key:
             return self._cache[1]
-        prompts = self._prompts(trainer)
+        prompts = self.drawn_prompts(trainer)
         seeds = [self.seed + k for k in range(len(prompts))]
         models = (pl_module.unet, pl_module.text_encoder, pl_module.text_encoder_2)
         # peft's per-layer switch (what diffusers' and transformers' disable_adapters call), with each layer's state

@@ -106,7 +106,7 @@ class SubjectMetrics(L.Callback):
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Draw the validation samples with the current adapters and score them; returns and logs the values."""
         sampler = self._sampler(trainer)
-        prompts = sampler._prompts(trainer)
+        prompts = sampler.drawn_prompts(trainer)
         images = sampler.draw(trainer, pl_module, adapters=True)
         return self.score_images(trainer, pl_module.device, images, prompts)
 

@@ -96,7 +96,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         vae: separate VAE folder.
         progress: show a progress bar.
     """
-    from ..io import clean_stale_temps, ensure_writable, parse_json, write_json
+    from ..io import clean_stale_temps, ensure_writable, read_json, write_json
     from ..sampling import check_size
     from ..sdxl import resolve_base
     from .prior_cache import PRIOR_CACHE, PriorCache, native_size, prior_key
@@ -106,7 +106,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     folder = ensure_writable(out)
     clean_stale_temps(folder)  # images a killed draw was writing
     manifest_path = folder / MANIFEST
-    manifest = parse_json(manifest_path.read_text(), str(manifest_path)) if manifest_path.exists() else {}
+    manifest = read_json(manifest_path, "class-image manifest", ("images",)) if manifest_path.exists() else {}
     manifest.setdefault("images", {})
     if manifest.get("prompt", prompt) != prompt:
         raise ValueError(f"class dir {str(folder)!r} holds images of prompt {manifest['prompt']!r}, not "

@@ -105,6 +105,26 @@ def parse_json(text: str, source: str) -> Any:
                          "export it again.") from None
 
 
+def read_json(path: str | os.PathLike, what: str = "file", keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object this project wrote (a manifest, a results or status file), read and checked, naming the file.
+
+    Args:
+        path: the file.
+        what: what it is, for messages (``class-image manifest``).
+        keys: entries the object must have.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {str(path)!r} cannot be read ({e}); delete it to start that step again.") from None
+    obj = parse_json(text, f"{what} {path}")
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if not isinstance(obj, dict) or missing:
+        raise ValueError(f"{what} {str(path)!r} is not a JSON object with {', '.join(keys) or 'entries'}: it was "
+                         "damaged or written by something else; delete it to start that step again.")
+    return obj
+
+
 _CKPT_FIX = ("delete it and resume from another checkpoint of the run (checkpoints/*.ckpt, --ckpt_path FILE), or "
              "start the run again without --ckpt_path")
 

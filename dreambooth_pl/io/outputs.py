@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
-from .files import (_TEMP_NAME, OWNER_FILE, TEMP_SUFFIX, OutputError, _fsync_dir, _temp_prefix, _umask,
+from .files import (_TEMP_NAME, OWNER_FILE, TEMP_SUFFIX, OutputError, WriteError, _fsync_dir, _temp_prefix, _umask,
                     _write_error, clean_stale_temps, is_ours, owner_info, write_json)
 
 

@@ -30,7 +30,7 @@ def list_checkpoints(ckpt_dir: Path, every: Optional[int] = None) -> list[tuple[
 def export_checkpoints(ckpts: list[tuple[int, Path]], out: Path) -> list[tuple[int, Path]]:
     """Export each checkpoint's adapters to ``out/step_N/pytorch_lora_weights.safetensors`` (existing files are
     kept), straight from the checkpoint's state dict: no base model is loaded."""
-    from ..lora import LORA_FILE
+    from ..adapter.files import LORA_FILE
     from .export import export
 
     for step, path in ckpts:

@@ -8,13 +8,12 @@ an image with itself. CLIP-T scores each prompt with the identifier token remove
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 ClipTPrompt = Literal["without_identifier", "as_generated"]
 
-from ..io import check_output_dir, ensure_writable, read_png_metadata, write_json, write_png, write_text
+from ..io import check_output_dir, ensure_writable, read_json, read_png_metadata, write_json, write_png, write_text
 from ..sampling import SAMPLER
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
@@ -125,7 +124,7 @@ def _load_generated(folder: str, prompts_file: Optional[str]) -> tuple[list, lis
     path = Path(folder)
     manifest = path / "manifest.json"
     if manifest.is_file():
-        records = json.loads(manifest.read_text())["images"]
+        records = read_json(manifest, "sample manifest", ("images",))["images"]
         return [load_rgb(path / r["file"]) for r in records], [r["prompt"] for r in records]
     files = [f for f in list_images(path, "generated") if f.name != "contact_sheet.png"]
     if not prompts_file:
@@ -310,7 +309,7 @@ def compare_runs(evals: list[str], out: Optional[str] = None) -> str:
         path = Path(e) / RESULTS_JSON
         if not path.is_file():
             raise EvaluationError(f"{str(path)!r} does not exist: pass folders that evaluate-suite wrote.")
-        res = json.loads(path.read_text())
+        res = read_json(path, "evaluate-suite results", ("settings", "rows"))
         s = res["settings"]
         scores = res["rows"][Path(s["lora"]).name]
         prior = _run_prior(s["lora"])

@@ -1,7 +1,7 @@
 """``python -m dreambooth_pl merge A.safetensors:1.0 B.safetensors:0.8 --method M --out C.safetensors``.
 
 Methods follow peft's ``LoraModel.add_weighted_adapter`` (same recipes, same ``peft.utils.merge_utils`` maths),
-applied module by module to LoRA files, so no base model is loaded except for ``fuse``:
+applied module by module to adapter files, so no base model is loaded except for ``fuse``:
 
 - ``weighted`` / ``cat``: exact, rank = sum of ranks; the file equals diffusers ``set_adapters(names, weights)``.
 - ``svd`` (and ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``): combine the full updates ``w_i s_i B_i A_i``,
@@ -10,21 +10,27 @@ applied module by module to LoRA files, so no base model is loaded except for ``
   weights split as sqrt on each side (peft); inputs must share the rank at every common module.
 - ``fuse``: bake the weighted sum into the base (diffusers ``fuse_lora``) and save the merged pipeline folder.
 
+Which kinds each method takes (a clear refusal otherwise): ``weighted``, ``cat``, ``linear``, ``ties``, ``dare_*``
+combine LoRA factors, so LoRA only; ``svd`` sums full updates, so LoRA, LoKr and LoHa, mixed, into a LoRA;
+``ties_svd`` and ``dare_*_svd`` compare entries of updates, so inputs of one kind; a DoRA update depends on the base
+weight it adapts, so DoRA is merged by ``fuse`` only, which takes every kind (peft's own merge into the base).
+
 Modules adapted by only some inputs are merged from those inputs alone (the union of targets). Inputs that adapt the
 same module with different sizes come from different bases: an error names both files and the module.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
 
+from ..adapter import maths
+from ..adapter.base import base_skeleton, check_base
+from ..adapter.files import read_adapter, write_adapter
+from ..adapter.kinds import KINDS, AdapterTypeError, Layout
+from ..adapter.value import Adapter, AdapterFormatError, uniform_alpha
 from ..io import atomic_dir, check_output_file, check_replaceable
 from ..io.magnitude import check_magnitude
-from ..formats import Format, read_lora, write_lora
-from ..lora_state import LoRA, LoRAFormatError, base_skeleton, check_base, uniform_alpha
 
 Method = Literal["weighted", "cat", "svd", "linear", "ties", "dare_linear", "dare_ties", "ties_svd",
                  "dare_linear_svd", "dare_ties_svd", "fuse"]
@@ -59,14 +65,33 @@ def _combine(tensors: list[torch.Tensor], weights: list[float], how: str, densit
     return mu.dare_ties(tensors, w, density, majority_sign_method)
 
 
-def _shapes(lora: LoRA, module: str) -> tuple[int, ...]:
-    return (lora.up(module).shape[0], *lora.down(module).shape[1:])
+def _shapes(adapter: Adapter, module: str) -> tuple[int, ...]:
+    if adapter.kind == "lora":
+        return (adapter.up(module).shape[0], *adapter.down(module).shape[1:])
+    return tuple(maths.io_shape(adapter.params(module)))
 
 
-def merge_loras(loras: Sequence[LoRA], weights: Sequence[float], method: Method = "cat", rank: Optional[int] = None,
-                density: float = 0.5, majority_sign_method: Literal["total", "frequency"] = "total",
-                names: Sequence[str] | None = None) -> LoRA:
-    """Merge adapters into one :class:`LoRA` (every module gets alpha = its new rank, i.e. scale 1).
+def check_kinds(adapters: Sequence[Adapter], method: str, names: Sequence[str]) -> None:
+    """Refuse a method whose maths is undefined for the inputs' kinds, naming the file and the methods that fit."""
+    titles = [KINDS[a.kind].title for a in adapters]
+    for adapter, title, name in zip(adapters, titles, names):
+        if adapter.kind == "dora" and method != "fuse":
+            raise AdapterTypeError(f"{name} is a DoRA: its update depends on the base weight it adapts (a magnitude "
+                                   f"rescales each output row), so --method {method} has no base-free maths; "
+                                   "merge it with --method fuse --base B.")
+        if adapter.kind != "lora" and method in ("weighted", "cat", *_AB):
+            raise AdapterTypeError(f"{name} is a {title}: --method {method} combines LoRA factors (A, B); use "
+                                   "--method svd (its full update, truncated to --rank) or fuse.")
+    if method in _SVD and method != "svd" and len(set(titles)) > 1:
+        raise AdapterTypeError(f"--method {method} compares the entries of updates of different kinds "
+                               f"({', '.join(sorted(set(titles)))}): give inputs of one kind, or use svd or fuse.")
+
+
+def merge_loras(loras: Sequence[Adapter], weights: Sequence[float], method: Method = "cat",
+                rank: Optional[int] = None, density: float = 0.5,
+                majority_sign_method: Literal["total", "frequency"] = "total",
+                names: Sequence[str] | None = None) -> Adapter:
+    """Merge adapters into one LoRA :class:`Adapter` (every module gets alpha = its new rank, i.e. scale 1).
 
     Args:
         loras: the adapters.
@@ -84,6 +109,7 @@ def merge_loras(loras: Sequence[LoRA], weights: Sequence[float], method: Method 
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     names = list(names or [f"LoRA #{i}" for i in range(len(loras))])
+    check_kinds(loras, method, names)
     modules = list(dict.fromkeys(m for lora in loras for m in lora.modules()))
     out_w: dict[str, torch.Tensor] = {}
     out_a: dict[str, torch.Tensor] = {}
@@ -91,7 +117,7 @@ def merge_loras(loras: Sequence[LoRA], weights: Sequence[float], method: Method 
         have = [(lora, w, n) for lora, w, n in zip(loras, weights, names) if m in lora.alphas]
         if len({_shapes(lora, m) for lora, _, _ in have}) > 1:
             desc = ", ".join(f"{n}: {_shapes(lora, m)}" for lora, _, n in have)
-            raise LoRAFormatError(f"module {m!r} has different sizes in the inputs ({desc}): the LoRAs were trained "
+            raise AdapterFormatError(f"module {m!r} has different sizes in the inputs ({desc}): the LoRAs were trained "
                                   "on different base models and cannot be merged.")
         if method in ("cat", "weighted"):  # exact, rank = sum of ranks
             a, b = _cat_factors(have, m)
@@ -111,7 +137,7 @@ def merge_loras(loras: Sequence[LoRA], weights: Sequence[float], method: Method 
             raise ValueError(f"unknown merge method {method!r}")
         out_w[f"{m}.lora_A.weight"], out_w[f"{m}.lora_B.weight"] = a.contiguous(), b.contiguous()
         out_a[m] = torch.tensor(float(a.shape[0]))
-    return LoRA(out_w, out_a)
+    return Adapter(out_w, out_a)
 
 
 def _cat_factors(have, m: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +155,8 @@ def _svd_merge(have, m: str, how: str, rank: Optional[int], density: float, majo
     ties/dare prune the full updates element-wise, which needs the full matrices.
     """
     k = rank or max(lora.rank(m) for lora, _, _ in have)
-    shape = (have[0][0].up(m).shape[0], *have[0][0].down(m).shape[1:])
-    if how == "linear":
+    shape = _shapes(have[0][0], m)
+    if how == "linear" and all(lora.kind == "lora" for lora, _, _ in have):
         a_cat, b_cat = _cat_factors(have, m)
         qb, rb = torch.linalg.qr(b_cat.flatten(1).double())
         qa, ra = torch.linalg.qr(a_cat.flatten(1).double().T)
@@ -147,9 +173,10 @@ def _svd_merge(have, m: str, how: str, rank: Optional[int], density: float, majo
     return a, b
 
 
-def fuse(loras: Sequence[tuple[LoRA, float]], base: str, out: str, overwrite: bool = False,
+def fuse(loras: Sequence[tuple[Adapter, float]], base: str, out: str, overwrite: bool = False,
          inputs: Sequence[str] = ()) -> str:
-    """Bake ``sum w_i s_i B_i A_i`` into a copy of ``base`` (diffusers ``set_adapters`` + ``fuse_lora``) and save it.
+    """Bake the adapters at their weights into a copy of ``base`` (peft layers, diffusers ``set_adapters`` +
+    ``fuse_lora``: every kind, DoRA included) and save it.
 
     Args:
         loras: (adapter, weight) pairs.
@@ -160,16 +187,15 @@ def fuse(loras: Sequence[tuple[LoRA, float]], base: str, out: str, overwrite: bo
     """
     from diffusers import StableDiffusionXLPipeline
 
+    from ..adapter.apply import apply_adapter
     from ..sdxl import resolve_base
 
     pipe = StableDiffusionXLPipeline.from_pretrained(resolve_base(base))
-    with tempfile.TemporaryDirectory() as tmp:
-        names = []
-        for i, (lora, _) in enumerate(loras):
-            check_base(lora, {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2")}, f"LoRA #{i}")
-            path = write_lora(lora, Path(tmp) / f"lora{i}.safetensors", "diffusers")
-            pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
-            names.append(f"lora{i}")
+    models, names = {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2")}, []
+    for i, (adapter, _) in enumerate(loras):
+        check_base(adapter, models, f"adapter #{i}")
+        apply_adapter(models, adapter, f"lora{i}")
+        names.append(f"lora{i}")
     pipe.set_adapters(names, [w for _, w in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()  # fused weights stay; the adapter modules go
@@ -180,8 +206,9 @@ def fuse(loras: Sequence[tuple[LoRA, float]], base: str, out: str, overwrite: bo
 
 def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int] = None, density: float = 0.5,
           majority_sign_method: Literal["total", "frequency"] = "total", base: Optional[str] = None,
-          format: Format = "diffusers", seed: int = 0, overwrite: bool = False, force: bool = False) -> str:
-    """Merge LoRA files (``A.safetensors:1.0 B.safetensors:0.8``) into one file, or into the base with ``fuse``.
+          format: Layout = "diffusers", seed: int = 0, overwrite: bool = False,
+          force: bool = False) -> str:
+    """Merge adapter files (``A.safetensors:1.0 B.safetensors:0.8``) into one file, or into the base with ``fuse``.
 
     Args:
         loras: ``path[:weight]`` per adapter, diffusers or kohya layout (weight defaults to 1.0).
@@ -203,9 +230,9 @@ def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int
     else:
         check_output_file(out, "--out", [p for p, _ in specs])
     models = base_skeleton(base) if base else None
-    adapters = [read_lora(p, models["unet"].config if models else None) for p, _ in specs]
-    for lora, (p, w) in zip(adapters, specs):  # a finite but absurd file would merge into 1e30 weights
-        check_magnitude(lora.weights, lora.alphas, p, None, w, force)  # base_skeleton has no weights: absolute bound
+    adapters = [read_adapter(p, models["unet"].config if models else None) for p, _ in specs]
+    for adapter, (p, w) in zip(adapters, specs):  # a finite but absurd file would merge into 1e30 weights
+        check_magnitude(adapter.weights, adapter.alphas, p, None, w, force)  # base_skeleton has no weights: absolute bound
     for lora, (p, _) in zip(adapters, specs):
         if models:
             check_base(lora, models, p)
@@ -219,4 +246,4 @@ def merge(loras: list[str], out: str, method: Method = "cat", rank: Optional[int
         torch.manual_seed(seed)
         merged = merge_loras(adapters, [w for _, w in specs], method, rank, density, majority_sign_method,
                              [p for p, _ in specs])
-    return str(write_lora(uniform_alpha(merged) if format == "kohya" else merged, out, format))
+    return str(write_adapter(uniform_alpha(merged) if format == "kohya" else merged, out, format))

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 
 from PIL import Image
 
-from ..io import atomic_write, check_output_dir, save_image, write_json, write_text
+from ..io import atomic_write, check_output_dir, read_json, save_image, write_json, write_text
 from ..sampling import SAMPLER
 
 
@@ -117,7 +117,7 @@ def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str,
     # images and scores are reused only under the same settings: a changed prompt or model gets a new folder
     image_dir = root / "images" / hashlib.sha1(json.dumps(gen_cfg, sort_keys=True).encode()).hexdigest()[:10]
     image_dir.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((root / "merge_eval.json").read_text()) if (root / "merge_eval.json").exists() else {}
+    previous = read_json(root / "merge_eval.json", "merge-eval results") if (root / "merge_eval.json").exists() else {}
     scored = {r["style_weight"]: r for r in previous.get("rows", [])} if previous.get("config") == score_cfg else {}
     pipe = None
     grids = []

@@ -35,13 +35,14 @@ def _unet(base: str, base_dtype: str, dtype: torch.dtype, device: torch.device):
     """The base's UNet in ``dtype`` with the recipe's LoRA (seeded) and its linears stored as ``base_dtype``."""
     from diffusers import UNet2DConditionModel
 
-    from .. import adapters, perf, quant
+    from .. import perf, quant
+    from ..adapter import kinds
     from ..sdxl import resolve_base
 
     unet = UNet2DConditionModel.from_pretrained(resolve_base(base), subfolder="unet", dtype=dtype)
     unet.requires_grad_(False)
     torch.manual_seed(0)
-    adapters.add_adapter(unet, "lora", adapters.adapter_config("lora", 4, 4, init="gaussian"))
+    kinds.add_adapter(unet, "lora", kinds.peft_config("lora", 4, 4, init="gaussian"))
     quant.quantize_base(unet, base_dtype, dtype, device)
     if dtype != torch.float32:
         perf.keep_lora_inputs_half(unet)  # as the module runs it under mixed precision

@@ -91,7 +91,7 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         suite: a named prompt suite (``--list_suites`` shows them).
         token: identifier that fills ``{token}``.
         class_name: class noun that fills ``{class}``.
-        lora: LoRA file(s), diffusers or kohya format.
+        lora: adapter file(s) of any kind fit writes (LoRA, DoRA, LoKr, LoHa), diffusers or kohya layout.
         lora_scale: one scale per LoRA file (default 1.0 each).
         scheduler: ddim, pndm, euler, euler_a, dpmpp_2m, ... (see sampling.SCHEDULERS).
         steps: denoising steps.

@@ -1,10 +1,12 @@
-"""LoRA through peft: config, which parameters train, and the diffusers-format export that SDXL pipelines load."""
+"""Adapter kinds through peft: config, which parameters train, and the diffusers-layout file SDXL pipelines load."""
 import re
 
 import pytest
 import torch
 
-from dreambooth_pl import lora as lora_lib
+from dreambooth_pl.adapter import kinds
+from dreambooth_pl.adapter.files import LORA_FILE, save_adapter
+from dreambooth_pl.adapter.value import COMPONENTS
 
 
 @pytest.fixture(scope="module")
@@ -20,31 +22,31 @@ def _adapted(pipe, text: bool = False, seed: int = 0):
 
     torch.manual_seed(seed)
     unet = copy.deepcopy(pipe.unet)
-    lora_lib.add_lora(unet, lora_lib.lora_config(4, init=False))
+    kinds.add_adapter(unet, "lora", kinds.peft_config("lora", 4, init=False))
     tes = (None, None)
     if text:
         tes = tuple(copy.deepcopy(m) for m in (pipe.text_encoder, pipe.text_encoder_2))
         for m in tes:
-            lora_lib.add_lora(m, lora_lib.lora_config(2, 4.0, target_modules=lora_lib.TEXT_TARGETS, init=False))
+            kinds.add_adapter(m, "lora", kinds.peft_config("lora", 2, 4.0, target_modules=kinds.TEXT_TARGETS, init=False))
     return unet, *tes
 
 
 @pytest.mark.parametrize("rank", [0, -2])
 def test_rank_must_be_positive(rank):
-    with pytest.raises(ValueError, match=f"LoRA rank must be > 0, got {rank}"):
-        lora_lib.lora_config(rank)
+    with pytest.raises(ValueError, match=f"model.lora.rank must be > 0, got {rank}"):
+        kinds.peft_config("lora", rank)
 
 
 def test_alpha_defaults_to_rank():
-    cfg = lora_lib.lora_config(8)
-    assert (cfg.r, cfg.lora_alpha) == (8, 8) and set(cfg.target_modules) == set(lora_lib.UNET_TARGETS)
+    cfg = kinds.peft_config("lora", 8)
+    assert (cfg.r, cfg.lora_alpha) == (8, 8) and set(cfg.target_modules) == set(kinds.UNET_TARGETS)
 
 
 def test_only_adapters_train_and_they_are_fp32(pipe):
     import copy
 
     unet = copy.deepcopy(pipe.unet).half().requires_grad_(False)
-    params = lora_lib.add_lora(unet, lora_lib.lora_config(4))
+    params = kinds.add_adapter(unet, "lora", kinds.peft_config("lora", 4))
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable) and len(trainable) == len(params)
     assert {p.dtype for p in params} == {torch.float32}
@@ -57,22 +59,22 @@ def test_unknown_target_module_is_named(pipe):
     import copy
 
     with pytest.raises(ValueError, match="no_such_proj"):
-        lora_lib.add_lora(copy.deepcopy(pipe.unet), lora_lib.lora_config(2, target_modules=["no_such_proj"]))
+        kinds.add_adapter(copy.deepcopy(pipe.unet), "lora", kinds.peft_config("lora", 2, target_modules=["no_such_proj"]))
 
 
 def _roundtrip(pipe, tmp_path, text: bool):
     from peft.utils import get_peft_model_state_dict
 
     models = _adapted(pipe, text=text)
-    path = lora_lib.save_diffusers_lora(tmp_path / "out", *models)
-    assert path.name == lora_lib.LORA_FILE
+    path = save_adapter(tmp_path / "out", "lora", dict(zip(COMPONENTS, models)))
+    assert path.name == LORA_FILE
     pipe.load_lora_weights(str(path), adapter_name="t")
     try:
         for ours, loaded in zip(models, (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)):
             if ours is None:
                 assert not getattr(loaded, "peft_config", None)
                 continue
-            want, got = lora_lib.lora_state_dict(ours), get_peft_model_state_dict(loaded, adapter_name="t")
+            want, got = get_peft_model_state_dict(ours), get_peft_model_state_dict(loaded, adapter_name="t")
             assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
             assert loaded.peft_config["t"].r == ours.peft_config["default"].r
             assert loaded.peft_config["t"].lora_alpha == ours.peft_config["default"].lora_alpha
@@ -90,22 +92,12 @@ def test_text_encoder_export_loads_into_the_sdxl_pipeline_unchanged(pipe, tmp_pa
 
 def test_export_is_atomic_and_refuses_models_without_adapters(pipe, tmp_path):
     unet, _, _ = _adapted(pipe)
-    path = lora_lib.save_diffusers_lora(tmp_path / "a.safetensors", unet)
+    path = save_adapter(tmp_path / "a.safetensors", "lora", {"unet": unet})
     before = path.read_bytes()
-    with pytest.raises(ValueError, match="none of the given models carries a LoRA adapter"):
-        lora_lib.save_diffusers_lora(path, pipe.unet)
+    with pytest.raises(ValueError, match="carries an adapter named 'default'"):
+        save_adapter(path, "lora", {"unet": pipe.unet})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]  # no temp files left behind
-
-
-def test_fp16_export_halves_the_file(pipe, tmp_path):
-    from safetensors.torch import load_file
-
-    unet, _, _ = _adapted(pipe)
-    full = lora_lib.save_diffusers_lora(tmp_path / "f32.safetensors", unet)
-    half = lora_lib.save_diffusers_lora(tmp_path / "f16.safetensors", unet, dtype=torch.float16)
-    assert {t.dtype for t in load_file(half).values()} == {torch.float16}
-    assert half.stat().st_size < 0.6 * full.stat().st_size
 
 
 def test_default_init_is_the_reference_gaussian_and_peft_inits_stay_available(pipe):
@@ -116,11 +108,11 @@ def test_default_init_is_the_reference_gaussian_and_peft_inits_stay_available(pi
     for init in ("gaussian", True, False):
         torch.manual_seed(0)
         unet = copy.deepcopy(pipe.unet)
-        lora_lib.add_lora(unet, lora_lib.lora_config(4, init=init))
+        kinds.add_adapter(unet, "lora", kinds.peft_config("lora", 4, init=init))
         a = torch.cat([p.flatten() for n, p in unet.named_parameters() if "lora_A" in n])
         b = torch.cat([p.flatten() for n, p in unet.named_parameters() if "lora_B" in n])
         stds[init] = a.std().item()
         assert (b.abs().max().item() == 0) is (init is not False)
-    assert lora_lib.lora_config(4).init_lora_weights == "gaussian"
+    assert kinds.peft_config("lora", 4).init_lora_weights == "gaussian"
     assert stds["gaussian"] == pytest.approx(1 / 4, rel=0.03)
     assert stds[True] < stds["gaussian"] / 2  # peft's Kaiming uniform: the smaller init the issue measured

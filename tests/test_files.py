@@ -5,9 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dreambooth_pl.formats import detect_format, read_lora, to_kohya, write_lora
-from dreambooth_pl.lora_state import LoRAFormatError, check_base, from_models, uniform_alpha
-from dreambooth_pl.lora import TEXT_TARGETS, UNET_TARGETS
+from dreambooth_pl.adapter.base import check_base
+from dreambooth_pl.adapter.files import detect_layout, read_adapter, write_adapter
+from dreambooth_pl.adapter.kinds import TEXT_TARGETS, UNET_TARGETS
+from dreambooth_pl.adapter.kohya_layout import to_kohya
+from dreambooth_pl.adapter.value import AdapterFormatError, from_models, uniform_alpha
 
 
 def random_lora(model: torch.nn.Module, seed: int, rank: int = 4, alpha: float = 2.0, targets=UNET_TARGETS,
@@ -58,8 +60,8 @@ def test_written_file_loads_in_diffusers_with_equal_unet_output(pipe, tiny_base,
     lora = from_models({"unet": ours})
     if fmt == "kohya":  # diffusers reads kohya alphas right only when they are uniform (see uniform_alpha)
         lora = uniform_alpha(lora)
-    path = write_lora(lora, tmp_path / f"{fmt}.safetensors", fmt)
-    assert detect_format(load_file(path)) == fmt
+    path = write_adapter(lora, tmp_path / f"{fmt}.safetensors", fmt)
+    assert detect_layout(load_file(path)) == fmt
     pipe.load_lora_weights(str(path), adapter_name=fmt)  # diffusers' own loader, kohya conversion included
     try:
         got = unet_out(pipe.unet)
@@ -80,7 +82,7 @@ def test_text_encoder_parts_load_in_diffusers(pipe, tmp_path, fmt):
     ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = (te1(ids).last_hidden_state, te2(ids).text_embeds)
-    path = write_lora(from_models({"text_encoder": te1, "text_encoder_2": te2}), tmp_path / "te.safetensors", fmt)
+    path = write_adapter(from_models({"text_encoder": te1, "text_encoder_2": te2}), tmp_path / "te.safetensors", fmt)
     keys = list(load_file(path))
     assert any(k.startswith("lora_te2_text_model_encoder_layers_0_mlp_fc1") for k in keys) or fmt == "diffusers"
     pipe.load_lora_weights(str(path), adapter_name=f"te_{fmt}")
@@ -101,15 +103,15 @@ def test_kohya_to_ours_to_kohya_is_key_and_value_identical(pipe, tmp_path):
     original = {k: v.to(torch.float16) for k, v in to_kohya(from_models({"unet": unet, "text_encoder_2": te2})).items()}
     src = tmp_path / "kohya.safetensors"
     save_file(original, src)  # fp16 alphas, as sd-scripts saves them
-    ours = read_lora(src)
-    write_lora(ours, tmp_path / "diffusers.safetensors", "diffusers")
-    again = write_lora(read_lora(tmp_path / "diffusers.safetensors"), tmp_path / "again.safetensors", "kohya")
+    ours = read_adapter(src)
+    write_adapter(ours, tmp_path / "diffusers.safetensors", "diffusers")
+    again = write_adapter(read_adapter(tmp_path / "diffusers.safetensors"), tmp_path / "again.safetensors", "kohya")
     back = load_file(again)
     assert set(back) == set(original)
     for k in original:
         assert back[k].dtype == original[k].dtype or k.endswith(".alpha"), k
         assert torch.equal(back[k].to(original[k].dtype), original[k]), k
-    direct = load_file(write_lora(ours, tmp_path / "direct.safetensors", "kohya"))
+    direct = load_file(write_adapter(ours, tmp_path / "direct.safetensors", "kohya"))
     assert all(torch.equal(direct[k], original[k]) and direct[k].dtype == original[k].dtype for k in original)
 
 
@@ -124,25 +126,25 @@ def test_wrong_keys_are_named(tmp_path, pipe):
     for bad, why in cases.items():
         path = tmp_path / "bad.safetensors"
         save_file({**good, bad: torch.ones(64, 2)}, path)
-        with pytest.raises(LoRAFormatError, match=bad.split(".")[0]) as err:
-            read_lora(path)
+        with pytest.raises(AdapterFormatError, match=bad.split(".")[0]) as err:
+            read_adapter(path)
         assert why in str(err.value) or why in ("lora_mid",), str(err.value)
     save_file({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.ones(2, 64),
                "unet.down_blocks.1.attentions.0.proj_in.lora_C.weight": torch.ones(64, 2)}, path)
-    with pytest.raises(LoRAFormatError, match="lora_C"):
-        read_lora(path)
+    with pytest.raises(AdapterFormatError, match="lora_C"):
+        read_adapter(path)
     # a module the base does not have, or one with other sizes: a different base model
     save_file({"lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.ones(2, 64),
                "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.ones(64, 2)}, path)
-    with pytest.raises(LoRAFormatError, match=r"down_blocks.7.attentions.0.proj_in.*different base"):
-        check_base(read_lora(path), {"unet": pipe.unet}, str(path))
+    with pytest.raises(AdapterFormatError, match=r"down_blocks.7.attentions.0.proj_in.*different base"):
+        check_base(read_adapter(path), {"unet": pipe.unet}, str(path))
     save_file({**{k: torch.ones(2, 1280) if "lora_down" in k else torch.ones(1280, 2) for k in good}}, path)
-    with pytest.raises(LoRAFormatError, match=r"down_blocks.1.attentions.0.proj_in.*\(1280, 1280\)"):
-        check_base(read_lora(path), {"unet": pipe.unet}, str(path))
+    with pytest.raises(AdapterFormatError, match=r"down_blocks.1.attentions.0.proj_in.*\(1280, 1280\)"):
+        check_base(read_adapter(path), {"unet": pipe.unet}, str(path))
 
 
 def test_kohya_sgm_block_names_map_to_diffusers_modules(pipe):
-    from dreambooth_pl.formats import from_kohya
+    from dreambooth_pl.adapter.kohya_layout import from_kohya
 
     def one(name: str) -> dict:
         return {f"{name}.lora_down.weight": torch.ones(2, 64), f"{name}.lora_up.weight": torch.ones(64, 2),
@@ -163,7 +165,7 @@ def test_a_pickle_named_safetensors_is_refused_unopened(tmp_path):
     path = tmp_path / "hostile.safetensors"
     torch.save({"lora_unet_x.lora_down.weight": torch.ones(2, 2)}, path)
     with pytest.raises(UnsafeFileError, match="pickle inside"):
-        read_lora(path)
+        read_adapter(path)
 
 
 def _one_module_file(path, a, b, metadata=None):
@@ -188,13 +190,13 @@ def test_broken_values_and_headers_are_refused_by_name(tmp_path, a, b, meta, mes
     """int8 or 5-D factors, NaN/inf weights, an absurd alpha (black images, exit 0) or a broken JSON header."""
     path = _one_module_file(tmp_path / "bad.safetensors", a, b, meta)
     with pytest.raises(ValueError, match=message):
-        read_lora(path)
+        read_adapter(path)
 
 
 def test_a_conv_shaped_factor_on_a_linear_layer_is_named(pipe, tmp_path):
     path = _one_module_file(tmp_path / "conv.safetensors", torch.ones(2, 64, 1, 1), torch.ones(64, 2, 1, 1))
-    lora = read_lora(path)
-    with pytest.raises(LoRAFormatError, match=r"to_q\.lora_A\.weight is 4-D but the base's .* weight is 2-D"):
+    lora = read_adapter(path)
+    with pytest.raises(AdapterFormatError, match=r"to_q\.lora_A\.weight is 4-D but the base's .* weight is 2-D"):
         check_base(lora, {"unet": pipe.unet})
 
 
@@ -203,8 +205,8 @@ def test_a_full_disk_while_exporting_names_the_file(tmp_path):
 
     from dreambooth_pl.io import WriteError
 
-    lora = read_lora(_one_module_file(tmp_path / "in.safetensors", torch.ones(2, 64), torch.ones(64, 2)))
+    lora = read_adapter(_one_module_file(tmp_path / "in.safetensors", torch.ones(2, 64), torch.ones(64, 2)))
     lora.weights = {k: v.repeat(1, 100) if k.endswith("A.weight") else v for k, v in lora.weights.items()}
     with file_size_limit(16 * 1024), pytest.raises(WriteError, match=r"out\.safetensors.*full"):
-        write_lora(lora, tmp_path / "out.safetensors")
+        write_adapter(lora, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
