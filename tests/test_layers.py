@@ -10,14 +10,14 @@ ROOT = Path(__file__).resolve().parents[1] / "dreambooth_pl"
 # lowest first; a name stands for a module or a whole subpackage (the longest name that matches wins)
 LAYERS = [
     ["io", "console", "config_guard", "prompts", "noise", "loss", "block_ops", "ema", "optimizers", "perf", "graphs",
-     "fused_lora", "metrics", "checkpoint_io", "__init__"],
+     "fused_lora", "metrics", "checkpoint_io", "argv", "__init__"],
     ["moved_keys", "sdxl", "adapter.maths"],
     ["adapter.kinds", "bases"],
     ["adapter.value"],
     ["adapter.base", "adapter.diffusers_layout", "adapter.kohya_layout"],
     ["adapter.files", "adapter.checkpoint", "adapter.apply", "adapter.__init__"],
     ["sampling", "runs", "settings"],
-    ["data", "memory_plan"],
+    ["data", "memory_plan", "quant", "prior_sampler", "validation"],
     ["module", "callbacks"],
     ["cli"],
     ["tools"],
