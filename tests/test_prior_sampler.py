@@ -56,12 +56,13 @@ def test_cpu_dtype_and_batch_bounds(sampler):
 
 @pytest.mark.gpu
 def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_base):
-    """On the GPU: the graph-replayed sampler equals its eager self in the same dtype; in the pipeline's fp16 it
-    matches the pipeline; bf16's distance to the pipeline is printed (what bf16 alone changes)."""
+    """On the GPU: the graph-replayed sampler equals its eager self; with the pipeline's fp16 UNet and fp32 VAE it
+    draws the pipeline's images; the distance of the default (bf16 VAE) and of an all-bf16 run is printed.
+    Measured 2026-12-04 before the default VAE became bf16: fp16 0.0 with and without the graph, bf16 0.19."""
     seeds, size, steps = [0, 1, 2], 128, 25
 
-    def images(dtype, graph):
-        s = PriorSampler(tiny_base, "euler", dtype, "cuda", batch_size=4, graph=graph)
+    def images(dtype, graph, vae_dtype=None):
+        s = PriorSampler(tiny_base, "euler", dtype, "cuda", batch_size=4, graph=graph, vae_dtype=vae_dtype)
         return s.decode(s.latents("a photo of dog", seeds, steps, 5.0, None, size, size)).cpu()
 
     from diffusers import StableDiffusionXLPipeline
@@ -72,9 +73,11 @@ def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_bas
     ref = torch.from_numpy(pipe(prompt=["a photo of dog"] * 3, num_inference_steps=steps, guidance_scale=5.0,
                                 height=size, width=size, output_type="np",
                                 generator=[torch.Generator().manual_seed(s) for s in seeds]).images).permute(0, 3, 1, 2)
-    got = {(d, g): images(d, g) for d in ("float16", "bfloat16") for g in (False, True)}
-    gap = {f"{d} graph={g}": (x - ref).abs().mean().item() for (d, g), x in got.items()}
-    replay = {d: (got[(d, True)] - got[(d, False)]).abs().max().item() for d in ("float16", "bfloat16")}
+    pipeline_vae = "float32" if pipe.vae.config.force_upcast else "float16"
+    got = {"fp16 eager": images("float16", False, pipeline_vae), "fp16 graph": images("float16", True, pipeline_vae),
+           "default": images(None, True), "bf16": images("bfloat16", True, "bfloat16")}
+    gap = {k: (x - ref).abs().mean().item() for k, x in got.items()}
+    replay = (got["fp16 graph"] - got["fp16 eager"]).abs().max().item()
     print(f"prior sampler on GPU: mean |image - pipeline fp16| {gap}; graph vs eager max {replay}")
-    assert max(replay.values()) < 2e-2  # the same kernels, replayed
-    assert gap["float16 graph=True"] < 1e-2  # the pipeline's own dtype: rounding only
+    assert replay < 2e-2  # the same kernels, replayed
+    assert gap["fp16 graph"] < 1e-3  # the pipeline's own dtypes: the same images
