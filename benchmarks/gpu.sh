@@ -47,6 +47,9 @@ for stage in "$@"; do
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.optim.name=adamw"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed","--model.optim.name=adamw","--trainer.gradient_clip_val=null"]' ;;
     recipe-16gb) bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.memory_budget_gib=15"]' ;;
+    prior-check)  # no full base: graph = eager and fp16 = the pipeline on the tiny base (tests/test_prior_sampler.py)
+      timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_prior_sampler.py 2>&1 \
+        | grep -E "prior sampler on GPU|passed|failed|Error|^E " | tail -n 12 ;;
     priors) bench --preset priors --steps ${PRIORS_N:-16} ;;  # PriorSampler against diffusers' pipeline, same seeds
     e2e)  # the recipe's fit with data.generate_class_images, from process start to the LoRA; extrapolated to 197/1000
       timeout 300 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \

@@ -6,8 +6,11 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
 - the prompt is encoded once and repeated over the batch (the class prompt is the same for every image);
 - every batch has the same shape (the last one is padded with repeats of its last seed, then dropped), so one
   CUDA graph of the UNet's forward is captured per shape and replayed for every step of every batch;
-- bf16 where the GPU has it: the VAE then decodes in bf16 without overflowing (SDXL's VAE overflows in fp16, so
-  the pipeline upcasts it to fp32), in batches, and the images are quantised to uint8 on the GPU.
+- the UNet and text encoders run in the pipeline's fp16 on a GPU (in bf16 the trajectory drifts from the
+  pipeline's: on the tiny random base 0.19 mean absolute difference in [0, 1], against 0.0 in fp16 with or without
+  the graph; BENCHMARKS.md 2026-12-04), and the VAE decodes in bf16 where the GPU has it, without overflowing
+  (SDXL's VAE overflows in fp16, so the pipeline upcasts it to fp32), in batches; the images are quantised to
+  uint8 on the GPU.
 """
 from __future__ import annotations
 
@@ -21,10 +24,14 @@ from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
 
 
 def default_dtype(device: torch.device) -> str:
-    """bf16 where the GPU has it, else fp16 on a GPU, fp32 on a CPU."""
-    if device.type != "cuda":
-        return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    """The UNet's and text encoders' dtype: the pipeline's fp16 on a GPU (the same images), fp32 on a CPU."""
+    return "float16" if device.type == "cuda" else "float32"
+
+
+def default_vae_dtype(device: torch.device, dtype: str) -> str:
+    """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
+    VAE is then upcast to fp32, as the pipeline does)."""
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else dtype
 
 
 class _GraphedUNet:
@@ -62,7 +69,8 @@ class PriorSampler:
     Args:
         base: SDXL pipeline folder or hub id.
         scheduler: a key of ``sampling.SCHEDULERS``.
-        dtype: weights dtype (None: :func:`default_dtype`).
+        dtype: weights dtype of the UNet and text encoders (None: :func:`default_dtype`).
+        vae_dtype: the VAE's (None: :func:`default_vae_dtype`).
         device: cuda, cpu, ... (None: CUDA when available).
         vae: a separate VAE folder.
         batch_size: images per UNet batch (fixed: the last batch is padded).
@@ -77,7 +85,8 @@ class PriorSampler:
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
-                 decode_batch: int = 4, base_dtype: str = "float16", vae_tiling: bool = False):
+                 decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
+                 vae_tiling: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -86,10 +95,12 @@ class PriorSampler:
             warnings.warn("float16 sampling on CPU is slow or unsupported; using float32.", stacklevel=2)
             dtype = "float32"
         self.dtype, self.batch_size, self.decode_batch = DTYPES[dtype], batch_size, max(1, decode_batch)
+        vae_dtype = DTYPES[vae_dtype or default_vae_dtype(self.device, dtype)]
         extra = {"vae": load_vae(vae, self.dtype)} if vae else {}
         pipe = StableDiffusionXLPipeline.from_pretrained(resolve_base(base), dtype=self.dtype,
                                                          add_watermarker=False, **extra)
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        pipe.vae.to(vae_dtype)
         if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
             pipe.vae.to(torch.float32)  # as the pipeline decodes: the SDXL VAE overflows to NaN in fp16
         pipe.set_progress_bar_config(disable=True)

@@ -53,9 +53,9 @@ def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, b
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
                      batch_size: int | None = None, reference_batch: int = 4) -> dict:
     """s/image of :class:`~dreambooth_pl.prior_sampler.PriorSampler` and of diffusers' pipeline at the same
-    settings and seeds in this process, and how far apart their images are (uint8 levels); on a GPU where the
-    sampler runs bf16, also the sampler in the pipeline's fp16 over its first batch (``fp16_image_*``), which
-    separates what bf16 changes from what the batching and the graph change.
+    settings and seeds in this process, and how far apart their images are (uint8 levels); on a GPU, also the
+    sampler in the pipeline's dtypes (fp16, fp32 VAE) over its first batch (``fp16_image_*``), which separates what
+    the bf16 VAE changes from what the batching and the graph change.
 
     Args:
         base: the base folder.
@@ -85,8 +85,8 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
         peak = torch.cuda.max_memory_reserved() / GIB
         torch.cuda.empty_cache()
     same = None
-    if torch.cuda.is_available() and runtime["dtype"] != "float16":  # the pipeline's dtype: what bf16 alone changes
-        half = PriorSampler(base, "euler", dtype="float16", batch_size=first)
+    if torch.cuda.is_available() and runtime["vae_dtype"] != "float32":  # the pipeline's dtypes (fp16, fp32 VAE)
+        half = PriorSampler(base, "euler", dtype="float16", batch_size=first, vae_dtype="float32")
         same = [img for _, img in half.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution)]
         del half
         torch.cuda.empty_cache()
