@@ -282,8 +282,11 @@ class DreamBoothCLI(LightningCLI):
             for section, kind in (("checkpoint", ModelCheckpoint), ("export", LoRAExport)):
                 if isinstance(cb, kind) and cb.dirpath:
                     dirs[f"{section}.dirpath"] = cb.dirpath
-                    ours = ("*.ckpt", *(c.filename for c in trainer.callbacks if isinstance(c, LoRAExport)))
-                    check_output_dir(cb.dirpath, "fit", f"{section}.dirpath", ours=ours, create=False)  # not / or ~
+                    # never /, home or the cwd's parents; the cwd only if it holds fit's files. Other folders
+                    # may hold anything (a run folder holds logs and ablate's files): _refuse_rerun guards exports
+                    ours = ("*.ckpt", "checkpoints", "config.yaml", "hparams.yaml", "events.out.tfevents.*",
+                            *(c.filename for c in trainer.callbacks if isinstance(c, LoRAExport)))
+                    check_output_dir(cb.dirpath, "fit", f"{section}.dirpath", True, ours=ours, create=False)
         check_writable(dirs)
 
 

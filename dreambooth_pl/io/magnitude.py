@@ -4,7 +4,7 @@ adapter reaches. A finite but absurd file (``lora_B`` = 1e30) passes the NaN/inf
 black or noise images, or be merged into a file of 1e30 weights, with exit status 0.
 
 Bounds: ``‖ΔW‖ / ‖W‖`` at most :data:`MAX_RATIO` (a LoRA that changes a layer by ten times its own weights has
-replaced it; trained DreamBooth/style LoRAs measure around 1e-3 to 1e-1); without a base to compare with (``merge``
+replaced it; published LoRAs were not measured here, having no hub access); without a base to compare with (``merge``
 without ``--base``), ``‖ΔW‖`` at most :data:`MAX_NORM`. ``--force`` skips the check.
 """
 from __future__ import annotations
