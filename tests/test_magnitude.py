@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_formats import _one_module_file  # noqa: F401
+from test_files import _one_module_file  # noqa: F401
 
 from dreambooth_pl.__main__ import main
 from dreambooth_pl.io.magnitude import MAX_NORM, MagnitudeError, check_magnitude, delta_norm

@@ -153,7 +153,7 @@ def test_no_temp_file_survives_a_kill_then_rerun_of_generate_class_images(tiny_b
 @pytest.mark.slow
 def test_no_temp_file_survives_a_kill_then_rerun_of_export(tmp_path):
     import torch
-    from test_formats import _one_module_file
+    from test_files import _one_module_file
 
     source = _one_module_file(tmp_path / "in.safetensors", torch.ones(2, 64), torch.ones(64, 2))
     out = tmp_path / "exported"
