@@ -114,15 +114,17 @@ def plan_speed(module, device: torch.device, data=None) -> dict:
     from lightning.pytorch.utilities import rank_zero_info
 
     lora, perf = module.hparams.lora, module.hparams.perf
+    # pivotal tuning (model.pivotal) needs the text encoders and prompt gradients, as text-encoder LoRA does
+    text_trains = lora.train_text_encoder or module.hparams.get("pivotal") is not None
     resolution = data["resolution"] if data is not None else 1024
     images = (data["batch_size"] if data is not None else 1) * (
         2 if data is None or data["with_prior_preservation"] else 1)
-    cache = "latents" if lora.train_text_encoder else "all"  # leanest and fastest: the encoders leave the GPU
+    cache = "latents" if text_trains else "all"  # leanest and fastest: the encoders leave the GPU
     resident = [module.unet] + ([module.text_encoder, module.text_encoder_2] if cache == "latents" else [])
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     weights = frozen_gib(*resident) + trainable * 16 / GIB  # fp32 weight, gradient and two Adam moments
     limit = budget(device, perf.memory_budget_gib)
-    plan = choose(weights, resolution, images, limit, not (lora.train_text_encoder or lora.dropout > 0
+    plan = choose(weights, resolution, images, limit, not (text_trains or lora.dropout > 0
                                                             or perf.compile_blocks))
     rank_zero_info(f"memory plan: {plan.name}, cache={cache} (estimated "
                    f"{estimate(plan, weights, resolution, images):.1f} GiB of {limit:.1f} GiB)")

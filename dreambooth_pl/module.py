@@ -17,6 +17,7 @@ from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
 from .noise import NoiseSchedule
 from .optimizers import build_optimizer, step_size_estimates
+from .pivotal import PivotalSettings, PivotalTokens, check_identifier, check_pivotal, pivotal_encode, total_steps
 from .sdxl import DTYPES, add_time_ids, encode_prompts, load_parts, scale_latents, tokenize
 from .settings import EmaSettings, LoraSettings, OptimSettings, PerfSettings, check_model, plain
 
@@ -38,6 +39,7 @@ class DreamBoothLoRA(L.LightningModule):
         optim: optimizer, learning rates, weight decays and schedule (settings.OptimSettings).
         ema: moving average of the adapter weights (settings.EmaSettings).
         perf: speed and memory switches (settings.PerfSettings).
+        pivotal: new identifier tokens trained in both text encoders (pivotal.PivotalSettings; None: off).
     """
 
     def __init__(self, base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
@@ -45,14 +47,18 @@ class DreamBoothLoRA(L.LightningModule):
                  prior_loss_weight: float = 1.0, snr_gamma: Optional[float] = None, noise_offset: float = 0.0,
                  seed: int = 0, random_base: Optional[Literal["tiny", "sdxl"]] = None,
                  lora: LoraSettings = LoraSettings(), optim: OptimSettings = OptimSettings(),
-                 ema: EmaSettings = EmaSettings(), perf: PerfSettings = PerfSettings()):
+                 ema: EmaSettings = EmaSettings(), perf: PerfSettings = PerfSettings(),
+                 pivotal: Optional[PivotalSettings] = None):
         super().__init__()
         # LightningCLI (to save_hyperparameters) and load_from_checkpoint hand the groups over as plain dicts
         groups = ((LoraSettings, lora), (OptimSettings, optim), (EmaSettings, ema), (PerfSettings, perf))
         lora, optim, ema, perf = (g(**v) if isinstance(v, dict) else v for g, v in groups)
+        pivotal = PivotalSettings(**pivotal) if isinstance(pivotal, dict) else pivotal
         self.save_hyperparameters()  # the groups are frozen dataclasses: their shared defaults cannot change
-        self.hparams.update(lora=lora, optim=optim, ema=ema, perf=perf)
+        self.hparams.update(lora=lora, optim=optim, ema=ema, perf=perf, pivotal=pivotal)
         check_model(lora, perf, noise_offset, snr_gamma)
+        check_pivotal(pivotal, lora.train_text_encoder, perf.cache, perf.cuda_graph)
+        self.pivotal: Optional[PivotalTokens] = None  # the new tokens, made with the models in configure_model
         self.loss_fn = DreamBoothLoss(prior_loss_weight)  # validates the weight before any model loads
         self.unet = None
         self._graphed = None
@@ -83,7 +89,12 @@ class DreamBoothLoRA(L.LightningModule):
         if self.unet is not None:
             return
         hp = self.hparams
+        if hp.pivotal is not None:
+            check_identifier(hp.pivotal, self._trainer)
         parts = load_parts(hp.base_model, hp.vae_model)
+        if hp.pivotal is not None:  # before the cast: the script initialises the rows from the fp32 tables
+            self.pivotal = PivotalTokens(hp.pivotal, (parts.tokenizer, parts.tokenizer_2),
+                                         (parts.text_encoder, parts.text_encoder_2), hp.seed)
         self.tokenizers = (parts.tokenizer, parts.tokenizer_2)
         self.scheduler_config = parts.scheduler_config
         self.noise = NoiseSchedule(parts.scheduler_config)
@@ -92,6 +103,8 @@ class DreamBoothLoRA(L.LightningModule):
         self.vae = parts.vae.to(DTYPES[hp.vae_dtype])
         self.text_encoder = parts.text_encoder.to(dtype)
         self.text_encoder_2 = parts.text_encoder_2.to(dtype)
+        if self.pivotal is not None:
+            self.pivotal.attach()
         lora = hp.lora
         encoders = (self.text_encoder, self.text_encoder_2) if lora.train_text_encoder else ()
         for model in (self.unet, *encoders):  # the text encoders name their attention projections differently
@@ -157,10 +170,18 @@ class DreamBoothLoRA(L.LightningModule):
             return scale_latents(dist.sample(generator).float(), self.vae.config)
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings and pooled embeddings; cached per prompt while the text encoders are frozen."""
+        """Prompt embeddings and pooled embeddings; cached per prompt while the text encoders are frozen (with
+        ``pivotal``: the prompts without the new tokens, such as the class prompt)."""
         encoders = (self.text_encoder, self.text_encoder_2)
         if self.hparams.lora.train_text_encoder:
             return encode_prompts(encoders, [tokenize(t, prompts) for t in self.tokenizers])
+        if self.pivotal is not None:
+            return pivotal_encode(self.pivotal, [self.pivotal.rewrite(p) for p in prompts], self._encode_frozen,
+                                  lambda ps: encode_prompts(encoders, [tokenize(t, ps) for t in self.tokenizers]))
+        return self._encode_frozen(prompts)
+
+    def _encode_frozen(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoders = (self.text_encoder, self.text_encoder_2)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             with torch.no_grad():
@@ -216,7 +237,11 @@ class DreamBoothLoRA(L.LightningModule):
         return self.loss_fn(pred, self.noise.target(latents, noise, t), batch["is_prior"], weights, mask)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        if self.pivotal is not None:
+            self.pivotal.pivot(optimizer, self.global_step, total_steps(self.trainer))
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.pivotal is not None:  # the script's retract_embeddings, after every update
+            self.pivotal.renormalise()
         if self.ema is not None:  # once per real optimizer step, before any callback samples at this step
             self.ema.update()
 
@@ -272,6 +297,8 @@ class DreamBoothLoRA(L.LightningModule):
             te = [p for m in (self.text_encoder, self.text_encoder_2) for p in m.parameters() if p.requires_grad]
             groups.append({"params": te, "lr": o.text_encoder_lr or o.learning_rate,
                            "weight_decay": o.text_encoder_weight_decay})
+        if self.pivotal is not None:
+            groups.append(self.pivotal.param_group())
         opt = build_optimizer(o.name, groups, o.weight_decay, self.device)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         sched = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=total)

@@ -82,15 +82,20 @@ def write_images(folder: Path, n: int, size=(80, 64), seed: int = 0, ext: str = 
     return paths
 
 
-@pytest.fixture
-def subject_dirs(tmp_path) -> tuple[str, str]:
-    """(instance dir with 2 sample dog photos, class dir with 4 random images)."""
-    inst = tmp_path / "instance"
+def make_subject_dirs(root: Path, n_class: int = 4) -> tuple[str, str]:
+    """(``root/instance`` with 2 sample dog photos, ``root/class`` with ``n_class`` random images)."""
+    inst = root / "instance"
     inst.mkdir()
     for p in sorted(SAMPLE.glob("*.jpg"))[:2]:
         shutil.copy(p, inst / p.name)
-    write_images(tmp_path / "class", 4)
-    return str(inst), str(tmp_path / "class")
+    write_images(root / "class", n_class)
+    return str(inst), str(root / "class")
+
+
+@pytest.fixture
+def subject_dirs(tmp_path) -> tuple[str, str]:
+    """(instance dir with 2 sample dog photos, class dir with 4 random images)."""
+    return make_subject_dirs(tmp_path)
 
 
 def fit_args(base: str, instance_dir: str, class_dir: str | None, root: str, steps: int = 2, **over) -> list[str]:

@@ -79,7 +79,8 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
            height: Optional[int] = None, width: Optional[int] = None, seeds: Union[int, list[int], None] = None,
            seed: int = 0, images_per_prompt: int = 1, batch_size: int = 4, dtype: str = "float16",
            device: Optional[str] = None, vae: Optional[str] = None, vae_tiling: bool = False,
-           vae_slicing: bool = True, from_png: Optional[str] = None, list_suites: bool = False) -> str:
+           vae_slicing: bool = True, from_png: Optional[str] = None, list_suites: bool = False,
+           embeddings: Union[str, list[str], None] = None) -> str:
     """Sample images from an SDXL base with zero or more LoRA files; writes PNGs, contact_sheet.png, manifest.json.
 
     Args:
@@ -110,6 +111,9 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         from_png: regenerate the image a PNG of this tool records (its settings replace the ones above;
             pixels match on the same device type, batch size and library versions).
         list_suites: print the prompt suites and exit (also: ``python -m dreambooth_pl list-suites``).
+        embeddings: token-embedding files of pivotal tuning (``*_emb.safetensors``; A1111/ComfyUI SDXL embeddings
+            too), loaded into both text encoders; each replaces its identifier in the prompts with its tokens
+            (PNGs record the prompt as written). None: the ``*_emb.safetensors`` beside each LoRA; [] for none.
     """
     from ..sampling import SamplingError, check_size, generate, load_pipeline
 
@@ -122,11 +126,15 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
                             "per file.")
     for pair, s in zip(loras, scales):
         pair[1] = float(s)
+    from ..token_files import beside, prompt_rewriter
+
+    found = [f for path, _ in loras for f in beside(path)] if embeddings is None else _as_list(embeddings)
     settings = dict(base=base, vae=vae, loras=loras, scheduler=scheduler, steps=steps, guidance=guidance,
-                    negative_prompt=negative_prompt, height=height, width=width, dtype=dtype)
+                    negative_prompt=negative_prompt, height=height, width=width, dtype=dtype,
+                    embeddings=[str(f) for f in dict.fromkeys(found)])
     if from_png:
         meta = read_png_metadata(from_png)
-        settings.update({k: meta[k] for k in REPRO_KEYS})
+        settings.update({k: meta[k] for k in REPRO_KEYS}, embeddings=meta.get("embeddings", []))
         prompts, seed_list = [meta["prompt"]], [meta["seed"]]
     else:
         prompts = [p for p in collect_prompts(prompt, prompt_file, suite, token, class_name)
@@ -140,8 +148,9 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
     check_size(settings["height"], settings["width"])
     folder = ensure_writable(out)
     pipe = load_pipeline(settings["base"], [tuple(x) for x in settings["loras"]], settings["scheduler"],
-                         settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing)
-    images = generate(pipe, prompts, seed_list, settings["steps"], settings["guidance"],
+                         settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing, settings["embeddings"])
+    rewrite = prompt_rewriter(settings["embeddings"])  # pivotal tuning: the identifier is the files' new tokens
+    images = generate(pipe, [rewrite(p) for p in prompts], seed_list, settings["steps"], settings["guidance"],
                       settings["negative_prompt"], settings["height"], settings["width"], batch_size)
     settings.update(runtime(pipe))
     records = []

@@ -1,0 +1,250 @@
+"""Pivotal tuning (pivotal.py): the new rows alone train, exact resume, and an oracle against diffusers' advanced
+SDXL script (``TokenEmbeddingsHandler`` copied below from ``examples/advanced_diffusion_training/
+train_dreambooth_lora_sdxl_advanced.py``, Apache-2.0, prints removed)."""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+import torch
+from conftest import fit_args, make_subject_dirs
+from safetensors.torch import load_file
+from test_faults import SendSignal
+
+from dreambooth_pl.callbacks.fault_tolerance import StoppedBySignal
+from dreambooth_pl.cli import DreamBoothCLI
+from dreambooth_pl.module import DreamBoothLoRA
+from dreambooth_pl.pivotal import PivotalSettings, PivotalTokens, TokenRows, rewrite, token_table
+
+PROMPT = "a photo of sks dog"  # fit_args' instance prompt
+PIVOTAL = {"model.pivotal.identifier": "sks", "model.pivotal.learning_rate": 1e-2}
+
+
+class TokenEmbeddingsHandler:  # the oracle: diffusers' code, verbatim but for the prints
+    def __init__(self, text_encoders, tokenizers):
+        self.text_encoders = text_encoders
+        self.tokenizers = tokenizers
+
+        self.train_ids: Optional[torch.Tensor] = None
+        self.inserting_toks: Optional[List[str]] = None
+        self.embeddings_settings = {}
+
+    def initialize_new_tokens(self, inserting_toks: List[str]):
+        idx = 0
+        for tokenizer, text_encoder in zip(self.tokenizers, self.text_encoders):
+            self.inserting_toks = inserting_toks
+            special_tokens_dict = {"additional_special_tokens": self.inserting_toks}
+            tokenizer.add_special_tokens(special_tokens_dict)
+            text_encoder.resize_token_embeddings(len(tokenizer))
+
+            self.train_ids = tokenizer.convert_tokens_to_ids(self.inserting_toks)
+
+            # random initialization of new tokens
+            std_token_embedding = (
+                text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+            ).embeddings.token_embedding.weight.data.std()
+
+            (
+                text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+            ).embeddings.token_embedding.weight.data[self.train_ids] = (
+                torch.randn(
+                    len(self.train_ids),
+                    (
+                        text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+                    ).config.hidden_size,
+                )
+                .to(device=self.device)
+                .to(dtype=self.dtype)
+                * std_token_embedding
+            )
+            self.embeddings_settings[f"original_embeddings_{idx}"] = (
+                text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+            ).embeddings.token_embedding.weight.data.clone()
+            self.embeddings_settings[f"std_token_embedding_{idx}"] = std_token_embedding
+
+            inu = torch.ones((len(tokenizer),), dtype=torch.bool)
+            inu[self.train_ids] = False
+
+            self.embeddings_settings[f"index_no_updates_{idx}"] = inu
+
+            idx += 1
+
+    @property
+    def dtype(self):
+        return self.text_encoders[0].dtype
+
+    @property
+    def device(self):
+        return self.text_encoders[0].device
+
+    @torch.no_grad()
+    def retract_embeddings(self):
+        for idx, text_encoder in enumerate(self.text_encoders):
+            index_no_updates = self.embeddings_settings[f"index_no_updates_{idx}"]
+            (
+                text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+            ).embeddings.token_embedding.weight.data[index_no_updates] = (
+                self.embeddings_settings[f"original_embeddings_{idx}"][index_no_updates]
+                .to(device=text_encoder.device)
+                .to(dtype=text_encoder.dtype)
+            )
+
+            # for the parts that were updated, we need to normalize them
+            # to have the same std as before
+            std_token_embedding = self.embeddings_settings[f"std_token_embedding_{idx}"]
+
+            index_updates = ~index_no_updates
+            new_embeddings = (
+                text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+            ).embeddings.token_embedding.weight.data[index_updates]
+            off_ratio = std_token_embedding / new_embeddings.std()
+
+            new_embeddings = new_embeddings * (off_ratio**0.1)
+            (
+                text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
+            ).embeddings.token_embedding.weight.data[index_updates] = new_embeddings
+
+
+def _text_parts(base: str):
+    from dreambooth_pl.sdxl import load_parts
+
+    parts = load_parts(base)
+    return [parts.tokenizer, parts.tokenizer_2], [parts.text_encoder, parts.text_encoder_2]
+
+
+def test_initialisation_and_renormalisation_equal_the_advanced_script(tiny_base):
+    tokenizers, encoders = _text_parts(tiny_base)
+    torch.manual_seed(7)
+    oracle = TokenEmbeddingsHandler(encoders, tokenizers)
+    oracle.initialize_new_tokens(["<s0>", "<s1>"])
+    ours_tok, ours_enc = _text_parts(tiny_base)
+    state = torch.random.get_rng_state()
+    ours = PivotalTokens(PivotalSettings("sks"), ours_tok, ours_enc, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded on its own: the LoRA init draws as before
+    for i in range(2):  # the same ids, std and whole resized table, bit for bit
+        assert ours_tok[i].convert_tokens_to_ids(["<s0>", "<s1>"]) == oracle.train_ids
+        assert torch.equal(ours.std[i], oracle.embeddings_settings[f"std_token_embedding_{i}"])
+        assert torch.equal(token_table(ours_enc[i]).weight, token_table(encoders[i]).weight)
+    ours.attach()
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):  # an update of the whole table (what the script's AdamW does), then the restoration
+        for i in range(2):
+            table = token_table(encoders[i]).weight
+            delta = torch.randn(table.shape, generator=gen) * 0.05
+            table.data -= delta
+            ours.layers[i].rows.data -= delta[ours.first[i]:]
+        oracle.retract_embeddings()
+        ours.renormalise()
+        for i in range(2):
+            assert torch.equal(ours.layers[i].merged(), token_table(encoders[i]).weight), (step, i)
+
+
+def test_token_rows_read_the_new_rows_from_their_parameter_and_the_rest_from_the_table():
+    table = torch.nn.Embedding(6, 3).requires_grad_(False)
+    rows = torch.randn(2, 3)
+    layer = TokenRows(table.half(), 4, rows)
+    ids = torch.tensor([[0, 4, 5, 4, 3]])
+    out = layer(ids)
+    assert out.dtype == torch.float32 and torch.equal(out[0, 1:4], rows[[0, 1, 0]])
+    assert torch.equal(out[0, [0, 4]], table.weight[[0, 3]].float())
+    out.sum().backward()
+    assert torch.equal(layer.rows.grad, torch.tensor([[2.0] * 3, [1.0] * 3]))
+
+
+def test_the_pivot_sets_the_rows_learning_rate_to_zero_from_its_step(tiny_base):
+    pivotal = PivotalTokens(PivotalSettings("sks", train_fraction=0.5), *_text_parts(tiny_base), seed=0)
+    pivotal.attach()
+    other = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [other], "lr": 1.0}, pivotal.param_group()])
+    assert opt.param_groups[1]["lr"] == 3e-4 and opt.param_groups[1]["weight_decay"] == 1e-4  # the defaults
+    pivotal.pivot(opt, 4, 10)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 3e-4]
+    pivotal.pivot(opt, 5, 10)
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 0.0]
+
+
+def test_rewrite_replaces_whole_words_only():
+    assert rewrite("a photo of sks dog, sks.", "sks", ["<s0>", "<s1>"]) == "a photo of <s0><s1> dog, <s0><s1>."
+    assert rewrite("tasks of sks_b", "sks", ["<s0>"]) == "tasks of sks_b"
+
+
+@pytest.mark.parametrize("over, key", [({"identifier": "two words"}, "identifier"), ({"num_tokens": 0}, "num_tokens"),
+                                       ({"train_fraction": 0}, "train_fraction"), ({"learning_rate": 0}, "learning_rate")])
+def test_settings_name_the_bad_key(over, key):
+    with pytest.raises(ValueError, match=f"model.pivotal.{key}"):
+        PivotalSettings(**{"identifier": "sks", **over})
+
+
+@pytest.mark.parametrize("over, key", [({"lora": {"train_text_encoder": True}}, "train_text_encoder"),
+                                       ({"perf": {"cache": "all"}}, "cache=latents"),
+                                       ({"perf": {"cuda_graph": True}}, "cuda_graph: false")])
+def test_combinations_that_cannot_work_are_refused_before_loading(over, key):
+    with pytest.raises(ValueError, match=key):
+        DreamBoothLoRA(base_model="never-loaded", pivotal={"identifier": "sks"}, **over)
+
+
+def test_identifier_missing_from_the_prompt_is_refused(tiny_base, subject_dirs, tmp_path):
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), **{"model.pivotal.identifier": "rraj"})
+    with pytest.raises(ValueError, match="not a word of data.instance_prompt"):
+        DreamBoothCLI(args=args)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, tmp_path_factory):
+    """A 5-step fit with pivotal tuning (rows train every step) on cached latents: (cli, run folder)."""
+    work = tmp_path_factory.mktemp("pivotal")
+    cli = DreamBoothCLI(args=fit_args(tiny_base, *make_subject_dirs(work), str(work / "run"),
+                                      steps=5, **PIVOTAL, **{"model.pivotal.train_fraction": 1.0,
+                                                             "model.perf.cache": "latents"}))
+    return cli, work / "run" / "lightning_logs" / "version_0"
+
+
+def test_only_the_new_rows_change_in_five_steps(tiny_base, trained):
+    cli, run = trained
+    model = cli.model
+    _, base_encoders = _text_parts(tiny_base)
+    fresh = PivotalTokens(PivotalSettings("sks"), *_text_parts(tiny_base), seed=0)  # the run's initial rows
+    fresh.attach()
+    for i, (enc, base) in enumerate(zip((model.text_encoder, model.text_encoder_2), base_encoders)):
+        layer = token_table(enc)
+        table, vocab = layer.merged(), token_table(base).weight
+        assert table.shape[0] == vocab.shape[0] + 2 and layer.first == vocab.shape[0]
+        assert torch.equal(table[:layer.first], vocab)  # every old row bit-identical
+        assert (layer.rows - fresh.layers[i].rows).abs().max() > 1e-3  # the new rows trained
+        others = {k: v for k, v in enc.state_dict().items() if "token_embedding" not in k}
+        assert all(torch.equal(v, base.state_dict()[k]) for k, v in others.items())  # the rest of the encoder too
+    assert model.trainer.datamodule.cache is not None  # latents cached; the prompts are encoded every step
+    assert model.trainer.datamodule.cache.text == {}
+    saved = load_file(run / f"{run.name}_emb.safetensors")
+    assert torch.equal(saved["clip_l"], token_table(model.text_encoder).rows.detach())
+    assert torch.equal(saved["clip_g"], token_table(model.text_encoder_2).rows.detach())
+
+
+def test_the_class_prompt_is_cached_and_the_identifier_prompt_has_gradients(trained):
+    model = trained[0].model
+    emb, pooled = model.encode_text([PROMPT, "a photo of dog"])
+    assert emb.requires_grad and "a photo of dog" in model._prompt_cache
+    assert "a photo of <s0><s1> dog" not in model._prompt_cache
+    emb[0].sum().backward()
+    assert token_table(model.text_encoder).rows.grad.abs().sum() > 0
+
+
+def test_the_pivot_stops_the_rows_and_resume_is_bit_exact(tiny_base, subject_dirs, tmp_path):
+    """4 steps, rows train for the first 2 (train_fraction 0.5); a run stopped by SIGTERM in step 1 and resumed
+    ends with the uninterrupted run's LoRA and embeddings, bit for bit."""
+    over = dict(PIVOTAL, **{"data.random_flip": 0.5})
+    ref = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "reference"), steps=4, **over))
+    stopped = tmp_path / "stopped"
+    cli = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(stopped), steps=4, **over)[1:], run=False)
+    cli.trainer.callbacks.insert(0, SendSignal(1, signal.SIGTERM))
+    with pytest.raises(StoppedBySignal):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    config = stopped / "lightning_logs" / "version_0" / "config.yaml"
+    DreamBoothCLI(args=["fit", "--config", str(config), "--ckpt_path", "last"])
+    for name in ("pytorch_lora_weights.safetensors", "version_0_emb.safetensors"):
+        a, b = (load_file(Path(r) / "lightning_logs" / "version_0" / name) for r in (tmp_path / "reference", stopped))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    groups = ref.trainer.optimizers[0].param_groups
+    assert groups[-1]["params"][0] is token_table(ref.model.text_encoder).rows and groups[-1]["lr"] == 1e-2
