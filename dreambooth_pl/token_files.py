@@ -21,6 +21,7 @@ from .pivotal import rewrite
 SUFFIX = "_emb.safetensors"
 METADATA_KEY = "dreambooth_pl.pivotal"  # {"identifier": ..., "tokens": [...]}
 KEYS = ("clip_l", "clip_g")  # text_encoder (CLIP ViT-L/14), text_encoder_2 (OpenCLIP ViT-bigG/14)
+ROWS_KEY = "token_embedding.rows"  # pivotal.TokenRows' parameter, as named in a fit checkpoint
 
 
 class TokenFileError(ValueError):
@@ -103,6 +104,12 @@ def read_embeddings(path: str | os.PathLike) -> TokenEmbeddings:
     if len(tokens) != clip_l.shape[0]:
         raise TokenFileError(f"embedding file {str(path)!r} names {len(tokens)} tokens for {clip_l.shape[0]} rows.")
     return TokenEmbeddings(str(path), clip_l, clip_g, identifier, tokens)
+
+
+def from_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"clip_l", "clip_g"}`` rows of pivotal tuning in a fit checkpoint's ``state_dict`` (empty without)."""
+    names = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+    return {names[k.split(".", 1)[0]]: v for k, v in state.items() if k.endswith(ROWS_KEY)}
 
 
 def beside(lora: str | os.PathLike) -> list[str]:

@@ -171,7 +171,8 @@ def test_rewrite_replaces_whole_words_only():
 
 
 @pytest.mark.parametrize("over, key", [({"identifier": "two words"}, "identifier"), ({"num_tokens": 0}, "num_tokens"),
-                                       ({"train_fraction": 0}, "train_fraction"), ({"learning_rate": 0}, "learning_rate")])
+                                       ({"train_fraction": 0}, "train_fraction"),
+                                       ({"learning_rate": 0}, "learning_rate")])
 def test_settings_name_the_bad_key(over, key):
     with pytest.raises(ValueError, match=f"model.pivotal.{key}"):
         PivotalSettings(**{"identifier": "sks", **over})
@@ -248,3 +249,40 @@ def test_the_pivot_stops_the_rows_and_resume_is_bit_exact(tiny_base, subject_dir
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     groups = ref.trainer.optimizers[0].param_groups
     assert groups[-1]["params"][0] is token_table(ref.model.text_encoder).rows and groups[-1]["lr"] == 1e-2
+
+
+def test_export_verb_writes_the_checkpoints_rows_beside_the_lora(trained, tmp_path):
+    from dreambooth_pl.tools.export import export
+
+    _, run = trained
+    export(str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "out" / "subject.safetensors"))
+    a, b = load_file(tmp_path / "out" / "out_emb.safetensors"), load_file(run / f"{run.name}_emb.safetensors")
+    assert a.keys() == b.keys() == {"clip_l", "clip_g"} and all(torch.equal(a[k], b[k]) for k in a)
+    lora = load_file(tmp_path / "out" / "subject.safetensors")
+    assert lora.keys() == load_file(run / "pytorch_lora_weights.safetensors").keys()
+
+
+def test_training_grids_draw_the_identifier_as_its_tokens(trained):
+    from dreambooth_pl.callbacks.sample_grid import SampleGrid
+    from dreambooth_pl.sampling import generate, pipeline_from_module
+
+    model = trained[0].model
+    grid = SampleGrid([PROMPT], steps=2, resolution=32, log_base=False)
+    drawn = torch.tensor(list(grid.draw(None, model)[0].getdata()), dtype=torch.float)
+    with torch.no_grad():
+        pipe = pipeline_from_module(model)
+        direct, plain = (torch.tensor(list(generate(pipe, [p], [grid.seed], 2, grid.guidance, None, 32, 32)[0]
+                                           .getdata()), dtype=torch.float)
+                         for p in (model.pivotal.rewrite(PROMPT), PROMPT))
+    assert torch.equal(drawn, direct) and (drawn - plain).abs().mean() > 1
+
+
+def test_auto_memory_plan_keeps_the_text_encoders_and_runs_eagerly(tiny_base, monkeypatch):
+    from dreambooth_pl import memory_plan as mp
+
+    module = DreamBoothLoRA(base_model=tiny_base, pivotal={"identifier": "sks"})
+    module.configure_model()
+    monkeypatch.setattr(mp, "budget", lambda device, requested: 100.0)  # a plan without the GPU's memory query
+    speed = mp.plan_speed(module, torch.device("cuda"), {"resolution": 1024, "batch_size": 1,
+                                                          "with_prior_preservation": True})
+    assert (speed["cache"], speed["cuda_graph"]) == ("latents", False)

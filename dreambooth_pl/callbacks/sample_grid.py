@@ -100,8 +100,9 @@ class SampleGrid(L.Callback):
                         layer.enable_adapters(False)
                 pipe = pipeline_from_module(pl_module, self.scheduler)
                 pivotal = getattr(pl_module, "pivotal", None)  # model.pivotal: the identifier is its new tokens
-                images = generate(pipe, [pivotal.rewrite(p) for p in prompts] if pivotal else prompts, seeds, self.steps, self.guidance, self.negative_prompt,
-                                  self.resolution, self.resolution, batch_size=len(prompts))
+                images = generate(pipe, [pivotal.rewrite(p) for p in prompts] if pivotal else prompts, seeds,
+                                  self.steps, self.guidance, self.negative_prompt, self.resolution, self.resolution,
+                                  batch_size=len(prompts))
                 self._cache = (key, images)
                 return images
             finally:

@@ -16,9 +16,18 @@ from ..lora_state import (COMPONENTS, LoRA, LoRAFormatError, base_skeleton, chec
                           on_disk_name, uniform_alpha)
 from ..io import load_checkpoint
 from ..moved_keys import nest_hparams
+from ..pivotal import PivotalSettings
 from ..sdxl import DTYPES
+from ..token_files import ROWS_KEY
 
 _ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)\.weight$")
+
+
+def exported_state(ckpt: dict, ema: dict) -> dict:
+    """The weights a checkpoint's run exports: its EMA (``ema.decay`` with ``ema.export``) or its state_dict."""
+    if ema.get("decay") is not None and ema.get("export", True) and "ema" in ckpt:
+        return ckpt["ema"]["shadow"]
+    return ckpt["state_dict"]
 
 
 def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
@@ -37,10 +46,10 @@ def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
         raise LoRAFormatError(f"{path}: trained with model.lora.adapter={adapter['adapter']}; export converts LoRA "
                               "checkpoints only; the fit writes its adapter file when it ends, in the layout "
                               "export.format picks (diffusers or kohya/LyCORIS).")
-    weights, state = {}, ckpt["state_dict"]
-    if ema.get("decay") is not None and ema.get("export", True) and "ema" in ckpt:
-        state = ckpt["ema"]["shadow"]  # the run exports its EMA weights: so does this
+    weights, state = {}, exported_state(ckpt, ema)
     for key, value in state.items():
+        if key.endswith(ROWS_KEY):  # model.pivotal's token rows: export() writes them beside the LoRA
+            continue
         m = _ADAPTER_KEY.match(key)
         comp = key.split(".", 1)[0]
         if not m or comp not in COMPONENTS or m["adapter"] != adapter_name:
@@ -59,7 +68,8 @@ def read_checkpoint(path: str, adapter_name: str = "default") -> LoRA:
 
 def export(source: str, out: str, format: Format = "diffusers",
            dtype: Literal["keep", "float32", "float16", "bfloat16"] = "keep", base: Optional[str] = None) -> str:
-    """Write a LoRA file in the diffusers or kohya layout from a Lightning checkpoint or another LoRA file.
+    """Write a LoRA file in the diffusers or kohya layout from a Lightning checkpoint or another LoRA file; a
+    checkpoint of a pivotal-tuning run also gives its token embeddings, ``<out folder name>_emb.safetensors``.
 
     Args:
         source: ``.ckpt`` of a fit, or a LoRA ``.safetensors`` (diffusers or kohya layout).
@@ -77,4 +87,19 @@ def export(source: str, out: str, format: Format = "diffusers",
         check_base(lora, models, source)
     if dtype != "keep":
         lora.weights = {k: v.to(DTYPES[dtype]) for k, v in lora.weights.items()}
-    return str(write_lora(uniform_alpha(lora) if format == "kohya" else lora, out, format))
+    written = str(write_lora(uniform_alpha(lora) if format == "kohya" else lora, out, format))
+    if Path(source).suffix == ".ckpt":
+        _export_embeddings(source, out)
+    return written
+
+
+def _export_embeddings(source: str, out: str) -> None:
+    """The token rows of a ``model.pivotal`` checkpoint (its EMA when the run exports EMA), beside ``out``."""
+    from ..token_files import embeddings_path, from_checkpoint, write_embeddings
+
+    ckpt = load_checkpoint(source)
+    hp = nest_hparams(ckpt.get("hyper_parameters") or {})
+    rows = from_checkpoint(exported_state(ckpt, hp.get("ema", {})))
+    if rows and hp.get("pivotal"):
+        settings = PivotalSettings(**hp["pivotal"])
+        write_embeddings(embeddings_path(Path(out).parent), rows, settings.identifier, settings.tokens)
