@@ -115,9 +115,9 @@ class TokenRows(torch.nn.Module):
         self.rows = torch.nn.Parameter(rows.detach().float().clone())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # fp32 out, as the script's table (cast to fp32 for training) gives under mixed precision
-        old = self.table(ids).to(self.rows.dtype)
-        new = self.rows[(ids - self.first).clamp(min=0)]
+        # in the table's dtype, as the encoder's other inputs: a half encoder fed fp32 fails in CPU autocast's norms
+        old = self.table(ids)
+        new = self.rows[(ids - self.first).clamp(min=0)].to(old.dtype)
         return torch.where((ids >= self.first)[..., None], new, old)
 
     def merged(self) -> torch.Tensor:
