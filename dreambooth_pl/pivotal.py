@@ -176,8 +176,10 @@ class PivotalTokens:
     def renormalise(self) -> None:
         """The script's ``retract_embeddings`` on the new rows: ``rows * (std / rows.std()) ** 0.1`` (the frozen
         rows it copies back are never written here)."""
-        for layer, std in zip(self.layers, self.std):
-            off_ratio = std.to(layer.rows.device) / layer.rows.std()
+        for i, layer in enumerate(self.layers):
+            if self.std[i].device != layer.rows.device:  # moved once: a copy per step would be a host sync
+                self.std[i] = self.std[i].to(layer.rows.device)
+            off_ratio = self.std[i] / layer.rows.std()
             layer.rows.mul_(off_ratio ** 0.1)
 
     def pivot(self, optimizer, step: int, total_steps: float) -> None:

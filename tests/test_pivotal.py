@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 from typing import List, Optional
 
+import lightning as L
 import pytest
 import torch
 from conftest import fit_args, make_subject_dirs
@@ -105,6 +106,16 @@ class TokenEmbeddingsHandler:  # the oracle: diffusers' code, verbatim but for t
             (
                 text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
             ).embeddings.token_embedding.weight.data[index_updates] = new_embeddings
+
+
+class RecordRows(L.Callback):
+    """The first encoder's new rows after every optimizer step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(token_table(pl_module.text_encoder).rows.detach().clone())
 
 
 def _text_parts(base: str):
@@ -236,7 +247,15 @@ def test_the_pivot_stops_the_rows_and_resume_is_bit_exact(tiny_base, subject_dir
     """4 steps, rows train for the first 2 (train_fraction 0.5); a run stopped by SIGTERM in step 1 and resumed
     ends with the uninterrupted run's LoRA and embeddings, bit for bit."""
     over = dict(PIVOTAL, **{"data.random_flip": 0.5})
-    ref = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "reference"), steps=4, **over))
+    ref = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "reference"), steps=4, **over)[1:],
+                        run=False)
+    rows = RecordRows()
+    ref.trainer.callbacks.insert(0, rows)
+    ref.trainer.fit(ref.model, ref.datamodule)
+    std = ref.model.pivotal.std[0]
+    for step in range(1, 4):  # before the pivot the rows learn; after it only the renormalisation moves them
+        renormalised = rows.seen[step - 1] * (std / rows.seen[step - 1].std()) ** 0.1
+        assert torch.allclose(rows.seen[step], renormalised, rtol=0, atol=1e-7) == (step >= 2), step
     stopped = tmp_path / "stopped"
     cli = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(stopped), steps=4, **over)[1:], run=False)
     cli.trainer.callbacks.insert(0, SendSignal(1, signal.SIGTERM))
