@@ -127,7 +127,14 @@ def load_into(pipe, paths: Sequence[str]) -> list[TokenEmbeddings]:
         paths: embedding files.
     """
     files = [read_embeddings(p) for p in paths]
+    owner: dict[str, str] = {}
     for f in files:
+        clash = next((t for t in f.tokens if t in owner or t in pipe.tokenizer.get_vocab()), None)
+        if clash:
+            raise TokenFileError(f"embedding file {f.path!r} adds token {clash!r}, which "
+                                 f"{owner.get(clash, 'the tokenizer')!r} already holds: runs trained with the same "
+                                 "token names (<s0><s1>) cannot be loaded together; load one, or rename its tokens.")
+        owner.update(dict.fromkeys(f.tokens, f.path))
         for rows, encoder, tokenizer in ((f.clip_l, pipe.text_encoder, pipe.tokenizer),
                                          (f.clip_g, pipe.text_encoder_2, pipe.tokenizer_2)):
             width = encoder.get_input_embeddings().weight.shape[1]

@@ -140,3 +140,8 @@ def test_bad_files_name_the_file_and_the_fix(tiny_base, tmp_path):
     pipe = _pipeline(tiny_base)
     with pytest.raises(TokenFileError, match="trained on another base"):
         load_into(pipe, [str(tmp_path / "wide.safetensors")])
+    narrow = {"clip_l": torch.zeros(2, 32), "clip_g": torch.zeros(2, 32)}
+    for name in ("a.safetensors", "b.safetensors"):
+        write_embeddings(tmp_path / name, narrow, name[0], ["<s0>", "<s1>"])
+    with pytest.raises(TokenFileError, match="b.safetensors.*'<s0>'.*a.safetensors"):
+        load_into(_pipeline(tiny_base), [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")])
