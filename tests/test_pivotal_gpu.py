@@ -42,3 +42,27 @@ def test_recipe_with_pivotal_tuning_runs_20_steps_under_16_mixed(tmp_path):
     saved = load_file(emb)
     assert saved["clip_l"].shape == (2, 768) and saved["clip_g"].shape == (2, 1280)
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_pivotal_recipe_with_sample_grid_and_subject_metrics(tmp_path):
+    """configs/pivotal.yaml stacked on the recipe, with both training callbacks: finite scores, the new rows trained
+    in fp32 beside the half encoders, and the grid drawn from the new tokens."""
+    from test_gpu_acceptance import CALLBACKS, finite_losses, recipe_args
+
+    from dreambooth_pl.callbacks.subject_metrics import SubjectMetrics
+    from dreambooth_pl.cli import DreamBoothCLI
+    from dreambooth_pl.pivotal import token_table
+    from dreambooth_pl.tools.benchmark import build_base, prepare_inputs
+
+    base = build_base(str(REPO / "data" / "_cache" / "sdxl-random"), "sdxl")
+    sdxl = (base, *prepare_inputs(tmp_path / "inputs"), tmp_path)
+    cli = DreamBoothCLI(args=recipe_args(sdxl, tmp_path / "run", 10, "--config", str(REPO / "configs" / "pivotal.yaml"),
+                                         *CALLBACKS))
+    model = cli.model
+    assert cli.trainer.global_step == 10 and model.text_encoder.dtype == torch.float16
+    finite_losses(cli.trainer)
+    scores = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SubjectMetrics)).last_scores
+    assert scores and all(torch.isfinite(torch.tensor(v)) for v in scores.values())
+    rows = [token_table(e).rows for e in (model.text_encoder, model.text_encoder_2)]
+    assert all(r.dtype == torch.float32 and torch.isfinite(r).all() for r in rows)
+    assert list((tmp_path / "run").glob("lightning_logs/*/version_*_emb.safetensors"))
