@@ -180,8 +180,8 @@ def _suite_samples(folder: Path, jobs: list[tuple[str, int]], settings: dict, pi
         from ..sampling import generate, load_pipeline
         from ..token_files import prompt_rewriter
 
-        pipe = load_pipeline(**pipe_args)
         rewrite = prompt_rewriter(pipe_args.get("embeddings", ()))  # pivotal tuning: identifier -> new tokens
+        pipe = load_pipeline(**pipe_args)
         with tqdm(total=len(todo), desc=f"samples -> {folder}") as bar:
             for start in range(0, len(todo), 4):
                 chunk = todo[start:start + 4]

@@ -147,9 +147,9 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
                                 "(then image k gets seed + k).")
     check_size(settings["height"], settings["width"])
     folder = ensure_writable(out)
+    rewrite = prompt_rewriter(settings["embeddings"])  # pivotal tuning: the identifier is the files' new tokens
     pipe = load_pipeline(settings["base"], [tuple(x) for x in settings["loras"]], settings["scheduler"],
                          settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing, settings["embeddings"])
-    rewrite = prompt_rewriter(settings["embeddings"])  # pivotal tuning: the identifier is the files' new tokens
     images = generate(pipe, [rewrite(p) for p in prompts], seed_list, settings["steps"], settings["guidance"],
                       settings["negative_prompt"], settings["height"], settings["width"], batch_size)
     settings.update(runtime(pipe))
