@@ -30,12 +30,17 @@ class EvaluationError(ValueError):
 
 @functools.lru_cache(maxsize=1)  # ablations evaluate run after run in one process: load CLIP and DINO once
 def _embedders(clip_weights: Optional[str], dino_weights: Optional[str], device: Optional[str]):
+    """CLIP and DINO; random weights (None, tests only) are drawn from seed 0 (as conftest's random_embedders),
+    whatever the caller's RNG state: the first call's draw, which the cache keeps, is then the same in any order."""
     import torch
 
     from ..metrics import load_clip, load_dino
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_clip(clip_weights, device), load_dino(dino_weights, device)
+    with torch.random.fork_rng(devices=[]):
+        if clip_weights is None or dino_weights is None:
+            torch.manual_seed(0)
+        return load_clip(clip_weights, device), load_dino(dino_weights, device)
 
 
 def _face(face_weights: Optional[str]):
