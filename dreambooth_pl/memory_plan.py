@@ -151,7 +151,7 @@ def _candidates(perf: PerfSettings, fusable: bool) -> tuple[Plan, ...]:
 
 def resolve_perf(perf: PerfSettings, lora: LoraSettings, shape: DataShape, target: Target, weights_gib: float = 0.0,
                  log: Optional[Callable[[str], None]] = None, base_dtype: str = "float16",
-                 storage_gib: Optional[dict[str, float]] = None) -> PerfSettings:
+                 storage_gib: Optional[dict[str, float]] = None, pivotal: bool = False) -> PerfSettings:
     """The switches a run uses: ``perf`` as given (``manual``, or off a GPU), or with ``memory_plan: auto`` the
     fastest plan whose estimate fits ``target.free_gib``, keeping every switch the user set.
 
@@ -167,13 +167,16 @@ def resolve_perf(perf: PerfSettings, lora: LoraSettings, shape: DataShape, targe
         storage_gib: ``weights_gib`` with the UNet stored as float8 / nf4 instead (``quant.storage_gib``); the log
             line and the no-plan-fits error name a storage that would allow a faster plan. The plan never
             switches the storage itself: rounding the base changes the maths, which ``model.perf`` must not.
+        pivotal: ``model.pivotal`` is set: its token rows train through the text encoders, which therefore stay
+            (``cache: latents``) and feed prompt embeddings that need gradients (no CUDA graph).
     """
     if perf.memory_plan == "manual" or target.type != "cuda":
         return manual(perf)
     from .quant import storage_hint
 
-    cache = perf.cache or ("latents" if lora.train_text_encoder else "all")  # the encoders leave the GPU
-    graph = not graph_blockers(lora, perf) and perf.cuda_graph is not False
+    text_trains = lora.train_text_encoder or pivotal
+    cache = perf.cache or ("latents" if text_trains else "all")  # "all": the encoders leave the GPU
+    graph = not graph_blockers(lora, perf, pivotal) and perf.cuda_graph is not False
     plans = _candidates(perf, target.half and base_dtype == "float16")
 
     def fit(weights: float, plans: tuple[Plan, ...] = plans) -> Plan:

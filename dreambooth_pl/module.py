@@ -20,6 +20,7 @@ from .loss import DreamBoothLoss, latent_weights
 from .memory_plan import GIB, Target, budget, frozen_gib, manual, resolve_perf
 from .noise import NoiseSchedule
 from .optimizers import build_optimizer, step_size_estimates
+from .pivotal import PivotalSettings, PivotalTokens, check_identifier, check_pivotal, pivotal_encode, total_steps
 from .sdxl import DTYPES, add_time_ids, encode_prompts, load_parts, scale_latents, tokenize
 from .settings import EmaSettings, LoraSettings, OptimSettings, PerfSettings, check_model, plain
 
@@ -43,6 +44,7 @@ class DreamBoothLoRA(L.LightningModule):
         optim: optimizer, learning rates, weight decays and schedule (settings.OptimSettings).
         ema: moving average of the adapter weights (settings.EmaSettings).
         perf: speed and memory switches (settings.PerfSettings).
+        pivotal: new identifier tokens trained in both text encoders (pivotal.PivotalSettings; None: off).
     """
 
     def __init__(self, base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
@@ -51,15 +53,19 @@ class DreamBoothLoRA(L.LightningModule):
                  seed: int = 0, random_base: Optional[Literal["tiny", "sdxl"]] = None,
                  base_dtype: quant.BaseDtype = "float16",
                  lora: LoraSettings = LoraSettings(), optim: OptimSettings = OptimSettings(),
-                 ema: EmaSettings = EmaSettings(), perf: PerfSettings = PerfSettings()):
+                 ema: EmaSettings = EmaSettings(), perf: PerfSettings = PerfSettings(),
+                 pivotal: Optional[PivotalSettings] = None):
         super().__init__()
         # LightningCLI (to save_hyperparameters) and load_from_checkpoint hand the groups over as plain dicts
         groups = ((LoraSettings, lora), (OptimSettings, optim), (EmaSettings, ema), (PerfSettings, perf))
         lora, optim, ema, perf = (g(**v) if isinstance(v, dict) else v for g, v in groups)
+        pivotal = PivotalSettings(**pivotal) if isinstance(pivotal, dict) else pivotal
         self.save_hyperparameters()  # the groups are frozen dataclasses: their shared defaults cannot change
-        self.hparams.update(lora=lora, optim=optim, ema=ema, perf=perf)
+        self.hparams.update(lora=lora, optim=optim, ema=ema, perf=perf, pivotal=pivotal)
         check_model(lora, perf, noise_offset, snr_gamma)
         quant.check_base_dtype(base_dtype)
+        check_pivotal(pivotal, lora.train_text_encoder, perf.cache, perf.cuda_graph)
+        self.pivotal: Optional[PivotalTokens] = None  # the new tokens, made with the models in configure_model
         self.loss_fn = DreamBoothLoss(prior_loss_weight)  # validates the weight before any model loads
         self.unet = None
         self._graphed = None
@@ -92,20 +98,28 @@ class DreamBoothLoRA(L.LightningModule):
         if self.unet is not None:
             return
         hp = self.hparams
+        if hp.pivotal is not None:
+            check_identifier(hp.pivotal, self._trainer)
         dtype = self.weight_dtype()
         trainer = self._trainer  # each weight straight to the training device in the training dtype (start-up)
         device = trainer.strategy.root_device if trainer else None
         # a quantized base loads on the CPU and its linears go to the device one by one, already quantized: the
         # half-precision UNet never sits on an 8 GB card whole
-        parts = load_parts(hp.base_model, hp.vae_model, dtype, device if hp.base_dtype == "float16" else None,
-                           DTYPES[hp.vae_dtype])
+        where = device if hp.base_dtype == "float16" else None
+        pivotal = hp.pivotal is not None  # its text encoders load in fp32 on the CPU: the script initialises there
+        parts = load_parts(hp.base_model, hp.vae_model, dtype, where, DTYPES[hp.vae_dtype], text_fp32_host=pivotal)
+        if pivotal:  # before the cast, on the fp32 tables, as the script's TokenEmbeddingsHandler
+            self.pivotal = PivotalTokens(hp.pivotal, (parts.tokenizer, parts.tokenizer_2),
+                                         (parts.text_encoder, parts.text_encoder_2), hp.seed)
         self.tokenizers = (parts.tokenizer, parts.tokenizer_2)
         self.scheduler_config = parts.scheduler_config
         self.noise = NoiseSchedule(parts.scheduler_config)
         self.unet = parts.unet.to(dtype)
         self.vae = parts.vae.to(DTYPES[hp.vae_dtype])
-        self.text_encoder = parts.text_encoder.to(dtype)
-        self.text_encoder_2 = parts.text_encoder_2.to(dtype)
+        self.text_encoder = parts.text_encoder.to(device=where, dtype=dtype)  # no-ops unless pivotal loaded them
+        self.text_encoder_2 = parts.text_encoder_2.to(device=where, dtype=dtype)
+        if self.pivotal is not None:
+            self.pivotal.attach()
         lora = hp.lora
         encoders = (self.text_encoder, self.text_encoder_2) if lora.train_text_encoder else ()
         for model in (self.unet, *encoders):  # the text encoders name their attention projections differently
@@ -114,7 +128,8 @@ class DreamBoothLoRA(L.LightningModule):
             kinds.add_adapter(model, lora.adapter, cfg)
         # quantized before the memory plan counts the UNet's bytes
         quant.quantize_base(self.unet, hp.base_dtype, dtype, device, bool(hp.perf.fused_lora))
-        self.perf = self.resolve_perf(encoders)
+        # pivotal tuning keeps the text encoders on the GPU through the steps, as text-encoder LoRA does
+        self.perf = self.resolve_perf(encoders or ((self.text_encoder, self.text_encoder_2) if pivotal else ()))
         if self.perf.gradient_checkpointing:  # only dropout draws random numbers inside the UNet's blocks
             perf_lib.set_checkpointing(self.unet, self.perf.checkpoint_every, preserve_rng_state=lora.dropout > 0)
             for model in encoders:
@@ -127,7 +142,8 @@ class DreamBoothLoRA(L.LightningModule):
         perf_lib.ddp_ignore_frozen(self)
 
     def resolve_perf(self, trained_encoders: tuple) -> PerfSettings:
-        """``model.perf`` resolved for this run's device, precision and data (memory_plan.resolve_perf)."""
+        """``model.perf`` resolved for this run's device, precision and data (memory_plan.resolve_perf); the
+        text encoders that train (adapters or pivotal tuning's rows) count as resident weights."""
         hp, trainer = self.hparams, self._trainer
         device = trainer.strategy.root_device if trainer is not None else self.device
         if hp.perf.memory_plan == "auto" and device.type != "cuda":
@@ -144,7 +160,8 @@ class DreamBoothLoRA(L.LightningModule):
                    if t.device.type == "cuda") / GIB  # loaded straight to the GPU: free memory already lacks them
         target = Target(device.type, budget(device, hp.perf.memory_budget_gib, held_gib=held)
                         if device.type == "cuda" else None, self.weight_dtype() != torch.float32)
-        return resolve_perf(hp.perf, hp.lora, shape, target, weights, rank_zero_info, hp.base_dtype, storage)
+        return resolve_perf(hp.perf, hp.lora, shape, target, weights, rank_zero_info, hp.base_dtype, storage,
+                            pivotal=hp.pivotal is not None)
 
     def configure_speed(self) -> None:
         """Apply the perf switches (after the adapters exist, so compiled blocks include them)."""
@@ -194,10 +211,18 @@ class DreamBoothLoRA(L.LightningModule):
             return scale_latents(dist.sample(generator).float(), self.vae.config)
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt embeddings and pooled embeddings; cached per prompt while the text encoders are frozen."""
+        """Prompt embeddings and pooled embeddings; cached per prompt while the text encoders are frozen (with
+        ``pivotal``: the prompts without the new tokens, such as the class prompt)."""
         encoders = (self.text_encoder, self.text_encoder_2)
         if self.hparams.lora.train_text_encoder:
             return encode_prompts(encoders, [tokenize(t, prompts) for t in self.tokenizers])
+        if self.pivotal is not None:
+            return pivotal_encode(self.pivotal, [self.pivotal.rewrite(p) for p in prompts], self._encode_frozen,
+                                  lambda ps: encode_prompts(encoders, [tokenize(t, ps) for t in self.tokenizers]))
+        return self._encode_frozen(prompts)
+
+    def _encode_frozen(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoders = (self.text_encoder, self.text_encoder_2)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
             with torch.no_grad():
@@ -259,7 +284,11 @@ class DreamBoothLoRA(L.LightningModule):
         return self.loss_fn(pred, self.noise.target(latents, noise, t), batch["is_prior"], weights, mask)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        if self.pivotal is not None:
+            self.pivotal.pivot(optimizer, self.global_step, total_steps(self.trainer))
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.pivotal is not None:  # the script's retract_embeddings, after every update
+            self.pivotal.renormalise()
         if self.ema is not None:  # once per real optimizer step, before any callback samples at this step
             self.ema.update()
 
@@ -326,6 +355,8 @@ class DreamBoothLoRA(L.LightningModule):
             te = [p for m in (self.text_encoder, self.text_encoder_2) for p in m.parameters() if p.requires_grad]
             groups.append({"params": te, "lr": o.text_encoder_lr or o.learning_rate,
                            "weight_decay": o.text_encoder_weight_decay})
+        if self.pivotal is not None:
+            groups.append(self.pivotal.param_group())
         opt = build_optimizer(o.name, groups, o.weight_decay, self.device)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         sched = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=total)

@@ -101,7 +101,8 @@ def add_loras(pipe, loras: Sequence[tuple[str, float]], force: bool = False) -> 
 
 def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler: str = SAMPLER.scheduler,
                   dtype: str = "float16", device: str | None = None, vae: str | None = None,
-                  vae_tiling: bool = False, vae_slicing: bool = True, force: bool = False):
+                  vae_tiling: bool = False, vae_slicing: bool = True, force: bool = False,
+                  embeddings: Sequence[str] = ()):
     """An SDXL pipeline of ``base`` with LoRA files applied at their scales, ready on ``device``.
 
     Args:
@@ -115,6 +116,8 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
         vae_slicing: decode one image of a batch at a time (default: a batch of fp32 1024² decodes would not
             fit 16 GB beside the fp16 UNet; the time cost is negligible).
         force: load LoRA files past the magnitude bound (io/magnitude.py).
+        embeddings: token-embedding files (pivotal tuning's ``*_emb.safetensors``; token_files.py) loaded into both
+            text encoders; prompts then need ``token_files.prompt_rewriter(embeddings)``.
     """
     from diffusers import StableDiffusionXLPipeline
 
@@ -132,6 +135,10 @@ def load_pipeline(base: str, loras: Sequence[tuple[str, float]] = (), scheduler:
     if pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)  # the SDXL VAE overflows to NaN in fp16; the fp16-fix VAE does not
     add_loras(pipe, loras, force)
+    if embeddings:
+        from .token_files import load_into
+
+        load_into(pipe, embeddings)
     if vae_tiling:
         pipe.vae.enable_tiling()
     if vae_slicing:

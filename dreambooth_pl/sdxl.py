@@ -117,7 +117,8 @@ def load_vae(vae: str, dtype: torch.dtype = torch.float32):
 
 
 def load_parts(base: str, vae: str | None = None, dtype: torch.dtype = torch.float32,
-               device: torch.device | str | None = None, vae_dtype: torch.dtype | None = None) -> SDXLParts:
+               device: torch.device | str | None = None, vae_dtype: torch.dtype | None = None,
+               text_fp32_host: bool = False) -> SDXLParts:
     """Load tokenizers, text encoders, VAE and UNet of an SDXL base (frozen, eval mode), each weight read from its
     file straight into ``dtype`` on ``device``: no fp32 copy on the host of an fp16 base.
 
@@ -128,6 +129,9 @@ def load_parts(base: str, vae: str | None = None, dtype: torch.dtype = torch.flo
         device: where the weights land (None: the CPU). Needs ``accelerate`` to skip the host copy; without it the
             parts load on the CPU and move.
         vae_dtype: dtype of the VAE (None: ``dtype``).
+        text_fp32_host: the text encoders load in fp32 on the CPU whatever ``dtype`` and ``device`` say (pivotal
+            tuning initialises its new rows from the fp32 tables there, as diffusers' script does; the caller casts
+            and moves them after).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -135,13 +139,15 @@ def load_parts(base: str, vae: str | None = None, dtype: torch.dtype = torch.flo
     root = resolve_base(base)
     vae_dtype = dtype if vae_dtype is None else vae_dtype
     where = _placement(device)
+    text_dtype, text_where = (torch.float32, {}) if text_fp32_host else (dtype, where)
     try:
         parts = SDXLParts(
             tokenizer=AutoTokenizer.from_pretrained(root, subfolder="tokenizer"),
             tokenizer_2=AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
-            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype, **where),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype,
-                                                                       **where),
+            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=text_dtype,
+                                                       **text_where),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2",
+                                                                       dtype=text_dtype, **text_where),
             vae=load_vae(vae, vae_dtype) if vae else AutoencoderKL.from_pretrained(root, subfolder="vae",
                                                                                    dtype=vae_dtype, **where),
             unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", dtype=dtype, **where),
@@ -151,7 +157,7 @@ def load_parts(base: str, vae: str | None = None, dtype: torch.dtype = torch.flo
         raise BaseModelError(f"could not load the SDXL parts from {root!r}: {str(e).splitlines()[0][:300]}") from None
     for m in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):
         m.requires_grad_(False).eval()
-        if device is not None:
+        if device is not None and not (text_fp32_host and m in (parts.text_encoder, parts.text_encoder_2)):
             m.to(device)  # a no-op where the weights landed there already
     return parts
 

@@ -168,11 +168,19 @@ class PerfSettings:
                  "false unless model.perf.fused_lora is true (it groups the fused nodes)", self.group_qkv)
 
 
-def graph_blockers(lora: LoraSettings, perf: PerfSettings) -> list[str]:
+def graph_blockers(lora: LoraSettings, perf: PerfSettings, pivotal: bool = False) -> list[str]:
     """The config keys that rule out replaying the UNet step from a CUDA graph (empty: a graph is allowed): text
     embeddings that need gradients, random dropout masks, or compiled code inside the capture. The one statement of
-    the rule: :func:`check_model` refuses ``cuda_graph: true`` with it, and ``memory_plan: auto`` plans with it."""
+    the rule: :func:`check_model` refuses ``cuda_graph: true`` with it (``pivotal.check_pivotal`` for
+    ``model.pivotal``), and ``memory_plan: auto`` plans with it.
+
+    Args:
+        lora: the adapter settings.
+        perf: the speed switches.
+        pivotal: ``model.pivotal`` is set (its new token rows need the prompt embeddings' gradients).
+    """
     return [key for key, on in (("model.lora.train_text_encoder", lora.train_text_encoder),
+                                ("model.pivotal", pivotal),
                                 ("model.lora.dropout", lora.dropout > 0),
                                 ("model.perf.compile_blocks", perf.compile_blocks)) if on]
 

@@ -102,15 +102,20 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr("dreambooth_pl.sdxl.load_parts", refuse)
 
 
-@pytest.fixture
-def subject_dirs(tmp_path) -> tuple[str, str]:
-    """(instance dir with 2 sample dog photos, class dir with 4 random images)."""
-    inst = tmp_path / "instance"
+def make_subject_dirs(root: Path, n_class: int = 4) -> tuple[str, str]:
+    """(``root/instance`` with 2 sample dog photos, ``root/class`` with ``n_class`` random images)."""
+    inst = root / "instance"
     inst.mkdir()
     for p in sorted(SAMPLE.glob("*.jpg"))[:2]:
         shutil.copy(p, inst / p.name)
-    write_images(tmp_path / "class", 4)
-    return str(inst), str(tmp_path / "class")
+    write_images(root / "class", n_class)
+    return str(inst), str(root / "class")
+
+
+@pytest.fixture
+def subject_dirs(tmp_path) -> tuple[str, str]:
+    """(instance dir with 2 sample dog photos, class dir with 4 random images)."""
+    return make_subject_dirs(tmp_path)
 
 
 # Every line a fit may print (full-line regexes): tests/test_console.py on the CPU, the recipe's console on the GPU
@@ -124,6 +129,7 @@ CONSOLE_ALLOWED = [
     r"class images -> .*", r"parameters: [\d.]+ [KMB] trainable \([\d.]+ MiB of adapters\), [\d.]+ [KMB] frozen",
     r"step \d+/\d+ .*", r"LoRA written to .*", r"fit finished: step .*", r"  peak GPU memory: .*",
     r"  (LoRA|checkpoint|TensorBoard|resume|sample|phases): .*", r"memory plan: .*",
+    r"token embeddings written to .*",  # model.pivotal's *_emb.safetensors beside the LoRA
 ]
 
 

@@ -13,15 +13,10 @@ from dreambooth_pl.settings import LoraSettings, PerfSettings
 
 @pytest.fixture(scope="module")
 def setup(tiny_base, tmp_path_factory):
-    import shutil
-
-    from conftest import SAMPLE, write_images
+    from conftest import make_subject_dirs
 
     root = tmp_path_factory.mktemp("cache")
-    (root / "instance").mkdir()
-    for p in sorted(SAMPLE.glob("*.jpg"))[:2]:
-        shutil.copy(p, root / "instance" / p.name)
-    write_images(root / "class", 3)
+    make_subject_dirs(root, 3)
     dm = DreamBoothDataModule(str(root / "instance"), "a photo of sks dog", str(root / "class"), "a photo of dog",
                               num_class_images=3, resolution=32, center_crop=True, random_flip=0.5, seed=3)
     dm.setup("fit")

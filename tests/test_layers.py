@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "dreambooth_pl"
 LAYERS = [
     ["io", "console", "config_guard", "prompts", "noise", "loss", "block_ops", "ema", "optimizers", "perf", "graphs",
      "fused_lora", "metrics", "checkpoint_io", "argv", "__init__"],
-    ["moved_keys", "sdxl", "adapter.maths"],
+    ["moved_keys", "sdxl", "adapter.maths", "pivotal", "token_files"],
     ["adapter.kinds", "bases"],
     ["adapter.value"],
     ["adapter.base", "adapter.diffusers_layout", "adapter.kohya_layout"],

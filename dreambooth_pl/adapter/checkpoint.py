@@ -7,12 +7,25 @@ import torch
 
 from ..io import load_checkpoint
 from ..moved_keys import nest_hparams
+from ..token_files import ROWS_KEY
 from .kinds import KINDS
 from .value import COMPONENTS, Adapter, AdapterFormatError, check_keys, check_values, on_disk_name
 
 _PARAM = "|".join(sorted({re.escape(p.split(".")[0]) for k in KINDS.values() for p in k.params}, key=len,
                          reverse=True))
 _ADAPTER_KEY = re.compile(rf"^(?P<module>.+)\.(?P<param>{_PARAM})\.(?P<adapter>[^.]+)(?P<weight>\.weight)?$")
+
+
+def exported_state(ckpt: dict, ema: dict) -> dict:
+    """The weights a checkpoint's run exports: its EMA (``ema.decay`` with ``ema.export``) or its state_dict.
+
+    Args:
+        ckpt: the loaded checkpoint.
+        ema: its ``ema`` hyper-parameters (settings.EmaSettings as a dict).
+    """
+    if ema.get("decay") is not None and ema.get("export", True) and "ema" in ckpt:
+        return ckpt["ema"]["shadow"]
+    return ckpt["state_dict"]
 
 
 def read_checkpoint(path: str, adapter_name: str = "default") -> Adapter:
@@ -32,11 +45,11 @@ def read_checkpoint(path: str, adapter_name: str = "default") -> Adapter:
     if kind not in KINDS:
         raise AdapterFormatError(f"{path}: trained with model.lora.adapter={kind!r}, which this version does not "
                                  f"know ({', '.join(KINDS)}).")
-    weights, state = {}, ckpt["state_dict"]
-    if ema.get("decay") is not None and ema.get("export", True) and "ema" in ckpt:
-        state = ckpt["ema"]["shadow"]  # the run exports its EMA weights: so does this
+    weights, state = {}, exported_state(ckpt, ema)  # the run exports its EMA weights: so does this
     params = {p.split(".")[0]: p for p in KINDS[kind].params}
     for key, value in state.items():
+        if key.endswith(ROWS_KEY):  # model.pivotal's token rows: the export verb writes them beside the adapter
+            continue
         m = _ADAPTER_KEY.match(key)
         comp = key.split(".", 1)[0]
         if not m or comp not in COMPONENTS or m["adapter"] != adapter_name or m["param"] not in params:

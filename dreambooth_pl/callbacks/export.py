@@ -9,7 +9,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 class LoRAExport(L.Callback):
-    """Save ``pytorch_lora_weights.safetensors`` (loadable by ``StableDiffusionXLPipeline.load_lora_weights``).
+    """Save ``pytorch_lora_weights.safetensors`` (loadable by ``StableDiffusionXLPipeline.load_lora_weights``), and
+    with ``model.pivotal`` the new tokens' ``<folder name>_emb.safetensors`` beside it (pivotal.py).
 
     Args:
         dirpath: output folder (None: the run's log dir, e.g. ``lightning_logs/version_3``).
@@ -44,3 +45,8 @@ class LoRAExport(L.Callback):
             return
         out = pl_module.export_lora(self._out or self.path(trainer), self.format)
         rank_zero_info(f"LoRA written to {out}")
+        from ..pivotal import export_embeddings
+
+        emb = export_embeddings(pl_module, os.path.dirname(out))  # model.pivotal's tokens, beside the LoRA
+        if emb:
+            rank_zero_info(f"token embeddings written to {emb} (load both: sample --lora {out})")

@@ -100,8 +100,11 @@ class SampleGrid(L.Callback):
                     for layer, _ in layers:
                         layer.enable_adapters(False)
                 pipe = pipeline_from_module(pl_module, self.scheduler)
-                images = generate(pipe, prompts, seeds, self.steps, self.guidance, self.negative_prompt,
-                                  self.resolution, self.resolution, batch_size=len(prompts))
+                # model.pivotal: the identifier is its new tokens; the base (no adapters) gets the prompt as written
+                pivotal = getattr(pl_module, "pivotal", None) if adapters else None
+                images = generate(pipe, [pivotal.rewrite(p) for p in prompts] if pivotal else prompts, seeds,
+                                  self.steps, self.guidance, self.negative_prompt, self.resolution, self.resolution,
+                                  batch_size=len(prompts))
                 self._cache = (key, images)
                 return images
             finally:

@@ -30,12 +30,17 @@ class EvaluationError(ValueError):
 
 @functools.lru_cache(maxsize=1)  # ablations evaluate run after run in one process: load CLIP and DINO once
 def _embedders(clip_weights: Optional[str], dino_weights: Optional[str], device: Optional[str]):
+    """CLIP and DINO; random weights (None, tests only) are drawn from seed 0 (as conftest's random_embedders),
+    whatever the caller's RNG state: the first call's draw, which the cache keeps, is then the same in any order."""
     import torch
 
     from ..metrics import load_clip, load_dino
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_clip(clip_weights, device), load_dino(dino_weights, device)
+    with torch.random.fork_rng(devices=[]):
+        if clip_weights is None or dino_weights is None:
+            torch.manual_seed(0)
+        return load_clip(clip_weights, device), load_dino(dino_weights, device)
 
 
 def _face(face_weights: Optional[str]):
@@ -193,12 +198,14 @@ def _suite_samples(folder: Path, jobs: list[tuple[str, int]], settings: dict, pi
     todo = [k for k, f in enumerate(files) if not f.is_file()]
     if todo:
         from ..sampling import generate, load_pipeline
+        from ..token_files import prompt_rewriter
 
+        rewrite = prompt_rewriter(pipe_args.get("embeddings", ()))  # pivotal tuning: identifier -> new tokens
         pipe = load_pipeline(**pipe_args)
         with tqdm(total=len(todo), desc=f"samples -> {folder}") as bar:
             for start in range(0, len(todo), 4):
                 chunk = todo[start:start + 4]
-                images = generate(pipe, [jobs[k][0] for k in chunk], [jobs[k][1] for k in chunk],
+                images = generate(pipe, [rewrite(jobs[k][0]) for k in chunk], [jobs[k][1] for k in chunk],
                                   settings["steps"], settings["guidance"], None, settings["resolution"],
                                   settings["resolution"], batch_size=4)
                 for k, img in zip(chunk, images):  # written one by one: a kill keeps every finished sample
@@ -217,7 +224,8 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
                    clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino", seed: int = 0,
                    pres_images: int = 8, dtype: Optional[str] = None, device: Optional[str] = None,
                    clip_t_prompt: ClipTPrompt = "without_identifier", class_prompt: Optional[str] = None,
-                   drift: bool = False, face_weights: Optional[str] = "dlib") -> dict:
+                   drift: bool = False, face_weights: Optional[str] = "dlib",
+                   embeddings: Optional[list[str]] = None) -> dict:
     """The paper's protocol for one LoRA: generate a prompt suite (resumable), score it, add the real-images row.
 
     Args:
@@ -246,6 +254,9 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
             (``metrics.pixel.drift_scores``); ``pixel_dist`` (nearest real photo) is always reported.
         face_weights: face identity (face_sim, face_match, face_none; metrics/face.py): ``dlib`` (the installed
             face-recognition-models) or a folder with dlib's two model files (None: skipped).
+        embeddings: pivotal tuning's token-embedding files, loaded into both text encoders (each replaces its
+            identifier in the prompts with its tokens; token_files.py). None: the ``*_emb.safetensors`` beside
+            ``lora``; [] for none.
     """
     import torch
 
@@ -263,11 +274,14 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     jobs = [(p, seed + i * images_per_prompt + j) for i, p in enumerate(prompts) for j in range(images_per_prompt)]
     class_jobs = [(class_prompt or f"a {class_name}", seed + len(jobs) + j) for j in range(pres_images)]
     folder = check_output_dir(out, "evaluate-suite", ours=("results.*", "samples*"))
+    from ..token_files import beside
+
+    embeddings = [str(Path(e).resolve()) for e in (beside(lora) if embeddings is None else embeddings)]
     settings = dict(lora=str(Path(lora).resolve()), base=base, scheduler=scheduler, steps=steps, guidance=guidance,
-                    resolution=resolution)
+                    resolution=resolution, **({"embeddings": embeddings} if embeddings else {}))
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     pipe_args = dict(base=base, loras=[(lora, 1.0)], scheduler=scheduler, device=device,
-                     dtype=dtype or ("float16" if cuda else "float32"))
+                     dtype=dtype or ("float16" if cuda else "float32"), embeddings=embeddings)
     files = _suite_samples(ensure_writable(folder / "samples"), jobs, settings, pipe_args)
     class_files = _suite_samples(ensure_writable(folder / "samples_class"), class_jobs, settings, pipe_args)
     clip, dino = _embedders(clip_weights, dino_weights, device)
@@ -275,8 +289,9 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     row = score_subject(images, [p for p, _ in jobs], real_images, token, clip, dino, class_images or None,
                         clip_t_prompt, face) | {"pixel_dist": nearest_pixel_distance(images, real_images)}
     if drift and class_jobs:
-        base_files = _suite_samples(ensure_writable(folder / "samples_class_base"), class_jobs,
-                                    dict(settings, lora=None), dict(pipe_args, loras=[]))
+        base_settings = {k: v for k, v in settings.items() if k != "embeddings"} | {"lora": None}
+        base_files = _suite_samples(ensure_writable(folder / "samples_class_base"), class_jobs, base_settings,
+                                    dict(pipe_args, loras=[], embeddings=[]))
         row |= drift_scores(class_images, [load_rgb(f) for f in base_files], dino)
     baseline = real_baseline(real_images, clip, dino, face)
     results = {"settings": dict(settings, suite=suite, num_prompts=len(prompts), images_per_prompt=images_per_prompt,

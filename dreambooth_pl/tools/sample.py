@@ -80,7 +80,7 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
            seed: int = 0, images_per_prompt: int = 1, batch_size: int = 4, dtype: str = "float16",
            device: Optional[str] = None, vae: Optional[str] = None, vae_tiling: bool = False,
            vae_slicing: bool = True, from_png: Optional[str] = None, list_suites: bool = False,
-           overwrite: bool = False, force: bool = False) -> str:
+           overwrite: bool = False, force: bool = False, embeddings: Union[str, list[str], None] = None) -> str:
     """Sample images from an SDXL base with zero or more LoRA files; writes PNGs, contact_sheet.png, manifest.json.
 
     Args:
@@ -113,6 +113,9 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         list_suites: print the prompt suites and exit (also: ``python -m dreambooth_pl list-suites``).
         overwrite: write into an existing ``out`` that holds other files (docs/reliability.md, output folders).
         force: use LoRA files past the magnitude bound (a change of more than 10x a layer's weight).
+        embeddings: token-embedding files of pivotal tuning (``*_emb.safetensors``; A1111/ComfyUI SDXL embeddings
+            too), loaded into both text encoders; each replaces its identifier in the prompts with its tokens
+            (PNGs record the prompt as written). None: the ``*_emb.safetensors`` beside each LoRA; [] for none.
     """
     from ..sampling import SamplingError, check_size, generate, load_pipeline
 
@@ -125,11 +128,15 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
                             "per file.")
     for pair, s in zip(loras, scales):
         pair[1] = float(s)
+    from ..token_files import beside, prompt_rewriter
+
+    found = [f for path, _ in loras for f in beside(path)] if embeddings is None else _as_list(embeddings)
     settings = dict(base=base, vae=vae, loras=loras, scheduler=scheduler, steps=steps, guidance=guidance,
-                    negative_prompt=negative_prompt, height=height, width=width, dtype=dtype)
+                    negative_prompt=negative_prompt, height=height, width=width, dtype=dtype,
+                    embeddings=[str(f) for f in dict.fromkeys(found)])
     if from_png:
         meta = read_png_metadata(from_png)
-        settings.update({k: meta[k] for k in REPRO_KEYS})
+        settings.update({k: meta[k] for k in REPRO_KEYS}, embeddings=meta.get("embeddings", []))
         prompts, seed_list = [meta["prompt"]], [meta["seed"]]
     else:
         prompts = [p for p in collect_prompts(prompt, prompt_file, suite, token, class_name)
@@ -142,9 +149,11 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
                                 "(then image k gets seed + k).")
     check_size(settings["height"], settings["width"])
     folder = check_output_dir(out, "sample", "--out", overwrite, ours=("*.png", "manifest.json"))
+    rewrite = prompt_rewriter(settings["embeddings"])  # pivotal tuning: the identifier is the files' new tokens
     pipe = load_pipeline(settings["base"], [tuple(x) for x in settings["loras"]], settings["scheduler"],
-                         settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing, force)
-    images = generate(pipe, prompts, seed_list, settings["steps"], settings["guidance"],
+                         settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing, force,
+                         settings["embeddings"])
+    images = generate(pipe, [rewrite(p) for p in prompts], seed_list, settings["steps"], settings["guidance"],
                       settings["negative_prompt"], settings["height"], settings["width"], batch_size)
     settings.update(runtime(pipe))
     records = []
