@@ -36,9 +36,10 @@ for stage in "$@"; do
     tests-fast)  # the fast preset's kernels: compiled GEGLU, fused LoRA, graphed = eager with them on
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_block_ops.py tests/test_fused_lora.py \
         tests/test_graphs.py 2>&1 | grep -E "passed|failed|rel=|Error|^FAILED|^E " | tail -n 30 ;;
-    tests-new)  # this round's GPU files in one process: face identity + held-out loss, pivotal tuning, prior sampler
-      timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=8 tests/test_prior_sampler.py \
-        tests/test_gpu_face.py tests/test_pivotal_gpu.py > "$OUT/pytest-gpu-new.txt" 2>&1
+    tests-new)  # this round's GPU tests in one process: face identity + held-out loss, pivotal tuning, the recipe's console
+      timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=8 tests/test_gpu_face.py \
+        tests/test_pivotal_gpu.py tests/test_gpu_acceptance.py::test_the_recipes_console_prints_only_the_allowed_lines \
+        ${NEW_EXTRA:-} > "$OUT/pytest-gpu-new.txt" 2>&1
       grep -E "passed|failed|s/step|PIVOTAL_GPU|prior sampler|Error|^FAILED|^E " "$OUT/pytest-gpu-new.txt" | tail -n 30 ;;
     face)  # issue 23: the recipe with SubjectMetrics' face identity and the held-out loss (needs .face/, .whl/)
       timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_gpu_face.py 2>&1 \

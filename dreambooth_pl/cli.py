@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ class FitParser(LightningArgumentParser):
 
         data = data.as_dict() if hasattr(data, "as_dict") else dict(data)
         try:
-            report = bucket_report(data)
+            with warnings.catch_warnings():  # the photos' load notes: the data module has shown them once already
+                warnings.simplefilter("ignore")
+                report = bucket_report(data)
         except (OSError, ValueError) as err:  # photos missing or unreadable: fit will say so; show the table
             report = bucket_report(data, count=False) + f"\n(photos not counted: {err})"
         return "".join(f"# {line}\n" for line in report.splitlines())

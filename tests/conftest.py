@@ -129,6 +129,9 @@ CONSOLE_ALLOWED = [
     r"class images -> .*", r"parameters: [\d.]+ [KMB] trainable \([\d.]+ MiB of adapters\), [\d.]+ [KMB] frozen",
     r"step \d+/\d+ .*", r"LoRA written to .*", r"fit finished: step .*", r"  peak GPU memory: .*",
     r"  (LoRA|checkpoint|TensorBoard|resume|sample|phases): .*", r"memory plan: .*",
+    # ours, on purpose: what loading did to the user's photos (the sample dog's 256 px photos at 1024 px), once
+    r".*UserWarning: instance images adjusted on load:", r"  return check_images\(.*\)",
+    r"  \S.*: (upscaled: |rotated upright |converted |MPO camera photo |animated \().*",
     r"token embeddings written to .*",  # model.pivotal's *_emb.safetensors beside the LoRA
 ]
 
