@@ -59,7 +59,9 @@ def test_pivotal_recipe_with_sample_grid_and_subject_metrics(tmp_path):
     cli = DreamBoothCLI(args=recipe_args(sdxl, tmp_path / "run", 10, "--config", str(REPO / "configs" / "pivotal.yaml"),
                                          *CALLBACKS))
     model = cli.model
-    assert cli.trainer.global_step == 10 and model.text_encoder.dtype == torch.float16
+    # an encoder's .dtype is its first parameter's, which is now the fp32 rows: ask a frozen layer instead
+    half = [e.get_input_embeddings().table.weight.dtype for e in (model.text_encoder, model.text_encoder_2)]
+    assert cli.trainer.global_step == 10 and half == [torch.float16, torch.float16]
     finite_losses(cli.trainer)
     scores = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SubjectMetrics)).last_scores
     assert scores and all(torch.isfinite(torch.tensor(v)) for v in scores.values())
