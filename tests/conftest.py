@@ -143,6 +143,25 @@ def console_lines(text: str) -> list[str]:
     return [ln for ln in re.split(r"[\r\n]+", text) if ln.strip()]
 
 
+def fit_console(args: list[str], timeout: int) -> list[str]:
+    """Run ``python -m dreambooth_pl`` with ``args`` as its own process (the console, and how Lightning sets up
+    its log handlers there, is the point) and return its lines, after asserting it exited 0, printed only
+    :data:`CONSOLE_ALLOWED` lines and one bucket table."""
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DREAMBOOTH_PL_SHOW_ALL_WARNINGS"}
+    run = subprocess.run([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    lines = console_lines(run.stdout + run.stderr)
+    assert run.returncode == 0, "\n".join(lines[-40:])
+    unexpected = [ln for ln in lines if not any(re.fullmatch(p, ln) for p in CONSOLE_ALLOWED)]
+    assert not unexpected, "unexpected console lines:\n" + "\n".join(unexpected)
+    assert sum(ln.startswith("aspect buckets") for ln in lines) == 1, "\n".join(lines)
+    return lines
+
+
 def fit_args(base: str, instance_dir: str, class_dir: str | None, root: str, steps: int = 2, **over) -> list[str]:
     """Command-line arguments of a tiny CPU fit (used in-process through LightningCLI's ``args``)."""
     from dreambooth_pl.runs import fit_command

@@ -42,28 +42,15 @@ def test_the_switch_shows_everything(monkeypatch):
 
 
 def test_a_fit_prints_only_the_allowed_lines(tiny_base, subject_dirs, tmp_path):
-    """The user's console of `python -m dreambooth_pl fit` (a process of its own: the console, and how Lightning
-    sets up its log handlers there, is the point) with buckets, drawn class priors, the bar and the summary on:
-    nothing else. The bucket table lists only buckets in use, once."""
-    import os
+    """The user's console of `python -m dreambooth_pl fit` with buckets, drawn class priors, the bar and the
+    summary on: nothing else (conftest.CONSOLE_ALLOWED). The bucket table lists only buckets in use, once."""
     import re
-    import subprocess
-    import sys
 
-    from conftest import CONSOLE_ALLOWED, REPO, console_lines, fit_args
+    from conftest import fit_args, fit_console
 
     inst, _ = subject_dirs
-    args = fit_args(tiny_base, inst, str(tmp_path / "drawn"), str(tmp_path), steps=2,
-                    **{"trainer.enable_progress_bar": "true", "trainer.enable_model_summary": "true",
-                       "data.aspect_buckets": "true", "data.bucket_step": "8", "data.generate_class_images": "true",
-                       "data.class_generation": "{steps: 1}"})
-    env = {k: v for k, v in os.environ.items() if k != "DREAMBOOTH_PL_SHOW_ALL_WARNINGS"}
-    run = subprocess.run([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600)
-    lines = console_lines(run.stdout + run.stderr)
-    assert run.returncode == 0, "\n".join(lines[-30:])
-    unexpected = [ln for ln in lines if not any(re.fullmatch(p, ln) for p in CONSOLE_ALLOWED)]
-    assert not unexpected, "\n".join(unexpected)
-    assert sum(ln.startswith("aspect buckets") for ln in lines) == 1, "\n".join(lines)
+    lines = fit_console(fit_args(tiny_base, inst, str(tmp_path / "drawn"), str(tmp_path), steps=2, **{
+        "trainer.enable_progress_bar": "true", "trainer.enable_model_summary": "true", "data.aspect_buckets": "true",
+        "data.bucket_step": "8", "data.generate_class_images": "true", "data.class_generation": "{steps: 1}"}), 600)
     assert not any(re.fullmatch(r"  \d+x\d+ \(\d\.\d\d\): 0 image\(s\)", ln) for ln in lines)
     assert any(ln.startswith("fit finished: step 2/2") for ln in lines)

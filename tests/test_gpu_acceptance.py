@@ -273,25 +273,18 @@ def test_the_recipes_console_prints_only_the_allowed_lines(sdxl, tmp_path):
     console is the point), with class priors drawn first, aspect buckets and the bar on; then `sample` with its
     UNet-only LoRA prints no diffusers notice. Allowed lines: conftest.CONSOLE_ALLOWED."""
     import os
-    import re
     import subprocess
     import sys
 
-    from conftest import CONSOLE_ALLOWED, console_lines
+    from conftest import fit_console
 
     root = tmp_path / "console"
-    args = recipe_args(sdxl, root, 5, "--data.class_dir", str(tmp_path / "drawn"), "--data.generate_class_images=true",
-                       "--data.aspect_buckets=true", "--trainer.enable_progress_bar=true")
-    env = {k: v for k, v in os.environ.items() if k != "DREAMBOOTH_PL_SHOW_ALL_WARNINGS"}
-    run = subprocess.run([sys.executable, "-m", "dreambooth_pl", *args], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=400)
-    lines = console_lines(run.stdout + run.stderr)
-    assert run.returncode == 0, "\n".join(lines[-40:])
-    unexpected = [ln for ln in lines if not any(re.fullmatch(p, ln) for p in CONSOLE_ALLOWED)]
-    assert not unexpected, "unexpected console lines:\n" + "\n".join(unexpected)
-    assert sum(ln.startswith("aspect buckets") for ln in lines) == 1
+    lines = fit_console(recipe_args(sdxl, root, 5, "--data.class_dir", str(tmp_path / "drawn"),
+                                    "--data.generate_class_images=true", "--data.aspect_buckets=true",
+                                    "--trainer.enable_progress_bar=true"), 400)
     assert sum("images adjusted on load" in ln for ln in lines) <= 1  # the saved config's bucket table re-reads them
     lora = next(root.glob("lightning_logs/*/pytorch_lora_weights.safetensors"))
+    env = {k: v for k, v in os.environ.items() if k != "DREAMBOOTH_PL_SHOW_ALL_WARNINGS"}
     run = subprocess.run([sys.executable, "-m", "dreambooth_pl", "sample", "--base", sdxl[0], "--lora", str(lora),
                           "--prompt", "a photo of sks dog", "--steps", "2", "--height", str(SIZE), "--width", str(SIZE),
                           "--out", str(tmp_path / "samples")], cwd=REPO, env=env, capture_output=True, text=True,
