@@ -101,3 +101,22 @@ def test_recipe_with_face_identity_and_held_out_loss(person):
     same = cb.score_images(trainer, torch.device("cuda"), [mirrored], ["a photo of sks person"])
     assert same["val/face_sim"] > SAME_PERSON and same["val/face_match"] == 1.0
     assert np.isfinite(plain_s) and np.isfinite(face_s)
+
+
+def test_pivotal_recipe_with_face_identity_20_steps(person):
+    """Issue 23's GPU must-show in one run: the recipe (its prompt "a photo of rraj person") with pivotal tuning
+    (configs/pivotal.yaml) and SubjectMetrics' face identity, 20 steps under 16-mixed, s/step beside the plain
+    recipe's."""
+    from dreambooth_pl.callbacks.subject_metrics import SubjectMetrics
+
+    work, steps = person[3], 20
+    _, plain_s = fit_timed(recipe_args(person, work / "plain20", steps))
+    cli, pivotal_s = fit_timed(recipe_args(person, work / "pivotal20", steps, "--config",
+                                           str(REPO / "configs" / "pivotal.yaml"), *CALLBACKS,
+                                           "--trainer.callbacks.face_weights=dlib"))
+    print(f"s/step: recipe {plain_s:.4f}, recipe + pivotal + SampleGrid + SubjectMetrics(face) {pivotal_s:.4f} "
+          f"(medians over {steps} steps; sampling steps excluded)")
+    assert cli.trainer.global_step == steps and cli.model.pivotal is not None
+    finite_losses(cli.trainer)
+    scores = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SubjectMetrics)).last_scores
+    assert {"val/face_match", "val/face_none"} <= set(scores) and np.isfinite(pivotal_s)
