@@ -15,6 +15,22 @@ GIB = 2**30
 PROMPT = "a photo of person"
 
 
+def timed_process(cmd: list[str], what: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``cmd`` to its end and return it with its wall seconds (process start included: what a user waits);
+    a non-zero exit raises with the ends of its output.
+
+    Args:
+        cmd: the command.
+        what: its name in the error.
+    """
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc, wall
+
+
 def _sync() -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -137,11 +153,7 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
            "--data.class_generation", json.dumps({"cache_dir": str(run / "prior-cache")}),
            "--trainer.max_steps", str(steps), "--trainer.logger.init_args.save_dir", str(run),
            "--trainer.enable_progress_bar", "false", *(overrides or [])]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode:
-        raise RuntimeError(f"end-to-end fit failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    proc, wall = timed_process(cmd, "end-to-end fit")
     folder = next(run.glob("lightning_logs/version_*"))
     if not (folder / "pytorch_lora_weights.safetensors").is_file():
         raise RuntimeError(f"end-to-end fit wrote no LoRA under {folder}")

@@ -153,7 +153,6 @@ def reference_benchmark(script: str, base: str, work: Path, steps: int, warmup: 
         recipe: add ``--gradient_checkpointing --use_8bit_adam``.
         recipe_steps: steps of the full run its time-to-LoRA is extrapolated to.
     """
-    import subprocess
     import sys
 
     if warmup < 1 or steps < 1:
@@ -170,11 +169,9 @@ def reference_benchmark(script: str, base: str, work: Path, steps: int, warmup: 
            "--class_prompt", "a photo of dog", "--mixed_precision", mixed_precision, "--rank", "4",
            "--max_train_steps", str(n), "--checkpointing_steps", "100000", "--report_to", "tensorboard"]
     cmd += ["--gradient_checkpointing", "--use_8bit_adam"] if recipe else []
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if proc.returncode:
-        raise RuntimeError(f"reference script failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    from .bench_user import timed_process
+
+    proc, wall = timed_process(cmd, "reference script")
     lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()
              if line.startswith(("REFERENCE_PEAK", "REFERENCE_STEPS"))}
     alloc, reserved = (int(v) / GIB for v in lines["REFERENCE_PEAK"])
