@@ -18,7 +18,7 @@ from .fused_lora import fuse_lora_layers, half_adapters
 from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
 from .memory_plan import GIB, Target, budget, frozen_gib, manual, resolve_perf
-from .noise import NoiseSchedule
+from .noise import NoiseSchedule, example_id
 from .optimizers import build_optimizer, step_size_estimates
 from .pivotal import PivotalSettings, PivotalTokens, check_identifier, check_pivotal, pivotal_encode, total_steps
 from .sdxl import DTYPES, add_time_ids, encode_prompts, load_parts, scale_latents, tokenize
@@ -203,12 +203,12 @@ class DreamBoothLoRA(L.LightningModule):
 
     # ---- encoders --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents, scaled (``sdxl.scale_latents``: with the VAE's latents_mean/std when it has them); encoded
-        outside autocast in ``vae_dtype`` so the SDXL VAE cannot overflow."""
+    def encode_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's latent distribution (mean, std) in fp32, unscaled; encoded outside autocast in ``vae_dtype``
+        so the SDXL VAE cannot overflow."""
         with torch.autocast(self.device.type, enabled=False):
             dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-            return scale_latents(dist.sample(generator).float(), self.vae.config)
+            return dist.mean.float(), dist.std.float()
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings and pooled embeddings; cached per prompt while the text encoders are frozen (with
@@ -233,35 +233,39 @@ class DreamBoothLoRA(L.LightningModule):
                 torch.stack([self._prompt_cache[p][1] for p in prompts]))
 
     # ---- training --------------------------------------------------------------------------------------------
-    def step_generator(self) -> torch.Generator:
-        """RNG of this micro-batch: a function of (seed, step, micro-batch, rank), so a resumed run draws the same
-        noise, and the micro-batches of one accumulated step draw different noise."""
-        gen = torch.Generator(self.device)
-        step_seed = (self.hparams.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
-        gen.manual_seed((step_seed + self._micro_batch * 0x9E3779B97F4A7C15) % 2**63)
-        return gen
+    def example_ids(self, batch: dict) -> list[int]:
+        """The examples' stream-wide ids, which key their noise (``NoiseSchedule.draw``). The data streams set them;
+        a batch built by hand numbers its examples from this micro-batch's place in the run, as one stream would."""
+        if "example_id" in batch:
+            return [int(i) for i in batch["example_id"]]
+        t = self._trainer
+        accumulate, world = (t.accumulate_grad_batches, t.world_size) if t is not None else (1, 1)
+        n = len(batch["prompt"])
+        first = ((self.global_step * accumulate + self._micro_batch) * world + self.global_rank) * n
+        return [example_id(first + j, 0) for j in range(n)]
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # global_step repeats over the accumulate_grad_batches micro-batches of a step; this tells them apart
+        # global_step repeats over the accumulate_grad_batches micro-batches of a step; this tells them apart (for
+        # dropout's seed, and the ids of hand-built batches)
         self._micro_batch = batch_idx % self.trainer.accumulate_grad_batches
         if self.hparams.lora.dropout > 0:  # dropout draws from the global RNG: make it a function of the step too
             torch.manual_seed((self.hparams.seed + 7919 * self.global_step + 104729 * self.global_rank
                                + 15485863 * self._micro_batch) % 2**63)
 
     def forward_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Loss terms of one batch (see :class:`DreamBoothLoss`)."""
-        gen = self.step_generator()
-        if "latent_mean" in batch:  # cached latent distribution (data/cache.py): sample it, as the VAE would
-            eps = torch.randn(batch["latent_mean"].shape, generator=gen, device=self.device)
-            latents = scale_latents(batch["latent_mean"] + batch["latent_std"] * eps, self.vae.config)
+        """Loss terms of one batch (see :class:`DreamBoothLoss`), at each example's own draws: its latent sample
+        (from the cached distribution, data/cache.py, or the VAE's), noise and timestep."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
         else:
-            latents = self.encode_images(batch["pixel_values"], gen)
-        noise = torch.randn(latents.shape, generator=gen, device=self.device)
-        if self.hparams.noise_offset:  # offset noise (Guttenberg 2023): per-channel constant shift
-            noise = noise + self.hparams.noise_offset * torch.randn(
-                (*latents.shape[:2], 1, 1), generator=gen, device=self.device)
-        t = self.noise.sample_timesteps(latents.shape[0], gen)
-        return self.loss_at(batch, latents, noise, t)
+            mean, std = self.encode_moments(batch["pixel_values"])
+        offset = self.hparams.noise_offset
+        d = self.noise.draw(self.hparams.seed, self.example_ids(batch), tuple(mean.shape[1:]), latent_eps=True,
+                            offset=bool(offset), device=self.device)
+        latents = scale_latents(mean + std * d["eps"], self.vae.config)
+        # offset noise (Guttenberg 2023): a per-channel constant shift
+        noise = d["noise"] + offset * d["offset"] if offset else d["noise"]
+        return self.loss_at(batch, latents, noise, d["t"])
 
     def loss_at(self, batch: dict, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
@@ -357,7 +361,7 @@ class DreamBoothLoRA(L.LightningModule):
                            "weight_decay": o.text_encoder_weight_decay})
         if self.pivotal is not None:
             groups.append(self.pivotal.param_group())
-        opt = build_optimizer(o.name, groups, o.weight_decay, self.device)
+        opt = build_optimizer(o.name, groups, o.weight_decay, self.device, tuple(o.adam_betas), o.adam_epsilon)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         sched = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

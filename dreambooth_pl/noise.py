@@ -1,7 +1,24 @@
 """Forward diffusion for training: timestep sampling, noising, prediction targets and SNR (DDPM, Ho et al. 2020)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+
+def mix_seed(*xs: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finaliser), so nearby indices get unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def example_id(position: int, role: int) -> int:
+    """The stream-wide id of an example: global sample ``position`` (the same on any rank or node) and ``role``
+    (0 for the instance photo, 1 for its class partner)."""
+    return 2 * position + role
 
 
 class NoiseSchedule(torch.nn.Module):
@@ -27,6 +44,29 @@ class NoiseSchedule(torch.nn.Module):
         """Uniform integer timesteps in [0, T)."""
         device = self.alphas_cumprod.device
         return torch.randint(0, self.num_train_timesteps, (n,), device=device, generator=generator)
+
+    def draw(self, seed: int, ids: Sequence[int], shape: tuple[int, ...], latent_eps: bool, offset: bool,
+             device: torch.device) -> dict[str, torch.Tensor]:
+        """Each example's training draws from a generator of its own, seeded by (``seed``, its id): the latent
+        sample's eps (``latent_eps``: from a stored or encoded distribution), the noise, the offset-noise shift
+        (``offset``) and the timestep, stacked. An example draws the same numbers whatever batch, micro-batch, rank
+        or node it lands in, so one process with the global batch trains what DDP over machines trains (issue 25).
+
+        Args:
+            seed: the run's seed (``model.seed``).
+            ids: the examples' stream-wide ids (:func:`example_id`).
+            shape: one example's latent shape (C, H, W).
+        """
+        out: dict[str, list[torch.Tensor]] = {"eps": [], "noise": [], "offset": [], "t": []}
+        for i in ids:
+            gen = torch.Generator(device).manual_seed(mix_seed(seed, i))
+            if latent_eps:
+                out["eps"].append(torch.randn(shape, generator=gen, device=device))
+            out["noise"].append(torch.randn(shape, generator=gen, device=device))
+            if offset:
+                out["offset"].append(torch.randn((shape[0], 1, 1), generator=gen, device=device))
+            out["t"].append(torch.randint(0, self.num_train_timesteps, (1,), device=device, generator=gen))
+        return {k: (torch.cat(v) if k == "t" else torch.stack(v)) for k, v in out.items() if v}
 
     def _coefs(self, t: torch.Tensor, ndim: int):
         a = self.alphas_cumprod[t].view(-1, *([1] * (ndim - 1)))

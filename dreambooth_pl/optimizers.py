@@ -9,8 +9,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 OptimizerName = Literal["adamw", "adamw8bit", "prodigy"]
 
 
-def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float,
-                    device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float, device: torch.device,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
     """The optimizer ``name`` over parameter ``groups`` (each with its ``lr``).
 
     Args:
@@ -20,6 +20,7 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
         groups: torch parameter groups.
         weight_decay: decoupled weight decay.
         device: where the parameters live (picks fused AdamW on CUDA).
+        betas, eps: the Adam moments' decays and the denominator's epsilon (Kingma & Ba 2015, alg. 1).
     """
     if name == "adamw8bit" and device.type != "cuda":
         rank_zero_warn("model.optim.name=adamw8bit needs a CUDA GPU (bitsandbytes); using torch AdamW on "
@@ -27,7 +28,7 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
     if name == "adamw8bit" and device.type == "cuda":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay)
+        return bnb.optim.AdamW8bit(groups, weight_decay=weight_decay, betas=betas, eps=eps)
     if name == "prodigy":
         from prodigyopt import Prodigy
 
@@ -38,10 +39,10 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
                            "model.optim.learning_rate: 1.0); "
                            f"{low[0]:g} trains about {1 / low[0]:g}x slower than Prodigy intends.")
         return Prodigy(groups, weight_decay=weight_decay, decouple=True, use_bias_correction=True,
-                       safeguard_warmup=True)
+                       safeguard_warmup=True, betas=betas, eps=eps)
     if name not in ("adamw", "adamw8bit"):
         raise ValueError(f"model.optim.name must be adamw, adamw8bit or prodigy, got {name!r}")
-    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, betas=betas, eps=eps, fused=device.type == "cuda")
 
 
 def step_size_estimates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

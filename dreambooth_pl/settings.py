@@ -67,6 +67,9 @@ class OptimSettings:
             ``--adam_weight_decay_text_encoder``).
         scheduler: diffusers schedule name (constant, constant_with_warmup, linear, cosine, ...).
         warmup_steps: linear warm-up steps.
+        adam_betas: the moment decays of AdamW, AdamW8bit and Prodigy (diffusers' ``--adam_beta1/2``).
+        adam_epsilon: their denominator's epsilon (diffusers' ``--adam_epsilon``). A gradient component near it
+            moves by a fraction of a step that depends on its last bits.
     """
 
     name: OptimizerName = "adamw"
@@ -76,6 +79,8 @@ class OptimSettings:
     text_encoder_weight_decay: float = 1e-3
     scheduler: str = "constant"
     warmup_steps: int = 0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
         _require(self.learning_rate > 0, "optim.learning_rate", "> 0", self.learning_rate)
@@ -85,6 +90,9 @@ class OptimSettings:
         _require(self.text_encoder_weight_decay >= 0, "optim.text_encoder_weight_decay", ">= 0",
                  self.text_encoder_weight_decay)
         _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0", self.warmup_steps)
+        _require(all(0.0 <= b < 1.0 for b in self.adam_betas), "optim.adam_betas", "two values in [0, 1)",
+                 list(self.adam_betas))
+        _require(self.adam_epsilon > 0, "optim.adam_epsilon", "> 0", self.adam_epsilon)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-from .data.datasets import _mix
+from .noise import mix_seed
 from .sdxl import encode_prompts, scale_latents, tokenize
 
 TIMESTEPS = 4
@@ -24,7 +24,7 @@ def fixed_timesteps(num_train_timesteps: int, k: int = TIMESTEPS) -> torch.Tenso
 
 def fixed_noise(val_id: int, shape: tuple[int, ...], k: int = TIMESTEPS) -> torch.Tensor:
     """``[k, *shape]`` standard normal noise of photo ``val_id``, drawn on the CPU."""
-    gen = torch.Generator().manual_seed(_mix(val_id, NOISE_SALT))
+    gen = torch.Generator().manual_seed(mix_seed(val_id, NOISE_SALT))
     return torch.randn((k, *shape), generator=gen)
 
 

@@ -105,7 +105,8 @@ def test_caption_dropout_drops_the_seeded_examples_and_nothing_else(image_sets):
     """Over a seeded stream the empty prompts are exactly the examples whose documented draw falls under p (an
     exact count, pinned), near p's share, on instance and class examples alike; pixels, crops and pairing are
     those of the stream without dropout."""
-    from dreambooth_pl.data.datasets import CAPTION_SALT, _mix
+    from dreambooth_pl.data.datasets import CAPTION_SALT
+    from dreambooth_pl.noise import mix_seed as _mix
 
     inst, cls = image_sets
     kw = dict(batch_size=2, flip_p=0.5, seed=5)

@@ -55,6 +55,19 @@ def test_adamw_reports_no_estimate_and_low_prodigy_lr_warns():
         build_optimizer("prodigy", [{"params": [p], "lr": 1e-4}], 0.0, torch.device("cpu"))
 
 
+def test_adam_betas_and_epsilon_reach_each_optimizer_and_bad_ones_are_refused():
+    from dreambooth_pl.settings import OptimSettings
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    for name in ("adamw", "prodigy"):
+        opt = build_optimizer(name, [{"params": [p], "lr": 1.0}], 0.0, torch.device("cpu"), (0.8, 0.95), 1e-6)
+        assert tuple(opt.defaults["betas"]) == (0.8, 0.95) and opt.defaults["eps"] == 1e-6
+    with pytest.raises(ValueError, match="optim.adam_epsilon must be > 0"):
+        OptimSettings(adam_epsilon=0.0)
+    with pytest.raises(ValueError, match="optim.adam_betas must be two values in"):
+        OptimSettings(adam_betas=(0.9, 1.0))
+
+
 @pytest.fixture(scope="module")
 def instance_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("prodigy") / "instance"

@@ -98,14 +98,31 @@ def test_sigkill_resume_and_changed_max_steps_are_bit_exact(tiny_base, subject_d
     _assert_bit_identical(_lora(extended), reference)
 
 
-def test_micro_batches_of_one_step_draw_different_noise():
-    """With gradient accumulation, global_step repeats; the micro-batch index keeps their noise apart, reproducibly."""
+def test_each_example_draws_its_own_noise_wherever_it_lands():
+    """An example's noise and timestep follow its stream-wide id, not the batch, micro-batch or rank it lands in
+    (one process with the global batch trains what DDP does); two examples draw differently, reproducibly."""
+    from dreambooth_pl.noise import NoiseSchedule
+
+    noise = NoiseSchedule({"num_train_timesteps": 1000})
+    cpu = torch.device("cpu")
+    together = noise.draw(3, [4, 5], (4, 8, 8), latent_eps=True, offset=True, device=cpu)
+    alone = [noise.draw(3, [i], (4, 8, 8), latent_eps=True, offset=True, device=cpu) for i in (5, 4)]
+    for k in ("eps", "noise", "offset", "t"):
+        assert torch.equal(together[k][0], alone[1][k][0]) and torch.equal(together[k][1], alone[0][k][0])
+    assert not torch.equal(together["noise"][0], together["noise"][1])
+    other_seed = noise.draw(4, [4], (4, 8, 8), latent_eps=False, offset=False, device=cpu)
+    assert set(other_seed) == {"noise", "t"} and not torch.equal(other_seed["noise"][0], together["noise"][0])
+
+
+def test_hand_built_batches_of_one_step_draw_different_noise():
+    """With gradient accumulation, global_step repeats; a hand-built batch (no ids from the streams) still gets
+    different ids on each micro-batch, reproducibly."""
     module = DreamBoothLoRA(base_model="never-loaded")
-    draws = []
+    ids = []
     for micro in (0, 1, 0):
         module._micro_batch = micro  # what on_train_batch_start sets from batch_idx % accumulate_grad_batches
-        draws.append(torch.randn(8, generator=module.step_generator()))
-    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+        ids.append(module.example_ids({"prompt": ["a", "b"]}))
+    assert ids[0] == ids[2] and not set(ids[0]) & set(ids[1])
 
 
 def test_signal_mid_accumulation_waits_for_the_step_and_resumes_exactly(tiny_base, subject_dirs, tmp_path):

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .bounds import check_bounds
-from .datasets import ImageSet, PairedStream, _mix
+from ..noise import mix_seed
+from .datasets import ImageSet, PairedStream
 from .images import find_instance_images, load_rgb
 
 Bucket = tuple[int, int]  # (height, width) in pixels
@@ -136,7 +137,7 @@ class BucketedStream(PairedStream):
         for ks in groups.values():
             for start in range(0, len(ks), self.batch_size):
                 batches.append([ks[(start + i) % len(ks)] for i in range(self.batch_size)])
-        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(_mix(self.seed, epoch, 1)))
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1)))
         self._cached = (epoch, [batches[i] for i in order.tolist()])
         return self._cached[1]
 

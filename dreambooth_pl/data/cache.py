@@ -19,7 +19,8 @@ import torch
 
 from ..sdxl import encode_prompts, tokenize
 from .buckets import BucketedStream
-from .datasets import ImageSet, PairedStream, _mix
+from ..noise import example_id, mix_seed
+from .datasets import ImageSet, PairedStream
 from .images import load_rgb
 from .transforms import prepare_image
 
@@ -206,13 +207,13 @@ class CachedExamples:
     cache: InputCache
 
     def _example(self, images: ImageSet, i: int, position: int, role: int, size: Size | None = None) -> dict:
-        gen = torch.Generator().manual_seed(_mix(self.seed, position, role))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, position, role))
         flip = int(torch.rand((), generator=gen) < self.flip_p)  # the draw PairedStream makes
         enc = self.cache.prior if role else self.cache.instance
         e = enc.entries[(i, tuple(size) if size else (self.cache.resolution, self.cache.resolution))]
         ex = {"latent_mean": e.mean[flip], "latent_std": e.std[flip], "original_size": enc.original_size[i],
               "crop_top_left": e.crop_top_left[flip], "prompt": self._prompt(images, i, position, role),
-              "is_prior": bool(role)}
+              "is_prior": bool(role), "example_id": example_id(position, role)}
         if self.cache.text:
             ex["prompt_embeds"], ex["pooled_prompt_embeds"] = self.cache.text[ex["prompt"]]
         return ex
@@ -222,6 +223,7 @@ class CachedExamples:
         out = {k: torch.stack([e[k] for e in examples]) for k in examples[0] if isinstance(examples[0][k], torch.Tensor)}
         out["prompt"] = [e["prompt"] for e in examples]
         out["is_prior"] = torch.tensor([e["is_prior"] for e in examples])
+        out["example_id"] = [e["example_id"] for e in examples]
         return out
 
 

@@ -10,6 +10,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .faces import Box, face_centre, face_ellipse, load_mask, mask_file, uses_masks, weights_from_mask
 from .images import caption_for, load_rgb
+from ..noise import example_id, mix_seed
 from .transforms import prepare_image
 
 
@@ -29,7 +30,7 @@ CAPTION_SALT = 0xCA7  # caption dropout draws from its own stream: crops and fli
 
 def dropped_caption(seed: int, position: int, role: int, p: float) -> bool:
     """Whether the example at global ``position`` (``role`` 0 instance, 1 class) trains on the empty prompt:
-    ``u < p`` with ``u`` the first uniform draw of a generator seeded ``_mix(seed, position, role, CAPTION_SALT)``
+    ``u < p`` with ``u`` the first uniform draw of a generator seeded ``mix_seed(seed, position, role, CAPTION_SALT)``
     (caption dropout, as kohya's ``caption_dropout_rate``; the model also learns the unconditional prediction
     that classifier-free guidance subtracts, Ho & Salimans 2022).
 
@@ -41,17 +42,8 @@ def dropped_caption(seed: int, position: int, role: int, p: float) -> bool:
     """
     if p <= 0:
         return False
-    gen = torch.Generator().manual_seed(_mix(seed, position, role, CAPTION_SALT))
+    gen = torch.Generator().manual_seed(mix_seed(seed, position, role, CAPTION_SALT))
     return bool(torch.rand((), generator=gen) < p)
-
-
-def _mix(*xs: int) -> int:
-    """A 63-bit seed from integers (splitmix64 finaliser), so nearby indices get unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 class PairedStream(IterableDataset):
@@ -100,7 +92,7 @@ class PairedStream(IterableDataset):
 
     @lru_cache(maxsize=2)
     def _permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.epoch_len, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+        return torch.randperm(self.epoch_len, generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch)))
 
     def pair_indices(self, position: int) -> tuple[int, int | None]:
         """(instance index, class index or None) of global sample ``position``."""
@@ -108,7 +100,7 @@ class PairedStream(IterableDataset):
         return k % len(self.instance.paths), (k % len(self.prior.paths) if self.prior else None)
 
     def _example(self, images: ImageSet, i: int, position: int, role: int, size: tuple[int, int] | None = None) -> dict:
-        gen = torch.Generator().manual_seed(_mix(self.seed, position, role))
+        gen = torch.Generator().manual_seed(mix_seed(self.seed, position, role))
         flip = bool(torch.rand((), generator=gen) < self.flip_p)
         img, box, focus, mask = load_rgb(images.paths[i]), None, None, None
         if not role:
@@ -122,6 +114,7 @@ class PairedStream(IterableDataset):
                                else torch.ones(1, *ex["pixel_values"].shape[-2:]))
         ex["prompt"] = self._prompt(images, i, position, role)
         ex["is_prior"] = bool(role)
+        ex["example_id"] = example_id(position, role)  # keys its training noise (NoiseSchedule.draw)
         return ex
 
     def _prompt(self, images: ImageSet, i: int, position: int, role: int) -> str:
@@ -167,5 +160,8 @@ def collate(examples: list[dict]) -> dict:
         "original_size": torch.tensor([e["original_size"] for e in examples]),
         "crop_top_left": torch.tensor([e["crop_top_left"] for e in examples]),
         "is_prior": torch.tensor([e["is_prior"] for e in examples]),
+        # a list, not a tensor: Lightning leaves it on the host, where seeding the examples' generators reads it
+        # (held-out photos have none: their noise is fixed per photo, validation.py)
+        **({"example_id": [e["example_id"] for e in examples]} if "example_id" in examples[0] else {}),
         **({"loss_mask": torch.stack([e["loss_mask"] for e in examples])} if "loss_mask" in examples[0] else {}),
     }
