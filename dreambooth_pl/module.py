@@ -6,22 +6,22 @@ from typing import Literal, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
-from . import block_ops, quant
 from . import perf as perf_lib
-from .adapter import kinds
+from . import quant
+from .adapter.checkpoint import check_adapter_keys
 from .adapter.files import save_adapter
 from .data.cache import Encoders
-from .data.datamodule import DataShape
-from .fused_lora import fuse_lora_layers, half_adapters
+from .fused_lora import half_adapters
 from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
-from .memory_plan import GIB, Target, budget, frozen_gib, manual, resolve_perf
+from .memory_plan import GIB, manual
+from .model_setup import adapted_encoders, apply_perf, load_model, plan_perf
 from .noise import NoiseSchedule, example_id
 from .optimizers import build_optimizer, step_size_estimates
 from .pivotal import PivotalSettings, PivotalTokens, check_identifier, check_pivotal, pivotal_encode, total_steps
-from .sdxl import DTYPES, add_time_ids, encode_prompts, load_parts, scale_latents, tokenize
+from .sdxl import PromptCache, add_time_ids, encode_prompts, scale_latents, tokenize
 from .settings import EmaSettings, LoraSettings, OptimSettings, PerfSettings, check_model, plain
 
 
@@ -73,7 +73,7 @@ class DreamBoothLoRA(L.LightningModule):
         # the switches in force (memory_plan.resolve_perf): unset ones off until configure_model plans the GPU
         self.perf: PerfSettings = manual(perf)
         self.ema = None  # AdapterEMA, built with the adapters in configure_model
-        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prompt_cache = PromptCache()
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
         self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
         from .validation import HeldOutLoss
@@ -94,91 +94,27 @@ class DreamBoothLoRA(L.LightningModule):
             build_random_base(self.hparams.random_base, self.hparams.base_model)  # refuses folders not its own
 
     def configure_model(self) -> None:
-        """Load the base and inject adapters; Lightning calls this after the data is validated."""
+        """Load the base and inject adapters (model_setup.py); Lightning calls this after the data is validated."""
         if self.unet is not None:
             return
         hp = self.hparams
         if hp.pivotal is not None:
             check_identifier(hp.pivotal, self._trainer)
         dtype = self.weight_dtype()
-        trainer = self._trainer  # each weight straight to the training device in the training dtype (start-up)
-        device = trainer.strategy.root_device if trainer else None
-        # a quantized base loads on the CPU and its linears go to the device one by one, already quantized: the
-        # half-precision UNet never sits on an 8 GB card whole
-        where = device if hp.base_dtype == "float16" else None
-        pivotal = hp.pivotal is not None  # its text encoders load in fp32 on the CPU: the script initialises there
-        parts = load_parts(hp.base_model, hp.vae_model, dtype, where, DTYPES[hp.vae_dtype], text_fp32_host=pivotal)
-        if pivotal:  # before the cast, on the fp32 tables, as the script's TokenEmbeddingsHandler
-            self.pivotal = PivotalTokens(hp.pivotal, (parts.tokenizer, parts.tokenizer_2),
-                                         (parts.text_encoder, parts.text_encoder_2), hp.seed)
-        self.tokenizers = (parts.tokenizer, parts.tokenizer_2)
-        self.scheduler_config = parts.scheduler_config
-        self.noise = NoiseSchedule(parts.scheduler_config)
-        self.unet = parts.unet.to(dtype)
-        self.vae = parts.vae.to(DTYPES[hp.vae_dtype])
-        self.text_encoder = parts.text_encoder.to(device=where, dtype=dtype)  # no-ops unless pivotal loaded them
-        self.text_encoder_2 = parts.text_encoder_2.to(device=where, dtype=dtype)
-        if self.pivotal is not None:
-            self.pivotal.attach()
-        lora = hp.lora
-        encoders = (self.text_encoder, self.text_encoder_2) if lora.train_text_encoder else ()
-        for model in (self.unet, *encoders):  # the text encoders name their attention projections differently
-            targets = lora.target_modules if model is self.unet else kinds.TEXT_TARGETS
-            cfg = kinds.peft_config(lora.adapter, lora.rank, lora.alpha, lora.dropout, targets, lora.init)
-            kinds.add_adapter(model, lora.adapter, cfg)
-        # quantized before the memory plan counts the UNet's bytes
-        quant.quantize_base(self.unet, hp.base_dtype, dtype, device, bool(hp.perf.fused_lora))
+        device = self._trainer.strategy.root_device if self._trainer else None
+        m = load_model(hp, dtype, device)
+        self.unet, self.vae, self.text_encoder, self.text_encoder_2 = m.unet, m.vae, m.text_encoder, m.text_encoder_2
+        self.tokenizers, self.scheduler_config, self.pivotal = m.tokenizers, m.scheduler_config, m.pivotal
+        self.noise = NoiseSchedule(m.scheduler_config)
+        adapted = adapted_encoders(m, hp.lora.train_text_encoder)
         # pivotal tuning keeps the text encoders on the GPU through the steps, as text-encoder LoRA does
-        self.perf = self.resolve_perf(encoders or ((self.text_encoder, self.text_encoder_2) if pivotal else ()))
-        if self.perf.gradient_checkpointing:  # only dropout draws random numbers inside the UNet's blocks
-            perf_lib.set_checkpointing(self.unet, self.perf.checkpoint_every, preserve_rng_state=lora.dropout > 0)
-            for model in encoders:
-                model.gradient_checkpointing_enable()
+        self.perf = plan_perf(self, adapted or ((m.text_encoder, m.text_encoder_2) if m.pivotal else ()))
         if hp.ema.decay is not None:
             from .ema import AdapterEMA
 
             self.ema = AdapterEMA(self.trainable_parameters(), hp.ema.decay)
-        self.configure_speed()
+        apply_perf(self.perf, self, adapted, dtype, hp.lora.dropout)
         perf_lib.ddp_ignore_frozen(self)
-
-    def resolve_perf(self, trained_encoders: tuple) -> PerfSettings:
-        """``model.perf`` resolved for this run's device, precision and data (memory_plan.resolve_perf); the
-        text encoders that train (adapters or pivotal tuning's rows) count as resident weights."""
-        hp, trainer = self.hparams, self._trainer
-        device = trainer.strategy.root_device if trainer is not None else self.device
-        if hp.perf.memory_plan == "auto" and device.type != "cuda":
-            rank_zero_warn(f"model.perf.memory_plan=auto plans GPU memory; on {device.type} the manual switches "
-                           "apply.")
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        shape = dm.shape() if dm is not None else DataShape()
-        weights, storage = 0.0, None
-        if device.type == "cuda":  # resident during the steps: the UNet (and trained text encoders), fp32 adapters
-            trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-            weights = frozen_gib(self.unet, *trained_encoders) + trainable * 16 / GIB  # weight, grad, two moments
-            storage = quant.storage_gib(self.unet, weights)  # what float8/nf4 would leave, for the plan's hint
-        held = sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers())
-                   if t.device.type == "cuda") / GIB  # loaded straight to the GPU: free memory already lacks them
-        target = Target(device.type, budget(device, hp.perf.memory_budget_gib, held_gib=held)
-                        if device.type == "cuda" else None, self.weight_dtype() != torch.float32)
-        return resolve_perf(hp.perf, hp.lora, shape, target, weights, rank_zero_info, hp.base_dtype, storage,
-                            pivotal=hp.pivotal is not None)
-
-    def configure_speed(self) -> None:
-        """Apply the perf switches (after the adapters exist, so compiled blocks include them)."""
-        p, models = self.perf, (self.unet, self.text_encoder, self.text_encoder_2)
-        for m in models:
-            if self.weight_dtype() != torch.float32:  # autocast runs the adapters' matmuls in half precision
-                perf_lib.keep_lora_inputs_half(m)
-            if p.fused_lora:
-                fuse_lora_layers(m, group_qkv=p.group_qkv)
-        if p.fused_blocks and self.weight_dtype() != torch.float32:  # only autocast has the fp32 norms to remove
-            block_ops.half_norms(self.unet)
-            block_ops.fuse_geglu(self.unet)
-        if p.channels_last:
-            perf_lib.to_channels_last(self.unet)
-        if p.compile_blocks:
-            for m in models if self.hparams.lora.train_text_encoder else (self.unet,):
-                perf_lib.compile_blocks(m, p.compile_regions, mode=p.compile_mode)
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now
@@ -222,15 +158,7 @@ class DreamBoothLoRA(L.LightningModule):
         return self._encode_frozen(prompts)
 
     def _encode_frozen(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoders = (self.text_encoder, self.text_encoder_2)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            with torch.no_grad():
-                emb, pooled = encode_prompts(encoders, [tokenize(t, missing) for t in self.tokenizers])
-            for i, p in enumerate(missing):
-                self._prompt_cache[p] = (emb[i].detach(), pooled[i].detach())
-        return (torch.stack([self._prompt_cache[p][0] for p in prompts]),
-                torch.stack([self._prompt_cache[p][1] for p in prompts]))
+        return self._prompt_cache.encode((self.text_encoder, self.text_encoder_2), self.tokenizers, prompts)
 
     # ---- training --------------------------------------------------------------------------------------------
     def example_ids(self, batch: dict) -> list[int]:
@@ -376,13 +304,7 @@ class DreamBoothLoRA(L.LightningModule):
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        expected, got = set(self.trainable_parameters()), set(checkpoint.get("state_dict", {}))
-        if expected != got:
-            extra, missing = sorted(got - expected), sorted(expected - got)
-            first = f"unexpected key {extra[0]!r} " if extra else f"missing key {missing[0]!r} "
-            raise ValueError(f"checkpoint does not match this model's adapters: {first}({len(extra)} unexpected, "
-                             f"{len(missing)} missing). Resume with the config the checkpoint was trained with (its "
-                             "run's config.yaml).")
+        check_adapter_keys(set(self.trainable_parameters()), set(checkpoint.get("state_dict", {})))
         if self.ema is not None:
             if "ema" not in checkpoint:
                 raise ValueError("model.ema.decay is set but the checkpoint holds no EMA weights (its run had EMA "

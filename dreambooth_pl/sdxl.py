@@ -210,6 +210,20 @@ def _latent_moments(vae_config, like: torch.Tensor):
     return (torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like))
 
 
+class PromptCache(dict):
+    """Embeddings of frozen text encoders per prompt (prompt -> (embedding, pooled)), each computed once."""
+
+    def encode(self, text_encoders: Sequence[torch.nn.Module], tokenizers, prompts: list[str]):
+        """Stacked (embeddings, pooled embeddings) of ``prompts``, encoding only the ones not seen yet."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self]
+        if missing:
+            with torch.no_grad():
+                emb, pooled = encode_prompts(text_encoders, [tokenize(t, missing) for t in tokenizers])
+            for i, p in enumerate(missing):
+                self[p] = (emb[i].detach(), pooled[i].detach())
+        return torch.stack([self[p][0] for p in prompts]), torch.stack([self[p][1] for p in prompts])
+
+
 def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """VAE latents to the UNet's space: ``(z - mean) * scaling_factor / std`` when the config has
     ``latents_mean``/``latents_std``, else ``z * scaling_factor`` (diffusers' ``train_dreambooth_lora_sdxl.py``)."""

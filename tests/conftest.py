@@ -98,7 +98,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the base model was loaded before the bad input was reported")
 
-    monkeypatch.setattr("dreambooth_pl.module.load_parts", refuse)
+    monkeypatch.setattr("dreambooth_pl.model_setup.load_parts", refuse)
     monkeypatch.setattr("dreambooth_pl.sdxl.load_parts", refuse)
 
 

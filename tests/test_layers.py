@@ -18,7 +18,7 @@ LAYERS = [
     ["adapter.files", "adapter.checkpoint", "adapter.apply", "adapter.__init__"],
     ["sampling", "runs", "settings"],
     ["data", "memory_plan", "quant", "prior_sampler", "validation"],
-    ["module", "callbacks"],
+    ["module", "model_setup", "callbacks"],
     ["cli"],
     ["tools"],
     ["__main__"],

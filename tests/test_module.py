@@ -125,7 +125,7 @@ def test_bad_hyperparameters_fail_before_any_model_loads(monkeypatch, kwargs, me
     def no_load(*a, **k):
         raise AssertionError("the base was loaded before the hyperparameters were checked")
 
-    monkeypatch.setattr("dreambooth_pl.module.load_parts", no_load)
+    monkeypatch.setattr("dreambooth_pl.model_setup.load_parts", no_load)
     with pytest.raises(ValueError, match=message):
         DreamBoothLoRA(base_model="unused", **kwargs)
 

@@ -16,6 +16,16 @@ _PARAM = "|".join(sorted({re.escape(p.split(".")[0]) for k in KINDS.values() for
 _ADAPTER_KEY = re.compile(rf"^(?P<module>.+)\.(?P<param>{_PARAM})\.(?P<adapter>[^.]+)(?P<weight>\.weight)?$")
 
 
+def check_adapter_keys(expected: set[str], got: set[str]) -> None:
+    """Refuse a checkpoint whose adapter keys differ from the model's, naming the first difference and the fix."""
+    if expected != got:
+        extra, missing = sorted(got - expected), sorted(expected - got)
+        first = f"unexpected key {extra[0]!r} " if extra else f"missing key {missing[0]!r} "
+        raise ValueError(f"checkpoint does not match this model's adapters: {first}({len(extra)} unexpected, "
+                         f"{len(missing)} missing). Resume with the config the checkpoint was trained with (its "
+                         "run's config.yaml).")
+
+
 def exported_state(ckpt: dict, ema: dict) -> dict:
     """The weights a checkpoint's run exports: its EMA (``ema.decay`` with ``ema.export``) or its state_dict.
 
