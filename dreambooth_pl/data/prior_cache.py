@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from ..io import read_json
+
 PRIOR_CACHE = "~/.cache/dreambooth_pl/priors"  # the shared default (ClassImageSettings.cache_dir: null)
 WEIGHTS = (".safetensors", ".bin")
 
@@ -30,8 +32,8 @@ def fingerprint(folder: Optional[str]) -> Optional[list]:
 
 def native_size(root: str) -> int:
     """The side a pipeline draws when no size is given: the UNet's sample size times the VAE's downsampling."""
-    unet = json.loads((Path(root) / "unet" / "config.json").read_text())
-    vae = json.loads((Path(root) / "vae" / "config.json").read_text())
+    unet = read_json(Path(root) / "unet" / "config.json", "base's UNet config", ("sample_size",))
+    vae = read_json(Path(root) / "vae" / "config.json", "base's VAE config", ("block_out_channels",))
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 

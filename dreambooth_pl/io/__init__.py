@@ -3,11 +3,11 @@ of dead writers cleaned), JSON and PNG metadata, and safe loading of safetensors
 project writes (:func:`read_json`).
 
 Exempt, by design: files the user hands in are read by their own parsers, which name the file (YAML configs in
-config_guard.py, moved_keys.py, runs.py and tools/ablation_grid.py; prompt files in prompts.py; photos, masks and
-captions in data/images.py and data/faces.py); diagnostics are streamed as they are produced (fit and ablate logs,
-benchmark rows appended one per run, tools/step_profile.py's traces); bases.py writes tokenizer files into
-temporary folders (scratch BPE files, and the folder :func:`atomic_dir` publishes whole). Still read raw, to move
-here: tools/ablate.py's status and cached-metrics JSON, evaluate-suite's results.md."""
+config_guard.py, moved_keys.py, runs.py, tools/typed_yaml.py and tools/ablation_grid.py; prompt files in prompts.py;
+photos, masks and captions in data/images.py and data/faces.py); diagnostics are streamed as they are produced (fit
+and job logs appended by tools/jobs.py, benchmark rows appended one per run, tools/step_profile.py's traces,
+/proc reads of callbacks/progress.py); bases.py writes tokenizer files into temporary folders (scratch BPE files,
+and the folder :func:`atomic_dir` publishes whole); ``save_pretrained`` writes inside :func:`atomic_dir`."""
 from .files import (OWNER_FILE, TEMP_SUFFIX, OutputError, WriteError, atomic_write, check_writable, clean_stale_temps,
                     ensure_writable, is_ours, owner_info, write_bytes, write_json, write_text)
 from .outputs import atomic_dir, check_output_dir, check_output_file, check_replaceable

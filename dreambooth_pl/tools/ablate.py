@@ -11,14 +11,13 @@ read back. A failed cell is recorded (status, error and log path in its row) and
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 from ..runs import RunDir, fit_command
 from .ablation_grid import AblationGrid, Evaluation, Sampler, check_evaluation, expand, load_grid
-from ..io import check_output_dir, write_json
+from ..io import check_output_dir, read_json, write_json
 from .ablation_report import write_report
 from .jobs import FitJob, read_status, run_jobs
 
@@ -41,7 +40,7 @@ def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, samp
     """Metrics of one LoRA under one sampler, cached in ``out/ablate_metrics.json``."""
     cache = out / METRICS_FILE
     if cache.is_file():
-        return json.loads(cache.read_text())
+        return read_json(cache, "cached cell metrics")
     from .evaluate import evaluate_suite
 
     metrics = evaluate_suite(lora=str(lora), base=base, instance_dir=instance_dir, token=ev.token,

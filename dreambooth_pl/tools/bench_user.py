@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import read_json
+
 GIB = 2**30
 PROMPT = "a photo of person"
 
@@ -157,10 +159,10 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
     folder = next(run.glob("lightning_logs/version_*"))
     if not (folder / "pytorch_lora_weights.safetensors").is_file():
         raise RuntimeError(f"end-to-end fit wrote no LoRA under {folder}")
-    p = json.loads((folder / "phases.json").read_text())
+    p = read_json(folder / "phases.json", "fit's phase timings", ("s_per_step",))
     rate = p["s_per_step"]
     # priors: loading and the first batch (capture) once, the rest at the steady rate the manifest records
-    timing = json.loads((run / "class" / "manifest.json").read_text()).get("timing", {})
+    timing = read_json(run / "class" / "manifest.json", "class-image manifest").get("timing", {})
     steady = timing.get("s_per_image_after_first_batch")
     if steady is None:  # one batch only: scale the whole phase
         full_prior_s = p["priors"] * full_priors / priors

@@ -30,13 +30,15 @@ def prepare_inputs(work: Path, n_class: int = 4, seed: int = 0) -> tuple[str, st
     import numpy as np
     from PIL import Image
 
+    from ..io import save_image
+
     cls = work / "class"
     cls.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n_class):
         path = cls / f"{i:04d}.png"
         if not path.exists():
-            Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)).save(path)
+            save_image(path, Image.fromarray(rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)))
     return str(SAMPLE_DOG), str(cls)
 
 

@@ -114,10 +114,12 @@ def markdown_table(rows: dict[str, dict], columns: Sequence[str] = COLUMNS, key:
     return "\n".join(lines) + "\n"
 
 
-def _write_results(out: Path, results: dict, title: str) -> None:
+def _write_results(out: Path, results: dict, title: str) -> str:
+    """Write ``results`` as JSON and as a Markdown table; returns the table's text."""
     write_json(out / RESULTS_JSON, results)
     text = f"# {title}\n\n{markdown_table(results['rows'])}\n(paper rows: DreamBooth, Table 1, for scale only)\n"
     write_text(out / RESULTS_MD, text)
+    return text
 
 
 def _load_generated(folder: str, prompts_file: Optional[str]) -> tuple[list, list[str]]:
@@ -180,8 +182,7 @@ def evaluate(generated: list[str], real: str, out: str = "outputs/eval", prompts
     rows["real images"] = real_baseline(real_images, clip, dino, face)
     settings = dict(real=real, token=token, clip_t_prompt=clip_t_prompt, clip_weights=clip_weights,
                     dino_weights=dino_weights, face_weights=face_weights)
-    _write_results(folder, {"settings": settings, "rows": rows | PAPER_ROWS}, "Evaluation")
-    return (folder / RESULTS_MD).read_text()
+    return _write_results(folder, {"settings": settings, "rows": rows | PAPER_ROWS}, "Evaluation")
 
 
 def _suite_samples(folder: Path, jobs: list[tuple[str, int]], settings: dict, pipe_args: dict) -> list:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from ..io import write_json
+from ..io import read_json, write_json
 from ..runs import RunDir
 
 STATUS_FILE = "ablate_status.json"
@@ -59,12 +59,10 @@ class FitJob:
 
 
 def read_status(run: RunDir) -> dict:
-    """A job's status record (``{}`` if it never ran)."""
-    import json
-
+    """A job's status record (``{}`` if it never ran, or its file was cut short by a kill: the job runs again)."""
     try:
-        return json.loads((run.path / STATUS_FILE).read_text())
-    except (OSError, ValueError):
+        return read_json(run.path / STATUS_FILE, "job status")
+    except ValueError:
         return {}
 
 

@@ -163,14 +163,14 @@ def make_procedural(out: str = "data/_cache/procedural", size: int = 32, num_ins
     """
     from diffusers import StableDiffusionXLPipeline
 
-    from ..io import atomic_dir, check_output_dir
+    from ..io import atomic_dir, check_output_dir, save_image
     from ..bases import make_base
 
     root = check_output_dir(out, "make-procedural", ours=("instance", "base", "random-tiny", "*.png", "*.json"))
     inst = root / "instance"
     inst.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(instance_images(num_instance, size, seed + 1)):
-        img.save(inst / f"{i:02d}.png")
+        save_image(inst / f"{i:02d}.png", img)
     base = root / "base"
     if (base / "model_index.json").exists() and not overwrite:
         return f"{base} exists (pass --overwrite true to retrain); instance photos in {inst}"
@@ -187,6 +187,6 @@ def make_procedural(out: str = "data/_cache/procedural", size: int = 32, num_ins
     sheet = Image.new("RGB", (size * 8, size * 2))
     for k, im in enumerate(samples):
         sheet.paste(im, ((k % 8) * size, (k // 8) * size))
-    sheet.resize((size * 32, size * 8), Image.NEAREST).save(root / "class_samples.png")
+    save_image(root / "class_samples.png", sheet.resize((size * 32, size * 8), Image.NEAREST))
     return (f"base in {base} (VAE reconstruction MSE {vae_mse:.4f} on [-1, 1], last UNet loss {unet_loss:.4f}); "
             f"instance photos in {inst}; the base's own class samples in {root / 'class_samples.png'}")
