@@ -45,6 +45,12 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (README's test command): one worker per core, at most 4. Each worker imports torch and builds its
+    own tiny base (~1.5 GB), and several tests start subprocesses (Ray's 2 workers, 2-process DDP) of their own."""
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 4))
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip ``gpu``-marked tests where CUDA is absent, so running one test file on a CPU machine just works."""
     import torch
