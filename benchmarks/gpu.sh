@@ -114,7 +114,7 @@ print(q('$BASE', out='$OUT/quant-quality.jsonl'))" 2>&1 | tail -n 2 ;;
         timeout 580 python3 benchmarks/ray_grid.py $BASE "$OUT" ${RAY_GRID_STEPS:-60} 2>&1 | tee "$OUT/ray-grid.txt" \
           | grep -E '^\{"bench"|Error|error:' | tail -n 5  # the JSON line stays in ray-grid.txt, not bench.jsonl
       else
-        echo "ray-grid: ray is not importable here: put benchmarks/ray_wheel.py's 43 MiB repack (and msgpack, jsonschema, ...) in .whl/"
+        echo "ray-grid: ray is not importable here: put benchmarks/slim_wheel.py's 43 MiB repack of Ray (and msgpack, jsonschema, ...) in .whl/"
       fi ;;
     *) echo "unknown stage $stage" ;;
   esac
