@@ -10,7 +10,10 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
   pipeline's: on the tiny random base 0.19 mean absolute difference in [0, 1], against 0.0 in fp16 with or without
   the graph; BENCHMARKS.md 2026-12-04), and the VAE decodes in bf16 where the GPU has it, without overflowing
   (SDXL's VAE overflows in fp16, so the pipeline upcasts it to fp32), in batches; the images are quantised to
-  uint8 on the GPU.
+  uint8 on the GPU;
+- q/k/v of each self-attention and k/v of each cross-attention run as one GEMM (diffusers' own
+  ``fuse_qkv_projections``: the same products, concatenated), on a half-precision base; the unfused projections
+  it keeps (to unfuse) are dropped, which would otherwise hold 1.3 GB more of SDXL's UNet.
 """
 from __future__ import annotations
 
@@ -32,6 +35,22 @@ def default_vae_dtype(device: torch.device, dtype: str) -> str:
     """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
     VAE is then upcast to fp32, as the pipeline does)."""
     return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else dtype
+
+
+def fuse_attention(unet) -> int:
+    """Fuse the UNet's attention projections with diffusers' ``fuse_qkv_projections`` and drop the separate ones
+    its fused processor no longer calls (q/k/v in self-attention, k/v in cross-attention; q stays there); returns the
+    parameters freed. A later call on a dropped projection fails loudly (AttributeError), never silently."""
+    from diffusers.models.attention_processor import Attention
+
+    unet.fuse_qkv_projections()
+    freed = 0
+    for attn in (m for m in unet.modules() if isinstance(m, Attention)):
+        for name in ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v"):
+            freed += sum(p.numel() for p in getattr(attn, name).parameters())
+            delattr(attn, name)
+    unet.original_attn_processors = None  # they would call the dropped projections
+    return freed
 
 
 class _GraphedUNet:
@@ -81,12 +100,14 @@ class PriorSampler:
             ``device`` from the copy loaded on the CPU, so the half-precision UNet never sits there whole (an 8 GB
             card); ``float16``: as loaded.
         vae_tiling: decode in overlapping tiles (less memory above the VAE's tile size).
+        fuse_qkv: one GEMM for each attention's q/k/v (k/v in cross-attention); off with a quantized base, whose
+            linears are no longer plain weights to concatenate.
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
-                 vae_tiling: bool = False):
+                 vae_tiling: bool = False, fuse_qkv: bool = True):
         from diffusers import StableDiffusionXLPipeline
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -107,6 +128,9 @@ class PriorSampler:
         if vae_tiling:
             pipe.vae.enable_tiling()
         self.base_dtype = base_dtype
+        self.fuse_qkv = fuse_qkv and base_dtype == "float16"
+        if self.fuse_qkv:
+            fuse_attention(pipe.unet)
         if base_dtype != "float16":
             from .quant import quantize_base
 
@@ -120,7 +144,8 @@ class PriorSampler:
         from .sampling import runtime
 
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
-                    vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype)
+                    vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype,
+                    fuse_qkv=self.fuse_qkv)
 
     def _unet(self, x, t, embeds, text, time_ids) -> torch.Tensor:
         if not self.graph:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreambooth_pl.prior_sampler import PriorSampler, default_dtype
+from dreambooth_pl.prior_sampler import PriorSampler, default_dtype, fuse_attention
 
 SIZE, STEPS = 64, 3
 
@@ -46,6 +46,26 @@ def test_an_image_depends_on_its_seed_only(sampler):
     a, b = np.asarray(together[2][1]).astype(int), np.asarray(alone[0][1]).astype(int)
     assert np.abs(a - b).max() <= 1  # uint8 rounding of fp32 sums taken in another batch order
     assert np.abs(np.asarray(together[0][1]).astype(int) - a).max() > 10
+
+
+def test_fused_attention_draws_the_unfused_latents_and_frees_the_separate_projections(sampler, tiny_base):
+    """The default sampler runs fused q/k/v (k/v across); the unfused one draws the same latents within fp32
+    rounding of a concatenated GEMM, and the fused UNet holds no separate self-attention q/k/v or cross k/v."""
+    from diffusers.models.attention_processor import Attention
+
+    plain = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=3, fuse_qkv=False)
+    assert sampler.runtime()["fuse_qkv"] and not plain.runtime()["fuse_qkv"]
+    a = sampler.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
+    b = plain.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
+    assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
+    attns = [m for m in sampler.pipe.unet.modules() if isinstance(m, Attention)]
+    assert attns and all(not hasattr(m, "to_k") and not hasattr(m, "to_v") for m in attns)
+    assert all(hasattr(m, "to_q") == m.is_cross_attention for m in attns)
+    unet = plain.pipe.unet
+    separate = sum(p.numel() for m in unet.modules() if isinstance(m, Attention)
+                   for n in (("to_k", "to_v") if m.is_cross_attention else ("to_q", "to_k", "to_v"))
+                   for p in getattr(m, n).parameters())
+    assert fuse_attention(unet) == separate > 0
 
 
 def test_cpu_dtype_and_batch_bounds(sampler):

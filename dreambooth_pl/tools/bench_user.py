@@ -73,7 +73,8 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     """s/image of :class:`~dreambooth_pl.prior_sampler.PriorSampler` and of diffusers' pipeline at the same
     settings and seeds in this process, and how far apart their images are (uint8 levels); on a GPU, also the
     sampler in the pipeline's dtypes (fp16, fp32 VAE) over its first batch (``fp16_image_*``), which separates what
-    the bf16 VAE changes from what the batching and the graph change.
+    the bf16 VAE changes from what the batching and the graph change, and the sampler without fused attention
+    projections (``unfused_s_per_image``).
 
     Args:
         base: the base folder.
@@ -102,6 +103,15 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_reserved() / GIB
         torch.cuda.empty_cache()
+    unfused = None
+    if torch.cuda.is_available():  # the same sampler without fused attention projections: the A/B of fuse_qkv
+        plain = PriorSampler(base, "euler", batch_size=first, fuse_qkv=False)
+        list(plain.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution))
+        t = _sync()
+        list(plain.images(PROMPT, seeds, steps, 5.0, None, resolution, resolution))
+        unfused = (_sync() - t) / images
+        del plain
+        torch.cuda.empty_cache()
     same = None
     if torch.cuda.is_available() and runtime["vae_dtype"] != "float32":  # the pipeline's dtypes (fp16, fp32 VAE)
         half = PriorSampler(base, "euler", dtype="float16", batch_size=first, vae_dtype="float32")
@@ -112,7 +122,8 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     diff = image_difference(ours, ref)
     fp16 = {f"fp16_{k}": v for k, v in image_difference(same, ref[:first]).items()} if same else {}
     return {"preset": "priors", "s_per_image": per_image, "reference_s_per_image": ref_per_image,
-            "speedup": ref_per_image / per_image, "images": images, "steps": steps, "resolution": resolution,
+            "speedup": ref_per_image / per_image, "unfused_s_per_image": unfused, "fuse_qkv": runtime["fuse_qkv"],
+            "images": images, "steps": steps, "resolution": resolution,
             "batch_size": runtime["batch_size"], "dtype": runtime["dtype"], "vae_dtype": runtime["vae_dtype"],
             "load_s": load, "first_batch_s": warmup, "reference_load_s": ref_load,
             "peak_reserved_gib": peak if torch.cuda.is_available() else float("nan"),
