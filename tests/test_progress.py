@@ -66,3 +66,19 @@ def test_the_summary_prints_each_phase_and_writes_them(tiny_base, subject_dirs, 
     parts = sum(phases[k] for k in ("start", "priors", "cache", "first_step", "steps", "export"))
     assert abs(parts - phases["total"]) < 0.05  # rounding of each part
     assert phases["to_first_step_without_priors"] < phases["total"] - phases["priors"]
+
+
+
+def test_resuming_a_finished_run_writes_no_phases_file_into_the_working_folder(tiny_base, subject_dirs, tmp_path,
+                                                                               monkeypatch):
+    """A run resumed at its last step trains nothing (Lightning skips ``on_train_start``): the summary prints and
+    nothing lands in the working folder (such a rerun's phases.json was committed twice from the repo root)."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1)
+    first = DreamBoothCLI(args=args)
+    again = DreamBoothCLI(args=args + ["--ckpt_path", f"{first.trainer.log_dir}/checkpoints/last.ckpt"])
+    assert again.trainer.global_step == 1
+    assert next(c for c in again.trainer.callbacks if isinstance(c, RunSummary)).phases["steps"] == 0
+    assert not (work / "phases.json").exists()

@@ -76,7 +76,7 @@ class RunSummary(L.Callback):
 
     def __init__(self):
         self._start, self._first_step = 0.0, 0
-        self._log_dir, self._lora, self._last = ".", None, None
+        self._log_dir, self._lora, self._last, self._trained = ".", None, None, False
         self._marks: dict[str, float] = {}  # seconds since the process started, at each hook
         self.phases: dict[str, float] = {}
 
@@ -88,6 +88,15 @@ class RunSummary(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._mark("fit_start")  # the base is loaded; the module's own on_fit_start caches next
+        # trainer.log_dir broadcasts under DDP: read it here, where every rank runs, not in the rank-0 summary; at
+        # fit start, as a finished run resumed never starts training but still prints its paths
+        from ..runs import RunDir
+        from .export import LoRAExport
+
+        run = RunDir.of(trainer)
+        self._log_dir, self._last = str(run.path), str(run.last_ckpt)
+        export = next((cb for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
+        self._lora = export.path(trainer) if export is not None else None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -111,22 +120,14 @@ class RunSummary(L.Callback):
         return {k: round(v, 2) for k, v in phases.items()}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from .export import LoRAExport
-
         self._mark("train_start")
         self._start, self._first_step = time.perf_counter(), trainer.global_step
-        # trainer.log_dir broadcasts under DDP: read it here, where every rank runs, not in the rank-0 summary
-        from ..runs import RunDir
-
-        run = RunDir.of(trainer)
-        self._log_dir, self._last = str(run.path), str(run.last_ckpt)
-        export = next((cb for cb in trainer.callbacks if isinstance(cb, LoRAExport)), None)
-        self._lora = export.path(trainer) if export is not None else None
+        self._trained = True
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        steps = trainer.global_step - self._first_step
-        seconds = time.perf_counter() - self._start
+        steps = trainer.global_step - self._first_step if self._trained else 0
+        seconds = time.perf_counter() - self._start if self._trained else 0.0
         log_dir, lora = self._log_dir, self._lora
         last = self._last if any(isinstance(cb, ModelCheckpoint) for cb in trainer.callbacks) else None
         loss = trainer.callback_metrics.get("train/loss")
@@ -139,7 +140,7 @@ class RunSummary(L.Callback):
                      f"first step {p['first_step']:.1f} s, steps {p['steps']:.1f} s, export {p['export']:.1f} s "
                      f"(first step done {p['to_first_step_without_priors']:.1f} s after the process started, "
                      f"priors aside; {p['total']:.1f} s in all)")
-        if os.path.isdir(log_dir):
+        if self._trained and os.path.isdir(log_dir):  # a finished run resumed trains nothing: no phases to keep
             from ..io import write_json
 
             write_json(os.path.join(log_dir, "phases.json"), p)
