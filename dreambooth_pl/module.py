@@ -1,6 +1,7 @@
 """The LightningModule: frozen SDXL + trainable LoRA, wired to the loss, noise and prompt encoding modules."""
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Literal, Optional
 
@@ -70,6 +71,7 @@ class DreamBoothLoRA(L.LightningModule):
         self.unet = None
         self._graphed = None
         self.graph_stats: dict[str, int] = {}  # replays and eager fallbacks of the last fit's CUDA graph
+        self.timings: dict[str, float] = {}  # seconds of configure_model's parts (the fit summary's start split)
         # the switches in force (memory_plan.resolve_perf): unset ones off until configure_model plans the GPU
         self.perf: PerfSettings = manual(perf)
         self.ema = None  # AdapterEMA, built with the adapters in configure_model
@@ -102,7 +104,9 @@ class DreamBoothLoRA(L.LightningModule):
             check_identifier(hp.pivotal, self._trainer)
         dtype = self.weight_dtype()
         device = self._trainer.strategy.root_device if self._trainer else None
+        t = time.perf_counter()
         m = load_model(hp, dtype, device)
+        self.timings["load"] = time.perf_counter() - t
         self.unet, self.vae, self.text_encoder, self.text_encoder_2 = m.unet, m.vae, m.text_encoder, m.text_encoder_2
         self.tokenizers, self.scheduler_config, self.pivotal = m.tokenizers, m.scheduler_config, m.pivotal
         self.noise = NoiseSchedule(m.scheduler_config)
@@ -115,6 +119,7 @@ class DreamBoothLoRA(L.LightningModule):
             self.ema = AdapterEMA(self.trainable_parameters(), hp.ema.decay)
         apply_perf(self.perf, self, adapted, dtype, hp.lora.dropout)
         perf_lib.ddp_ignore_frozen(self)
+        self.timings["adapters"] = time.perf_counter() - t - self.timings["load"]
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now

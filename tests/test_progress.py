@@ -66,6 +66,8 @@ def test_the_summary_prints_each_phase_and_writes_them(tiny_base, subject_dirs, 
     parts = sum(phases[k] for k in ("start", "priors", "cache", "first_step", "steps", "export"))
     assert abs(parts - phases["total"]) < 0.05  # rounding of each part
     assert phases["to_first_step_without_priors"] < phases["total"] - phases["priors"]
+    split = [phases[k] for k in ("start_to_trainer", "start_data", "start_load", "start_adapters")]
+    assert all(v > 0 for v in split) and sum(split) <= phases["start"] + 0.05
 
 
 

@@ -72,12 +72,14 @@ class RunSummary(L.Callback):
     """When fit ends (rank 0): where the LoRA, checkpoint and TensorBoard run are, steps, time, s/step, peak GPU
     memory, the final loss, the commands to resume and to sample, and the run's phases: start (imports, config,
     loading the base), priors (data.generate_class_images), cache (model.perf.cache), first step (CUDA-graph
-    capture), steps, export. The phases also go to ``phases.json`` in the run folder."""
+    capture), steps, export. The phases also go to ``phases.json`` in the run folder, with the start split into
+    ``start_to_trainer`` (imports and the config), ``start_data`` (the data's setup, priors aside), ``start_load``
+    (the base) and ``start_adapters`` (adapters and the memory plan)."""
 
     def __init__(self):
         self._start, self._first_step = 0.0, 0
         self._log_dir, self._lora, self._last, self._trained = ".", None, None, False
-        self._marks: dict[str, float] = {}  # seconds since the process started, at each hook
+        self._marks: dict[str, float] = {"init": process_seconds()}  # seconds since the process started, at each hook
         self.phases: dict[str, float] = {}
 
     def _mark(self, name: str) -> None:
@@ -115,6 +117,13 @@ class RunSummary(L.Callback):
         phases = {"start": train_start - priors - cache, "priors": priors, "cache": cache,
                   "first_step": first - train_start, "steps": last - first, "export": now - last,
                   "to_first_step_without_priors": first - priors, "total": now}
+        # where the start goes: imports and the config up to the trainer, the data's setup (priors aside), loading
+        # the base, injecting adapters and planning memory; the rest is Lightning's own hooks
+        load = getattr(getattr(trainer, "lightning_module", None), "timings", {}) or {}
+        to_trainer = m.get("init", 0.0)
+        data = max(0.0, m.get("setup", to_trainer) - to_trainer - priors)
+        phases.update(start_to_trainer=to_trainer, start_data=data, start_load=load.get("load", 0.0),
+                      start_adapters=load.get("adapters", 0.0))
         if steps > 1:
             phases["s_per_step"] = (last - first) / (steps - 1)
         return {k: round(v, 2) for k, v in phases.items()}
