@@ -5,8 +5,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+WHL=${WHL:-.whl}  # another folder for a call that carries other wheels (WHL=.whl-ray: Ray's, no face models)
+if [ -d "$WHL" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
 fi
 # .face/face_recognition_models/models/: dlib's two model files, found as the installed package (docs/gpu-tests.md)
@@ -114,7 +115,7 @@ print(q('$BASE', out='$OUT/quant-quality.jsonl'))" 2>&1 | tail -n 2 ;;
         timeout 580 python3 benchmarks/ray_grid.py $BASE "$OUT" ${RAY_GRID_STEPS:-60} 2>&1 | tee "$OUT/ray-grid.txt" \
           | grep -E '^\{"bench"|Error|error:' | tail -n 5  # the JSON line stays in ray-grid.txt, not bench.jsonl
       else
-        echo "ray-grid: ray is not importable here: put benchmarks/slim_wheel.py's 43 MiB repack of Ray (and msgpack, jsonschema, ...) in .whl/"
+        echo "ray-grid: ray is not importable here: put benchmarks/slim_wheel.py's 40 MiB repack of Ray and its small dependencies in .whl-ray/ (docs/gpu-tests.md), carry it and set WHL=.whl-ray"
       fi ;;
     *) echo "unknown stage $stage" ;;
   esac

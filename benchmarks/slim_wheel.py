@@ -4,9 +4,11 @@
     python benchmarks/slim_wheel.py /tmp/w/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl .whl/
 
 What each package loses (the GPU image runs CUDA 13):
-- ray 2.60.0 cp312: 75.6 MiB as shipped, 43.4 MiB without ``ray/jars/`` (30.7 MiB: Ray's Java workers, unused by
-  Python jobs) and ``*.js.map`` (the dashboard's source maps). Its small dependencies (msgpack, jsonschema,
-  jsonschema-specifications, referencing, rpds-py) go in .whl/ too, from constraints.txt.
+- ray 2.60.0 cp312: 75.6 MiB as shipped; without ``ray/jars/`` (30.7 MiB: Ray's Java workers, unused by Python
+  jobs), ``*.js.map`` (the dashboard's source maps), the dashboard's web client (our jobs start Ray without the
+  dashboard) and the RLlib, Serve and LLM libraries (tools/jobs.py uses Ray core's tasks only). Its small
+  dependencies the GPU image lacks (jsonschema, jsonschema-specifications, referencing, rpds-py) go in the same
+  folder, from constraints.txt.
 - bitsandbytes 0.50.2: 41.1 MiB as shipped, 12.8 MiB slim; it loads the one ``libbitsandbytes_cuda<NNN>.so`` matching torch's CUDA,
   so the CUDA 11.8-12.8 builds (~128 MiB unpacked) go and the CUDA 13 ones and the CPU one stay.
 The RECORD drops the removed files, so ``pip install --no-deps`` (benchmarks/gpu.sh's .whl/ step) installs it;
@@ -20,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 DROPPED = {
-    "ray": re.compile(r"ray/jars/|.*\.js\.map$"),
+    "ray": re.compile(r"ray/(jars|rllib|llm|serve|dashboard/client)/|.*\.js\.map$"),
     "bitsandbytes": re.compile(r"bitsandbytes/libbitsandbytes_cuda1[12]\d\.so$"),
 }
 
