@@ -18,7 +18,8 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
 from __future__ import annotations
 
 import warnings
-from typing import Iterator, Optional, Sequence
+from contextlib import nullcontext
+from typing import Iterator, Literal, Optional, Sequence
 
 import torch
 
@@ -51,6 +52,18 @@ def fuse_attention(unet) -> int:
             delattr(attn, name)
     unet.original_attn_processors = None  # they would call the dropped projections
     return freed
+
+
+def attention_backends(attention: str):
+    """The context the UNet runs (and its graph is captured) in: ``auto`` leaves torch's choice of attention
+    kernel, ``cudnn`` puts cuDNN's fused attention first (timed against ``auto`` by the priors benchmark),
+    falling back to the others where it does not apply."""
+    if attention == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 class _GraphedUNet:
@@ -102,14 +115,17 @@ class PriorSampler:
         vae_tiling: decode in overlapping tiles (less memory above the VAE's tile size).
         fuse_qkv: one GEMM for each attention's q/k/v (k/v in cross-attention); off with a quantized base, whose
             linears are no longer plain weights to concatenate.
+        attention: ``auto`` (torch's kernel choice) or ``cudnn`` (:func:`attention_backends`).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
-                 vae_tiling: bool = False, fuse_qkv: bool = True):
+                 vae_tiling: bool = False, fuse_qkv: bool = True, attention: Literal["auto", "cudnn"] = "auto"):
         from diffusers import StableDiffusionXLPipeline
 
+        if attention not in ("auto", "cudnn"):
+            raise ValueError(f"attention is 'auto' or 'cudnn', got {attention!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or default_dtype(self.device)
         if dtype == "float16" and self.device.type == "cpu":
@@ -136,6 +152,7 @@ class PriorSampler:
 
             quantize_base(pipe.unet.requires_grad_(False), base_dtype, self.dtype, self.device)
         self.pipe = pipe.to(self.device)
+        self.attention = attention
         self.graph = graph and self.device.type == "cuda"
         self._graphs: dict[tuple, _GraphedUNet] = {}
 
@@ -145,16 +162,18 @@ class PriorSampler:
 
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
                     vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype,
-                    fuse_qkv=self.fuse_qkv)
+                    fuse_qkv=self.fuse_qkv, attention=self.attention)
 
     def _unet(self, x, t, embeds, text, time_ids) -> torch.Tensor:
         if not self.graph:
-            return self.pipe.unet(x, t, encoder_hidden_states=embeds,
-                                  added_cond_kwargs={"text_embeds": text, "time_ids": time_ids}, return_dict=False)[0]
+            with attention_backends(self.attention):
+                return self.pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False,
+                                      added_cond_kwargs={"text_embeds": text, "time_ids": time_ids})[0]
         key = (tuple(x.shape), x.dtype)
         if key not in self._graphs:
             try:
-                self._graphs[key] = _GraphedUNet(self.pipe.unet, x, t, embeds, text, time_ids)
+                with attention_backends(self.attention):  # the captured graph keeps the kernels chosen here
+                    self._graphs[key] = _GraphedUNet(self.pipe.unet, x, t, embeds, text, time_ids)
             except RuntimeError as err:  # a capture that fails must not cost the images: run eagerly
                 warnings.warn(f"prior sampler: CUDA-graph capture failed ({str(err).splitlines()[0][:200]}); "
                               "the UNet runs eagerly.", stacklevel=2)

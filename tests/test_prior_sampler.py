@@ -68,6 +68,18 @@ def test_fused_attention_draws_the_unfused_latents_and_frees_the_separate_projec
     assert fuse_attention(unet) == separate > 0
 
 
+def test_cudnn_attention_is_a_kernel_preference_not_other_maths(sampler, tiny_base):
+    """``attention: cudnn`` only reorders torch's kernel choice (on a CPU none of the fused kernels applies, so
+    the maths one runs: the same latents); a misspelt value is refused before any model loads."""
+    other = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=3, attention="cudnn", graph=False)
+    assert other.runtime()["attention"] == "cudnn"
+    a = sampler.latents("a photo of dog", [5], STEPS, 5.0, None, SIZE, SIZE)
+    b = other.latents("a photo of dog", [5], STEPS, 5.0, None, SIZE, SIZE)
+    assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+    with pytest.raises(ValueError, match="attention is 'auto' or 'cudnn', got 'flash'"):
+        PriorSampler(tiny_base, "euler", "float32", "cpu", attention="flash")
+
+
 def test_cpu_dtype_and_batch_bounds(sampler):
     assert default_dtype(torch.device("cpu")) == "float32"
     with pytest.raises(ValueError, match="a batch holds 1 to 3 seeds, got 4"):

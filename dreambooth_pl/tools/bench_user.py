@@ -68,13 +68,17 @@ def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, b
     return images, load, per_image
 
 
+# the sampler's switches timed against its defaults on a GPU (prior_sampler.PriorSampler's arguments)
+VARIANTS = {"unfused_qkv": {"fuse_qkv": False}, "cudnn_attention": {"attention": "cudnn"}}
+
+
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
                      batch_size: int | None = None, reference_batch: int = 4) -> dict:
     """s/image of :class:`~dreambooth_pl.prior_sampler.PriorSampler` and of diffusers' pipeline at the same
     settings and seeds in this process, and how far apart their images are (uint8 levels); on a GPU, also the
     sampler in the pipeline's dtypes (fp16, fp32 VAE) over its first batch (``fp16_image_*``), which separates what
-    the bf16 VAE changes from what the batching and the graph change, and the sampler without fused attention
-    projections (``unfused_s_per_image``).
+    the bf16 VAE changes from what the batching and the graph change, and the sampler with each of
+    :data:`VARIANTS`' switches (``variants_s_per_image``).
 
     Args:
         base: the base folder.
@@ -103,14 +107,14 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_reserved() / GIB
         torch.cuda.empty_cache()
-    unfused = None
-    if torch.cuda.is_available():  # the same sampler without fused attention projections: the A/B of fuse_qkv
-        plain = PriorSampler(base, "euler", batch_size=first, fuse_qkv=False)
-        list(plain.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution))
+    variants = {}  # on a GPU, the same sampler with one switch changed, same seeds: each switch's A/B
+    for name, switch in (VARIANTS.items() if torch.cuda.is_available() else ()):
+        other = PriorSampler(base, "euler", batch_size=first, **switch)
+        list(other.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution))
         t = _sync()
-        list(plain.images(PROMPT, seeds, steps, 5.0, None, resolution, resolution))
-        unfused = (_sync() - t) / images
-        del plain
+        list(other.images(PROMPT, seeds, steps, 5.0, None, resolution, resolution))
+        variants[name] = (_sync() - t) / images
+        del other
         torch.cuda.empty_cache()
     same = None
     if torch.cuda.is_available() and runtime["vae_dtype"] != "float32":  # the pipeline's dtypes (fp16, fp32 VAE)
@@ -122,7 +126,8 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     diff = image_difference(ours, ref)
     fp16 = {f"fp16_{k}": v for k, v in image_difference(same, ref[:first]).items()} if same else {}
     return {"preset": "priors", "s_per_image": per_image, "reference_s_per_image": ref_per_image,
-            "speedup": ref_per_image / per_image, "unfused_s_per_image": unfused, "fuse_qkv": runtime["fuse_qkv"],
+            "speedup": ref_per_image / per_image, "variants_s_per_image": variants, "fuse_qkv": runtime["fuse_qkv"],
+            "attention": runtime["attention"],
             "images": images, "steps": steps, "resolution": resolution,
             "batch_size": runtime["batch_size"], "dtype": runtime["dtype"], "vae_dtype": runtime["vae_dtype"],
             "load_s": load, "first_batch_s": warmup, "reference_load_s": ref_load,
