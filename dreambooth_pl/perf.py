@@ -20,7 +20,8 @@ CHECKPOINT_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 def attention_context(backend: Attention = "auto"):
-    """A context that restricts ``F.scaled_dot_product_attention`` to one kernel family ("auto": PyTorch picks).
+    """A context that puts one ``F.scaled_dot_product_attention`` kernel family first ("auto": PyTorch's order);
+    where it does not apply (a CPU, a shape it lacks), the others follow in PyTorch's order instead of an error.
 
     Args:
         backend: ``flash`` (FlashAttention-2), ``cudnn`` (cuDNN fused attention), ``efficient`` (xFormers-style
@@ -34,7 +35,8 @@ def attention_context(backend: Attention = "auto"):
              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
     if backend not in names:
         raise ValueError(f"attention backend {backend!r} is not one of {['auto', *names]}")
-    return sdpa_kernel(names[backend])
+    order = [names[backend], *(b for b in names.values() if b != names[backend])]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:

@@ -18,11 +18,11 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Iterator, Optional, Sequence, get_args
 
 import torch
 
+from .perf import Attention as AttentionKernel, attention_context
 from .sampling import SAMPLER, make_scheduler
 from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
 
@@ -52,18 +52,6 @@ def fuse_attention(unet) -> int:
             delattr(attn, name)
     unet.original_attn_processors = None  # they would call the dropped projections
     return freed
-
-
-def attention_backends(attention: str):
-    """The context the UNet runs (and its graph is captured) in: ``auto`` leaves torch's choice of attention
-    kernel, ``cudnn`` puts cuDNN's fused attention first (timed against ``auto`` by the priors benchmark),
-    falling back to the others where it does not apply."""
-    if attention == "auto":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
 
 
 class _GraphedUNet:
@@ -115,17 +103,18 @@ class PriorSampler:
         vae_tiling: decode in overlapping tiles (less memory above the VAE's tile size).
         fuse_qkv: one GEMM for each attention's q/k/v (k/v in cross-attention); off with a quantized base, whose
             linears are no longer plain weights to concatenate.
-        attention: ``auto`` (torch's kernel choice) or ``cudnn`` (:func:`attention_backends`).
+        attention: the attention kernel put first (``perf.attention_context``; ``auto``: PyTorch's choice); the
+            priors benchmark times ``cudnn`` against ``auto``.
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
-                 vae_tiling: bool = False, fuse_qkv: bool = True, attention: Literal["auto", "cudnn"] = "auto"):
+                 vae_tiling: bool = False, fuse_qkv: bool = True, attention: AttentionKernel = "auto"):
         from diffusers import StableDiffusionXLPipeline
 
-        if attention not in ("auto", "cudnn"):
-            raise ValueError(f"attention is 'auto' or 'cudnn', got {attention!r}")
+        if attention not in get_args(AttentionKernel):
+            raise ValueError(f"attention is one of {get_args(AttentionKernel)}, got {attention!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or default_dtype(self.device)
         if dtype == "float16" and self.device.type == "cpu":
@@ -166,13 +155,13 @@ class PriorSampler:
 
     def _unet(self, x, t, embeds, text, time_ids) -> torch.Tensor:
         if not self.graph:
-            with attention_backends(self.attention):
+            with attention_context(self.attention):
                 return self.pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False,
                                       added_cond_kwargs={"text_embeds": text, "time_ids": time_ids})[0]
         key = (tuple(x.shape), x.dtype)
         if key not in self._graphs:
             try:
-                with attention_backends(self.attention):  # the captured graph keeps the kernels chosen here
+                with attention_context(self.attention):  # the captured graph keeps the kernels chosen here
                     self._graphs[key] = _GraphedUNet(self.pipe.unet, x, t, embeds, text, time_ids)
             except RuntimeError as err:  # a capture that fails must not cost the images: run eagerly
                 warnings.warn(f"prior sampler: CUDA-graph capture failed ({str(err).splitlines()[0][:200]}); "
