@@ -94,7 +94,7 @@ for stage in "$@"; do
     t4) bench --preset t4-16gb --steps 12 --warmup 4 ;;
     quant|quant-bench)  # issue 24: whole-run peak (class-prior generation, caching, steps) of the 8gb preset with the
       # card capped to 8 GiB, float8 and nf4, beside the fp16 recipe (uncapped; it draws its priors as shipped)
-      GEN='"--data.generate_class_images=true","--data.num_class_images=2","--data.class_generation.steps=4"'
+      GEN='"--data.generate_class_images=true","--data.num_class_images=2","--data.class_generation.sampler.steps=4"'
       bench --preset recipe --steps 12 --warmup 4 --overrides "[$GEN,\"--data.class_dir=$OUT/cls-fp16\"]"
       for dt in float8 nf4; do
         bench --preset 8gb --steps 12 --warmup 4 --memory_cap_gib 8 \

@@ -33,7 +33,7 @@ def main(base: str, out: str, steps: int = 60) -> dict:
     run = [sys.executable, "-m", "dreambooth_pl"]
     # the class images once, outside both timings (two cells at once must not draw into one folder)
     subprocess.run([*run, "generate-class-images", "--base", base, "--prompt", "a photo of dog", "--out",
-                    str(root / "class"), "--num", "4", "--resolution", "1024", "--steps", "4", "--progress", "false"],
+                    str(root / "class"), "--num", "4", "--resolution", "1024", "--sampler.steps", "4", "--progress", "false"],
                    check=True)
     t = time.perf_counter()
     subprocess.run([*run, "ablate", "--grid", str(path), "--evaluate", "false"], check=True)

@@ -36,6 +36,17 @@ MOVED = {
     "model.cuda_graph": "model.perf.cuda_graph",
     "model.memory_plan": "model.perf.memory_plan",
     "model.memory_budget_gib": "model.perf.memory_budget_gib",
+    # the class images' sampler: one sampling.SamplerSettings, passed whole
+    "data.class_generation.scheduler": "data.class_generation.sampler.scheduler",
+    "data.class_generation.steps": "data.class_generation.sampler.steps",
+    "data.class_generation.guidance": "data.class_generation.sampler.guidance",
+    "data.class_generation.negative_prompt": "data.class_generation.sampler.negative_prompt",
+    # an ablation grid file's evaluation: guidance is each sampler's own
+    "evaluation.guidance": "evaluation.samplers[i].guidance",
+    # tool options ("VERB --option"): the sampler's settings are one --sampler group
+    **{f"{verb} --{name}": f"{verb} --sampler.{name}"
+       for verb in ("sample", "generate-class-images", "evaluate-suite")
+       for name in ("scheduler", "steps", "guidance", "negative_prompt")},
 }
 _VERBS = ("fit", "validate", "test", "predict")
 
@@ -89,6 +100,22 @@ def check_moved_keys(argv: list[str] | dict, where: str = "the arguments") -> No
         more = (f"; also {', '.join(f'{o} -> {MOVED[o]}' for o, _ in rest)}" if rest else "")
         raise MovedKeyError(f"{old} moved to {MOVED[old]} (configs and command lines): {origin} sets {old}; "
                             f"rename it{more}.")
+
+
+def check_moved_options(verb: str, argv: list[str]) -> None:
+    """Refuse a tool verb's old option names (``sample --steps 30``), naming the new one (``--sampler.steps``).
+
+    Args:
+        verb: the tool verb (``sample``).
+        argv: its arguments, the verb left out.
+    Raises:
+        MovedKeyError: naming the first old option and its new name.
+    """
+    for arg in argv:
+        key = f"{verb} {arg.partition('=')[0]}"
+        if arg.startswith("--") and key in MOVED:
+            raise MovedKeyError(f"{key} moved to {MOVED[key]}: rename it (python -m dreambooth_pl {verb} --help "
+                                "lists the options).")
 
 
 def nest_hparams(hparams: dict) -> dict:

@@ -99,8 +99,15 @@ def test_bad_grid_files_name_the_file_and_key(tmp_path):
         load_grid(str(bad))  # the base configs too
     bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, samplers: [{scheduler: "
                    "ddmi, steps: 50}]}\n")
-    with pytest.raises(SystemExit, match=r"bad.yaml.*samplers\[0\].scheduler 'ddmi' is unknown"):
+    with pytest.raises(SystemExit, match=r"(?s)bad.yaml.*sampler.scheduler 'ddmi' is unknown"):
         ablate(str(bad))  # refused before any fit starts
+    bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, guidance: 7.5}\n")
+    with pytest.raises(SystemExit, match=r"evaluation.guidance moved to evaluation.samplers\[i\].guidance .*bad.yaml"):
+        load_grid(str(bad))  # the sampler's settings are one type: guidance is each sampler's
+    bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, samplers: "
+                   "[{steps: 30}, {steps: 30, guidance: 5.0}]}\n")
+    with pytest.raises(SystemExit, match=r"evaluation.samplers lists \['euler-30'\] more than once"):
+        ablate(str(bad))
 
 
 def test_shipped_grids_parse_and_expand():
@@ -210,13 +217,14 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(grid_run, tmp_path):
 @pytest.mark.slow
 def test_checkpoint_curve_evaluates_each_saved_step(grid_run, tmp_path):
     from dreambooth_pl.tools.ablate import evaluate_run
-    from dreambooth_pl.tools.ablation_grid import Evaluation, Sampler
+    from dreambooth_pl.sampling import SamplerSettings
+    from dreambooth_pl.tools.ablation_grid import Evaluation
     from dreambooth_pl.tools.checkpoint_curve import ablate_checkpoints
 
     _, out, _ = grid_run
     run = out / "runs" / "with_prior_preservation=true__num_instance_images=2"
     ev = Evaluation(token="sks", class_name="dog", num_prompts=1, images_per_prompt=1,
-                    samplers=[Sampler("euler", 2)], resolution=32, clip_weights=None, dino_weights=None)
+                    samplers=[SamplerSettings("euler", 2)], resolution=32, clip_weights=None, dino_weights=None)
     ablate_checkpoints(str(run), ev)
     rows = read_csv(run / "curve" / "curve.csv")
     assert [r["step"] for r in rows] == ["1", "2"]

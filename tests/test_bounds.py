@@ -29,8 +29,8 @@ def test_each_bound_names_its_key(tmp_path, key, value):
 
 
 def test_class_generation_bounds_and_every_key_listed():
-    with pytest.raises(ValueError, match=r"data.class_generation.steps must be in \[1, 1000\], got 100000; "
+    with pytest.raises(ValueError, match=r"data.class_generation.sampler.steps must be in \[1, 1000\], got 100000; "
                                          r"data.class_generation.batch_size"):
-        check_bounds({"class_generation.steps": 10 ** 5, "class_generation.batch_size": 0})
+        check_bounds({"class_generation.sampler.steps": 10 ** 5, "class_generation.batch_size": 0})
     check_bounds({k: lo for k, (lo, hi) in BOUNDS.items()})
     check_bounds({k: hi for k, (lo, hi) in BOUNDS.items()})

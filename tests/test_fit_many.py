@@ -21,7 +21,7 @@ def subjects_file(tmp: Path, base: str, photos: str) -> Path:
             "overrides": {"model.base_model": base, "model.random_base": None, "trainer.max_steps": 1,
                           "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False,
                           "data.resolution": 32, "data.num_class_images": 2,
-                          "data.class_generation": {"steps": 1, "batch_size": 2}},
+                          "data.class_generation": {"sampler": {"steps": 1}, "batch_size": 2}},
             "subjects": [{"name": "rex", "photos": photos, "identifier": "sks", "class_name": "dog"},
                          {"name": "tom", "photos": photos, "identifier": "ohwx", "class_name": "cat"},
                          {"name": "max", "photos": photos, "identifier": "zwx", "class_name": "dog",

@@ -9,10 +9,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from dreambooth_pl.sampling import SamplerSettings
 from dreambooth_pl.tools.generate_class_images import ClassImageSettings, generate_class_images
 from dreambooth_pl.io import OWNER_FILE, OutputError, read_png_metadata
 
-FAST = dict(steps=2, progress=False, dtype="float32", device="cpu")
+FAST = dict(sampler=SamplerSettings(steps=2), progress=False, dtype="float32", device="cpu")
 
 
 def test_resume_draws_only_the_missing_images_with_their_own_seeds(tiny_base, tmp_path):
@@ -75,7 +76,7 @@ def test_datamodule_generates_missing_class_images_when_asked(tiny_base, subject
     with pytest.raises(ImageIntakeError, match="generate-class-images.*data.generate_class_images: true"):
         DreamBoothDataModule(**kwargs).setup("fit")
     dm = DreamBoothDataModule(**kwargs, generate_class_images=True, base_model=tiny_base,
-                              class_generation=ClassImageSettings(steps=1, batch_size=2))
+                              class_generation=ClassImageSettings(sampler=SamplerSettings(steps=1), batch_size=2))
     dm.setup("fit")
     assert len(dm.prior.paths) == 2 and Image.open(dm.prior.paths[0]).size == (32, 32)
 
@@ -93,7 +94,7 @@ def test_a_second_subject_of_the_class_reuses_the_priors_and_the_manifest_says_s
     assert all((first / n).read_bytes() == (second / n).read_bytes() for n in manifest["images"])
     assert json.loads((first / "manifest.json").read_text())["images"]["class_00000.png"]["source"] == "drawn"
     # another key (steps), more images (new seeds), or the cache off: drawn
-    assert "generated 3" in generate_class_images(tiny_base, "a photo of dog", str(other), **dict(kw, steps=1))
+    assert "generated 3" in generate_class_images(tiny_base, "a photo of dog", str(other), **dict(kw, sampler=SamplerSettings(steps=1)))
     more = generate_class_images(tiny_base, "a photo of dog", str(second), **dict(kw, num=4))
     assert "generated 1 class image(s), reused 0" in more
     assert "generated 2" in generate_class_images(tiny_base, "a photo of dog", str(tmp_path / "off"),

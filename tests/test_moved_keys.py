@@ -1,5 +1,5 @@
-"""moved_keys.py: old flat model keys in configs and command lines stop with the new key's name; old checkpoints'
-hyper-parameters read in the grouped layout."""
+"""moved_keys.py: old flat model keys, the sampler's old keys and tool options in configs, command lines and grid
+files stop with the new key's name; old checkpoints' hyper-parameters read in the grouped layout."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +18,7 @@ def test_every_new_key_exists_and_no_old_one_does():
     params = inspect.signature(DreamBoothLoRA.__init__).parameters
     groups = {name: {f.name for f in dataclasses.fields(p.default)} for name, p in params.items()
               if dataclasses.is_dataclass(p.default)}
-    for old, new in MOVED.items():
+    for old, new in ((o, n) for o, n in MOVED.items() if o.startswith("model.")):
         assert old.split(".", 1)[1] not in params, old
         _, group, name = new.split(".")
         assert name in groups[group], new
@@ -30,6 +30,20 @@ def test_command_line_forms_name_the_new_key(argv):
     with pytest.raises(MovedKeyError, match=r"^model.lora_rank moved to model.lora.rank \(configs and command "
                                             r"lines\): --model.* sets model.lora_rank; rename it.$"):
         check_moved_keys(["fit", "--model.lora.alpha=2", *argv])
+
+
+def test_sampler_keys_name_the_one_sampler_type(tmp_path):
+    from dreambooth_pl.__main__ import main
+
+    with pytest.raises(MovedKeyError, match=r"^data.class_generation.steps moved to "
+                                            r"data.class_generation.sampler.steps .*--data.class_generation.steps"):
+        check_moved_keys(["fit", "--data.class_generation.steps=4"])
+    for verb in ("sample", "generate-class-images", "evaluate-suite"):
+        with pytest.raises(MovedKeyError, match=f"^{verb} --steps moved to {verb} --sampler.steps: rename it"):
+            main([verb, "--out", str(tmp_path), "--steps=2"])  # before any model loads or folder is made
+    with pytest.raises(MovedKeyError, match="sample --negative_prompt moved to sample --sampler.negative_prompt"):
+        main(["sample", "--negative_prompt", "blurry"])
+    assert not tmp_path.joinpath("x").exists()
 
 
 def test_every_stacked_config_is_read(tmp_path):

@@ -55,7 +55,7 @@ def test_the_summary_prints_each_phase_and_writes_them(tiny_base, subject_dirs, 
         "data.generate_class_images": "true", "data.num_class_images": 2,
         # a cache of its own: the session's shared prior cache may hold these images already (drawn by an earlier
         # test), and priors linked from it take ~0 s
-        "data.class_generation": f'{{"steps": 1, "batch_size": 2, "cache_dir": "{tmp_path / "prior-cache"}"}}',
+        "data.class_generation": f'{{"sampler": {{"steps": 1}}, "batch_size": 2, "cache_dir": "{tmp_path / "prior-cache"}"}}',
         "model.perf.cache": "all"})
     cli = DreamBoothCLI(args=args)
     text = capsys.readouterr().out

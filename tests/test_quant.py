@@ -282,10 +282,12 @@ def test_class_images_drawn_on_a_float8_base_under_their_own_prior_cache_key(tin
 
     from dreambooth_pl.data.class_images import ClassImageSettings, draw_class_images
     from dreambooth_pl.io.png import read_png_metadata
+    from dreambooth_pl.sampling import SamplerSettings
 
     cache = str(tmp_path / "cache")
     for base_dtype in ("float8", "float16"):
-        s = ClassImageSettings(steps=2, resolution=64, batch_size=1, base_dtype=base_dtype, cache_dir=cache)
+        s = ClassImageSettings(sampler=SamplerSettings(steps=2), resolution=64, batch_size=1, base_dtype=base_dtype,
+                               cache_dir=cache)
         report = draw_class_images(tiny_base, "a photo of dog", str(tmp_path / base_dtype), 1, s, "float16", "cpu",
                                    progress=False)
         assert "generated 1 class image(s), reused 0" in report, base_dtype

@@ -18,7 +18,7 @@ BOUNDS = {
     "num_workers": (0, 256),
     "num_class_images": (0, 100_000),  # the paper draws 200
     "num_instance_images": (1, 100_000),
-    "class_generation.steps": (1, 1000),
+    "class_generation.sampler.steps": (1, 1000),
     "class_generation.batch_size": (1, 1024),
     "class_generation.resolution": (8, 4096),
 }

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cache import DEVICE_CACHE_BYTES, CacheMode, CachedBucketedStream, CachedStream, Encoders, build_cache
-from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
+from .class_images import NUM_CLASS_IMAGES, ClassImageSettings, as_class_image_settings, draw_class_images
 from .bounds import check_bounds
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
@@ -116,11 +116,10 @@ class DreamBoothDataModule(L.LightningDataModule):
             raise ValueError(f"data.validation_photos must be >= 0, got {validation_photos}")
         if not 0.0 <= mask_floor <= 1.0:
             raise ValueError(f"data.mask_floor is a loss weight in [0, 1], got {mask_floor}")
-        gen = class_generation or ClassImageSettings()
-        gen = gen if isinstance(gen, ClassImageSettings) else ClassImageSettings(**dict(gen))
+        gen = as_class_image_settings(class_generation)
         check_bounds({"resolution": resolution, "bucket_step": bucket_step, "bucket_max_ratio": bucket_max_ratio,
                       "batch_size": batch_size, "num_workers": num_workers, "num_class_images": num_class_images,
-                      "num_instance_images": num_instance_images, "class_generation.steps": gen.steps,
+                      "num_instance_images": num_instance_images, "class_generation.sampler.steps": gen.sampler.steps,
                       "class_generation.batch_size": gen.batch_size, "class_generation.resolution": gen.resolution})
         self.faces = None  # instance path -> face box, when data.crop or data.mask asks for faces
         self.buckets = None  # instance path -> (height, width) bucket, with data.aspect_buckets
@@ -206,8 +205,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         start = time.perf_counter()
         if trainer is None or trainer.local_rank == 0:
             self._check_class_dir_before_drawing()
-            s = hp.class_generation or ClassImageSettings()
-            s = s if isinstance(s, ClassImageSettings) else ClassImageSettings(**dict(s))  # the CLI passes a dict
+            s = as_class_image_settings(hp.class_generation)  # the CLI passes a dict
             if s.resolution is None:
                 s = dataclasses.replace(s, resolution=hp.resolution)
             draw_class_images(hp.base_model, hp.class_prompt, hp.class_dir, hp.num_class_images, s, None,

@@ -7,24 +7,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..sampling import SAMPLER
+from ..sampling import SAMPLER, SamplerSettings
 
 
-@dataclass
-class Sampler:
-    """One sampler setting of the evaluation (the original project's table crosses DDIM/PNDM x 50/80 steps).
-
-    Args:
-        scheduler: a name in ``dreambooth_pl.sampling.SCHEDULERS``.
-        steps: denoising steps.
-    """
-
-    scheduler: str = SAMPLER.scheduler
-    steps: int = SAMPLER.steps
-
-    @property
-    def key(self) -> str:
-        return f"{self.scheduler}-{self.steps}"
+def sampler_key(sampler: SamplerSettings) -> str:
+    """The folder name of one sampler's evaluation: ``scheduler-steps``, then guidance and a negative prompt's
+    mark where they differ from the defaults (so samplers that differ only there do not share a folder)."""
+    extra = (f"-g{sampler.guidance:g}" if sampler.guidance != SAMPLER.guidance else "") \
+        + ("-neg" if sampler.negative_prompt else "")
+    return f"{sampler.scheduler}-{sampler.steps}{extra}"
 
 
 @dataclass
@@ -38,8 +29,8 @@ class Evaluation:
         suite: prompt suite name (``dreambooth_pl.prompts.list_suites()``).
         num_prompts: first N prompts of the suite (None: all).
         images_per_prompt: images per prompt (seeds ``seed .. seed + N - 1``).
-        samplers: one evaluation per sampler.
-        guidance: classifier-free guidance scale.
+        samplers: one evaluation per sampler (scheduler, steps, guidance, negative prompt; the original
+            project's table crosses DDIM/PNDM x 50/80 steps).
         resolution: image side (None: the base's default).
         clip_weights: open_clip weights tag (None: random weights, tests only).
         dino_weights: DINO weights tag (None: random weights, tests only).
@@ -56,8 +47,7 @@ class Evaluation:
     suite: str = "dreambench_object"
     num_prompts: Optional[int] = None
     images_per_prompt: int = 4
-    samplers: list[Sampler] = field(default_factory=lambda: [Sampler()])
-    guidance: float = SAMPLER.guidance
+    samplers: list[SamplerSettings] = field(default_factory=lambda: [SAMPLER])
     resolution: Optional[int] = None
     clip_weights: Optional[str] = "openai"
     dino_weights: Optional[str] = "dino"
@@ -99,16 +89,18 @@ class AblationGrid:
 
 def load_grid(path: str) -> AblationGrid:
     """Parse and type-check a grid file; errors name the file and the key."""
+    from ..moved_keys import MovedKeyError, check_moved_keys
     from .typed_yaml import load_typed
 
-    spec = load_typed(path, AblationGrid, "ablate", "grid file", "configs/ablations/ for examples")
+    def old_keys(raw: dict) -> None:  # evaluation.guidance is each sampler's now: name it, not "unexpected key"
+        check_moved_keys({"evaluation": raw.get("evaluation")}, f"grid file {path!r}")
+
+    spec = load_typed(path, AblationGrid, "ablate", "grid file", "configs/ablations/ for examples", old_keys)
     for key, values in spec.grid.items():
         if not isinstance(values, list) or not values:
             raise SystemExit(f"ablate: {path!r} grid.{key} must be a non-empty list of values, got {values!r}.")
     if isinstance(spec.base_config, str):
         spec.base_config = [spec.base_config]
-    from ..moved_keys import MovedKeyError, check_moved_keys
-
     try:  # every cell would fail on it: say so before the first fit
         check_moved_keys({**spec.overrides, **spec.grid, **{k: v for c in spec.runs for k, v in c.overrides.items()}},
                          f"grid file {path!r}")
@@ -119,16 +111,14 @@ def load_grid(path: str) -> AblationGrid:
 
 
 def check_evaluation(ev: Evaluation, path: str) -> None:
-    """Refuse unknown schedulers and suites before hours of fitting, naming the grid file and key."""
+    """Refuse unknown suites and samplers that share a folder before hours of fitting, naming the grid file and key
+    (each sampler checked its own values when the grid was read)."""
     from ..prompts import list_suites
-    from ..sampling import SCHEDULERS
 
-    for i, sampler in enumerate(ev.samplers):
-        if sampler.scheduler not in SCHEDULERS:
-            raise SystemExit(f"ablate: {path!r} evaluation.samplers[{i}].scheduler {sampler.scheduler!r} is unknown; "
-                             f"choose one of {sorted(SCHEDULERS)}.")
-        if sampler.steps < 1:
-            raise SystemExit(f"ablate: {path!r} evaluation.samplers[{i}].steps must be >= 1, got {sampler.steps}.")
+    keys = [sampler_key(s) for s in ev.samplers]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise SystemExit(f"ablate: {path!r} evaluation.samplers lists {twice} more than once; drop the repeats.")
     if ev.suite not in list_suites():
         raise SystemExit(f"ablate: {path!r} evaluation.suite {ev.suite!r} is unknown; choose one of {list_suites()}.")
 

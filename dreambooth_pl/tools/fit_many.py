@@ -111,10 +111,10 @@ def prior_folder(out: Path, key: dict) -> Path:
 
 def draw_priors(key: dict, folder: str) -> str:
     """Ray task body: draw the class priors of ``key`` into ``folder`` (resumable; the only writer of it)."""
-    from ..data.class_images import ClassImageSettings, draw_class_images
+    from ..data.class_images import ClassImageSettings, as_class_image_settings, draw_class_images
 
     fields = {f.name for f in dataclasses.fields(ClassImageSettings)}
-    settings = ClassImageSettings(**{k: v for k, v in key["settings"].items() if k in fields})
+    settings = as_class_image_settings({k: v for k, v in key["settings"].items() if k in fields})
     report = draw_class_images(key["base"], key["prompt"], folder, key["num"], settings, "float16", None,
                                key["vae"], progress=False)
     print(f"[fit-many] class priors {folder}: {report}", flush=True)
