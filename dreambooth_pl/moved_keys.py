@@ -36,11 +36,29 @@ MOVED = {
     "model.cuda_graph": "model.perf.cuda_graph",
     "model.memory_plan": "model.perf.memory_plan",
     "model.memory_budget_gib": "model.perf.memory_budget_gib",
+    # the data module's groups (data/settings.py)
+    "data.instance_dir": "data.photos.dir",
+    "data.instance_prompt": "data.photos.prompt",
+    "data.num_instance_images": "data.photos.num_images",
+    "data.validation_photos": "data.photos.held_out",
+    "data.with_prior_preservation": "data.priors.enabled",
+    "data.class_dir": "data.priors.dir",
+    "data.class_prompt": "data.priors.prompt",
+    "data.num_class_images": "data.priors.num_images",
+    "data.generate_class_images": "data.priors.generate",
+    "data.class_generation": "data.priors.generation",
+    "data.center_crop": "data.crops.center",
+    "data.crop": "data.crops.around",
+    "data.random_flip": "data.crops.flip",
+    "data.aspect_buckets": "data.crops.aspect_buckets",
+    "data.bucket_step": "data.crops.bucket_step",
+    "data.bucket_max_ratio": "data.crops.bucket_max_ratio",
+    "data.mask": "data.masks.source",
+    "data.mask_floor": "data.masks.floor",
     # the class images' sampler: one sampling.SamplerSettings, passed whole
-    "data.class_generation.scheduler": "data.class_generation.sampler.scheduler",
-    "data.class_generation.steps": "data.class_generation.sampler.steps",
-    "data.class_generation.guidance": "data.class_generation.sampler.guidance",
-    "data.class_generation.negative_prompt": "data.class_generation.sampler.negative_prompt",
+    **{f"data.{group}.{name}": f"data.priors.generation.sampler.{name}"
+       for group in ("class_generation", "priors.generation")
+       for name in ("scheduler", "steps", "guidance", "negative_prompt")},
     # an ablation grid file's evaluation: guidance is each sampler's own
     "evaluation.guidance": "evaluation.samplers[i].guidance",
     # tool options ("VERB --option"): the sampler's settings are one --sampler group
@@ -118,12 +136,18 @@ def check_moved_options(verb: str, argv: list[str]) -> None:
                                 "lists the options).")
 
 
-def nest_hparams(hparams: dict) -> dict:
-    """A checkpoint's ``hyper_parameters`` in the grouped layout (``{"lora": {"rank": 4, ...}, ...}``), whether
-    it was saved flat (before settings.py) or grouped; values the checkpoint lacks stay absent."""
+def nest_hparams(hparams: dict, section: str = "model") -> dict:
+    """A checkpoint's ``hyper_parameters`` (or an old run's config section) in the grouped layout
+    (``{"lora": {"rank": 4, ...}, ...}``), whether it was saved flat or grouped; values it lacks stay absent.
+
+    Args:
+        hparams: the flat or grouped values.
+        section: ``model`` (a checkpoint's ``hyper_parameters``) or ``data`` (``datamodule_hyper_parameters``,
+            a config's ``data`` section).
+    """
     nested: dict = {}
     for key, value in hparams.items():
-        new = MOVED.get(f"model.{key}")
+        new = MOVED.get(f"{section}.{key}")
         if new is None:
             if isinstance(value, dict):
                 nested.setdefault(key, {}).update(value)

@@ -31,8 +31,8 @@ def sdxl(tmp_path_factory):
 
 def recipe_args(sdxl, root: Path, steps: int, *extra: str) -> list[str]:
     base, instance_dir, class_dir, _ = sdxl
-    return ["fit", "--config", str(RECIPE), "--model.base_model", base, "--data.instance_dir", instance_dir,
-            "--data.class_dir", class_dir, "--data.num_class_images", "4", f"--trainer.max_steps={steps}",
+    return ["fit", "--config", str(RECIPE), "--model.base_model", base, "--data.photos.dir", instance_dir,
+            "--data.priors.dir", class_dir, "--data.priors.num_images", "4", f"--trainer.max_steps={steps}",
             "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar=false",
             "--checkpoint.every_n_train_steps=5", *extra]
 
@@ -162,7 +162,8 @@ def sampled(sdxl, exported):
     outs = {}
     for scheduler in ("euler", "dpmpp_2m"):
         outs[scheduler] = sample(base=sdxl[0], out=str(sdxl[3] / f"samples-{scheduler}"), prompt="a photo of sks dog",
-                                 lora=files["diffusers"], sampler=SamplerSettings(scheduler, 4), height=SIZE, width=SIZE,
+                                 lora=files["diffusers"], sampler=SamplerSettings(scheduler, 4), height=SIZE,
+                                 width=SIZE,
                                  images_per_prompt=2)
     return outs
 
@@ -282,14 +283,15 @@ def test_the_recipes_console_prints_only_the_allowed_lines(sdxl, tmp_path):
     from conftest import fit_console
 
     root = tmp_path / "console"
-    lines = fit_console(recipe_args(sdxl, root, 5, "--data.class_dir", str(tmp_path / "drawn"),
-                                    "--data.generate_class_images=true", "--data.aspect_buckets=true",
+    lines = fit_console(recipe_args(sdxl, root, 5, "--data.priors.dir", str(tmp_path / "drawn"),
+                                    "--data.priors.generate=true", "--data.crops.aspect_buckets=true",
                                     "--trainer.enable_progress_bar=true"), 400)
     assert sum("images adjusted on load" in ln for ln in lines) <= 1  # the saved config's bucket table re-reads them
     lora = next(root.glob("lightning_logs/*/pytorch_lora_weights.safetensors"))
     env = {k: v for k, v in os.environ.items() if k != "DREAMBOOTH_PL_SHOW_ALL_WARNINGS"}
     run = subprocess.run([sys.executable, "-m", "dreambooth_pl", "sample", "--base", sdxl[0], "--lora", str(lora),
-                          "--prompt", "a photo of sks dog", "--sampler.steps", "2", "--height", str(SIZE), "--width", str(SIZE),
+                          "--prompt", "a photo of sks dog", "--sampler.steps", "2", "--height", str(SIZE),
+                          "--width", str(SIZE),
                           "--out", str(tmp_path / "samples")], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     text = run.stdout + run.stderr

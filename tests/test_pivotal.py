@@ -126,7 +126,7 @@ def test_combinations_that_cannot_work_are_refused_before_loading(over, key):
 
 def test_identifier_missing_from_the_prompt_is_refused(tiny_base, subject_dirs, tmp_path):
     args = fit_args(tiny_base, *subject_dirs, str(tmp_path), **{"model.pivotal.identifier": "rraj"})
-    with pytest.raises(ValueError, match="not a word of data.instance_prompt"):
+    with pytest.raises(ValueError, match="not a word of data.photos.prompt"):
         DreamBoothCLI(args=args)
 
 
@@ -173,7 +173,7 @@ def test_the_class_prompt_is_cached_and_the_identifier_prompt_has_gradients(trai
 def test_the_pivot_stops_the_rows_and_resume_is_bit_exact(tiny_base, subject_dirs, tmp_path):
     """4 steps, rows train for the first 2 (train_fraction 0.5); a run stopped by SIGTERM in step 1 and resumed
     ends with the uninterrupted run's LoRA and embeddings, bit for bit."""
-    over = dict(PIVOTAL, **{"data.random_flip": 0.5})
+    over = dict(PIVOTAL, **{"data.crops.flip": 0.5})
     ref = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "reference"), steps=4, **over)[1:],
                         run=False)
     rows = RecordRows()

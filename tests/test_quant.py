@@ -315,8 +315,8 @@ def test_float8_lora_loads_with_load_lora_weights_on_the_fp16_base(tmp_path):
     base = build_base(str(REPO / "data" / "_cache" / "sdxl-random"), "sdxl")
     instance_dir, class_dir = prepare_inputs(tmp_path / "inputs")
     cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "perf" / "8gb.yaml"), "--model.base_model",
-                              base, "--data.instance_dir", instance_dir, "--data.class_dir", class_dir,
-                              "--data.num_class_images", "4", "--trainer.max_steps=3",
+                              base, "--data.photos.dir", instance_dir, "--data.priors.dir", class_dir,
+                              "--data.priors.num_images", "4", "--trainer.max_steps=3",
                               "--trainer.logger.init_args.save_dir", str(tmp_path),
                               "--trainer.enable_progress_bar=false"])
     model = cli.model.cuda()
@@ -357,8 +357,8 @@ def test_8gb_preset_replays_its_graph_within_its_memory_bound(base_dtype, tmp_pa
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_reserved()
     cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "perf" / "8gb.yaml"), "--model.base_model",
-                              base, f"--model.base_dtype={base_dtype}", "--data.instance_dir", instance_dir,
-                              "--data.class_dir", class_dir, "--data.num_class_images", "4", "--trainer.max_steps=3",
+                              base, f"--model.base_dtype={base_dtype}", "--data.photos.dir", instance_dir,
+                              "--data.priors.dir", class_dir, "--data.priors.num_images", "4", "--trainer.max_steps=3",
                               "--trainer.logger.init_args.save_dir", str(tmp_path),
                               "--trainer.enable_progress_bar=false"])
     peak = (torch.cuda.max_memory_reserved() - before) / 2**30

@@ -47,9 +47,9 @@ def test_fit_logs_base_and_lora_grids_to_tensorboard(tiny_base, subject_dirs, tm
     from dreambooth_pl.cli import DreamBoothCLI
 
     instance_dir, _ = subject_dirs
-    class_dir = tmp_path / "generated-class"  # empty: data.generate_class_images fills it with the linked base
+    class_dir = tmp_path / "generated-class"  # empty: data.priors.generate fills it with the linked base
     args = fit_args(tiny_base, instance_dir, str(class_dir), str(tmp_path), steps=2, **{
-        "data.num_class_images": 2, "data.generate_class_images": "true", "data.class_generation.sampler.steps": 1})
+        "data.priors.num_images": 2, "data.priors.generate": "true", "data.priors.generation.sampler.steps": 1})
     args += ["--trainer.callbacks+", "dreambooth_pl.callbacks.sample_grid.SampleGrid",
              "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.steps", "2"]
     cli = DreamBoothCLI(args=args)

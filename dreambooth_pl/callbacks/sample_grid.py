@@ -60,7 +60,7 @@ class SampleGrid(L.Callback):
         prompts = self.prompts
         if not prompts:
             dm = getattr(trainer, "datamodule", None)
-            prompts = [dm.hparams.instance_prompt] if dm is not None else ["a photo of sks dog"]
+            prompts = [dm.photos.prompt] if dm is not None else ["a photo of sks dog"]
         return [p for p in prompts for _ in range(self.images_per_prompt)]
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, adapters: bool = True) -> list:

@@ -77,8 +77,9 @@ class SubjectMetrics(L.Callback):
     def _identifier(self, trainer: L.Trainer) -> Optional[str]:
         if self.token is not None:
             return self.token
-        hp = getattr(getattr(trainer, "datamodule", None), "hparams", {})
-        return identifier_from_prompts(hp.get("instance_prompt") or "", hp.get("class_prompt"))
+        dm = getattr(trainer, "datamodule", None)
+        photos, priors = getattr(dm, "photos", None), getattr(dm, "priors", None)
+        return identifier_from_prompts(getattr(photos, "prompt", None) or "", getattr(priors, "prompt", None))
 
     def _load(self, trainer: L.Trainer, device: torch.device) -> dict:
         """Embedders and metrics, built on first use; the real photos are embedded once."""
@@ -86,11 +87,11 @@ class SubjectMetrics(L.Callback):
             from ..data.images import list_images, load_rgb
             from ..metrics import CLIPIScore, CLIPTScore, DINOScore, load_clip, load_dino
 
-            folder = self.instance_dir or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get(
-                "instance_dir")
+            folder = self.instance_dir or getattr(getattr(getattr(trainer, "datamodule", None), "photos", None),
+                                                  "dir", None)
             if not folder:
                 raise ValueError("SubjectMetrics needs the subject's photos: set its instance_dir or use the "
-                                 "DreamBoothDataModule (data.instance_dir).")
+                                 "DreamBoothDataModule (data.photos.dir).")
             real = [load_rgb(p) for p in list_images(folder, "instance")]
             clip, dino = load_clip(self.clip_weights, device), load_dino(self.dino_weights, device)
             self._metrics = {"val/clip_i": CLIPIScore(clip, real, sync_on_compute=False),

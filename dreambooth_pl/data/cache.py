@@ -139,7 +139,7 @@ def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, 
         resolution: training side in pixels.
         mode: ``latents`` or ``all``.
         offload: move the encoders that are no longer needed to the CPU, and park ``encoders.park`` meanwhile.
-        buckets: instance path -> aspect bucket (``data.aspect_buckets``): each photo is encoded at its bucket,
+        buckets: instance path -> aspect bucket (``data.crops.aspect_buckets``): each photo is encoded at its bucket,
             each class image at every bucket in use (it is cropped to its partner's).
         empty_prompt: also encode ``""`` (``mode="all"``), the prompt of examples that caption dropout drops.
     """

@@ -5,7 +5,7 @@ only the missing ones (never overwriting a file), and each PNG is renamed into p
 the prior cache holds for the same settings (data/prior_cache.py) are linked instead of drawn.
 ``manifest.json`` beside the images records prompt, seed, scheduler, steps, guidance and base of every image, whether
 it was drawn or came from the cache, and how many of each the last run had.
-Both the ``generate-class-images`` verb and the DataModule (``data.generate_class_images``) call
+Both the ``generate-class-images`` verb and the DataModule (``data.priors.generate``) call
 :func:`draw_class_images`.
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
+from ..moved_keys import nest_hparams
 from ..runs import RunDir, fit_command
 from ..sampling import SamplerSettings
 from .ablation_grid import AblationGrid, Evaluation, check_evaluation, expand, load_grid, sampler_key
@@ -68,9 +69,10 @@ def evaluate_run(run_dir: Path, lora: Path, ev: Evaluation, eval_root: Optional[
     """
     cfg = RunDir(run_dir).config()
     base = cfg.get("model", {}).get("base_model")
-    instance_dir = ev.instance_dir or cfg.get("data", {}).get("instance_dir")
+    data = nest_hparams(cfg.get("data") or {}, "data")  # a run from before the data groups too
+    instance_dir = ev.instance_dir or (data.get("photos") or {}).get("dir")
     if not base or not instance_dir:
-        raise SystemExit(f"ablate: {run_dir / 'config.yaml'} does not name model.base_model and data.instance_dir; "
+        raise SystemExit(f"ablate: {run_dir / 'config.yaml'} does not name model.base_model and data.photos.dir; "
                          "evaluate runs written by fit (their config.yaml), or set evaluation.instance_dir.")
     rows = []
     for sampler in ev.samplers:
@@ -83,7 +85,8 @@ def evaluate_run(run_dir: Path, lora: Path, ev: Evaluation, eval_root: Optional[
             raise
         except BaseException as e:  # noqa: BLE001 - one failed evaluation must not lose the others
             row["eval_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
-            print(f"[ablate] evaluation of {run_dir.name} with {sampler_key(sampler)} failed: {row['eval_error']}", flush=True)
+            print(f"[ablate] evaluation of {run_dir.name} with {sampler_key(sampler)} failed: {row['eval_error']}",
+                  flush=True)
         rows.append(row)
     return rows
 

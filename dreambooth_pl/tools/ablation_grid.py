@@ -25,7 +25,7 @@ class Evaluation:
     Args:
         token: the identifier in the prompts, e.g. ``sks``.
         class_name: the subject's class, e.g. ``dog``.
-        instance_dir: reference photos (None: the run's ``data.instance_dir``).
+        instance_dir: reference photos (None: the run's ``data.photos.dir``).
         suite: prompt suite name (``dreambooth_pl.prompts.list_suites()``).
         num_prompts: first N prompts of the suite (None: all).
         images_per_prompt: images per prompt (seeds ``seed .. seed + N - 1``).
@@ -74,7 +74,7 @@ class AblationGrid:
         base_config: fit config file(s) every run starts from (paths relative to the working directory).
         out: output folder (runs/, results.csv, results.md, plots).
         overrides: fixed overrides applied to every run, e.g. ``trainer.max_steps: 800``.
-        grid: cartesian product of overrides, e.g. ``{data.with_prior_preservation: [true, false]}``.
+        grid: cartesian product of overrides, e.g. ``{data.priors.enabled: [true, false]}``.
         runs: explicit cells; with ``grid`` too, each explicit cell is crossed with the product.
         evaluation: how runs are evaluated (None: fits only).
     """
@@ -128,9 +128,16 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.=+_-]+", "_", text).strip("_")
 
 
+def _short(key: str) -> str:
+    """A key's name in a cell name: its last component (``model.lora.rank`` -> ``rank``), but a data group's field
+    keeps its group (``data.priors.enabled`` -> ``priors.enabled``): ``enabled`` or ``num_images`` alone is unclear."""
+    parts = key.split(".")
+    return ".".join(parts[1:]) if parts[0] == "data" and len(parts) == 3 else parts[-1]
+
+
 def cell_name(overrides: dict[str, Any]) -> str:
-    """``key=value`` pairs joined by ``__`` (last component of each dotted key), safe as a folder name."""
-    return "__".join(f"{k.rsplit('.', 1)[-1]}={_slug(v)}" for k, v in overrides.items()) or "base"
+    """``key=value`` pairs joined by ``__`` (each dotted key shortened by :func:`_short`), safe as a folder name."""
+    return "__".join(f"{_short(k)}={_slug(v)}" for k, v in overrides.items()) or "base"
 
 
 def expand(spec: AblationGrid) -> list[tuple[str, dict[str, Any]]]:

@@ -305,11 +305,16 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
 
 
 def _run_prior(lora: str) -> Optional[bool]:
-    """``data.with_prior_preservation`` of the fit run that wrote ``lora`` (its config.yaml), if found."""
+    """``data.priors.enabled`` of the fit run that wrote ``lora`` (its config.yaml), if found."""
     from ..runs import RunDir
 
     run = RunDir.holding(lora)
-    return (run.config().get("data") or {}).get("with_prior_preservation") if run else None
+    if run is None:
+        return None
+    from ..moved_keys import nest_hparams
+
+    data = nest_hparams(run.config().get("data") or {}, "data")  # a run from before the data groups too
+    return (data.get("priors") or {}).get("enabled")
 
 
 def compare_runs(evals: list[str], out: Optional[str] = None) -> str:
