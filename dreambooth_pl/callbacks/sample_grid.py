@@ -70,7 +70,7 @@ class SampleGrid(L.Callback):
         """
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from ..data.cache import borrowed
+        from ..devices import borrowed
         from ..sampling import generate, pipeline_from_module
 
         key = (trainer.global_step if trainer is not None else None, adapters)
