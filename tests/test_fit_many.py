@@ -55,6 +55,10 @@ def test_bad_subjects_files_name_the_file(tmp_path):
         load_subjects(str(bad))
     with pytest.raises(SystemExit, match="does not exist"):
         load_subjects(str(tmp_path / "missing.yaml"))
+    bad.write_text("base_config: a.yaml\nout: o\nsubjects: [{name: x, photos: p, identifier: i, class_name: c, "
+                   "overrides: {data.class_dir: cls}}]\n")
+    with pytest.raises(SystemExit, match=r"^fit-many: data.class_dir moved to data.priors.dir .*subjects file"):
+        load_subjects(str(bad))  # before any subject's fit
     load_subjects(str(REPO / "configs/subjects/example.yaml"))
 
 

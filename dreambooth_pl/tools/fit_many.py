@@ -76,6 +76,13 @@ def load_subjects(path: str) -> SubjectList:
     if not spec.subjects or twice or any(not re.fullmatch(r"[\w.=-]+", n) for n in names):
         raise SystemExit(f"fit-many: {path!r} needs subjects with unique names of letters, digits, '_', '-', '.' "
                          f"(repeated: {twice}).")
+    from ..moved_keys import MovedKeyError, check_moved_keys
+
+    try:  # every subject's fit would stop on it: say so once, naming this file
+        check_moved_keys({**spec.overrides, **{k: v for s in spec.subjects for k, v in s.overrides.items()}},
+                         f"subjects file {path!r}")
+    except MovedKeyError as e:
+        raise SystemExit(f"fit-many: {e}") from None
     return spec
 
 
