@@ -110,6 +110,20 @@ def test_bad_grid_files_name_the_file_and_key(tmp_path):
         ablate(str(bad))
 
 
+def test_an_evaluation_passes_every_field_to_evaluate_suite_by_name():
+    """ablate hands evaluate_suite the Evaluation whole (Evaluation.suite_args): a field evaluate_suite lacks would
+    fail every cell's evaluation after its fit, so it fails here."""
+    import inspect
+
+    from dreambooth_pl.tools.ablation_grid import Evaluation
+    from dreambooth_pl.tools.evaluate import evaluate_suite
+
+    args = Evaluation(token="sks", class_name="dog", seed=3).suite_args()
+    params = inspect.signature(evaluate_suite).parameters
+    assert set(args) <= set(params) and {"samplers", "instance_dir"}.isdisjoint(args)
+    assert (args["token"], args["seed"], args["face_weights"]) == ("sks", 3, "dlib")
+
+
 def test_shipped_grids_parse_and_expand():
     sizes = {}
     for path in sorted((REPO / "configs/ablations").glob("*.yaml")):

@@ -46,12 +46,8 @@ def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, samp
         return read_json(cache, "cached cell metrics")
     from .evaluate import evaluate_suite
 
-    metrics = evaluate_suite(lora=str(lora), base=base, instance_dir=instance_dir, token=ev.token,
-                             class_name=ev.class_name, out=str(out), suite=ev.suite, num_prompts=ev.num_prompts,
-                             images_per_prompt=ev.images_per_prompt, sampler=sampler, resolution=ev.resolution,
-                             clip_weights=ev.clip_weights, dino_weights=ev.dino_weights, seed=ev.seed,
-                             pres_images=ev.pres_images, class_prompt=ev.class_prompt, drift=ev.drift,
-                             face_weights=ev.face_weights)
+    metrics = evaluate_suite(lora=str(lora), base=base, instance_dir=instance_dir, out=str(out), sampler=sampler,
+                             **ev.suite_args())
     metrics = {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()  # counts stay integers
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     write_json(cache, metrics)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from ..sampling import SAMPLER, SamplerSettings
@@ -56,6 +56,11 @@ class Evaluation:
     class_prompt: Optional[str] = None
     drift: bool = False
     face_weights: Optional[str] = "dlib"
+
+    def suite_args(self) -> dict[str, Any]:
+        """The arguments of ``evaluate_suite`` this evaluation fixes, by name: every field but ``samplers`` (one
+        evaluation each) and ``instance_dir`` (the run's photos unless set), which the caller passes itself."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("samplers", "instance_dir")}
 
 
 @dataclass
