@@ -267,8 +267,8 @@ def test_num_instance_images_takes_the_first_photos(tmp_path):
     from conftest import write_images
 
     from dreambooth_pl.data.datamodule import DreamBoothDataModule
-    from dreambooth_pl.data.settings import PhotoSettings, PriorSettings
     from dreambooth_pl.data.images import ImageIntakeError
+    from dreambooth_pl.data.settings import PhotoSettings, PriorSettings
 
     paths = write_images(tmp_path / "inst", 3)
 

@@ -60,8 +60,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_base, subject_dirs, tmp_path):
     from dreambooth_pl.data.datamodule import DreamBoothDataModule
-    from dreambooth_pl.data.settings import PhotoSettings, PriorSettings
     from dreambooth_pl.data.datasets import PairedStream
+    from dreambooth_pl.data.settings import PhotoSettings, PriorSettings
 
     inst, cls = subject_dirs
     (tmp_path / "recorder.py").write_text(RECORDER)

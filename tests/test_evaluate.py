@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import SAMPLE, write_images
-from dreambooth_pl.sampling import SamplerSettings
 from dreambooth_pl.data.images import list_images, load_rgb
-from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINOScore
-from dreambooth_pl.tools.evaluate import EvaluationError, evaluate, evaluate_suite
 from dreambooth_pl.io import write_json
+from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINOScore
+from dreambooth_pl.sampling import SamplerSettings
+from dreambooth_pl.tools.evaluate import EvaluationError, evaluate, evaluate_suite
 
 
 def test_evaluate_scores_the_generated_images(tmp_path, random_embedders):
@@ -61,15 +61,15 @@ def lora_run(tiny_base, tmp_path_factory):
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
     add_adapter(unet, "lora", peft_config("lora", 4, init=False))
-    (run / "config.yaml").write_text("data:\n  with_prior_preservation: true\n")
+    (run / "config.yaml").write_text("data:\n  with_prior_preservation: true\n")  # a run from before data.priors
     return str(save_adapter(run / "pytorch_lora_weights.safetensors", "lora", {"unet": unet}))
 
 
 def _suite(tiny_base, lora, out, **over):
     torch.manual_seed(0)
     kw = dict(lora=lora, base=tiny_base, instance_dir=str(SAMPLE), token="sks", class_name="dog", out=str(out),
-              num_prompts=2, images_per_prompt=2, sampler=SamplerSettings(steps=2), resolution=64, clip_weights=None, dino_weights=None,
-              pres_images=2, device="cpu")
+              num_prompts=2, images_per_prompt=2, sampler=SamplerSettings(steps=2), resolution=64, clip_weights=None,
+              dino_weights=None, pres_images=2, device="cpu")
     return evaluate_suite(**(kw | over))
 
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from dreambooth_pl.io import OWNER_FILE, OutputError, read_png_metadata
 from dreambooth_pl.sampling import SamplerSettings
 from dreambooth_pl.tools.generate_class_images import ClassImageSettings, generate_class_images
-from dreambooth_pl.io import OWNER_FILE, OutputError, read_png_metadata
 
 FAST = dict(sampler=SamplerSettings(steps=2), progress=False, dtype="float32", device="cpu")
 
@@ -45,7 +45,7 @@ def test_fit_config_fills_the_arguments(tiny_base, tmp_path):
     cfg = tmp_path / "fit.yaml"
     out = tmp_path / "cls"
     cfg.write_text(yaml.safe_dump({"model": {"base_model": tiny_base}, "data": {
-        "class_dir": str(out), "class_prompt": "a photo of cat", "num_class_images": 1, "resolution": 32}}))
+        "priors": {"dir": str(out), "prompt": "a photo of cat", "num_images": 1}, "resolution": 32}}))
     generate_class_images(fit_config=str(cfg), **FAST)
     meta = read_png_metadata(out / "class_00000.png")
     assert (meta["prompt"], meta["width"], meta["base"]) == ("a photo of cat", 32, tiny_base)

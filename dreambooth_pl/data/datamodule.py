@@ -37,8 +37,9 @@ class DataShape:
 class DreamBoothDataModule(L.LightningDataModule):
     """Instance images + prompt, and (with prior preservation) class images + prompt.
 
-    The settings come in typed groups (data/settings.py), each checked when built; ``hparams`` holds them as plain
-    dicts (what a checkpoint stores), the attributes ``photos``, ``priors``, ``crops`` and ``masks`` as dataclasses.
+    The settings come in typed groups (data/settings.py, which says why the arguments below them stay flat), each
+    checked when built; ``hparams`` holds them as plain dicts (what a checkpoint stores), the attributes ``photos``,
+    ``priors``, ``crops`` and ``masks`` as dataclasses.
 
     Args:
         photos: the subject's photos, their prompt, how many to use and to hold out (settings.PhotoSettings).
