@@ -63,7 +63,10 @@ MOVED = {
     "evaluation.guidance": "evaluation.samplers[i].guidance",
     # tool options ("VERB --option"): the sampler's settings are one --sampler group
     **{f"{verb} --{name}": f"{verb} --sampler.{name}"
-       for verb in ("sample", "generate-class-images", "evaluate-suite")
+       for verb in ("sample", "generate-class-images", "evaluate-suite", "merge-eval")
+       for name in ("scheduler", "steps", "guidance", "negative_prompt")},
+    # SampleGrid's and SubjectMetrics' own samples (trainer.callbacks, init_args dropped as jsonargparse allows)
+    **{f"trainer.callbacks.{name}": f"trainer.callbacks.sampler.{name}"
        for name in ("scheduler", "steps", "guidance", "negative_prompt")},
 }
 _VERBS = ("fit", "validate", "test", "predict")
@@ -75,16 +78,21 @@ class MovedKeyError(ValueError):
 
 def dotted_keys(tree: Any, prefix: str = "") -> Iterator[str]:
     """Every dotted key of a nested mapping (keys may themselves be dotted, as on a command line); a leading
-    Trainer verb (``fit:``) is dropped, as jsonargparse does."""
+    Trainer verb (``fit:``) is dropped, and an ``init_args`` level (a list of callbacks' entries) is skipped, as
+    jsonargparse allows (``trainer.callbacks.sampler.steps``)."""
+    if isinstance(tree, list):  # trainer.callbacks: one entry per callback
+        for item in tree:
+            yield from dotted_keys(item, prefix)
+        return
     if not isinstance(tree, dict):
         return
     for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
+        key = (f"{prefix}.{k}" if prefix else str(k)).replace(".init_args", "")
         if not prefix and key in _VERBS:
             yield from dotted_keys(v)
             continue
         yield key
-        if key == "model" and isinstance(v, str) and Path(v).is_file():  # --model model.yaml
+        if key in ("model", "data") and isinstance(v, str) and Path(v).is_file():  # --model model.yaml, --data
             yield from dotted_keys(_read_yaml(v), key)
         yield from dotted_keys(v, key)
 

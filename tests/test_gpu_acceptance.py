@@ -38,7 +38,7 @@ def recipe_args(sdxl, root: Path, steps: int, *extra: str) -> list[str]:
 
 
 CALLBACKS = ["--trainer.callbacks+=dreambooth_pl.callbacks.sample_grid.SampleGrid",
-             "--trainer.callbacks.every_n_steps=5", "--trainer.callbacks.steps=4",
+             "--trainer.callbacks.every_n_steps=5", "--trainer.callbacks.sampler.steps=4",
              f"--trainer.callbacks.resolution={SIZE}",
              "--trainer.callbacks+=dreambooth_pl.callbacks.subject_metrics.SubjectMetrics",
              "--trainer.callbacks.every_n_steps=5", "--trainer.callbacks.clip_weights=null",

@@ -48,6 +48,19 @@ def test_sampler_keys_name_the_one_sampler_type(tmp_path):
             main([verb, "--out", str(tmp_path), "--steps=2"])  # before any model loads or folder is made
     with pytest.raises(MovedKeyError, match="sample --negative_prompt moved to sample --sampler.negative_prompt"):
         main(["sample", "--negative_prompt", "blurry"])
+    with pytest.raises(MovedKeyError, match="merge-eval --guidance moved to merge-eval --sampler.guidance"):
+        main(["merge-eval", "--guidance", "7"])
+    # SampleGrid / SubjectMetrics: on the command line, and in a config's callback list (init_args or not)
+    with pytest.raises(MovedKeyError, match="^trainer.callbacks.steps moved to trainer.callbacks.sampler.steps"):
+        check_moved_keys(["fit", "--trainer.callbacks.init_args.steps=2"])
+    cfg = tmp_path / "callbacks.yaml"
+    cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "dreambooth_pl.callbacks.sample_grid.SampleGrid", "init_args": {"every_n_steps": 5}},
+        {"class_path": "dreambooth_pl.callbacks.subject_metrics.SubjectMetrics",
+         "init_args": {"scheduler": "ddim"}}]}}))
+    with pytest.raises(MovedKeyError, match="^trainer.callbacks.scheduler moved to "
+                                            f"trainer.callbacks.sampler.scheduler .*: {cfg} sets"):
+        check_moved_keys(["fit", "--config", str(cfg)])
     assert not tmp_path.joinpath("x").exists()
 
 

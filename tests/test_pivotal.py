@@ -17,6 +17,7 @@ from dreambooth_pl.callbacks.fault_tolerance import StoppedBySignal
 from dreambooth_pl.cli import DreamBoothCLI
 from dreambooth_pl.module import DreamBoothLoRA
 from dreambooth_pl.pivotal import PivotalSettings, PivotalTokens, TokenRows, rewrite, token_table
+from dreambooth_pl.sampling import SamplerSettings
 
 PROMPT = "a photo of sks dog"  # fit_args' instance prompt
 PIVOTAL = {"model.pivotal.identifier": "sks", "model.pivotal.learning_rate": 1e-2}
@@ -213,11 +214,11 @@ def test_training_grids_draw_the_identifier_as_its_tokens(trained):
     from dreambooth_pl.sampling import generate, pipeline_from_module
 
     model = trained[0].model
-    grid = SampleGrid([PROMPT], steps=2, resolution=32, log_base=False)
+    grid = SampleGrid([PROMPT], sampler=SamplerSettings(steps=2), resolution=32, log_base=False)
     drawn = torch.tensor(list(grid.draw(None, model)[0].getdata()), dtype=torch.float)
     with torch.no_grad():
         pipe = pipeline_from_module(model)
-        direct, plain = (torch.tensor(list(generate(pipe, [p], [grid.seed], 2, grid.guidance, None, 32, 32)[0]
+        direct, plain = (torch.tensor(list(generate(pipe, [p], [grid.seed], 2, grid.sampler.guidance, None, 32, 32)[0]
                                            .getdata()), dtype=torch.float)
                          for p in (model.pivotal.rewrite(PROMPT), PROMPT))
     assert torch.equal(drawn, direct) and (drawn - plain).abs().mean() > 1
