@@ -57,7 +57,7 @@ for stage in "$@"; do
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_prior_sampler.py 2>&1 \
         | grep -E "prior sampler on GPU|passed|failed|Error|^E " | tail -n 12 ;;
     priors) bench --preset priors --steps ${PRIORS_N:-16} ;;  # PriorSampler against diffusers' pipeline, same seeds
-    e2e)  # the recipe's fit with data.generate_class_images, from process start to the LoRA; extrapolated to 197/1000
+    e2e)  # the recipe's fit with data.priors.generate, from process start to the LoRA; extrapolated to 197/1000
       timeout 300 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \
         --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} 2>&1 | tail -n 3 ;;
     recipe-variants)  # the memory plans' rows: every 2nd block, and no checkpointing
@@ -95,11 +95,11 @@ for stage in "$@"; do
     t4) bench --preset t4-16gb --steps 12 --warmup 4 ;;
     quant|quant-bench)  # issue 24: whole-run peak (class-prior generation, caching, steps) of the 8gb preset with the
       # card capped to 8 GiB, float8 and nf4, beside the fp16 recipe (uncapped; it draws its priors as shipped)
-      GEN='"--data.generate_class_images=true","--data.num_class_images=2","--data.class_generation.steps=4"'
-      bench --preset recipe --steps 12 --warmup 4 --overrides "[$GEN,\"--data.class_dir=$OUT/cls-fp16\"]"
+      GEN='"--data.priors.generate=true","--data.priors.num_images=2","--data.priors.generation.sampler.steps=4"'
+      bench --preset recipe --steps 12 --warmup 4 --overrides "[$GEN,\"--data.priors.dir=$OUT/cls-fp16\"]"
       for dt in float8 nf4; do
         bench --preset 8gb --steps 12 --warmup 4 --memory_cap_gib 8 \
-          --overrides "[$GEN,\"--data.class_dir=$OUT/cls-$dt\",\"--model.base_dtype=$dt\",\"--data.class_generation.base_dtype=$dt\"]"
+          --overrides "[$GEN,\"--data.priors.dir=$OUT/cls-$dt\",\"--model.base_dtype=$dt\",\"--data.priors.generation.base_dtype=$dt\"]"
       done
       [ "$stage" = quant ] && timeout 240 python3 -c "from dreambooth_pl.tools.quant_quality import quant_quality as q; \
 print(q('$BASE', out='$OUT/quant-quality.jsonl'))" 2>&1 | tail -n 2 ;;

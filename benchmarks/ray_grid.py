@@ -23,17 +23,18 @@ def main(base: str, out: str, steps: int = 60) -> dict:
     root = Path(out) / "ray-grid"
     root.mkdir(parents=True, exist_ok=True)
     grid = {"base_config": ["configs/sdxl_lora_prior.yaml"], "out": str(root / "ray"),
-            "overrides": {"model.base_model": base, "trainer.max_steps": steps, "data.instance_dir": "data/sample/dog",
-                          "data.instance_prompt": "a photo of sks dog", "data.class_prompt": "a photo of dog",
-                          "data.class_dir": str(root / "class"), "data.num_class_images": 4,
-                          "data.generate_class_images": False, "trainer.enable_progress_bar": False},
+            "overrides": {"model.base_model": base, "trainer.max_steps": steps, "data.photos.dir": "data/sample/dog",
+                          "data.photos.prompt": "a photo of sks dog", "data.priors.prompt": "a photo of dog",
+                          "data.priors.dir": str(root / "class"), "data.priors.num_images": 4,
+                          "data.priors.generate": False, "trainer.enable_progress_bar": False},
             "grid": {"model.lora.rank": [4, 8], "model.optim.learning_rate": [1.0e-4, 5.0e-5]}}
     path = root / "grid.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     run = [sys.executable, "-m", "dreambooth_pl"]
     # the class images once, outside both timings (two cells at once must not draw into one folder)
     subprocess.run([*run, "generate-class-images", "--base", base, "--prompt", "a photo of dog", "--out",
-                    str(root / "class"), "--num", "4", "--resolution", "1024", "--steps", "4", "--progress", "false"],
+                    str(root / "class"), "--num", "4", "--resolution", "1024", "--sampler.steps", "4",
+                     "--progress", "false"],
                    check=True)
     t = time.perf_counter()
     subprocess.run([*run, "ablate", "--grid", str(path), "--evaluate", "false"], check=True)

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from .argv import gather_lists
     from .config_guard import install
+    from .moved_keys import check_moved_options
 
+    check_moved_options(verb, rest)  # an old option: name the new one, not "unrecognized arguments"
     install()  # the allowlist on every import a value names, for every verb
     module, name = COMMANDS[verb].split(":")
     func = getattr(importlib.import_module(module), name)

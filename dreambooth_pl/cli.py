@@ -20,6 +20,16 @@ from .module import DreamBoothLoRA
 from .runs import RunDir, place_run
 
 
+def _get(section, key: str):
+    """``key`` (dotted, e.g. ``priors.enabled``) of a parsed section: a Namespace, or a group already built."""
+    node = section
+    for part in key.split("."):
+        node = node.get(part) if hasattr(node, "get") else getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
 def _seed(value) -> int:
     """``seed_everything`` may be true (pick one at random); data order and noise then use seed 0."""
     return 0 if isinstance(value, bool) else int(value)
@@ -27,8 +37,9 @@ def _seed(value) -> int:
 
 class FitParser(LightningArgumentParser):
     """Fit's parser. Its YAML dumps (``--print_config`` and each run's config.yaml) end with the aspect-bucket
-    table as comments when ``data.aspect_buckets`` is on: the table is derived from ``data.resolution``,
-    ``data.bucket_step`` and ``data.bucket_max_ratio``, and jsonargparse dumps only the values it parses."""
+    table as comments when ``data.crops.aspect_buckets`` is on: the table is derived from ``data.resolution``,
+    ``data.crops.bucket_step`` and ``data.crops.bucket_max_ratio``, and jsonargparse dumps only the values it
+    parses."""
 
     def __init__(self, *args, **kwargs):
         # no abbreviated options: "--conf FILE" would load a config that the class-path and moved-key checks,
@@ -53,7 +64,7 @@ class FitParser(LightningArgumentParser):
         data = cfg.get("data") if hasattr(cfg, "get") else None
         fmt = kwargs.get("format", args[0] if args else "parser_mode")
         yaml = fmt == "yaml" or (fmt == "parser_mode" and self.parser_mode in ("yaml", "omegaconf"))
-        if not yaml or data is None or not data.get("aspect_buckets"):  # comments would break JSON
+        if not yaml or data is None or not _get(data, "crops.aspect_buckets"):  # comments would break JSON
             return ""
         from .data.buckets import bucket_report
 
@@ -181,7 +192,7 @@ class DreamBoothCLI(LightningCLI):
         parser.add_lightning_class_args(FaultTolerance, "faults")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
         parser.link_arguments("seed_everything", "model.seed", compute_fn=_seed)
-        parser.link_arguments("model.base_model", "data.base_model")  # data.generate_class_images draws with it
+        parser.link_arguments("model.base_model", "data.base_model")  # data.priors.generate draws with it
         parser.link_arguments("model.vae_model", "data.vae_model")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
@@ -221,12 +232,12 @@ class DreamBoothCLI(LightningCLI):
             raise ValueError(f"trainer.profiler {profiler!r} is not one of {', '.join(PROFILERS)} (or a Lightning "
                              "profiler class_path)")
         data, model = sub.get("data"), sub.get("model")
-        if data is not None and model is not None and data.get("with_prior_preservation") \
+        if data is not None and model is not None and _get(data, "priors.enabled") \
                 and model.get("prior_loss_weight") == 0:
-            # data.with_prior_preservation is the switch; a zero weight would load and train on class images for nothing
-            raise ValueError("model.prior_loss_weight is 0 while data.with_prior_preservation is true: prior "
-                             "preservation is switched by data.with_prior_preservation; set it to false to train "
-                             "without class images, or give model.prior_loss_weight > 0 (1.0 in the paper).")
+            # data.priors.enabled is the switch; a zero weight would load and train on class images for nothing
+            raise ValueError("model.prior_loss_weight is 0 while data.priors.enabled is true: prior preservation "
+                             "is switched by data.priors.enabled; set it to false to train without class images, "
+                             "or give model.prior_loss_weight > 0 (1.0 in the paper).")
         if self.config.get("subcommand") == "fit":
             place_run(sub)  # default_root_dir, `--ckpt_path last`'s run, an atomically claimed version folder
 
@@ -315,10 +326,10 @@ def read_fit_config(*paths: str, partial: bool = False) -> dict:
 
     Args:
         paths: fit config files, later ones overriding earlier ones.
-        partial: accept configs without the subject (``data.instance_dir`` / ``instance_prompt``, then empty),
-            for verbs that read only other sections.
+        partial: accept configs without the subject (``data.photos.dir`` / ``prompt``, then empty), for verbs
+            that read only other sections.
     """
-    subject = ["--data.instance_dir=", "--data.instance_prompt="] if partial else []  # the configs override these
+    subject = ["--data.photos.dir=", "--data.photos.prompt="] if partial else []  # the configs override these
     args = ["fit", *subject, *[a for p in paths for a in ("--config", str(p))]]
     try:
         _ConfigReader(args=args, run=True)

@@ -18,7 +18,7 @@ WARNINGS = (
     # base's gradient-free adapters there; both are measured costs of the step, not news for the user
     ("cuDNN SDPA stride copy", r"cuDNN SDPA backward got grad_output\.strides\(\) != output\.strides\(\)"),
     ("AccumulateGrad stream", r"The AccumulateGrad node's stream does not match the stream of the node"),
-    # the data module's val_dataloader is an empty list unless data.validation_photos holds photos out
+    # the data module's val_dataloader is an empty list unless data.photos.held_out holds photos out
     ("no held-out photos", r"Total length of `list` across ranks is zero"),
 )
 # (emitting logger, log-message regex) -- log records; a filter on the emitting logger holds whatever the handlers

@@ -80,7 +80,7 @@ class DreamBoothLoRA(L.LightningModule):
         self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
         from .validation import HeldOutLoss
 
-        self.val_loss = HeldOutLoss(prior_loss_weight)  # data.validation_photos' loss; its sums hold no weights
+        self.val_loss = HeldOutLoss(prior_loss_weight)  # the loss of data.photos.held_out; its sums hold no weights
 
     # ---- model set-up --------------------------------------------------------------------------------------
     def weight_dtype(self) -> torch.dtype:
@@ -272,7 +272,7 @@ class DreamBoothLoRA(L.LightningModule):
         return {"loss": terms["loss"], **{k: v.detach() for k, v in terms.items() if k != "loss"}}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """One held-out photo (``data.validation_photos``) at its fixed noise and timesteps (validation.py)."""
+        """One held-out photo (``data.photos.held_out``) at its fixed noise and timesteps (validation.py)."""
         self.val_loss.update(self, batch)
 
     def on_validation_epoch_end(self) -> None:

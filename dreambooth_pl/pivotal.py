@@ -51,7 +51,7 @@ class PivotalSettings:
 
     def __post_init__(self) -> None:
         if not self.identifier or any(c.isspace() for c in self.identifier):
-            raise ValueError(f"model.pivotal.identifier must be one word of data.instance_prompt (e.g. rraj), got "
+            raise ValueError(f"model.pivotal.identifier must be one word of data.photos.prompt (e.g. rraj), got "
                              f"{self.identifier!r}")
         checks = (("num_tokens", self.num_tokens >= 1, ">= 1"), ("learning_rate", self.learning_rate > 0, "> 0"),
                   ("weight_decay", self.weight_decay >= 0, ">= 0"),
@@ -224,9 +224,10 @@ def insert_tokens(tokenizer, encoder: torch.nn.Module, tokens: list[str]) -> tup
 def check_identifier(settings: PivotalSettings, trainer) -> None:
     """Refuse an identifier that the data module's instance prompt lacks (nothing would train the new tokens)."""
     dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-    prompt = getattr(dm, "hparams", {}).get("instance_prompt") if dm is not None else None
+    photos = getattr(dm, "photos", None)  # the DreamBoothDataModule's data.photos; another data module has none
+    prompt = getattr(photos, "prompt", None)
     if prompt is not None and rewrite(prompt, settings.identifier, settings.tokens) == prompt:
-        raise ValueError(f"model.pivotal.identifier {settings.identifier!r} is not a word of data.instance_prompt "
+        raise ValueError(f"model.pivotal.identifier {settings.identifier!r} is not a word of data.photos.prompt "
                          f"{prompt!r}: set it to the prompt's identifier (e.g. rraj in 'a photo of rraj person').")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -35,26 +35,37 @@ SCHEDULERS = {
 }
 
 
+class SamplingError(ValueError):
+    """Bad sampling input (scheduler, size, seeds, dtype); the message names the value and the fix."""
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
-    """The one sampler default of every sampling site (verbs, callbacks, class images, ablations).
+    """How images are drawn: the one sampler type of every sampling site (``sample``, ``evaluate-suite``, class
+    images, ablation grids), passed whole. Which images (seeds) and their size stay with each site: their defaults
+    differ (``data.resolution`` for class images, the base's native size elsewhere).
 
     Args:
         scheduler: a key of :data:`SCHEDULERS`.
         steps: denoising steps.
-        guidance: classifier-free guidance scale (Ho & Salimans 2022); SDXL's usual 5.
+        guidance: classifier-free guidance scale (Ho & Salimans 2022); SDXL's usual 5, <= 1 turns it off.
+        negative_prompt: prompt to steer away from (None: SDXL's zero unconditional embedding).
     """
 
     scheduler: str = "euler"
     steps: int = 25
     guidance: float = 5.0
+    negative_prompt: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise SamplingError(f"sampler.scheduler {self.scheduler!r} is unknown; choose one of: "
+                                f"{', '.join(SCHEDULERS)}")
+        if self.steps < 1:
+            raise SamplingError(f"sampler.steps must be >= 1, got {self.steps}")
 
 
 SAMPLER = SamplerSettings()
-
-
-class SamplingError(ValueError):
-    """Bad sampling input (scheduler, size, seeds, dtype); the message names the value and the fix."""
 
 
 def make_scheduler(name: str, config: dict):

@@ -15,10 +15,16 @@ from .adapter import kinds
 from .optimizers import OptimizerName
 
 
-def _require(ok: bool, key: str, want: str, value: Any) -> None:
-    """Raise ``model.<key> must be <want>, got <value>`` unless ``ok``."""
+def require(ok: bool, key: str, want: str, value: Any) -> None:
+    """Raise ``<key> must be <want>, got <value>`` unless ``ok``; ``key`` is the full config key (the data groups'
+    checks use it too)."""
     if not ok:
-        raise ValueError(f"model.{key} must be {want}, got {value!r}")
+        raise ValueError(f"{key} must be {want}, got {value!r}")
+
+
+def _require(ok: bool, key: str, want: str, value: Any) -> None:
+    """:func:`require` of ``model.<key>``."""
+    require(ok, f"model.{key}", want, value)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Held-out validation loss: the training loss (DreamBooth eq. 2) on held-out photos at noise and timesteps fixed
-per photo, so its curve is comparable across steps and runs (``data.validation_photos``, data/validation.py).
+per photo, so its curve is comparable across steps and runs (``data.photos.held_out``, data/validation.py).
 
 Each photo is scored at ``TIMESTEPS`` evenly spaced timesteps ``t_k = floor((k + 1/2) T / K)`` with noise drawn on
 the CPU from a generator seeded by the photo's ``val_id`` (the same values on any device), on the mean of its VAE

@@ -176,13 +176,13 @@ def fit_args(base: str, instance_dir: str, class_dir: str | None, root: str, ste
                 "trainer.precision": "32-true", "trainer.max_steps": steps, "trainer.log_every_n_steps": 1,
                 "trainer.enable_progress_bar": "false", "trainer.enable_model_summary": "false",
                 "trainer.logger.init_args.save_dir": root, "model.base_model": base, "model.lora.init": "false",
-                "data.instance_dir": instance_dir, "data.instance_prompt": "a photo of sks dog",
+                "data.photos.dir": instance_dir, "data.photos.prompt": "a photo of sks dog",
                 "data.resolution": 32, "checkpoint.every_n_train_steps": 1}
     if class_dir:
-        settings.update({"data.class_dir": class_dir, "data.class_prompt": "a photo of dog",
-                         "data.num_class_images": 4})
+        settings.update({"data.priors.dir": class_dir, "data.priors.prompt": "a photo of dog",
+                         "data.priors.num_images": 4})
     else:
-        settings["data.with_prior_preservation"] = "false"
+        settings["data.priors.enabled"] = "false"
     return fit_command(overrides={**settings, **over})  # the builder ablate uses too
 
 

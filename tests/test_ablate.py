@@ -21,7 +21,7 @@ from dreambooth_pl.tools.ablation_report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("clip_i", "clip_t", "dino")
-KILLED = "with_prior_preservation=false__num_instance_images=2"  # the cell whose fit is SIGKILLed at step 1
+KILLED = "priors.enabled=false__photos.num_images=2"  # the cell whose fit is SIGKILLed at step 1
 
 
 def tiny_grid(tmp: Path, base: str, inst: str, cls: str, **changes) -> str:
@@ -29,8 +29,8 @@ def tiny_grid(tmp: Path, base: str, inst: str, cls: str, **changes) -> str:
     spec = yaml.safe_load((REPO / "configs/ablations/tiny.yaml").read_text())
     spec["base_config"] = [str(REPO / c) for c in spec["base_config"]]
     spec["out"] = str(tmp / "out")
-    spec["overrides"].update({"model.base_model": base, "model.random_base": None, "data.instance_dir": inst,
-                              "data.class_dir": cls})
+    spec["overrides"].update({"model.base_model": base, "model.random_base": None, "data.photos.dir": inst,
+                              "data.priors.dir": cls})
     spec.update(changes)
     path = tmp / "grid.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))  # key order = column and name order
@@ -69,11 +69,11 @@ def grid_run(tiny_base, tmp_path_factory, one_thread, local_ray):
 
 def test_expand_crosses_explicit_cells_with_the_product():
     spec = AblationGrid(base_config=["x.yaml"], out="o", grid={"model.lora.rank": [4, 8]},
-                        runs=[Cell({"data.with_prior_preservation": True}, "prior"),
-                              Cell({"data.with_prior_preservation": False}, "noprior")])
+                        runs=[Cell({"data.priors.enabled": True}, "prior"),
+                              Cell({"data.priors.enabled": False}, "noprior")])
     cells = expand(spec)
     assert [n for n, _ in cells] == ["prior__rank=4", "prior__rank=8", "noprior__rank=4", "noprior__rank=8"]
-    assert cells[3][1] == {"data.with_prior_preservation": False, "model.lora.rank": 8}
+    assert cells[3][1] == {"data.priors.enabled": False, "model.lora.rank": 8}
     product_only = expand(AblationGrid(["x.yaml"], "o", grid={"a.b": [1], "c.d": [True, None]}))
     assert [n for n, _ in product_only] == ["b=1__d=true", "b=1__d=null"]
     with pytest.raises(SystemExit, match="both named 'same'"):
@@ -99,8 +99,29 @@ def test_bad_grid_files_name_the_file_and_key(tmp_path):
         load_grid(str(bad))  # the base configs too
     bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, samplers: [{scheduler: "
                    "ddmi, steps: 50}]}\n")
-    with pytest.raises(SystemExit, match=r"bad.yaml.*samplers\[0\].scheduler 'ddmi' is unknown"):
+    with pytest.raises(SystemExit, match=r"(?s)bad.yaml.*sampler.scheduler 'ddmi' is unknown"):
         ablate(str(bad))  # refused before any fit starts
+    bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, guidance: 7.5}\n")
+    with pytest.raises(SystemExit, match=r"evaluation.guidance moved to evaluation.samplers\[i\].guidance .*bad.yaml"):
+        load_grid(str(bad))  # the sampler's settings are one type: guidance is each sampler's
+    bad.write_text("base_config: [a.yaml]\nout: o\nevaluation: {token: sks, class_name: dog, samplers: "
+                   "[{steps: 30}, {steps: 30, guidance: 5.0}]}\n")
+    with pytest.raises(SystemExit, match=r"evaluation.samplers lists \['euler-30'\] more than once"):
+        ablate(str(bad))
+
+
+def test_an_evaluation_passes_every_field_to_evaluate_suite_by_name():
+    """ablate hands evaluate_suite the Evaluation whole (Evaluation.suite_args): a field evaluate_suite lacks would
+    fail every cell's evaluation after its fit, so it fails here."""
+    import inspect
+
+    from dreambooth_pl.tools.ablation_grid import Evaluation
+    from dreambooth_pl.tools.evaluate import evaluate_suite
+
+    args = Evaluation(token="sks", class_name="dog", seed=3).suite_args()
+    params = inspect.signature(evaluate_suite).parameters
+    assert set(args) <= set(params) and {"samplers", "instance_dir"}.isdisjoint(args)
+    assert (args["token"], args["seed"], args["face_weights"]) == ("sks", 3, "dlib")
 
 
 def test_shipped_grids_parse_and_expand():
@@ -119,7 +140,7 @@ def test_grid_fits_evaluates_and_reports(grid_run):
     assert "4 cell(s), 0 not done" in summary
     rows = read_csv(out / "results.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}
-    assert [(r["data.with_prior_preservation"], r["data.num_instance_images"]) for r in rows] == [
+    assert [(r["data.priors.enabled"], r["data.photos.num_images"]) for r in rows] == [
         ("True", "1"), ("True", "2"), ("False", "1"), ("False", "2")]
     for r in rows:
         for m in METRICS:
@@ -130,7 +151,7 @@ def test_grid_fits_evaluates_and_reports(grid_run):
     assert len({r["clip_t"] for r in rows}) > 1
     md = (out / "results.md").read_text()
     assert md.count("<img src=") == 4 and all(r["run"] in md for r in rows)
-    for plot in ("plot_data_with_prior_preservation.png", "plot_data_num_instance_images.png"):
+    for plot in ("plot_data_priors_enabled.png", "plot_data_photos_num_images.png"):
         assert (out / plot).stat().st_size > 1000 and f"({plot})" in md
 
 
@@ -169,10 +190,10 @@ def test_resume_reruns_only_the_deleted_cell(grid_run):
     grid, out, _ = grid_run
     before = statuses(out)
     evals_before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("ablate_metrics.json")}
-    gone = "with_prior_preservation=false__num_instance_images=1"
+    gone = "priors.enabled=false__photos.num_images=1"
     shutil.rmtree(out / "runs" / gone)
     # a run killed after its last checkpoint but before the export: resumed, nothing left to train, exported
-    partial = out / "runs" / "with_prior_preservation=true__num_instance_images=1"
+    partial = out / "runs" / "priors.enabled=true__photos.num_images=1"
     lora = load_file(partial / "pytorch_lora_weights.safetensors")
     (partial / "pytorch_lora_weights.safetensors").unlink()
     (partial / STATUS_FILE).unlink()
@@ -210,13 +231,14 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(grid_run, tmp_path):
 @pytest.mark.slow
 def test_checkpoint_curve_evaluates_each_saved_step(grid_run, tmp_path):
     from dreambooth_pl.tools.ablate import evaluate_run
-    from dreambooth_pl.tools.ablation_grid import Evaluation, Sampler
+    from dreambooth_pl.sampling import SamplerSettings
+    from dreambooth_pl.tools.ablation_grid import Evaluation
     from dreambooth_pl.tools.checkpoint_curve import ablate_checkpoints
 
     _, out, _ = grid_run
-    run = out / "runs" / "with_prior_preservation=true__num_instance_images=2"
+    run = out / "runs" / "priors.enabled=true__photos.num_images=2"
     ev = Evaluation(token="sks", class_name="dog", num_prompts=1, images_per_prompt=1,
-                    samplers=[Sampler("euler", 2)], resolution=32, clip_weights=None, dino_weights=None)
+                    samplers=[SamplerSettings("euler", 2)], resolution=32, clip_weights=None, dino_weights=None)
     ablate_checkpoints(str(run), ev)
     rows = read_csv(run / "curve" / "curve.csv")
     assert [r["step"] for r in rows] == ["1", "2"]
@@ -246,17 +268,21 @@ def test_num_instance_images_takes_the_first_photos(tmp_path):
 
     from dreambooth_pl.data.datamodule import DreamBoothDataModule
     from dreambooth_pl.data.images import ImageIntakeError
+    from dreambooth_pl.data.settings import PhotoSettings, PriorSettings
 
     paths = write_images(tmp_path / "inst", 3)
-    dm = DreamBoothDataModule(str(tmp_path / "inst"), "a sks dog", with_prior_preservation=False,
-                              num_instance_images=2, resolution=32)
-    dm.setup()
-    assert list(dm.instance.paths) == paths[:2]
-    with pytest.raises(ImageIntakeError, match="has 3 image.*num_instance_images is 4"):
-        DreamBoothDataModule(str(tmp_path / "inst"), "a sks dog", with_prior_preservation=False,
-                             num_instance_images=4, resolution=32).setup()
-    with pytest.raises(ValueError, match="num_instance_images must be >= 1"):
-        DreamBoothDataModule(str(tmp_path / "inst"), "p", with_prior_preservation=False, num_instance_images=0)
+
+    def dm(num):
+        return DreamBoothDataModule(PhotoSettings(str(tmp_path / "inst"), "a sks dog", num), PriorSettings(False),
+                                    resolution=32)
+
+    first = dm(2)
+    first.setup()
+    assert list(first.instance.paths) == paths[:2]
+    with pytest.raises(ImageIntakeError, match="has 3 image.*data.photos.num_images is 4"):
+        dm(4).setup()
+    with pytest.raises(ValueError, match="data.photos.num_images must be >= 1"):
+        dm(0)
 
 
 def test_report_puts_face_identity_beside_clip_and_dino(tmp_path):

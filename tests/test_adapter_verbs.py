@@ -13,6 +13,7 @@ from conftest import fit_args, write_images
 from safetensors.torch import load_file
 
 from dreambooth_pl.adapter.files import LORA_FILE, read_adapter
+from dreambooth_pl.sampling import SamplerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "dog"
@@ -50,12 +51,12 @@ def test_every_verb_reads_what_fit_wrote(tiny_base, instance_dir, tmp_path, kind
     assert read_adapter(fitted).kind == kind
 
     out = Path(sample(base=tiny_base, out=str(tmp_path / "samples"), prompt="a photo of sks dog", lora=str(fitted),
-                      steps=2, height=64, width=64, dtype="float32", device="cpu"))
+                      sampler=SamplerSettings(steps=2), height=64, width=64, dtype="float32", device="cpu"))
     assert list(out.parent.glob("*.png"))  # sample returns its manifest.json
     metrics = evaluate_suite(lora=str(fitted), base=tiny_base, instance_dir=str(SAMPLE), token="sks",
                              class_name="dog", out=str(tmp_path / "eval"), num_prompts=1, images_per_prompt=1,
-                             steps=2, resolution=64, clip_weights=None, dino_weights=None, pres_images=0,
-                             device="cpu")
+                             sampler=SamplerSettings(steps=2), resolution=64, clip_weights=None, dino_weights=None,
+                             pres_images=0, device="cpu")
     assert all(-1.0 <= metrics[m] <= 1.0 for m in ("clip_i", "clip_t", "dino"))
 
     kohya = export(str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "kohya.safetensors"), "kohya")

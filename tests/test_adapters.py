@@ -174,7 +174,7 @@ def test_each_type_trains_and_resumes_bit_exactly(tiny_base, instance_dir, tmp_p
 
     def fit(root, steps):
         args = fit_args(tiny_base, instance_dir, None, str(root), steps=steps,
-                        **{"model.lora.adapter": kind, "model.optim.learning_rate": 1e-2, "data.random_flip": 0.5})
+                        **{"model.lora.adapter": kind, "model.optim.learning_rate": 1e-2, "data.crops.flip": 0.5})
         return DreamBoothCLI(args=args)
 
     ref = fit(tmp_path / "ref", 3)

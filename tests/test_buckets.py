@@ -85,45 +85,47 @@ def test_fit_logs_the_bucket_counts(tiny_base, tmp_path, caplog):
     _images(tmp_path / "instance", [(120, 200), (200, 120), (110, 190)])
     write_images(tmp_path / "class", 4, size=(128, 128))
     args = fit_args(tiny_base, str(tmp_path / "instance"), str(tmp_path / "class"), str(tmp_path), steps=2,
-                    **{"data.aspect_buckets": "true", "data.resolution": 128, "data.bucket_step": 32})
+                    **{"data.crops.aspect_buckets": "true", "data.resolution": 128, "data.crops.bucket_step": 32})
     with caplog.at_level(logging.INFO):
         cli = DreamBoothCLI(args=args)
     assert "160x96 (0.60): 2 image(s)" in caplog.text and "96x160 (1.67): 1 image(s)" in caplog.text
     assert cli.trainer.global_step == 2
-    config = _data_config(tmp_path, aspect_buckets=True, class_dir=str(tmp_path / "class"),
-                          class_prompt="a photo of dog", num_class_images=4)
+    config = _data_config(tmp_path, aspect_buckets=True,
+                          priors={"dir": str(tmp_path / "class"), "prompt": "a photo of dog", "num_images": 4})
     table = buckets([config])  # the verb prints every bucket; fit logs the ones in use and counts the others
     used = [ln for ln in table.splitlines() if not ln.endswith(": 0 image(s)")]
     assert all(ln in caplog.text for ln in used) and "(3 other bucket(s) hold no photo)" in caplog.text
     assert ": 0 image(s)" not in caplog.text
 
 
-def _data_config(tmp_path, **data) -> str:
+def _data_config(tmp_path, aspect_buckets: bool = False, photos: bool = True, priors=None) -> str:
+    """A fit config of the test subject at 128 px in buckets of 32 (``photos=False``: without the subject)."""
     import yaml
 
-    data = {"instance_dir": str(tmp_path / "instance"), "instance_prompt": "a photo of sks dog", "resolution": 128,
-            "bucket_step": 32, "with_prior_preservation": False, **data}
+    data = {"resolution": 128, "crops": {"bucket_step": 32, "aspect_buckets": aspect_buckets},
+            "priors": priors or {"enabled": False}}
+    if photos:
+        data["photos"] = {"dir": str(tmp_path / "instance"), "prompt": "a photo of sks dog"}
     path = tmp_path / "fit.yaml"
-    data = {k: v for k, v in data.items() if v is not None}  # None: leave the key out
     path.write_text(yaml.safe_dump({"model": {"base_model": "unused"}, "data": data}))
     return str(path)
 
 
 def test_buckets_verb_shows_the_table_before_training(tmp_path, capsys):
-    """``buckets CONFIG``: the table and counts, a note when data.aspect_buckets is off, values to try, and bad
+    """``buckets CONFIG``: the table and counts, a note when data.crops.aspect_buckets is off, values to try, and bad
     values or files named."""
     from dreambooth_pl.__main__ import main
 
     _images(tmp_path / "instance", [(120, 200), (200, 120), (110, 190)])
     main(["buckets", _data_config(tmp_path)])
     out = capsys.readouterr().out
-    assert out.startswith("data.aspect_buckets is off in this config: fit trains square 128x128 crops")
+    assert out.startswith("data.crops.aspect_buckets is off in this config: fit trains square 128x128 crops")
     assert "160x96 (0.60): 2 image(s)\n  128x96 (0.75): 0 image(s)" in out and "96x160 (1.67): 1 image(s)" in out
     tried = buckets([_data_config(tmp_path, aspect_buckets=True)], resolution=256, bucket_step=64)
     assert tried.startswith("aspect buckets (height x width, ~256² pixels):") and "320x192 (0.60): 2 image(s)" in tried
-    no_subject = buckets([_data_config(tmp_path, instance_dir=None)])
+    no_subject = buckets([_data_config(tmp_path, photos=False)])
     assert "  160x96 (0.60)\n" in no_subject and "image(s)" not in no_subject
-    with pytest.raises(ValueError, match="data.bucket_step must be a positive multiple of 8"):
+    with pytest.raises(ValueError, match="data.crops.bucket_step must be a positive multiple of 8"):
         buckets([_data_config(tmp_path)], bucket_step=50)
     with pytest.raises(ValueError, match="not found: .*missing.yaml"):
         buckets([str(tmp_path / "missing.yaml")])
@@ -170,8 +172,8 @@ def test_fit_with_buckets_and_cache(tiny_base, tmp_path):
     _images(tmp_path / "instance", [(120, 200), (200, 120), (110, 190)])
     write_images(tmp_path / "class", 4, size=(128, 128))
     cli = DreamBoothCLI(args=fit_args(tiny_base, str(tmp_path / "instance"), str(tmp_path / "class"), str(tmp_path),
-                                      steps=2, **{"data.aspect_buckets": "true", "data.resolution": 128,
-                                                  "data.bucket_step": 32, "model.perf.cache": "all"}))
+                                      steps=2, **{"data.crops.aspect_buckets": "true", "data.resolution": 128,
+                                                  "data.crops.bucket_step": 32, "model.perf.cache": "all"}))
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.logged_metrics["train/loss"])
     assert {size for _, size in cli.datamodule.cache.instance.entries} == {(160, 96), (96, 160)}
 
@@ -191,9 +193,9 @@ def test_print_config_and_the_saved_config_end_with_the_bucket_table(tiny_base, 
     table = buckets([config])
     assert out.endswith("".join(f"# {line}\n" for line in table.splitlines()))
     assert "# aspect buckets (height x width, ~128² pixels):" in out and "#   160x96 (0.60): 2 image(s)\n" in out
-    assert yaml.safe_load(out)["data"]["aspect_buckets"] is True
+    assert yaml.safe_load(out)["data"]["crops"]["aspect_buckets"] is True
     with pytest.raises(SystemExit):  # an unreadable folder: the table without counts, and why
-        DreamBoothCLI(args=["fit", "--config", config, f"--data.instance_dir={tmp_path / 'gone'}", "--print_config"])
+        DreamBoothCLI(args=["fit", "--config", config, f"--data.photos.dir={tmp_path / 'gone'}", "--print_config"])
     out = capsys.readouterr().out
     assert "#   160x96 (0.60)\n" in out and "# (photos not counted:" in out
     with pytest.raises(SystemExit):

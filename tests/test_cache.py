@@ -6,6 +6,7 @@ import torch
 
 from dreambooth_pl.data.cache import CacheError, CachedStream, Encoders, build_cache
 from dreambooth_pl.data.datamodule import DreamBoothDataModule
+from dreambooth_pl.data.settings import CropSettings, PhotoSettings, PriorSettings
 from dreambooth_pl.data.datasets import PairedStream
 from dreambooth_pl.module import DreamBoothLoRA
 from dreambooth_pl.settings import LoraSettings, PerfSettings
@@ -17,8 +18,9 @@ def setup(tiny_base, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("cache")
     make_subject_dirs(root, 3)
-    dm = DreamBoothDataModule(str(root / "instance"), "a photo of sks dog", str(root / "class"), "a photo of dog",
-                              num_class_images=3, resolution=32, center_crop=True, random_flip=0.5, seed=3)
+    dm = DreamBoothDataModule(PhotoSettings(str(root / "instance"), "a photo of sks dog"),
+                              PriorSettings(True, str(root / "class"), "a photo of dog", 3),
+                              CropSettings(center=True, flip=0.5), resolution=32, seed=3)
     dm.setup("fit")
     module = DreamBoothLoRA(base_model=tiny_base, lora=LoraSettings(init=False), perf=PerfSettings(cache="all"))
     module.configure_model()
@@ -109,7 +111,7 @@ def test_fit_with_caption_dropout_trains_on_the_seeded_empty_prompts(tiny_base, 
     inst, cls = subject_dirs
     cli = DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(tmp_path), steps=8, **{
         "model.perf.cache": "all", "data.caption_dropout": 0.5, "seed_everything": 2,
-        "data.validation_photos": 1, "trainer.val_check_interval": 4})[1:], run=False)
+        "data.photos.held_out": 1, "trainer.val_check_interval": 4})[1:], run=False)
     recorder = Prompts()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

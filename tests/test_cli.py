@@ -40,7 +40,7 @@ def test_unknown_key_in_a_config_file(subject_dirs, tmp_path, capsys, no_model_l
     ({"trainer.accumulate_grad_batches": 0}, "trainer.accumulate_grad_batches must be >= 1, got 0"),
     ({"model.noise_offset": -0.1}, "model.noise_offset must be >= 0"),
     ({"model.optim.warmup_steps": -3}, "model.optim.warmup_steps must be >= 0"),
-    ({"data.instance_prompt": " "}, "data.instance_prompt is empty"),
+    ({"data.photos.prompt": " "}, "data.photos.prompt is empty"),
 ])
 def test_bad_values_fail_before_the_model_loads(subject_dirs, tmp_path, capsys, no_model_load, override, message):
     assert message in _fails(fit_args("unused", *subject_dirs, str(tmp_path), **override), capsys)
@@ -85,11 +85,13 @@ def test_shipped_sdxl_configs_hold_the_original_run(name, prior, capsys):
     assert (lora["rank"], optim["learning_rate"], optim["name"], perf["memory_plan"]) == (4, 1e-4, "adamw8bit", "auto")
     assert perf["gradient_checkpointing"] is None and perf["cache"] is None  # the plan picks them for the card
     assert (t["precision"], t["max_steps"], d["resolution"]) == ("16-mixed", 1000, 1024)
-    assert (d["instance_dir"], d["instance_prompt"]) == ("data/rraj", "a photo of rraj person")
-    assert d["with_prior_preservation"] is prior
+    photos, priors = d["photos"], d["priors"]  # the data groups (data/settings.py), shown whole
+    assert (photos["dir"], photos["prompt"], photos["held_out"]) == ("data/rraj", "a photo of rraj person", 0)
+    assert priors["enabled"] is prior and priors["generation"]["sampler"]["scheduler"] == "euler"
+    assert (d["crops"]["center"], d["masks"]["source"]) == (False, "files")
     if prior:
-        assert (m["prior_loss_weight"], d["num_class_images"]) == (1.0, 197)
-        assert (d["class_dir"], d["class_prompt"]) == ("data/class_person", "a photo of person")
+        assert (m["prior_loss_weight"], priors["num_images"]) == (1.0, 197)
+        assert (priors["dir"], priors["prompt"]) == ("data/class_person", "a photo of person")
 
 
 @pytest.mark.parametrize("name", ["sdxl_lora_prior.yaml", "sdxl_lora_no_prior.yaml"])
@@ -241,17 +243,17 @@ def test_read_fit_config_is_the_fit_parser_without_building_anything(tmp_path):
 
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text(yaml.safe_dump({"model": {"base_model": "somewhere/base"}, "data": {
-        "instance_dir": "x", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}}))
-    b.write_text(yaml.safe_dump({"data": {"class_prompt": "a photo of cat"}}))
+        "photos": {"dir": "x", "prompt": "a photo of sks dog"}, "priors": {"prompt": "a photo of dog"}}}))
+    b.write_text(yaml.safe_dump({"data": {"priors": {"prompt": "a photo of cat"}}}))
     torch.manual_seed(123)
     expected = torch.rand(2)
     torch.manual_seed(123)
     cfg = read_fit_config(a, b)
     assert torch.equal(torch.rand(2), expected)
-    assert cfg["data"]["class_prompt"] == "a photo of cat"  # the later config wins
-    assert cfg["data"]["num_class_images"] == NUM_CLASS_IMAGES  # a code default the YAML never names
+    assert cfg["data"]["priors"]["prompt"] == "a photo of cat"  # the later config wins
+    assert cfg["data"]["priors"]["num_images"] == NUM_CLASS_IMAGES  # a code default the YAML never names
     assert cfg["data"]["base_model"] == "somewhere/base"  # linked from model.base_model
-    b.write_text(yaml.safe_dump({"data": {"class_dir": "cls"}}))
+    b.write_text(yaml.safe_dump({"data": {"priors": {"dir": "cls"}}}))
     with pytest.raises(SystemExit):
         read_fit_config(b)  # no subject: a fit config is incomplete ...
-    assert read_fit_config(b, partial=True)["data"]["class_dir"] == "cls"  # ... unless the verb reads other parts
+    assert read_fit_config(b, partial=True)["data"]["priors"]["dir"] == "cls"  # ... unless the verb reads other parts

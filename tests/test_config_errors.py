@@ -18,12 +18,12 @@ def _cli(tmp_path, *extra, run=True, class_dir=True):
     return DreamBoothCLI(args=args if run else args[1:], run=run)
 
 
-@pytest.mark.parametrize("missing, present", [("data.class_dir", "data.class_prompt"),
-                                              ("data.class_prompt", "data.class_dir")])
+@pytest.mark.parametrize("missing, present", [("data.priors.dir", "data.priors.prompt"),
+                                              ("data.priors.prompt", "data.priors.dir")])
 def test_prior_preservation_needs_class_dir_and_prompt(tmp_path, missing, present):
     with pytest.raises(ValueError, match=rf"prior preservation needs {missing}; set it, or set "
-                                         r"data.with_prior_preservation: false"):
-        _cli(tmp_path, "--data.with_prior_preservation", "true", f"--{present}", "x", f"--{missing}", "null",
+                                         r"data.priors.enabled: false"):
+        _cli(tmp_path, "--data.priors.enabled", "true", f"--{present}", "x", f"--{missing}", "null",
              class_dir=False, run=False)
 
 
@@ -58,12 +58,12 @@ def test_missing_resume_checkpoint(tmp_path):
 
 
 def test_prior_preservation_has_one_switch(tiny_base, subject_dirs, tmp_path):
-    """data.with_prior_preservation switches prior preservation; a zero prior weight beside it is refused by name."""
+    """data.priors.enabled switches prior preservation; a zero prior weight beside it is refused by name."""
     import pytest
 
     from conftest import fit_args
     from dreambooth_pl.cli import DreamBoothCLI
 
-    with pytest.raises(ValueError, match="model.prior_loss_weight is 0 while data.with_prior_preservation is true"):
+    with pytest.raises(ValueError, match="model.prior_loss_weight is 0 while data.priors.enabled is true"):
         DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=1,
                                     **{"model.prior_loss_weight": 0}))

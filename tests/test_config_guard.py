@@ -104,7 +104,7 @@ def test_only_exactly_1_trusts(value, monkeypatch, subject_dirs, tmp_path):
 def test_trust_lets_the_import_happen(marker, monkeypatch):
     """The positive control: the same value, trusted, does import the marker (so the tests above can fail)."""
     monkeypatch.setenv(config_guard.TRUST_ENV, "1")
-    argv = ["--data.instance_dir=x", "--data.instance_prompt=y",
+    argv = ["--data.photos.dir=x", "--data.photos.prompt=y",
             "--trainer.callbacks=" + json.dumps({"class_path": THROUGHPUT,
                                                  "init_args": {"batch_size_fn": f"{MARKER}.s"}})]
     with config_guard.guarded(argv) as guard:
@@ -143,7 +143,7 @@ def _fit_parser():
                 raise Built(self.parser)
 
         try:
-            Grab(args=["fit", "--data.instance_dir=x", "--data.instance_prompt=y"])
+            Grab(args=["fit", "--data.photos.dir=x", "--data.photos.prompt=y"])
         except Built as b:
             _PARSER.append(b.args[0]._subcommands_action._name_parser_map["fit"])
     return _PARSER[0]
@@ -206,7 +206,7 @@ def test_every_class_or_callable_parameter_of_fit_is_covered(marker):
     assert any("ThroughputMonitor.batch_size_fn" in c[0] for c in cases)
     refused, not_refused, imported = [], [], []
     for key, value, kind in cases:
-        argv = ["--data.instance_dir=x", "--data.instance_prompt=y", f"--{key.split(' ')[0]}={value}"]
+        argv = ["--data.photos.dir=x", "--data.photos.prompt=y", f"--{key.split(' ')[0]}={value}"]
         try:
             with config_guard.guarded(argv) as guard:
                 _fit_parser().parse_args(argv)
@@ -227,7 +227,7 @@ def test_every_class_or_callable_parameter_of_fit_is_covered(marker):
 
 def test_shipped_configs_name_only_allowed_classes():
     for path in sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "perf").glob("*.yaml")):
-        argv = ["--data.instance_dir=x", "--data.instance_prompt=y", "--config", str(path)]
+        argv = ["--data.photos.dir=x", "--data.photos.prompt=y", "--config", str(path)]
         with config_guard.guarded(argv) as guard:
             _fit_parser().parse_args(argv)
             guard.check()

@@ -50,7 +50,8 @@ def test_a_fit_prints_only_the_allowed_lines(tiny_base, subject_dirs, tmp_path):
 
     inst, _ = subject_dirs
     lines = fit_console(fit_args(tiny_base, inst, str(tmp_path / "drawn"), str(tmp_path), steps=2, **{
-        "trainer.enable_progress_bar": "true", "trainer.enable_model_summary": "true", "data.aspect_buckets": "true",
-        "data.bucket_step": "8", "data.generate_class_images": "true", "data.class_generation": "{steps: 1}"}), 600)
+        "trainer.enable_progress_bar": "true", "trainer.enable_model_summary": "true",
+        "data.crops.aspect_buckets": "true", "data.crops.bucket_step": "8", "data.priors.generate": "true",
+        "data.priors.generation": "{sampler: {steps: 1}}"}), 600)
     assert not any(re.fullmatch(r"  \d+x\d+ \(\d\.\d\d\): 0 image\(s\)", ln) for ln in lines)
     assert any(ln.startswith("fit finished: step 2/2") for ln in lines)

@@ -7,14 +7,16 @@ import pytest
 
 from dreambooth_pl.data.datamodule import DreamBoothDataModule
 from dreambooth_pl.data.images import ImageIntakeError
+from dreambooth_pl.data.settings import PhotoSettings, PriorSettings
 from conftest import write_images
 
 
-def _dm(instance_dir, class_dir=None, **kw) -> DreamBoothDataModule:
-    prior = dict(class_dir=str(class_dir), class_prompt="a photo of dog", num_class_images=4) if class_dir else \
-        dict(with_prior_preservation=False)
-    return DreamBoothDataModule(instance_dir=str(instance_dir), instance_prompt="a photo of sks dog",
-                                **{"resolution": 32, **prior, **kw})
+def _dm(instance_dir, class_dir=None, priors=None, **kw) -> DreamBoothDataModule:
+    """A data module of the subject's photos (prior preservation with ``class_dir``); ``priors`` adds to its
+    priors group, ``kw`` gives other arguments."""
+    prior = dict(dir=str(class_dir), prompt="a photo of dog", num_images=4) if class_dir else dict(enabled=False)
+    return DreamBoothDataModule(PhotoSettings(str(instance_dir), "a photo of sks dog"),
+                                PriorSettings(**{**prior, **(priors or {})}), **{"resolution": 32, **kw})
 
 
 def test_pairs_subject_and_priors(subject_dirs):
@@ -37,7 +39,7 @@ def test_without_prior_preservation_no_class_dir_is_needed(subject_dirs):
 def test_one_photo_and_two_hundred_priors(tmp_path):
     write_images(tmp_path / "one", 1, size=(40, 40))
     write_images(tmp_path / "many", 201, size=(32, 32), seed=3)
-    dm = _dm(tmp_path / "one", tmp_path / "many", num_class_images=200)
+    dm = _dm(tmp_path / "one", tmp_path / "many", priors={"num_images": 200})
     dm.setup("fit")
     assert len(dm.instance.paths) == 1 and len(dm.prior.paths) == 200
 
@@ -61,7 +63,7 @@ def test_too_few_class_images_says_how_to_generate_them(subject_dirs, tmp_path, 
     with pytest.raises(ImageIntakeError) as err:
         _dm(subject_dirs[0], cls).setup("fit")
     msg = str(err.value)
-    assert f"has {n_class} image(s) but data.num_class_images is 4" in msg
+    assert f"has {n_class} image(s) but data.priors.num_images is 4" in msg
     assert "python -m dreambooth_pl generate-class-images" in msg and str(cls) in msg
 
 
@@ -92,14 +94,22 @@ def test_corrupt_image_is_named(subject_dirs):
     ({"resolution": 30}, "data.resolution must be a positive multiple of 8.*got 30; try 32"),
     ({"resolution": 0}, "data.resolution must be a positive multiple of 8"),
     ({"batch_size": 0}, "data.batch_size must be >= 1"),
-    ({"random_flip": 1.5}, r"data.random_flip is a probability in \[0, 1\]"),
-    ({"with_prior_preservation": True}, "prior preservation needs data.class_dir and data.class_prompt"),
-    ({"caption_dropout": -0.1}, r"data.caption_dropout is a probability in \[0, 1\]"),
-    ({"validation_photos": -1}, "data.validation_photos must be >= 0"),
+    ({"priors": {"enabled": True}}, "prior preservation needs data.priors.dir and data.priors.prompt"),
+    ({"caption_dropout": -0.1}, r"data.caption_dropout must be a probability in \[0, 1\]"),
 ])
 def test_bad_settings_fail_at_construction(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _dm(tmp_path, **kwargs)
+
+
+def test_groups_given_as_dicts_are_built_and_kept_as_plain_data(tmp_path):
+    """LightningCLI and a run's saved config hand the groups over as dicts; hparams (what a checkpoint stores,
+    read with weights_only) hold plain dicts, the attributes the typed groups."""
+    dm = DreamBoothDataModule({"dir": str(tmp_path), "prompt": "a photo of sks dog"},
+                              {"dir": "c", "prompt": "a photo of dog", "generation": {"sampler": {"steps": 3}}},
+                              {"flip": 0.5}, {"source": "off"})
+    assert dm.priors.generation.sampler.steps == 3 and dm.crops.flip == 0.5 and dm.masks.source == "off"
+    assert dm.hparams.priors["generation"]["sampler"]["steps"] == 3 and dm.hparams.photos["dir"] == str(tmp_path)
 
 
 def test_a_caption_that_is_not_utf8_is_named_with_the_images(subject_dirs):
@@ -113,12 +123,12 @@ def test_a_caption_that_is_not_utf8_is_named_with_the_images(subject_dirs):
 
 def test_class_dir_problems_are_named_before_the_base_draws(subject_dirs, monkeypatch, tmp_path):
     """With generate_class_images, bad files in the class dir counted as drawn and a read-only class dir gave a raw
-    Errno: both are now named (with data.class_dir) before the base loads."""
+    Errno: both are now named (with data.priors.dir) before the base loads."""
     def refuse(*args, **kwargs):
         raise AssertionError("the base was loaded before the class dir was checked")
 
     monkeypatch.setattr("dreambooth_pl.tools.generate_class_images.generate_class_images", refuse)
-    gen = dict(generate_class_images=True, base_model="unused", num_class_images=8)
+    gen = dict(priors={"generate": True, "num_images": 8}, base_model="unused")
     bad = Path(subject_dirs[1]) / "0001.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(ImageIntakeError, match=re.escape(str(bad))):
@@ -128,5 +138,5 @@ def test_class_dir_problems_are_named_before_the_base_draws(subject_dirs, monkey
     blocker.write_text("x")
     from dreambooth_pl.io import OutputError
 
-    with pytest.raises(OutputError, match=r"afile/class.*not writable.*data\.class_dir"):
+    with pytest.raises(OutputError, match=r"afile/class.*not writable.*data\.priors\.dir"):
         _dm(subject_dirs[0], blocker / "class", **gen).setup("fit")

@@ -61,6 +61,7 @@ def _free_port() -> int:
 def test_ddp_two_cpu_processes(tiny_base, subject_dirs, tmp_path):
     from dreambooth_pl.data.datamodule import DreamBoothDataModule
     from dreambooth_pl.data.datasets import PairedStream
+    from dreambooth_pl.data.settings import PhotoSettings, PriorSettings
 
     inst, cls = subject_dirs
     (tmp_path / "recorder.py").write_text(RECORDER)
@@ -80,7 +81,8 @@ def test_ddp_two_cpu_processes(tiny_base, subject_dirs, tmp_path):
     assert all(r["world"] == 2 for r in ranks)
 
     # sharding: per step the ranks see different examples, and together the single-process stream's batches
-    dm = DreamBoothDataModule(inst, "a photo of sks dog", cls, "a photo of dog", num_class_images=4, resolution=32)
+    dm = DreamBoothDataModule(PhotoSettings(inst, "a photo of sks dog"), PriorSettings(True, cls, "a photo of dog", 4),
+                              resolution=32)
     dm.setup("fit")
     stream = PairedStream(dm.instance, dm.prior, 32, 1, seed=0)
     expected = sorted(round(float(x.double().sum()), 3) for b in range(4) for x in stream.batch(b)["pixel_values"])

@@ -9,6 +9,7 @@ import torch
 from conftest import fit_args, write_images
 
 from dreambooth_pl.ema import AdapterEMA
+from dreambooth_pl.sampling import SamplerSettings
 
 
 def test_update_equals_the_hand_formula_and_applied_restores_raw_weights():
@@ -101,7 +102,8 @@ def test_sample_grid_draws_with_the_ema_weights(tiny_base):
 
     raw = {k: v.clone() for k, v in m.trainable_parameters().items()}
     def draw():
-        return np.asarray(SampleGrid(prompts=["a photo of sks dog"], steps=2, resolution=32).draw(None, m)[0])
+        grid = SampleGrid(prompts=["a photo of sks dog"], sampler=SamplerSettings(steps=2), resolution=32)
+        return np.asarray(grid.draw(None, m)[0])
 
     drawn = draw()
     assert all(torch.equal(raw[k], v) for k, v in m.trainable_parameters().items())  # raw weights put back

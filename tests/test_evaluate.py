@@ -10,9 +10,10 @@ import torch
 
 from conftest import SAMPLE, write_images
 from dreambooth_pl.data.images import list_images, load_rgb
-from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINOScore
-from dreambooth_pl.tools.evaluate import EvaluationError, evaluate, evaluate_suite
 from dreambooth_pl.io import write_json
+from dreambooth_pl.metrics import CLIPIScore, CLIPTScore, DINOScore
+from dreambooth_pl.sampling import SamplerSettings
+from dreambooth_pl.tools.evaluate import EvaluationError, evaluate, evaluate_suite
 
 
 def test_evaluate_scores_the_generated_images(tmp_path, random_embedders):
@@ -60,15 +61,15 @@ def lora_run(tiny_base, tmp_path_factory):
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
     add_adapter(unet, "lora", peft_config("lora", 4, init=False))
-    (run / "config.yaml").write_text("data:\n  with_prior_preservation: true\n")
+    (run / "config.yaml").write_text("data:\n  with_prior_preservation: true\n")  # a run from before data.priors
     return str(save_adapter(run / "pytorch_lora_weights.safetensors", "lora", {"unet": unet}))
 
 
 def _suite(tiny_base, lora, out, **over):
     torch.manual_seed(0)
     kw = dict(lora=lora, base=tiny_base, instance_dir=str(SAMPLE), token="sks", class_name="dog", out=str(out),
-              num_prompts=2, images_per_prompt=2, steps=2, resolution=64, clip_weights=None, dino_weights=None,
-              pres_images=2, device="cpu")
+              num_prompts=2, images_per_prompt=2, sampler=SamplerSettings(steps=2), resolution=64, clip_weights=None,
+              dino_weights=None, pres_images=2, device="cpu")
     return evaluate_suite(**(kw | over))
 
 
@@ -84,14 +85,14 @@ def test_evaluate_suite_resumes_and_compare_runs_tabulates(tiny_base, lora_run, 
     assert _suite(tiny_base, lora_run, out) == pytest.approx(first, abs=1e-5)  # the redrawn sample: same seed
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items()) and samples[1].is_file()
     with pytest.raises(EvaluationError, match="other settings"):
-        _suite(tiny_base, lora_run, out, steps=3)
+        _suite(tiny_base, lora_run, out, sampler=SamplerSettings(steps=3))
 
     other = tmp_path / "eval_ddim"
     shutil.copytree(out / "samples", other / "samples")  # reused only if the settings match: they do not
     with pytest.raises(EvaluationError, match="other settings"):
-        _suite(tiny_base, lora_run, other, scheduler="ddim")
+        _suite(tiny_base, lora_run, other, sampler=SamplerSettings("ddim", 2))
     shutil.rmtree(other)
-    _suite(tiny_base, lora_run, other, scheduler="ddim", pres_images=0)
+    _suite(tiny_base, lora_run, other, sampler=SamplerSettings("ddim", 2), pres_images=0)
     again = evaluate([str(out / "samples")], str(SAMPLE), str(tmp_path / "again"), token="sks", clip_weights=None,
                      dino_weights=None, device="cpu")  # prompts read back from the PNGs' recorded settings
     assert f"| {first['dino']:.4f} | {first['clip_i']:.4f} | {first['clip_t']:.4f} |" in again

@@ -103,7 +103,7 @@ def test_fit_with_face_crop_and_face_mask(tiny_base, face_dir, tmp_path):
     from dreambooth_pl.cli import DreamBoothCLI
 
     args = fit_args(tiny_base, str(face_dir), None, str(tmp_path), steps=1,
-                    **{"data.crop": "face", "data.mask": "face", "data.resolution": 64})
+                    **{"data.crops.around": "face", "data.masks.source": "face", "data.resolution": 64})
     cli = DreamBoothCLI(args=args)
     faces = cli.datamodule.faces
     assert faces[face_dir / "face.png"] is not None and faces[face_dir / "0000.png"] is None

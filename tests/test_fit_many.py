@@ -20,8 +20,8 @@ def subjects_file(tmp: Path, base: str, photos: str) -> Path:
     spec = {"base_config": [str(REPO / "configs/smoke.yaml")], "out": str(tmp / "out"),
             "overrides": {"model.base_model": base, "model.random_base": None, "trainer.max_steps": 1,
                           "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False,
-                          "data.resolution": 32, "data.num_class_images": 2,
-                          "data.class_generation": {"steps": 1, "batch_size": 2}},
+                          "data.resolution": 32, "data.priors.num_images": 2,
+                          "data.priors.generation": {"sampler": {"steps": 1}, "batch_size": 2}},
             "subjects": [{"name": "rex", "photos": photos, "identifier": "sks", "class_name": "dog"},
                          {"name": "tom", "photos": photos, "identifier": "ohwx", "class_name": "cat"},
                          {"name": "max", "photos": photos, "identifier": "zwx", "class_name": "dog",
@@ -37,9 +37,10 @@ def test_subjects_of_one_class_share_one_prior_task(tiny_base, subject_dirs, tmp
     assert [j.name for j in jobs] == ["rex", "tom", "max"] and len(priors) == 2
     assert needs["rex"] == needs["max"] != needs["tom"]
     rex = yaml.safe_load((tmp_path / "out/subjects/rex.yaml").read_text())
-    assert rex["data"]["instance_prompt"] == "a photo of sks dog" and rex["data"]["class_prompt"] == "a photo of dog"
-    assert rex["data"]["class_dir"].startswith(str(tmp_path / "out/priors/a-photo-of-dog-"))
-    assert rex["data"]["generate_class_images"] is False  # the upstream task draws them, once
+    photos, rex_priors = rex["data"]["photos"], rex["data"]["priors"]
+    assert photos["prompt"] == "a photo of sks dog" and rex_priors["prompt"] == "a photo of dog"
+    assert rex_priors["dir"].startswith(str(tmp_path / "out/priors/a-photo-of-dog-"))
+    assert rex_priors["generate"] is False  # the upstream task draws them, once
     assert nested({"a.b.c": 1, "a.d": 2}) == {"a": {"b": {"c": 1}, "d": 2}}
 
 
@@ -54,6 +55,10 @@ def test_bad_subjects_files_name_the_file(tmp_path):
         load_subjects(str(bad))
     with pytest.raises(SystemExit, match="does not exist"):
         load_subjects(str(tmp_path / "missing.yaml"))
+    bad.write_text("base_config: a.yaml\nout: o\nsubjects: [{name: x, photos: p, identifier: i, class_name: c, "
+                   "overrides: {data.class_dir: cls}}]\n")
+    with pytest.raises(SystemExit, match=r"^fit-many: data.class_dir moved to data.priors.dir .*subjects file"):
+        load_subjects(str(bad))  # before any subject's fit
     load_subjects(str(REPO / "configs/subjects/example.yaml"))
 
 

@@ -9,10 +9,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from dreambooth_pl.tools.generate_class_images import ClassImageSettings, generate_class_images
 from dreambooth_pl.io import OWNER_FILE, OutputError, read_png_metadata
+from dreambooth_pl.sampling import SamplerSettings
+from dreambooth_pl.tools.generate_class_images import ClassImageSettings, generate_class_images
 
-FAST = dict(steps=2, progress=False, dtype="float32", device="cpu")
+FAST = dict(sampler=SamplerSettings(steps=2), progress=False, dtype="float32", device="cpu")
 
 
 def test_resume_draws_only_the_missing_images_with_their_own_seeds(tiny_base, tmp_path):
@@ -44,7 +45,7 @@ def test_fit_config_fills_the_arguments(tiny_base, tmp_path):
     cfg = tmp_path / "fit.yaml"
     out = tmp_path / "cls"
     cfg.write_text(yaml.safe_dump({"model": {"base_model": tiny_base}, "data": {
-        "class_dir": str(out), "class_prompt": "a photo of cat", "num_class_images": 1, "resolution": 32}}))
+        "priors": {"dir": str(out), "prompt": "a photo of cat", "num_images": 1}, "resolution": 32}}))
     generate_class_images(fit_config=str(cfg), **FAST)
     meta = read_png_metadata(out / "class_00000.png")
     assert (meta["prompt"], meta["width"], meta["base"]) == ("a photo of cat", 32, tiny_base)
@@ -68,14 +69,16 @@ def test_bad_inputs_fail_clearly(tiny_base, tmp_path):
 def test_datamodule_generates_missing_class_images_when_asked(tiny_base, subject_dirs, tmp_path):
     from dreambooth_pl.data.datamodule import DreamBoothDataModule
     from dreambooth_pl.data.images import ImageIntakeError
+    from dreambooth_pl.data.settings import PhotoSettings, PriorSettings
 
     instance_dir, _ = subject_dirs
-    kwargs = dict(instance_dir=instance_dir, instance_prompt="a photo of sks dog", class_dir=str(tmp_path / "gen"),
-                  class_prompt="a photo of dog", num_class_images=2, resolution=32)
-    with pytest.raises(ImageIntakeError, match="generate-class-images.*data.generate_class_images: true"):
-        DreamBoothDataModule(**kwargs).setup("fit")
-    dm = DreamBoothDataModule(**kwargs, generate_class_images=True, base_model=tiny_base,
-                              class_generation=ClassImageSettings(steps=1, batch_size=2))
+    photos = PhotoSettings(instance_dir, "a photo of sks dog")
+    priors = dict(dir=str(tmp_path / "gen"), prompt="a photo of dog", num_images=2)
+    with pytest.raises(ImageIntakeError, match="generate-class-images.*data.priors.generate: true"):
+        DreamBoothDataModule(photos, PriorSettings(**priors), resolution=32).setup("fit")
+    generation = ClassImageSettings(sampler=SamplerSettings(steps=1), batch_size=2)
+    dm = DreamBoothDataModule(photos, PriorSettings(**priors, generate=True, generation=generation), resolution=32,
+                              base_model=tiny_base)
     dm.setup("fit")
     assert len(dm.prior.paths) == 2 and Image.open(dm.prior.paths[0]).size == (32, 32)
 
@@ -93,7 +96,8 @@ def test_a_second_subject_of_the_class_reuses_the_priors_and_the_manifest_says_s
     assert all((first / n).read_bytes() == (second / n).read_bytes() for n in manifest["images"])
     assert json.loads((first / "manifest.json").read_text())["images"]["class_00000.png"]["source"] == "drawn"
     # another key (steps), more images (new seeds), or the cache off: drawn
-    assert "generated 3" in generate_class_images(tiny_base, "a photo of dog", str(other), **dict(kw, steps=1))
+    fewer_steps = dict(kw, sampler=SamplerSettings(steps=1))
+    assert "generated 3" in generate_class_images(tiny_base, "a photo of dog", str(other), **fewer_steps)
     more = generate_class_images(tiny_base, "a photo of dog", str(second), **dict(kw, num=4))
     assert "generated 1 class image(s), reused 0" in more
     assert "generated 2" in generate_class_images(tiny_base, "a photo of dog", str(tmp_path / "off"),

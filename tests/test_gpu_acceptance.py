@@ -31,14 +31,14 @@ def sdxl(tmp_path_factory):
 
 def recipe_args(sdxl, root: Path, steps: int, *extra: str) -> list[str]:
     base, instance_dir, class_dir, _ = sdxl
-    return ["fit", "--config", str(RECIPE), "--model.base_model", base, "--data.instance_dir", instance_dir,
-            "--data.class_dir", class_dir, "--data.num_class_images", "4", f"--trainer.max_steps={steps}",
+    return ["fit", "--config", str(RECIPE), "--model.base_model", base, "--data.photos.dir", instance_dir,
+            "--data.priors.dir", class_dir, "--data.priors.num_images", "4", f"--trainer.max_steps={steps}",
             "--trainer.logger.init_args.save_dir", str(root), "--trainer.enable_progress_bar=false",
             "--checkpoint.every_n_train_steps=5", *extra]
 
 
 CALLBACKS = ["--trainer.callbacks+=dreambooth_pl.callbacks.sample_grid.SampleGrid",
-             "--trainer.callbacks.every_n_steps=5", "--trainer.callbacks.steps=4",
+             "--trainer.callbacks.every_n_steps=5", "--trainer.callbacks.sampler.steps=4",
              f"--trainer.callbacks.resolution={SIZE}",
              "--trainer.callbacks+=dreambooth_pl.callbacks.subject_metrics.SubjectMetrics",
              "--trainer.callbacks.every_n_steps=5", "--trainer.callbacks.clip_weights=null",
@@ -156,11 +156,14 @@ def test_exports_load_in_diffusers_and_match_the_trained_adapters(sdxl, exported
 def sampled(sdxl, exported):
     from dreambooth_pl.tools.sample import sample
 
+    from dreambooth_pl.sampling import SamplerSettings
+
     _, files = exported
     outs = {}
     for scheduler in ("euler", "dpmpp_2m"):
         outs[scheduler] = sample(base=sdxl[0], out=str(sdxl[3] / f"samples-{scheduler}"), prompt="a photo of sks dog",
-                                 lora=files["diffusers"], scheduler=scheduler, steps=4, height=SIZE, width=SIZE,
+                                 lora=files["diffusers"], sampler=SamplerSettings(scheduler, 4), height=SIZE,
+                                 width=SIZE,
                                  images_per_prompt=2)
     return outs
 
@@ -178,11 +181,12 @@ def test_sample_with_two_schedulers(sampled):
 def test_generate_class_images(sdxl):
     from PIL import Image
 
+    from dreambooth_pl.sampling import SamplerSettings
     from dreambooth_pl.tools.generate_class_images import generate_class_images
 
     out = sdxl[3] / "class-gen"
-    generate_class_images(base=sdxl[0], prompt="a photo of dog", out=str(out), num=2, steps=4, resolution=SIZE,
-                          progress=False)
+    generate_class_images(base=sdxl[0], prompt="a photo of dog", out=str(out), num=2, sampler=SamplerSettings(steps=4),
+                          resolution=SIZE, progress=False)
     images = [np.asarray(Image.open(p), dtype=float) for p in sorted(out.glob("*.png"))]
     assert len(images) == 2 and all(im.shape == (SIZE, SIZE, 3) and im.std() > 1 for im in images)
 
@@ -279,14 +283,15 @@ def test_the_recipes_console_prints_only_the_allowed_lines(sdxl, tmp_path):
     from conftest import fit_console
 
     root = tmp_path / "console"
-    lines = fit_console(recipe_args(sdxl, root, 5, "--data.class_dir", str(tmp_path / "drawn"),
-                                    "--data.generate_class_images=true", "--data.aspect_buckets=true",
+    lines = fit_console(recipe_args(sdxl, root, 5, "--data.priors.dir", str(tmp_path / "drawn"),
+                                    "--data.priors.generate=true", "--data.crops.aspect_buckets=true",
                                     "--trainer.enable_progress_bar=true"), 400)
     assert sum("images adjusted on load" in ln for ln in lines) <= 1  # the saved config's bucket table re-reads them
     lora = next(root.glob("lightning_logs/*/pytorch_lora_weights.safetensors"))
     env = {k: v for k, v in os.environ.items() if k != "DREAMBOOTH_PL_SHOW_ALL_WARNINGS"}
     run = subprocess.run([sys.executable, "-m", "dreambooth_pl", "sample", "--base", sdxl[0], "--lora", str(lora),
-                          "--prompt", "a photo of sks dog", "--steps", "2", "--height", str(SIZE), "--width", str(SIZE),
+                          "--prompt", "a photo of sks dog", "--sampler.steps", "2", "--height", str(SIZE),
+                          "--width", str(SIZE),
                           "--out", str(tmp_path / "samples")], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     text = run.stdout + run.stderr

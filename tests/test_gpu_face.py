@@ -83,7 +83,7 @@ def test_recipe_with_face_identity_and_held_out_loss(person):
     work = person[3]
     _, plain_s = fit_timed(recipe_args(person, work / "plain", STEPS))
     cli, face_s = fit_timed(recipe_args(person, work / "face", STEPS, *CALLBACKS,
-                                        "--trainer.callbacks.face_weights=dlib", "--data.validation_photos=1",
+                                        "--trainer.callbacks.face_weights=dlib", "--data.photos.held_out=1",
                                         f"--trainer.val_check_interval={EVERY}"))
     print(f"s/step: recipe {plain_s:.4f}, recipe + SampleGrid + SubjectMetrics(face) + held-out loss every "
           f"{EVERY} steps {face_s:.4f} (medians; sampling steps excluded)")

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "dreambooth_pl"
 # lowest first; a name stands for a module or a whole subpackage (the longest name that matches wins)
 LAYERS = [
     ["io", "console", "config_guard", "prompts", "noise", "loss", "block_ops", "ema", "optimizers", "perf", "graphs",
-     "fused_lora", "metrics", "checkpoint_io", "argv", "__init__"],
+     "fused_lora", "metrics", "checkpoint_io", "argv", "devices", "__init__"],
     ["moved_keys", "sdxl", "adapter.maths", "pivotal", "token_files"],
     ["adapter.kinds", "bases"],
     ["adapter.value"],

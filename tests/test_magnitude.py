@@ -52,8 +52,8 @@ def absurd(tmp_path) -> str:
 
 
 def test_sample_refuses_it(absurd, tiny_base, tmp_path):
-    args = ["sample", "--base", tiny_base, "--lora", absurd, "--prompt", "a dog", "--steps", "1", "--height", "64",
-            "--width", "64", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path / "out")]
+    args = ["sample", "--base", tiny_base, "--lora", absurd, "--prompt", "a dog", "--sampler.steps", "1",
+            "--height", "64", "--width", "64", "--device", "cpu", "--dtype", "float32", "--out", str(tmp_path / "out")]
     with pytest.raises(MagnitudeError, match=r"absurd.safetensors: module .*to_q' would change its layer .* times "
                                              "the base weight"):
         main(args)

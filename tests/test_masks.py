@@ -50,7 +50,7 @@ def test_bad_masks_are_listed_with_the_photos(photos):
 def test_an_all_black_mask_with_floor_0_teaches_nothing(photos):
     Image.new("L", (80, 64), 0).save(photos / "0000.mask.png")
     assert len(_find(photos, floor=0.1)) == 3  # black is weight 0.1 there: still a signal
-    with pytest.raises(ImageIntakeError, match="0000.mask.png is all black and data.mask_floor is 0"):
+    with pytest.raises(ImageIntakeError, match="0000.mask.png is all black and data.masks.floor is 0"):
         _find(photos, floor=0.0)
 
 
@@ -61,7 +61,7 @@ def test_an_orphan_mask_is_named(photos):
     with pytest.warns(UserWarning, match="ignoring 1 mask file"):
         assert len(_find(photos, strict=False)) == 3
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # data.mask: off reads no mask at all
+        warnings.simplefilter("error")  # data.masks.source: off reads no mask at all
         assert len(find_instance_images(str(photos), None, 32, True, "off")) == 3
 
 

@@ -10,6 +10,7 @@ from conftest import write_images
 from PIL import Image
 from test_merge import adapters  # noqa: F401  (a fixture: subject + style LoRA files on the tiny base)
 
+from dreambooth_pl.sampling import SamplerSettings
 from dreambooth_pl.tools.merge_eval import merge_eval
 
 PROMPT = "pixel art, a photo of sks dog"
@@ -23,7 +24,8 @@ def test_sweep_scores_plots_and_resumes(tiny_base, adapters, tmp_path):  # noqa:
     write_images(style, 1, size=(64, 64), seed=2)
     out = tmp_path / "eval"
     kw = dict(prompt=PROMPT, style_text="pixel art", style_dir=str(style), token="sks", images_per_weight=1,
-              steps=2, resolution=64, dtype="float32", device="cpu", clip_weights=None, dino_weights=None)
+              sampler=SamplerSettings(steps=2), resolution=64, dtype="float32", device="cpu", clip_weights=None,
+              dino_weights=None)
     torch.manual_seed(0)  # clip/dino weights None: seeded random embedders
     result = merge_eval(adapters[0], adapters[1], tiny_base, str(inst), str(out), style_weights=[0.0, 1.0], **kw)
     rows = result["rows"]

@@ -1,9 +1,10 @@
-"""moved_keys.py: old flat model keys in configs and command lines stop with the new key's name; old checkpoints'
-hyper-parameters read in the grouped layout."""
+"""moved_keys.py: old flat model keys, the sampler's old keys and tool options in configs, command lines and grid
+files stop with the new key's name; old checkpoints' hyper-parameters read in the grouped layout."""
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import typing
 
 import pytest
 import yaml
@@ -12,13 +13,17 @@ from conftest import REPO, fit_args
 from dreambooth_pl.moved_keys import MOVED, MovedKeyError, check_moved_keys, nest_hparams
 
 
-def test_every_new_key_exists_and_no_old_one_does():
+@pytest.mark.parametrize("section", ["model", "data"])
+def test_every_new_key_exists_and_no_old_one_does(section):
+    from dreambooth_pl.data.datamodule import DreamBoothDataModule
     from dreambooth_pl.module import DreamBoothLoRA
 
-    params = inspect.signature(DreamBoothLoRA.__init__).parameters
-    groups = {name: {f.name for f in dataclasses.fields(p.default)} for name, p in params.items()
-              if dataclasses.is_dataclass(p.default)}
-    for old, new in MOVED.items():
+    cls = {"model": DreamBoothLoRA, "data": DreamBoothDataModule}[section]
+    params = inspect.signature(cls.__init__).parameters
+    hints = typing.get_type_hints(cls.__init__)
+    groups = {name: {f.name for f in dataclasses.fields(hint)} for name, hint in hints.items()
+              if dataclasses.is_dataclass(hint)}
+    for old, new in ((o, n) for o, n in MOVED.items() if o.startswith(f"{section}.") and o.count(".") == 1):
         assert old.split(".", 1)[1] not in params, old
         _, group, name = new.split(".")
         assert name in groups[group], new
@@ -30,6 +35,33 @@ def test_command_line_forms_name_the_new_key(argv):
     with pytest.raises(MovedKeyError, match=r"^model.lora_rank moved to model.lora.rank \(configs and command "
                                             r"lines\): --model.* sets model.lora_rank; rename it.$"):
         check_moved_keys(["fit", "--model.lora.alpha=2", *argv])
+
+
+def test_sampler_keys_name_the_one_sampler_type(tmp_path):
+    from dreambooth_pl.__main__ import main
+
+    with pytest.raises(MovedKeyError, match=r"^data.priors.generation.steps moved to "
+                                            r"data.priors.generation.sampler.steps .*--data.priors.generation.steps"):
+        check_moved_keys(["fit", "--data.priors.generation.steps=4"])
+    for verb in ("sample", "generate-class-images", "evaluate-suite"):
+        with pytest.raises(MovedKeyError, match=f"^{verb} --steps moved to {verb} --sampler.steps: rename it"):
+            main([verb, "--out", str(tmp_path), "--steps=2"])  # before any model loads or folder is made
+    with pytest.raises(MovedKeyError, match="sample --negative_prompt moved to sample --sampler.negative_prompt"):
+        main(["sample", "--negative_prompt", "blurry"])
+    with pytest.raises(MovedKeyError, match="merge-eval --guidance moved to merge-eval --sampler.guidance"):
+        main(["merge-eval", "--guidance", "7"])
+    # SampleGrid / SubjectMetrics: on the command line, and in a config's callback list (init_args or not)
+    with pytest.raises(MovedKeyError, match="^trainer.callbacks.steps moved to trainer.callbacks.sampler.steps"):
+        check_moved_keys(["fit", "--trainer.callbacks.init_args.steps=2"])
+    cfg = tmp_path / "callbacks.yaml"
+    cfg.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "dreambooth_pl.callbacks.sample_grid.SampleGrid", "init_args": {"every_n_steps": 5}},
+        {"class_path": "dreambooth_pl.callbacks.subject_metrics.SubjectMetrics",
+         "init_args": {"scheduler": "ddim"}}]}}))
+    with pytest.raises(MovedKeyError, match="^trainer.callbacks.scheduler moved to "
+                                            f"trainer.callbacks.sampler.scheduler .*: {cfg} sets"):
+        check_moved_keys(["fit", "--config", str(cfg)])
+    assert not tmp_path.joinpath("x").exists()
 
 
 def test_every_stacked_config_is_read(tmp_path):
@@ -73,6 +105,41 @@ def test_the_cli_and_the_shell_stop_with_the_message_before_any_model_loads(subj
         __main__._shell()
     assert str(done.value).splitlines()[0] == ("error: model.cuda_graph moved to model.perf.cuda_graph (configs and "
                                                "command lines): --model.cuda_graph sets model.cuda_graph; rename it.")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data.instance_dir=x"], r"^data.instance_dir moved to data.photos.dir \(configs and command lines\): "
+                                r"--data.instance_dir sets data.instance_dir; rename it.$"),
+    (["--data", '{"with_prior_preservation": false, "random_flip": 0.5}'],
+     "^data.with_prior_preservation moved to data.priors.enabled .*; also data.random_flip -> data.crops.flip"),
+    (["--data.crop", "face"], "^data.crop moved to data.crops.around"),
+    (["--data.class_generation", "{steps: 1}"], "^data.class_generation moved to data.priors.generation .*also "
+                                                "data.class_generation.steps -> data.priors.generation.sampler.steps"),
+])
+def test_old_data_keys_name_their_group(argv, message):
+    with pytest.raises(MovedKeyError, match=message):
+        check_moved_keys(["fit", "--data.photos.prompt=a", *argv])
+
+
+def test_an_old_data_config_stops_the_cli_with_the_new_key(tmp_path):
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("data:\n  instance_dir: photos\n  num_class_images: 4\n")
+    with pytest.raises(MovedKeyError, match=f"^data.instance_dir moved to data.photos.dir .*: {cfg} sets "
+                                            "data.instance_dir; rename it; also data.num_class_images -> "
+                                            "data.priors.num_images"):
+        DreamBoothCLI(args=["fit", "--config", str(cfg)])
+
+
+def test_old_flat_data_hparams_and_run_configs_nest():
+    flat = {"instance_dir": "p", "instance_prompt": "a sks dog", "with_prior_preservation": False,
+            "class_generation": {"batch_size": 2}, "resolution": 64, "mask_floor": 0.2}
+    assert nest_hparams(flat, "data") == {"photos": {"dir": "p", "prompt": "a sks dog"}, "resolution": 64,
+                                          "priors": {"enabled": False, "generation": {"batch_size": 2}},
+                                          "masks": {"floor": 0.2}}
+    grouped = {"photos": {"dir": "p"}, "crops": {"flip": 0.5}, "seed": 1}
+    assert nest_hparams(grouped, "data") == grouped
 
 
 def test_old_flat_checkpoint_hparams_nest_and_grouped_ones_stay():

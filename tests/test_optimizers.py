@@ -80,7 +80,7 @@ def _fit(base, inst, root, steps, *extra):
 
     args = fit_args(base, inst, None, str(root), steps=steps, **{"model.optim.name": "prodigy",
                                                                  "model.optim.learning_rate": 1.0,
-                                                                 "model.ema.decay": 0.5, "data.random_flip": 0.5})
+                                                                 "model.ema.decay": 0.5, "data.crops.flip": 0.5})
     return DreamBoothCLI(args=args + list(extra))
 
 

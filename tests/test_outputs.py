@@ -145,8 +145,8 @@ def _kill_then_rerun(args: list[str], folder: Path) -> None:
 def test_no_temp_file_survives_a_kill_then_rerun_of_generate_class_images(tiny_base, tmp_path):
     out = tmp_path / "class"
     _kill_then_rerun(["generate-class-images", "--base", tiny_base, "--prompt", "a dog", "--out", str(out),
-                      "--num", "2", "--steps", "1", "--resolution", "64", "--device", "cpu", "--dtype", "float32",
-                      "--progress", "false"], out)
+                      "--num", "2", "--sampler.steps", "1", "--resolution", "64", "--device", "cpu",
+                      "--dtype", "float32", "--progress", "false"], out)
     assert sorted(p.name for p in out.glob("*.png")) == ["class_00000.png", "class_00001.png"]
 
 

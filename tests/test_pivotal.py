@@ -17,6 +17,7 @@ from dreambooth_pl.callbacks.fault_tolerance import StoppedBySignal
 from dreambooth_pl.cli import DreamBoothCLI
 from dreambooth_pl.module import DreamBoothLoRA
 from dreambooth_pl.pivotal import PivotalSettings, PivotalTokens, TokenRows, rewrite, token_table
+from dreambooth_pl.sampling import SamplerSettings
 
 PROMPT = "a photo of sks dog"  # fit_args' instance prompt
 PIVOTAL = {"model.pivotal.identifier": "sks", "model.pivotal.learning_rate": 1e-2}
@@ -126,7 +127,7 @@ def test_combinations_that_cannot_work_are_refused_before_loading(over, key):
 
 def test_identifier_missing_from_the_prompt_is_refused(tiny_base, subject_dirs, tmp_path):
     args = fit_args(tiny_base, *subject_dirs, str(tmp_path), **{"model.pivotal.identifier": "rraj"})
-    with pytest.raises(ValueError, match="not a word of data.instance_prompt"):
+    with pytest.raises(ValueError, match="not a word of data.photos.prompt"):
         DreamBoothCLI(args=args)
 
 
@@ -173,7 +174,7 @@ def test_the_class_prompt_is_cached_and_the_identifier_prompt_has_gradients(trai
 def test_the_pivot_stops_the_rows_and_resume_is_bit_exact(tiny_base, subject_dirs, tmp_path):
     """4 steps, rows train for the first 2 (train_fraction 0.5); a run stopped by SIGTERM in step 1 and resumed
     ends with the uninterrupted run's LoRA and embeddings, bit for bit."""
-    over = dict(PIVOTAL, **{"data.random_flip": 0.5})
+    over = dict(PIVOTAL, **{"data.crops.flip": 0.5})
     ref = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / "reference"), steps=4, **over)[1:],
                         run=False)
     rows = RecordRows()
@@ -213,11 +214,11 @@ def test_training_grids_draw_the_identifier_as_its_tokens(trained):
     from dreambooth_pl.sampling import generate, pipeline_from_module
 
     model = trained[0].model
-    grid = SampleGrid([PROMPT], steps=2, resolution=32, log_base=False)
+    grid = SampleGrid([PROMPT], sampler=SamplerSettings(steps=2), resolution=32, log_base=False)
     drawn = torch.tensor(list(grid.draw(None, model)[0].getdata()), dtype=torch.float)
     with torch.no_grad():
         pipe = pipeline_from_module(model)
-        direct, plain = (torch.tensor(list(generate(pipe, [p], [grid.seed], 2, grid.guidance, None, 32, 32)[0]
+        direct, plain = (torch.tensor(list(generate(pipe, [p], [grid.seed], 2, grid.sampler.guidance, None, 32, 32)[0]
                                            .getdata()), dtype=torch.float)
                          for p in (model.pivotal.rewrite(PROMPT), PROMPT))
     assert torch.equal(drawn, direct) and (drawn - plain).abs().mean() > 1

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from dreambooth_pl.sampling import SamplerSettings
 from dreambooth_pl.tools import procedural as P
 
 
@@ -46,8 +47,8 @@ def test_prior_preservation_lowers_class_prompt_drift(tiny_base, tmp_path):
     inst.mkdir()
     for i, img in enumerate(P.instance_images(3)):
         img.save(inst / f"{i}.png")
-    generate_class_images(base=tiny_base, prompt="a photo of dog", out=str(cls), num=4, steps=4, guidance=1.0,
-                          resolution=32, dtype="float32", device="cpu")
+    generate_class_images(base=tiny_base, prompt="a photo of dog", out=str(cls), num=4,
+                          sampler=SamplerSettings(steps=4, guidance=1.0), resolution=32, dtype="float32", device="cpu")
     seeds, prompt = [100, 101, 102, 103], ["a photo of dog"] * 4
     pipe = load_pipeline(tiny_base, dtype="float32", device="cpu")
     base = generate(pipe, prompt, seeds, steps=4, guidance=1.0, height=32, width=32)

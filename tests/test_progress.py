@@ -1,6 +1,8 @@
 """The console of a fit: a step N/max_steps bar (not epochs) and one end-of-fit summary with the paths and commands."""
 from __future__ import annotations
 
+import json
+
 from conftest import fit_args
 from dreambooth_pl.callbacks.progress import RunSummary, StepProgressBar
 from dreambooth_pl.cli import DreamBoothCLI
@@ -47,15 +49,16 @@ def test_one_parameter_line_instead_of_the_model_table(tiny_base, subject_dirs, 
 
 
 def test_the_summary_prints_each_phase_and_writes_them(tiny_base, subject_dirs, tmp_path, capsys):
-    """Priors drawn (data.generate_class_images) and inputs cached: every phase has its seconds, they add up to the
+    """Priors drawn (data.priors.generate) and inputs cached: every phase has its seconds, they add up to the
     run, and phases.json in the run folder holds the same numbers."""
     import json
 
     args = fit_args(tiny_base, subject_dirs[0], str(tmp_path / "priors"), str(tmp_path), steps=3, **{
-        "data.generate_class_images": "true", "data.num_class_images": 2,
+        "data.priors.generate": "true", "data.priors.num_images": 2,
         # a cache of its own: the session's shared prior cache may hold these images already (drawn by an earlier
         # test), and priors linked from it take ~0 s
-        "data.class_generation": f'{{"steps": 1, "batch_size": 2, "cache_dir": "{tmp_path / "prior-cache"}"}}',
+        "data.priors.generation": json.dumps({"sampler": {"steps": 1}, "batch_size": 2,
+                                              "cache_dir": str(tmp_path / "prior-cache")}),
         "model.perf.cache": "all"})
     cli = DreamBoothCLI(args=args)
     text = capsys.readouterr().out

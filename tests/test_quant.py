@@ -282,10 +282,12 @@ def test_class_images_drawn_on_a_float8_base_under_their_own_prior_cache_key(tin
 
     from dreambooth_pl.data.class_images import ClassImageSettings, draw_class_images
     from dreambooth_pl.io.png import read_png_metadata
+    from dreambooth_pl.sampling import SamplerSettings
 
     cache = str(tmp_path / "cache")
     for base_dtype in ("float8", "float16"):
-        s = ClassImageSettings(steps=2, resolution=64, batch_size=1, base_dtype=base_dtype, cache_dir=cache)
+        s = ClassImageSettings(sampler=SamplerSettings(steps=2), resolution=64, batch_size=1, base_dtype=base_dtype,
+                               cache_dir=cache)
         report = draw_class_images(tiny_base, "a photo of dog", str(tmp_path / base_dtype), 1, s, "float16", "cpu",
                                    progress=False)
         assert "generated 1 class image(s), reused 0" in report, base_dtype
@@ -313,8 +315,8 @@ def test_float8_lora_loads_with_load_lora_weights_on_the_fp16_base(tmp_path):
     base = build_base(str(REPO / "data" / "_cache" / "sdxl-random"), "sdxl")
     instance_dir, class_dir = prepare_inputs(tmp_path / "inputs")
     cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "perf" / "8gb.yaml"), "--model.base_model",
-                              base, "--data.instance_dir", instance_dir, "--data.class_dir", class_dir,
-                              "--data.num_class_images", "4", "--trainer.max_steps=3",
+                              base, "--data.photos.dir", instance_dir, "--data.priors.dir", class_dir,
+                              "--data.priors.num_images", "4", "--trainer.max_steps=3",
                               "--trainer.logger.init_args.save_dir", str(tmp_path),
                               "--trainer.enable_progress_bar=false"])
     model = cli.model.cuda()
@@ -355,8 +357,8 @@ def test_8gb_preset_replays_its_graph_within_its_memory_bound(base_dtype, tmp_pa
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_reserved()
     cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "perf" / "8gb.yaml"), "--model.base_model",
-                              base, f"--model.base_dtype={base_dtype}", "--data.instance_dir", instance_dir,
-                              "--data.class_dir", class_dir, "--data.num_class_images", "4", "--trainer.max_steps=3",
+                              base, f"--model.base_dtype={base_dtype}", "--data.photos.dir", instance_dir,
+                              "--data.priors.dir", class_dir, "--data.priors.num_images", "4", "--trainer.max_steps=3",
                               "--trainer.logger.init_args.save_dir", str(tmp_path),
                               "--trainer.enable_progress_bar=false"])
     peak = (torch.cuda.max_memory_reserved() - before) / 2**30

@@ -40,7 +40,7 @@ class PauseAt(L.Callback):
 
 def _args(tiny_base, subject_dirs, root, steps, *extra):
     # random flips and crops on, so the augmentation RNG must be restored too
-    return fit_args(tiny_base, *subject_dirs, str(root), steps=steps, **{"data.random_flip": 0.5}) + list(extra)
+    return fit_args(tiny_base, *subject_dirs, str(root), steps=steps, **{"data.crops.flip": 0.5}) + list(extra)
 
 
 def _lora(root) -> dict[str, torch.Tensor]:

@@ -20,11 +20,11 @@ def test_run_dir_names_its_files_and_is_found_from_inside(tmp_path):
 
 def test_fit_command_orders_configs_overrides_pins_and_resume(tmp_path):
     run = RunDir(tmp_path / "grid" / "runs" / "rank8")
-    args = fit_command(["a.yaml", "b.yaml"], {"model.lora.rank": 8, "data.with_prior_preservation": False,
+    args = fit_command(["a.yaml", "b.yaml"], {"model.lora.rank": 8, "data.priors.enabled": False,
                                               "model.lora.target_modules": ["to_q"], "model.vae_model": None},
                        run, resume=True)
     assert args[:5] == ["fit", "--config", "a.yaml", "--config", "b.yaml"]
-    assert args[5:9] == ["--model.lora.rank=8", "--data.with_prior_preservation=false",
+    assert args[5:9] == ["--model.lora.rank=8", "--data.priors.enabled=false",
                          '--model.lora.target_modules=["to_q"]', "--model.vae_model=null"]
     assert f"--trainer.logger.init_args.save_dir={tmp_path / 'grid'}" in args
     assert "--trainer.logger.init_args.name=runs" in args and "--trainer.logger.init_args.version=rank8" in args

@@ -19,8 +19,8 @@ def test_sample_writes_pngs_that_reproduce_themselves(tiny_base, lora_file, tmp_
     with pytest.warns(UserWarning, match="float16 sampling on CPU"):  # the default dtype; CPU runs it in float32
         main(["sample", "--base", tiny_base, "--out", str(out), "--prompt", "a photo of {token} {class}",
               "--token", "zwx", "--lora", lora_file, "--lora_scale", "0.7", "--images_per_prompt", "2",
-              "--seed", "5", "--steps", "2", "--batch_size", "1", "--scheduler", "euler_a",
-              "--negative_prompt", "blurry", "--device", "cpu"])
+              "--seed", "5", "--sampler.steps", "2", "--batch_size", "1", "--sampler.scheduler", "euler_a",
+              "--sampler.negative_prompt", "blurry", "--device", "cpu"])
     assert capsys.readouterr().out.strip().endswith("manifest.json")
     manifest = json.loads((out / "manifest.json").read_text())
     assert [(r["prompt"], r["seed"]) for r in manifest["images"]] == [("a photo of zwx dog", 5),

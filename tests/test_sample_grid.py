@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dreambooth_pl.callbacks.sample_grid import SampleGrid
+from dreambooth_pl.sampling import SamplerSettings
 
 
 def test_draw_switches_adapters_off_and_back_without_touching_weights(tiny_base):
@@ -19,7 +20,7 @@ def test_draw_switches_adapters_off_and_back_without_touching_weights(tiny_base)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     grads = {n: p.requires_grad for n, p in module.named_parameters()}
     rng = torch.get_rng_state()
-    grid = SampleGrid(["a photo of sks dog", "a dog"], steps=2, resolution=32)
+    grid = SampleGrid(["a photo of sks dog", "a dog"], sampler=SamplerSettings(steps=2), resolution=32)
     lora = grid.draw(None, module, adapters=True)
     base = grid.draw(None, module, adapters=False)
     again = grid.draw(None, module, adapters=True)
@@ -34,8 +35,8 @@ def test_draw_switches_adapters_off_and_back_without_touching_weights(tiny_base)
 
 
 def test_bad_settings_fail_at_construction():
-    with pytest.raises(ValueError, match="unknown scheduler 'fast'"):
-        SampleGrid(scheduler="fast")
+    with pytest.raises(ValueError, match="sampler.scheduler 'fast' is unknown"):
+        SampleGrid(sampler=SamplerSettings("fast"))
     with pytest.raises(ValueError, match="multiple of 8"):
         SampleGrid(resolution=30)
 
@@ -47,11 +48,11 @@ def test_fit_logs_base_and_lora_grids_to_tensorboard(tiny_base, subject_dirs, tm
     from dreambooth_pl.cli import DreamBoothCLI
 
     instance_dir, _ = subject_dirs
-    class_dir = tmp_path / "generated-class"  # empty: data.generate_class_images fills it with the linked base
+    class_dir = tmp_path / "generated-class"  # empty: data.priors.generate fills it with the linked base
     args = fit_args(tiny_base, instance_dir, str(class_dir), str(tmp_path), steps=2, **{
-        "data.num_class_images": 2, "data.generate_class_images": "true", "data.class_generation.steps": 1})
+        "data.priors.num_images": 2, "data.priors.generate": "true", "data.priors.generation.sampler.steps": 1})
     args += ["--trainer.callbacks+", "dreambooth_pl.callbacks.sample_grid.SampleGrid",
-             "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.steps", "2"]
+             "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.sampler.steps", "2"]
     cli = DreamBoothCLI(args=args)
     assert len(list(class_dir.glob("class_*.png"))) == 2
     log_dir = cli.trainer.log_dir
@@ -75,7 +76,7 @@ def test_grids_under_16_mixed_on_gpu(tiny_base, subject_dirs, tmp_path):
     args = fit_args(tiny_base, instance_dir, class_dir, str(tmp_path), steps=1, **{
         "trainer.accelerator": "gpu", "trainer.precision": "16-mixed"})
     args += ["--trainer.callbacks+", "dreambooth_pl.callbacks.sample_grid.SampleGrid",
-             "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.steps", "4"]
+             "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.sampler.steps", "4"]
     cli = DreamBoothCLI(args=args)
     grid = next(cb for cb in cli.trainer.callbacks if isinstance(cb, SampleGrid))
     assert cli.model.unet.dtype == torch.float16
@@ -95,7 +96,7 @@ def test_callbacks_sample_from_half_weights_and_fp32_adapters(tiny_base, subject
         "trainer.precision": "bf16-mixed", "model.perf.cache": cache,
         "model.lora.train_text_encoder": str(text_encoder)})
     args += ["--trainer.callbacks+", "dreambooth_pl.callbacks.sample_grid.SampleGrid",
-             "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.steps", "2",
+             "--trainer.callbacks.every_n_steps", "1", "--trainer.callbacks.sampler.steps", "2",
              "--trainer.callbacks+=dreambooth_pl.callbacks.subject_metrics.SubjectMetrics",
              "--trainer.callbacks.every_n_steps=1", "--trainer.callbacks.clip_weights=null",
              "--trainer.callbacks.dino_weights=null"]

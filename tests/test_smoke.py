@@ -24,7 +24,7 @@ def smoke(tmp_path_factory, one_thread):
             warnings.filterwarnings("ignore", category=category)
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # in-process runs only
         cli = DreamBoothCLI(args=["fit", "--config", str(REPO / "configs" / "smoke.yaml"), "--trainer.max_steps",
-                                  "3", "--model.base_model", str(root / "tiny-sdxl"), "--data.class_dir",
+                                  "3", "--model.base_model", str(root / "tiny-sdxl"), "--data.priors.dir",
                                   str(root / "class"), "--trainer.logger.init_args.save_dir", str(root),
                                   "--trainer.enable_progress_bar", "false"])
     return cli, root / "lightning_logs" / "version_0", seen, out.getvalue()
@@ -43,7 +43,7 @@ def test_smoke_run_writes_logs_config_checkpoint_and_lora(smoke):
 
     cli, run, *_ = smoke
     assert cli.trainer.global_step == 3
-    assert (run / "config.yaml").exists() and len(list((Path(cli.datamodule.hparams.class_dir)).glob("*.png"))) == 4
+    assert (run / "config.yaml").exists() and len(list((Path(cli.datamodule.priors.dir)).glob("*.png"))) == 4
     events = EventAccumulator(str(run)).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_instance", "train/loss_prior"} <= tags

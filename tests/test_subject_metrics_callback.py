@@ -23,7 +23,8 @@ def fitted(tiny_base, tmp_path_factory):
     photo.resize((300, 300)).save(subject / "b.png")
     args = fit_args(tiny_base, str(subject), None, str(root), steps=2)
     args += ["--trainer.callbacks+=dreambooth_pl.callbacks.subject_metrics.SubjectMetrics",
-             "--trainer.callbacks.every_n_steps=1", "--trainer.callbacks.token=sks", "--trainer.callbacks.steps=2",
+             "--trainer.callbacks.every_n_steps=1", "--trainer.callbacks.token=sks",
+             "--trainer.callbacks.sampler.steps=2",
              "--trainer.callbacks.images_per_prompt=2", "--trainer.callbacks.resolution=64",
              "--trainer.callbacks.clip_weights=null", "--trainer.callbacks.dino_weights=null"]
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth_pl.module import DreamBoothLoRA
 from dreambooth_pl.pivotal import PivotalSettings, export_embeddings
+from dreambooth_pl.sampling import SamplerSettings
 from dreambooth_pl.settings import LoraSettings
 from dreambooth_pl.token_files import (TokenFileError, beside, load_into, prompt_rewriter, read_embeddings,
                                        write_embeddings)
@@ -82,8 +83,8 @@ def test_sample_loads_the_embeddings_beside_the_lora(tiny_base, pivotal_run, tmp
     from dreambooth_pl.tools.sample import sample
 
     _, run, path = pivotal_run
-    common = dict(base=tiny_base, prompt="a photo of {token} dog", token="sks", lora=str(run), steps=2,
-                  dtype="float32", device="cpu")
+    common = dict(base=tiny_base, prompt="a photo of {token} dog", token="sks", lora=str(run),
+                  sampler=SamplerSettings(steps=2), dtype="float32", device="cpu")
     manifest = json.loads(open(sample(out=str(tmp_path / "with"), **common)).read())
     assert manifest["settings"]["embeddings"] == [path]
     assert manifest["images"][0]["prompt"] == "a photo of sks dog"  # recorded as written
@@ -104,8 +105,8 @@ def test_evaluate_suite_draws_with_the_embeddings(tiny_base, pivotal_run, tmp_pa
 
     _, run, path = pivotal_run
     kw = dict(lora=str(run / "pytorch_lora_weights.safetensors"), base=tiny_base, instance_dir=str(SAMPLE),
-              token="sks", class_name="dog", num_prompts=1, images_per_prompt=1, steps=2, resolution=64,
-              clip_weights=None, dino_weights=None, pres_images=0, device="cpu")
+              token="sks", class_name="dog", num_prompts=1, images_per_prompt=1, sampler=SamplerSettings(steps=2),
+              resolution=64, clip_weights=None, dino_weights=None, pres_images=0, device="cpu")
     evaluate_suite(out=str(tmp_path / "e"), **kw)
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert results["settings"]["embeddings"] == [path]

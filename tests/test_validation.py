@@ -1,4 +1,4 @@
-"""Held-out validation loss (data.validation_photos): the split, fixed noise and timesteps, identical values for the
+"""Held-out validation loss (data.photos.held_out): the split, fixed noise and timesteps, identical values for the
 same weights in separate runs, a falling curve over a 30-step CPU fit on the tiny base, logged to TensorBoard."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_hold_out_takes_the_last_photos_and_keeps_one_for_training(tmp_path):
     paths = [tmp_path / f"{i}.png" for i in range(4)]
     assert hold_out(paths, 0, "instance") == (paths, [])
     assert hold_out(paths, 1, "instance") == (paths[:3], paths[3:])
-    with pytest.raises(ValueError, match="validation_photos=4 would hold out all 4 class image"):
+    with pytest.raises(ValueError, match="data.photos.held_out=4 would hold out all 4 class image"):
         hold_out(paths, 4, "class")
 
 
@@ -46,7 +46,7 @@ def fitted(tiny_base, tmp_path_factory):
         shutil.copy(p, inst / p.name)
     write_images(root / "class", 4, size=(48, 48))
     args = fit_args(tiny_base, str(inst), str(root / "class"), str(root), steps=STEPS,
-                    **{"data.validation_photos": 1, "trainer.val_check_interval": EVERY,
+                    **{"data.photos.held_out": 1, "trainer.val_check_interval": EVERY,
                        "trainer.num_sanity_val_steps": 0, "checkpoint.every_n_train_steps": STEPS,
                        "model.optim.learning_rate": 1e-3})
     torch.manual_seed(0)
@@ -96,8 +96,8 @@ def test_a_fractional_validation_interval_is_refused(tiny_base, subject_dirs, tm
     from dreambooth_pl.cli import DreamBoothCLI
 
     inst, cls = subject_dirs
-    with pytest.raises(ValueError, match="validation_photos needs trainer.val_check_interval as a number of steps"):
-        DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(tmp_path), **{"data.validation_photos": 1}))
+    with pytest.raises(ValueError, match="data.photos.held_out needs trainer.val_check_interval as a number of steps"):
+        DreamBoothCLI(args=fit_args(tiny_base, inst, cls, str(tmp_path), **{"data.photos.held_out": 1}))
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric HeldOutLoss was called before")  # sums set here

@@ -71,7 +71,7 @@ _IMPORTED = time.perf_counter()
 class RunSummary(L.Callback):
     """When fit ends (rank 0): where the LoRA, checkpoint and TensorBoard run are, steps, time, s/step, peak GPU
     memory, the final loss, the commands to resume and to sample, and the run's phases: start (imports, config,
-    loading the base), priors (data.generate_class_images), cache (model.perf.cache), first step (CUDA-graph
+    loading the base), priors (data.priors.generate), cache (model.perf.cache), first step (CUDA-graph
     capture), steps, export. The phases also go to ``phases.json`` in the run folder, with the start split into
     ``start_to_trainer`` (imports and the config), ``start_data`` (the data's setup, priors aside), ``start_load``
     (the base) and ``start_adapters`` (adapters and the memory plan)."""
@@ -165,7 +165,7 @@ class RunSummary(L.Callback):
             lines.append(f"  resume:      python -m dreambooth_pl fit --config {config} --ckpt_path last")
         if lora and os.path.exists(lora) and not trainer.interrupted:
             dm = getattr(trainer, "datamodule", None)
-            prompt = dm.hparams.instance_prompt if dm is not None else "a photo of sks dog"
+            prompt = dm.photos.prompt if dm is not None else "a photo of sks dog"
             lines.append(f"  sample:      python -m dreambooth_pl sample --base {pl_module.hparams.base_model} "
                          f"--lora {lora} --prompt \"{prompt}\"")
         print("\n".join(lines), flush=True)

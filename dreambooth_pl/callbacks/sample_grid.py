@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..sampling import SAMPLER
+from ..sampling import SAMPLER, SamplerSettings
 
 
 class SampleGrid(L.Callback):
@@ -27,30 +27,24 @@ class SampleGrid(L.Callback):
         every_n_steps: optimizer steps between grids (0: only the base grid and the final grid).
         images_per_prompt: images per prompt (image j of prompt i uses seed ``seed + i * images_per_prompt + j``).
         seed: first seed.
-        steps: denoising steps (few: a grid costs ``len(prompts) * images_per_prompt * steps`` UNet calls x 2).
-        guidance: classifier-free guidance scale.
-        scheduler: a name of ``sampling.SCHEDULERS``.
+        sampler: scheduler, steps, guidance and negative prompt (``sampling.SamplerSettings``; few steps: a grid
+            costs ``len(prompts) * images_per_prompt * sampler.steps`` UNet calls x 2).
         resolution: square side in pixels, a multiple of 8 (None: the base's native size).
-        negative_prompt: prompt to steer away from.
         log_base: draw the same prompts from the base without LoRA once, at the start of training.
         save_png: also write each grid as ``<log_dir>/samples/<tag>_step<N>.png``.
     """
 
     def __init__(self, prompts: Optional[list[str]] = None, every_n_steps: int = 250, images_per_prompt: int = 1,
-                 seed: int = 0, steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
-                 scheduler: str = SAMPLER.scheduler,
-                 resolution: Optional[int] = None, negative_prompt: Optional[str] = None, log_base: bool = True,
-                 save_png: bool = True):
-        from ..sampling import check_size, make_scheduler
+                 seed: int = 0, sampler: SamplerSettings = SAMPLER, resolution: Optional[int] = None,
+                 log_base: bool = True, save_png: bool = True):
+        from ..sampling import check_size
 
-        if every_n_steps < 0 or images_per_prompt < 1 or steps < 1:
-            raise ValueError(f"SampleGrid needs every_n_steps >= 0, images_per_prompt >= 1 and steps >= 1, got "
-                             f"{every_n_steps}, {images_per_prompt}, {steps}")
-        check_size(resolution, resolution)
-        make_scheduler(scheduler, {})  # unknown names fail at start-up, not after the first N steps
+        if every_n_steps < 0 or images_per_prompt < 1:
+            raise ValueError(f"SampleGrid needs every_n_steps >= 0 and images_per_prompt >= 1, got "
+                             f"{every_n_steps}, {images_per_prompt}")
+        check_size(resolution, resolution)  # the sampler checked its own values: all fail at start-up
         self.prompts, self.every_n_steps, self.images_per_prompt = prompts, every_n_steps, images_per_prompt
-        self.seed, self.steps, self.guidance, self.scheduler = seed, steps, guidance, scheduler
-        self.resolution, self.negative_prompt = resolution, negative_prompt
+        self.seed, self.sampler, self.resolution = seed, sampler, resolution
         self.log_base, self.save_png = log_base, save_png
         self._last_step = -1
         self._cache: tuple = (None, [])
@@ -60,7 +54,7 @@ class SampleGrid(L.Callback):
         prompts = self.prompts
         if not prompts:
             dm = getattr(trainer, "datamodule", None)
-            prompts = [dm.hparams.instance_prompt] if dm is not None else ["a photo of sks dog"]
+            prompts = [dm.photos.prompt] if dm is not None else ["a photo of sks dog"]
         return [p for p in prompts for _ in range(self.images_per_prompt)]
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, adapters: bool = True) -> list:
@@ -70,7 +64,7 @@ class SampleGrid(L.Callback):
         """
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from ..data.cache import borrowed
+        from ..devices import borrowed
         from ..sampling import generate, pipeline_from_module
 
         key = (trainer.global_step if trainer is not None else None, adapters)
@@ -99,12 +93,12 @@ class SampleGrid(L.Callback):
                 if not adapters:
                     for layer, _ in layers:
                         layer.enable_adapters(False)
-                pipe = pipeline_from_module(pl_module, self.scheduler)
+                pipe = pipeline_from_module(pl_module, self.sampler.scheduler)
                 # model.pivotal: the identifier is its new tokens; the base (no adapters) gets the prompt as written
                 pivotal = getattr(pl_module, "pivotal", None) if adapters else None
                 images = generate(pipe, [pivotal.rewrite(p) for p in prompts] if pivotal else prompts, seeds,
-                                  self.steps, self.guidance, self.negative_prompt, self.resolution, self.resolution,
-                                  batch_size=len(prompts))
+                                  self.sampler.steps, self.sampler.guidance, self.sampler.negative_prompt,
+                                  self.resolution, self.resolution, batch_size=len(prompts))
                 self._cache = (key, images)
                 return images
             finally:

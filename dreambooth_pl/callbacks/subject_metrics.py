@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..sampling import SAMPLER
+from ..sampling import SAMPLER, SamplerSettings
 from .sample_grid import SampleGrid
 
 
@@ -42,9 +42,7 @@ class SubjectMetrics(L.Callback):
         prompts: own prompts when no SampleGrid callback is configured (None: the datamodule's instance prompt).
         images_per_prompt: own images per prompt (seed of image k is ``seed + k``).
         seed: first seed of the own samples.
-        steps: denoising steps of the own samples.
-        guidance: classifier-free guidance scale of the own samples.
-        scheduler: sampler of the own samples (a name of ``sampling.SCHEDULERS``).
+        sampler: scheduler, steps, guidance and negative prompt of the own samples (``sampling.SamplerSettings``).
         resolution: side of the own samples (None: the base's native size).
         clip_weights: CLIP ViT-B/32 weights: ``openai``, a local file, or None (random: tests only).
         dino_weights: DINO ViT-S/16 weights: ``dino``, a local file, or None (random: tests only).
@@ -55,8 +53,7 @@ class SubjectMetrics(L.Callback):
 
     def __init__(self, every_n_steps: int = 250, token: Optional[str] = None, instance_dir: Optional[str] = None,
                  prompts: Optional[list[str]] = None, images_per_prompt: int = 2, seed: int = 0,
-                 steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance, scheduler: str = SAMPLER.scheduler,
-                 resolution: Optional[int] = None,
+                 sampler: SamplerSettings = SAMPLER, resolution: Optional[int] = None,
                  clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino",
                  face_weights: Optional[str] = "dlib"):
         if every_n_steps < 0:
@@ -64,9 +61,8 @@ class SubjectMetrics(L.Callback):
         self.every_n_steps, self.token, self.instance_dir = every_n_steps, token, instance_dir
         self.clip_weights, self.dino_weights, self.face_weights = clip_weights, dino_weights, face_weights
         # sampling (and its guarantees: no weight change, RNG untouched) is SampleGrid's; this one never logs
-        self._own = SampleGrid(prompts, every_n_steps=0, images_per_prompt=images_per_prompt, seed=seed, steps=steps,
-                               guidance=guidance, scheduler=scheduler, resolution=resolution, log_base=False,
-                               save_png=False)
+        self._own = SampleGrid(prompts, every_n_steps=0, images_per_prompt=images_per_prompt, seed=seed,
+                               sampler=sampler, resolution=resolution, log_base=False, save_png=False)
         self._metrics = None
         self._last_step = -1
         self.last_scores: dict[str, float] = {}
@@ -77,8 +73,9 @@ class SubjectMetrics(L.Callback):
     def _identifier(self, trainer: L.Trainer) -> Optional[str]:
         if self.token is not None:
             return self.token
-        hp = getattr(getattr(trainer, "datamodule", None), "hparams", {})
-        return identifier_from_prompts(hp.get("instance_prompt") or "", hp.get("class_prompt"))
+        dm = getattr(trainer, "datamodule", None)
+        photos, priors = getattr(dm, "photos", None), getattr(dm, "priors", None)
+        return identifier_from_prompts(getattr(photos, "prompt", None) or "", getattr(priors, "prompt", None))
 
     def _load(self, trainer: L.Trainer, device: torch.device) -> dict:
         """Embedders and metrics, built on first use; the real photos are embedded once."""
@@ -86,11 +83,11 @@ class SubjectMetrics(L.Callback):
             from ..data.images import list_images, load_rgb
             from ..metrics import CLIPIScore, CLIPTScore, DINOScore, load_clip, load_dino
 
-            folder = self.instance_dir or getattr(getattr(trainer, "datamodule", None), "hparams", {}).get(
-                "instance_dir")
+            folder = self.instance_dir or getattr(getattr(getattr(trainer, "datamodule", None), "photos", None),
+                                                  "dir", None)
             if not folder:
                 raise ValueError("SubjectMetrics needs the subject's photos: set its instance_dir or use the "
-                                 "DreamBoothDataModule (data.instance_dir).")
+                                 "DreamBoothDataModule (data.photos.dir).")
             real = [load_rgb(p) for p in list_images(folder, "instance")]
             clip, dino = load_clip(self.clip_weights, device), load_dino(self.dino_weights, device)
             self._metrics = {"val/clip_i": CLIPIScore(clip, real, sync_on_compute=False),

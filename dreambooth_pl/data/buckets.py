@@ -31,9 +31,10 @@ def bucket_table(resolution: int, step: int = 64, max_ratio: float = 2.0) -> lis
         max_ratio: largest long/short side ratio.
     """
     if resolution < step or step <= 0 or step % 8:
-        raise ValueError(f"data.bucket_step must be a positive multiple of 8 no larger than data.resolution, got "
-                         f"{step} (resolution {resolution})")
-    check_bounds({"resolution": resolution, "bucket_step": step, "bucket_max_ratio": max_ratio})  # the loop below
+        raise ValueError(f"data.crops.bucket_step must be a positive multiple of 8 no larger than data.resolution, "
+                         f"got {step} (resolution {resolution})")
+    # the loop below enumerates widths up to resolution * max_ratio: absurd values are refused first
+    check_bounds({"resolution": resolution, "crops.bucket_step": step, "crops.bucket_max_ratio": max_ratio})
     area, table = resolution * resolution, set()
     for w in range(step, int(resolution * max_ratio) + 1, step):
         top = area // w // step * step
@@ -88,21 +89,21 @@ def table_header(resolution: int) -> str:
 
 def bucket_report(data: dict, count: bool = True) -> str:
     """The bucket table a fit config's ``data`` section trains with, as fit logs it: with each bucket's count of
-    ``data.instance_dir``'s photos (read and checked as fit reads them) when ``count`` and the folder is set, and
-    a note first when ``data.aspect_buckets`` is off.
+    ``data.photos.dir``'s photos (read and checked as fit reads them) when ``count`` and the folder is set, and
+    a note first when ``data.crops.aspect_buckets`` is off.
 
     Args:
-        data: the ``data`` section (resolution, bucket_step, bucket_max_ratio, aspect_buckets, instance_dir, ...).
+        data: the ``data`` section as a plain dict (resolution, crops, photos, strict_images, ...).
         count: read the photos to count them (False: the table alone).
     """
-    res, step, ratio = data["resolution"], data["bucket_step"], data["bucket_max_ratio"]
-    note = "" if data.get("aspect_buckets") else (
-        f"data.aspect_buckets is off in this config: fit trains square {res}x{res} crops. With "
-        "data.aspect_buckets: true it would use:\n")
-    if not (count and data.get("instance_dir")):  # a config without the subject: the table alone
+    crops, photos = data.get("crops") or {}, data.get("photos") or {}
+    res, step, ratio = data["resolution"], crops.get("bucket_step", 64), crops.get("bucket_max_ratio", 2.0)
+    note = "" if crops.get("aspect_buckets") else (
+        f"data.crops.aspect_buckets is off in this config: fit trains square {res}x{res} crops. With "
+        "data.crops.aspect_buckets: true it would use:\n")
+    if not (count and photos.get("dir")):  # a config without the subject: the table alone
         return note + table_header(res) + describe(bucket_table(res, step, ratio), None)
-    photos = find_instance_images(data["instance_dir"], data.get("num_instance_images"), res,
-                                  data.get("strict_images", True))
+    photos = find_instance_images(photos["dir"], photos.get("num_images"), res, data.get("strict_images", True))
     return note + bucket_photos(photos, res, step, ratio)[1]
 
 

@@ -11,12 +11,12 @@ and keeps the result for its stream (the idea of kohya sd-scripts' ``dataset.cac
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from ..devices import borrowed, to_cpu
 from ..sdxl import encode_prompts, tokenize
 from .buckets import BucketedStream
 from ..noise import example_id, mix_seed
@@ -139,7 +139,7 @@ def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, 
         resolution: training side in pixels.
         mode: ``latents`` or ``all``.
         offload: move the encoders that are no longer needed to the CPU, and park ``encoders.park`` meanwhile.
-        buckets: instance path -> aspect bucket (``data.aspect_buckets``): each photo is encoded at its bucket,
+        buckets: instance path -> aspect bucket (``data.crops.aspect_buckets``): each photo is encoded at its bucket,
             each class image at every bucket in use (it is cropped to its partner's).
         empty_prompt: also encode ``""`` (``mode="all"``), the prompt of examples that caption dropout drops.
     """
@@ -157,7 +157,7 @@ def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resol
         prompts = [s.prompt_for(i) for s in sets for i in range(len(s.paths))] + ([""] if empty_prompt else [])
         text = encode_texts(encoders.text_encoders, encoders.tokenizers, prompts)
         if offload:
-            _offload(*encoders.text_encoders)
+            to_cpu(*encoders.text_encoders)
     if buckets:
         sizes = [[tuple(buckets[p])] for p in instance.paths]
         prior_sizes = sorted({tuple(b) for b in buckets.values()})
@@ -168,36 +168,8 @@ def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resol
                        encode_set(vae, prior, [prior_sizes] * len(prior.paths)) if prior else None,
                        resolution, text)
     if offload:
-        _offload(vae)
+        to_cpu(vae)
     return cache
-
-
-def _offload(*modules: torch.nn.Module) -> None:
-    for m in modules:
-        m.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-@contextmanager
-def borrowed(modules, device: torch.device):
-    """Move ``modules`` that are elsewhere onto ``device`` for the block, then each back to where it was: encoders
-    the cache freed come back for in-training sampling, and the UNet is parked on the CPU while the VAE encodes.
-
-    Args:
-        modules: the modules the block needs on ``device``.
-        device: where the block needs them.
-    """
-    moved = [(m, next(m.parameters()).device) for m in modules if next(m.parameters()).device != device]
-    for m, _ in moved:
-        m.to(device)
-    try:
-        yield
-    finally:
-        for m, home in moved:
-            m.to(home)
-        if moved and torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 class CachedExamples:

@@ -5,7 +5,7 @@ only the missing ones (never overwriting a file), and each PNG is renamed into p
 the prior cache holds for the same settings (data/prior_cache.py) are linked instead of drawn.
 ``manifest.json`` beside the images records prompt, seed, scheduler, steps, guidance and base of every image, whether
 it was drawn or came from the cache, and how many of each the last run had.
-Both the ``generate-class-images`` verb and the DataModule (``data.generate_class_images``) call
+Both the ``generate-class-images`` verb and the DataModule (``data.priors.generate``) call
 :func:`draw_class_images`.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, Optional
 
-from ..sampling import SAMPLER
+from ..sampling import SAMPLER, SamplerSettings
 
 MANIFEST = "manifest.json"
 NUM_CLASS_IMAGES = 200  # the paper's and diffusers' default size of the prior set
@@ -25,14 +25,11 @@ class ClassImageSettings:
     """How class images are drawn.
 
     Args:
-        steps: denoising steps.
-        guidance: classifier-free guidance scale.
-        scheduler: a name of ``sampling.SCHEDULERS``.
+        sampler: scheduler, steps, guidance and negative prompt (``sampling.SamplerSettings``).
         resolution: image side in pixels (None: the base's native size; fit uses ``data.resolution``).
         batch_size: images per UNet batch (None: 8 on a GPU with at least 40 GiB, else 4); every batch has this
             shape, so one CUDA graph serves them all (prior_sampler.py).
         seed: seed of image 0 (image i uses ``seed + i``).
-        negative_prompt: prompt to steer away from.
         cache: keep every image drawn in the prior cache and link cached ones instead of drawing them
             (data/prior_cache.py).
         cache_dir: the cache's folder (None: ``~/.cache/dreambooth_pl/priors``, shared by every run and subject).
@@ -42,17 +39,25 @@ class ClassImageSettings:
         vae_tiling: decode in tiles (a 1024² fp32 decode otherwise needs ~2 GiB beside the resident models).
     """
 
-    steps: int = SAMPLER.steps
-    guidance: float = SAMPLER.guidance
-    scheduler: str = SAMPLER.scheduler
+    sampler: SamplerSettings = SAMPLER
     resolution: Optional[int] = None
     batch_size: Optional[int] = None
     seed: int = 0
-    negative_prompt: Optional[str] = None
     cache: bool = True
     cache_dir: Optional[str] = None
     base_dtype: Literal["float16", "float8", "nf4"] = "float16"
     vae_tiling: bool = False
+
+
+def as_class_image_settings(value) -> ClassImageSettings:
+    """``value`` as :class:`ClassImageSettings`: None gives the defaults; a dict (what the CLI and a run's saved
+    config hand over) is built, its ``sampler`` too."""
+    if value is None or isinstance(value, ClassImageSettings):
+        return value or ClassImageSettings()
+    given = dict(value)
+    if isinstance(given.get("sampler"), dict):
+        given["sampler"] = SamplerSettings(**given["sampler"])
+    return ClassImageSettings(**given)
 
 
 def missing_indices(folder: Path, num: int) -> list[int]:
@@ -102,6 +107,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     from .prior_cache import PRIOR_CACHE, PriorCache, native_size, prior_key
 
     s = settings or ClassImageSettings()
+    g = s.sampler
     check_size(s.resolution, s.resolution)
     folder = ensure_writable(out)
     clean_stale_temps(folder)  # images a killed draw was writing
@@ -117,11 +123,11 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         return f"{folder}: {num} class image(s) present, nothing to do"
     root = resolve_base(base)
     size = s.resolution or native_size(root)
-    key = prior_key(root, vae, prompt, s.negative_prompt, s.scheduler, s.steps, s.guidance, size, size,
+    key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
                     s.base_dtype, s.vae_tiling)
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
-    record = dict(scheduler=s.scheduler, steps=s.steps, guidance=s.guidance, base=base, height=size, width=size,
-                  negative_prompt=s.negative_prompt, base_dtype=s.base_dtype)
+    record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
+                  negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)
     reused = [i for i in todo if cache is not None and cache.has(s.seed + i)]
     for i in reused:
         cache.copy_to(s.seed + i, folder / f"class_{i:05d}.png")
@@ -152,11 +158,12 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     import time
 
     start = time.perf_counter()
-    sampler = PriorSampler(base, s.scheduler, dtype, device, vae, _batch_size(s.batch_size, device),
+    g = s.sampler
+    sampler = PriorSampler(base, g.scheduler, dtype, device, vae, _batch_size(s.batch_size, device),
                            base_dtype=s.base_dtype, vae_tiling=s.vae_tiling)
     timing = {"load_s": time.perf_counter() - start}
-    meta_base = dict(base=base, vae=vae, loras=[], scheduler=s.scheduler, steps=s.steps, guidance=s.guidance,
-                     negative_prompt=s.negative_prompt, **sampler.runtime())
+    meta_base = dict(base=base, vae=vae, loras=[], scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
+                     negative_prompt=g.negative_prompt, **sampler.runtime())
     by_seed = {s.seed + i: i for i in indices}
 
     def write(i: int, image) -> None:
@@ -177,8 +184,8 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     previous: list = []
     with ThreadPoolExecutor(max_workers=2) as pool, \
             tqdm(total=len(indices), desc=f"class images -> {folder}", disable=not progress) as bar:
-        for n, (seed, image) in enumerate(sampler.images(prompt, list(by_seed), s.steps, s.guidance,
-                                                         s.negative_prompt, size, size), 1):
+        for n, (seed, image) in enumerate(sampler.images(prompt, list(by_seed), g.steps, g.guidance,
+                                                         g.negative_prompt, size, size), 1):
             current.append((by_seed[seed], pool.submit(write, by_seed[seed], image)))
             bar.update(1)
             if n % sampler.batch_size == 0:  # wait for the batch before: this one's files write meanwhile

@@ -1,8 +1,9 @@
 """Face-aware crops and loss masks: OpenCV's bundled Haar cascade (Viola & Jones 2001) finds the subject's face,
-so ``data.crop: face`` centres the training crop on it and ``data.mask: face`` weights the loss by a face ellipse.
+so ``data.crops.around: face`` centres the training crop on it and ``data.masks.source: face`` weights the loss by a
+face ellipse.
 
 The cascade ships inside ``opencv-python-headless`` (``cv2.data.haarcascades``): nothing is downloaded.
-A mask file ``photo.mask.png`` beside ``photo.jpg`` (white: weight 1, black: ``data.mask_floor``) wins over the
+A mask file ``photo.mask.png`` beside ``photo.jpg`` (white: weight 1, black: ``data.masks.floor``) wins over the
 automatic ellipse.
 """
 from __future__ import annotations

@@ -167,7 +167,7 @@ def check_images(paths: list[Path], role: str = "image", resolution: int | None 
         resolution: training side, for the upscale note and the too-small floor (None: no size check).
         strict: raise one :class:`ImageIntakeError` listing every unusable file (default); False skips them
             with a warning.
-        mask_floor: inspect each photo's mask file too (data/masks.py), with this ``data.mask_floor`` (None: no
+        mask_floor: inspect each photo's mask file too (data/masks.py), with this ``data.masks.floor`` (None: no
             masks, as for class and reference images).
     """
     return [r.path for r in _reports(paths, role, resolution, strict, mask_floor)]
@@ -249,7 +249,7 @@ def find_instance_images(instance_dir: str, num_instance_images: int | None, res
     if num_instance_images is not None:
         if len(inst) < num_instance_images:
             raise ImageIntakeError(f"instance dir {instance_dir!r} has {len(inst)} image(s) but "
-                                   f"data.num_instance_images is {num_instance_images}: add photos or lower it.")
+                                   f"data.photos.num_images is {num_instance_images}: add photos or lower it.")
         inst = inst[:num_instance_images]
     if mask == "off":
         return check_images(inst, "instance", resolution, strict)

@@ -1,6 +1,6 @@
 """Mask files (``photo.mask.png`` beside ``photo.jpg``, data/faces.py) inspected with their photos, before any
 model loads: a wrong size, an unreadable file or a decompression bomb makes the photo unusable (listed with the bad
-images, same strict rule); an all-black mask with ``data.mask_floor: 0`` too, since that photo's instance loss is
+images, same strict rule); an all-black mask with ``data.masks.floor: 0`` too, since that photo's instance loss is
 then zero everywhere; a mask without a photo is named (a warning, an error in strict mode).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def inspect_mask(photo: Path, size: tuple[int, int] | None, floor: float) -> str
     Args:
         photo: the instance photo.
         size: its upright (width, height), as training loads it (None: not known, size not compared).
-        floor: ``data.mask_floor``, the loss weight of black mask pixels.
+        floor: ``data.masks.floor``, the loss weight of black mask pixels.
     """
     side = mask_path(photo)
     if not side.exists():
@@ -50,8 +50,8 @@ def inspect_mask(photo: Path, size: tuple[int, int] | None, floor: float) -> str
     except (OSError, SyntaxError, ValueError) as e:
         return f"its mask {side.name} cannot be read ({type(e).__name__}: {e}): re-export it as a PNG"
     if floor == 0 and grey.getextrema()[1] == 0:
-        return (f"its mask {side.name} is all black and data.mask_floor is 0, so this photo would teach nothing: "
-                "paint the subject white, or raise data.mask_floor")
+        return (f"its mask {side.name} is all black and data.masks.floor is 0, so this photo would teach nothing: "
+                "paint the subject white, or raise data.masks.floor")
     return None
 
 

@@ -1,4 +1,4 @@
-"""Held-out validation photos (``data.validation_photos``): the last N subject photos, and the last N class images
+"""Held-out validation photos (``data.photos.held_out``): the last N subject photos, and the last N class images
 with prior preservation, leave training and come back as a fixed validation set (sd-scripts' ``validation_split``,
 SimpleTuner's eval loss, OneTrainer's validation concept).
 
@@ -24,14 +24,14 @@ def hold_out(paths: Sequence[Path], n: int, what: str) -> tuple[list[Path], list
 
     Args:
         paths: the images, sorted.
-        n: ``data.validation_photos``.
+        n: ``data.photos.held_out``.
         what: ``instance`` or ``class``, for the message when too few remain.
     """
     paths = list(paths)
     if n < 0:
-        raise ValueError(f"data.validation_photos must be >= 0, got {n}")
+        raise ValueError(f"data.photos.held_out must be >= 0, got {n}")
     if n and n >= len(paths):
-        raise ValueError(f"data.validation_photos={n} would hold out all {len(paths)} {what} image(s): keep at least "
+        raise ValueError(f"data.photos.held_out={n} would hold out all {len(paths)} {what} image(s): keep at least "
                          f"one for training (set it to at most {len(paths) - 1}, or add {what} images).")
     return (paths[:len(paths) - n], paths[len(paths) - n:]) if n else (paths, [])
 
@@ -74,6 +74,6 @@ def check_validation_schedule(trainer) -> None:
     """
     interval = getattr(trainer, "val_check_interval", None)
     if trainer is not None and not isinstance(interval, int):
-        raise ValueError(f"data.validation_photos needs trainer.val_check_interval as a number of steps (e.g. 50), "
+        raise ValueError(f"data.photos.held_out needs trainer.val_check_interval as a number of steps (e.g. 50), "
                          f"got {interval!r}: the training stream is endless, so validation at an epoch's fraction "
                          "never comes.")

@@ -15,8 +15,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
+from ..moved_keys import nest_hparams
 from ..runs import RunDir, fit_command
-from .ablation_grid import AblationGrid, Evaluation, Sampler, check_evaluation, expand, load_grid
+from ..sampling import SamplerSettings
+from .ablation_grid import AblationGrid, Evaluation, check_evaluation, expand, load_grid, sampler_key
 from ..io import check_output_dir, read_json, write_json
 from .ablation_report import write_report
 from .jobs import FitJob, read_status, run_jobs
@@ -36,20 +38,16 @@ def cell_jobs(spec: AblationGrid, cells: list[tuple[str, dict[str, Any]]], evalu
     return jobs
 
 
-def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, sampler: Sampler, out: Path) -> dict:
+def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, sampler: SamplerSettings,
+                  out: Path) -> dict:
     """Metrics of one LoRA under one sampler, cached in ``out/ablate_metrics.json``."""
     cache = out / METRICS_FILE
     if cache.is_file():
         return read_json(cache, "cached cell metrics")
     from .evaluate import evaluate_suite
 
-    metrics = evaluate_suite(lora=str(lora), base=base, instance_dir=instance_dir, token=ev.token,
-                             class_name=ev.class_name, out=str(out), suite=ev.suite, num_prompts=ev.num_prompts,
-                             images_per_prompt=ev.images_per_prompt, scheduler=sampler.scheduler,
-                             steps=sampler.steps, guidance=ev.guidance, resolution=ev.resolution,
-                             clip_weights=ev.clip_weights, dino_weights=ev.dino_weights, seed=ev.seed,
-                             pres_images=ev.pres_images, class_prompt=ev.class_prompt, drift=ev.drift,
-                             face_weights=ev.face_weights)
+    metrics = evaluate_suite(lora=str(lora), base=base, instance_dir=instance_dir, out=str(out), sampler=sampler,
+                             **ev.suite_args())
     metrics = {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()  # counts stay integers
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     write_json(cache, metrics)
@@ -57,7 +55,7 @@ def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, samp
 
 
 def evaluate_run(run_dir: Path, lora: Path, ev: Evaluation, eval_root: Optional[Path] = None) -> list[dict]:
-    """One row per sampler: ``scheduler``, ``sample_steps``, ``eval_dir``, metrics (or ``eval_error``).
+    """One row per sampler: ``scheduler``, ``sample_steps``, ``guidance``, ``eval_dir``, metrics (or ``eval_error``).
 
     Args:
         run_dir: the run's version dir; its ``config.yaml`` gives the base model and the instance photos.
@@ -67,21 +65,24 @@ def evaluate_run(run_dir: Path, lora: Path, ev: Evaluation, eval_root: Optional[
     """
     cfg = RunDir(run_dir).config()
     base = cfg.get("model", {}).get("base_model")
-    instance_dir = ev.instance_dir or cfg.get("data", {}).get("instance_dir")
+    data = nest_hparams(cfg.get("data") or {}, "data")  # a run from before the data groups too
+    instance_dir = ev.instance_dir or (data.get("photos") or {}).get("dir")
     if not base or not instance_dir:
-        raise SystemExit(f"ablate: {run_dir / 'config.yaml'} does not name model.base_model and data.instance_dir; "
+        raise SystemExit(f"ablate: {run_dir / 'config.yaml'} does not name model.base_model and data.photos.dir; "
                          "evaluate runs written by fit (their config.yaml), or set evaluation.instance_dir.")
     rows = []
     for sampler in ev.samplers:
-        out = (eval_root or run_dir / "eval") / sampler.key
-        row = {"scheduler": sampler.scheduler, "sample_steps": sampler.steps, "eval_dir": str(out)}
+        out = (eval_root or run_dir / "eval") / sampler_key(sampler)
+        row = {"scheduler": sampler.scheduler, "sample_steps": sampler.steps, "guidance": sampler.guidance,
+               "eval_dir": str(out)}
         try:
             row.update(evaluate_lora(lora, base, instance_dir, ev, sampler, out))
         except KeyboardInterrupt:
             raise
         except BaseException as e:  # noqa: BLE001 - one failed evaluation must not lose the others
             row["eval_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
-            print(f"[ablate] evaluation of {run_dir.name} with {sampler.key} failed: {row['eval_error']}", flush=True)
+            print(f"[ablate] evaluation of {run_dir.name} with {sampler_key(sampler)} failed: {row['eval_error']}",
+                  flush=True)
         rows.append(row)
     return rows
 

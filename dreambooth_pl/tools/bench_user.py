@@ -148,7 +148,7 @@ def image_difference(ours: list, ref: list) -> dict:
 
 def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config: Path,
                          overrides: list[str] | None = None, full_priors: int = 197, full_steps: int = 1000) -> dict:
-    """Time ``python -m dreambooth_pl fit --config <config>`` with ``data.generate_class_images: true`` from process
+    """Time ``python -m dreambooth_pl fit --config <config>`` with ``data.priors.generate: true`` from process
     start to its LoRA file, on a fresh class folder and prior cache; read its phases (phases.json) and extrapolate
     them to ``full_priors`` priors and ``full_steps`` steps at the measured rates.
 
@@ -165,10 +165,10 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
 
     run = work / f"e2e-{time.strftime('%H%M%S')}"
     cmd = [sys.executable, "-m", "dreambooth_pl", "fit", "--config", str(config), "--model.base_model", base,
-           "--data.instance_dir", str(SAMPLE_DOG), "--data.instance_prompt", "a photo of sks person",
-           "--data.class_dir", str(run / "class"), "--data.class_prompt", PROMPT,
-           "--data.num_class_images", str(priors), "--data.generate_class_images", "true",
-           "--data.class_generation", json.dumps({"cache_dir": str(run / "prior-cache")}),
+           "--data.photos.dir", str(SAMPLE_DOG), "--data.photos.prompt", "a photo of sks person",
+           "--data.priors.dir", str(run / "class"), "--data.priors.prompt", PROMPT,
+           "--data.priors.num_images", str(priors), "--data.priors.generate", "true",
+           "--data.priors.generation", json.dumps({"cache_dir": str(run / "prior-cache")}),
            "--trainer.max_steps", str(steps), "--trainer.logger.init_args.save_dir", str(run),
            "--trainer.enable_progress_bar", "false", *(overrides or [])]
     proc, wall = timed_process(cmd, "end-to-end fit")

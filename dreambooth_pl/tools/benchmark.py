@@ -79,8 +79,8 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
     # reruns share work/export, so the CLI parses without running (run=False: no refusal to overwrite an earlier
     # run's export) and trainer.fit is called here
     args = fit_command([config], {
-        "model.base_model": base, "data.instance_dir": instance_dir, "data.class_dir": class_dir,
-        "data.num_class_images": 4, "trainer.max_steps": warmup + steps, "trainer.devices": devices,
+        "model.base_model": base, "data.photos.dir": instance_dir, "data.priors.dir": class_dir,
+        "data.priors.num_images": 4, "trainer.max_steps": warmup + steps, "trainer.devices": devices,
         "trainer.logger.init_args.save_dir": work / "runs", "trainer.enable_progress_bar": False,
         "trainer.default_root_dir": work / "runs", "checkpoint.every_n_train_steps": 0,
         "checkpoint.save_last": False, "export.dirpath": work / "export"}, verb=False) + list(overrides)
@@ -222,7 +222,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
         preset: ``recipe`` (configs/sdxl_lora_prior.yaml), ``fast``, ``t4-16gb``, ``t4-16gb-te``, ``8gb``
             (configs/perf/<preset>.yaml), ``sample``, ``priors`` (class priors against diffusers' pipeline, same
             seeds, with the image difference) or ``end-to-end`` (the recipe's ``fit`` with
-            ``data.generate_class_images: true`` timed from process start to the LoRA file, phases included;
+            ``data.priors.generate: true`` timed from process start to the LoRA file, phases included;
             tools/bench_user.py).
         steps: timed steady-state steps (images for ``sample`` and ``priors``; the run's steps for ``end-to-end``).
         warmup: untimed first steps (compilation happens here; their times are reported).

@@ -13,14 +13,14 @@ from typing import Optional
 
 def buckets(configs: list[str], resolution: Optional[int] = None, bucket_step: Optional[int] = None,
             bucket_max_ratio: Optional[float] = None) -> str:
-    """The bucket table of ``fit --config C1 --config C2 ...``, with each bucket's count of ``data.instance_dir``'s
+    """The bucket table of ``fit --config C1 --config C2 ...``, with each bucket's count of ``data.photos.dir``'s
     photos (read and checked as fit reads them), as fit logs it.
 
     Args:
         configs: fit config files, later ones overriding earlier ones (read with fit's own parser).
         resolution: try another ``data.resolution`` (None: the config's).
-        bucket_step: try another ``data.bucket_step`` (None: the config's).
-        bucket_max_ratio: try another ``data.bucket_max_ratio`` (None: the config's).
+        bucket_step: try another ``data.crops.bucket_step`` (None: the config's).
+        bucket_max_ratio: try another ``data.crops.bucket_max_ratio`` (None: the config's).
     """
     from ..cli import read_fit_config
     from ..data.buckets import bucket_report
@@ -33,6 +33,8 @@ def buckets(configs: list[str], resolution: Optional[int] = None, bucket_step: O
     with warnings.catch_warnings():  # LightningCLI warns that args= and sys.argv are both set: here by design
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         data = read_fit_config(*configs, partial=True).get("data") or {}
-    given = {"resolution": resolution, "bucket_step": bucket_step, "bucket_max_ratio": bucket_max_ratio}
-    data.update({k: v for k, v in given.items() if v is not None})
+    if resolution is not None:
+        data["resolution"] = resolution
+    given = {"bucket_step": bucket_step, "bucket_max_ratio": bucket_max_ratio}
+    data["crops"] = {**(data.get("crops") or {}), **{k: v for k, v in given.items() if v is not None}}
     return bucket_report(data)

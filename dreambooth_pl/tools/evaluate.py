@@ -7,6 +7,7 @@ an image with itself. CLIP-T scores each prompt with the identifier token remove
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -14,7 +15,7 @@ from typing import Literal, Optional, Sequence
 ClipTPrompt = Literal["without_identifier", "as_generated"]
 
 from ..io import check_output_dir, ensure_writable, read_json, read_png_metadata, write_json, write_png, write_text
-from ..sampling import SAMPLER
+from ..sampling import SAMPLER, SamplerSettings
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 # Published numbers (DreamBooth paper, Table 1), shown beside ours for scale; not computed here.
@@ -207,11 +208,11 @@ def _suite_samples(folder: Path, jobs: list[tuple[str, int]], settings: dict, pi
             for start in range(0, len(todo), 4):
                 chunk = todo[start:start + 4]
                 images = generate(pipe, [rewrite(jobs[k][0]) for k in chunk], [jobs[k][1] for k in chunk],
-                                  settings["steps"], settings["guidance"], None, settings["resolution"],
-                                  settings["resolution"], batch_size=4)
+                                  settings["steps"], settings["guidance"], settings["negative_prompt"],
+                                  settings["resolution"], settings["resolution"], batch_size=4)
                 for k, img in zip(chunk, images):  # written one by one: a kill keeps every finished sample
                     # the sample verb's metadata too, so ``sample --from_png`` redraws any of these images
-                    meta = dict(settings, vae=None, loras=[[f, w] for f, w in pipe_args["loras"]], negative_prompt=None,
+                    meta = dict(settings, vae=None, loras=[[f, w] for f, w in pipe_args["loras"]],
                                 dtype=pipe_args["dtype"], height=img.height, width=img.width)
                     write_png(files[k], img, dict(meta, prompt=jobs[k][0], seed=jobs[k][1]))
                 bar.update(len(chunk))
@@ -220,8 +221,7 @@ def _suite_samples(folder: Path, jobs: list[tuple[str, int]], settings: dict, pi
 
 def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_name: str, out: str,
                    suite: str = "dreambench_object", num_prompts: Optional[int] = None, images_per_prompt: int = 4,
-                   scheduler: str = SAMPLER.scheduler, steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
-                   resolution: Optional[int] = None,
+                   sampler: SamplerSettings = SAMPLER, resolution: Optional[int] = None,
                    clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino", seed: int = 0,
                    pres_images: int = 8, dtype: Optional[str] = None, device: Optional[str] = None,
                    clip_t_prompt: ClipTPrompt = "without_identifier", class_prompt: Optional[str] = None,
@@ -239,9 +239,8 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
         suite: prompt suite (paper: dreambench_object or dreambench_live, 25 prompts each).
         num_prompts: first N prompts of the suite (None: all).
         images_per_prompt: images per prompt (paper: 4).
-        scheduler: sampler name (see ``sampling.SCHEDULERS``).
-        steps: denoising steps.
-        guidance: classifier-free guidance scale.
+        sampler: scheduler (``sampling.SCHEDULERS``), steps, guidance and negative prompt (``--sampler.steps 30``;
+            sampling.SamplerSettings).
         resolution: square side in pixels (None: the base's native size).
         clip_weights: ``openai`` or a local CLIP ViT-B-32 file (None: random, tests only).
         dino_weights: ``dino`` or a local DINO ViT-S/16 file (None: random, tests only).
@@ -278,10 +277,10 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
     from ..token_files import beside
 
     embeddings = [str(Path(e).resolve()) for e in (beside(lora) if embeddings is None else embeddings)]
-    settings = dict(lora=str(Path(lora).resolve()), base=base, scheduler=scheduler, steps=steps, guidance=guidance,
+    settings = dict(lora=str(Path(lora).resolve()), base=base, **dataclasses.asdict(sampler),
                     resolution=resolution, **({"embeddings": embeddings} if embeddings else {}))
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    pipe_args = dict(base=base, loras=[(lora, 1.0)], scheduler=scheduler, device=device,
+    pipe_args = dict(base=base, loras=[(lora, 1.0)], scheduler=sampler.scheduler, device=device,
                      dtype=dtype or ("float16" if cuda else "float32"), embeddings=embeddings)
     files = _suite_samples(ensure_writable(folder / "samples"), jobs, settings, pipe_args)
     class_files = _suite_samples(ensure_writable(folder / "samples_class"), class_jobs, settings, pipe_args)
@@ -306,11 +305,16 @@ def evaluate_suite(lora: str, base: str, instance_dir: str, token: str, class_na
 
 
 def _run_prior(lora: str) -> Optional[bool]:
-    """``data.with_prior_preservation`` of the fit run that wrote ``lora`` (its config.yaml), if found."""
+    """``data.priors.enabled`` of the fit run that wrote ``lora`` (its config.yaml), if found."""
     from ..runs import RunDir
 
     run = RunDir.holding(lora)
-    return (run.config().get("data") or {}).get("with_prior_preservation") if run else None
+    if run is None:
+        return None
+    from ..moved_keys import nest_hparams
+
+    data = nest_hparams(run.config().get("data") or {}, "data")  # a run from before the data groups too
+    return (data.get("priors") or {}).get("enabled")
 
 
 def compare_runs(evals: list[str], out: Optional[str] = None) -> str:

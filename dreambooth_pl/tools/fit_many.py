@@ -28,7 +28,7 @@ class Subject:
 
     Args:
         name: its run folder's name (``OUT/runs/NAME``).
-        photos: folder of its photos (``data.instance_dir``).
+        photos: folder of its photos (``data.photos.dir``).
         identifier: the rare token that names it, e.g. ``rraj``.
         class_name: its class, e.g. ``person``.
         overrides: ``key: value`` fit settings for this subject only.
@@ -50,8 +50,8 @@ class SubjectList:
         out: output folder.
         subjects: the subjects.
         overrides: ``key: value`` fit settings for every subject.
-        instance_prompt: template of ``data.instance_prompt`` (``{identifier}``, ``{class_name}``).
-        class_prompt: template of ``data.class_prompt`` (``{class_name}``).
+        instance_prompt: template of ``data.photos.prompt`` (``{identifier}``, ``{class_name}``).
+        class_prompt: template of ``data.priors.prompt`` (``{class_name}``).
     """
 
     base_config: list[str]
@@ -76,6 +76,13 @@ def load_subjects(path: str) -> SubjectList:
     if not spec.subjects or twice or any(not re.fullmatch(r"[\w.=-]+", n) for n in names):
         raise SystemExit(f"fit-many: {path!r} needs subjects with unique names of letters, digits, '_', '-', '.' "
                          f"(repeated: {twice}).")
+    from ..moved_keys import MovedKeyError, check_moved_keys
+
+    try:  # every subject's fit would stop on it: say so once, naming this file
+        check_moved_keys({**spec.overrides, **{k: v for s in spec.subjects for k, v in s.overrides.items()}},
+                         f"subjects file {path!r}")
+    except MovedKeyError as e:
+        raise SystemExit(f"fit-many: {e}") from None
     return spec
 
 
@@ -94,13 +101,14 @@ def nested(dotted: dict[str, Any]) -> dict:
 def prior_key(cfg: dict) -> Optional[dict]:
     """What a subject's class priors depend on (None without prior preservation): equal keys share one folder."""
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
-    if not data.get("with_prior_preservation"):
+    priors = data.get("priors") or {}
+    if not priors.get("enabled"):
         return None
-    settings = dict(data.get("class_generation") or {})
+    settings = dict(priors.get("generation") or {})
     if settings.get("resolution") is None:
         settings["resolution"] = data.get("resolution")  # as the DataModule draws them
-    return {"base": model.get("base_model"), "vae": model.get("vae_model"), "prompt": data.get("class_prompt"),
-            "num": data.get("num_class_images"), "settings": settings}
+    return {"base": model.get("base_model"), "vae": model.get("vae_model"), "prompt": priors.get("prompt"),
+            "num": priors.get("num_images"), "settings": settings}
 
 
 def prior_folder(out: Path, key: dict) -> Path:
@@ -111,10 +119,10 @@ def prior_folder(out: Path, key: dict) -> Path:
 
 def draw_priors(key: dict, folder: str) -> str:
     """Ray task body: draw the class priors of ``key`` into ``folder`` (resumable; the only writer of it)."""
-    from ..data.class_images import ClassImageSettings, draw_class_images
+    from ..data.class_images import ClassImageSettings, as_class_image_settings, draw_class_images
 
     fields = {f.name for f in dataclasses.fields(ClassImageSettings)}
-    settings = ClassImageSettings(**{k: v for k, v in key["settings"].items() if k in fields})
+    settings = as_class_image_settings({k: v for k, v in key["settings"].items() if k in fields})
     report = draw_class_images(key["base"], key["prompt"], folder, key["num"], settings, "float16", None,
                                key["vae"], progress=False)
     print(f"[fit-many] class priors {folder}: {report}", flush=True)
@@ -129,23 +137,23 @@ def subject_jobs(spec: SubjectList) -> tuple[list[FitJob], dict[str, Task], dict
     jobs, priors, needs = [], {}, {}
     for s in spec.subjects:
         values = {"class_name": s.class_name, "identifier": s.identifier}
-        dotted = {**spec.overrides, "data.instance_dir": s.photos,
-                  "data.instance_prompt": spec.instance_prompt.format(**values),
-                  "data.class_prompt": spec.class_prompt.format(**values), **s.overrides}
+        dotted = {**spec.overrides, "data.photos.dir": s.photos,
+                  "data.photos.prompt": spec.instance_prompt.format(**values),
+                  "data.priors.prompt": spec.class_prompt.format(**values), **s.overrides}
         config = out / "subjects" / f"{s.name}.yaml"
         write_text(config, json.dumps(nested(dotted), indent=1))  # JSON is YAML: a config fragment
         key = prior_key(read_fit_config(*spec.base_config, str(config)))
-        if key is not None and "data.class_dir" not in s.overrides:  # a subject's own class_dir is its own
+        if key is not None and "data.priors.dir" not in s.overrides:  # a subject's own class_dir is its own
             folder = prior_folder(out, key)
             priors.setdefault(folder.name, Task(f"priors {folder.name}", draw_priors, (key, str(folder))))
             needs[s.name] = folder.name
-            dotted.update({"data.class_dir": str(folder), "data.generate_class_images": False})
+            dotted.update({"data.priors.dir": str(folder), "data.priors.generate": False})
             write_text(config, json.dumps(nested(dotted), indent=1))
         run = RunDir(out / "runs" / s.name)
         jobs.append(FitJob(s.name, run, fit_command([*spec.base_config, str(config)], None, run),
                            out / "logs" / f"{s.name}.log",
                            info={"identifier": s.identifier, "class_name": s.class_name,
-                                 "priors": dotted.get("data.class_dir")}))
+                                 "priors": dotted.get("data.priors.dir")}))
     return jobs, priors, needs
 
 

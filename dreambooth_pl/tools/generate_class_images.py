@@ -8,11 +8,11 @@ from typing import Literal, Optional
 
 from ..data.class_images import MANIFEST, NUM_CLASS_IMAGES, ClassImageSettings, draw_class_images
 from ..io import check_output_dir
-from ..sampling import SAMPLER
+from ..sampling import SAMPLER, SamplerSettings
 
 
 def _from_fit_config(path: str) -> dict:
-    """``generate_class_images`` arguments that a fit config sets (data.class_dir, model.base_model, ...), read with
+    """``generate_class_images`` arguments that a fit config sets (data.priors.dir, model.base_model, ...), read with
     the fit command's own parser, so code defaults apply as they would in ``fit``."""
     from ..cli import read_fit_config
 
@@ -20,8 +20,9 @@ def _from_fit_config(path: str) -> dict:
         raise ValueError(f"fit config {path!r} does not exist.")
     cfg = read_fit_config(path, partial=True)
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
-    found = dict(base=model.get("base_model"), vae=model.get("vae_model"), prompt=data.get("class_prompt"),
-                 out=data.get("class_dir"), num=data.get("num_class_images"), resolution=data.get("resolution"))
+    priors = data.get("priors") or {}
+    found = dict(base=model.get("base_model"), vae=model.get("vae_model"), prompt=priors.get("prompt"),
+                 out=priors.get("dir"), num=priors.get("num_images"), resolution=data.get("resolution"))
     if model.get("random_base") and model.get("base_model"):  # the smoke config's base is built on first use
         from ..bases import build_random_base
 
@@ -30,9 +31,7 @@ def _from_fit_config(path: str) -> dict:
 
 
 def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = None, out: Optional[str] = None,
-                          num: Optional[int] = None, seed: int = 0, scheduler: str = SAMPLER.scheduler,
-                          steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
-                          negative_prompt: Optional[str] = None,
+                          num: Optional[int] = None, seed: int = 0, sampler: SamplerSettings = SAMPLER,
                           resolution: Optional[int] = None, batch_size: Optional[int] = None,
                           dtype: Optional[str] = None, cache: bool = True, cache_dir: Optional[str] = None,
                           device: Optional[str] = None, vae: Optional[str] = None, fit_config: Optional[str] = None,
@@ -42,14 +41,12 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
 
     Args:
         base: SDXL pipeline folder or hub id (or from ``fit_config``'s model.base_model).
-        prompt: class prompt, e.g. ``a photo of dog`` (or data.class_prompt).
-        out: class image folder (or data.class_dir).
-        num: images the folder must hold (or data.num_class_images; default 200, the paper's).
+        prompt: class prompt, e.g. ``a photo of dog`` (or data.priors.prompt).
+        out: class image folder (or data.priors.dir).
+        num: images the folder must hold (or data.priors.num_images; default 200, the paper's).
         seed: seed of image 0; image i uses ``seed + i``.
-        scheduler: ddim, pndm, euler, euler_a, dpmpp_2m, ...
-        steps: denoising steps.
-        guidance: classifier-free guidance scale.
-        negative_prompt: prompt to steer away from.
+        sampler: scheduler (ddim, pndm, euler, euler_a, dpmpp_2m, ...), steps, guidance and negative prompt
+            (``--sampler.steps 30``; sampling.SamplerSettings).
         resolution: square side in pixels, a multiple of 8 (None: the base's native size; or data.resolution).
         batch_size: images per UNet batch (None: 8 on a GPU with at least 40 GiB, else 4).
         dtype: bfloat16, float16 or float32 (None: bf16 where the GPU has it, fp16 on other GPUs, fp32 on a CPU).
@@ -74,12 +71,11 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
     missing = [k for k in ("base", "prompt", "out") if not args[k]]
     if missing:
         raise ValueError(f"generate-class-images needs --{', --'.join(missing)} (or --fit_config with "
-                         "model.base_model, data.class_prompt and data.class_dir).")
+                         "model.base_model, data.priors.prompt and data.priors.dir).")
     check_size(args["resolution"], args["resolution"])
     check_output_dir(args["out"], "generate-class-images", "--out", overwrite, ours=("class_*.png", MANIFEST))
-    settings = ClassImageSettings(steps=steps, guidance=guidance, scheduler=scheduler, resolution=args["resolution"],
-                                  batch_size=batch_size, seed=seed, negative_prompt=negative_prompt, cache=cache,
-                                  cache_dir=cache_dir, base_dtype=base_dtype, vae_tiling=vae_tiling)
+    settings = ClassImageSettings(sampler=sampler, resolution=args["resolution"], batch_size=batch_size, seed=seed,
+                                  cache=cache, cache_dir=cache_dir, base_dtype=base_dtype, vae_tiling=vae_tiling)
     return draw_class_images(args["base"], args["prompt"], args["out"],
                              NUM_CLASS_IMAGES if args["num"] is None else args["num"], settings, dtype, device,
                              args["vae"], progress)

@@ -10,6 +10,7 @@ scores only the new ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Literal, Optional
 from PIL import Image
 
 from ..io import atomic_write, check_output_dir, read_json, save_image, write_json, write_text
-from ..sampling import SAMPLER
+from ..sampling import SAMPLER, SamplerSettings
 
 
 def _curves(rows: list[dict], path: Path, title: str) -> None:
@@ -75,8 +76,8 @@ def _table(rows: list[dict]) -> str:
 def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str, prompt: str,
                style_text: str, style_dir: Optional[str] = None, token: Optional[str] = None,
                style_weights: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0], subject_weight: float = 1.0,
-               images_per_weight: int = 4, seed: int = 0, scheduler: str = SAMPLER.scheduler,
-               steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance, resolution: Optional[int] = None,
+               images_per_weight: int = 4, seed: int = 0, sampler: SamplerSettings = SAMPLER,
+               resolution: Optional[int] = None,
                dtype: Literal["float16", "bfloat16", "float32"] = "float16", device: Optional[str] = None,
                clip_weights: Optional[str] = "openai", dino_weights: Optional[str] = "dino") -> dict:
     """Sweep the style LoRA's weight; score subject fidelity and style adherence; write table, plot and grid.
@@ -96,9 +97,8 @@ def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str,
         subject_weight: fixed subject LoRA weight.
         images_per_weight: images per sweep point; seeds ``seed .. seed + n - 1`` at every weight.
         seed: first seed.
-        scheduler: sampler name (see ``dreambooth_pl.sampling.SCHEDULERS``).
-        steps: denoising steps.
-        guidance: classifier-free guidance scale.
+        sampler: scheduler (``dreambooth_pl.sampling.SCHEDULERS``), steps, guidance and negative prompt
+            (``--sampler.steps 30``; sampling.SamplerSettings).
         resolution: image side in pixels (None: the base's native size).
         dtype: UNet / text-encoder dtype.
         device: cuda, cpu, ... (None: CUDA when available).
@@ -110,8 +110,10 @@ def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str,
 
     root = check_output_dir(out, "merge-eval", ours=("images", "merge_eval.*", "*.png"))
     seeds = [seed + i for i in range(images_per_weight)]
+    # an unset negative prompt stays out of the key: images drawn before it existed keep their folder
+    drawn_with = {k: v for k, v in dataclasses.asdict(sampler).items() if v is not None}
     gen_cfg = dict(subject=str(subject), style=str(style), base=str(base), prompt=prompt, subject_weight=subject_weight,
-                   seeds=seeds, scheduler=scheduler, steps=steps, guidance=guidance, resolution=resolution, dtype=dtype)
+                   seeds=seeds, **drawn_with, resolution=resolution, dtype=dtype)
     score_cfg = dict(gen_cfg, instance_dir=str(instance_dir), style_dir=style_dir and str(style_dir),
                      style_text=style_text, token=token, clip_weights=clip_weights, dino_weights=dino_weights)
     # images and scores are reused only under the same settings: a changed prompt or model gets a new folder
@@ -125,10 +127,10 @@ def merge_eval(subject: str, style: str, base: str, instance_dir: str, out: str,
         paths = [image_dir / f"style{w:g}_seed{s}.png" for s in seeds]
         if not all(p.exists() for p in paths):  # resumable: only missing sweep points are sampled
             if pipe is None:
-                pipe = load_pipeline(base, [(subject, subject_weight), (style, 1.0)], scheduler, dtype, device)
+                pipe = load_pipeline(base, [(subject, subject_weight), (style, 1.0)], sampler.scheduler, dtype, device)
             pipe.set_adapters(["lora0", "lora1"], [subject_weight, w])
-            images = generate(pipe, [prompt] * len(seeds), seeds, steps, guidance, height=resolution,
-                              width=resolution)
+            images = generate(pipe, [prompt] * len(seeds), seeds, sampler.steps, sampler.guidance,
+                              sampler.negative_prompt, height=resolution, width=resolution)
             for img, p in zip(images, paths):
                 save_image(p, img)
             scored.pop(float(w), None)

@@ -6,14 +6,15 @@ temporary name and renamed, so an interrupted run leaves only complete files.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Union
 
 from ..io import check_output_dir, read_png_metadata, save_image, write_json, write_png
-from ..sampling import SAMPLER, runtime
+from ..sampling import SAMPLER, SamplerSettings, runtime
 
-# sample() arguments that a PNG's metadata pins; the rest (out, batch size, device) do not change pixels.
-REPRO_KEYS = ("base", "vae", "loras", "scheduler", "steps", "guidance", "negative_prompt", "height", "width", "dtype")
+# what a PNG's metadata pins beside its sampler; the rest (out, batch size, device) do not change pixels.
+REPRO_KEYS = ("base", "vae", "loras", "height", "width", "dtype")
 
 
 def contact_sheet(images: list, labels: list[str], cols: int, thumb: int = 256):
@@ -74,9 +75,8 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
            prompt: Union[str, list[str], None] = None, prompt_file: Optional[str] = None,
            suite: Optional[str] = None, token: str = "sks", class_name: str = "dog",
            lora: Union[str, list[str], None] = None, lora_scale: Union[float, list[float], None] = None,
-           scheduler: str = SAMPLER.scheduler, steps: int = SAMPLER.steps, guidance: float = SAMPLER.guidance,
-           negative_prompt: Optional[str] = None,
-           height: Optional[int] = None, width: Optional[int] = None, seeds: Union[int, list[int], None] = None,
+           sampler: SamplerSettings = SAMPLER, height: Optional[int] = None, width: Optional[int] = None,
+           seeds: Union[int, list[int], None] = None,
            seed: int = 0, images_per_prompt: int = 1, batch_size: int = 4, dtype: str = "float16",
            device: Optional[str] = None, vae: Optional[str] = None, vae_tiling: bool = False,
            vae_slicing: bool = True, from_png: Optional[str] = None, list_suites: bool = False,
@@ -93,10 +93,8 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
         class_name: class noun that fills ``{class}``.
         lora: adapter file(s) of any kind fit writes (LoRA, DoRA, LoKr, LoHa), diffusers or kohya layout.
         lora_scale: one scale per LoRA file (default 1.0 each).
-        scheduler: ddim, pndm, euler, euler_a, dpmpp_2m, ... (see sampling.SCHEDULERS).
-        steps: denoising steps.
-        guidance: classifier-free guidance scale.
-        negative_prompt: prompt to steer away from.
+        sampler: scheduler (ddim, pndm, euler, euler_a, dpmpp_2m, ...; sampling.SCHEDULERS), steps, guidance and
+            negative prompt (``--sampler.steps 30``; sampling.SamplerSettings).
         height: image height in pixels, a multiple of 8 (None: the base's native size).
         width: image width in pixels, a multiple of 8 (None: the base's native size).
         seeds: one seed per image (prompt-major order); None: image k gets ``seed + k``.
@@ -131,12 +129,13 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
     from ..token_files import beside, prompt_rewriter
 
     found = [f for path, _ in loras for f in beside(path)] if embeddings is None else _as_list(embeddings)
-    settings = dict(base=base, vae=vae, loras=loras, scheduler=scheduler, steps=steps, guidance=guidance,
-                    negative_prompt=negative_prompt, height=height, width=width, dtype=dtype,
+    # what the PNGs record (flat, as PNGs of every version since the first do)
+    settings = dict(base=base, vae=vae, loras=loras, height=height, width=width, dtype=dtype,
                     embeddings=[str(f) for f in dict.fromkeys(found)])
     if from_png:
         meta = read_png_metadata(from_png)
         settings.update({k: meta[k] for k in REPRO_KEYS}, embeddings=meta.get("embeddings", []))
+        sampler = SamplerSettings(**{f.name: meta[f.name] for f in dataclasses.fields(SamplerSettings)})
         prompts, seed_list = [meta["prompt"]], [meta["seed"]]
     else:
         prompts = [p for p in collect_prompts(prompt, prompt_file, suite, token, class_name)
@@ -150,12 +149,12 @@ def sample(base: str = "stabilityai/stable-diffusion-xl-base-1.0", out: str = "o
     check_size(settings["height"], settings["width"])
     folder = check_output_dir(out, "sample", "--out", overwrite, ours=("*.png", "manifest.json"))
     rewrite = prompt_rewriter(settings["embeddings"])  # pivotal tuning: the identifier is the files' new tokens
-    pipe = load_pipeline(settings["base"], [tuple(x) for x in settings["loras"]], settings["scheduler"],
+    pipe = load_pipeline(settings["base"], [tuple(x) for x in settings["loras"]], sampler.scheduler,
                          settings["dtype"], device, settings["vae"], vae_tiling, vae_slicing, force,
                          settings["embeddings"])
-    images = generate(pipe, [rewrite(p) for p in prompts], seed_list, settings["steps"], settings["guidance"],
-                      settings["negative_prompt"], settings["height"], settings["width"], batch_size)
-    settings.update(runtime(pipe))
+    images = generate(pipe, [rewrite(p) for p in prompts], seed_list, sampler.steps, sampler.guidance,
+                      sampler.negative_prompt, settings["height"], settings["width"], batch_size)
+    settings.update(dataclasses.asdict(sampler), **runtime(pipe))
     records = []
     for k, (img, p, s) in enumerate(zip(images, prompts, seed_list)):
         meta = dict(settings, prompt=p, seed=int(s), height=img.height, width=img.width)

@@ -1,0 +1,39 @@
+"""devices.py: borrowed moves only the modules that are elsewhere, and each back home, even when the block fails."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreambooth_pl.devices import borrowed, to_cpu
+
+
+class _Placed(torch.nn.Module):
+    """A module that records where it is told to go (no second device is needed to test the moves)."""
+
+    def __init__(self, device: str):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))
+        self.where, self.moves = torch.device(device), []
+
+    def parameters(self, recurse: bool = True):
+        yield torch.empty(0, device="meta") if self.where.type == "meta" else self.p
+
+    def to(self, device):
+        self.where = torch.device(device)
+        self.moves.append(str(device))
+        return self
+
+
+def test_borrowed_moves_what_is_elsewhere_and_back():
+    home, away = _Placed("cpu"), _Placed("meta")
+    with pytest.raises(RuntimeError, match="inside"):
+        with borrowed((home, away), torch.device("cpu")):
+            assert away.where.type == "cpu" and home.moves == []
+            raise RuntimeError("inside")
+    assert away.moves == ["cpu", "meta"] and home.moves == []
+
+
+def test_to_cpu_moves_every_module():
+    a, b = _Placed("meta"), _Placed("meta")
+    to_cpu(a, b)
+    assert a.moves == b.moves == ["cpu"]
