@@ -11,9 +11,10 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
   the graph; BENCHMARKS.md 2026-12-04), and the VAE decodes in bf16 where the GPU has it, without overflowing
   (SDXL's VAE overflows in fp16, so the pipeline upcasts it to fp32), in batches; the images are quantised to
   uint8 on the GPU;
-- q/k/v of each self-attention and k/v of each cross-attention run as one GEMM (diffusers' own
-  ``fuse_qkv_projections``: the same products, concatenated), on a half-precision base; the unfused projections
-  it keeps (to unfuse) are dropped, which would otherwise hold 1.3 GB more of SDXL's UNet.
+- with ``fuse_qkv``, q/k/v of each self-attention and k/v of each cross-attention run as one GEMM (diffusers' own
+  ``fuse_qkv_projections``: the same products, concatenated), the separate projections dropped (1.3 GB of SDXL's
+  UNet). Off by default: 1.032 against 1.036 s/image unfused, and cuDNN attention first 1.030, all within noise
+  (one H100, 1024², 25 steps, BENCHMARKS.md 2026-12-05): the UNet is bound by its GEMMs and convolutions.
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ class PriorSampler:
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
-                 vae_tiling: bool = False, fuse_qkv: bool = True, attention: AttentionKernel = "auto"):
+                 vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto"):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):

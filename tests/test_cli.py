@@ -82,7 +82,7 @@ def test_shipped_sdxl_configs_hold_the_original_run(name, prior, capsys):
     m, d, t = cfg["model"], cfg["data"], cfg["trainer"]
     assert m["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
     lora, optim, perf = m["lora"], m["optim"], m["perf"]
-    assert (lora["rank"], optim["learning_rate"], optim["name"], perf["memory_plan"]) == (4, 1e-4, "adamw8bit", "auto")
+    assert (lora["rank"], optim["learning_rate"], optim["name"], perf["memory_plan"]) == (4, 1e-4, "adamw", "auto")
     assert perf["gradient_checkpointing"] is None and perf["cache"] is None  # the plan picks them for the card
     assert (t["precision"], t["max_steps"], d["resolution"]) == ("16-mixed", 1000, 1024)
     photos, priors = d["photos"], d["priors"]  # the data groups (data/settings.py), shown whole

@@ -48,17 +48,18 @@ def test_an_image_depends_on_its_seed_only(sampler):
     assert np.abs(np.asarray(together[0][1]).astype(int) - a).max() > 10
 
 
-def test_fused_attention_draws_the_unfused_latents_and_frees_the_separate_projections(sampler, tiny_base):
-    """The default sampler runs fused q/k/v (k/v across); the unfused one draws the same latents within fp32
-    rounding of a concatenated GEMM, and the fused UNet holds no separate self-attention q/k/v or cross k/v."""
+def test_fused_attention_draws_the_unfused_latents_and_frees_the_separate_projections(tiny_base):
+    """``fuse_qkv`` runs fused q/k/v (k/v across) and draws the default's latents within fp32 rounding of a
+    concatenated GEMM; the fused UNet holds no separate self-attention q/k/v or cross k/v."""
     from diffusers.models.attention_processor import Attention
 
-    plain = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=3, fuse_qkv=False)
-    assert sampler.runtime()["fuse_qkv"] and not plain.runtime()["fuse_qkv"]
-    a = sampler.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
+    fused = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=3, fuse_qkv=True)
+    plain = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=3)
+    assert fused.runtime()["fuse_qkv"] and not plain.runtime()["fuse_qkv"]
+    a = fused.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
     b = plain.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
     assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
-    attns = [m for m in sampler.pipe.unet.modules() if isinstance(m, Attention)]
+    attns = [m for m in fused.pipe.unet.modules() if isinstance(m, Attention)]
     assert attns and all(not hasattr(m, "to_k") and not hasattr(m, "to_v") for m in attns)
     assert all(hasattr(m, "to_q") == m.is_cross_attention for m in attns)
     unet = plain.pipe.unet

@@ -69,7 +69,7 @@ def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, b
 
 
 # the sampler's switches timed against its defaults on a GPU (prior_sampler.PriorSampler's arguments)
-VARIANTS = {"unfused_qkv": {"fuse_qkv": False}, "cudnn_attention": {"attention": "cudnn"}}
+VARIANTS = {"fused_qkv": {"fuse_qkv": True}, "cudnn_attention": {"attention": "cudnn"}}
 
 
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
