@@ -52,7 +52,7 @@ for stage in "$@"; do
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.optim.name=adamw"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed","--model.optim.name=adamw","--trainer.gradient_clip_val=null"]' ;;
-    recipe-adamw)  # torch AdamW in place of 8-bit Adam, clipping kept: foreach under 16-mixed, fused under bf16-mixed
+    recipe-adamw)  # torch AdamW in place of 8-bit Adam, clipping kept (so its foreach kernels), under 16- and bf16-mixed
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.optim.name=adamw"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed","--model.optim.name=adamw"]' ;;
     recipe-16gb) bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.memory_budget_gib=15"]' ;;

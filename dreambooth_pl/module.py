@@ -294,9 +294,9 @@ class DreamBoothLoRA(L.LightningModule):
                            "weight_decay": o.text_encoder_weight_decay})
         if self.pivotal is not None:
             groups.append(self.pivotal.param_group())
-        clipped_fp16 = str(self.trainer.precision).startswith("16") and bool(self.trainer.gradient_clip_val)
+        clipped_mixed = str(self.trainer.precision).endswith("-mixed") and bool(self.trainer.gradient_clip_val)
         opt = build_optimizer(o.name, groups, o.weight_decay, self.device, tuple(o.adam_betas), o.adam_epsilon,
-                              clipped_fp16)
+                              clipped_mixed)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         sched = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -11,7 +11,7 @@ OptimizerName = Literal["adamw", "adamw8bit", "prodigy"]
 
 def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float, device: torch.device,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    clipped_fp16: bool = False) -> torch.optim.Optimizer:
+                    clipped_mixed: bool = False) -> torch.optim.Optimizer:
     """The optimizer ``name`` over parameter ``groups`` (each with its ``lr``).
 
     Args:
@@ -22,8 +22,9 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
         weight_decay: decoupled weight decay.
         device: where the parameters live (picks fused AdamW on CUDA).
         betas, eps: the Adam moments' decays and the denominator's epsilon (Kingma & Ba 2015, alg. 1).
-        clipped_fp16: the run clips gradients under ``16-mixed``: fused AdamW unscales inside its step, after
-            Lightning would clip, so Lightning refuses it there; the multi-tensor (foreach) kernels run instead.
+        clipped_mixed: the run clips gradients under mixed precision (``16-mixed`` or ``bf16-mixed``): fused AdamW
+            unscales inside its step, after Lightning would clip, so Lightning's mixed-precision plugin refuses it
+            (under bf16 too, where nothing is scaled); the multi-tensor (foreach) kernels run instead.
     """
     if name == "adamw8bit" and device.type != "cuda":
         rank_zero_warn("model.optim.name=adamw8bit needs a CUDA GPU (bitsandbytes); using torch AdamW on "
@@ -45,7 +46,7 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
                        safeguard_warmup=True, betas=betas, eps=eps)
     if name not in ("adamw", "adamw8bit"):
         raise ValueError(f"model.optim.name must be adamw, adamw8bit or prodigy, got {name!r}")
-    fused = device.type == "cuda" and not clipped_fp16
+    fused = device.type == "cuda" and not clipped_mixed
     return torch.optim.AdamW(groups, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused,
                              foreach=None if fused else device.type == "cuda")
 

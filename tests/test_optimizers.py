@@ -106,16 +106,24 @@ def test_prodigy_with_ema_logs_its_estimate_and_resumes_bit_exactly(tiny_base, i
     assert all(torch.equal(c3["ema"]["shadow"][k], r3["ema"]["shadow"][k]) for k in r3["ema"]["shadow"])
 
 
-def test_fp16_runs_that_clip_get_adamw_lightning_can_clip():
-    """Fused AdamW unscales fp16 gradients inside its own step, so Lightning's 16-mixed plugin refuses to clip
-    before it (measured: ``optim.name: adamw`` with the recipe's ``gradient_clip_val: 1.0`` stopped with a
-    RuntimeError on the GPU); such a run gets the foreach kernels, every other CUDA run the fused one."""
+def test_mixed_precision_runs_that_clip_get_adamw_lightning_can_clip():
+    """Fused AdamW unscales gradients inside its own step, so Lightning's mixed-precision plugin (16 and bf16)
+    refuses to clip before it (measured: ``optim.name: adamw`` with the recipe's ``gradient_clip_val: 1.0``
+    stopped with a RuntimeError on the GPU); such a run gets the foreach kernels, every other CUDA run the fused
+    one, and Lightning's own check passes."""
     from dreambooth_pl.optimizers import build_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     cuda = torch.device("cuda")  # only the flags are read: fused AdamW also builds over CPU tensors
     plain = build_optimizer("adamw", [{"params": params, "lr": 1e-4}], 0.0, cuda)
-    clipped = build_optimizer("adamw", [{"params": params, "lr": 1e-4}], 0.0, cuda, clipped_fp16=True)
+    clipped = build_optimizer("adamw", [{"params": params, "lr": 1e-4}], 0.0, cuda, clipped_mixed=True)
     assert plain.defaults["fused"] and getattr(plain, "_step_supports_amp_scaling", False)
     assert not clipped.defaults["fused"] and clipped.defaults["foreach"]
     assert not getattr(clipped, "_step_supports_amp_scaling", False)  # what Lightning's clip check reads
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    for precision in ("16-mixed", "bf16-mixed"):
+        plugin = MixedPrecision(precision, "cpu")
+        plugin.clip_gradients(clipped, 1.0)  # no RuntimeError
+        with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+            plugin.clip_gradients(plain, 1.0)
