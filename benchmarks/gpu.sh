@@ -48,13 +48,11 @@ for stage in "$@"; do
     resume-test) timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_acceptance.py -k resume 2>&1 | tail -n 3 ;;
     graphs) timeout 300 python3 -m pytest -q -x tests/test_graphs.py -m gpu -p no:cacheprovider 2>&1 | tail -n 15 ;;
     recipe) bench --preset recipe --steps 15 --warmup 4 ;;
-    recipe-split)  # what separates the recipe's auto plan (16-mixed, 8-bit Adam, clipping) from fast.yaml's 0.100 s
+    recipe-split)  # the recipe (16-mixed, fused AdamW, clipping) with one choice changed, against fast.yaml's
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.optim.name=adamw8bit"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed"]'
-      bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.optim.name=adamw"]'
-      bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed","--model.optim.name=adamw","--trainer.gradient_clip_val=null"]' ;;
-    recipe-adamw)  # torch AdamW in place of 8-bit Adam, clipping kept (so its foreach kernels), under 16- and bf16-mixed
-      bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.optim.name=adamw"]'
-      bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed","--model.optim.name=adamw"]' ;;
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.gradient_clip_val=null"]'
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed","--trainer.gradient_clip_val=null"]' ;;
     recipe-16gb) bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.memory_budget_gib=15"]' ;;
     prior-check)  # no full base: graph = eager and fp16 = the pipeline on the tiny base (tests/test_prior_sampler.py)
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_prior_sampler.py 2>&1 \

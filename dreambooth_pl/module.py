@@ -20,7 +20,7 @@ from .loss import DreamBoothLoss, latent_weights
 from .memory_plan import GIB, manual
 from .model_setup import adapted_encoders, apply_perf, load_model, plan_perf
 from .noise import NoiseSchedule, example_id
-from .optimizers import build_optimizer, step_size_estimates
+from .optimizers import build_optimizer, clip_gradients, step_size_estimates
 from .pivotal import PivotalSettings, PivotalTokens, check_identifier, check_pivotal, pivotal_encode, total_steps
 from .sdxl import PromptCache, add_time_ids, encode_prompts, scale_latents, tokenize
 from .settings import EmaSettings, LoraSettings, OptimSettings, PerfSettings, check_model, plain
@@ -294,12 +294,14 @@ class DreamBoothLoRA(L.LightningModule):
                            "weight_decay": o.text_encoder_weight_decay})
         if self.pivotal is not None:
             groups.append(self.pivotal.param_group())
-        clipped_mixed = str(self.trainer.precision).endswith("-mixed") and bool(self.trainer.gradient_clip_val)
-        opt = build_optimizer(o.name, groups, o.weight_decay, self.device, tuple(o.adam_betas), o.adam_epsilon,
-                              clipped_mixed)
+        opt = build_optimizer(o.name, groups, o.weight_decay, self.device, tuple(o.adam_betas), o.adam_epsilon)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
         sched = get_scheduler(o.scheduler, opt, num_warmup_steps=o.warmup_steps, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning does, fused AdamW under mixed precision included (optimizers.clip_gradients)."""
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

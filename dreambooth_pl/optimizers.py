@@ -10,8 +10,7 @@ OptimizerName = Literal["adamw", "adamw8bit", "prodigy"]
 
 
 def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float, device: torch.device,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    clipped_mixed: bool = False) -> torch.optim.Optimizer:
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
     """The optimizer ``name`` over parameter ``groups`` (each with its ``lr``).
 
     Args:
@@ -22,9 +21,6 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
         weight_decay: decoupled weight decay.
         device: where the parameters live (picks fused AdamW on CUDA).
         betas, eps: the Adam moments' decays and the denominator's epsilon (Kingma & Ba 2015, alg. 1).
-        clipped_mixed: the run clips gradients under mixed precision (``16-mixed`` or ``bf16-mixed``): fused AdamW
-            unscales inside its step, after Lightning would clip, so Lightning's mixed-precision plugin refuses it
-            (under bf16 too, where nothing is scaled); the multi-tensor (foreach) kernels run instead.
     """
     if name == "adamw8bit" and device.type != "cuda":
         rank_zero_warn("model.optim.name=adamw8bit needs a CUDA GPU (bitsandbytes); using torch AdamW on "
@@ -46,9 +42,34 @@ def build_optimizer(name: OptimizerName, groups: list[dict], weight_decay: float
                        safeguard_warmup=True, betas=betas, eps=eps)
     if name not in ("adamw", "adamw8bit"):
         raise ValueError(f"model.optim.name must be adamw, adamw8bit or prodigy, got {name!r}")
-    fused = device.type == "cuda" and not clipped_mixed
-    return torch.optim.AdamW(groups, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused,
-                             foreach=None if fused else device.type == "cuda")
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, betas=betas, eps=eps, fused=device.type == "cuda")
+
+
+def clip_gradients(module, optimizer: torch.optim.Optimizer, value: float | None, algorithm: str | None) -> None:
+    """Lightning's gradient clipping (``trainer.gradient_clip_val``/``_algorithm``), also for fused AdamW under mixed
+    precision, which Lightning's plugin refuses because the fused step unscales fp16 gradients itself, after the
+    clip would have run (it refuses under bf16 too): here the gradients are unscaled first (GradScaler then hands
+    the fused step its found-inf flags and no scale), then clipped as Lightning clips.
+
+    Args:
+        module: the LightningModule (its trainer's precision plugin holds the scaler).
+        optimizer: the optimizer about to step.
+        value: the clip value (None or 0: no clipping).
+        algorithm: ``norm`` (default) or ``value``.
+    """
+    if not value:
+        return
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):  # every other optimizer: Lightning's own path
+        module.clip_gradients(optimizer, value, algorithm)
+        return
+    scaler = getattr(module.trainer.precision_plugin, "scaler", None)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, value)
 
 
 def step_size_estimates(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import fit_args, write_images
@@ -106,24 +107,57 @@ def test_prodigy_with_ema_logs_its_estimate_and_resumes_bit_exactly(tiny_base, i
     assert all(torch.equal(c3["ema"]["shadow"][k], r3["ema"]["shadow"][k]) for k in r3["ema"]["shadow"])
 
 
-def test_mixed_precision_runs_that_clip_get_adamw_lightning_can_clip():
-    """Fused AdamW unscales gradients inside its own step, so Lightning's mixed-precision plugin (16 and bf16)
-    refuses to clip before it (measured: ``optim.name: adamw`` with the recipe's ``gradient_clip_val: 1.0``
-    stopped with a RuntimeError on the GPU); such a run gets the foreach kernels, every other CUDA run the fused
-    one, and Lightning's own check passes."""
-    from dreambooth_pl.optimizers import build_optimizer
 
-    params = [torch.nn.Parameter(torch.zeros(3))]
-    cuda = torch.device("cuda")  # only the flags are read: fused AdamW also builds over CPU tensors
-    plain = build_optimizer("adamw", [{"params": params, "lr": 1e-4}], 0.0, cuda)
-    clipped = build_optimizer("adamw", [{"params": params, "lr": 1e-4}], 0.0, cuda, clipped_mixed=True)
-    assert plain.defaults["fused"] and getattr(plain, "_step_supports_amp_scaling", False)
-    assert not clipped.defaults["fused"] and clipped.defaults["foreach"]
-    assert not getattr(clipped, "_step_supports_amp_scaling", False)  # what Lightning's clip check reads
+class _Tiny(L.LightningModule):
+    """A two-layer regression with the project's clipping hook and AdamW fused or multi-tensor."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+        self.fused = fused
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return ((self.net(x).float() - y) ** 2).mean() * 100
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused, foreach=not self.fused)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        from dreambooth_pl.optimizers import clip_gradients
+
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_fused_adamw_clips_under_mixed_precision_as_lightning_clips_the_foreach_one(precision):
+    """Lightning's mixed-precision plugin refuses to clip a fused AdamW (its step unscales the gradients itself; the
+    recipe's ``gradient_clip_val: 1.0`` with ``optim.name: adamw`` stopped with that RuntimeError on the GPU).
+    ``optimizers.clip_gradients`` unscales first and clips: 12 steps with fused AdamW equal 12 with the foreach
+    kernels clipped by Lightning within fp32 rounding (3.7e-9 measured), the fp16 loss scaler's skipped overflow
+    steps included (a 4096 start scale halves to 256), and the weights move."""
+    from torch.utils.data import DataLoader, TensorDataset
+
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    for precision in ("16-mixed", "bf16-mixed"):
-        plugin = MixedPrecision(precision, "cpu")
-        plugin.clip_gradients(clipped, 1.0)  # no RuntimeError
-        with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
-            plugin.clip_gradients(plain, 1.0)
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(96, 8, generator=g), torch.randn(96, 1, generator=g)), batch_size=8)
+    start = torch.cat([p.detach().flatten() for p in _Tiny(False).parameters()])
+    got, scales = {}, set()
+    for fused in (False, True):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if precision == "16-mixed" else None
+        module = _Tiny(fused)
+        trainer = L.Trainer(accelerator="cpu", plugins=[MixedPrecision(precision, "cpu", scaler=scaler)],
+                            max_steps=12, gradient_clip_val=0.5, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, data)
+        got[fused] = torch.cat([p.detach().flatten() for p in module.parameters()])
+        scales.add(scaler.get_scale() if scaler else None)
+        if fused:  # the case Lightning's plugin refuses on its own
+            with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+                trainer.precision_plugin.clip_gradients(module.configure_optimizers(), 0.5)
+    assert (got[True] - got[False]).abs().max().item() <= 1e-6
+    assert (got[True] - start).abs().max().item() > 1e-2
+    assert len(scales) == 1  # the same overflow steps skipped both ways
+    assert scales.pop() < 2.0**12 if precision == "16-mixed" else scales == {None}
