@@ -78,7 +78,7 @@ class RunSummary(L.Callback):
 
     def __init__(self):
         self._start, self._first_step = 0.0, 0
-        self._log_dir, self._lora, self._last, self._trained = ".", None, None, False
+        self._log_dir, self._lora, self._last = ".", None, None
         self._marks: dict[str, float] = {"init": process_seconds()}  # seconds since the process started, at each hook
         self.phases: dict[str, float] = {}
 
@@ -131,12 +131,12 @@ class RunSummary(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._mark("train_start")
         self._start, self._first_step = time.perf_counter(), trainer.global_step
-        self._trained = True
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        steps = trainer.global_step - self._first_step if self._trained else 0
-        seconds = time.perf_counter() - self._start if self._trained else 0.0
+        trained = "train_start" in self._marks  # a finished run resumed never starts training
+        steps = trainer.global_step - self._first_step if trained else 0
+        seconds = time.perf_counter() - self._start if trained else 0.0
         log_dir, lora = self._log_dir, self._lora
         last = self._last if any(isinstance(cb, ModelCheckpoint) for cb in trainer.callbacks) else None
         loss = trainer.callback_metrics.get("train/loss")
@@ -149,7 +149,7 @@ class RunSummary(L.Callback):
                      f"first step {p['first_step']:.1f} s, steps {p['steps']:.1f} s, export {p['export']:.1f} s "
                      f"(first step done {p['to_first_step_without_priors']:.1f} s after the process started, "
                      f"priors aside; {p['total']:.1f} s in all)")
-        if self._trained and os.path.isdir(log_dir):  # a finished run resumed trains nothing: no phases to keep
+        if trained and os.path.isdir(log_dir):  # no phases to keep from a run that trained nothing
             from ..io import write_json
 
             write_json(os.path.join(log_dir, "phases.json"), p)

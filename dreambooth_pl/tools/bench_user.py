@@ -96,12 +96,17 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     sampler = PriorSampler(base, "euler", batch_size=_batch_size(batch_size, None))
     load = time.perf_counter() - t
     first = sampler.batch_size
-    t = _sync()
-    list(sampler.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution))  # capture + warm-up
-    warmup = _sync() - t
-    t = _sync()
-    ours = [img for _, img in sampler.images(PROMPT, seeds, steps, 5.0, None, resolution, resolution)]
-    per_image = (_sync() - t) / images
+
+    def timed(s) -> tuple[float, list, float]:
+        """(first batch's seconds: capture and warm-up, the images, s/image over every seed after it)."""
+        t = _sync()
+        list(s.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution))
+        warm = _sync() - t
+        t = _sync()
+        drawn = [img for _, img in s.images(PROMPT, seeds, steps, 5.0, None, resolution, resolution)]
+        return warm, drawn, (_sync() - t) / images
+
+    warmup, ours, per_image = timed(sampler)
     runtime = sampler.runtime()
     del sampler
     if torch.cuda.is_available():
@@ -110,10 +115,7 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     variants = {}  # on a GPU, the same sampler with one switch changed, same seeds: each switch's A/B
     for name, switch in (VARIANTS.items() if torch.cuda.is_available() else ()):
         other = PriorSampler(base, "euler", batch_size=first, **switch)
-        list(other.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution))
-        t = _sync()
-        list(other.images(PROMPT, seeds, steps, 5.0, None, resolution, resolution))
-        variants[name] = (_sync() - t) / images
+        variants[name] = timed(other)[2]
         del other
         torch.cuda.empty_cache()
     same = None
