@@ -34,3 +34,16 @@ def borrowed(modules, device: torch.device):
             m.to(home)
         if moved and torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def free_gib(device: torch.device) -> float:
+    """GiB of GPU memory this process may still take: the driver's free memory, capped by
+    ``torch.cuda.set_per_process_memory_fraction`` (how ``benchmark --memory_cap_gib`` models a smaller card; the
+    driver's figure alone made an 8 GiB-capped run on an 80 GB card keep its UNet on the GPU while the VAE encoded,
+    and run out of memory)."""
+    free, total = torch.cuda.mem_get_info(device)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.7
+    fraction = get_fraction(device) if get_fraction is not None else 1.0
+    if fraction < 1.0:
+        free = min(free, fraction * total - torch.cuda.memory_reserved(device))
+    return max(free, 0) / 2**30

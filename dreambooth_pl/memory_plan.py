@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from .data.datamodule import DataShape
+from .devices import free_gib
 from .settings import LoraSettings, PerfSettings, graph_blockers
 
 GIB = 2**30
@@ -102,8 +103,7 @@ def budget(device: torch.device, requested: float | None, margin_gib: float = 0.
     """The memory a run may plan for: ``requested``, capped by what the GPU has free now plus ``held_gib`` (the
     run's own weights already loaded there, which the estimate counts), less a margin for the CUDA context and
     allocator rounding."""
-    free, _ = torch.cuda.mem_get_info(device)
-    available = free / GIB + held_gib - margin_gib
+    available = free_gib(device) + held_gib - margin_gib
     return available if requested is None else min(requested, available)
 
 

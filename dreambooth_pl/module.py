@@ -14,10 +14,11 @@ from . import quant
 from .adapter.checkpoint import check_adapter_keys
 from .adapter.files import save_adapter
 from .data.cache import Encoders
+from .devices import free_gib
 from .fused_lora import half_adapters
 from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
-from .memory_plan import GIB, manual
+from .memory_plan import manual
 from .model_setup import adapted_encoders, apply_perf, load_model, plan_perf
 from .noise import NoiseSchedule, example_id
 from .optimizers import build_optimizer, clip_gradients, step_size_estimates
@@ -129,7 +130,7 @@ class DreamBoothLoRA(L.LightningModule):
             return
         # the UNet waits on the CPU while the VAE encodes only where memory is short (the GPU's free memory, or
         # memory_budget_gib: a 15 GiB budget parks, measured 13.6 GiB setup peak without): the round trip costs seconds
-        room = torch.cuda.mem_get_info(self.device)[0] / GIB if self.device.type == "cuda" else 0.0
+        room = free_gib(self.device) if self.device.type == "cuda" else 0.0
         roomy = min(room, self.perf.memory_budget_gib or room) >= 24
         dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
                                  park=() if roomy else (self.unet,)), self.perf.cache)

@@ -1,9 +1,11 @@
-"""devices.py: borrowed moves only the modules that are elsewhere, and each back home, even when the block fails."""
+"""devices.py: borrowed moves only the modules that are elsewhere, and each back home, even when the block fails; the
+GPU memory a process may still take honours a per-process cap."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dreambooth_pl import devices
 from dreambooth_pl.devices import borrowed, to_cpu
 
 
@@ -37,3 +39,14 @@ def test_to_cpu_moves_every_module():
     a, b = _Placed("meta"), _Placed("meta")
     to_cpu(a, b)
     assert a.moves == b.moves == ["cpu"]
+
+
+@pytest.mark.parametrize("fraction, reserved, expect", [(1.0, 0, 70.0), (0.1, 2, 6.0), (0.1, 9, 0.0)])
+def test_free_memory_honours_a_per_process_cap(monkeypatch, fraction, reserved, expect):
+    """An 80 GiB card with 70 GiB free: uncapped, the driver's figure; capped to 8 GiB with 2 GiB already reserved,
+    6 GiB (the capped benchmark's run once parked nothing on that figure); past the cap, none."""
+    GiB = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction, raising=False)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: reserved * GiB)
+    assert devices.free_gib(torch.device("cuda", 0)) == pytest.approx(expect)
