@@ -112,6 +112,21 @@ def test_nf4_layer_is_bitsandbytes_linear4bit_with_input_gradients_only():
     assert x.grad is not None and all(t.grad is None for t in q.parameters())
 
 
+@pytest.mark.parametrize("storage", QUANTIZED)
+def test_quantized_layers_return_what_nn_linear_returns_under_autocast(storage):
+    """A norm's fp32 output must come out of the projection in the autocast dtype, as from ``nn.Linear``:
+    bitsandbytes' own ``Linear4bit`` returned fp32 there, doubling every activation after it."""
+    lin = _frozen_linear()
+    q = quant.nf4_linear(lin, torch.bfloat16, torch.device("cpu")) if storage == "nf4" else quant.Float8Linear(lin)
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        want, got = lin(x), q(x)
+    assert got.dtype == want.dtype == torch.bfloat16 and _rel(got.float(), want.float()) <= 0.15
+    got.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert quant.is_quantized(q)
+
+
 def test_unknown_base_dtype_is_refused_before_any_model_loads():
     with pytest.raises(ValueError, match="model.base_dtype must be one of float16, float8, nf4, got 'int8'"):
         DreamBoothLoRA(base_model="/nonexistent", base_dtype="int8")
