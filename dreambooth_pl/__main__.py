@@ -26,6 +26,9 @@ COMMANDS = {
     "compare-runs": "dreambooth_pl.tools.evaluate:compare_runs",
 }
 
+# Ray drivers: their fits and evaluations run in child processes and workers, so the driver imports neither torch
+# nor diffusers (about 3 s at each start, Ray's overhead on a grid: issue 25)
+RAY_DRIVERS = {"ablate", "fit-many"}
 # verbs whose required arguments are positional (``check-token rraj``); the others take --name value only.
 POSITIONAL = {"check-token", "fit-many"}
 # verbs whose leading arguments fill one list parameter (``merge A.safetensors:1.0 B.safetensors:0.8 --out C``);
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     verb, rest = argv[0], argv[1:]
     from .console import quiet_third_party
 
-    quiet_third_party()  # before anything imports peft, which imports bitsandbytes, which logs at import
+    # before anything imports peft, which imports bitsandbytes, which logs at import; the Ray drivers load no model
+    quiet_third_party(models=verb not in RAY_DRIVERS)
     if verb in TRAINER_VERBS:
         from .cli import DreamBoothCLI
 

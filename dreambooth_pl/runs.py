@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .adapter.files import LORA_FILE
+from .adapter import LORA_FILE
 
 CONFIG_FILE = "config.yaml"
 LAST_CKPT = "last.ckpt"

@@ -22,6 +22,8 @@ from .adapter.files import LORA_FILE, read_adapter
 from .adapter.value import COMPONENTS
 from .io.magnitude import base_weights, check_magnitude
 from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
+# the settings type lives where torch is not imported (the Ray drivers of ablate and fit-many parse it); re-exported
+from .sampler_settings import SAMPLER, SamplerSettings, SamplingError  # noqa: F401
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -33,39 +35,6 @@ SCHEDULERS = {
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
 }
-
-
-class SamplingError(ValueError):
-    """Bad sampling input (scheduler, size, seeds, dtype); the message names the value and the fix."""
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """How images are drawn: the one sampler type of every sampling site (``sample``, ``evaluate-suite``, class
-    images, ablation grids), passed whole. Which images (seeds) and their size stay with each site: their defaults
-    differ (``data.resolution`` for class images, the base's native size elsewhere).
-
-    Args:
-        scheduler: a key of :data:`SCHEDULERS`.
-        steps: denoising steps.
-        guidance: classifier-free guidance scale (Ho & Salimans 2022); SDXL's usual 5, <= 1 turns it off.
-        negative_prompt: prompt to steer away from (None: SDXL's zero unconditional embedding).
-    """
-
-    scheduler: str = "euler"
-    steps: int = 25
-    guidance: float = 5.0
-    negative_prompt: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise SamplingError(f"sampler.scheduler {self.scheduler!r} is unknown; choose one of: "
-                                f"{', '.join(SCHEDULERS)}")
-        if self.steps < 1:
-            raise SamplingError(f"sampler.steps must be >= 1, got {self.steps}")
-
-
-SAMPLER = SamplerSettings()
 
 
 def make_scheduler(name: str, config: dict):

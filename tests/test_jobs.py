@@ -50,3 +50,16 @@ def test_fit_and_the_job_verbs_import_no_ray_until_they_run():
             "print('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+def test_the_ray_drivers_and_their_workers_import_no_torch():
+    """A grid's fixed cost on Ray is the driver's start and its worker's first import; torch and diffusers there
+    cost about 3 s each (issue 25: Ray's overhead against fits run by hand). The fits import them in their own
+    processes."""
+    code = ("import contextlib, io, sys\nfrom dreambooth_pl.__main__ import main\nimport dreambooth_pl.tools.jobs\n"
+            "for verb in ('ablate', 'fit-many'):\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        main([verb, '--help'])\n"
+            "print('heavy:', sorted(m for m in ('torch', 'diffusers', 'transformers', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "heavy: []" in out, out[-2000:]

@@ -138,3 +138,10 @@ def test_fp16_sampling_on_gpu_decodes_in_fp32_without_nans(tiny_base):
     assert p.unet.dtype == torch.float16 and p.vae.dtype == torch.float32
     (img,) = generate(p, [PROMPT], [0], steps=4)
     assert px(img).std() > 0  # a NaN decode comes back as a flat black image
+
+
+def test_the_light_scheduler_names_are_the_schedulers_keys():
+    """sampler_settings.py checks names without importing diffusers; the two lists must not drift apart."""
+    from dreambooth_pl.sampler_settings import SCHEDULER_NAMES
+
+    assert SCHEDULER_NAMES == tuple(SCHEDULERS)

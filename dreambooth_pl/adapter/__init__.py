@@ -8,3 +8,6 @@
 - checkpoint.py: the adapter a Lightning checkpoint holds.
 - apply.py: an adapter onto base models as a peft adapter (sampling, fuse).
 """
+
+# here, not in files.py: run folders (runs.py) name the file without importing torch
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a folder

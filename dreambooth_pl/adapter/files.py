@@ -19,9 +19,9 @@ from ..io import atomic_write, load_safetensors, parse_json
 from .diffusers_layout import METADATA_KEY, from_diffusers, to_diffusers
 from .kinds import KINDS, Layout, check_layout
 from .kohya_layout import READ_PREFIXES, from_kohya, to_kohya
+from . import LORA_FILE  # noqa: F401 - re-exported
 from .value import COMPONENTS, Adapter, AdapterFormatError, check_values, from_models, uniform_alpha
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a folder
 
 
 def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "state dict") -> Layout:

@@ -12,7 +12,6 @@ import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 
 Kind = Literal["safetensors", "pickle", "torch-zip", "empty", "unknown"]
 _WHY = ("unpickling runs whatever code the file's author put in it, so weights are only loaded from .safetensors, "
@@ -150,6 +149,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if kind not in ("torch-zip", "pickle"):
         raise CheckpointError(f"checkpoint {str(path)!r} is not a PyTorch checkpoint (its first bytes are "
                               f"{path.read_bytes()[:8]!r}): {_CKPT_FIX}.")
+    import torch  # here, not at the top: the Ray drivers and workers read status files through this package
+
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and kind == "torch-zip")
     except pickle.UnpicklingError as e:

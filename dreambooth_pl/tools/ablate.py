@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from ..moved_keys import nest_hparams
 from ..runs import RunDir, fit_command
-from ..sampling import SamplerSettings
+from ..sampler_settings import SamplerSettings
 from .ablation_grid import AblationGrid, Evaluation, check_evaluation, expand, load_grid, sampler_key
 from ..io import check_output_dir, read_json, write_json
 from .ablation_report import write_report
@@ -44,7 +44,10 @@ def evaluate_lora(lora: Path, base: str, instance_dir: str, ev: Evaluation, samp
     cache = out / METRICS_FILE
     if cache.is_file():
         return read_json(cache, "cached cell metrics")
+    from ..console import quiet_third_party
     from .evaluate import evaluate_suite
+
+    quiet_third_party()  # a Ray worker or the driver: neither has turned the model-loading bars off yet
 
     metrics = evaluate_suite(lora=str(lora), base=base, instance_dir=instance_dir, out=str(out), sampler=sampler,
                              **ev.suite_args())

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from ..sampling import SAMPLER, SamplerSettings
+from ..sampler_settings import SAMPLER, SamplerSettings
 
 
 def sampler_key(sampler: SamplerSettings) -> str:
