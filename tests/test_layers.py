@@ -10,12 +10,13 @@ ROOT = Path(__file__).resolve().parents[1] / "dreambooth_pl"
 # lowest first; a name stands for a module or a whole subpackage (the longest name that matches wins)
 LAYERS = [
     ["io", "console", "config_guard", "prompts", "noise", "loss", "block_ops", "ema", "optimizers", "perf", "graphs",
-     "fused_lora", "metrics", "checkpoint_io", "argv", "devices", "__init__"],
+     "fused_lora", "metrics", "checkpoint_io", "argv", "devices", "__init__", "sampler_settings",
+     "adapter.__init__", "adapter"],  # the adapter package itself holds only the LoRA file's name
     ["moved_keys", "sdxl", "adapter.maths", "pivotal", "token_files"],
     ["adapter.kinds", "bases"],
     ["adapter.value"],
     ["adapter.base", "adapter.diffusers_layout", "adapter.kohya_layout"],
-    ["adapter.files", "adapter.checkpoint", "adapter.apply", "adapter.__init__"],
+    ["adapter.files", "adapter.checkpoint", "adapter.apply"],
     ["sampling", "runs", "settings"],
     ["data", "memory_plan", "quant", "prior_sampler", "validation"],
     ["module", "model_setup", "callbacks"],
