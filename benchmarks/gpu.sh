@@ -104,6 +104,11 @@ for stage in "$@"; do
       done
       [ "$stage" = quant ] && timeout 240 python3 -c "from dreambooth_pl.tools.quant_quality import quant_quality as q; \
 print(q('$BASE', out='$OUT/quant-quality.jsonl'))" 2>&1 | tail -n 2 ;;
+    setup-memory)  # issue 24: what is alive at the 8gb preset's allocation peak, float8 against nf4
+      for dt in float8 nf4; do
+        timeout 240 python3 benchmarks/setup_memory.py $BASE "$OUT/setup-memory-$dt" --model.base_dtype=$dt 2>&1 \
+          | grep -A17 "allocated peak" | tee "$OUT/setup-memory-$dt.txt"
+      done ;;
     quant-quality) timeout 240 python3 -c "from dreambooth_pl.tools.quant_quality import quant_quality as q; \
 print(q('$BASE', out='$OUT/quant-quality.jsonl'))" 2>&1 | tail -n 2 ;;
     quant-tests) timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_quant.py 2>&1 \
