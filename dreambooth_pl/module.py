@@ -124,7 +124,8 @@ class DreamBoothLoRA(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now
-        and frees those encoders; with less than 24 GiB free (or budgeted) the UNet waits on the CPU meanwhile."""
+        and frees those encoders; with less than 24 GiB free (or budgeted) the UNet waits on the CPU meanwhile and the
+        VAE encodes one image per call."""
         dm = getattr(self.trainer, "datamodule", None)
         if self.perf.cache == "off" or dm is None:
             return
@@ -133,7 +134,8 @@ class DreamBoothLoRA(L.LightningModule):
         room = free_gib(self.device) if self.device.type == "cuda" else 0.0
         roomy = min(room, self.perf.memory_budget_gib or room) >= 24
         dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
-                                 park=() if roomy else (self.unet,)), self.perf.cache)
+                                 park=() if roomy else (self.unet,),
+                                 one_per_call=self.device.type == "cuda" and not roomy), self.perf.cache)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""

@@ -122,3 +122,25 @@ def test_fit_with_caption_dropout_trains_on_the_seeded_empty_prompts(tiny_base, 
     # the held-out loss with the encoders moved off by the cache: the cached prompt embeddings, latents where the VAE is
     assert cli.model.vae.device.type == "cpu" and torch.isfinite(cli.trainer.logged_metrics["val/loss"])
     assert len(cli.datamodule.instance.paths) == 1 and len(cli.datamodule.held_out) == 2
+
+
+def test_one_image_per_vae_call_gives_the_pairs_latents(setup):
+    """``Encoders.one_per_call`` (a GPU short of memory): plain and mirrored go through the VAE one at a time,
+    halving its activations, and their latents equal the pair's up to the kernels' batch rounding (1e-5 relative)."""
+    from dreambooth_pl.data.cache import encode_set
+
+    dm, module, cache = setup
+    batches = []
+    encode = module.vae.encode
+    module.vae.encode = lambda x: (batches.append(x.shape[0]), encode(x))[1]
+    try:
+        one = encode_set(module.vae, dm.instance, [[(32, 32)]] * len(dm.instance.paths), one_per_call=True)
+    finally:
+        del module.vae.encode
+    assert batches == [1, 1] * len(dm.instance.paths)
+    for key, pair in cache.instance.entries.items():
+        got = one.entries[key]
+        assert got.mean.shape == pair.mean.shape == (2, 4, 4, 4)
+        assert torch.allclose(got.mean, pair.mean, rtol=1e-5, atol=1e-6 * pair.mean.abs().max().item())
+        assert torch.allclose(got.std, pair.std, rtol=1e-5, atol=1e-6 * pair.std.abs().max().item())
+        assert torch.equal(got.crop_top_left, pair.crop_top_left)
