@@ -292,3 +292,11 @@ def test_report_puts_face_identity_beside_clip_and_dino(tmp_path):
     assert header[:9] == ["run", "status", "prior", "clip_i", "dino", "face_sim", "face_match", "face_none",
                           "pixel_dist"]
     assert load_grid(str(REPO / "configs/ablations/tiny.yaml")).evaluation.face_weights == "dlib"
+
+
+def test_the_markdown_table_shows_a_small_learning_rate_as_set(tmp_path):
+    """A grid of learning rates 1e-4 / 5e-5 read 0.0001 in both rows with four decimals (a GPU grid's results.md)."""
+    rows = [{"run": f"lr{lr}", "status": "done", "model.optim.learning_rate": lr, "clip_i": 0.812345}
+            for lr in (1.0e-4, 5.0e-5)]
+    md = write_report(rows, tmp_path, ["model.optim.learning_rate"], title="T")["md"].read_text()
+    assert "| lr0.0001 | done | 0.0001 | 0.8123 |" in md and "| lr5e-05 | done | 5e-05 | 0.8123 |" in md

@@ -70,7 +70,7 @@ def _fmt(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return f"{v:.4g}"  # significant digits: a grid's learning rate 5e-05 printed as 0.0001 with .4f
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
