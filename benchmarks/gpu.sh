@@ -137,7 +137,8 @@ if os.path.exists(sys.argv[1]):
             continue
         print(f"{r['preset']:>22} {r.get('overrides',''):>60} {r['s_per_step']:.3f} s/step  "
               + (f"cap {r['memory_cap_gib']} GiB  " if r.get('memory_cap_gib') else "")
-              + f"steady {r.get('peak_reserved_gib', 0):.2f}  run-peak {r.get('run_peak_reserved_gib', 0):.2f} GiB  "
+              + f"steady {r.get('peak_reserved_gib', 0):.2f}  run-peak {r.get('run_peak_reserved_gib', 0):.2f} GiB "
+              f"(allocated {r.get('run_peak_alloc_gib', 0):.2f})  "
               f"ttl {r.get('time_to_lora_min', 0):.1f} min  warmup {r.get('warmup_s', '')}  "
               f"step median/max {r.get('step_s_median', 0):.3f}/{r.get('step_s_max', 0):.3f}"
               + (f"  {r['tflop_per_step']:.2f} TFLOP/step, {r['tflops']:.0f} TFLOP/s" if r.get('tflops') else ""))

@@ -103,6 +103,9 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
         "setup_peak_reserved_gib": timer.peak_setup / GIB,
         "warmup_peak_reserved_gib": timer.peak_overall[1] / GIB,
         "run_peak_reserved_gib": max(timer.peak_overall[1], torch.cuda.max_memory_reserved() if cuda else 0) / GIB,
+        # what the run needed (prior draw, caching, steps): under memory_cap_gib the reserved peak climbs toward the
+        # cap, because the caching allocator frees its cache only on reaching it
+        "run_peak_alloc_gib": max(timer.peak_overall[0], torch.cuda.max_memory_allocated() if cuda else 0) / GIB,
         "wall_s": wall, "recipe_steps": recipe_steps,
         # the measured run, plus the recipe's remaining steps at the steady rate
         "time_to_lora_min": (wall + (recipe_steps - trainer.global_step) * timer.seconds) / 60,
