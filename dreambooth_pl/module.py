@@ -131,11 +131,11 @@ class DreamBoothLoRA(L.LightningModule):
             return
         # the UNet waits on the CPU while the VAE encodes only where memory is short (the GPU's free memory, or
         # memory_budget_gib: a 15 GiB budget parks, measured 13.6 GiB setup peak without): the round trip costs seconds
-        room = free_gib(self.device) if self.device.type == "cuda" else 0.0
-        roomy = min(room, self.perf.memory_budget_gib or room) >= 24
+        cuda = self.device.type == "cuda"
+        room = free_gib(self.device) if cuda else 0.0
+        short = cuda and min(room, self.perf.memory_budget_gib or room) < 24
         dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
-                                 park=() if roomy else (self.unet,),
-                                 one_per_call=self.device.type == "cuda" and not roomy), self.perf.cache)
+                                 park=(self.unet,) if short else (), one_per_call=short), self.perf.cache)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""

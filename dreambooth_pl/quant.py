@@ -17,6 +17,7 @@ after the adapters are injected, so peft's LoRA/DoRA/LoKr/LoHa layers wrap the q
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Literal, Optional
 
@@ -126,29 +127,23 @@ class Float8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn, per-{per} scale"
 
 
-_LINEAR4BIT = None
-
-
+@functools.cache
 def _linear4bit_class():
     """bitsandbytes' ``Linear4bit`` returning what ``nn.Linear`` returns under autocast (built on first use: the
     import of bitsandbytes stays lazy)."""
-    global _LINEAR4BIT
-    if _LINEAR4BIT is None:
-        import bitsandbytes as bnb
+    import bitsandbytes as bnb
 
-        class Linear4bit(bnb.nn.Linear4bit):
-            """``Linear4bit`` whose input is cast to the autocast dtype first. bitsandbytes casts its output back
-            to the input's dtype, so after a LayerNorm/GroupNorm (fp32 under autocast) every projection returned
-            fp32 and the residual stream of each transformer block turned fp32: twice the activations of the
-            fp16 path (the 8gb preset's nf4 run peaked 3.6 GiB above float8's)."""
+    class Linear4bit(bnb.nn.Linear4bit):
+        """``Linear4bit`` whose input is cast to the autocast dtype first. bitsandbytes casts its output back to
+        the input's dtype, so after a LayerNorm/GroupNorm (fp32 under autocast) every projection returned fp32 and
+        the residual stream of each transformer block turned fp32: twice the activations of the fp16 path."""
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                if torch.is_autocast_enabled(x.device.type):
-                    x = x.to(torch.get_autocast_dtype(x.device.type))
-                return super().forward(x)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            return super().forward(x)
 
-        _LINEAR4BIT = Linear4bit
-    return _LINEAR4BIT
+    return Linear4bit
 
 
 def nf4_linear(linear: torch.nn.Linear, compute_dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

@@ -7,9 +7,8 @@ by the pipeline, so a fp16 UNet can sit beside an fp32 VAE (the SDXL VAE overflo
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,

@@ -10,8 +10,10 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+if TYPE_CHECKING:  # annotations only: torch is imported where a checkpoint is read
+    import torch
 
 Kind = Literal["safetensors", "pickle", "torch-zip", "empty", "unknown"]
 _WHY = ("unpickling runs whatever code the file's author put in it, so weights are only loaded from .safetensors, "
