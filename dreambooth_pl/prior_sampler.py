@@ -15,6 +15,11 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
   ``fuse_qkv_projections``: the same products, concatenated), the separate projections dropped (1.3 GB of SDXL's
   UNet). Off by default: 1.032 against 1.036 s/image unfused, and cuDNN attention first 1.030, all within noise
   (one H100, 1024², 25 steps, BENCHMARKS.md 2026-12-05): the UNet is bound by its GEMMs and convolutions.
+- with ``compile_blocks``, each transformer and resnet block is compiled (regional ``torch.compile``, one graph per
+  block shape, ``perf.compile_blocks``): Inductor fuses what runs between the GEMMs and convolutions (GroupNorm with
+  its SiLU, LayerNorm, the GEGLU's halves, residual adds) into fewer passes over the batch's activations. The first
+  batch pays the compile (Inductor's caches keep it for later runs on the machine); the graph then replays the
+  compiled kernels. Measured against the default by ``benchmark --preset priors`` (``variants_s_per_image``).
 """
 from __future__ import annotations
 
@@ -23,9 +28,13 @@ from typing import Iterator, Optional, Sequence, get_args
 
 import torch
 
-from .perf import Attention as AttentionKernel, attention_context
+from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions
 from .sampling import SAMPLER, make_scheduler
 from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
+
+
+UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")  # the UNet's repeated blocks (perf.BLOCKS less CLIP's)
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for ``compile_blocks``; the CPU tests use a cheaper one
 
 
 def default_dtype(device: torch.device) -> str:
@@ -106,12 +115,14 @@ class PriorSampler:
             linears are no longer plain weights to concatenate.
         attention: the attention kernel put first (``perf.attention_context``; ``auto``: PyTorch's choice); the
             priors benchmark times ``cudnn`` against ``auto``.
+        compile_blocks: compile the UNet's transformer and resnet blocks (see the module docstring).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
-                 vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto"):
+                 vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto",
+                 compile_blocks: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -143,6 +154,8 @@ class PriorSampler:
             quantize_base(pipe.unet.requires_grad_(False), base_dtype, self.dtype, self.device)
         self.pipe = pipe.to(self.device)
         self.attention = attention
+        self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
+            if compile_blocks else 0
         self.graph = graph and self.device.type == "cuda"
         self._graphs: dict[tuple, _GraphedUNet] = {}
 
@@ -152,7 +165,7 @@ class PriorSampler:
 
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
                     vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype,
-                    fuse_qkv=self.fuse_qkv, attention=self.attention)
+                    fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks)
 
     def _unet(self, x, t, embeds, text, time_ids) -> torch.Tensor:
         if not self.graph:

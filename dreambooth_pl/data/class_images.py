@@ -37,6 +37,9 @@ class ClassImageSettings:
             ``nf4`` to draw on a small GPU (loaded on the CPU first, so the full base never sits on the GPU). The
             rounded base draws other pixels: it is part of the prior cache's key.
         vae_tiling: decode in tiles (a 1024² fp32 decode otherwise needs ~2 GiB beside the resident models).
+        compile_blocks: compile the UNet's transformer and resnet blocks while drawing (prior_sampler.py): the
+            first batch pays the compile. Inductor's kernels round differently from eager ones, so it is part of
+            the prior cache's key.
     """
 
     sampler: SamplerSettings = SAMPLER
@@ -47,6 +50,7 @@ class ClassImageSettings:
     cache_dir: Optional[str] = None
     base_dtype: Literal["float16", "float8", "nf4"] = "float16"
     vae_tiling: bool = False
+    compile_blocks: bool = False
 
 
 def as_class_image_settings(value) -> ClassImageSettings:
@@ -124,7 +128,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     root = resolve_base(base)
     size = s.resolution or native_size(root)
     key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
-                    s.base_dtype, s.vae_tiling)
+                    s.base_dtype, s.vae_tiling, s.compile_blocks)
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)
@@ -160,7 +164,7 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     start = time.perf_counter()
     g = s.sampler
     sampler = PriorSampler(base, g.scheduler, dtype, device, vae, _batch_size(s.batch_size, device),
-                           base_dtype=s.base_dtype, vae_tiling=s.vae_tiling)
+                           base_dtype=s.base_dtype, vae_tiling=s.vae_tiling, compile_blocks=s.compile_blocks)
     timing = {"load_s": time.perf_counter() - start}
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
                      negative_prompt=g.negative_prompt, **sampler.runtime())

@@ -69,7 +69,9 @@ def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, b
 
 
 # the sampler's switches timed against its defaults on a GPU (prior_sampler.PriorSampler's arguments)
-VARIANTS = {"fused_qkv": {"fuse_qkv": True}, "cudnn_attention": {"attention": "cudnn"}}
+# (fused q/k/v and cuDNN attention first were timed on 2026-12-05: within 0.5% of the default, BENCHMARKS.md)
+VARIANTS = {"compiled_blocks": {"compile_blocks": True}, "bf16": {"dtype": "bfloat16"},
+            "bf16_compiled_blocks": {"dtype": "bfloat16", "compile_blocks": True}}
 
 
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
@@ -78,7 +80,8 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     settings and seeds in this process, and how far apart their images are (uint8 levels); on a GPU, also the
     sampler in the pipeline's dtypes (fp16, fp32 VAE) over its first batch (``fp16_image_*``), which separates what
     the bf16 VAE changes from what the batching and the graph change, and the sampler with each of
-    :data:`VARIANTS`' switches (``variants_s_per_image``).
+    :data:`VARIANTS`' switches (``variants_s_per_image``; ``variants_first_batch_s``: its first batch, capture and
+    any compilation included; ``variants_psnr_db``: its images against the default's, same seeds).
 
     Args:
         base: the base folder.
@@ -112,11 +115,12 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_reserved() / GIB
         torch.cuda.empty_cache()
-    variants = {}  # on a GPU, the same sampler with one switch changed, same seeds: each switch's A/B
+    variants, variants_first, variants_psnr = {}, {}, {}  # on a GPU, one switch changed, same seeds: its A/B
     for name, switch in (VARIANTS.items() if torch.cuda.is_available() else ()):
         other = PriorSampler(base, "euler", batch_size=first, **switch)
-        variants[name] = timed(other)[2]
-        del other
+        variants_first[name], drawn, variants[name] = timed(other)
+        variants_psnr[name] = image_difference(drawn, ours)["image_psnr_db"]
+        del other, drawn
         torch.cuda.empty_cache()
     same = None
     if torch.cuda.is_available() and runtime["vae_dtype"] != "float32":  # the pipeline's dtypes (fp16, fp32 VAE)
@@ -128,7 +132,8 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     diff = image_difference(ours, ref)
     fp16 = {f"fp16_{k}": v for k, v in image_difference(same, ref[:first]).items()} if same else {}
     return {"preset": "priors", "s_per_image": per_image, "reference_s_per_image": ref_per_image,
-            "speedup": ref_per_image / per_image, "variants_s_per_image": variants, "fuse_qkv": runtime["fuse_qkv"],
+            "speedup": ref_per_image / per_image, "variants_s_per_image": variants,
+            "variants_first_batch_s": variants_first, "variants_psnr_db": variants_psnr, "fuse_qkv": runtime["fuse_qkv"],
             "attention": runtime["attention"],
             "images": images, "steps": steps, "resolution": resolution,
             "batch_size": runtime["batch_size"], "dtype": runtime["dtype"], "vae_dtype": runtime["vae_dtype"],
