@@ -53,6 +53,9 @@ for stage in "$@"; do
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.gradient_clip_val=null"]'
       bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.precision=bf16-mixed","--trainer.gradient_clip_val=null"]' ;;
+    cudnn-ab)  # cuDNN's benchmark mode (convolution algorithms timed per shape) for the recipe and fast steps
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--trainer.benchmark=true"]'
+      bench --preset fast --steps 15 --warmup 4 --overrides '["--trainer.benchmark=true"]' ;;
     recipe-16gb) bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.memory_budget_gib=15"]' ;;
     prior-check)  # no full base: graph = eager and fp16 = the pipeline on the tiny base (tests/test_prior_sampler.py)
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_prior_sampler.py 2>&1 \

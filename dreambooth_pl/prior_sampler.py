@@ -20,9 +20,12 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
   its SiLU, LayerNorm, the GEGLU's halves, residual adds) into fewer passes over the batch's activations. The first
   batch pays the compile (Inductor's caches keep it for later runs on the machine); the graph then replays the
   compiled kernels. Measured against the default by ``benchmark --preset priors`` (``variants_s_per_image``).
+- with ``cudnn_benchmark``, cuDNN times its convolution algorithms for each shape on first use (every batch has
+  the same shapes, so once) instead of picking by heuristics; the graph captures the chosen kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Iterator, Optional, Sequence, get_args
 
@@ -116,13 +119,14 @@ class PriorSampler:
         attention: the attention kernel put first (``perf.attention_context``; ``auto``: PyTorch's choice); the
             priors benchmark times ``cudnn`` against ``auto``.
         compile_blocks: compile the UNet's transformer and resnet blocks (see the module docstring).
+        cudnn_benchmark: let cuDNN time its convolution algorithms once per shape (see the module docstring).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
                  vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto",
-                 compile_blocks: bool = False):
+                 compile_blocks: bool = False, cudnn_benchmark: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -153,7 +157,7 @@ class PriorSampler:
 
             quantize_base(pipe.unet.requires_grad_(False), base_dtype, self.dtype, self.device)
         self.pipe = pipe.to(self.device)
-        self.attention = attention
+        self.attention, self.cudnn_benchmark = attention, cudnn_benchmark
         self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
             if compile_blocks else 0
         self.graph = graph and self.device.type == "cuda"
@@ -165,7 +169,17 @@ class PriorSampler:
 
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
                     vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype,
-                    fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks)
+                    fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks, cudnn_benchmark=self.cudnn_benchmark)
+
+    @contextlib.contextmanager
+    def _cudnn(self):
+        """cuDNN's benchmark mode as this sampler asks, restored after (a process-wide flag)."""
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
 
     def _unet(self, x, t, embeds, text, time_ids) -> torch.Tensor:
         if not self.graph:
@@ -213,6 +227,13 @@ class PriorSampler:
         extra = pipe.prepare_extra_step_kwargs(gens, 0.0)
         if hasattr(pipe.scheduler, "set_begin_index"):
             pipe.scheduler.set_begin_index(0)
+        with self._cudnn():
+            latents = self._denoise(latents, timesteps, embeds, pooled, time_ids, guidance if cfg else None, extra)
+        return latents[:n]
+
+    def _denoise(self, latents, timesteps, embeds, pooled, time_ids, guidance: Optional[float], extra: dict):
+        """The scheduler's loop around the UNet, with classifier-free guidance at ``guidance`` (None: off)."""
+        pipe, cfg = self.pipe, guidance is not None
         for t in timesteps:
             x = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
             pred = self._unet(x, t, embeds, pooled, time_ids)
@@ -220,7 +241,7 @@ class PriorSampler:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance * (cond - uncond)
             latents = pipe.scheduler.step(pred, t, latents, **extra, return_dict=False)[0]
-        return latents[:n]
+        return latents
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -229,9 +250,10 @@ class PriorSampler:
         vae = self.pipe.vae
         latents = unscale_latents(latents.to(vae.dtype), vae.config)
         out = []
-        for chunk in latents.split(self.decode_batch):
-            image = vae.decode(chunk, return_dict=False)[0]
-            out.append((image / 2 + 0.5).clamp(0, 1).float())
+        with self._cudnn():
+            for chunk in latents.split(self.decode_batch):
+                image = vae.decode(chunk, return_dict=False)[0]
+                out.append((image / 2 + 0.5).clamp(0, 1).float())
         return torch.cat(out)
 
     def images(self, prompt: str, seeds: Sequence[int], steps: int = SAMPLER.steps,

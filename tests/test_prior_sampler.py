@@ -102,6 +102,28 @@ def test_compiled_blocks_draw_the_default_latents(sampler, tiny_base, monkeypatc
     assert "compiled" not in prior_key(**key) and prior_key(**key, compiled=True)["compiled"] is True
 
 
+def test_cudnn_benchmark_is_set_while_drawing_and_restored(tiny_base, monkeypatch):
+    """``cudnn_benchmark`` turns cuDNN's benchmark mode on for the denoising loop and the decode only: the
+    process-wide flag is restored after each, also when a batch fails."""
+    s = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=2, cudnn_benchmark=True)
+    seen = []
+    unet = s.pipe.unet.forward
+    monkeypatch.setattr(s.pipe.unet, "forward",
+                        lambda *a, **k: seen.append(torch.backends.cudnn.benchmark) or unet(*a, **k))
+    torch.backends.cudnn.benchmark = False
+    list(s.images("a photo of dog", [1], 2, 5.0, None, SIZE, SIZE))
+    assert seen and all(seen) and not torch.backends.cudnn.benchmark and s.runtime()["cudnn_benchmark"]
+
+    def fail(*a, **k):
+        assert torch.backends.cudnn.benchmark
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(s.pipe.unet, "forward", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        s.latents("a photo of dog", [1], 2, 5.0, None, SIZE, SIZE)
+    assert not torch.backends.cudnn.benchmark
+
+
 def test_cudnn_attention_is_a_kernel_preference_not_other_maths(sampler, tiny_base):
     """``attention: cudnn`` only reorders torch's kernel choice (on a CPU none of the fused kernels applies, so
     the maths one runs: the same latents); a misspelt value is refused before any model loads."""

@@ -70,8 +70,9 @@ def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, b
 
 # the sampler's switches timed against its defaults on a GPU (prior_sampler.PriorSampler's arguments)
 # (fused q/k/v and cuDNN attention first were timed on 2026-12-05: within 0.5% of the default, BENCHMARKS.md)
-VARIANTS = {"compiled_blocks": {"compile_blocks": True}, "bf16": {"dtype": "bfloat16"},
-            "bf16_compiled_blocks": {"dtype": "bfloat16", "compile_blocks": True}}
+VARIANTS = {"compiled_blocks": {"compile_blocks": True}, "cudnn_benchmark": {"cudnn_benchmark": True},
+            "bf16": {"dtype": "bfloat16"},
+            "bf16_compiled_cudnn": {"dtype": "bfloat16", "compile_blocks": True, "cudnn_benchmark": True}}
 
 
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
