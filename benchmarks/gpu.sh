@@ -60,7 +60,9 @@ for stage in "$@"; do
     prior-check)  # no full base: graph = eager and fp16 = the pipeline on the tiny base (tests/test_prior_sampler.py)
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_prior_sampler.py 2>&1 \
         | grep -E "prior sampler on GPU|passed|failed|Error|^E " | tail -n 12 ;;
-    priors) bench --preset priors --steps ${PRIORS_N:-16} ;;  # PriorSampler against diffusers' pipeline, same seeds
+    priors)  # the sampler, its switches (bench_user.VARIANTS, each with its own load, capture and compile) and the pipeline
+      timeout 560 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset priors --steps ${PRIORS_N:-16} \
+        2>&1 | tail -n 4 ;;  # PriorSampler against diffusers' pipeline, same seeds
     e2e)  # the recipe's fit with data.priors.generate, from process start to the LoRA; extrapolated to 197/1000
       timeout 300 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \
         --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} 2>&1 | tail -n 3 ;;
