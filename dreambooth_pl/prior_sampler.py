@@ -169,7 +169,8 @@ class PriorSampler:
 
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
                     vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype,
-                    fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks, cudnn_benchmark=self.cudnn_benchmark)
+                    fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
+                    cudnn_benchmark=self.cudnn_benchmark)
 
     @contextlib.contextmanager
     def _cudnn(self):

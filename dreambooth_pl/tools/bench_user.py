@@ -134,8 +134,8 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     fp16 = {f"fp16_{k}": v for k, v in image_difference(same, ref[:first]).items()} if same else {}
     return {"preset": "priors", "s_per_image": per_image, "reference_s_per_image": ref_per_image,
             "speedup": ref_per_image / per_image, "variants_s_per_image": variants,
-            "variants_first_batch_s": variants_first, "variants_psnr_db": variants_psnr, "fuse_qkv": runtime["fuse_qkv"],
-            "attention": runtime["attention"],
+            "variants_first_batch_s": variants_first, "variants_psnr_db": variants_psnr,
+            "fuse_qkv": runtime["fuse_qkv"], "attention": runtime["attention"],
             "images": images, "steps": steps, "resolution": resolution,
             "batch_size": runtime["batch_size"], "dtype": runtime["dtype"], "vae_dtype": runtime["vae_dtype"],
             "load_s": load, "first_batch_s": warmup, "reference_load_s": ref_load,
