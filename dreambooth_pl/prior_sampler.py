@@ -22,6 +22,10 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
   compiled kernels. Measured against the default by ``benchmark --preset priors`` (``variants_s_per_image``).
 - with ``cudnn_benchmark``, cuDNN times its convolution algorithms for each shape on first use (every batch has
   the same shapes, so once) instead of picking by heuristics; the graph captures the chosen kernels.
+- with ``park_text_encoders``, the two text encoders (1.5 GiB in fp16) stay on the CPU and visit the device only
+  to encode a prompt, once (each prompt's embeddings are kept, parked or not): the denoising loop's peak no longer
+  holds them beside the UNet. The same kernels encode, so the images do not change. An 8 GB card's prior draw
+  (configs/perf/8gb.yaml) needs it: on a float8 base the draw was the whole run's peak (BENCHMARKS.md 2026-12-06).
 """
 from __future__ import annotations
 
@@ -120,13 +124,15 @@ class PriorSampler:
             priors benchmark times ``cudnn`` against ``auto``.
         compile_blocks: compile the UNet's transformer and resnet blocks (see the module docstring).
         cudnn_benchmark: let cuDNN time its convolution algorithms once per shape (see the module docstring).
+        park_text_encoders: keep the text encoders on the CPU except while encoding a prompt (see the module
+            docstring); a no-op on a CPU device.
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
                  vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto",
-                 compile_blocks: bool = False, cudnn_benchmark: bool = False):
+                 compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -156,8 +162,14 @@ class PriorSampler:
             from .quant import quantize_base
 
             quantize_base(pipe.unet.requires_grad_(False), base_dtype, self.dtype, self.device)
-        self.pipe = pipe.to(self.device)
+        self.park_text_encoders = park_text_encoders and self.device.type != "cpu"
+        if self.park_text_encoders:  # the encoders never reach the device together with the UNet outside _encode
+            pipe.unet.to(self.device), pipe.vae.to(self.device)
+        else:
+            pipe.to(self.device)
+        self.pipe = pipe
         self.attention, self.cudnn_benchmark = attention, cudnn_benchmark
+        self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
         self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
             if compile_blocks else 0
         self.graph = graph and self.device.type == "cuda"
@@ -170,7 +182,7 @@ class PriorSampler:
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
                     vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype,
                     fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
-                    cudnn_benchmark=self.cudnn_benchmark)
+                    cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders)
 
     @contextlib.contextmanager
     def _cudnn(self):
@@ -211,9 +223,7 @@ class PriorSampler:
             raise ValueError(f"a batch holds 1 to {b} seeds, got {n}")
         seeds = list(seeds) + [seeds[-1]] * (b - n)  # fixed shape: pad with a repeat, dropped below
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
-        embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
-            prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-            negative_prompt=negative_prompt)
+        embeds, neg, pooled, neg_pooled = self._encode(prompt, negative_prompt, cfg)
         time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
         if cfg:
@@ -231,6 +241,27 @@ class PriorSampler:
         with self._cudnn():
             latents = self._denoise(latents, timesteps, embeds, pooled, time_ids, guidance if cfg else None, extra)
         return latents[:n]
+
+    def _encode(self, prompt: str, negative_prompt: Optional[str], cfg: bool) -> tuple:
+        """The pipeline's ``encode_prompt`` of ``prompt``, computed once per (prompt, negative prompt, guidance on);
+        with ``park_text_encoders`` the encoders visit the device for it and go back to the CPU after."""
+        key = (prompt, negative_prompt, cfg)
+        if key not in self._embeds:
+            pipe = self.pipe
+            encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None]
+            if self.park_text_encoders:
+                for m in encoders:
+                    m.to(self.device)
+            try:
+                self._embeds[key] = pipe.encode_prompt(prompt, device=self.device, num_images_per_prompt=1,
+                                                       do_classifier_free_guidance=cfg,
+                                                       negative_prompt=negative_prompt)
+            finally:
+                if self.park_text_encoders:
+                    for m in encoders:
+                        m.to("cpu")
+                    torch.cuda.empty_cache()  # their blocks go back to the card, not to the allocator's cache
+        return self._embeds[key]
 
     def _denoise(self, latents, timesteps, embeds, pooled, time_ids, guidance: Optional[float], extra: dict):
         """The scheduler's loop around the UNet, with classifier-free guidance at ``guidance`` (None: off)."""

@@ -142,6 +142,26 @@ def test_cpu_dtype_and_batch_bounds(sampler):
         sampler.latents("a photo of dog", [1, 2, 3, 4], STEPS, 5.0, None, SIZE, SIZE)
 
 
+def test_a_prompt_is_encoded_once_and_parked_encoders_go_back_to_the_cpu(tiny_base, monkeypatch):
+    """Every batch of one prompt reuses its embeddings (one ``encode_prompt`` per prompt, negative prompt and
+    guidance), with the same images; with ``park_text_encoders`` the encoders end on the CPU, the UNet on the device.
+    On a CPU device parking is off (nothing to park from); the test turns it on to follow the moves."""
+    s = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=2)
+    assert not PriorSampler(tiny_base, "euler", "float32", "cpu", park_text_encoders=True).park_text_encoders
+    calls, moves = [], []
+    encode = s.pipe.encode_prompt
+    monkeypatch.setattr(s.pipe, "encode_prompt", lambda *a, **k: calls.append(a[0]) or encode(*a, **k))
+    first = s.latents("a photo of dog", [1, 2], STEPS, 5.0, None, SIZE, SIZE)
+    s.park_text_encoders = True
+    to = type(s.pipe.text_encoder_2).to
+    monkeypatch.setattr(type(s.pipe.text_encoder_2), "to", lambda m, *a, **k: moves.append(str(a[0])) or to(m, *a, **k))
+    again = s.latents("a photo of dog", [1, 2], STEPS, 5.0, None, SIZE, SIZE)
+    assert calls == ["a photo of dog"] and moves == []  # cached: the encoders are not even moved
+    s.latents("a photo of cat", [1], STEPS, 5.0, None, SIZE, SIZE)
+    assert calls == ["a photo of dog", "a photo of cat"] and moves == ["cpu", "cpu"]  # there and back
+    assert torch.equal(first, again) and s.runtime()["park_text_encoders"]
+
+
 @pytest.mark.gpu
 def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_base):
     """On the GPU: the graph-replayed sampler equals its eager self; with the pipeline's fp16 UNet and fp32 VAE it
@@ -168,12 +188,15 @@ def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_bas
     pipeline_vae = "float32" if pipe.vae.config.force_upcast else "float16"
     got = {"fp16 eager": images("float16", False, pipeline_vae), "fp16 graph": images("float16", True, pipeline_vae),
            "default": images(None, True), "bf16": images("bfloat16", True, "bfloat16"),
-           "fp16 compiled blocks": images("float16", True, pipeline_vae, compile_blocks=True)}
+           "fp16 compiled blocks": images("float16", True, pipeline_vae, compile_blocks=True),
+           "fp16 graph, parked encoders": images("float16", True, pipeline_vae, park_text_encoders=True)}
     gap = {k: (x - ref).abs().mean().item() for k, x in got.items()}
     replay = (got["fp16 graph"] - got["fp16 eager"]).abs().max().item()
     print(f"prior sampler on GPU: mean |image - pipeline fp16| {gap}; graph vs eager max {replay}")
     assert replay < 2e-2  # the same kernels, replayed
     assert gap["fp16 graph"] < 1e-3  # the pipeline's own dtypes: the same images
+    # encoders parked on the CPU between prompts: the same encoding kernels on the GPU, the same images
+    assert (got["fp16 graph, parked encoders"] - got["fp16 graph"]).abs().max().item() < 2e-2
     # Inductor's fused kernels inside the captured graph: they replay (images() asserts no fallback to eager)
     # and draw an image, not NaN or a flat field
     compiled = got["fp16 compiled blocks"]

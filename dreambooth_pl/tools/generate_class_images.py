@@ -36,7 +36,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                           dtype: Optional[str] = None, cache: bool = True, cache_dir: Optional[str] = None,
                           device: Optional[str] = None, vae: Optional[str] = None, fit_config: Optional[str] = None,
                           progress: bool = True, overwrite: bool = False,
-                          base_dtype: Literal["float16", "float8", "nf4"] = "float16", vae_tiling: bool = False) -> str:
+                          base_dtype: Literal["float16", "float8", "nf4"] = "float16", vae_tiling: bool = False,
+                          park_text_encoders: bool = False) -> str:
     """Draw class-prior images with the base model until ``out`` holds ``num`` images (resumable).
 
     Args:
@@ -60,6 +61,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
         overwrite: draw into an existing ``out`` that holds other files (docs/reliability.md, output folders).
         base_dtype: the UNet's linears stored in ``float8`` or ``nf4`` while drawing (an 8 GB GPU; quant.py).
         vae_tiling: decode in tiles (less memory at 1024²).
+        park_text_encoders: the text encoders on the GPU only while they encode the prompt (an 8 GB GPU).
     """
     from ..sampling import check_size
 
@@ -75,7 +77,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
     check_size(args["resolution"], args["resolution"])
     check_output_dir(args["out"], "generate-class-images", "--out", overwrite, ours=("class_*.png", MANIFEST))
     settings = ClassImageSettings(sampler=sampler, resolution=args["resolution"], batch_size=batch_size, seed=seed,
-                                  cache=cache, cache_dir=cache_dir, base_dtype=base_dtype, vae_tiling=vae_tiling)
+                                  cache=cache, cache_dir=cache_dir, base_dtype=base_dtype, vae_tiling=vae_tiling,
+                                  park_text_encoders=park_text_encoders)
     return draw_class_images(args["base"], args["prompt"], args["out"],
                              NUM_CLASS_IMAGES if args["num"] is None else args["num"], settings, dtype, device,
                              args["vae"], progress)
