@@ -18,6 +18,14 @@ bench() { timeout 300 python3 -m dreambooth_pl benchmark --base $BASE --out "$JS
 for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
+    pyc)  # the bytecode a user's pip install writes (pip compiles by default; the image's venv and our --no-compile
+      # install ship none, and PYTHONDONTWRITEBYTECODE keeps imports from writing it): without it every process
+      # compiles ~4,400 modules from source, ~8 s of the fit's start on 2026-12-06 (benchmarks/2026-12-06-h100.jsonl)
+      python3 -c "import sys, os; print('dont_write_bytecode', sys.flags.dont_write_bytecode, os.environ.get('PYTHONDONTWRITEBYTECODE'))"
+      t0=$(date +%s)
+      python3 -m compileall -q -j 0 /tmp/site dreambooth_pl $(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
+        > "$OUT/compileall.txt" 2>&1; rc=$?
+      echo "pyc: compileall $(( $(date +%s) - t0 )) s, rc=$rc" ;;
     base) python3 -c "from dreambooth_pl.tools.benchmark import build_base; build_base('$BASE', 'sdxl')" ;;
     tests|tests-core)  # separate processes: a capture that fails leaves CUDA's RNG in capture state for the rest of its process
       : > "$OUT/pytest-gpu.txt"
@@ -64,7 +72,7 @@ for stage in "$@"; do
       timeout 560 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset priors --steps ${PRIORS_N:-16} \
         2>&1 | tail -n 4 ;;  # PriorSampler against diffusers' pipeline, same seeds
     e2e)  # the recipe's fit with data.priors.generate, from process start to the LoRA; extrapolated to 197/1000
-      timeout 300 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \
+      timeout ${E2E_TIMEOUT:-300} python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \
         --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} 2>&1 | tail -n 3 ;;
     recipe-variants)  # the memory plans' rows: every 2nd block, and no checkpointing
       bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.checkpoint_every=2"]'
