@@ -123,11 +123,12 @@ print(q('$BASE', out='$OUT/quant-quality.jsonl'))" 2>&1 | tail -n 2 ;;
           | grep -A17 "allocated peak" | tee "$OUT/setup-memory-$dt.txt"
       done ;;
     setup-memory-draw)  # the same with the prior draw in the run (2 priors at 4 steps on the quantized base)
-      for dt in float8 nf4; do
+      for dt in ${SMD_DTYPES:-float8 nf4}; do
         timeout 240 python3 benchmarks/setup_memory.py $BASE "$OUT/setup-memory-draw-$dt" --model.base_dtype=$dt \
           --data.priors.generation.base_dtype=$dt --data.priors.generate=true --data.priors.num_images=2 \
-          --data.priors.dir="$OUT/setup-memory-draw-$dt/cls" --data.priors.generation.sampler.steps=4 2>&1 \
-          | grep -A17 "allocated peak" | tee "$OUT/setup-memory-draw-$dt.txt"
+          --data.priors.dir="$OUT/setup-memory-draw-$dt/cls" --data.priors.generation.sampler.steps=4 \
+          > "$OUT/setup-memory-draw-$dt.log" 2>&1; echo "rc=$?"
+        grep -E -A17 "allocated peak|Error|error:" "$OUT/setup-memory-draw-$dt.log" | tail -n 20
       done ;;
     quant-quality) timeout 240 python3 -c "from dreambooth_pl.tools.quant_quality import quant_quality as q; \
 print(q('$BASE', out='$OUT/quant-quality.jsonl'))" 2>&1 | tail -n 2 ;;
