@@ -200,12 +200,14 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
                 settle(previous)
                 previous, current = current, []
                 timing.setdefault("first_batch_s", time.perf_counter() - start - timing["load_s"])  # with capture
+        drawn = time.perf_counter()  # the last batch is off the GPU; its PNGs may still be writing
         settle(previous + current)
-    timing.update(seconds=time.perf_counter() - start, images=len(indices), batch_size=sampler.batch_size)
+    timing.update(seconds=time.perf_counter() - start, images=len(indices), batch_size=sampler.batch_size,
+                  write_tail_s=time.perf_counter() - drawn)
     later = len(indices) - sampler.batch_size
-    if later > 0 and "first_batch_s" in timing:  # the steady rate, without loading and the first batch's capture
-        timing["s_per_image_after_first_batch"] = (timing["seconds"] - timing["load_s"]
-                                                   - timing["first_batch_s"]) / later
+    if later > 0 and "first_batch_s" in timing:  # the steady rate, without loading, the first batch's capture and
+        # the last batch's writes (paid once, not per image: a short run's rate would otherwise overstate a long one's)
+        timing["s_per_image_after_first_batch"] = (drawn - start - timing["load_s"] - timing["first_batch_s"]) / later
     manifest["timing"] = {k: round(v, 3) for k, v in timing.items()}
     del sampler  # its weights and graph pools go back before training loads the base again
     import gc

@@ -196,8 +196,10 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
     steady = timing.get("s_per_image_after_first_batch")
     if steady is None:  # one batch only: scale the whole phase
         full_prior_s = p["priors"] * full_priors / priors
-    else:  # the phase's own overhead, loading and the first batch once, then every later image at the steady rate
-        once = p["priors"] - timing["seconds"] + timing["load_s"] + timing["first_batch_s"]
+    else:  # the phase's own overhead, loading, the first batch and the last batch's writes once, then every later
+        # image at the steady rate
+        once = (p["priors"] - timing["seconds"] + timing["load_s"] + timing["first_batch_s"]
+                + timing.get("write_tail_s", 0))
         full_prior_s = once + steady * (full_priors - timing["batch_size"])
     full = (wall - p["priors"] - p["steps"]) + full_prior_s + rate * (full_steps - 1)
     full_to_lora = full - (wall - to_lora)
