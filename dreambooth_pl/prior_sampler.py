@@ -164,7 +164,8 @@ class PriorSampler:
             quantize_base(pipe.unet.requires_grad_(False), base_dtype, self.dtype, self.device)
         self.park_text_encoders = park_text_encoders and self.device.type != "cpu"
         if self.park_text_encoders:  # the encoders never reach the device together with the UNet outside _encode
-            pipe.unet.to(self.device), pipe.vae.to(self.device)
+            pipe.unet.to(self.device)
+            pipe.vae.to(self.device)
         else:
             pipe.to(self.device)
         self.pipe = pipe

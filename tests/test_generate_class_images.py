@@ -22,7 +22,8 @@ def test_resume_draws_only_the_missing_images_with_their_own_seeds(tiny_base, tm
     timing = json.loads((out / "manifest.json").read_text())["timing"]
     # loading, the first batch and the last batch's writes are apart from the per-image rate the benchmark scales
     assert timing["images"] == 2 and timing["write_tail_s"] >= 0
-    assert timing["load_s"] + timing["first_batch_s"] + timing["write_tail_s"] <= timing["seconds"] + 1e-3
+    # each of the four figures is rounded to 1 ms in the manifest: the sum may exceed the whole by up to 2 ms
+    assert timing["load_s"] + timing["first_batch_s"] + timing["write_tail_s"] <= timing["seconds"] + 3e-3
     first = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.png")}
     assert sorted(first) == ["class_00000.png", "class_00001.png"]
     msg = generate_class_images(tiny_base, "a photo of dog", str(out), num=3, seed=10, **FAST)

@@ -159,7 +159,8 @@ def test_a_prompt_is_encoded_once_and_parked_encoders_go_back_to_the_cpu(tiny_ba
     assert calls == ["a photo of dog"] and moves == []  # cached: the encoders are not even moved
     s.latents("a photo of cat", [1], STEPS, 5.0, None, SIZE, SIZE)
     assert calls == ["a photo of dog", "a photo of cat"] and moves == ["cpu", "cpu"]  # there and back
-    assert torch.equal(first, again) and s.runtime()["park_text_encoders"]
+    # the cached embeddings are the same tensors; the UNet's CPU kernels are compared within fp32 rounding
+    assert torch.allclose(first, again, rtol=1e-5, atol=1e-6) and s.runtime()["park_text_encoders"]
 
 
 @pytest.mark.gpu
