@@ -123,9 +123,9 @@ class DreamBoothLoRA(L.LightningModule):
         self.timings["adapters"] = time.perf_counter() - t - self.timings["load"]
 
     def on_fit_start(self) -> None:
-        """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now
-        and frees those encoders; with less than 24 GiB free (or budgeted) the UNet waits on the CPU meanwhile and the
-        VAE encodes one image per call."""
+        """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now;
+        with less than 24 GiB free (or budgeted) the encoders then leave the GPU, the UNet waits on the CPU meanwhile
+        and the VAE encodes one image per call."""
         dm = getattr(self.trainer, "datamodule", None)
         if self.perf.cache == "off" or dm is None:
             return
@@ -134,8 +134,11 @@ class DreamBoothLoRA(L.LightningModule):
         cuda = self.device.type == "cuda"
         room = free_gib(self.device) if cuda else 0.0
         short = cuda and min(room, self.perf.memory_budget_gib or room) < 24
+        # with room, the encoders also stay where they are after caching: moving 1.7 GB of them to the host took
+        # 1.3 s of a 21-image cache on an H100 (BENCHMARKS.md 2026-12-06, session 2); in-training sampling finds them
         dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
-                                 park=(self.unet,) if short else (), one_per_call=short), self.perf.cache)
+                                 park=(self.unet,) if short else (), one_per_call=short), self.perf.cache,
+                        offload=short or not cuda)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""

@@ -22,6 +22,10 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
   compiled kernels. Measured against the default by ``benchmark --preset priors`` (``variants_s_per_image``).
 - with ``cudnn_benchmark``, cuDNN times its convolution algorithms for each shape on first use (every batch has
   the same shapes, so once) instead of picking by heuristics; the graph captures the chosen kernels.
+- with ``channels_last``, the UNet's convolution weights are stored NHWC, so its activations stay NHWC after
+  ``conv_in``: cuDNN's tensor-core convolutions run without converting NCHW inputs (8.6 ms of a training step's
+  profile was such conversions, BENCHMARKS.md 2026-11-30), and each transformer's NCHW -> tokens permute becomes a
+  view. The same products in another memory order: the images agree within the kernels' rounding.
 - with ``park_text_encoders``, the two text encoders (1.5 GiB in fp16) stay on the CPU and visit the device only
   to encode a prompt, once (each prompt's embeddings are kept, parked or not): the denoising loop's peak no longer
   holds them beside the UNet. The same kernels encode, so the images do not change. An 8 GB card's prior draw
@@ -37,7 +41,7 @@ import torch
 
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions
 from .sampling import SAMPLER, make_scheduler
-from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
+from .sdxl import DTYPES, load_parts, load_vae, resolve_base, unscale_latents
 
 
 UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")  # the UNet's repeated blocks (perf.BLOCKS less CLIP's)
@@ -126,13 +130,15 @@ class PriorSampler:
         cudnn_benchmark: let cuDNN time its convolution algorithms once per shape (see the module docstring).
         park_text_encoders: keep the text encoders on the CPU except while encoding a prompt (see the module
             docstring); a no-op on a CPU device.
+        channels_last: the UNet's convolution weights in channels-last (NHWC) order (see the module docstring).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
                  device: Optional[str] = None, vae: Optional[str] = None, batch_size: int = 8, graph: bool = True,
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
                  vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto",
-                 compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False):
+                 compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False,
+                 channels_last: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -144,7 +150,15 @@ class PriorSampler:
             dtype = "float32"
         self.dtype, self.batch_size, self.decode_batch = DTYPES[dtype], batch_size, max(1, decode_batch)
         vae_dtype = DTYPES[vae_dtype or default_vae_dtype(self.device, dtype)]
-        extra = {"vae": load_vae(vae, self.dtype)} if vae else {}
+        if self.device.type == "cuda" and base_dtype == "float16" and not park_text_encoders:
+            # each weight read from its file straight onto the GPU (sdxl.load_parts): the pipeline's own loading
+            # builds every part on the host first (6.1 s against 3.2 s on an H100, BENCHMARKS.md 2026-12-06); the
+            # VAE in the pipeline's dtype, cast below as before. Quantizing and parking start from the host copy.
+            p = load_parts(base, vae, self.dtype, self.device)
+            extra = dict(unet=p.unet, vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2,
+                         tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2)
+        else:
+            extra = {"vae": load_vae(vae, self.dtype)} if vae else {}
         pipe = StableDiffusionXLPipeline.from_pretrained(resolve_base(base), dtype=self.dtype,
                                                          add_watermarker=False, **extra)
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -169,7 +183,9 @@ class PriorSampler:
         else:
             pipe.to(self.device)
         self.pipe = pipe
-        self.attention, self.cudnn_benchmark = attention, cudnn_benchmark
+        self.attention, self.cudnn_benchmark, self.channels_last = attention, cudnn_benchmark, channels_last
+        if channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
         self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
             if compile_blocks else 0
@@ -183,7 +199,8 @@ class PriorSampler:
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
                     vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype,
                     fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
-                    cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders)
+                    cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
+                    channels_last=self.channels_last)
 
     @contextlib.contextmanager
     def _cudnn(self):

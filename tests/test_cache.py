@@ -144,3 +144,33 @@ def test_one_image_per_vae_call_gives_the_pairs_latents(setup):
         assert torch.allclose(got.mean, pair.mean, rtol=1e-5, atol=1e-6 * pair.mean.abs().max().item())
         assert torch.allclose(got.std, pair.std, rtol=1e-5, atol=1e-6 * pair.std.abs().max().item())
         assert torch.equal(got.crop_top_left, pair.crop_top_left)
+
+
+def test_images_are_decoded_ahead_in_order_and_a_bad_one_is_named(setup, tmp_path):
+    """The cache decodes the next images on worker threads while the VAE encodes (``ahead``): results keep the
+    images' order, ``depth`` items really run at once (a barrier of 3 only opens if 3 run together), and an image
+    that cannot be read stops the cache with its path, as the one-by-one loop did."""
+    import threading
+
+    from dreambooth_pl.data.cache import ahead, encode_set
+    from dreambooth_pl.data.datasets import ImageSet
+    from dreambooth_pl.data.images import ImageIntakeError
+
+    barrier = threading.Barrier(3, timeout=30)
+
+    def together(i):
+        if i < 3:
+            barrier.wait()  # BrokenBarrierError after 30 s if the first three do not run at the same time
+        return i * i
+
+    assert list(ahead(together, list(range(8)), depth=3)) == [i * i for i in range(8)]
+    assert list(ahead(lambda i: i + 1, [4, 5], depth=0)) == [5, 6]  # inline
+    dm, module, cache = setup
+    again = encode_set(module.vae, dm.instance, [[(32, 32)]] * len(dm.instance.paths))
+    for key, e in cache.instance.entries.items():  # the same images at the same indices as the cache's
+        assert torch.allclose(again.entries[key].mean, e.mean, rtol=1e-5, atol=1e-6 * e.mean.abs().max().item())
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    paths = (dm.instance.paths[0], bad, *dm.instance.paths[1:])
+    with pytest.raises(ImageIntakeError, match="broken.png"):
+        encode_set(module.vae, ImageSet(paths, "a photo of sks dog"), [[(32, 32)]] * len(paths))

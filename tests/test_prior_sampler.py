@@ -69,6 +69,24 @@ def test_fused_attention_draws_the_unfused_latents_and_frees_the_separate_projec
     assert fuse_attention(unet) == separate > 0
 
 
+def test_channels_last_draws_the_default_latents(sampler, tiny_base):
+    """``channels_last`` stores the UNet's convolution weights NHWC, so its activations after ``conv_in`` are NHWC
+    too, and draws the default's latents within fp32 rounding (other summation orders)."""
+    cl = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=3, channels_last=True)
+    conv = cl.pipe.unet.conv_in.weight
+    assert cl.runtime()["channels_last"] and conv.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.is_contiguous() and sampler.pipe.unet.conv_in.weight.is_contiguous()
+    seen = []
+    hook = cl.pipe.unet.down_blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).is_contiguous(
+            memory_format=torch.channels_last)), with_kwargs=True)
+    a = cl.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
+    hook.remove()
+    b = sampler.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
+    assert seen and all(seen)  # the activations entering the blocks are NHWC
+    assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
+
+
 def test_compiled_blocks_draw_the_default_latents(sampler, tiny_base, monkeypatch):
     """``compile_blocks`` puts every transformer and resnet block through torch.compile (here a backend that
     records each graph dynamo captures and runs it as traced, so the test needs no C++ compiler) and draws the
