@@ -68,7 +68,7 @@ for stage in "$@"; do
     prior-check)  # no full base: graph = eager and fp16 = the pipeline on the tiny base (tests/test_prior_sampler.py)
       timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_prior_sampler.py 2>&1 \
         | grep -E "prior sampler on GPU|passed|failed|Error|^E " | tail -n 12 ;;
-    prior-profile)  # one prior batch's kernels by kind, default and channels_last (eager, under the profiler)
+    prior-profile)  # one prior batch's kernels by kind, default and diffusers' GEGLU (eager, under the profiler)
       timeout 300 python3 benchmarks/prior_profile.py $BASE "$OUT" ${PROFILE_STEPS:-5} 2>&1 | grep -v Warning ;;
     cache-ab)  # the cache's image encoding one by one against decoded ahead (after e2e: its class folder)
       timeout 200 python3 benchmarks/prior_profile.py $BASE "$OUT" --cache-only 2>&1 | grep -v Warning ;;

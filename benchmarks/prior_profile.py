@@ -2,7 +2,7 @@
 
 Draws one warm-up batch, then profiles one batch of the default sampler's batch size at 1024² (Euler, ``STEPS``
 steps, guidance 5) eagerly (a CUDA graph's replay hides its kernels from the profiler; the kernels are the same),
-for the default sampler and for ``channels_last``; prints the kernels by kind (benchmarks/kernel_kinds.py) and the
+for the default sampler and with diffusers' GEGLU (``fused_geglu=False``); prints the kernels by kind (benchmarks/kernel_kinds.py) and the
 top kernels, and writes both to OUT/prior-profile-<variant>.txt. Then times the cache's image encoding (data/cache.py)
 of the first 48 images of the newest end-to-end run's class folder (``benchmark``'s work folder; run after
 ``gpu.sh e2e``), one by one against decoded ahead, with the fp32 VAE the recipe encodes with.
@@ -22,7 +22,7 @@ from dreambooth_pl.prior_sampler import PriorSampler  # noqa: E402
 
 
 def profile(base: str, out: Path, steps: int, **switch) -> None:
-    name = "-".join(switch) or "default"
+    name = "-".join(f"{k}={v}" for k, v in switch.items()) or "default"
     s = PriorSampler(base, "euler", graph=False, **switch)
     seeds = list(range(s.batch_size))
     s.latents("a photo of person", seeds, steps, 5.0, None, 1024, 1024)  # warm-up: cuDNN's heuristics, allocator
@@ -81,5 +81,5 @@ if __name__ == "__main__":
     steps = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3].isdigit() else 5
     if "--cache-only" not in sys.argv:
         profile(base, out, steps)
-        profile(base, out, steps, channels_last=True)
+        profile(base, out, steps, fused_geglu=False)
     cache_ab(base)

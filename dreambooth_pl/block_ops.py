@@ -61,9 +61,11 @@ BACKEND = "inductor"
 _compiled = None
 
 
-def _gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _gated_gelu(a: torch.Tensor, g: torch.Tensor, fixed_shapes: bool = False) -> torch.Tensor:
     global _compiled
-    if a.device.type not in COMPILE_ON or not torch.is_grad_enabled():  # sampling: shapes vary, not the hot path
+    # sampling in training (validation grids): shapes vary and it is not the hot path; the prior sampler's fixed
+    # batches are (``fixed_shapes``)
+    if a.device.type not in COMPILE_ON or not (fixed_shapes or torch.is_grad_enabled()):
         return gated_gelu(a, g)
     if _compiled is None:  # one small pointwise graph per shape; Inductor's caches keep it across runs
         # no fullgraph: past dynamo's recompile limit (8 shapes, e.g. many aspect buckets) a new shape runs
@@ -72,33 +74,46 @@ def _gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _compiled(a, g)
 
 
-def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    proj = self.proj
-    if type(proj) is not torch.nn.Linear:  # an adapter on the projection: diffusers' own forward
-        return type(self).forward(self, hidden_states, *args, **kwargs)
+def _halves(proj: torch.nn.Linear, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # the two halves as two GEMMs on the weight's row blocks (views): each output is contiguous, so the
     # activation and its backward read and write whole vectors, and the backward needs no ``cat``
     half = proj.out_features // 2
     bias = (None, None) if proj.bias is None else (proj.bias[:half], proj.bias[half:])
-    a = F.linear(hidden_states, proj.weight[:half], bias[0])
-    g = F.linear(hidden_states, proj.weight[half:], bias[1])
-    return _gated_gelu(a, g)
+    return F.linear(hidden_states, proj.weight[:half], bias[0]), F.linear(hidden_states, proj.weight[half:], bias[1])
 
 
-def fuse_geglu(model: torch.nn.Module) -> int:
+def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if type(self.proj) is not torch.nn.Linear:  # an adapter on the projection: diffusers' own forward
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return _gated_gelu(*_halves(self.proj, hidden_states))
+
+
+def _geglu_forward_fixed(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if type(self.proj) is not torch.nn.Linear:
+        return type(self).forward(self, hidden_states, *args, **kwargs)
+    return _gated_gelu(*_halves(self.proj, hidden_states), fixed_shapes=True)
+
+
+def fuse_geglu(model: torch.nn.Module, fixed_shapes: bool = False) -> int:
     """Route every diffusers ``GEGLU`` of ``model`` through the split projection and the one-kernel activation.
-    Returns the count."""
+    Returns the count.
+
+    Args:
+        model: the UNet.
+        fixed_shapes: also compile the activation without autograd (the prior sampler: every batch has one shape,
+            so one kernel per width serves the whole draw); otherwise only training steps use the compiled kernel.
+    """
     from diffusers.models.activations import GEGLU
 
     layers = [m for m in model.modules() if type(m) is GEGLU]
     for m in layers:
-        m.forward = types.MethodType(_geglu_forward, m)
+        m.forward = types.MethodType(_geglu_forward_fixed if fixed_shapes else _geglu_forward, m)
     return len(layers)
 
 
 def unfuse_blocks(model: torch.nn.Module) -> int:
     """Undo :func:`half_norms` and :func:`fuse_geglu`. Returns the number of modules restored."""
-    patched = (_half_norm, _geglu_forward)
+    patched = (_half_norm, _geglu_forward, _geglu_forward_fixed)
     mods = [m for m in model.modules() if getattr(vars(m).get("forward"), "__func__", None) in patched]
     for m in mods:
         del m.forward

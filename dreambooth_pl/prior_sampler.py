@@ -22,10 +22,12 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
   compiled kernels. Measured against the default by ``benchmark --preset priors`` (``variants_s_per_image``).
 - with ``cudnn_benchmark``, cuDNN times its convolution algorithms for each shape on first use (every batch has
   the same shapes, so once) instead of picking by heuristics; the graph captures the chosen kernels.
-- with ``channels_last``, the UNet's convolution weights are stored NHWC, so its activations stay NHWC after
-  ``conv_in``: cuDNN's tensor-core convolutions run without converting NCHW inputs (8.6 ms of a training step's
-  profile was such conversions, BENCHMARKS.md 2026-11-30), and each transformer's NCHW -> tokens permute becomes a
-  view. The same products in another memory order: the images agree within the kernels' rounding.
+- with ``fused_geglu`` (the default on a GPU), each feed-forward's GEGLU computes its two halves as two GEMMs
+  and ``a · gelu(g)`` in one compiled pointwise kernel (``block_ops.fuse_geglu``; two widths, seconds to compile,
+  cached across runs): diffusers' eager GEGLU runs gelu and the product as two strided, non-vectorised kernels,
+  211 of a prior batch's 1431 GPU ms (H100 profile, BENCHMARKS.md 2026-12-06 session 3). The same formula with one
+  rounding fewer: the images agree within fp16 rounding. ``channels_last`` (NHWC convolution weights) was measured
+  slower there (1.084 against 1.009 s/image: the NHWC GroupNorms and copies cost more than cuDNN's conversions).
 - with ``park_text_encoders``, the two text encoders (1.5 GiB in fp16) stay on the CPU and visit the device only
   to encode a prompt, once (each prompt's embeddings are kept, parked or not): the denoising loop's peak no longer
   holds them beside the UNet. The same kernels encode, so the images do not change. An 8 GB card's prior draw
@@ -39,6 +41,7 @@ from typing import Iterator, Optional, Sequence, get_args
 
 import torch
 
+from .block_ops import fuse_geglu
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions
 from .sampling import SAMPLER, make_scheduler
 from .sdxl import DTYPES, load_parts, load_vae, resolve_base, unscale_latents
@@ -130,7 +133,8 @@ class PriorSampler:
         cudnn_benchmark: let cuDNN time its convolution algorithms once per shape (see the module docstring).
         park_text_encoders: keep the text encoders on the CPU except while encoding a prompt (see the module
             docstring); a no-op on a CPU device.
-        channels_last: the UNet's convolution weights in channels-last (NHWC) order (see the module docstring).
+        fused_geglu: one compiled kernel for each GEGLU activation (see the module docstring; None: on a GPU,
+            without ``compile_blocks``).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
@@ -138,7 +142,7 @@ class PriorSampler:
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
                  vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto",
                  compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False,
-                 channels_last: bool = False):
+                 fused_geglu: Optional[bool] = None):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -183,9 +187,12 @@ class PriorSampler:
         else:
             pipe.to(self.device)
         self.pipe = pipe
-        self.attention, self.cudnn_benchmark, self.channels_last = attention, cudnn_benchmark, channels_last
-        if channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
+        self.attention, self.cudnn_benchmark = attention, cudnn_benchmark
+        # before compile_blocks, whose graphs then trace the split GEGLU (Inductor fuses it there anyway)
+        # compiled blocks fuse the activation themselves, so the default leaves them diffusers' GEGLU to trace
+        self.fused_geglu = (self.device.type == "cuda" and not compile_blocks) if fused_geglu is None else fused_geglu
+        if self.fused_geglu:
+            fuse_geglu(pipe.unet, fixed_shapes=True)
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
         self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
             if compile_blocks else 0
@@ -200,7 +207,7 @@ class PriorSampler:
                     vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype,
                     fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
                     cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
-                    channels_last=self.channels_last)
+                    fused_geglu=self.fused_geglu)
 
     @contextlib.contextmanager
     def _cudnn(self):

@@ -71,8 +71,7 @@ def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, b
 # the sampler's switches timed against its defaults on a GPU (prior_sampler.PriorSampler's arguments)
 # (fused q/k/v and cuDNN attention first were timed on 2026-12-05: within 0.5% of the default, BENCHMARKS.md)
 # (bf16 alone: 0.941 s/image against fp16's 1.03 on 2026-12-04/05, other machines)
-VARIANTS = {"channels_last": {"channels_last": True}, "compiled_blocks": {"compile_blocks": True},
-            "channels_last_compiled_blocks": {"channels_last": True, "compile_blocks": True}}
+VARIANTS = {"diffusers_geglu": {"fused_geglu": False}, "compiled_blocks": {"compile_blocks": True}}
 
 
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
