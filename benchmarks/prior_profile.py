@@ -73,6 +73,29 @@ def cache_ab(base: str, n: int = 48) -> None:
     same = max((enc[4].entries[k].mean - v.mean).abs().max().item() for k, v in enc[0].entries.items())
     print(f"cache A/B ({len(paths)} images of {folders[-1]}, fp32 VAE, plain + mirrored, s/image): one by one "
           f"{got[0]}, decoded ahead {got[4]}; max |difference| {same}", flush=True)
+    # where one pair's encode goes on the GPU (the mid-block attention over 16,384 fp32 tokens is a suspect), and
+    # the same encode with PyTorch's math attention (TF32 matmuls under the fit's "high" matmul precision)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.set_float32_matmul_precision("high")
+    first = ImageSet(tuple(paths[:8]), "a photo of person")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        encode_set(vae, ImageSet(tuple(paths[:1]), "p"), [[(1024, 1024)]])
+        torch.cuda.synchronize()
+    rows = [{"name": e.key, "self_device_us": e.self_device_time_total, "count": e.count}
+            for e in prof.key_averages()]
+    print("one pair's encode, GPU ms by kind:", {k: round(ms, 1) for k, (ms, n) in kinds(rows).items()},
+          "top:", [(r["name"][:70], round(r["self_device_us"] / 1e3, 1))
+                   for r in sorted(rows, key=lambda r: -r["self_device_us"])[:6]], flush=True)
+    for name, ctx in (("default", None), ("math attention", SDPBackend.MATH)):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with sdpa_kernel(ctx) if ctx is not None else torch.no_grad():
+            e = encode_set(vae, first, [[(1024, 1024)]] * 8)
+        torch.cuda.synchronize()
+        diff = max((e.entries[k].mean - enc[0].entries[k].mean).abs().max().item() for k in e.entries)
+        print(f"cache encode, {name}: {(time.perf_counter() - t) / 8:.3f} s/image, max |mean - default| {diff:.2e}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -190,7 +190,9 @@ class PriorSampler:
         self.attention, self.cudnn_benchmark = attention, cudnn_benchmark
         # before compile_blocks, whose graphs then trace the split GEGLU (Inductor fuses it there anyway)
         # compiled blocks fuse the activation themselves, so the default leaves them diffusers' GEGLU to trace
-        self.fused_geglu = (self.device.type == "cuda" and not compile_blocks) if fused_geglu is None else fused_geglu
+        # (a quantized base's projections are not plain linears: fuse_geglu would leave them to diffusers anyway)
+        self.fused_geglu = (self.device.type == "cuda" and not compile_blocks and base_dtype == "float16") \
+            if fused_geglu is None else fused_geglu
         if self.fused_geglu:
             fuse_geglu(pipe.unet, fixed_shapes=True)
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors

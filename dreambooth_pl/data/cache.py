@@ -23,7 +23,7 @@ from ..sdxl import encode_prompts, tokenize
 from .buckets import BucketedStream
 from ..noise import example_id, mix_seed
 from .datasets import ImageSet, PairedStream
-from .images import load_rgb
+from .images import decode_rgb, quiet_bombs
 from .transforms import prepare_image
 
 CacheMode = Literal["off", "latents", "all"]
@@ -90,7 +90,7 @@ PREFETCH = 4  # images decoded and cropped ahead of the VAE, each on its own thr
 
 def _prepared(path, sizes: list[Size]) -> tuple[tuple[int, int], list[tuple[Size, torch.Tensor, torch.Tensor]]]:
     """One image's ``(height, width)`` and, at each size, its plain and mirrored pixels ``[2, 3, h, w]`` and crops."""
-    img, gen = load_rgb(path), torch.Generator()  # centre crops: the generator draws nothing
+    img, gen = decode_rgb(path), torch.Generator()  # centre crops: the generator draws nothing
     out = []
     for size in sizes:
         ex = [prepare_image(img, size[0] if size[0] == size[1] else size, True, flip, gen) for flip in (False, True)]
@@ -136,15 +136,17 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
     """
     originals, entries = [], {}
     device = next(vae.parameters()).device
-    for i, (original, prepared) in enumerate(ahead(lambda i: _prepared(images.paths[i], sizes[i]),
-                                                   list(range(len(images.paths))), prefetch)):
-        for size, pixels, crops in prepared:
-            with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call, unless memory is short
-                dists = [vae.encode(x.to(device, vae.dtype)).latent_dist
-                         for x in (pixels.split(1) if one_per_call else (pixels,))]
-            entries[(i, size)] = Encoded(torch.cat([d.mean.float().cpu() for d in dists]),
-                                         torch.cat([d.std.float().cpu() for d in dists]), crops)
-        originals.append(original)
+    work = list(range(len(images.paths)))
+    with quiet_bombs():  # once, here: the worker threads decode under it (images.quiet_bombs)
+        for i, (original, prepared) in enumerate(ahead(lambda i: _prepared(images.paths[i], sizes[i]), work,
+                                                       prefetch)):
+            for size, pixels, crops in prepared:
+                with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call, unless short
+                    dists = [vae.encode(x.to(device, vae.dtype)).latent_dist
+                             for x in (pixels.split(1) if one_per_call else (pixels,))]
+                entries[(i, size)] = Encoded(torch.cat([d.mean.float().cpu() for d in dists]),
+                                             torch.cat([d.std.float().cpu() for d in dists]), crops)
+            originals.append(original)
     return EncodedSet(images, torch.tensor(originals), entries)
 
 
