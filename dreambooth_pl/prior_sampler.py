@@ -56,6 +56,17 @@ def default_dtype(device: torch.device) -> str:
     return "float16" if device.type == "cuda" else "float32"
 
 
+def sampler_device(device: Optional[str]) -> torch.device:
+    """Where a :class:`PriorSampler` draws: ``device``, else CUDA when available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def default_fused_geglu(device: torch.device, compile_blocks: bool, base_dtype: str) -> bool:
+    """Whether the sampler fuses its GEGLUs by default: on a GPU, with an fp16 base and no compiled blocks (which
+    fuse it themselves; a quantized base's projections are not plain linears). The prior cache keys on it."""
+    return device.type == "cuda" and not compile_blocks and base_dtype == "float16"
+
+
 def default_vae_dtype(device: torch.device, dtype: str) -> str:
     """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
     VAE is then upcast to fp32, as the pipeline does)."""
@@ -133,8 +144,8 @@ class PriorSampler:
         cudnn_benchmark: let cuDNN time its convolution algorithms once per shape (see the module docstring).
         park_text_encoders: keep the text encoders on the CPU except while encoding a prompt (see the module
             docstring); a no-op on a CPU device.
-        fused_geglu: one compiled kernel for each GEGLU activation (see the module docstring; None: on a GPU,
-            without ``compile_blocks``).
+        fused_geglu: one compiled kernel for each GEGLU activation (see the module docstring; None:
+            :func:`default_fused_geglu`).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
@@ -147,7 +158,7 @@ class PriorSampler:
 
         if attention not in get_args(AttentionKernel):
             raise ValueError(f"attention is one of {get_args(AttentionKernel)}, got {attention!r}")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = sampler_device(device)
         dtype = dtype or default_dtype(self.device)
         if dtype == "float16" and self.device.type == "cpu":
             warnings.warn("float16 sampling on CPU is slow or unsupported; using float32.", stacklevel=2)
@@ -189,9 +200,7 @@ class PriorSampler:
         self.pipe = pipe
         self.attention, self.cudnn_benchmark = attention, cudnn_benchmark
         # before compile_blocks, whose graphs then trace the split GEGLU (Inductor fuses it there anyway)
-        # compiled blocks fuse the activation themselves, so the default leaves them diffusers' GEGLU to trace
-        # (a quantized base's projections are not plain linears: fuse_geglu would leave them to diffusers anyway)
-        self.fused_geglu = (self.device.type == "cuda" and not compile_blocks and base_dtype == "float16") \
+        self.fused_geglu = default_fused_geglu(self.device, compile_blocks, base_dtype) \
             if fused_geglu is None else fused_geglu
         if self.fused_geglu:
             fuse_geglu(pipe.unet, fixed_shapes=True)

@@ -123,3 +123,23 @@ def test_a_rebuilt_base_gets_a_new_key(tmp_path):
     assert PriorCache(str(tmp_path), prior_key(str(base), None, **key)).name == a
     (base / "unet" / "w.safetensors").write_bytes(b"22")
     assert PriorCache(str(tmp_path), prior_key(str(base), None, **key)).name != a
+
+
+def test_gpu_draws_with_the_one_kernel_geglu_get_their_own_key(tmp_path):
+    """The GPU sampler's default GEGLU rounds once where diffusers' rounds twice (prior_sampler.py), so its draws
+    key apart from earlier ones; CPU draws, compiled blocks and quantized bases keep the keys they had."""
+    import torch
+
+    from dreambooth_pl.data.prior_cache import prior_key
+    from dreambooth_pl.prior_sampler import default_fused_geglu
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_fused_geglu(cuda, False, "float16")
+    assert not any((default_fused_geglu(cpu, False, "float16"), default_fused_geglu(cuda, True, "float16"),
+                    default_fused_geglu(cuda, False, "float8"), default_fused_geglu(cuda, False, "nf4")))
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "unet" / "w.safetensors").write_bytes(b"1")
+    args = (str(base), None, "a photo of dog", None, "euler", 25, 5.0, 1024, 1024)
+    assert prior_key(*args, fused_geglu=True) == dict(prior_key(*args), fused_geglu=True)
+    assert "fused_geglu" not in prior_key(*args, fused_geglu=False)

@@ -111,6 +111,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     from ..io import clean_stale_temps, ensure_writable, read_json, write_json
     from ..sampling import check_size
     from ..sdxl import resolve_base
+    from ..prior_sampler import default_fused_geglu, sampler_device
     from .prior_cache import PRIOR_CACHE, PriorCache, native_size, prior_key
 
     s = settings or ClassImageSettings()
@@ -130,8 +131,9 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         return f"{folder}: {num} class image(s) present, nothing to do"
     root = resolve_base(base)
     size = s.resolution or native_size(root)
+    fused = default_fused_geglu(sampler_device(device), s.compile_blocks, s.base_dtype)
     key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
-                    s.base_dtype, s.vae_tiling, s.compile_blocks)
+                    s.base_dtype, s.vae_tiling, s.compile_blocks, fused)
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)

@@ -2,8 +2,8 @@
 another subject of the same class, links the images it needs instead of drawing them again.
 
 The key is (base, VAE, prompt, negative prompt, sampler, steps, guidance, height, width, the UNet's storage
-``base_dtype`` (a float8/NF4 base rounds its weights, so it draws other pixels), VAE tiling and compiled blocks
-(Inductor's kernels round otherwise)); within a key's folder,
+``base_dtype`` (a float8/NF4 base rounds its weights, so it draws other pixels), VAE tiling, compiled blocks and
+the one-kernel GEGLU (Inductor's kernels round otherwise)); within a key's folder,
 image ``<seed>.png`` is the one drawn from that seed. The base and VAE enter as fingerprints (resolved folder, and
 each weight file's name, size and modification time), so a base rebuilt at the same path gets a new key.
 """
@@ -40,7 +40,7 @@ def native_size(root: str) -> int:
 
 def prior_key(base_root: str, vae: Optional[str], prompt: str, negative_prompt: Optional[str], scheduler: str,
               steps: int, guidance: float, height: int, width: int, base_dtype: str = "float16",
-              vae_tiling: bool = False, compiled: bool = False) -> dict:
+              vae_tiling: bool = False, compiled: bool = False, fused_geglu: bool = False) -> dict:
     """What decides a prior image's pixels besides its seed (see the module docstring).
 
     Args:
@@ -51,6 +51,8 @@ def prior_key(base_root: str, vae: Optional[str], prompt: str, negative_prompt: 
         vae_tiling: decoded in tiles (tile seams blend differently from one decode).
         compiled: drawn with compiled UNet blocks (``ClassImageSettings.compile_blocks``); entered only when true,
             so the keys of images drawn before the switch existed stay valid.
+        fused_geglu: drawn with the one-kernel GEGLU (``prior_sampler.default_fused_geglu``: GPU draws since
+            2026-12-06; it rounds once where diffusers' GEGLU rounds twice); entered only when true, likewise.
     """
     vae_root = None
     if vae is not None:
@@ -60,7 +62,8 @@ def prior_key(base_root: str, vae: Optional[str], prompt: str, negative_prompt: 
     return {"base": fingerprint(base_root), "vae": fingerprint(vae_root), "prompt": prompt,
             "negative_prompt": negative_prompt, "scheduler": scheduler, "steps": int(steps),
             "guidance": float(guidance), "height": int(height), "width": int(width), "base_dtype": base_dtype,
-            "vae_tiling": bool(vae_tiling), **({"compiled": True} if compiled else {})}
+            "vae_tiling": bool(vae_tiling), **({"compiled": True} if compiled else {}),
+            **({"fused_geglu": True} if fused_geglu else {})}
 
 
 class PriorCache:

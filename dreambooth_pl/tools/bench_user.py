@@ -158,7 +158,7 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
     """Time ``python -m dreambooth_pl fit --config <config>`` with ``data.priors.generate: true`` from process
     start to its LoRA file (``to_lora_s``, the file's modification time) and to its exit (``wall_s``), on a fresh
     class folder and prior cache; read its phases (phases.json) and extrapolate both to ``full_priors`` priors and
-    ``full_steps`` steps at the measured rates.
+    ``full_steps`` steps at the measured rates (the images' check and cache in proportion to their count).
 
     Args:
         base: the base folder.
@@ -200,12 +200,19 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
         once = (p["priors"] - timing["seconds"] + timing["load_s"] + timing["first_batch_s"]
                 + timing.get("write_tail_s", 0))
         full_prior_s = once + steady * (full_priors - timing["batch_size"])
-    full = (wall - p["priors"] - p["steps"]) + full_prior_s + rate * (full_steps - 1)
+    # checking and caching the images scale with their count (call 2 of 2026-12-06 session 3: 197 priors cached in
+    # 25.0 s, where a 16-prior run's 4.9 s had been carried over unscaled)
+    from ..data.images import list_images
+
+    n = len(list_images(SAMPLE_DOG, "instance"))
+    per_image = p["cache"] + p.get("start_data", 0.0)
+    full_images_s = per_image * (n + full_priors) / (n + priors)
+    full = (wall - p["priors"] - p["steps"] - per_image) + full_prior_s + rate * (full_steps - 1) + full_images_s
     full_to_lora = full - (wall - to_lora)
     plan = [line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line]
     return {"preset": "end-to-end", "config": str(config), "priors": priors, "steps": steps, "wall_s": wall,
             "phases": p, "s_per_prior": p["priors"] / priors, "prior_timing": timing,
-            "extrapolated_priors_s": full_prior_s, "s_per_step": rate,
+            "extrapolated_priors_s": full_prior_s, "extrapolated_check_and_cache_s": full_images_s, "s_per_step": rate,
             "start_to_first_step_s": p["to_first_step_without_priors"], "memory_plan": plan[-1] if plan else None,
             "full_priors": full_priors, "full_steps": full_steps, "extrapolated_min": full / 60,
             "to_lora_s": to_lora, "extrapolated_to_lora_min": full_to_lora / 60,
