@@ -1,7 +1,9 @@
 """Image intake shared by every command: find images in a folder, check them all at once, load them as RGB.
 
 Every command (training data, class images, evaluation references) goes through :func:`list_images`,
-:func:`check_images` and :func:`load_rgb`, so a phone or web photo gets the same answer everywhere.
+:func:`check_images` and :func:`load_rgb`, so a phone or web photo gets the same answer everywhere;
+:func:`decode_rgb` is :func:`load_rgb` for callers that already hold :func:`quiet_bombs` (the cache's decode-ahead
+threads), and :func:`decode_all` checks a folder on threads.
 """
 from __future__ import annotations
 
@@ -119,8 +121,11 @@ def decode_all(fn: Callable[[Path], T], paths: list[Path], workers: int = DECODE
     with quiet_bombs():
         if workers < 2 or len(paths) < 2:
             return [fn(p) for p in paths]
-        with ThreadPoolExecutor(max_workers=min(workers, len(paths)), thread_name_prefix="image-check") as pool:
+        pool = ThreadPoolExecutor(max_workers=min(workers, len(paths)), thread_name_prefix="image-check")
+        try:
             return list(pool.map(fn, paths))
+        finally:  # a bad file or ^C must not wait for the rest of the folder to decode
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def inspect_image(path: str | Path, resolution: int | None = None) -> ImageReport:
