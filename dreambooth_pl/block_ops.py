@@ -56,22 +56,36 @@ def gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return a * F.gelu(g)
 
 
+def gated_gelu_fixed(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """:func:`gated_gelu` for the prior sampler's fixed batches: its own code object, so its compiled shapes do
+    not count against the training activation's recompile limit (dynamo keys both on the function's code)."""
+    return a * F.gelu(g)
+
+
 COMPILE_ON = ("cuda",)  # devices whose activation is compiled (Inductor's Triton kernels); elsewhere eager
 BACKEND = "inductor"
-_compiled = None
+_compiled: dict[bool, object] = {}
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether the activation is compiled on ``device``: a GPU with Triton installed (Inductor's GPU kernels need
+    it; without it the same formula runs eagerly)."""
+    from torch.utils._triton import has_triton
+
+    return device.type in COMPILE_ON and has_triton()
 
 
 def _gated_gelu(a: torch.Tensor, g: torch.Tensor, fixed_shapes: bool = False) -> torch.Tensor:
-    global _compiled
     # sampling in training (validation grids): shapes vary and it is not the hot path; the prior sampler's fixed
     # batches are (``fixed_shapes``)
-    if a.device.type not in COMPILE_ON or not (fixed_shapes or torch.is_grad_enabled()):
+    if not (fixed_shapes or torch.is_grad_enabled()) or not can_compile(a.device):
         return gated_gelu(a, g)
-    if _compiled is None:  # one small pointwise graph per shape; Inductor's caches keep it across runs
+    if fixed_shapes not in _compiled:  # one small pointwise graph per shape; Inductor's caches keep it across runs
         # no fullgraph: past dynamo's recompile limit (8 shapes, e.g. many aspect buckets) a new shape runs
         # eagerly instead of failing the fit
-        _compiled = torch.compile(gated_gelu, dynamic=False, backend=BACKEND)
-    return _compiled(a, g)
+        _compiled[fixed_shapes] = torch.compile(gated_gelu_fixed if fixed_shapes else gated_gelu, dynamic=False,
+                                                backend=BACKEND)
+    return _compiled[fixed_shapes](a, g)
 
 
 def _halves(proj: torch.nn.Linear, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

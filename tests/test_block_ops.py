@@ -186,17 +186,35 @@ def test_compiled_activation_survives_more_shapes_than_the_recompile_limit(monke
     of failing the fit (with ``fullgraph`` the 9th shape raised). Compiled here with the eager backend on the CPU."""
     from dreambooth_pl import block_ops
 
-    monkeypatch.setattr(block_ops, "COMPILE_ON", ("cpu",))
+    monkeypatch.setattr(block_ops, "can_compile", lambda device: True)
     monkeypatch.setattr(block_ops, "BACKEND", "eager")
-    monkeypatch.setattr(block_ops, "_compiled", None)
+    monkeypatch.setattr(block_ops, "_compiled", {})
     torch._dynamo.reset()
     for n in range(1, 13):
         a, g = torch.randn(n, 6, requires_grad=True), torch.randn(n, 6, requires_grad=True)
         out = block_ops._gated_gelu(a, g)
         out.sum().backward()
         assert torch.allclose(out, gated_gelu(a, g)) and a.grad is not None and g.grad is not None
-    assert block_ops._compiled is not None
+    with torch.no_grad():  # the prior sampler's fixed batches: a function of their own, not the one above
+        a, g = torch.randn(3, 6), torch.randn(3, 6)
+        assert torch.allclose(block_ops._gated_gelu(a, g, fixed_shapes=True), gated_gelu(a, g))
+    assert set(block_ops._compiled) == {False, True} and block_ops._compiled[False] is not block_ops._compiled[True]
     torch._dynamo.reset()
+
+
+def test_the_activation_is_compiled_only_on_a_gpu_with_triton(monkeypatch):
+    """Inductor's GPU kernels are Triton's: without it the activation (and the sampler's fused GEGLU) runs
+    eagerly instead of failing at the first draw."""
+    import torch.utils._triton as triton_utils
+
+    from dreambooth_pl import block_ops
+    from dreambooth_pl.prior_sampler import default_fused_geglu
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(triton_utils, "has_triton", lambda: False)
+    assert not block_ops.can_compile(cuda) and not default_fused_geglu(cuda, False, "float16")
+    monkeypatch.setattr(triton_utils, "has_triton", lambda: True)
+    assert block_ops.can_compile(cuda) and not block_ops.can_compile(torch.device("cpu"))
 
 
 @pytest.mark.gpu

@@ -125,7 +125,7 @@ def test_a_rebuilt_base_gets_a_new_key(tmp_path):
     assert PriorCache(str(tmp_path), prior_key(str(base), None, **key)).name != a
 
 
-def test_gpu_draws_with_the_one_kernel_geglu_get_their_own_key(tmp_path):
+def test_gpu_draws_with_the_one_kernel_geglu_get_their_own_key(tmp_path, monkeypatch):
     """The GPU sampler's default GEGLU rounds once where diffusers' rounds twice (prior_sampler.py), so its draws
     key apart from earlier ones; CPU draws, compiled blocks and quantized bases keep the keys they had."""
     import torch
@@ -133,10 +133,18 @@ def test_gpu_draws_with_the_one_kernel_geglu_get_their_own_key(tmp_path):
     from dreambooth_pl.data.prior_cache import prior_key
     from dreambooth_pl.prior_sampler import default_fused_geglu
 
+    import dreambooth_pl.block_ops as block_ops
+
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(block_ops, "can_compile", lambda device: device.type == "cuda")  # Triton or not
     assert default_fused_geglu(cuda, False, "float16")
     assert not any((default_fused_geglu(cpu, False, "float16"), default_fused_geglu(cuda, True, "float16"),
                     default_fused_geglu(cuda, False, "float8"), default_fused_geglu(cuda, False, "nf4")))
+    from dreambooth_pl.data.class_images import ClassImageSettings, fuses_geglu
+
+    assert fuses_geglu(ClassImageSettings(), cuda) and not fuses_geglu(ClassImageSettings(), cpu)
+    assert not fuses_geglu(ClassImageSettings(fused_geglu=False), cuda)  # keeps the earlier draws' key
+    assert fuses_geglu(ClassImageSettings(fused_geglu=True), cpu)
     base = tmp_path / "base"
     (base / "unet").mkdir(parents=True)
     (base / "unet" / "w.safetensors").write_bytes(b"1")

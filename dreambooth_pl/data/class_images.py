@@ -42,6 +42,9 @@ class ClassImageSettings:
             the prior cache's key.
         park_text_encoders: keep the text encoders on the CPU except while they encode the prompt (prior_sampler.py),
             so the denoising peak holds the UNet and VAE only (an 8 GB card); the images do not change.
+        fused_geglu: run each GEGLU as two GEMMs and one compiled activation (None: on a GPU with Triton and an
+            fp16 base, ``prior_sampler.default_fused_geglu``). It rounds once where diffusers rounds twice, so it
+            is part of the prior cache's key: ``false`` keeps reusing class images drawn before it was the default.
     """
 
     sampler: SamplerSettings = SAMPLER
@@ -54,6 +57,14 @@ class ClassImageSettings:
     vae_tiling: bool = False
     compile_blocks: bool = False
     park_text_encoders: bool = False
+    fused_geglu: Optional[bool] = None
+
+
+def fuses_geglu(s: ClassImageSettings, device) -> bool:
+    """Whether the sampler of ``s`` on ``device`` runs the one-kernel GEGLU (the prior cache keys on it)."""
+    from ..prior_sampler import default_fused_geglu
+
+    return default_fused_geglu(device, s.compile_blocks, s.base_dtype) if s.fused_geglu is None else s.fused_geglu
 
 
 def as_class_image_settings(value) -> ClassImageSettings:
@@ -111,7 +122,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     from ..io import clean_stale_temps, ensure_writable, read_json, write_json
     from ..sampling import check_size
     from ..sdxl import resolve_base
-    from ..prior_sampler import default_fused_geglu, sampler_device
+    from ..prior_sampler import sampler_device
     from .prior_cache import PRIOR_CACHE, PriorCache, native_size, prior_key
 
     s = settings or ClassImageSettings()
@@ -131,7 +142,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         return f"{folder}: {num} class image(s) present, nothing to do"
     root = resolve_base(base)
     size = s.resolution or native_size(root)
-    fused = default_fused_geglu(sampler_device(device), s.compile_blocks, s.base_dtype)
+    fused = fuses_geglu(s, sampler_device(device))
     key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
                     s.base_dtype, s.vae_tiling, s.compile_blocks, fused)
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
@@ -170,7 +181,7 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     g = s.sampler
     sampler = PriorSampler(base, g.scheduler, dtype, device, vae, _batch_size(s.batch_size, device),
                            base_dtype=s.base_dtype, vae_tiling=s.vae_tiling, compile_blocks=s.compile_blocks,
-                           park_text_encoders=s.park_text_encoders)
+                           park_text_encoders=s.park_text_encoders, fused_geglu=s.fused_geglu)
     timing = {"load_s": time.perf_counter() - start}
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
                      negative_prompt=g.negative_prompt, **sampler.runtime())
