@@ -73,6 +73,15 @@ def estimate(plan: Plan, weights_gib: float, resolution: int, images: int) -> fl
     return weights_gib + plan.activations_gib * scale
 
 
+def activations_gib(perf: PerfSettings, resolution: int, images: int) -> float:
+    """Estimated activation peak (GiB) of the steps under the switches ``perf`` holds (resolved or manual): the
+    measured plan with the same checkpointing and fused kernels, else the largest with that checkpointing."""
+    every = perf.checkpoint_every if perf.gradient_checkpointing else 0
+    same = [p for p in PLANS if p.checkpoint_every == every] or list(PLANS)
+    plan = next((p for p in same if p.fused == bool(perf.fused_blocks)), max(same, key=lambda p: p.activations_gib))
+    return estimate(plan, 0.0, resolution, images)
+
+
 def choose(weights_gib: float, resolution: int, images: int, budget_gib: float, graph_allowed: bool,
            plans: tuple[Plan, ...] = PLANS) -> Plan:
     """The fastest of ``plans`` whose estimate fits ``budget_gib`` less :data:`HEADROOM`.

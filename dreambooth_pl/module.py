@@ -33,7 +33,8 @@ class DreamBoothLoRA(L.LightningModule):
     Args:
         base_model: SDXL pipeline folder or hub id.
         vae_model: optional separate VAE folder (e.g. the fp16-fix VAE).
-        vae_dtype: dtype the VAE encodes in; float16 is refused because the SDXL VAE overflows in it.
+        vae_dtype: dtype the VAE encodes in (``auto``: bf16 on a GPU that has it, else fp32; sdxl.vae_dtype_on);
+            float16 is refused because the SDXL VAE overflows in it.
         prior_loss_weight: weight of the class-prior term.
         snr_gamma: min-SNR-gamma loss weighting (None: off; 5.0 is the paper's value).
         noise_offset: offset-noise strength (0: off).
@@ -50,7 +51,7 @@ class DreamBoothLoRA(L.LightningModule):
     """
 
     def __init__(self, base_model: str = "stabilityai/stable-diffusion-xl-base-1.0",
-                 vae_model: Optional[str] = None, vae_dtype: Literal["float32", "bfloat16"] = "float32",
+                 vae_model: Optional[str] = None, vae_dtype: Literal["float32", "bfloat16", "auto"] = "float32",
                  prior_loss_weight: float = 1.0, snr_gamma: Optional[float] = None, noise_offset: float = 0.0,
                  seed: int = 0, random_base: Optional[Literal["tiny", "sdxl"]] = None,
                  base_dtype: quant.BaseDtype = "float16",
@@ -124,8 +125,8 @@ class DreamBoothLoRA(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now;
-        with less than 24 GiB free (or budgeted) the encoders then leave the GPU, the UNet waits on the CPU meanwhile
-        and the VAE encodes one image per call."""
+        with less than 24 GiB free (or budgeted) the UNet waits on the CPU meanwhile and the VAE encodes one image
+        per call; the encoders stay on the GPU afterwards only where the steps' planned peak leaves room for them."""
         dm = getattr(self.trainer, "datamodule", None)
         if self.perf.cache == "off" or dm is None:
             return
@@ -134,11 +135,22 @@ class DreamBoothLoRA(L.LightningModule):
         cuda = self.device.type == "cuda"
         room = free_gib(self.device) if cuda else 0.0
         short = cuda and min(room, self.perf.memory_budget_gib or room) < 24
-        # with room, the encoders also stay where they are after caching: moving 1.7 GB of them to the host took
-        # 1.3 s of a 21-image cache on an H100 (BENCHMARKS.md 2026-12-06, session 2); in-training sampling finds them
         dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
                                  park=(self.unet,) if short else (), one_per_call=short), self.perf.cache,
-                        offload=short or not cuda)
+                        offload=not (cuda and not short and self._room_for_encoders(room, dm.shape())))
+
+    def _room_for_encoders(self, free: float, shape) -> bool:
+        """Whether the encoders (already on the GPU) may stay there through the steps: the run's resident memory
+        plus the plan's activation estimate fit the free memory (or ``memory_budget_gib``) less the plan's headroom.
+        Staying saves their trip to the host (1.3 s of a 21-image cache on an H100, BENCHMARKS.md 2026-12-06,
+        session 2) and in-training sampling and the held-out loss find them on the GPU."""
+        from .memory_plan import HEADROOM, activations_gib
+
+        held = torch.cuda.memory_allocated(self.device) / 2**30
+        limit = held + free - 0.5  # less the margin memory_plan.budget keeps for the context and rounding
+        if self.perf.memory_budget_gib is not None:
+            limit = min(limit, self.perf.memory_budget_gib)
+        return held + activations_gib(self.perf, shape.resolution, shape.images) <= limit * (1 - HEADROOM)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""

@@ -74,7 +74,8 @@ class HeldOutLoss(Metric):
             self.n_instance += k
 
     def _latents(self, module, val_id: int, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled latent mean of the photo, encoded where the VAE is (on the CPU after ``perf.cache`` moved it)."""
+        """Scaled latent mean of the photo, encoded where the VAE is (the CPU where ``perf.cache`` moved it
+        there for room, else the GPU: ``DreamBoothLoRA._room_for_encoders``)."""
         if val_id not in self.latents:
             vae = module.vae
             device = next(vae.parameters()).device
@@ -96,8 +97,8 @@ class HeldOutLoss(Metric):
 
 
 def _prompt_embeddings(module, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([1, 77, d], [1, d2])`` of ``prompt``: from the data module's cache (``perf.cache: all`` moved the text
-    encoders to the CPU) when it holds the prompt, else encoded now (not through ``module.encode_text``, whose
+    """``([1, 77, d], [1, d2])`` of ``prompt``: from the data module's cache (``perf.cache: all``; the text encoders
+    may be on the CPU by then) when it holds the prompt, else encoded now (not through ``module.encode_text``, whose
     cache would keep inference-mode tensors that training cannot use)."""
     cache = getattr(getattr(module.trainer, "datamodule", None), "cache", None)
     text = cache.text if cache is not None else {}

@@ -128,3 +128,29 @@ def test_module_plans_with_its_own_weights(tiny_base):
     got = mp.resolve_perf(AUTO, LoraSettings(), DataShape(64, 2), dataclasses.replace(H200, free_gib=weights + 1),
                           weights)
     assert got.fused_lora  # tiny activations at 64²: the fastest plan fits
+
+
+@pytest.mark.parametrize("budget", [139.0, 15.0, 16.0])
+def test_the_steps_estimate_follows_the_chosen_plan(budget):
+    """``activations_gib`` reads the planned switches back to the measured plan they came from."""
+    got = mp.resolve_perf(AUTO, LoraSettings(), DataShape(1024, 2), dataclasses.replace(H200, free_gib=budget), 5.06)
+    plan = mp.choose(5.06, 1024, 2, budget, True)
+    assert mp.activations_gib(got, 1024, 2) == plan.activations_gib
+    assert mp.activations_gib(got, 512, 2) == pytest.approx(plan.activations_gib / 4)
+
+
+@pytest.mark.parametrize("free,budget,stays", [
+    (60.0, None, True),  # an 80 GB card: 10 GiB held, 9.3 GiB of fused steps' activations
+    (12.0, None, False),  # the steps' estimate and the encoders do not fit the headroom
+    (60.0, 15.0, False),  # a budget caps what the run may hold, whatever the card has free
+])
+def test_the_encoders_stay_on_the_gpu_only_beside_the_plans_peak(monkeypatch, free, budget, stays):
+    """After caching, the text encoders and VAE stay on the GPU only where the run's resident memory plus the
+    chosen plan's activations fit (free memory or ``memory_budget_gib``) less the plan's headroom."""
+    from dreambooth_pl.module import DreamBoothLoRA
+
+    perf = mp.resolve_perf(AUTO, LoraSettings(), DataShape(1024, 2), H200, 5.06)
+    module = DreamBoothLoRA(base_model="unused", perf=dataclasses.replace(AUTO, memory_budget_gib=budget))
+    module.perf = dataclasses.replace(perf, memory_budget_gib=budget)  # as configure_model plans it
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * mp.GIB)
+    assert module._room_for_encoders(free, DataShape(1024, 2)) is stays
