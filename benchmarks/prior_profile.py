@@ -5,7 +5,7 @@ steps, guidance 5) eagerly (a CUDA graph's replay hides its kernels from the pro
 for the default sampler and with diffusers' GEGLU (``fused_geglu=False``); prints the kernels by kind (benchmarks/kernel_kinds.py) and the
 top kernels, and writes both to OUT/prior-profile-<variant>.txt. Then times the cache's image encoding (data/cache.py)
 of the first 48 images of the newest end-to-end run's class folder (``benchmark``'s work folder; run after
-``gpu.sh e2e``), one by one against decoded ahead, with the fp32 VAE the recipe encodes with.
+``gpu.sh e2e``): fp32 with mirrored latents, fp32 and bf16 plain (:func:`cache_ab`).
 """
 from __future__ import annotations
 
@@ -21,8 +21,17 @@ from kernel_kinds import kinds  # noqa: E402
 from dreambooth_pl.prior_sampler import PriorSampler  # noqa: E402
 
 
+def default_switches() -> dict:
+    """The default sampler's GEGLU on this machine (prior_sampler.default_fused_geglu)."""
+    from dreambooth_pl.prior_sampler import default_fused_geglu
+
+    return {"fused_geglu": default_fused_geglu(torch.device("cuda"), False, "float16")}
+
+
 def profile(base: str, out: Path, steps: int, **switch) -> None:
-    name = "-".join(f"{k}={v}" for k, v in switch.items()) or "default"
+    # named by what ran, not "default": the default changes (call 1's default was diffusers' GEGLU)
+    name = "-".join(f"{k}={v}" for k, v in switch.items()) or "default-" + "-".join(
+        f"{k}={v}" for k, v in default_switches().items())
     s = PriorSampler(base, "euler", graph=False, **switch)
     seeds = list(range(s.batch_size))
     s.latents("a photo of person", seeds, steps, 5.0, None, 1024, 1024)  # warm-up: cuDNN's heuristics, allocator
@@ -52,7 +61,9 @@ def profile(base: str, out: Path, steps: int, **switch) -> None:
 
 
 def cache_ab(base: str, n: int = 48) -> None:
-    """The cache's encoding of ``n`` class images, one by one against decoded ahead (same fp32 VAE, same latents)."""
+    """The cache's encoding of ``n`` class images (decoded ahead, as the fit does): the fp32 VAE with mirrored
+    latents (the recipe until 2026-12-06 session 4) against plain only (``data.crops.flip: 0``) in fp32 and in bf16
+    (``model.vae_dtype: auto`` on this GPU), each timed twice, and how far bf16's latent means are from fp32's."""
     from dreambooth_pl.data.cache import encode_set
     from dreambooth_pl.data.datasets import ImageSet
     from dreambooth_pl.sdxl import load_parts
@@ -62,40 +73,26 @@ def cache_ab(base: str, n: int = 48) -> None:
     if not paths:
         print("cache A/B: no end-to-end class folder found; skipped", flush=True)
         return
-    vae = load_parts(base, None, torch.float16, "cuda", torch.float32).vae
+    vae32 = load_parts(base, None, torch.float16, "cuda", torch.float32).vae
+    vae16 = load_parts(base, None, torch.float16, "cuda", torch.bfloat16).vae
     images = ImageSet(tuple(paths), "a photo of person")
+    sizes = [[(1024, 1024)]] * len(paths)
+    runs = {"fp32 plain+mirrored": (vae32, True), "fp32 plain": (vae32, False), "bf16 plain": (vae16, False)}
     got, enc = {}, {}
-    for prefetch in (0, 4, 0, 4):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        enc[prefetch] = encode_set(vae, images, [[(1024, 1024)]] * len(paths), prefetch=prefetch)
-        got.setdefault(prefetch, []).append((time.perf_counter() - t) / len(paths))
-    same = max((enc[4].entries[k].mean - v.mean).abs().max().item() for k, v in enc[0].entries.items())
-    print(f"cache A/B ({len(paths)} images of {folders[-1]}, fp32 VAE, plain + mirrored, s/image): one by one "
-          f"{got[0]}, decoded ahead {got[4]}; max |difference| {same}", flush=True)
-    # where one pair's encode goes on the GPU (the mid-block attention over 16,384 fp32 tokens is a suspect), and
-    # the same encode with PyTorch's math attention (TF32 matmuls under the fit's "high" matmul precision)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    torch.set_float32_matmul_precision("high")
-    first = ImageSet(tuple(paths[:8]), "a photo of person")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        encode_set(vae, ImageSet(tuple(paths[:1]), "p"), [[(1024, 1024)]])
-        torch.cuda.synchronize()
-    rows = [{"name": e.key, "self_device_us": e.self_device_time_total, "count": e.count}
-            for e in prof.key_averages()]
-    print("one pair's encode, GPU ms by kind:", {k: round(ms, 1) for k, (ms, n) in kinds(rows).items()},
-          "top:", [(r["name"][:70], round(r["self_device_us"] / 1e3, 1))
-                   for r in sorted(rows, key=lambda r: -r["self_device_us"])[:6]], flush=True)
-    for name, ctx in (("default", None), ("math attention", SDPBackend.MATH)):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with sdpa_kernel(ctx) if ctx is not None else torch.no_grad():
-            e = encode_set(vae, first, [[(1024, 1024)]] * 8)
-        torch.cuda.synchronize()
-        diff = max((e.entries[k].mean - enc[0].entries[k].mean).abs().max().item() for k in e.entries)
-        print(f"cache encode, {name}: {(time.perf_counter() - t) / 8:.3f} s/image, max |mean - default| {diff:.2e}",
-              flush=True)
+    for _ in range(2):
+        for name, (vae, mirrored) in runs.items():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            enc[name] = encode_set(vae, images, sizes, mirrored=mirrored)
+            torch.cuda.synchronize()
+            got.setdefault(name, []).append(round((time.perf_counter() - t) / len(paths), 4))
+    ref, low = enc["fp32 plain"].entries, enc["bf16 plain"].entries
+    diff = torch.stack([(low[k].mean - v.mean).abs().max() for k, v in ref.items()])
+    rel = torch.stack([(low[k].mean - v.mean).norm() / v.mean.norm() for k, v in ref.items()])
+    spread = torch.stack([v.std.mean() for v in ref.values()]).mean()
+    print(f"cache A/B ({len(paths)} images of {folders[-1]}, decoded ahead, s/image, two runs each): {got}; "
+          f"bf16 against fp32 latent means: max |difference| {diff.max():.3e}, relative L2 {rel.mean():.2e} (max "
+          f"{rel.max():.2e}); the latent distributions' own mean std {spread:.3e}", flush=True)
 
 
 if __name__ == "__main__":
