@@ -102,3 +102,33 @@ class _Replay(torch.autograd.Function):
         # static buffer kept there would be overwritten by the next micro-batch's replay
         grads = torch._foreach_mul(call.static_grads, 1.0)
         return (None,) + (None,) * len(call.static_in) + tuple(grads)
+
+
+class GraphedForward:
+    """The SDXL UNet's inference forward at one input shape, captured once and replayed (no autograd state; the
+    prior sampler's fixed batches). Inputs are copied into the captured buffers unless they already are them."""
+
+    def __init__(self, unet, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, text: torch.Tensor,
+                 time_ids: torch.Tensor):
+        self.unet = unet
+        self.x, self.t, self.embeds, self.text, self.time_ids = (v.clone() for v in (x, t, embeds, text, time_ids))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graphs asks before capture
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._forward()
+
+    def _forward(self) -> torch.Tensor:
+        return self.unet(self.x, self.t, encoder_hidden_states=self.embeds,
+                         added_cond_kwargs={"text_embeds": self.text, "time_ids": self.time_ids}, return_dict=False)[0]
+
+    def __call__(self, x, t, embeds, text, time_ids) -> torch.Tensor:
+        for buf, v in ((self.x, x), (self.t, t), (self.embeds, embeds), (self.text, text), (self.time_ids, time_ids)):
+            if buf.data_ptr() != v.data_ptr():
+                buf.copy_(v)
+        self.graph.replay()
+        return self.out

@@ -15,7 +15,7 @@ from .data.datamodule import DataShape
 from .fused_lora import fuse_lora_layers
 from .memory_plan import GIB, Target, budget, frozen_gib, resolve_perf
 from .pivotal import PivotalTokens
-from .sdxl import DTYPES, load_parts
+from .sdxl import load_parts, vae_dtype_on
 from .settings import PerfSettings
 
 
@@ -46,12 +46,13 @@ def load_model(hp, dtype: torch.dtype, device: Optional[torch.device]) -> Model:
     # half-precision UNet never sits on an 8 GB card whole
     where = device if hp.base_dtype == "float16" else None
     pivotal = hp.pivotal is not None  # its text encoders load in fp32 on the CPU: the script initialises there
-    parts = load_parts(hp.base_model, hp.vae_model, dtype, where, DTYPES[hp.vae_dtype], text_fp32_host=pivotal)
+    vae_dtype = vae_dtype_on(hp.vae_dtype, device)
+    parts = load_parts(hp.base_model, hp.vae_model, dtype, where, vae_dtype, text_fp32_host=pivotal)
     tokens = None
     if pivotal:  # before the cast, on the fp32 tables, as the script's TokenEmbeddingsHandler
         tokens = PivotalTokens(hp.pivotal, (parts.tokenizer, parts.tokenizer_2),
                                (parts.text_encoder, parts.text_encoder_2), hp.seed)
-    m = Model(parts.unet.to(dtype), parts.vae.to(DTYPES[hp.vae_dtype]),
+    m = Model(parts.unet.to(dtype), parts.vae.to(vae_dtype),
               parts.text_encoder.to(device=where, dtype=dtype),  # no-ops unless pivotal loaded them
               parts.text_encoder_2.to(device=where, dtype=dtype), (parts.tokenizer, parts.tokenizer_2),
               parts.scheduler_config, tokens)

@@ -11,27 +11,20 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
   the graph; BENCHMARKS.md 2026-12-04), and the VAE decodes in bf16 where the GPU has it, without overflowing
   (SDXL's VAE overflows in fp16, so the pipeline upcasts it to fp32), in batches; the images are quantised to
   uint8 on the GPU;
-- with ``fuse_qkv``, q/k/v of each self-attention and k/v of each cross-attention run as one GEMM (diffusers' own
-  ``fuse_qkv_projections``: the same products, concatenated), the separate projections dropped (1.3 GB of SDXL's
-  UNet). Off by default: 1.032 against 1.036 s/image unfused, and cuDNN attention first 1.030, all within noise
-  (one H100, 1024², 25 steps, BENCHMARKS.md 2026-12-05): the UNet is bound by its GEMMs and convolutions.
-- with ``compile_blocks``, each transformer and resnet block is compiled (regional ``torch.compile``, one graph per
-  block shape, ``perf.compile_blocks``): Inductor fuses what runs between the GEMMs and convolutions (GroupNorm with
-  its SiLU, LayerNorm, the GEGLU's halves, residual adds) into fewer passes over the batch's activations. The first
-  batch pays the compile (Inductor's caches keep it for later runs on the machine); the graph then replays the
-  compiled kernels. Measured against the default by ``benchmark --preset priors`` (``variants_s_per_image``).
-- with ``cudnn_benchmark``, cuDNN times its convolution algorithms for each shape on first use (every batch has
-  the same shapes, so once) instead of picking by heuristics; the graph captures the chosen kernels.
-- with ``fused_geglu`` (the default on a GPU), each feed-forward's GEGLU computes its two halves as two GEMMs
+- opt-in switches, each timed by ``benchmark --preset priors`` (``variants_s_per_image``, BENCHMARKS.md): ``fuse_qkv``
+  (diffusers' ``fuse_qkv_projections``, the separate projections dropped: 1.3 GB; 1.032 against 1.036 s/image, within
+  noise: the UNet is bound by its GEMMs and convolutions), ``compile_blocks`` (regional ``torch.compile`` of each
+  transformer and resnet block, ``perf.compile_blocks``; the first batch pays the compile) and ``cudnn_benchmark``
+  (cuDNN times its convolution algorithms once per shape; the graph captures the chosen kernels).
+- with ``fused_geglu`` (the default on a GPU with Triton, fp16 base), each feed-forward's GEGLU computes its two halves as two GEMMs
   and ``a · gelu(g)`` in one compiled pointwise kernel (``block_ops.fuse_geglu``; two widths, seconds to compile,
   cached across runs): diffusers' eager GEGLU runs gelu and the product as two strided, non-vectorised kernels,
   211 of a prior batch's 1431 GPU ms (H100 profile, BENCHMARKS.md 2026-12-06 session 3). The same formula with one
   rounding fewer: the images agree within fp16 rounding. ``channels_last`` (NHWC convolution weights) was measured
   slower there (1.084 against 1.009 s/image: the NHWC GroupNorms and copies cost more than cuDNN's conversions).
-- with ``park_text_encoders``, the two text encoders (1.5 GiB in fp16) stay on the CPU and visit the device only
-  to encode a prompt, once (each prompt's embeddings are kept, parked or not): the denoising loop's peak no longer
-  holds them beside the UNet. The same kernels encode, so the images do not change. An 8 GB card's prior draw
-  (configs/perf/8gb.yaml) needs it: on a float8 base the draw was the whole run's peak (BENCHMARKS.md 2026-12-06).
+- with ``park_text_encoders``, the two text encoders (1.5 GiB in fp16) stay on the CPU and visit the device once
+  per prompt, so the denoising peak does not hold them; the images do not change. An 8 GB card needs it
+  (configs/perf/8gb.yaml: on a float8 base the draw was the run's peak, BENCHMARKS.md 2026-12-06).
 """
 from __future__ import annotations
 
@@ -42,9 +35,10 @@ from typing import Iterator, Optional, Sequence, get_args
 import torch
 
 from .block_ops import fuse_geglu
+from .graphs import GraphedForward
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions
 from .sampling import SAMPLER, make_scheduler
-from .sdxl import DTYPES, load_parts, load_vae, resolve_base, unscale_latents
+from .sdxl import DTYPES, has_bf16, load_parts, load_vae, resolve_base, unscale_latents
 
 
 UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")  # the UNet's repeated blocks (perf.BLOCKS less CLIP's)
@@ -64,13 +58,15 @@ def sampler_device(device: Optional[str]) -> torch.device:
 def default_fused_geglu(device: torch.device, compile_blocks: bool, base_dtype: str) -> bool:
     """Whether the sampler fuses its GEGLUs by default: on a GPU, with an fp16 base and no compiled blocks (which
     fuse it themselves; a quantized base's projections are not plain linears). The prior cache keys on it."""
-    return device.type == "cuda" and not compile_blocks and base_dtype == "float16"
+    from .block_ops import can_compile
+
+    return can_compile(device) and not compile_blocks and base_dtype == "float16"
 
 
 def default_vae_dtype(device: torch.device, dtype: str) -> str:
     """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
     VAE is then upcast to fp32, as the pipeline does)."""
-    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else dtype
+    return "bfloat16" if has_bf16(device) else dtype
 
 
 def fuse_attention(unet) -> int:
@@ -87,35 +83,6 @@ def fuse_attention(unet) -> int:
             delattr(attn, name)
     unet.original_attn_processors = None  # they would call the dropped projections
     return freed
-
-
-class _GraphedUNet:
-    """The UNet's forward at one input shape, captured once and replayed (inference: no autograd state)."""
-
-    def __init__(self, unet, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, text: torch.Tensor,
-                 time_ids: torch.Tensor):
-        self.unet = unet
-        self.x, self.t, self.embeds, self.text, self.time_ids = (v.clone() for v in (x, t, embeds, text, time_ids))
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up off the default stream, as torch.cuda.graphs asks before capture
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._forward()
-
-    def _forward(self) -> torch.Tensor:
-        return self.unet(self.x, self.t, encoder_hidden_states=self.embeds,
-                         added_cond_kwargs={"text_embeds": self.text, "time_ids": self.time_ids}, return_dict=False)[0]
-
-    def __call__(self, x, t, embeds, text, time_ids) -> torch.Tensor:
-        for buf, v in ((self.x, x), (self.t, t), (self.embeds, embeds), (self.text, text), (self.time_ids, time_ids)):
-            if buf.data_ptr() != v.data_ptr():
-                buf.copy_(v)
-        self.graph.replay()
-        return self.out
 
 
 class PriorSampler:
@@ -208,7 +175,7 @@ class PriorSampler:
         self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
             if compile_blocks else 0
         self.graph = graph and self.device.type == "cuda"
-        self._graphs: dict[tuple, _GraphedUNet] = {}
+        self._graphs: dict[tuple, GraphedForward] = {}
 
     def runtime(self) -> dict:
         """What ran (``sampling.runtime``), plus the sampler's batching."""
@@ -239,7 +206,7 @@ class PriorSampler:
         if key not in self._graphs:
             try:
                 with attention_context(self.attention):  # the captured graph keeps the kernels chosen here
-                    self._graphs[key] = _GraphedUNet(self.pipe.unet, x, t, embeds, text, time_ids)
+                    self._graphs[key] = GraphedForward(self.pipe.unet, x, t, embeds, text, time_ids)
             except RuntimeError as err:  # a capture that fails must not cost the images: run eagerly
                 warnings.warn(f"prior sampler: CUDA-graph capture failed ({str(err).splitlines()[0][:200]}); "
                               "the UNet runs eagerly.", stacklevel=2)

@@ -13,6 +13,19 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def has_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 natively (Ampere and newer GPUs; a T4 only emulates it, slowly)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def vae_dtype_on(name: str, device: torch.device | None) -> torch.dtype:
+    """The VAE's dtype for ``model.vae_dtype`` ``name`` on ``device``: ``auto`` is bf16 where the GPU has it (fp32's
+    range, so SDXL's VAE cannot overflow as in fp16; tensor cores), else fp32 (a T4, the CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if device is not None and has_bf16(torch.device(device)) else torch.float32
+    return DTYPES[name]
+
+
 class BaseModelError(RuntimeError):
     """The base model cannot be found or loaded; the message says how to fix it."""
 

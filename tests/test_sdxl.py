@@ -106,3 +106,26 @@ def test_latent_scaling_is_the_reference_formula_and_its_inverse(moments):
     torch.testing.assert_close(scale_latents(z, cfg), want)
     torch.testing.assert_close(unscale_latents(scale_latents(z, cfg), cfg), z)
     assert not torch.allclose(scale_latents(z, cfg), z * 0.13025) if moments else True
+
+
+def test_the_auto_vae_dtype_is_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):
+    """``model.vae_dtype: auto`` (the recipes): bf16 on a GPU with native bf16, fp32 on a T4 (which only emulates
+    it: ``including_emulation=False``) and on the CPU; named dtypes are taken as given."""
+    import torch
+
+    from dreambooth_pl.sdxl import vae_dtype_on
+
+    asked = []
+
+    def supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    native = True
+    assert vae_dtype_on("auto", torch.device("cuda")) == torch.bfloat16 and asked == [False]
+    native = False  # a T4
+    assert vae_dtype_on("auto", torch.device("cuda")) == torch.float32
+    assert vae_dtype_on("auto", torch.device("cpu")) == vae_dtype_on("auto", None) == torch.float32
+    assert vae_dtype_on("float32", torch.device("cuda")) == torch.float32
+    assert vae_dtype_on("bfloat16", torch.device("cpu")) == torch.bfloat16
