@@ -174,3 +174,20 @@ def test_images_are_decoded_ahead_in_order_and_a_bad_one_is_named(setup, tmp_pat
     paths = (dm.instance.paths[0], bad, *dm.instance.paths[1:])
     with pytest.raises(ImageIntakeError, match="broken.png"):
         encode_set(module.vae, ImageSet(paths, "a photo of sks dog"), [[(32, 32)]] * len(paths))
+
+
+def test_without_flips_only_the_plain_latents_are_encoded(setup):
+    """``data.crops.flip: 0`` (the recipe): the mirrored half of the cache would never be read, so it is not encoded
+    (half the VAE's encodes); the plain latents are the flipping cache's, and a stream that flips is refused."""
+    dm, module, cache = setup
+    plain = build_cache(Encoders(module.vae, (), ()), dm.instance, dm.prior, 32, "latents", offload=False,
+                        mirrored=False)
+    assert cache.mirrored and not plain.mirrored and plain.nbytes() < cache.nbytes()
+    for key, e in cache.prior.entries.items():
+        got = plain.prior.entries[key]
+        assert got.mean.shape == (1, 4, 4, 4) and torch.equal(got.crop_top_left, e.crop_top_left[:1])
+        assert torch.allclose(got.mean, e.mean[:1], rtol=1e-5, atol=1e-6 * e.mean.abs().max().item())
+    batch = CachedStream(plain, 2, 0.0, 3).batch(0)
+    assert batch["latent_mean"].shape == (4, 4, 4, 4)
+    with pytest.raises(CacheError, match=r"no mirrored latents, so data.crops.flip=0.5"):
+        CachedStream(plain, 2, 0.5, 3)

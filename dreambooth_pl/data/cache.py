@@ -1,5 +1,5 @@
-"""Pre-encoded training inputs: VAE latent distributions of every image (plain and mirrored) and, optionally,
-the prompts' text embeddings, so the VAE (and the text encoders) leave the GPU before the first step.
+"""Pre-encoded training inputs: VAE latent distributions of every image (plain, and mirrored where flips are on)
+and, optionally, the prompts' text embeddings, so the VAE (and the text encoders) leave the GPU before the first step.
 
 This is the ``--cache_latents`` of diffusers' ``train_dreambooth_lora_sdxl.py``: the latent *distribution*
 (mean, std) is stored and a latent is sampled from it every step, so training still sees the VAE's noise.
@@ -39,11 +39,12 @@ Size = tuple[int, int]  # (height, width) in pixels: the square resolution, or a
 
 @dataclass
 class Encoded:
-    """One image's latent moments at one size: ``mean``/``std`` ``[2, 4, h/8, w/8]`` (index 1 = mirrored)."""
+    """One image's latent moments at one size: ``mean``/``std`` ``[k, 4, h/8, w/8]`` (index 1 = mirrored, present
+    when the cache was built for flips: ``k`` 2, else 1)."""
 
     mean: torch.Tensor
     std: torch.Tensor
-    crop_top_left: torch.Tensor  # [2, 2] (plain, mirrored)
+    crop_top_left: torch.Tensor  # [k, 2] (plain, mirrored)
 
 
 @dataclass
@@ -73,6 +74,11 @@ class InputCache:
     def device(self) -> torch.device:
         return self.instance.original_size.device
 
+    @property
+    def mirrored(self) -> bool:
+        """Whether every image is also held mirrored (built for flips)."""
+        return all(e.mean.shape[0] == 2 for s in (self.instance, self.prior) if s for e in s.entries.values())
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
@@ -88,12 +94,14 @@ class InputCache:
 PREFETCH = 4  # images decoded and cropped ahead of the VAE, each on its own thread (PIL and torch release the GIL)
 
 
-def _prepared(path, sizes: list[Size]) -> tuple[tuple[int, int], list[tuple[Size, torch.Tensor, torch.Tensor]]]:
-    """One image's ``(height, width)`` and, at each size, its plain and mirrored pixels ``[2, 3, h, w]`` and crops."""
+def _prepared(path, sizes: list[Size], mirrored: bool = True) -> tuple[tuple[int, int], list[tuple[Size, torch.Tensor,
+                                                                                                   torch.Tensor]]]:
+    """One image's ``(height, width)`` and, at each size, its plain (and mirrored) pixels ``[k, 3, h, w]`` and crops."""
     img, gen = decode_rgb(path), torch.Generator()  # centre crops: the generator draws nothing
     out = []
     for size in sizes:
-        ex = [prepare_image(img, size[0] if size[0] == size[1] else size, True, flip, gen) for flip in (False, True)]
+        ex = [prepare_image(img, size[0] if size[0] == size[1] else size, True, flip, gen)
+              for flip in ((False, True) if mirrored else (False,))]
         out.append((tuple(size), torch.stack([e["pixel_values"] for e in ex]),
                     torch.tensor([e["crop_top_left"] for e in ex])))
     return img.size[::-1], out
@@ -123,7 +131,7 @@ def ahead(fn, items: list, depth: int = PREFETCH) -> Iterator:
 
 @torch.no_grad()
 def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], one_per_call: bool = False,
-               prefetch: int = PREFETCH) -> EncodedSet:
+               prefetch: int = PREFETCH, mirrored: bool = True) -> EncodedSet:
     """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain and mirrored together, one
     image at a time (the VAE's fp32 activations at 1024² are gigabytes per image), the next images decoded
     meanwhile (:func:`ahead`).
@@ -133,12 +141,13 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
         one_per_call: plain and mirrored in two VAE calls: half the activations (the pair at 1024² held 6.0 of the
             8gb preset's 6.4 GiB allocation peak on an H100), the same latents up to kernel rounding.
         prefetch: images decoded ahead on worker threads (0: one by one, as before 2026-12-06's session 3).
+        mirrored: also encode each image mirrored (training flips some examples); without flips half the encodes.
     """
     originals, entries = [], {}
     device = next(vae.parameters()).device
     work = list(range(len(images.paths)))
     with quiet_bombs():  # once, here: the worker threads decode under it (images.quiet_bombs)
-        for i, (original, prepared) in enumerate(ahead(lambda i: _prepared(images.paths[i], sizes[i]), work,
+        for i, (original, prepared) in enumerate(ahead(lambda i: _prepared(images.paths[i], sizes[i], mirrored), work,
                                                        prefetch)):
             for size, pixels, crops in prepared:
                 with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call, unless short
@@ -179,7 +188,8 @@ class Encoders:
 
 
 def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
-                offload: bool = True, buckets: dict | None = None, empty_prompt: bool = False) -> InputCache:
+                offload: bool = True, buckets: dict | None = None, empty_prompt: bool = False,
+                mirrored: bool = True) -> InputCache:
     """Encode the image sets with ``encoders.vae`` (and the prompts with the text encoders for ``mode="all"``),
     moving each encoder to the CPU as soon as its part is done, so the VAE's large transient never meets them.
 
@@ -192,15 +202,16 @@ def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, 
         buckets: instance path -> aspect bucket (``data.crops.aspect_buckets``): each photo is encoded at its bucket,
             each class image at every bucket in use (it is cropped to its partner's).
         empty_prompt: also encode ``""`` (``mode="all"``), the prompt of examples that caption dropout drops.
+        mirrored: also encode every image mirrored (``data.crops.flip`` > 0); without, a stream that flips is refused.
     """
     if mode not in ("latents", "all"):
         raise CacheError(f"build_cache encodes for model.perf.cache=latents or all, got {mode!r}")
     with borrowed(encoders.park if offload else (), torch.device("cpu")):
-        return _build(encoders, instance, prior, resolution, mode, offload, buckets, empty_prompt)
+        return _build(encoders, instance, prior, resolution, mode, offload, buckets, empty_prompt, mirrored)
 
 
 def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
-           offload: bool, buckets: dict | None, empty_prompt: bool = False) -> InputCache:
+           offload: bool, buckets: dict | None, empty_prompt: bool = False, mirrored: bool = True) -> InputCache:
     text = {}
     if mode == "all":
         sets = [s for s in (instance, prior) if s]
@@ -215,8 +226,8 @@ def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resol
         sizes, prior_sizes = [[(resolution, resolution)]] * len(instance.paths), [(resolution, resolution)]
     vae = encoders.vae
     one = encoders.one_per_call
-    cache = InputCache(encode_set(vae, instance, sizes, one),
-                       encode_set(vae, prior, [prior_sizes] * len(prior.paths), one) if prior else None,
+    cache = InputCache(encode_set(vae, instance, sizes, one, mirrored=mirrored),
+                       encode_set(vae, prior, [prior_sizes] * len(prior.paths), one, mirrored=mirrored) if prior else None,
                        resolution, text)
     if offload:
         to_cpu(vae)
@@ -228,6 +239,13 @@ class CachedExamples:
     moments at the example's size (and text embeddings), stacked by :meth:`_collate`."""
 
     cache: InputCache
+
+    @staticmethod
+    def _flippable(cache: InputCache, flip_p: float) -> InputCache:
+        if flip_p > 0 and not cache.mirrored:
+            raise CacheError(f"the input cache holds no mirrored latents, so data.crops.flip={flip_p} cannot be "
+                             "trained from it: build it with mirrored=True (the data module does when flip > 0)")
+        return cache
 
     def _example(self, images: ImageSet, i: int, position: int, role: int, size: Size | None = None) -> dict:
         gen = torch.Generator().manual_seed(mix_seed(self.seed, position, role))
@@ -264,7 +282,7 @@ class CachedStream(CachedExamples, PairedStream):
         super().__init__(cache.instance.images, cache.prior.images if cache.prior else None, cache.resolution,
                          batch_size, True, flip_p, seed, start_batch, rank, world_size,
                          caption_dropout=caption_dropout)
-        self.cache = cache
+        self.cache = self._flippable(cache, flip_p)
 
 
 class CachedBucketedStream(CachedExamples, BucketedStream):
@@ -282,4 +300,4 @@ class CachedBucketedStream(CachedExamples, BucketedStream):
         super().__init__(cache.instance.images, cache.prior.images if cache.prior else None, buckets, batch_size,
                          center_crop=True, flip_p=flip_p, seed=seed, start_batch=start_batch, rank=rank,
                          world_size=world_size, caption_dropout=caption_dropout)
-        self.cache = cache
+        self.cache = self._flippable(cache, flip_p)
