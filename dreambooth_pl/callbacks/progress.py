@@ -124,6 +124,8 @@ class RunSummary(L.Callback):
         data = max(0.0, m.get("setup", to_trainer) - to_trainer - priors)
         phases.update(start_to_trainer=to_trainer, start_data=data, start_load=load.get("load", 0.0),
                       start_adapters=load.get("adapters", 0.0))
+        if "images" in timings:  # the photos and priors checked and cached
+            phases["images"] = timings["images"]
         if steps > 1:
             phases["s_per_step"] = (last - first) / (steps - 1)
         return {k: round(v, 2) for k, v in phases.items()}

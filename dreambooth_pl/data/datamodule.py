@@ -128,6 +128,8 @@ class DreamBoothDataModule(L.LightningDataModule):
             cls = check_images(cls, "class", hp.resolution, hp.strict_images)
             cls, held_cls = hold_out(cls, photos.held_out, "class")
             self.prior = ImageSet(tuple(cls), priors.prompt)
+        # the training images: what the check and the cache scale with (the end-to-end benchmark extrapolates by it)
+        self.timings["images"] = len(self.instance.paths) + (len(self.prior.paths) if self.prior else 0)
         if photos.held_out:
             self.held_out = HeldOutSet(ImageSet(tuple(held_inst), photos.prompt),
                                        ImageSet(tuple(held_cls), priors.prompt) if self.prior else None,
@@ -147,8 +149,10 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.setup("fit")  # a no-op after Lightning's own call: the images are found and checked once
         start = time.perf_counter()
         device = next(encoders.vae.parameters()).device
+        # mirrored latents only where training flips (the recipe does not: half the cache's VAE encodes)
         self.cache = build_cache(encoders, self.instance, self.prior, self.hparams.resolution, mode, offload,
-                                 self.buckets, empty_prompt=self.hparams.caption_dropout > 0)
+                                 self.buckets, empty_prompt=self.hparams.caption_dropout > 0,
+                                 mirrored=self.crops.flip > 0)
         # on the GPU the batches are stacked there: no per-step collate, pinning and copy on the host, which
         # otherwise cost tens of ms a step beside a CUDA-graph step (BENCHMARKS.md); workers need CPU tensors
         if device.type == "cuda" and self.hparams.num_workers == 0 and self.cache.nbytes() <= DEVICE_CACHE_BYTES:

@@ -70,8 +70,9 @@ def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, b
 
 # the sampler's switches timed against its defaults on a GPU (prior_sampler.PriorSampler's arguments)
 # (fused q/k/v and cuDNN attention first were timed on 2026-12-05: within 0.5% of the default, BENCHMARKS.md)
-# (bf16 alone: 0.941 s/image against fp16's 1.03 on 2026-12-04/05, other machines)
-VARIANTS = {"diffusers_geglu": {"fused_geglu": False}, "compiled_blocks": {"compile_blocks": True}}
+# (bf16 alone: 0.941 s/image against fp16's 1.03 on 2026-12-04/05, other machines: now beside it in one call)
+VARIANTS = {"diffusers_geglu": {"fused_geglu": False}, "compiled_blocks": {"compile_blocks": True},
+            "bf16": {"dtype": "bfloat16"}}
 
 
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
@@ -200,13 +201,14 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
         once = (p["priors"] - timing["seconds"] + timing["load_s"] + timing["first_batch_s"]
                 + timing.get("write_tail_s", 0))
         full_prior_s = once + steady * (full_priors - timing["batch_size"])
-    # checking and caching the images scale with their count (call 2 of 2026-12-06 session 3: 197 priors cached in
-    # 25.0 s, where a 16-prior run's 4.9 s had been carried over unscaled)
-    from ..data.images import list_images
-
-    n = len(list_images(SAMPLE_DOG, "instance"))
+    # checking and caching the images: the whole phase scaled with the run's image count (call 2 of 2026-12-06
+    # session 3: 197 priors cached in 25.0 s, where a 16-prior run's 4.9 s had been carried over unscaled). Its fixed
+    # part (encoding the prompts, moving the encoders) is scaled too, so the figure errs long, never short.
+    n = p.get("images")
+    if n is None:
+        raise RuntimeError(f"{folder / 'phases.json'} has no image count: the run predates it; rerun the benchmark")
     per_image = p["cache"] + p.get("start_data", 0.0)
-    full_images_s = per_image * (n + full_priors) / (n + priors)
+    full_images_s = per_image * (n - priors + full_priors) / n
     full = (wall - p["priors"] - p["steps"] - per_image) + full_prior_s + rate * (full_steps - 1) + full_images_s
     full_to_lora = full - (wall - to_lora)
     plan = [line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line]
