@@ -85,16 +85,19 @@ def test_no_prior_run_trains_on_instances_alone(subject_dirs, tiny_base, tmp_pat
 
 @pytest.mark.gpu
 def test_t4_recipe_on_gpu_16_mixed_adamw8bit_checkpointing(subject_dirs, tiny_base, tmp_path):
-    """The SDXL config's training switches on a CUDA GPU: fp16 base, fp32 VAE and adapters, 8-bit AdamW."""
+    """The SDXL config's training switches on a CUDA GPU: fp16 base, the recipe's ``vae_dtype: auto`` (bf16 where the
+    GPU has it natively, fp32 on a T4), fp32 adapters, 8-bit AdamW; the cache and the loss finite with it."""
     import bitsandbytes as bnb
 
     args = fit_args(tiny_base, *subject_dirs, str(tmp_path), steps=2, **{
         "trainer.accelerator": "gpu", "trainer.precision": "16-mixed", "model.optim.name": "adamw8bit",
-        "model.perf.gradient_checkpointing": "true", "data.resolution": "64"})
+        "model.perf.gradient_checkpointing": "true", "data.resolution": "64", "model.vae_dtype": "auto",
+        "model.perf.cache": "latents"})
     cli = DreamBoothCLI(args=args)
     m = cli.model
     assert isinstance(cli.trainer.optimizers[0], bnb.optim.AdamW8bit)
-    assert m.unet.dtype == torch.float16 and m.vae.dtype == torch.float32
+    vae = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
+    assert m.unet.dtype == torch.float16 and m.vae.dtype == vae and cli.datamodule.cache is not None
     assert {p.dtype for p in m.trainable_parameters().values()} == {torch.float32}
     logged = cli.trainer.logged_metrics
     assert all(torch.isfinite(logged[k]) for k in ("train/loss", "train/loss_instance", "train/loss_prior"))
