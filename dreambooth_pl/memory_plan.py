@@ -73,13 +73,34 @@ def estimate(plan: Plan, weights_gib: float, resolution: int, images: int) -> fl
     return weights_gib + plan.activations_gib * scale
 
 
-def activations_gib(perf: PerfSettings, resolution: int, images: int) -> float:
+def activations_gib(perf: PerfSettings, resolution: int, images: int, half: bool = True) -> float:
     """Estimated activation peak (GiB) of the steps under the switches ``perf`` holds (resolved or manual): the
-    measured plan with the same checkpointing and fused kernels, else the largest with that checkpointing."""
+    measured plan with the same checkpointing (the fused plan only with all three fused switches on), else the
+    largest with that checkpointing; doubled outside mixed precision (``half``), where every plan was measured."""
     every = perf.checkpoint_every if perf.gradient_checkpointing else 0
+    fused = half and all((perf.fused_lora, perf.fused_blocks, perf.group_qkv))
     same = [p for p in PLANS if p.checkpoint_every == every] or list(PLANS)
-    plan = next((p for p in same if p.fused == bool(perf.fused_blocks)), max(same, key=lambda p: p.activations_gib))
-    return estimate(plan, 0.0, resolution, images)
+    plan = next((p for p in same if p.fused == fused), max(same, key=lambda p: p.activations_gib))
+    return estimate(plan, 0.0, resolution, images) * (1 if half else 2)
+
+
+def room_for_encoders(perf: PerfSettings, shape: DataShape, held_gib: float, free: float, half: bool) -> bool:
+    """Whether the encoders (already on the GPU) may stay there through the steps: the resident memory plus the
+    plan's activation estimate fit the free memory (or ``memory_budget_gib``) less :data:`HEADROOM`. Staying saves
+    their trip to the host (1.3 s of a 21-image cache on an H100, BENCHMARKS.md 2026-12-06, session 2), and
+    in-training sampling and the held-out loss find them on the GPU.
+
+    Args:
+        perf: the switches in force.
+        shape: the run's resolution and images per step.
+        held_gib: what the run holds on the GPU now (weights, adapters and encoders).
+        free: the GPU's free memory (GiB).
+        half: mixed precision (the plans' activations were measured there).
+    """
+    limit = held_gib + free - 0.5  # less the margin :func:`budget` keeps for the context and rounding
+    if perf.memory_budget_gib is not None:
+        limit = min(limit, perf.memory_budget_gib)
+    return held_gib + activations_gib(perf, shape.resolution, shape.images, half) <= limit * (1 - HEADROOM)
 
 
 def choose(weights_gib: float, resolution: int, images: int, budget_gib: float, graph_allowed: bool,

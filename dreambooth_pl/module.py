@@ -18,7 +18,7 @@ from .devices import free_gib
 from .fused_lora import half_adapters
 from .graphs import GraphedCall
 from .loss import DreamBoothLoss, latent_weights
-from .memory_plan import manual
+from .memory_plan import manual, room_for_encoders
 from .model_setup import adapted_encoders, apply_perf, load_model, plan_perf
 from .noise import NoiseSchedule, example_id
 from .optimizers import build_optimizer, clip_gradients, step_size_estimates
@@ -135,22 +135,11 @@ class DreamBoothLoRA(L.LightningModule):
         cuda = self.device.type == "cuda"
         room = free_gib(self.device) if cuda else 0.0
         short = cuda and min(room, self.perf.memory_budget_gib or room) < 24
+        stay = cuda and not short and room_for_encoders(self.perf, dm.shape(), torch.cuda.memory_allocated(self.device)
+                                                        / 2**30, room, half=self.weight_dtype() != torch.float32)
         dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
                                  park=(self.unet,) if short else (), one_per_call=short), self.perf.cache,
-                        offload=not (cuda and not short and self._room_for_encoders(room, dm.shape())))
-
-    def _room_for_encoders(self, free: float, shape) -> bool:
-        """Whether the encoders (already on the GPU) may stay there through the steps: the run's resident memory
-        plus the plan's activation estimate fit the free memory (or ``memory_budget_gib``) less the plan's headroom.
-        Staying saves their trip to the host (1.3 s of a 21-image cache on an H100, BENCHMARKS.md 2026-12-06,
-        session 2) and in-training sampling and the held-out loss find them on the GPU."""
-        from .memory_plan import HEADROOM, activations_gib
-
-        held = torch.cuda.memory_allocated(self.device) / 2**30
-        limit = held + free - 0.5  # less the margin memory_plan.budget keeps for the context and rounding
-        if self.perf.memory_budget_gib is not None:
-            limit = min(limit, self.perf.memory_budget_gib)
-        return held + activations_gib(self.perf, shape.resolution, shape.images) <= limit * (1 - HEADROOM)
+                        offload=not stay)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         """Named parameters that train (the adapters)."""
@@ -329,9 +318,15 @@ class DreamBoothLoRA(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["vae_dtype"] = str(self.vae.dtype).removeprefix("torch.")  # what model.vae_dtype: auto resolved to
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_adapter_keys(set(self.trainable_parameters()), set(checkpoint.get("state_dict", {})))
+        then, now = checkpoint.get("vae_dtype"), str(self.vae.dtype).removeprefix("torch.")
+        if then is not None and then != now:  # vae_dtype: auto on another kind of GPU (a T4 has no native bf16)
+            rank_zero_warn(f"the checkpoint's run encoded its latents in {then}, this one in {now} (model.vae_dtype: "
+                           f"{self.hparams.vae_dtype}): they differ by {then}/{now} rounding; resume with "
+                           f"--model.vae_dtype {then} to keep the same latents.")
         if self.ema is not None:
             if "ema" not in checkpoint:
                 raise ValueError("model.ema.decay is set but the checkpoint holds no EMA weights (its run had EMA "

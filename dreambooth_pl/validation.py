@@ -75,7 +75,7 @@ class HeldOutLoss(Metric):
 
     def _latents(self, module, val_id: int, pixels: torch.Tensor) -> torch.Tensor:
         """Scaled latent mean of the photo, encoded where the VAE is (the CPU where ``perf.cache`` moved it
-        there for room, else the GPU: ``DreamBoothLoRA._room_for_encoders``)."""
+        there for room, else the GPU: ``memory_plan.room_for_encoders``)."""
         if val_id not in self.latents:
             vae = module.vae
             device = next(vae.parameters()).device

@@ -139,18 +139,24 @@ def test_the_steps_estimate_follows_the_chosen_plan(budget):
     assert mp.activations_gib(got, 512, 2) == pytest.approx(plan.activations_gib / 4)
 
 
+def test_the_steps_estimate_takes_the_fused_plan_only_with_every_fused_switch_under_mixed_precision():
+    """One fused switch alone is not the measured fused plan (its memory is the unfused one's), and outside mixed
+    precision, where no plan was measured, the estimate doubles."""
+    fused, plain = mp.PLANS[0], mp.PLANS[1]
+    every = dict(gradient_checkpointing=False, fused_lora=True, fused_blocks=True, group_qkv=True)
+    assert mp.activations_gib(PerfSettings(**every), 1024, 2) == fused.activations_gib
+    assert mp.activations_gib(PerfSettings(**dict(every, group_qkv=False)), 1024, 2) == plain.activations_gib
+    assert mp.activations_gib(PerfSettings(**every), 1024, 2, half=False) == 2 * plain.activations_gib
+
+
 @pytest.mark.parametrize("free,budget,stays", [
     (60.0, None, True),  # an 80 GB card: 10 GiB held, 9.3 GiB of fused steps' activations
     (12.0, None, False),  # the steps' estimate and the encoders do not fit the headroom
     (60.0, 15.0, False),  # a budget caps what the run may hold, whatever the card has free
 ])
-def test_the_encoders_stay_on_the_gpu_only_beside_the_plans_peak(monkeypatch, free, budget, stays):
+def test_the_encoders_stay_on_the_gpu_only_beside_the_plans_peak(free, budget, stays):
     """After caching, the text encoders and VAE stay on the GPU only where the run's resident memory plus the
     chosen plan's activations fit (free memory or ``memory_budget_gib``) less the plan's headroom."""
-    from dreambooth_pl.module import DreamBoothLoRA
-
-    perf = mp.resolve_perf(AUTO, LoraSettings(), DataShape(1024, 2), H200, 5.06)
-    module = DreamBoothLoRA(base_model="unused", perf=dataclasses.replace(AUTO, memory_budget_gib=budget))
-    module.perf = dataclasses.replace(perf, memory_budget_gib=budget)  # as configure_model plans it
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * mp.GIB)
-    assert module._room_for_encoders(free, DataShape(1024, 2)) is stays
+    perf = dataclasses.replace(mp.resolve_perf(AUTO, LoraSettings(), DataShape(1024, 2), H200, 5.06),
+                               memory_budget_gib=budget)  # as configure_model plans it
+    assert mp.room_for_encoders(perf, DataShape(1024, 2), 10.0, free, half=True) is stays
