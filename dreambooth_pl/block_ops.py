@@ -78,7 +78,8 @@ def can_compile(device: torch.device) -> bool:
 def _gated_gelu(a: torch.Tensor, g: torch.Tensor, fixed_shapes: bool = False) -> torch.Tensor:
     # sampling in training (validation grids): shapes vary and it is not the hot path; the prior sampler's fixed
     # batches are (``fixed_shapes``)
-    if not (fixed_shapes or torch.is_grad_enabled()) or not can_compile(a.device):
+    # inside a compiled region (compile_blocks) Inductor fuses the formula itself, and nothing here is traced
+    if torch.compiler.is_compiling() or not (fixed_shapes or torch.is_grad_enabled()) or not can_compile(a.device):
         return gated_gelu(a, g)
     if fixed_shapes not in _compiled:  # one small pointwise graph per shape; Inductor's caches keep it across runs
         # no fullgraph: past dynamo's recompile limit (8 shapes, e.g. many aspect buckets) a new shape runs
