@@ -1,4 +1,6 @@
 """DreamBoothLoRA: the loss wiring against diffusers' own pieces, what trains, checkpoint contents, early validation."""
+import warnings
+
 import pytest
 import torch
 
@@ -107,7 +109,14 @@ def test_checkpoints_keep_only_the_adapters_and_refuse_other_models(module):
     ckpt = {"state_dict": m.state_dict()}
     m.on_save_checkpoint(ckpt)
     assert set(ckpt["state_dict"]) == set(m.trainable_parameters())
-    m.on_load_checkpoint(ckpt)  # its own checkpoint loads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own checkpoint loads, silently
+        m.on_load_checkpoint(ckpt)
+    assert ckpt["vae_dtype"] == "float32"  # what model.vae_dtype resolved to on this device
+    # model.vae_dtype: auto resolved otherwise on another GPU (bf16 there, fp32 on a T4): named, with the fix
+    with pytest.warns(UserWarning, match=r"encoded its latents in bfloat16, this one in float32 .*"
+                                         r"--model.vae_dtype bfloat16"):
+        m.on_load_checkpoint(dict(ckpt, vae_dtype="bfloat16"))
     key = next(iter(ckpt["state_dict"]))
     del ckpt["state_dict"][key]
     with pytest.raises(ValueError, match=f"missing key '{key}'.*config the checkpoint was trained with"):
