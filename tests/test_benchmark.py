@@ -93,7 +93,7 @@ def test_end_to_end_mode_times_the_users_command_with_its_phases(tiny_base, tmp_
     assert result["start_to_first_step_s"] == p["to_first_step_without_priors"]
     assert result["extrapolated_min"] * 60 > result["wall_s"]  # 197 priors and 1000 steps take longer than 2 and 3
     # checking and caching 5 photos + 197 priors, scaled from the run's own 5 + 2 images
-    assert p["images"] == 7
+    assert p["n_images"] == 7 and p["n_priors"] == 2
     assert result["extrapolated_check_and_cache_s"] == pytest.approx((p["cache"] + p["start_data"]) * 202 / 7)
     # the LoRA file exists before the process ends (teardown and exit come after it), after the first step
     assert p["to_first_step_without_priors"] < result["to_lora_s"] <= result["wall_s"]

@@ -70,7 +70,7 @@ def test_the_summary_prints_each_phase_and_writes_them(tiny_base, subject_dirs, 
     assert abs(parts - phases["total"]) < 0.05  # rounding of each part
     assert phases["to_first_step_without_priors"] < phases["total"] - phases["priors"]
     dm = cli.datamodule  # the images checked and cached: the end-to-end benchmark scales that phase by them
-    assert len(dm.prior.paths) == 2 and phases["images"] == len(dm.instance.paths) + 2
+    assert phases["n_priors"] == len(dm.prior.paths) == 2 and phases["n_images"] == len(dm.instance.paths) + 2
     split = [phases[k] for k in ("start_to_trainer", "start_data", "start_load", "start_adapters")]
     # the data's setup and the adapters can round to 0.00 s on the tiny base; imports and loading never do
     assert all(v >= 0 for v in split) and split[0] > 0 and split[2] > 0 and sum(split) <= phases["start"] + 0.05

@@ -107,7 +107,7 @@ class RunSummary(L.Callback):
         self._marks["last_step"] = process_seconds()
 
     def _phases(self, trainer: L.Trainer, steps: int) -> dict[str, float]:
-        """Seconds per phase from the marks and the data module's own timings."""
+        """Seconds per phase from the marks and the data module's own timings, and its image counts (``n_*``)."""
         m, now = self._marks, process_seconds()
         dm = getattr(trainer, "datamodule", None)
         timings = getattr(dm, "timings", {}) or {}
@@ -124,8 +124,7 @@ class RunSummary(L.Callback):
         data = max(0.0, m.get("setup", to_trainer) - to_trainer - priors)
         phases.update(start_to_trainer=to_trainer, start_data=data, start_load=load.get("load", 0.0),
                       start_adapters=load.get("adapters", 0.0))
-        if "images" in timings:  # the photos and priors checked and cached
-            phases["images"] = timings["images"]
+        phases.update({k: timings[k] for k in ("n_images", "n_priors") if k in timings})  # counts, not seconds
         if steps > 1:
             phases["s_per_step"] = (last - first) / (steps - 1)
         return {k: round(v, 2) for k, v in phases.items()}

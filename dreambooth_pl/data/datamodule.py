@@ -89,7 +89,8 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.prior: ImageSet | None = None
         self.held_out = None  # a HeldOutSet with data.photos.held_out
         self.cache = None  # an InputCache, built by cache_inputs when model.perf.cache is on
-        self.timings: dict[str, float] = {}  # seconds of "priors" and "cache" (the end-of-fit summary prints them)
+        self.timings: dict[str, float] = {}  # seconds of "priors" and "cache" (the end-of-fit summary prints them), and
+        # the image counts "n_images" and "n_priors"
 
     def shape(self) -> DataShape:
         """The resolution and images per step this module feeds (``memory_plan.resolve_perf`` plans with it)."""
@@ -128,8 +129,10 @@ class DreamBoothDataModule(L.LightningDataModule):
             cls = check_images(cls, "class", hp.resolution, hp.strict_images)
             cls, held_cls = hold_out(cls, photos.held_out, "class")
             self.prior = ImageSet(tuple(cls), priors.prompt)
-        # the training images: what the check and the cache scale with (the end-to-end benchmark extrapolates by it)
-        self.timings["images"] = len(self.instance.paths) + (len(self.prior.paths) if self.prior else 0)
+        # counts beside the seconds: the training images and the priors among them, which the check and the cache
+        # scale with (the end-to-end benchmark extrapolates by them)
+        self.timings["n_priors"] = len(self.prior.paths) if self.prior else 0
+        self.timings["n_images"] = len(self.instance.paths) + self.timings["n_priors"]
         if photos.held_out:
             self.held_out = HeldOutSet(ImageSet(tuple(held_inst), photos.prompt),
                                        ImageSet(tuple(held_cls), priors.prompt) if self.prior else None,

@@ -204,11 +204,10 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
     # checking and caching the images: the whole phase scaled with the run's image count (call 2 of 2026-12-06
     # session 3: 197 priors cached in 25.0 s, where a 16-prior run's 4.9 s had been carried over unscaled). Its fixed
     # part (encoding the prompts, moving the encoders) is scaled too, so the figure errs long, never short.
-    n = p.get("images")
-    if n is None:
-        raise RuntimeError(f"{folder / 'phases.json'} has no image count: the run predates it; rerun the benchmark")
+    if "n_images" not in p:
+        raise RuntimeError(f"{folder / 'phases.json'} has no image counts: the run predates them; rerun the benchmark")
     per_image = p["cache"] + p.get("start_data", 0.0)
-    full_images_s = per_image * (n - priors + full_priors) / n
+    full_images_s = per_image * (p["n_images"] - p["n_priors"] + full_priors) / p["n_images"]
     full = (wall - p["priors"] - p["steps"] - per_image) + full_prior_s + rate * (full_steps - 1) + full_images_s
     full_to_lora = full - (wall - to_lora)
     plan = [line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line]
