@@ -9,6 +9,8 @@ before capture and the adapters' gradients leave the graph as fresh tensors, whi
 The loss, the optimizer (8-bit Adam included), gradient scaling and clipping stay eager and unchanged; only the
 UNet call is replayed, so Lightning's loop, resume, accumulation and the NaN guard work as before. A call whose
 shapes differ from the captured ones runs eagerly.
+
+:class:`GraphedForward` is the inference half alone: the prior sampler's UNet forward at its fixed batch shape.
 """
 from __future__ import annotations
 

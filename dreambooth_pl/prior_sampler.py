@@ -16,12 +16,13 @@ own functions, called once per batch; only the loop around the UNet is ours. Wha
   noise: the UNet is bound by its GEMMs and convolutions), ``compile_blocks`` (regional ``torch.compile`` of each
   transformer and resnet block, ``perf.compile_blocks``; the first batch pays the compile) and ``cudnn_benchmark``
   (cuDNN times its convolution algorithms once per shape; the graph captures the chosen kernels).
-- with ``fused_geglu`` (the default on a GPU with Triton, fp16 base), each feed-forward's GEGLU computes its two halves as two GEMMs
-  and ``a · gelu(g)`` in one compiled pointwise kernel (``block_ops.fuse_geglu``; two widths, seconds to compile,
-  cached across runs): diffusers' eager GEGLU runs gelu and the product as two strided, non-vectorised kernels,
-  211 of a prior batch's 1431 GPU ms (H100 profile, BENCHMARKS.md 2026-12-06 session 3). The same formula with one
-  rounding fewer: the images agree within fp16 rounding. ``channels_last`` (NHWC convolution weights) was measured
-  slower there (1.084 against 1.009 s/image: the NHWC GroupNorms and copies cost more than cuDNN's conversions).
+- with ``fused_geglu`` (the default on a GPU with Triton, fp16 base), each feed-forward's GEGLU computes its two
+  halves as two GEMMs and ``a · gelu(g)`` in one compiled pointwise kernel (``block_ops.fuse_geglu``; two widths,
+  seconds to compile, cached across runs): diffusers' eager GEGLU runs gelu and the product as two strided,
+  non-vectorised kernels, 211 of a prior batch's 1431 GPU ms (H100 profile, BENCHMARKS.md 2026-12-06 session 3);
+  0.946 against 1.017 s/image in one call (session 4). The same formula with one rounding fewer: the images agree
+  within fp16 rounding. ``channels_last`` (NHWC convolution weights) was measured slower there (1.084 against 1.009
+  s/image: the NHWC GroupNorms and copies cost more than cuDNN's conversions).
 - with ``park_text_encoders``, the two text encoders (1.5 GiB in fp16) stay on the CPU and visit the device once
   per prompt, so the denoising peak does not hold them; the images do not change. An 8 GB card needs it
   (configs/perf/8gb.yaml: on a float8 base the draw was the run's peak, BENCHMARKS.md 2026-12-06).

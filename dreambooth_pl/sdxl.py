@@ -14,7 +14,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def has_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 natively (Ampere and newer GPUs; a T4 only emulates it, slowly)."""
+    """Whether ``device`` runs bf16 natively, as torch reports for the current GPU (NVIDIA Ampere and newer; a T4
+    only emulates it, slowly)."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 

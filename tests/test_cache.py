@@ -89,6 +89,7 @@ def test_fit_with_cache_frees_encoders(tiny_base, subject_dirs, tmp_path):
     assert cli.trainer.global_step == 2 and cli.datamodule.cache is not None
     assert set(cli.datamodule.cache.text) == {"a photo of sks dog", "a photo of dog"}
     assert cli.model.vae.device.type == "cpu" and cli.model.text_encoder_2.device.type == "cpu"
+    assert not cli.datamodule.cache.mirrored  # data.crops.flip is 0: the mirrored latents are not encoded
 
 
 def test_fit_with_caption_dropout_trains_on_the_seeded_empty_prompts(tiny_base, subject_dirs, tmp_path):

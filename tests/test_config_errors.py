@@ -34,7 +34,7 @@ def test_text_encoder_lora_with_cached_text_embeddings(tmp_path):
 
 
 def test_fp16_vae_refused_at_parse_time(tmp_path, capsys):
-    """The SDXL VAE overflows in fp16: vae_dtype offers only float32/bfloat16, even under 16-mixed."""
+    """The SDXL VAE overflows in fp16: vae_dtype offers only float32/bfloat16/auto, even under 16-mixed."""
     with pytest.raises(SystemExit):
         _cli(tmp_path, "--trainer.precision", "16-mixed", "--model.vae_dtype", "float16", run=False)
     err = capsys.readouterr().err

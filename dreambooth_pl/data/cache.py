@@ -94,8 +94,10 @@ class InputCache:
 PREFETCH = 4  # images decoded and cropped ahead of the VAE, each on its own thread (PIL and torch release the GIL)
 
 
-def _prepared(path, sizes: list[Size], mirrored: bool = True) -> tuple[tuple[int, int], list[tuple[Size, torch.Tensor,
-                                                                                                   torch.Tensor]]]:
+Prepared = list[tuple[Size, torch.Tensor, torch.Tensor]]  # per size: (size, pixels [k, 3, h, w], crops [k, 2])
+
+
+def _prepared(path, sizes: list[Size], mirrored: bool = True) -> tuple[tuple[int, int], Prepared]:
     """One image's ``(height, width)`` and, at each size, its plain (and mirrored) pixels ``[k, 3, h, w]`` and crops."""
     img, gen = decode_rgb(path), torch.Generator()  # centre crops: the generator draws nothing
     out = []
@@ -132,7 +134,7 @@ def ahead(fn, items: list, depth: int = PREFETCH) -> Iterator:
 @torch.no_grad()
 def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], one_per_call: bool = False,
                prefetch: int = PREFETCH, mirrored: bool = True) -> EncodedSet:
-    """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain and mirrored together, one
+    """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain (and mirrored) together, one
     image at a time (the VAE's fp32 activations at 1024² are gigabytes per image), the next images decoded
     meanwhile (:func:`ahead`).
 
@@ -226,9 +228,8 @@ def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resol
         sizes, prior_sizes = [[(resolution, resolution)]] * len(instance.paths), [(resolution, resolution)]
     vae = encoders.vae
     one = encoders.one_per_call
-    cache = InputCache(encode_set(vae, instance, sizes, one, mirrored=mirrored),
-                       encode_set(vae, prior, [prior_sizes] * len(prior.paths), one, mirrored=mirrored) if prior else None,
-                       resolution, text)
+    prior_set = encode_set(vae, prior, [prior_sizes] * len(prior.paths), one, mirrored=mirrored) if prior else None
+    cache = InputCache(encode_set(vae, instance, sizes, one, mirrored=mirrored), prior_set, resolution, text)
     if offload:
         to_cpu(vae)
     return cache

@@ -121,11 +121,9 @@ def decode_all(fn: Callable[[Path], T], paths: list[Path], workers: int = DECODE
     with quiet_bombs():
         if workers < 2 or len(paths) < 2:
             return [fn(p) for p in paths]
-        pool = ThreadPoolExecutor(max_workers=min(workers, len(paths)), thread_name_prefix="image-check")
-        try:
+        # a bad file stops the folder there: map's iterator cancels the images not yet started when it raises
+        with ThreadPoolExecutor(max_workers=min(workers, len(paths)), thread_name_prefix="image-check") as pool:
             return list(pool.map(fn, paths))
-        finally:  # a bad file or ^C must not wait for the rest of the folder to decode
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def inspect_image(path: str | Path, resolution: int | None = None) -> ImageReport:
