@@ -64,7 +64,7 @@ def cache_ab(base: str, n: int = 48) -> None:
     """The cache's encoding of ``n`` class images (decoded ahead, as the fit does): the fp32 VAE with mirrored
     latents (the recipe until 2026-12-06 session 4) against plain only (``data.crops.flip: 0``) in fp32 and in bf16
     (``model.vae_dtype: auto`` on this GPU), each timed twice, and how far bf16's latent means are from fp32's."""
-    from dreambooth_pl.data.cache import encode_set
+    from dreambooth_pl.data.encode import encode_set
     from dreambooth_pl.data.datasets import ImageSet
     from dreambooth_pl.sdxl import load_parts
 

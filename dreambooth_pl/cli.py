@@ -292,6 +292,9 @@ class DreamBoothCLI(LightningCLI):
             dirs["model.base_model (random_base builds it)"] = model["base_model"]
         if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
             dirs["trainer.logger.init_args.save_dir"] = trainer.logger.save_dir
+        data = getattr(self, "datamodule", None)
+        if data is not None and data.hparams.get("latent_cache"):
+            dirs["data.latent_cache"] = data.hparams["latent_cache"]
         for cb in trainer.callbacks:
             for section, kind in (("checkpoint", ModelCheckpoint), ("export", LoRAExport)):
                 if isinstance(cb, kind) and cb.dirpath:

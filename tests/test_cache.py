@@ -128,7 +128,7 @@ def test_fit_with_caption_dropout_trains_on_the_seeded_empty_prompts(tiny_base, 
 def test_one_image_per_vae_call_gives_the_pairs_latents(setup):
     """``Encoders.one_per_call`` (a GPU short of memory): plain and mirrored go through the VAE one at a time,
     halving its activations, and their latents equal the pair's up to the kernels' batch rounding (1e-5 relative)."""
-    from dreambooth_pl.data.cache import encode_set
+    from dreambooth_pl.data.encode import encode_set
 
     dm, module, cache = setup
     batches = []
@@ -153,7 +153,7 @@ def test_images_are_decoded_ahead_in_order_and_a_bad_one_is_named(setup, tmp_pat
     that cannot be read stops the cache with its path, as the one-by-one loop did."""
     import threading
 
-    from dreambooth_pl.data.cache import ahead, encode_set
+    from dreambooth_pl.data.encode import ahead, encode_set
     from dreambooth_pl.data.datasets import ImageSet
     from dreambooth_pl.data.images import ImageIntakeError
 

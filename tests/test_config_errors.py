@@ -43,7 +43,7 @@ def test_fp16_vae_refused_at_parse_time(tmp_path, capsys):
 
 def test_unwritable_output_dirs_fail_at_start_all_listed(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
-    keys = ["checkpoint.dirpath", "export.dirpath", "trainer.logger.init_args.save_dir"]
+    keys = ["checkpoint.dirpath", "export.dirpath", "trainer.logger.init_args.save_dir", "data.latent_cache"]
     with pytest.raises(SystemExit, match=r"output folder\(s\) cannot be written") as err:
         _cli(tmp_path, *[a for k in keys for a in (f"--{k}", str(tmp_path / "a_file" / k))])
     for key in keys:

@@ -11,10 +11,8 @@ and keeps the result for its stream (the idea of kohya sd-scripts' ``dataset.cac
 """
 from __future__ import annotations
 
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 
@@ -23,8 +21,8 @@ from ..sdxl import encode_prompts, tokenize
 from .buckets import BucketedStream
 from ..noise import example_id, mix_seed
 from .datasets import ImageSet, PairedStream
-from .images import decode_rgb, quiet_bombs
-from .transforms import prepare_image
+from .encode import Encoded, EncodedSet, Size, encode_set
+from .latent_store import LatentStore
 
 CacheMode = Literal["off", "latents", "all"]
 DEVICE_CACHE_BYTES = 512 * 2**20  # a cache up to this size moves to the GPU (about 500 images at 1024²)
@@ -32,28 +30,6 @@ DEVICE_CACHE_BYTES = 512 * 2**20  # a cache up to this size moves to the GPU (ab
 
 class CacheError(ValueError):
     """A cache setting that cannot work; the message says why and what to change."""
-
-
-Size = tuple[int, int]  # (height, width) in pixels: the square resolution, or an aspect bucket (data/buckets.py)
-
-
-@dataclass
-class Encoded:
-    """One image's latent moments at one size: ``mean``/``std`` ``[k, 4, h/8, w/8]`` (index 1 = mirrored, present
-    when the cache was built for flips: ``k`` 2, else 1)."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    crop_top_left: torch.Tensor  # [k, 2] (plain, mirrored)
-
-
-@dataclass
-class EncodedSet:
-    """Latent moments of one image set at every size it trains at: ``entries[(index, size)]``."""
-
-    images: ImageSet
-    original_size: torch.Tensor  # [N, 2]
-    entries: dict[tuple[int, Size], Encoded]
 
 
 @dataclass
@@ -91,76 +67,6 @@ class InputCache:
                           {p: (a.to(device), b.to(device)) for p, (a, b) in self.text.items()})
 
 
-PREFETCH = 4  # images decoded and cropped ahead of the VAE, each on its own thread (PIL and torch release the GIL)
-
-
-Prepared = list[tuple[Size, torch.Tensor, torch.Tensor]]  # per size: (size, pixels [k, 3, h, w], crops [k, 2])
-
-
-def _prepared(path, sizes: list[Size], mirrored: bool = True) -> tuple[tuple[int, int], Prepared]:
-    """One image's ``(height, width)`` and, at each size, its plain (and mirrored) pixels ``[k, 3, h, w]`` and crops."""
-    img, gen = decode_rgb(path), torch.Generator()  # centre crops: the generator draws nothing
-    out = []
-    for size in sizes:
-        ex = [prepare_image(img, size[0] if size[0] == size[1] else size, True, flip, gen)
-              for flip in ((False, True) if mirrored else (False,))]
-        out.append((tuple(size), torch.stack([e["pixel_values"] for e in ex]),
-                    torch.tensor([e["crop_top_left"] for e in ex])))
-    return img.size[::-1], out
-
-
-def ahead(fn, items: list, depth: int = PREFETCH) -> Iterator:
-    """``fn(item)`` for each item, in order, computed up to ``depth`` items ahead on worker threads: the image
-    decoding overlaps the VAE (a 202-image prior cache decoded ~50 ms per PNG on the host between the GPU's
-    encodes). An item's exception is raised where its result would have been yielded; ``depth`` 0: one by one,
-    on the calling thread."""
-    if depth < 1:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="cache-decode") as pool:
-        pending = deque(pool.submit(fn, item) for item in items[:depth])
-        for k in range(len(items)):
-            done = pending.popleft()
-            if k + depth < len(items):
-                pending.append(pool.submit(fn, items[k + depth]))
-            try:
-                yield done.result()
-            except BaseException:  # a failed image, or the consumer stopped: decode nothing more
-                for f in pending:
-                    f.cancel()
-                raise
-
-
-@torch.no_grad()
-def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], one_per_call: bool = False,
-               prefetch: int = PREFETCH, mirrored: bool = True) -> EncodedSet:
-    """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain (and mirrored) together, one
-    image at a time (the VAE's fp32 activations at 1024² are gigabytes per image), the next images decoded
-    meanwhile (:func:`ahead`).
-
-    Args:
-        vae, images, sizes: the encoder, the images and each image's sizes.
-        one_per_call: plain and mirrored in two VAE calls: half the activations (the pair at 1024² held 6.0 of the
-            8gb preset's 6.4 GiB allocation peak on an H100), the same latents up to kernel rounding.
-        prefetch: images decoded ahead on worker threads (0: one by one, as before 2026-12-06's session 3).
-        mirrored: also encode each image mirrored (training flips some examples); without flips half the encodes.
-    """
-    originals, entries = [], {}
-    device = next(vae.parameters()).device
-    work = list(range(len(images.paths)))
-    with quiet_bombs():  # once, here: the worker threads decode under it (images.quiet_bombs)
-        for i, (original, prepared) in enumerate(ahead(lambda i: _prepared(images.paths[i], sizes[i], mirrored), work,
-                                                       prefetch)):
-            for size, pixels, crops in prepared:
-                with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call, unless short
-                    dists = [vae.encode(x.to(device, vae.dtype)).latent_dist
-                             for x in (pixels.split(1) if one_per_call else (pixels,))]
-                entries[(i, size)] = Encoded(torch.cat([d.mean.float().cpu() for d in dists]),
-                                             torch.cat([d.std.float().cpu() for d in dists]), crops)
-            originals.append(original)
-    return EncodedSet(images, torch.tensor(originals), entries)
-
-
 @torch.no_grad()
 def encode_texts(text_encoders, tokenizers, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``prompt -> (prompt_embeds [77, d], pooled [d2])`` on the CPU, one forward per distinct prompt."""
@@ -179,7 +85,7 @@ class Encoders:
         tokenizers: their tokenizers, in the same order.
         park: modules moved to the CPU while the VAE encodes and back after (the UNet: the VAE's fp32
             activations at 1024² are the run's largest transient).
-        one_per_call: the VAE encodes one image per call, not the plain and mirrored pair (:func:`encode_set`).
+        one_per_call: the VAE encodes one image per call, not the plain and mirrored pair (``encode.encode_set``).
     """
 
     vae: torch.nn.Module
@@ -191,7 +97,7 @@ class Encoders:
 
 def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
                 offload: bool = True, buckets: dict | None = None, empty_prompt: bool = False,
-                mirrored: bool = True) -> InputCache:
+                mirrored: bool = True, store: LatentStore | None = None) -> InputCache:
     """Encode the image sets with ``encoders.vae`` (and the prompts with the text encoders for ``mode="all"``),
     moving each encoder to the CPU as soon as its part is done, so the VAE's large transient never meets them.
 
@@ -205,15 +111,17 @@ def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, 
             each class image at every bucket in use (it is cropped to its partner's).
         empty_prompt: also encode ``""`` (``mode="all"``), the prompt of examples that caption dropout drops.
         mirrored: also encode every image mirrored (``data.crops.flip`` > 0); without, a stream that flips is refused.
+        store: latents kept on disk between runs (``data.latent_cache``, data/latent_store.py), read where present.
     """
     if mode not in ("latents", "all"):
         raise CacheError(f"build_cache encodes for model.perf.cache=latents or all, got {mode!r}")
     with borrowed(encoders.park if offload else (), torch.device("cpu")):
-        return _build(encoders, instance, prior, resolution, mode, offload, buckets, empty_prompt, mirrored)
+        return _build(encoders, instance, prior, resolution, mode, offload, buckets, empty_prompt, mirrored, store)
 
 
 def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
-           offload: bool, buckets: dict | None, empty_prompt: bool = False, mirrored: bool = True) -> InputCache:
+           offload: bool, buckets: dict | None, empty_prompt: bool = False, mirrored: bool = True,
+           store: LatentStore | None = None) -> InputCache:
     text = {}
     if mode == "all":
         sets = [s for s in (instance, prior) if s]
@@ -228,8 +136,9 @@ def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resol
         sizes, prior_sizes = [[(resolution, resolution)]] * len(instance.paths), [(resolution, resolution)]
     vae = encoders.vae
     one = encoders.one_per_call
-    prior_set = encode_set(vae, prior, [prior_sizes] * len(prior.paths), one, mirrored=mirrored) if prior else None
-    cache = InputCache(encode_set(vae, instance, sizes, one, mirrored=mirrored), prior_set, resolution, text)
+    kw = dict(mirrored=mirrored, store=store)
+    prior_set = encode_set(vae, prior, [prior_sizes] * len(prior.paths), one, **kw) if prior else None
+    cache = InputCache(encode_set(vae, instance, sizes, one, **kw), prior_set, resolution, text)
     if offload:
         to_cpu(vae)
     return cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -58,12 +59,15 @@ class DreamBoothDataModule(L.LightningDataModule):
             example from the seed (``datasets.dropped_caption``).
         base_model: the base that draws missing class images (linked from ``model.base_model`` by the CLI).
         vae_model: its separate VAE, if any (linked from ``model.vae_model``).
+        latent_cache: a folder that keeps the cache's latents between runs (``model.perf.cache``;
+            data/latent_store.py): a later run on the same images reads them instead of encoding (None: off).
     """
 
     def __init__(self, photos: PhotoSettings, priors: PriorSettings = PriorSettings(),
                  crops: CropSettings = CropSettings(), masks: MaskSettings = MaskSettings(), resolution: int = 1024,
                  batch_size: int = 1, num_workers: int = 0, seed: int = 0, strict_images: bool = True,
-                 caption_dropout: float = 0.0, base_model: Optional[str] = None, vae_model: Optional[str] = None):
+                 caption_dropout: float = 0.0, base_model: Optional[str] = None, vae_model: Optional[str] = None,
+                 latent_cache: Optional[str] = None):
         super().__init__()
         groups = {name: as_group(name, value) for name, value in
                   (("photos", photos), ("priors", priors), ("crops", crops), ("masks", masks))}
@@ -71,6 +75,9 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.hparams.update(plain(groups))  # plain data: a checkpoint is read with weights_only
         check_data(resolution, batch_size, caption_dropout, self.priors)
+        if latent_cache is not None and not (base_model or vae_model):
+            raise ValueError("data.latent_cache needs data.base_model (the CLI links it from model.base_model) to "
+                             "key the latents by their VAE.")
         gen, crops = self.priors.generation, self.crops
         check_bounds({"resolution": resolution, "crops.bucket_step": crops.bucket_step,
                       "crops.bucket_max_ratio": crops.bucket_max_ratio, "batch_size": batch_size,
@@ -152,15 +159,32 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.setup("fit")  # a no-op after Lightning's own call: the images are found and checked once
         start = time.perf_counter()
         device = next(encoders.vae.parameters()).device
+        store = self._latent_store(encoders)
         # mirrored latents only where training flips (the recipe does not: half the cache's VAE encodes)
         self.cache = build_cache(encoders, self.instance, self.prior, self.hparams.resolution, mode, offload,
                                  self.buckets, empty_prompt=self.hparams.caption_dropout > 0,
-                                 mirrored=self.crops.flip > 0)
+                                 mirrored=self.crops.flip > 0, store=store)
+        if store is not None:
+            self.timings.update(n_latents_read=store.hits, n_latents_encoded=store.misses)
         # on the GPU the batches are stacked there: no per-step collate, pinning and copy on the host, which
         # otherwise cost tens of ms a step beside a CUDA-graph step (BENCHMARKS.md); workers need CPU tensors
         if device.type == "cuda" and self.hparams.num_workers == 0 and self.cache.nbytes() <= DEVICE_CACHE_BYTES:
             self.cache = self.cache.to(device)
         self.timings["cache"] = time.perf_counter() - start
+
+    def _latent_store(self, encoders: Encoders):
+        """``data.latent_cache``'s store for this run's VAE and encode, or None when it is off."""
+        hp = self.hparams
+        if hp.latent_cache is None:
+            return None
+        from ..sdxl import resolve_base
+        from .latent_store import open_store
+
+        if hp.vae_model:  # as the prior cache keys a separate VAE (a VAE folder is no pipeline for resolve_base)
+            vae = hp.vae_model if Path(hp.vae_model).expanduser().exists() else resolve_base(hp.vae_model)
+        else:
+            vae = str(Path(resolve_base(hp.base_model)) / "vae")
+        return open_store(hp.latent_cache, vae, encoders.vae, encoders.one_per_call)
 
     def _generate_class_images(self) -> None:
         """Fill priors.dir up to priors.num_images with the base; local rank 0 draws, the other ranks wait."""

@@ -1,0 +1,118 @@
+"""Images to latent moments for the input cache (data/cache.py): each image centre-cropped at its sizes, plain and
+(where training flips) mirrored, encoded by the VAE one image at a time while worker threads decode the next ones,
+and read from or kept in the on-disk latent store (data/latent_store.py) where one is given.
+"""
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from .datasets import ImageSet
+from .images import decode_rgb, quiet_bombs
+from .latent_store import LatentStore
+from .transforms import prepare_image
+
+Size = tuple[int, int]  # (height, width) in pixels: the square resolution, or an aspect bucket (data/buckets.py)
+
+
+@dataclass
+class Encoded:
+    """One image's latent moments at one size: ``mean``/``std`` ``[k, 4, h/8, w/8]`` (index 1 = mirrored, present
+    when the cache was built for flips: ``k`` 2, else 1)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    crop_top_left: torch.Tensor  # [k, 2] (plain, mirrored)
+
+
+@dataclass
+class EncodedSet:
+    """Latent moments of one image set at every size it trains at: ``entries[(index, size)]``."""
+
+    images: ImageSet
+    original_size: torch.Tensor  # [N, 2]
+    entries: dict[tuple[int, Size], Encoded]
+
+
+PREFETCH = 4  # images decoded and cropped ahead of the VAE, each on its own thread (PIL and torch release the GIL)
+
+
+Prepared = list[tuple[Size, torch.Tensor, torch.Tensor]]  # per size: (size, pixels [k, 3, h, w], crops [k, 2])
+
+
+def _prepared(path, sizes: list[Size], mirrored: bool = True) -> tuple[tuple[int, int], Prepared]:
+    """One image's ``(height, width)`` and, at each size, its plain (and mirrored) pixels ``[k, 3, h, w]`` and crops."""
+    img, gen = decode_rgb(path), torch.Generator()  # centre crops: the generator draws nothing
+    out = []
+    for size in sizes:
+        ex = [prepare_image(img, size[0] if size[0] == size[1] else size, True, flip, gen)
+              for flip in ((False, True) if mirrored else (False,))]
+        out.append((tuple(size), torch.stack([e["pixel_values"] for e in ex]),
+                    torch.tensor([e["crop_top_left"] for e in ex])))
+    return img.size[::-1], out
+
+
+def ahead(fn, items: list, depth: int = PREFETCH) -> Iterator:
+    """``fn(item)`` for each item, in order, computed up to ``depth`` items ahead on worker threads: the image
+    decoding overlaps the VAE (a 202-image prior cache decoded ~50 ms per PNG on the host between the GPU's
+    encodes). An item's exception is raised where its result would have been yielded; ``depth`` 0: one by one,
+    on the calling thread."""
+    if depth < 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="cache-decode") as pool:
+        pending = deque(pool.submit(fn, item) for item in items[:depth])
+        for k in range(len(items)):
+            done = pending.popleft()
+            if k + depth < len(items):
+                pending.append(pool.submit(fn, items[k + depth]))
+            try:
+                yield done.result()
+            except BaseException:  # a failed image, or the consumer stopped: decode nothing more
+                for f in pending:
+                    f.cancel()
+                raise
+
+
+@torch.no_grad()
+def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], one_per_call: bool = False,
+               prefetch: int = PREFETCH, mirrored: bool = True, store: LatentStore | None = None) -> EncodedSet:
+    """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain (and mirrored) together, one
+    image at a time (the VAE's fp32 activations at 1024² are gigabytes per image), the next images decoded
+    meanwhile (:func:`ahead`); images ``store`` holds are read from it instead, the others kept there.
+
+    Args:
+        vae, images, sizes: the encoder, the images and each image's sizes.
+        one_per_call: plain and mirrored in two VAE calls: half the activations (the pair at 1024² held 6.0 of the
+            8gb preset's 6.4 GiB allocation peak on an H100), the same latents up to kernel rounding.
+        prefetch: images decoded ahead on worker threads (0: one by one, as before 2026-12-06's session 3).
+        mirrored: also encode each image mirrored (training flips some examples); without flips half the encodes.
+        store: latents kept on disk between runs (data/latent_store.py; None: encode every image).
+    """
+    originals, entries, ids, work = {}, {}, {}, []
+    for i, path in enumerate(images.paths):
+        sizes_i = [tuple(size) for size in sizes[i]]
+        got = store.lookup(ids.setdefault(i, store.content_id(path)), sizes_i, mirrored) if store else None
+        if got is None:
+            work.append(i)
+            continue
+        originals[i], found = got
+        entries.update({(i, size): Encoded(*moments) for size, moments in found.items()})
+    device = next(vae.parameters()).device
+    with quiet_bombs():  # once, here: the worker threads decode under it (images.quiet_bombs)
+        prepared_ahead = ahead(lambda i: _prepared(images.paths[i], sizes[i], mirrored), work, prefetch)
+        for i, (original, prepared) in zip(work, prepared_ahead):
+            for size, pixels, crops in prepared:
+                with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call, unless short
+                    dists = [vae.encode(x.to(device, vae.dtype)).latent_dist
+                             for x in (pixels.split(1) if one_per_call else (pixels,))]
+                e = entries[(i, size)] = Encoded(torch.cat([d.mean.float().cpu() for d in dists]),
+                                                 torch.cat([d.std.float().cpu() for d in dists]), crops)
+                if store is not None:
+                    store.save(ids[i], original, size, e.mean, e.std, e.crop_top_left)
+            originals[i] = original
+    return EncodedSet(images, torch.tensor([originals[i] for i in range(len(images.paths))]), entries)
