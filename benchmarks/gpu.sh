@@ -77,7 +77,7 @@ for stage in "$@"; do
         2>&1 | tail -n 4 ;;  # PriorSampler against diffusers' pipeline, same seeds
     e2e)  # the recipe's fit with data.priors.generate, from process start to the LoRA; extrapolated to 197/1000
       timeout ${E2E_TIMEOUT:-300} python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \
-        --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} 2>&1 | tail -n 3 ;;
+        --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} --again_steps ${E2E_AGAIN:-0} 2>&1 | tail -n 3 ;;
     recipe-variants)  # the memory plans' rows: every 2nd block, and no checkpointing
       bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.checkpoint_every=2"]'
       bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.gradient_checkpointing=false"]' ;;

@@ -85,9 +85,10 @@ def test_end_to_end_mode_times_the_users_command_with_its_phases(tiny_base, tmp_
     from dreambooth_pl.tools.benchmark import benchmark
 
     result = json.loads(benchmark(preset="end-to-end", steps=3, priors=2, base=tiny_base, base_preset="tiny",
-                                  work=str(tmp_path), overrides=["--trainer.accelerator=cpu",
+                                  work=str(tmp_path), again_steps=1, overrides=["--trainer.accelerator=cpu",
                                                                  "--trainer.precision=32-true", "--data.resolution=32",
-                                                                 "--model.optim.name=adamw"]))
+                                                                 "--model.optim.name=adamw",
+                                                                 "--model.perf.cache=latents"]))
     p = result["phases"]
     assert result["wall_s"] > p["total"] - p["start"] > 0 and p["priors"] > 0 and result["s_per_step"] > 0
     assert result["start_to_first_step_s"] == p["to_first_step_without_priors"]
@@ -98,3 +99,7 @@ def test_end_to_end_mode_times_the_users_command_with_its_phases(tiny_base, tmp_
     # the LoRA file exists before the process ends (teardown and exit come after it), after the first step
     assert p["to_first_step_without_priors"] < result["to_lora_s"] <= result["wall_s"]
     assert 0 < result["extrapolated_to_lora_min"] <= result["extrapolated_min"]
+    # the second fit of the class (again_steps): the priors linked, the 7 images' latents read from the store
+    q = result["again_phases"]
+    assert q["n_latents_read"] == 7 and q["n_latents_encoded"] == 0 and p["n_latents_encoded"] == 7
+    assert result["again_start_to_first_step_s"] == pytest.approx(q["to_first_step_without_priors"] + q["priors"])

@@ -155,7 +155,8 @@ def image_difference(ours: list, ref: list) -> dict:
 
 
 def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config: Path,
-                         overrides: list[str] | None = None, full_priors: int = 197, full_steps: int = 1000) -> dict:
+                         overrides: list[str] | None = None, full_priors: int = 197, full_steps: int = 1000,
+                         again_steps: int = 0) -> dict:
     """Time ``python -m dreambooth_pl fit --config <config>`` with ``data.priors.generate: true`` from process
     start to its LoRA file (``to_lora_s``, the file's modification time) and to its exit (``wall_s``), on a fresh
     class folder and prior cache; read its phases (phases.json) and extrapolate both to ``full_priors`` priors and
@@ -169,19 +170,26 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
         config: the fit config (the shipped recipe).
         overrides: extra fit arguments.
         full_priors, full_steps: the user's run the figures are extrapolated to (197 priors, 1000 steps).
+        again_steps: with more than 0, both runs keep latents in ``data.latent_cache`` and a second fit of
+            ``again_steps`` steps follows on the same class folder and stores (a second subject of the class, an
+            ablation): its start to first step is ``again_start_to_first_step_s``, priors included.
     """
     from .benchmark import SAMPLE_DOG
 
     run = work / f"e2e-{time.strftime('%H%M%S')}"
-    cmd = [sys.executable, "-m", "dreambooth_pl", "fit", "--config", str(config), "--model.base_model", base,
-           "--data.photos.dir", str(SAMPLE_DOG), "--data.photos.prompt", "a photo of sks person",
-           "--data.priors.dir", str(run / "class"), "--data.priors.prompt", PROMPT,
-           "--data.priors.num_images", str(priors), "--data.priors.generate", "true",
-           "--data.priors.generation", json.dumps({"cache_dir": str(run / "prior-cache")}),
-           "--trainer.max_steps", str(steps), "--trainer.logger.init_args.save_dir", str(run),
-           "--trainer.enable_progress_bar", "false", *(overrides or [])]
+
+    def fit_cmd(save_dir: Path, n_steps: int) -> list[str]:
+        return [sys.executable, "-m", "dreambooth_pl", "fit", "--config", str(config), "--model.base_model", base,
+                "--data.photos.dir", str(SAMPLE_DOG), "--data.photos.prompt", "a photo of sks person",
+                "--data.priors.dir", str(run / "class"), "--data.priors.prompt", PROMPT,
+                "--data.priors.num_images", str(priors), "--data.priors.generate", "true",
+                "--data.priors.generation", json.dumps({"cache_dir": str(run / "prior-cache")}),
+                *(["--data.latent_cache", str(run / "latents")] if again_steps else []),
+                "--trainer.max_steps", str(n_steps), "--trainer.logger.init_args.save_dir", str(save_dir),
+                "--trainer.enable_progress_bar", "false", *(overrides or [])]
+
     started = time.time()  # wall clock: compared with the LoRA file's modification time
-    proc, wall = timed_process(cmd, "end-to-end fit")
+    proc, wall = timed_process(fit_cmd(run, steps), "end-to-end fit")
     folder = next(run.glob("lightning_logs/version_*"))
     lora = folder / "pytorch_lora_weights.safetensors"
     if not lora.is_file():
@@ -211,7 +219,13 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
     full = (wall - p["priors"] - p["steps"] - per_image) + full_prior_s + rate * (full_steps - 1) + full_images_s
     full_to_lora = full - (wall - to_lora)
     plan = [line for line in (proc.stdout + proc.stderr).splitlines() if "memory plan:" in line]
-    return {"preset": "end-to-end", "config": str(config), "priors": priors, "steps": steps, "wall_s": wall,
+    again = {}
+    if again_steps:  # the same class folder and stores, a fresh run folder
+        _, again_wall = timed_process(fit_cmd(run / "again", again_steps), "second end-to-end fit")
+        q = read_json(next((run / "again").glob("lightning_logs/version_*")) / "phases.json", "second fit's phases")
+        again = {"again_wall_s": again_wall, "again_phases": q,
+                 "again_start_to_first_step_s": q["to_first_step_without_priors"] + q["priors"]}
+    return {**again, "preset": "end-to-end", "config": str(config), "priors": priors, "steps": steps, "wall_s": wall,
             "phases": p, "s_per_prior": p["priors"] / priors, "prior_timing": timing,
             "extrapolated_priors_s": full_prior_s, "extrapolated_check_and_cache_s": full_images_s, "s_per_step": rate,
             "start_to_first_step_s": p["to_first_step_without_priors"], "memory_plan": plan[-1] if plan else None,

@@ -218,7 +218,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
               overrides: Optional[list[str]] = None, out: Optional[str] = None,
               profile: Optional[str] = None, reference: Optional[str] = None,
               reference_precision: Literal["fp16", "bf16"] = "fp16", count_flops: bool = False,
-              priors: int = 197, memory_cap_gib: Optional[float] = None) -> Optional[str]:
+              priors: int = 197, memory_cap_gib: Optional[float] = None, again_steps: int = 0) -> Optional[str]:
     """Measure s/step, images/s, peak memory and TFLOP/s of the real training path (or sampling s/image).
 
     Args:
@@ -245,6 +245,8 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
             against 7.1 GiB whole-run peak for the recipe), so memory and warm-up are measured without it.
         memory_cap_gib: cap this process's CUDA allocations at this many GiB
             (``torch.cuda.set_per_process_memory_fraction``): an 8 GB card on a bigger one; past it the run fails.
+        again_steps: ``end-to-end`` only: keep latents in ``data.latent_cache`` and time a second fit of this many
+            steps on the same class folder and stores (0: off; bench_user.end_to_end_benchmark).
     """
     from ..io import check_output_dir, check_output_file
 
@@ -269,7 +271,8 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
     elif preset == "end-to-end":
         from .bench_user import end_to_end_benchmark
 
-        result = end_to_end_benchmark(base, Path(work), priors, steps, RECIPE, list(overrides or []))
+        result = end_to_end_benchmark(base, Path(work), priors, steps, RECIPE, list(overrides or []),
+                                      again_steps=again_steps)
     else:
         result = train_benchmark(preset, steps, warmup, base, Path(work), devices, list(overrides or []),
                                  profile, count_flops)
