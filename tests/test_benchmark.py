@@ -101,5 +101,5 @@ def test_end_to_end_mode_times_the_users_command_with_its_phases(tiny_base, tmp_
     assert 0 < result["extrapolated_to_lora_min"] <= result["extrapolated_min"]
     # the second fit of the class (again_steps): the priors linked, the 7 images' latents read from the store
     q = result["again_phases"]
-    assert q["n_latents_read"] == 7 and q["n_latents_encoded"] == 0 and p["n_latents_encoded"] == 7
+    assert q["n_images_from_store"] == 7 and q["n_images_encoded"] == 0 and p["n_images_encoded"] == 7
     assert result["again_start_to_first_step_s"] == pytest.approx(q["to_first_step_without_priors"] + q["priors"])

@@ -51,10 +51,10 @@ def test_a_second_run_reads_every_latent_instead_of_encoding(vae, tiny_base, tmp
     calls = _counting(module, monkeypatch)
     first = _data(tmp_path, tiny_base, tmp_path / "latents")
     first.cache_inputs(enc(), "latents", offload=False)
-    assert len(calls) == 5 and first.timings["n_latents_encoded"] == 5 and first.timings["n_latents_read"] == 0
+    assert len(calls) == 5 and first.timings["n_images_encoded"] == 5 and first.timings["n_images_from_store"] == 0
     again = _data(tmp_path, tiny_base, tmp_path / "latents")
     again.cache_inputs(enc(), "latents", offload=False)
-    assert len(calls) == 5 and again.timings["n_latents_read"] == 5 and again.timings["n_latents_encoded"] == 0
+    assert len(calls) == 5 and again.timings["n_images_from_store"] == 5 and again.timings["n_images_encoded"] == 0
     for a, b in ((first.cache.instance, again.cache.instance), (first.cache.prior, again.cache.prior)):
         assert torch.equal(a.original_size, b.original_size) and set(a.entries) == set(b.entries)
         for key, e in a.entries.items():
@@ -64,39 +64,67 @@ def test_a_second_run_reads_every_latent_instead_of_encoding(vae, tiny_base, tmp
 
 
 def test_entries_follow_the_bytes_the_orientations_and_the_key(vae, tiny_base, tmp_path):
-    """A renamed copy of an image hits its entry; a plain entry cannot serve a run that flips (it is encoded again,
-    mirrored, and then serves plain runs by its first row); a broken file is encoded again; another VAE dtype or
-    encode mode keys another folder."""
+    """A renamed copy of an image hits its entry; plain and plain + mirrored are separate entries (the pair is one
+    VAE batch, whose plain row rounds unlike a batch of one), each equal to a fresh encode; a truncated or foreign
+    file is encoded again; another VAE dtype, encode mode or VAE config keys another folder."""
+    from safetensors.torch import save_file
+
     from conftest import make_subject_dirs
 
     make_subject_dirs(tmp_path, 2)
     paths = sorted((tmp_path / "instance").iterdir())[:2]
     copy = tmp_path / "renamed.png"
     shutil.copy(paths[0], copy)
-    store = LatentStore(str(tmp_path / "latents"), latent_key(str(tmp_path), vae.vae, False))
-    sizes = [[(32, 32)]] * 2
-    plain = encode_set(vae.vae, ImageSet(tuple(paths), "p"), sizes, mirrored=False, store=store)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"scaling_factor": 0.13025}')
+    store = LatentStore(str(tmp_path / "latents"), latent_key(str(tmp_path / "vae"), vae.vae, False))
+    sizes, key = [[(32, 32)]] * 2, (0, (32, 32))
+
+    def encode(images, mirrored, where=store):
+        return encode_set(vae.vae, ImageSet(tuple(images), "p"), sizes, mirrored=mirrored, store=where)
+
+    plain = encode(paths, False)
     assert (store.hits, store.misses) == (0, 2)
-    renamed = encode_set(vae.vae, ImageSet((copy, paths[1]), "p"), sizes, mirrored=False, store=store)
-    assert (store.hits, store.misses) == (2, 2) and torch.equal(renamed.entries[(0, (32, 32))].mean,
-                                                                plain.entries[(0, (32, 32))].mean)
-    flipped = encode_set(vae.vae, ImageSet(tuple(paths), "p"), sizes, mirrored=True, store=store)
-    assert store.misses == 4 and flipped.entries[(0, (32, 32))].mean.shape[0] == 2
-    again = encode_set(vae.vae, ImageSet(tuple(paths), "p"), sizes, mirrored=False, store=store)
-    assert store.hits == 4 and torch.equal(again.entries[(1, (32, 32))].mean, flipped.entries[(1, (32, 32))].mean[:1])
-    entry = next(store.folder.glob(f"{store.content_id(paths[0])}-32x32.safetensors"))
+    renamed = encode((copy, paths[1]), False)
+    assert (store.hits, store.misses) == (2, 2) and torch.equal(renamed.entries[key].mean, plain.entries[key].mean)
+    flipped = encode(paths, True)
+    assert store.misses == 4 and flipped.entries[key].mean.shape[0] == 2
+    assert torch.equal(encode(paths, True).entries[key].mean, encode(paths, True, None).entries[key].mean)
+    again = encode(paths, False)  # the plain entry, not the pair's first row
+    assert store.hits == 6 and torch.equal(again.entries[key].mean, encode(paths, False, None).entries[key].mean)
+    entry = store._path(store.content_id(paths[0]), (32, 32), False)
     entry.write_bytes(entry.read_bytes()[:40])  # truncated, as by a full disk
-    encode_set(vae.vae, ImageSet(tuple(paths), "p"), sizes, mirrored=False, store=store)
-    assert store.misses == 5
+    encode(paths, False)
+    save_file({"weight": torch.zeros(2)}, str(entry))  # a valid safetensors file that is not an entry
+    encode(paths, False)
+    save_file({"mean": torch.zeros(1, 4, 2, 2), "std": torch.zeros(1, 4, 2, 2), "crop_top_left": torch.zeros(1, 2),
+               "original_size": torch.zeros(2)}, str(entry))  # an entry of another size
+    assert torch.equal(encode(paths, False).entries[key].mean, plain.entries[key].mean) and store.misses == 7
+
     def folder(one_per_call):
-        return LatentStore(str(tmp_path), latent_key(str(tmp_path), vae.vae, one_per_call)).folder.name
+        return LatentStore(str(tmp_path), latent_key(str(tmp_path / "vae"), vae.vae, one_per_call)).folder.name
 
     keys = {folder(False), folder(True)}
     try:
-        keys.add(folder(vae.vae.to(torch.bfloat16) is None))  # the same module in bf16, plain encode
+        vae.vae.to(torch.bfloat16)
+        keys.add(folder(False))
     finally:
         vae.vae.to(torch.float32)
-    assert len(keys) == 3
+    (tmp_path / "vae" / "config.json").write_text('{"scaling_factor": 0.18215}')
+    keys.add(folder(False))
+    assert len(keys) == 4
+
+
+def test_an_unwritable_store_warns_once_and_the_run_keeps_its_latents(vae, tmp_path):
+    from conftest import make_subject_dirs
+
+    make_subject_dirs(tmp_path, 2)
+    paths = tuple(sorted((tmp_path / "instance").iterdir())[:2])
+    (tmp_path / "file").write_text("not a folder")
+    store = LatentStore(str(tmp_path / "file"), latent_key(str(tmp_path), vae.vae, False))
+    with pytest.warns(UserWarning, match="data.latent_cache: cannot write") as caught:
+        got = encode_set(vae.vae, ImageSet(paths, "p"), [[(32, 32)]] * 2, mirrored=False, store=store)
+    assert len(caught) == 1 and not store.write and len(got.entries) == 2
 
 
 def test_a_store_needs_the_base_to_key_its_vae(tmp_path):

@@ -124,7 +124,7 @@ class RunSummary(L.Callback):
         data = max(0.0, m.get("setup", to_trainer) - to_trainer - priors)
         phases.update(start_to_trainer=to_trainer, start_data=data, start_load=load.get("load", 0.0),
                       start_adapters=load.get("adapters", 0.0))
-        counts = ("n_images", "n_priors", "n_latents_read", "n_latents_encoded")  # counts beside the seconds
+        counts = ("n_images", "n_priors", "n_images_from_store", "n_images_encoded")  # counts beside the seconds
         phases.update({k: timings[k] for k in counts if k in timings})
         if steps > 1:
             phases["s_per_step"] = (last - first) / (steps - 1)

@@ -165,7 +165,7 @@ class DreamBoothDataModule(L.LightningDataModule):
                                  self.buckets, empty_prompt=self.hparams.caption_dropout > 0,
                                  mirrored=self.crops.flip > 0, store=store)
         if store is not None:
-            self.timings.update(n_latents_read=store.hits, n_latents_encoded=store.misses)
+            self.timings.update(n_images_from_store=store.hits, n_images_encoded=store.misses)
         # on the GPU the batches are stacked there: no per-step collate, pinning and copy on the host, which
         # otherwise cost tens of ms a step beside a CUDA-graph step (BENCHMARKS.md); workers need CPU tensors
         if device.type == "cuda" and self.hparams.num_workers == 0 and self.cache.nbytes() <= DEVICE_CACHE_BYTES:
@@ -184,7 +184,8 @@ class DreamBoothDataModule(L.LightningDataModule):
             vae = hp.vae_model if Path(hp.vae_model).expanduser().exists() else resolve_base(hp.vae_model)
         else:
             vae = str(Path(resolve_base(hp.base_model)) / "vae")
-        return open_store(hp.latent_cache, vae, encoders.vae, encoders.one_per_call)
+        rank0 = self.trainer is None or self.trainer.global_rank == 0  # every rank encodes the same images
+        return open_store(hp.latent_cache, vae, encoders.vae, encoders.one_per_call, write=rank0)
 
     def _generate_class_images(self) -> None:
         """Fill priors.dir up to priors.num_images with the base; local rank 0 draws, the other ranks wait."""

@@ -3,42 +3,54 @@ each image's latent moments instead of encoding it again (kohya sd-scripts' ``--
 SimpleTuner's VAE cache). Ablations and a second subject of a class start without the VAE's encode (202 images
 took 11.8 s of an H100 fit's start, BENCHMARKS.md 2026-12-06 session 4).
 
-One entry is one image at one size, ``<content sha>-<h>x<w>.safetensors``: ``mean``/``std`` ``[k, 4, h/8, w/8]`` and
-``crop_top_left`` ``[k, 2]`` (k = 2 with the mirrored crop) and the image's ``original_size``. The image enters by
-its bytes, so a class image linked from the prior cache, a renamed photo or a copy hit the same entry, and an
-edited one misses. The entries live in a folder named by what else decides the numbers: the VAE (its weight files'
-fingerprint), its dtype, the device type (kernels round differently), one image per VAE call or the pair, and
-:data:`FORMAT` (the crop's and the file's layout): latents read back equal the ones a fresh encode gives there, so
-a resumed run is still exact. A plain entry cannot serve a run that flips (it is encoded again and replaced); a
-mirrored one serves a plain run by its first row. Files are read through safetensors (no pickle) and written
-atomically; one that cannot be read is encoded again, and a store that cannot be written is skipped.
+One entry is one image at one size in one orientation set, ``<content sha>-<h>x<w>-<p|pm>.safetensors``:
+``mean``/``std`` ``[k, 4, h/8, w/8]`` and ``crop_top_left`` ``[k, 2]`` (k = 2 with the mirrored crop) and the image's
+``original_size``. Plain and plain + mirrored are separate entries: the pair is one VAE batch, whose plain row
+rounds unlike a batch of one. The image enters by its bytes, so a class image linked from the prior cache or a
+renamed copy hits its entry, and an edited one misses. The entries live in a folder named by what else decides
+the numbers: the VAE's weight files and config, its dtype, the float32 matmul precision, the device (its name),
+torch's, cuDNN's, torchvision's and Pillow's versions, one image per VAE call or the pair, and :data:`FORMAT`
+(the crop code's and the file's layout). So latents read back equal a fresh encode there, and a resumed run stays
+exact. Files are read through safetensors (no pickle) and checked; one that is not a valid entry is encoded again.
+Rank 0 writes, atomically; a store that cannot be written is skipped with one warning.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-FORMAT = 1  # bump when encode._prepared's crops or the stored tensors change
+FORMAT = 1  # bump when transforms.prepare_image, encode._prepared or the stored tensors change
 Size = tuple[int, int]
 
 
 def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dict:
-    """What decides an image's latents besides its pixels and size (see the module docstring).
+    """What decides an image's latents besides its pixels, size and orientations (see the module docstring).
 
     Args:
         vae_folder: the VAE's local folder (the base's ``vae`` or ``model.vae_model``).
         vae: the VAE that encodes (its dtype and device).
         one_per_call: plain and mirrored in separate calls (``cache.Encoders.one_per_call``).
     """
+    import PIL
+    import torchvision
+
     from .prior_cache import fingerprint
 
     param = next(vae.parameters())
-    return {"vae": fingerprint(vae_folder), "dtype": str(param.dtype).removeprefix("torch."),
-            "device": param.device.type, "one_per_call": bool(one_per_call), "format": FORMAT}
+    folder = Path(vae_folder).expanduser()
+    configs = [folder / "config.json", folder / "vae" / "config.json"]
+    device = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else param.device.type
+    return {"vae": fingerprint(vae_folder),
+            "config": [hashlib.sha256(p.read_bytes()).hexdigest() for p in configs if p.is_file()],
+            "dtype": str(param.dtype).removeprefix("torch."), "matmul": torch.get_float32_matmul_precision(),
+            "device": device, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+            "torchvision": torchvision.__version__, "pillow": PIL.__version__, "one_per_call": bool(one_per_call),
+            "format": FORMAT}
 
 
 class LatentStore:
@@ -47,13 +59,14 @@ class LatentStore:
     Args:
         root: the store's root (``data.latent_cache``; created on first write).
         key: :func:`latent_key`'s value.
+        write: keep what is encoded (rank 0 only under DDP: every rank encodes the same images).
     """
 
-    def __init__(self, root: str, key: dict):
+    def __init__(self, root: str, key: dict, write: bool = True):
         text = json.dumps(key, sort_keys=True)
         self.folder = Path(root).expanduser() / hashlib.sha256(text.encode()).hexdigest()[:16]
-        self._key_text = text
-        self.hits = self.misses = 0
+        self._key_text, self.write = text, write
+        self.hits = self.misses = 0  # images read whole from the store / encoded
 
     @staticmethod
     def content_id(path: str | Path) -> str:
@@ -64,48 +77,68 @@ class LatentStore:
                 h.update(block)
         return h.hexdigest()[:32]
 
-    def _path(self, image_id: str, size: Size) -> Path:
-        return self.folder / f"{image_id}-{size[0]}x{size[1]}.safetensors"
+    def _path(self, image_id: str, size: Size, mirrored: bool) -> Path:
+        return self.folder / f"{image_id}-{size[0]}x{size[1]}-{'pm' if mirrored else 'p'}.safetensors"
 
     def lookup(self, image_id: str, sizes: list[Size], mirrored: bool):
-        """``(original_size, {size: (mean, std, crop_top_left)})`` when every size is stored with the orientations
-        ``mirrored`` asks for, else None (counted in :attr:`hits` / :attr:`misses`)."""
-        from safetensors.torch import load_file
+        """``(original_size, {size: (mean, std, crop_top_left)})`` if every size is stored, else None.
 
+        Args:
+            image_id: :meth:`content_id` of the image.
+            sizes: the sizes it trains at.
+            mirrored: with the mirrored crop.
+        """
         found, original = {}, None
         for size in sizes:
-            path = self._path(image_id, size)
-            try:
-                t = load_file(path) if path.is_file() else None
-            except Exception:  # a truncated or foreign file: encoded again and replaced
-                t = None
-            if t is None or (mirrored and t["mean"].shape[0] < 2):
+            got = self._read(self._path(image_id, size, mirrored), size, 2 if mirrored else 1)
+            if got is None:
                 self.misses += 1
                 return None
-            k = 2 if mirrored else 1
-            found[size] = (t["mean"][:k], t["std"][:k], t["crop_top_left"][:k])
-            original = tuple(int(v) for v in t["original_size"])
+            original, found[size] = got
         self.hits += 1
         return original, found
 
+    @staticmethod
+    def _read(path: Path, size: Size, k: int):
+        """One entry's ``(original_size, (mean, std, crop_top_left))``, or None if it is missing or not a valid
+        entry of this shape (a truncated write, a foreign file): it is encoded again and replaced."""
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            return None
+        try:
+            t = load_file(path)
+            grid = (k, 4, size[0] // 8, size[1] // 8)
+            ok = (t["mean"].shape == t["std"].shape == grid and t["mean"].dtype == t["std"].dtype == torch.float32
+                  and t["crop_top_left"].shape == (k, 2) and t["original_size"].shape == (2,))
+        except Exception:
+            return None
+        return (tuple(int(v) for v in t["original_size"]), (t["mean"], t["std"], t["crop_top_left"])) if ok else None
+
     def save(self, image_id: str, original: tuple[int, int], size: Size, mean: torch.Tensor, std: torch.Tensor,
              crop_top_left: torch.Tensor) -> None:
-        """Keep one image's moments at ``size`` (CPU tensors); an unwritable store is skipped: the run has them."""
+        """Keep one image's moments at ``size`` (CPU tensors; ``mean.shape[0]`` 2: with the mirrored crop); a store
+        that cannot be written is skipped after one warning: the run has the latents."""
         from safetensors.torch import save
 
         from ..io import write_bytes, write_text
 
+        if not self.write:
+            return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             if not (self.folder / "key.json").exists():
                 write_text(self.folder / "key.json", self._key_text)
-            write_bytes(self._path(image_id, size), save({
+            write_bytes(self._path(image_id, size, mean.shape[0] == 2), save({
                 "mean": mean.contiguous(), "std": std.contiguous(), "crop_top_left": crop_top_left.contiguous(),
                 "original_size": torch.tensor(original, dtype=torch.int64)}))
-        except OSError:
-            pass
+        except OSError as err:
+            self.write = False
+            warnings.warn(f"data.latent_cache: cannot write {self.folder} ({err}); this run's latents are not kept.",
+                          stacklevel=2)
 
 
-def open_store(root: Optional[str], vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> Optional[LatentStore]:
+def open_store(root: Optional[str], vae_folder: str, vae: torch.nn.Module, one_per_call: bool,
+               write: bool = True) -> Optional[LatentStore]:
     """The store under ``root`` for this VAE and encode (None when ``root`` is None: ``data.latent_cache`` off)."""
-    return None if root is None else LatentStore(root, latent_key(vae_folder, vae, one_per_call))
+    return None if root is None else LatentStore(root, latent_key(vae_folder, vae, one_per_call), write)

@@ -7,7 +7,7 @@ from torchvision.transforms import functional as TF
 
 # diffusers' train_dreambooth_lora_sdxl.py resizes with --image_interpolation_mode=lanczos (PIL's own filter,
 # antialiased); bilinear on a downscale differs by up to 0.68 on the [-1, 1] scale.
-INTERPOLATION = TF.InterpolationMode.LANCZOS
+INTERPOLATION = TF.InterpolationMode.LANCZOS  # a change here or in prepare_image: bump latent_store.FORMAT
 
 
 def prepare_image(img: Image.Image, resolution: int | tuple[int, int], center_crop: bool, flip: bool,
