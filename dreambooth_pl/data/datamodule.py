@@ -179,11 +179,9 @@ class DreamBoothDataModule(L.LightningDataModule):
             return None
         from ..sdxl import resolve_base
         from .latent_store import open_store
+        from .prior_cache import vae_root
 
-        if hp.vae_model:  # as the prior cache keys a separate VAE (a VAE folder is no pipeline for resolve_base)
-            vae = hp.vae_model if Path(hp.vae_model).expanduser().exists() else resolve_base(hp.vae_model)
-        else:
-            vae = str(Path(resolve_base(hp.base_model)) / "vae")
+        vae = vae_root(hp.vae_model) if hp.vae_model else str(Path(resolve_base(hp.base_model)) / "vae")
         rank0 = self.trainer is None or self.trainer.global_rank == 0  # every rank encodes the same images
         return open_store(hp.latent_cache, vae, encoders.vae, encoders.one_per_call, write=rank0)
 

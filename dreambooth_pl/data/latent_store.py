@@ -17,12 +17,13 @@ Rank 0 writes, atomically; a store that cannot be written is skipped with one wa
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .prior_cache import KeyedFolder, fingerprint
 
 FORMAT = 1  # bump when transforms.prepare_image, encode._prepared or the stored tensors change
 Size = tuple[int, int]
@@ -39,8 +40,6 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dic
     import PIL
     import torchvision
 
-    from .prior_cache import fingerprint
-
     param = next(vae.parameters())
     folder = Path(vae_folder).expanduser()
     configs = [folder / "config.json", folder / "vae" / "config.json"]
@@ -53,7 +52,7 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dic
             "format": FORMAT}
 
 
-class LatentStore:
+class LatentStore(KeyedFolder):
     """One key's folder of latent entries.
 
     Args:
@@ -63,9 +62,8 @@ class LatentStore:
     """
 
     def __init__(self, root: str, key: dict, write: bool = True):
-        text = json.dumps(key, sort_keys=True)
-        self.folder = Path(root).expanduser() / hashlib.sha256(text.encode()).hexdigest()[:16]
-        self._key_text, self.write = text, write
+        super().__init__(root, key)
+        self.write = write
         self.hits = self.misses = 0  # images read whole from the store / encoded
 
     @staticmethod
@@ -121,14 +119,12 @@ class LatentStore:
         that cannot be written is skipped after one warning: the run has the latents."""
         from safetensors.torch import save
 
-        from ..io import write_bytes, write_text
+        from ..io import write_bytes
 
         if not self.write:
             return
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            if not (self.folder / "key.json").exists():
-                write_text(self.folder / "key.json", self._key_text)
+            self.open()
             write_bytes(self._path(image_id, size, mean.shape[0] == 2), save({
                 "mean": mean.contiguous(), "std": std.contiguous(), "crop_top_left": crop_top_left.contiguous(),
                 "original_size": torch.tensor(original, dtype=torch.int64)}))

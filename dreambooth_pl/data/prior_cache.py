@@ -31,6 +31,39 @@ def fingerprint(folder: Optional[str]) -> Optional[list]:
     return [str(root)] + [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
+def vae_root(vae: Optional[str]) -> Optional[str]:
+    """A separate VAE's local folder: the path as given when it exists (a VAE folder is no pipeline for
+    ``resolve_base``), else the hub id resolved (None for None)."""
+    if vae is None:
+        return None
+    from ..sdxl import resolve_base
+
+    return vae if Path(vae).expanduser().exists() else resolve_base(vae)
+
+
+class KeyedFolder:
+    """A folder named by a key (16 hex digits of its JSON's SHA-256), with the key in words in its ``key.json``.
+
+    Args:
+        root: the parent folder (created on first :meth:`open`).
+        key: what decides the folder's contents.
+    """
+
+    def __init__(self, root: str, key: dict):
+        self._key_text = json.dumps(key, sort_keys=True)
+        self.name = hashlib.sha256(self._key_text.encode()).hexdigest()[:16]
+        self.folder = Path(root).expanduser() / self.name
+
+    def open(self) -> None:
+        """Create the folder and its ``key.json`` if missing (OSError where it cannot be written)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key_file = self.folder / "key.json"
+        if not key_file.exists():
+            from ..io import write_text
+
+            write_text(key_file, self._key_text)
+
+
 def native_size(root: str) -> int:
     """The side a pipeline draws when no size is given: the UNet's sample size times the VAE's downsampling."""
     unet = read_json(Path(root) / "unet" / "config.json", "base's UNet config", ("sample_size",))
@@ -54,31 +87,20 @@ def prior_key(base_root: str, vae: Optional[str], prompt: str, negative_prompt: 
         fused_geglu: drawn with the one-kernel GEGLU (``prior_sampler.default_fused_geglu``: GPU draws since
             2026-12-06; it rounds once where diffusers' GEGLU rounds twice); entered only when true, likewise.
     """
-    vae_root = None
-    if vae is not None:
-        from ..sdxl import resolve_base
-
-        vae_root = vae if Path(vae).expanduser().exists() else resolve_base(vae)
-    return {"base": fingerprint(base_root), "vae": fingerprint(vae_root), "prompt": prompt,
+    return {"base": fingerprint(base_root), "vae": fingerprint(vae_root(vae)), "prompt": prompt,
             "negative_prompt": negative_prompt, "scheduler": scheduler, "steps": int(steps),
             "guidance": float(guidance), "height": int(height), "width": int(width), "base_dtype": base_dtype,
             "vae_tiling": bool(vae_tiling), **({"compiled": True} if compiled else {}),
             **({"fused_geglu": True} if fused_geglu else {})}
 
 
-class PriorCache:
+class PriorCache(KeyedFolder):
     """One key's folder of the cache.
 
     Args:
         root: the cache's root folder (created on first use).
         key: :func:`prior_key`'s value.
     """
-
-    def __init__(self, root: str, key: dict):
-        text = json.dumps(key, sort_keys=True)
-        self.name = hashlib.sha256(text.encode()).hexdigest()[:16]
-        self.folder = Path(root).expanduser() / self.name
-        self._key_text = text
 
     def path(self, seed: int) -> Path:
         return self.folder / f"{int(seed)}.png"
@@ -94,12 +116,7 @@ class PriorCache:
         """Add a just-written image to the cache (a hard link, else a copy); a cache that cannot be written is
         skipped: the run's own image is what matters."""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            key_file = self.folder / "key.json"
-            if not key_file.exists():
-                from ..io import write_text
-
-                write_text(key_file, self._key_text)
+            self.open()
             if not self.has(seed):
                 _link_or_copy(image, self.path(seed))
         except OSError:
