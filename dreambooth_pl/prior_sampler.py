@@ -64,6 +64,12 @@ def default_fused_geglu(device: torch.device, compile_blocks: bool, base_dtype: 
     return can_compile(device) and not compile_blocks and base_dtype == "float16"
 
 
+def fused_geglu_for(asked: Optional[bool], device: torch.device, compile_blocks: bool, base_dtype: str) -> bool:
+    """Whether a sampler runs the one-kernel GEGLU: ``asked``, else :func:`default_fused_geglu` (one rule for the
+    sampler and the prior cache's key)."""
+    return default_fused_geglu(device, compile_blocks, base_dtype) if asked is None else asked
+
+
 def default_vae_dtype(device: torch.device, dtype: str) -> str:
     """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
     VAE is then upcast to fp32, as the pipeline does)."""
@@ -168,8 +174,7 @@ class PriorSampler:
         self.pipe = pipe
         self.attention, self.cudnn_benchmark = attention, cudnn_benchmark
         # before compile_blocks, whose graphs then trace the split GEGLU (Inductor fuses it there anyway)
-        self.fused_geglu = default_fused_geglu(self.device, compile_blocks, base_dtype) \
-            if fused_geglu is None else fused_geglu
+        self.fused_geglu = fused_geglu_for(fused_geglu, self.device, compile_blocks, base_dtype)
         if self.fused_geglu:
             fuse_geglu(pipe.unet, fixed_shapes=True)
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors

@@ -62,9 +62,9 @@ class ClassImageSettings:
 
 def fuses_geglu(s: ClassImageSettings, device) -> bool:
     """Whether the sampler of ``s`` on ``device`` runs the one-kernel GEGLU (the prior cache keys on it)."""
-    from ..prior_sampler import default_fused_geglu
+    from ..prior_sampler import fused_geglu_for
 
-    return default_fused_geglu(device, s.compile_blocks, s.base_dtype) if s.fused_geglu is None else s.fused_geglu
+    return fused_geglu_for(s.fused_geglu, device, s.compile_blocks, s.base_dtype)
 
 
 def as_class_image_settings(value) -> ClassImageSettings:
