@@ -65,7 +65,7 @@ def test_a_second_run_reads_every_latent_instead_of_encoding(vae, tiny_base, tmp
 
 def test_entries_follow_the_bytes_the_orientations_and_the_key(vae, tiny_base, tmp_path):
     """A renamed copy of an image hits its entry; plain and plain + mirrored are separate entries (the pair is one
-    VAE batch, whose plain row rounds unlike a batch of one), each equal to a fresh encode; a truncated or foreign
+    VAE batch, whose plain row rounds unlike a batch of one), each read back bit for bit; a truncated or foreign
     file is encoded again; another VAE dtype, encode mode or VAE config keys another folder."""
     from safetensors.torch import save_file
 
@@ -89,9 +89,9 @@ def test_entries_follow_the_bytes_the_orientations_and_the_key(vae, tiny_base, t
     assert (store.hits, store.misses) == (2, 2) and torch.equal(renamed.entries[key].mean, plain.entries[key].mean)
     flipped = encode(paths, True)
     assert store.misses == 4 and flipped.entries[key].mean.shape[0] == 2
-    assert torch.equal(encode(paths, True).entries[key].mean, encode(paths, True, None).entries[key].mean)
+    assert torch.equal(encode(paths, True).entries[key].mean, flipped.entries[key].mean)  # read back, bit for bit
     again = encode(paths, False)  # the plain entry, not the pair's first row
-    assert store.hits == 6 and torch.equal(again.entries[key].mean, encode(paths, False, None).entries[key].mean)
+    assert store.hits == 6 and torch.equal(again.entries[key].mean, plain.entries[key].mean)
     entry = store._path(store.content_id(paths[0]), (32, 32), False)
     entry.write_bytes(entry.read_bytes()[:40])  # truncated, as by a full disk
     encode(paths, False)
@@ -99,7 +99,8 @@ def test_entries_follow_the_bytes_the_orientations_and_the_key(vae, tiny_base, t
     encode(paths, False)
     save_file({"mean": torch.zeros(1, 4, 2, 2), "std": torch.zeros(1, 4, 2, 2), "crop_top_left": torch.zeros(1, 2),
                "original_size": torch.zeros(2)}, str(entry))  # an entry of another size
-    assert torch.equal(encode(paths, False).entries[key].mean, plain.entries[key].mean) and store.misses == 7
+    fresh = encode(paths, False).entries[key].mean  # encoded again: equal up to the CPU kernels' rounding
+    assert torch.allclose(fresh, plain.entries[key].mean, rtol=1e-5, atol=1e-6) and store.misses == 7
 
     def folder(one_per_call):
         return LatentStore(str(tmp_path), latent_key(str(tmp_path / "vae"), vae.vae, one_per_call)).folder.name
