@@ -23,7 +23,7 @@ from .model_setup import adapted_encoders, apply_perf, load_model, plan_perf
 from .noise import NoiseSchedule, example_id
 from .optimizers import build_optimizer, clip_gradients, step_size_estimates
 from .pivotal import PivotalSettings, PivotalTokens, check_identifier, check_pivotal, pivotal_encode, total_steps
-from .sdxl import PromptCache, add_time_ids, encode_prompts, scale_latents, tokenize
+from .sdxl import PromptCache, add_time_ids, dtype_name, encode_prompts, scale_latents, tokenize
 from .settings import EmaSettings, LoraSettings, OptimSettings, PerfSettings, check_model, plain
 
 
@@ -318,11 +318,11 @@ class DreamBoothLoRA(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
-        checkpoint["vae_dtype"] = str(self.vae.dtype).removeprefix("torch.")  # what model.vae_dtype: auto resolved to
+        checkpoint["vae_dtype"] = dtype_name(self.vae.dtype)  # what model.vae_dtype: auto resolved to
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_adapter_keys(set(self.trainable_parameters()), set(checkpoint.get("state_dict", {})))
-        then, now = checkpoint.get("vae_dtype"), str(self.vae.dtype).removeprefix("torch.")
+        then, now = checkpoint.get("vae_dtype"), dtype_name(self.vae.dtype)
         if then is not None and then != now:  # vae_dtype: auto on another kind of GPU (a T4 has no native bf16)
             rank_zero_warn(f"the checkpoint's run encoded its latents in {then}, this one in {now} (model.vae_dtype: "
                            f"{self.hparams.vae_dtype}): they differ by {then}/{now} rounding; resume with "

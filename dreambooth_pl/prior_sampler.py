@@ -39,7 +39,7 @@ from .block_ops import fuse_geglu
 from .graphs import GraphedForward
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions
 from .sampling import SAMPLER, make_scheduler
-from .sdxl import DTYPES, has_bf16, load_parts, load_vae, resolve_base, unscale_latents
+from .sdxl import DTYPES, dtype_name, has_bf16, load_parts, load_vae, resolve_base, unscale_latents
 
 
 UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")  # the UNet's repeated blocks (perf.BLOCKS less CLIP's)
@@ -188,7 +188,7 @@ class PriorSampler:
         from .sampling import runtime
 
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
-                    vae_dtype={v: k for k, v in DTYPES.items()}[self.pipe.vae.dtype], base_dtype=self.base_dtype,
+                    vae_dtype=dtype_name(self.pipe.vae.dtype), base_dtype=self.base_dtype,
                     fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
                     cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
                     fused_geglu=self.fused_geglu)

@@ -188,9 +188,8 @@ def runtime(pipe) -> dict:
     ``random_base`` (the make-base preset, or None) so a PNG drawn from random weights says so."""
     import diffusers
 
-    from .sdxl import random_base_preset
+    from .sdxl import dtype_name, random_base_preset
 
-    names = {v: k for k, v in DTYPES.items()}
-    return {"dtype": names[pipe.unet.dtype], "device": pipe.device.type,
+    return {"dtype": dtype_name(pipe.unet.dtype), "device": pipe.device.type,
             "random_base": random_base_preset(pipe.name_or_path) if pipe.name_or_path else None,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}}

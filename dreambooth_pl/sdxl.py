@@ -13,6 +13,11 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``dtype``'s name as configs spell it (:data:`DTYPES`' key; ``float8_e4m3fn`` and the like for others)."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
 def has_bf16(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 natively, as torch reports for the current GPU (NVIDIA Ampere and newer; a T4
     only emulates it, slowly)."""

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ..sdxl import dtype_name
 from .prior_cache import KeyedFolder, fingerprint
 
 FORMAT = 1  # bump when transforms.prepare_image, encode._prepared or the stored tensors change
@@ -46,7 +47,7 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dic
     device = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else param.device.type
     return {"vae": fingerprint(vae_folder),
             "config": [hashlib.sha256(p.read_bytes()).hexdigest() for p in configs if p.is_file()],
-            "dtype": str(param.dtype).removeprefix("torch."), "matmul": torch.get_float32_matmul_precision(),
+            "dtype": dtype_name(param.dtype), "matmul": torch.get_float32_matmul_precision(),
             "device": device, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
             "torchvision": torchvision.__version__, "pillow": PIL.__version__, "one_per_call": bool(one_per_call),
             "format": FORMAT}
