@@ -95,8 +95,10 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
     """
     originals, entries, ids, work = {}, {}, {}, []
     for i, path in enumerate(images.paths):
-        sizes_i = [tuple(size) for size in sizes[i]]
-        got = store.lookup(ids.setdefault(i, store.content_id(path)), sizes_i, mirrored) if store else None
+        got = None
+        if store is not None:
+            ids[i] = store.content_id(path)
+            got = store.lookup(ids[i], [tuple(size) for size in sizes[i]], mirrored)
         if got is None:
             work.append(i)
             continue
