@@ -66,7 +66,7 @@ for stage in "$@"; do
       bench --preset fast --steps 15 --warmup 4 --overrides '["--trainer.benchmark=true"]' ;;
     recipe-16gb) bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.memory_budget_gib=15"]' ;;
     prior-check)  # no full base: graph = eager and fp16 = the pipeline on the tiny base (tests/test_prior_sampler.py)
-      timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_prior_sampler.py 2>&1 \
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_prior_sampler.py tests/test_base_handoff.py 2>&1 \
         | grep -E "prior sampler on GPU|passed|failed|Error|^E " | tail -n 12 ;;
     prior-profile)  # one prior batch's kernels by kind, default and diffusers' GEGLU (eager, under the profiler)
       timeout 300 python3 benchmarks/prior_profile.py $BASE "$OUT" ${PROFILE_STEPS:-5} 2>&1 | grep -v Warning ;;

@@ -145,3 +145,19 @@ def ddp_ignore_frozen(model: torch.nn.Module) -> int:
     names += [n for n, _ in model.named_buffers()]
     model._ddp_params_and_buffers_to_ignore = names
     return len(names)
+
+
+def fuse_attention(unet) -> int:
+    """Fuse the UNet's attention projections with diffusers' ``fuse_qkv_projections`` and drop the separate ones
+    its fused processor no longer calls (q/k/v in self-attention, k/v in cross-attention; q stays there); returns the
+    parameters freed. A later call on a dropped projection fails loudly (AttributeError), never silently."""
+    from diffusers.models.attention_processor import Attention
+
+    unet.fuse_qkv_projections()
+    freed = 0
+    for attn in (m for m in unet.modules() if isinstance(m, Attention)):
+        for name in ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v"):
+            freed += sum(p.numel() for p in getattr(attn, name).parameters())
+            delattr(attn, name)
+    unet.original_attn_processors = None  # they would call the dropped projections
+    return freed

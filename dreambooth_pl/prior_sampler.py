@@ -1,31 +1,23 @@
 """Fast class-prior sampling: one prompt, many seeds, in fixed-shape batches, the UNet replayed from a CUDA graph.
 
-The images are diffusers' ``StableDiffusionXLPipeline``'s at the same seeds and settings: the prompt encoding,
-initial latents (one CPU generator per image), time ids, scheduler and classifier-free guidance are the pipeline's
-own functions, called once per batch; only the loop around the UNet is ours. What differs is how it runs:
-- the prompt is encoded once and repeated over the batch (the class prompt is the same for every image);
-- every batch has the same shape (the last one is padded with repeats of its last seed, then dropped), so one
-  CUDA graph of the UNet's forward is captured per shape and replayed for every step of every batch;
-- the UNet and text encoders run in the pipeline's fp16 on a GPU (in bf16 the trajectory drifts from the
-  pipeline's: on the tiny random base 0.19 mean absolute difference in [0, 1], against 0.0 in fp16 with or without
-  the graph; BENCHMARKS.md 2026-12-04), and the VAE decodes in bf16 where the GPU has it, without overflowing
-  (SDXL's VAE overflows in fp16, so the pipeline upcasts it to fp32), in batches; the images are quantised to
-  uint8 on the GPU;
-- opt-in switches, each timed by ``benchmark --preset priors`` (``variants_s_per_image``, BENCHMARKS.md): ``fuse_qkv``
-  (diffusers' ``fuse_qkv_projections``, the separate projections dropped: 1.3 GB; 1.032 against 1.036 s/image, within
-  noise: the UNet is bound by its GEMMs and convolutions), ``compile_blocks`` (regional ``torch.compile`` of each
-  transformer and resnet block, ``perf.compile_blocks``; the first batch pays the compile) and ``cudnn_benchmark``
-  (cuDNN times its convolution algorithms once per shape; the graph captures the chosen kernels).
-- with ``fused_geglu`` (the default on a GPU with Triton, fp16 base), each feed-forward's GEGLU computes its two
-  halves as two GEMMs and ``a · gelu(g)`` in one compiled pointwise kernel (``block_ops.fuse_geglu``; two widths,
-  seconds to compile, cached across runs): diffusers' eager GEGLU runs gelu and the product as two strided,
-  non-vectorised kernels, 211 of a prior batch's 1431 GPU ms (H100 profile, BENCHMARKS.md 2026-12-06 session 3);
-  0.946 against 1.017 s/image in one call (session 4). The same formula with one rounding fewer: the images agree
-  within fp16 rounding. ``channels_last`` (NHWC convolution weights) was measured slower there (1.084 against 1.009
-  s/image: the NHWC GroupNorms and copies cost more than cuDNN's conversions).
-- with ``park_text_encoders``, the two text encoders (1.5 GiB in fp16) stay on the CPU and visit the device once
-  per prompt, so the denoising peak does not hold them; the images do not change. An 8 GB card needs it
-  (configs/perf/8gb.yaml: on a float8 base the draw was the run's peak, BENCHMARKS.md 2026-12-06).
+The images are diffusers' ``StableDiffusionXLPipeline``'s at the same seeds and settings: prompt encoding, initial
+latents (one CPU generator per image), time ids, scheduler and guidance are the pipeline's own functions, called
+once per batch; only the loop around the UNet is ours. What differs is how it runs:
+- the prompt is encoded once; every batch has one shape (the last is padded with repeats of its last seed, then
+  dropped), so one CUDA graph of the UNet's forward is captured and replayed for every step of every batch;
+- the UNet and text encoders run in the pipeline's fp16 on a GPU (bf16 leaves its trajectory: 0.19 mean absolute
+  difference in [0, 1] on the tiny random base, BENCHMARKS.md 2026-12-04); the VAE decodes in bf16 where the GPU
+  has it (no fp16 overflow, which the pipeline avoids by upcasting to fp32), in batches, quantised to uint8 there;
+- each GEGLU (``fused_geglu``, the default on a GPU with Triton and an fp16 base) runs as two GEMMs and one compiled
+  ``a · gelu(g)`` kernel (``block_ops.fuse_geglu``) where diffusers runs two strided kernels (211 of a batch's 1431
+  GPU ms, H100 profile, BENCHMARKS.md 2026-12-06 session 3): 0.946 against 1.017 s/image (session 4), the same
+  images within fp16 rounding;
+- opt-in switches, timed by ``benchmark --preset priors`` (BENCHMARKS.md): ``fuse_qkv`` (diffusers' fused
+  projections: 1.032 against 1.036 s/image, within noise), ``compile_blocks`` (regional ``torch.compile``: 0.881 but
+  a 22 s first batch), ``cudnn_benchmark``, and ``park_text_encoders`` (the encoders stay on the CPU but for the
+  prompt: an 8 GB card, configs/perf/8gb.yaml). ``channels_last`` lost (1.084 against 1.009 s/image);
+- once a fit's draw is done, :meth:`PriorSampler.leave_base` hands the loaded parts to its training
+  (base_handoff.py), which then does not read the base a second time.
 """
 from __future__ import annotations
 
@@ -37,7 +29,7 @@ import torch
 
 from .block_ops import fuse_geglu
 from .graphs import GraphedForward
-from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions
+from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions, fuse_attention
 from .sampling import SAMPLER, make_scheduler
 from .sdxl import DTYPES, dtype_name, has_bf16, load_parts, load_vae, resolve_base, unscale_latents
 
@@ -74,22 +66,6 @@ def default_vae_dtype(device: torch.device, dtype: str) -> str:
     """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
     VAE is then upcast to fp32, as the pipeline does)."""
     return "bfloat16" if has_bf16(device) else dtype
-
-
-def fuse_attention(unet) -> int:
-    """Fuse the UNet's attention projections with diffusers' ``fuse_qkv_projections`` and drop the separate ones
-    its fused processor no longer calls (q/k/v in self-attention, k/v in cross-attention; q stays there); returns the
-    parameters freed. A later call on a dropped projection fails loudly (AttributeError), never silently."""
-    from diffusers.models.attention_processor import Attention
-
-    unet.fuse_qkv_projections()
-    freed = 0
-    for attn in (m for m in unet.modules() if isinstance(m, Attention)):
-        for name in ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v"):
-            freed += sum(p.numel() for p in getattr(attn, name).parameters())
-            delattr(attn, name)
-    unet.original_attn_processors = None  # they would call the dropped projections
-    return freed
 
 
 class PriorSampler:
@@ -139,13 +115,16 @@ class PriorSampler:
             dtype = "float32"
         self.dtype, self.batch_size, self.decode_batch = DTYPES[dtype], batch_size, max(1, decode_batch)
         vae_dtype = DTYPES[vae_dtype or default_vae_dtype(self.device, dtype)]
-        if self.device.type == "cuda" and base_dtype == "float16" and not park_text_encoders:
+        self._base = None  # (root, vae, the VAE's load dtype) when load_parts read the parts (leave_base hands them on)
+        if base_dtype == "float16" and not park_text_encoders:
             # each weight read from its file straight onto the GPU (sdxl.load_parts): the pipeline's own loading
             # builds every part on the host first (6.1 s against 3.2 s on an H100, BENCHMARKS.md 2026-12-06); the
-            # VAE in the pipeline's dtype, cast below as before. Quantizing and parking start from the host copy.
-            p = load_parts(base, vae, self.dtype, self.device)
+            # VAE straight into its decode dtype (an fp16 one is upcast below, as the pipeline does). Quantizing
+            # and parking start from the host copy.
+            p = load_parts(base, vae, self.dtype, self.device, vae_dtype=vae_dtype)
             extra = dict(unet=p.unet, vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2,
                          tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2)
+            self._base = (resolve_base(base), vae, vae_dtype)
         else:
             extra = {"vae": load_vae(vae, self.dtype)} if vae else {}
         pipe = StableDiffusionXLPipeline.from_pretrained(resolve_base(base), dtype=self.dtype,
@@ -182,6 +161,29 @@ class PriorSampler:
             if compile_blocks else 0
         self.graph = graph and self.device.type == "cuda"
         self._graphs: dict[tuple, GraphedForward] = {}
+
+    def leave_base(self) -> bool:
+        """Leave this sampler's frozen parts for the next ``sdxl.load_parts`` of the same base, dtype and device
+        (base_handoff.py: a fit's training then skips its own load), restored to what ``load_parts`` returned; the
+        sampler cannot draw after. False, leaving nothing, where the parts differ from a plain load: a quantized
+        or parked base, fused q/k/v, compiled blocks; a VAE that was upcast or tiles stays out alone."""
+        from . import base_handoff
+        from .block_ops import unfuse_blocks
+
+        if self._base is None or self.fuse_qkv or self.compiled_blocks:
+            return False
+        pipe, (root, vae, vae_loaded) = self.pipe, self._base
+        self._graphs.clear()  # their pools and static buffers go back with the sampler's memory
+        unfuse_blocks(pipe.unet)
+        parts = {name: getattr(pipe, name) for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
+                                                         "unet")}
+        if not pipe.vae.use_tiling and pipe.vae.dtype == vae_loaded:  # an upcast one holds fp16-rounded values
+            parts["vae"] = pipe.vae
+        base_handoff.leave({base_handoff.part_key(root, vae, name, getattr(m, "dtype", None),
+                                                  self.device if hasattr(m, "dtype") else None): m
+                            for name, m in parts.items()})
+        self.pipe = None
+        return True
 
     def runtime(self) -> dict:
         """What ran (``sampling.runtime``), plus the sampler's batching."""

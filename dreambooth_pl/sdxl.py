@@ -155,23 +155,30 @@ def load_parts(base: str, vae: str | None = None, dtype: torch.dtype = torch.flo
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    from . import base_handoff
+
     root = resolve_base(base)
     vae_dtype = dtype if vae_dtype is None else vae_dtype
     where = _placement(device)
     text_dtype, text_where = (torch.float32, {}) if text_fp32_host else (dtype, where)
+    text_device = None if text_fp32_host else device
+    loads = {  # name -> (dtype, device, how to read it): a part the prior sampler left with the same key is taken
+        "tokenizer": (None, None, lambda: AutoTokenizer.from_pretrained(root, subfolder="tokenizer")),
+        "tokenizer_2": (None, None, lambda: AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2")),
+        "text_encoder": (text_dtype, text_device, lambda: CLIPTextModel.from_pretrained(
+            root, subfolder="text_encoder", dtype=text_dtype, **text_where)),
+        "text_encoder_2": (text_dtype, text_device, lambda: CLIPTextModelWithProjection.from_pretrained(
+            root, subfolder="text_encoder_2", dtype=text_dtype, **text_where)),
+        "vae": (vae_dtype, device, lambda: load_vae(vae, vae_dtype) if vae else AutoencoderKL.from_pretrained(
+            root, subfolder="vae", dtype=vae_dtype, **where)),
+        "unet": (dtype, device, lambda: UNet2DConditionModel.from_pretrained(root, subfolder="unet", dtype=dtype,
+                                                                            **where)),
+    }
+    taken = base_handoff.take({name: base_handoff.part_key(root, vae, name, dt, dev)
+                               for name, (dt, dev, _) in loads.items()})
     try:
-        parts = SDXLParts(
-            tokenizer=AutoTokenizer.from_pretrained(root, subfolder="tokenizer"),
-            tokenizer_2=AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2"),
-            text_encoder=CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=text_dtype,
-                                                       **text_where),
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2",
-                                                                       dtype=text_dtype, **text_where),
-            vae=load_vae(vae, vae_dtype) if vae else AutoencoderKL.from_pretrained(root, subfolder="vae",
-                                                                                   dtype=vae_dtype, **where),
-            unet=UNet2DConditionModel.from_pretrained(root, subfolder="unet", dtype=dtype, **where),
-            scheduler_config=dict(DDPMScheduler.load_config(root, subfolder="scheduler")),
-        )
+        parts = SDXLParts(**{name: taken[name] if name in taken else read() for name, (_, _, read) in loads.items()},
+                          scheduler_config=dict(DDPMScheduler.load_config(root, subfolder="scheduler")))
     except (OSError, ValueError) as e:
         raise BaseModelError(f"could not load the SDXL parts from {root!r}: {str(e).splitlines()[0][:300]}") from None
     for m in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):

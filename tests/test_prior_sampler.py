@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreambooth_pl.prior_sampler import PriorSampler, default_dtype, fuse_attention
+from dreambooth_pl.perf import fuse_attention
+from dreambooth_pl.prior_sampler import PriorSampler, default_dtype
 
 SIZE, STEPS = 64, 3
 

@@ -104,7 +104,8 @@ def _batch_size(given: Optional[int], device: Optional[str]) -> int:
 
 def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMAGES,
                       settings: Optional[ClassImageSettings] = None, dtype: Optional[str] = None,
-                      device: Optional[str] = None, vae: Optional[str] = None, progress: bool = True) -> str:
+                      device: Optional[str] = None, vae: Optional[str] = None, progress: bool = True,
+                      leave_base: bool = False) -> str:
     """Fill ``out`` with class images of ``prompt`` until it holds ``num``: linked from the prior cache where it
     has them, drawn by :class:`~dreambooth_pl.prior_sampler.PriorSampler` otherwise; returns a one-line report.
 
@@ -118,6 +119,8 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         device: cuda, cpu, ... (None: CUDA when available).
         vae: separate VAE folder.
         progress: show a progress bar.
+        leave_base: once drawn, leave the loaded base for the next ``sdxl.load_parts`` of it (base_handoff.py): a
+            fit's training takes it instead of reading the files again.
     """
     from ..io import clean_stale_temps, ensure_writable, read_json, write_json
     from ..sampling import check_size
@@ -156,7 +159,8 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     drawn = [i for i in todo if i not in set(reused)]
     manifest.pop("timing", None)  # the drawing's own timing, when this run draws
     if drawn:
-        _draw(base, prompt, folder, drawn, s, size, dtype, device, vae, cache, record, manifest, progress)
+        _draw(base, prompt, folder, drawn, s, size, dtype, device, vae, cache, record, manifest, progress,
+              leave_base)
     manifest["last_run"] = {"drawn": len(drawn), "reused": len(reused),
                             "cache": str(cache.folder) if cache is not None else None}
     write_json(manifest_path, manifest)
@@ -165,7 +169,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
 
 
 def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings, size: int, dtype, device, vae,
-          cache, record: dict, manifest: dict, progress: bool) -> None:
+          cache, record: dict, manifest: dict, progress: bool, leave_base: bool) -> None:
     """Draw the images of ``indices`` batch by batch; PNGs are encoded and written by background threads while
     the GPU draws the next batch, and the manifest is written once a batch's files are all on disk."""
     from concurrent.futures import ThreadPoolExecutor
@@ -221,8 +225,10 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     if later > 0 and "first_batch_s" in timing:  # the steady rate, without loading, the first batch's capture and
         # the last batch's writes (paid once, not per image: a short run's rate would otherwise overstate a long one's)
         timing["s_per_image_after_first_batch"] = (drawn - start - timing["load_s"] - timing["first_batch_s"]) / later
+    # the loaded base stays for training where it is the same load (base_handoff.py); the rest goes back now
+    timing["left_base"] = float(leave_base and sampler.leave_base())
     manifest["timing"] = {k: round(v, 3) for k, v in timing.items()}
-    del sampler  # its weights and graph pools go back before training loads the base again
+    del sampler  # its graph pools (and weights, unless left) go back before training loads
     import gc
 
     import torch

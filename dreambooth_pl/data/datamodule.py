@@ -196,8 +196,10 @@ class DreamBoothDataModule(L.LightningDataModule):
             s = priors.generation
             if s.resolution is None:
                 s = dataclasses.replace(s, resolution=hp.resolution)
+            # the sampler's base is left for configure_model's load, which takes it where dtype and device match
             draw_class_images(hp.base_model, priors.prompt, priors.dir, priors.num_images, s, None,
-                              str(trainer.strategy.root_device) if trainer else None, hp.vae_model)
+                              str(trainer.strategy.root_device) if trainer else None, hp.vae_model,
+                              leave_base=trainer is not None)
         if trainer is not None:
             trainer.strategy.barrier("generate_class_images")
         self.timings["priors"] = time.perf_counter() - start
