@@ -27,7 +27,8 @@ import torch
 # id(parameter) -> its half-precision copy for the current UNet call (half_adapters; for LoRA's B the copy is Bᵀ);
 # empty outside that call
 _HALF: dict[int, torch.Tensor] = {}
-# grouped q/k/v (fuse_lora_layers(group_qkv=True)): to_q -> (to_k, to_v); a sibling -> (its input, its output) that
+# grouped projections (fuse_lora_layers(group_qkv=True)): to_q -> (to_k, to_v), or a cross-attention's
+# to_k -> (to_v,); a sibling -> (its input, its output) that
 # the group's node computed with to_q's call, handed out when the sibling is called on that same tensor
 _GROUPS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _PENDING: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -74,7 +75,8 @@ class _LoraLinear(torch.autograd.Function):
 
 
 class _LoraGroup(torch.autograd.Function):
-    """Frozen linears + LoRA of ``n`` projections that share their input (q, k, v of self-attention) in one node:
+    """Frozen linears + LoRA of ``n`` projections that share their input (q, k, v of self-attention; k, v of
+    cross-attention) in one node:
     the down-projections are one ``[A_1; ...; A_n] xᵀ`` (one read of ``x`` instead of ``n``), the backward sums the
     input gradients in place and computes every ``A`` gradient in one GEMM (Hu et al. 2021, eq. 3, per projection).
     ``tensors``: the ``n`` frozen weights, ``n`` biases (or None), ``n`` A and ``n`` Bᵀ, in the compute dtype;
@@ -230,7 +232,8 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _forward_grouped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """to_q of a group: q, k and v in one node; k and v wait for their layers' calls on this same ``x``."""
+    """The first layer of a group (to_q, or a cross-attention's to_k): the group in one node; the others' outputs
+    wait for their layers' calls on this same ``x``."""
     layers = (self, *_GROUPS.get(self, ()))
     name = _fusable(self, x, args, kwargs)
     if name is None or len(layers) == 1 or not all(
@@ -247,7 +250,7 @@ def _forward_grouped(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _forward_sibling(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """to_k / to_v of a group: the output its group computed on this very tensor, else its own fused forward."""
+    """A later layer of a group: the output its group computed on this very tensor, else its own fused forward."""
     pending = _PENDING.pop(self, None)
     if pending is not None and pending[0] is x and not args and not kwargs:
         return pending[1]
@@ -263,9 +266,9 @@ def fuse_lora_layers(model: torch.nn.Module, group_qkv: bool = False) -> int:
 
     Args:
         model: the adapted model.
-        group_qkv: also compute each self-attention's q, k and v in one node (:class:`_LoraGroup`) when the
-            three are called on the same tensor, q first (diffusers' attention processors); see
-            :func:`grouped_attentions`.
+        group_qkv: also compute the projections of each attention that share their input in one node
+            (:class:`_LoraGroup`): a self-attention's q, k and v, a cross-attention's k and v, when they are called
+            on the same tensor, the first first (diffusers' attention processors); see :func:`grouped_attentions`.
     """
     from peft.tuners.lora.layer import Linear
 
@@ -274,17 +277,22 @@ def fuse_lora_layers(model: torch.nn.Module, group_qkv: bool = False) -> int:
         m.forward = types.MethodType(_forward, m)
     if group_qkv:
         for m in model.modules():
-            qkv = [getattr(m, k, None) for k in ("to_q", "to_k", "to_v")]
-            if getattr(m, "is_cross_attention", True) is False and all(isinstance(p, Linear) for p in qkv):
-                _GROUPS[qkv[0]] = tuple(qkv[1:])
-                qkv[0].forward = types.MethodType(_forward_grouped, qkv[0])
-                for sibling in qkv[1:]:
+            cross = getattr(m, "is_cross_attention", None)  # diffusers' Attention only
+            if cross is None:
+                continue
+            # the projections called on one tensor: q, k, v of self-attention; k, v of cross-attention (the text
+            # states), whose 154-token adapter GEMMs are the step's least efficient (BENCHMARKS.md 2026-11-30 s6)
+            group = [getattr(m, k, None) for k in (("to_k", "to_v") if cross else ("to_q", "to_k", "to_v"))]
+            if all(isinstance(p, Linear) for p in group):
+                _GROUPS[group[0]] = tuple(group[1:])
+                group[0].forward = types.MethodType(_forward_grouped, group[0])
+                for sibling in group[1:]:
                     sibling.forward = types.MethodType(_forward_sibling, sibling)
     return len(layers)
 
 
 def grouped_attentions(model: torch.nn.Module) -> int:
-    """How many of ``model``'s q projections compute their attention's k and v with them."""
+    """How many of ``model``'s attentions compute their grouped projections in one node (self and cross)."""
     return sum(m in _GROUPS for m in model.modules())
 
 

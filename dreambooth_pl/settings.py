@@ -151,8 +151,9 @@ class PerfSettings:
         fused_blocks: under mixed precision, run the UNet's frozen LayerNorms and GroupNorms in the half dtype
             instead of autocast's fp32 round trip, and each GEGLU activation as one compiled kernel on CUDA
             (block_ops.py: fewer, vectorised passes over the activations; on in ``fast.yaml``).
-        group_qkv: with ``fused_lora``, compute each self-attention's q, k and v adapters in one node: one
-            down-projection GEMM on ``[A_q; A_k; A_v]`` and one for its gradient (fused_lora.py; fewer kernels).
+        group_qkv: with ``fused_lora``, compute each self-attention's q, k and v adapters in one node (one
+            down-projection GEMM on ``[A_q; A_k; A_v]`` and one for its gradient), and each cross-attention's k and
+            v on the text states (fused_lora.py; fewer kernels).
     """
 
     gradient_checkpointing: Optional[bool] = None
