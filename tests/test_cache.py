@@ -192,3 +192,27 @@ def test_without_flips_only_the_plain_latents_are_encoded(setup):
     assert batch["latent_mean"].shape == (4, 4, 4, 4)
     with pytest.raises(CacheError, match=r"no mirrored latents, so data.crops.flip=0.5"):
         CachedStream(plain, 2, 0.5, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_encodes_queued_without_syncs_equal_one_image_at_a_time(tiny_base, subject_dirs):
+    """On a GPU with room the cache copies the pinned pixels up asynchronously and keeps the moments there until
+    the set is done; the latents are the ones a synchronous encode of each image gives (the same kernels, so bit
+    equal), and the host moments come back for every image."""
+    from dreambooth_pl.data.datasets import ImageSet
+    from dreambooth_pl.data.encode import _prepared, encode_set
+    from dreambooth_pl.data.images import list_images
+    from dreambooth_pl.sdxl import load_vae
+
+    vae = load_vae(tiny_base, torch.bfloat16).to("cuda")
+    paths = tuple(list_images(subject_dirs[0], "instance")) + tuple(list_images(subject_dirs[1], "class"))
+    images = ImageSet(paths, "p")
+    got = encode_set(vae, images, [[(64, 64)]] * len(paths), mirrored=True)
+    for i, path in enumerate(paths):
+        _, [(size, pixels, _)] = _prepared(path, [(64, 64)])
+        with torch.no_grad():
+            dist = vae.encode(pixels.to("cuda").to(vae.dtype)).latent_dist
+        e = got.entries[(i, (64, 64))]
+        assert e.mean.device.type == "cpu" and torch.equal(e.mean, dist.mean.float().cpu())
+        assert torch.equal(e.std, dist.std.float().cpu())

@@ -1,6 +1,7 @@
 """Images to latent moments for the input cache (data/cache.py): each image centre-cropped at its sizes, plain and
-(where training flips) mirrored, encoded by the VAE one image at a time while worker threads decode the next ones,
-and read from or kept in the on-disk latent store (data/latent_store.py) where one is given.
+(where training flips) mirrored, encoded by the VAE one image at a time while worker threads decode the next ones
+(on a GPU with room, copied up asynchronously, so the host queues the next encode before the last ends), and read
+from or kept in the on-disk latent store (data/latent_store.py) where one is given.
 """
 from __future__ import annotations
 
@@ -44,14 +45,16 @@ PREFETCH = 4  # images decoded and cropped ahead of the VAE, each on its own thr
 Prepared = list[tuple[Size, torch.Tensor, torch.Tensor]]  # per size: (size, pixels [k, 3, h, w], crops [k, 2])
 
 
-def _prepared(path, sizes: list[Size], mirrored: bool = True) -> tuple[tuple[int, int], Prepared]:
-    """One image's ``(height, width)`` and, at each size, its plain (and mirrored) pixels ``[k, 3, h, w]`` and crops."""
+def _prepared(path, sizes: list[Size], mirrored: bool = True, pin: bool = False) -> tuple[tuple[int, int], Prepared]:
+    """One image's ``(height, width)`` and, at each size, its plain (and mirrored) pixels ``[k, 3, h, w]`` (in
+    page-locked memory with ``pin``, for an asynchronous copy to the GPU) and crops."""
     img, gen = decode_rgb(path), torch.Generator()  # centre crops: the generator draws nothing
     out = []
     for size in sizes:
         ex = [prepare_image(img, size[0] if size[0] == size[1] else size, True, flip, gen)
               for flip in ((False, True) if mirrored else (False,))]
-        out.append((tuple(size), torch.stack([e["pixel_values"] for e in ex]),
+        pixels = torch.stack([e["pixel_values"] for e in ex])
+        out.append((tuple(size), pixels.pin_memory() if pin else pixels,
                     torch.tensor([e["crop_top_left"] for e in ex])))
     return img.size[::-1], out
 
@@ -105,16 +108,35 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
         originals[i], found = got
         entries.update({(i, size): Encoded(*moments) for size, moments in found.items()})
     device = next(vae.parameters()).device
+    # on a GPU with room the pixels go up pinned and asynchronously and the moments stay there until the set is
+    # done: the host never waits for an encode, so the GPU does not idle between images (the bf16 cache's 202
+    # images took 0.059 s/image on an H100 with a copy back after each). Short of memory (``one_per_call``), each
+    # image's moments leave the GPU at once, as before.
+    overlap = device.type == "cuda" and not one_per_call
+    queued = []
     with quiet_bombs():  # once, here: the worker threads decode under it (images.quiet_bombs)
-        prepared_ahead = ahead(lambda i: _prepared(images.paths[i], sizes[i], mirrored), work, prefetch)
+        prepared_ahead = ahead(lambda i: _prepared(images.paths[i], sizes[i], mirrored, pin=overlap), work, prefetch)
         for i, (original, prepared) in zip(work, prepared_ahead):
             for size, pixels, crops in prepared:
                 with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call, unless short
-                    dists = [vae.encode(x.to(device, vae.dtype)).latent_dist
+                    # the dtype cast after the copy, on the device: the same rounding as the host's (to nearest even)
+                    dists = [vae.encode(x.to(device, non_blocking=overlap).to(vae.dtype)).latent_dist
                              for x in (pixels.split(1) if one_per_call else (pixels,))]
-                e = entries[(i, size)] = Encoded(torch.cat([d.mean.float().cpu() for d in dists]),
-                                                 torch.cat([d.std.float().cpu() for d in dists]), crops)
-                if store is not None:
-                    store.save(ids[i], original, size, e.mean, e.std, e.crop_top_left)
+                mean, std = (torch.cat([getattr(d, k).float() for d in dists]) for k in ("mean", "std"))
+                item = (i, size, original, mean, std, crops)
+                if overlap:
+                    queued.append(item)
+                else:
+                    _settle(item, entries, store, ids)
             originals[i] = original
+    for item in queued:
+        _settle(item, entries, store, ids)
     return EncodedSet(images, torch.tensor([originals[i] for i in range(len(images.paths))]), entries)
+
+
+def _settle(item: tuple, entries: dict, store: LatentStore | None, ids: dict) -> None:
+    """One encoded image's moments copied to the host into ``entries`` (and kept in ``store``)."""
+    i, size, original, mean, std, crops = item
+    e = entries[(i, size)] = Encoded(mean.cpu(), std.cpu(), crops)
+    if store is not None:
+        store.save(ids[i], original, size, e.mean, e.std, e.crop_top_left)
