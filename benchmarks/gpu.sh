@@ -70,7 +70,8 @@ for stage in "$@"; do
         | grep -E "prior sampler on GPU|passed|failed|Error|^E " | tail -n 12 ;;
     prior-profile)  # one prior batch's kernels by kind, default and diffusers' GEGLU (eager, under the profiler)
       timeout 300 python3 benchmarks/prior_profile.py $BASE "$OUT" ${PROFILE_STEPS:-5} 2>&1 | grep -v Warning ;;
-    cache-ab)  # the cache's encoding: fp32 with mirrored latents, fp32 and bf16 plain (after e2e: its class folder)
+    cache-ab)  # the cache's encoding: fp32 with mirrored latents, fp32 and bf16 plain (after e2e: its class folder), then
+      # the bf16 VAE's own encode at batch 1, 2, 4, 8 (prior_profile.vae_batches)
       timeout 200 python3 benchmarks/prior_profile.py $BASE "$OUT" --cache-only 2>&1 | grep -v Warning ;;
     priors)  # the sampler, its switches (bench_user.VARIANTS, each with its own load, capture and compile) and the pipeline
       timeout 560 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset priors --steps ${PRIORS_N:-16} \
