@@ -293,7 +293,7 @@ class DreamBoothCLI(LightningCLI):
         if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
             dirs["trainer.logger.init_args.save_dir"] = trainer.logger.save_dir
         data = getattr(self, "datamodule", None)
-        if data is not None and data.hparams.get("latent_cache"):
+        if data is not None and data.hparams.get("latent_cache") not in (None, "auto"):  # auto warns, never stops
             dirs["data.latent_cache"] = data.hparams["latent_cache"]
         for cb in trainer.callbacks:
             for section, kind in (("checkpoint", ModelCheckpoint), ("export", LoRAExport)):

@@ -133,3 +133,39 @@ def test_a_store_needs_the_base_to_key_its_vae(tmp_path):
     with pytest.raises(ValueError, match="data.latent_cache needs data.base_model"):
         DreamBoothDataModule(PhotoSettings(str(tmp_path), "a photo of sks dog"), PriorSettings(enabled=False),
                              latent_cache=str(tmp_path / "latents"))
+
+
+def test_auto_keeps_latents_on_a_gpu_only_and_needs_no_base(tiny_base, subject_dirs, vae, monkeypatch):
+    """``data.latent_cache: auto`` (the default) is the shared folder where the cache encodes on a GPU and off on a
+    CPU (the fits of this suite); an explicit folder is kept anywhere; a data module without a base (no VAE to key
+    the latents by) runs without a store instead of refusing, as it still does for an explicit folder."""
+    from dreambooth_pl.data import latent_store
+    from dreambooth_pl.data.latent_store import LATENT_CACHE, latent_root
+
+    assert latent_root("auto", torch.device("cuda", 0)) == LATENT_CACHE
+    assert latent_root("auto", torch.device("cpu")) is None and latent_root(None, torch.device("cuda")) is None
+    assert latent_root("/tmp/x", torch.device("cpu")) == "/tmp/x"
+    inst, cls = subject_dirs
+    photos, priors = PhotoSettings(inst, "a photo of sks dog"), PriorSettings(True, cls, "a photo of dog", 2)
+    assert DreamBoothDataModule(photos, priors).hparams.latent_cache == "auto"
+    with pytest.raises(ValueError, match="data.latent_cache needs data.base_model"):
+        DreamBoothDataModule(photos, priors, latent_cache="/tmp/somewhere")
+    dm = DreamBoothDataModule(photos, priors, resolution=32, base_model=tiny_base)
+    dm.setup("fit")
+    assert dm._latent_store(Encoders(vae.vae, (), ())) is None  # auto, encoding on the CPU
+    monkeypatch.setattr(latent_store, "latent_root", lambda value, device: "/tmp/gpu-like" if value == "auto" else value)
+    assert dm._latent_store(Encoders(vae.vae, (), ())).folder.parent.as_posix() == "/tmp/gpu-like"
+
+
+def test_a_cpu_store_is_keyed_by_its_kernels_and_threads(vae):
+    """CPU reductions round by the kernel family (AVX-512 or AVX2) and how the threads split them, so a store
+    written under other CPU settings is another folder, never read as bit-equal latents."""
+    threads = torch.get_num_threads()
+    try:
+        key = latent_key(vae.hparams.base_model, vae.vae, False)
+        torch.set_num_threads(threads + 1)
+        other = latent_key(vae.hparams.base_model, vae.vae, False)
+    finally:
+        torch.set_num_threads(threads)
+    assert key["device"].startswith("cpu ") and torch.backends.cpu.get_cpu_capability() in key["device"]
+    assert key != other and {k for k in key if key[k] != other[k]} == {"device"}

@@ -60,14 +60,15 @@ class DreamBoothDataModule(L.LightningDataModule):
         base_model: the base that draws missing class images (linked from ``model.base_model`` by the CLI).
         vae_model: its separate VAE, if any (linked from ``model.vae_model``).
         latent_cache: a folder that keeps the cache's latents between runs (``model.perf.cache``;
-            data/latent_store.py): a later run on the same images reads them instead of encoding (None: off).
+            data/latent_store.py): a later run on the same images reads them instead of encoding. ``auto``: the
+            shared ``~/.cache/dreambooth_pl/latents`` when the cache encodes on a GPU, off on a CPU; None: off.
     """
 
     def __init__(self, photos: PhotoSettings, priors: PriorSettings = PriorSettings(),
                  crops: CropSettings = CropSettings(), masks: MaskSettings = MaskSettings(), resolution: int = 1024,
                  batch_size: int = 1, num_workers: int = 0, seed: int = 0, strict_images: bool = True,
                  caption_dropout: float = 0.0, base_model: Optional[str] = None, vae_model: Optional[str] = None,
-                 latent_cache: Optional[str] = None):
+                 latent_cache: Optional[str] = "auto"):
         super().__init__()
         groups = {name: as_group(name, value) for name, value in
                   (("photos", photos), ("priors", priors), ("crops", crops), ("masks", masks))}
@@ -75,7 +76,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.hparams.update(plain(groups))  # plain data: a checkpoint is read with weights_only
         check_data(resolution, batch_size, caption_dropout, self.priors)
-        if latent_cache is not None and not (base_model or vae_model):
+        if latent_cache not in (None, "auto") and not (base_model or vae_model):
             raise ValueError("data.latent_cache needs data.base_model (the CLI links it from model.base_model) to "
                              "key the latents by their VAE.")
         gen, crops = self.priors.generation, self.crops
@@ -175,7 +176,7 @@ class DreamBoothDataModule(L.LightningDataModule):
     def _latent_store(self, encoders: Encoders):
         """``data.latent_cache``'s store for this run's VAE and encode, or None when it is off."""
         hp = self.hparams
-        if hp.latent_cache is None:
+        if hp.latent_cache is None or not (hp.base_model or hp.vae_model):  # auto without a base to key by: off
             return None
         from ..sdxl import resolve_base
         from .latent_store import open_store

@@ -8,11 +8,12 @@ One entry is one image at one size in one orientation set, ``<content sha>-<h>x<
 ``original_size``. Plain and plain + mirrored are separate entries: the pair is one VAE batch, whose plain row
 rounds unlike a batch of one. The image enters by its bytes, so a class image linked from the prior cache or a
 renamed copy hits its entry, and an edited one misses. The entries live in a folder named by what else decides
-the numbers: the VAE's weight files and config, its dtype, the float32 matmul precision, the device (its name),
-torch's, cuDNN's, torchvision's and Pillow's versions, one image per VAE call or the pair, and :data:`FORMAT`
+the numbers: the VAE's weight files and config, its dtype, the float32 matmul precision, the device (a GPU's
+name; a CPU's kernel family and thread count), torch's, cuDNN's, torchvision's and Pillow's versions, one image per VAE call or the pair, and :data:`FORMAT`
 (the crop code's and the file's layout). So latents read back equal a fresh encode there, and a resumed run stays
 exact. Files are read through safetensors (no pickle) and checked; one that is not a valid entry is encoded again.
-Rank 0 writes, atomically; a store that cannot be written is skipped with one warning.
+Rank 0 writes, atomically; a store that cannot be written is skipped with one warning. ``data.latent_cache: auto``
+(the default) keeps the store under :data:`LATENT_CACHE` for runs that encode on a GPU (:func:`latent_root`).
 """
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ from .prior_cache import KeyedFolder, fingerprint
 
 FORMAT = 1  # bump when transforms.prepare_image, encode._prepared or the stored tensors change
 Size = tuple[int, int]
+LATENT_CACHE = "~/.cache/dreambooth_pl/latents"  # data.latent_cache: auto's folder on a GPU, beside the prior cache
+
+
+def latent_root(value: Optional[str], device: torch.device) -> Optional[str]:
+    """The store's root for ``data.latent_cache``: ``auto`` is :data:`LATENT_CACHE` when the cache encodes on a GPU
+    (where the encode is seconds of every start: 202 images took 10.6 s of an H200 fit's, and a second fit read them
+    in 0.75 s; BENCHMARKS.md 2026-12-06 session 5) and off on a CPU; None is off; anything else is the folder."""
+    if value == "auto":
+        return LATENT_CACHE if device.type == "cuda" else None
+    return value
 
 
 def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dict:
@@ -45,6 +56,8 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dic
     folder = Path(vae_folder).expanduser()
     configs = [folder / "config.json", folder / "vae" / "config.json"]
     device = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else param.device.type
+    if param.device.type == "cpu":  # the CPU kernels (AVX-512 or AVX2) and their threads' split of a reduction
+        device = f"cpu {torch.backends.cpu.get_cpu_capability()} x{torch.get_num_threads()}"
     return {"vae": fingerprint(vae_folder),
             "config": [hashlib.sha256(p.read_bytes()).hexdigest() for p in configs if p.is_file()],
             "dtype": dtype_name(param.dtype), "matmul": torch.get_float32_matmul_precision(),
@@ -135,7 +148,8 @@ class LatentStore(KeyedFolder):
                           stacklevel=2)
 
 
-def open_store(root: Optional[str], vae_folder: str, vae: torch.nn.Module, one_per_call: bool,
+def open_store(value: Optional[str], vae_folder: str, vae: torch.nn.Module, one_per_call: bool,
                write: bool = True) -> Optional[LatentStore]:
-    """The store under ``root`` for this VAE and encode (None when ``root`` is None: ``data.latent_cache`` off)."""
+    """The store for this VAE and encode under ``data.latent_cache``'s root (:func:`latent_root`; None: off)."""
+    root = latent_root(value, next(vae.parameters()).device)
     return None if root is None else LatentStore(root, latent_key(vae_folder, vae, one_per_call), write)

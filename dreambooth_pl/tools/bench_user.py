@@ -170,9 +170,10 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
         config: the fit config (the shipped recipe).
         overrides: extra fit arguments.
         full_priors, full_steps: the user's run the figures are extrapolated to (197 priors, 1000 steps).
-        again_steps: with more than 0, both runs keep latents in ``data.latent_cache`` and a second fit of
-            ``again_steps`` steps follows on the same class folder and stores (a second subject of the class, an
-            ablation): its start to first step is ``again_start_to_first_step_s``, priors included.
+        again_steps: with more than 0, a second fit of ``again_steps`` steps follows on the same class folder,
+            prior cache and latent store (``data.latent_cache``: a fresh folder per call, as the class folder, so
+            the first fit writes it as a user's first run writes the default one; a rerun, an ablation, another
+            subject of the class): its start to first step is ``again_start_to_first_step_s``, priors included.
     """
     from .benchmark import SAMPLE_DOG
 
@@ -184,7 +185,7 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
                 "--data.priors.dir", str(run / "class"), "--data.priors.prompt", PROMPT,
                 "--data.priors.num_images", str(priors), "--data.priors.generate", "true",
                 "--data.priors.generation", json.dumps({"cache_dir": str(run / "prior-cache")}),
-                *(["--data.latent_cache", str(run / "latents")] if again_steps else []),
+                "--data.latent_cache", str(run / "latents"),  # fresh, as the class folder: a first run writes it
                 "--trainer.max_steps", str(n_steps), "--trainer.logger.init_args.save_dir", str(save_dir),
                 "--trainer.enable_progress_bar", "false", *(overrides or [])]
 

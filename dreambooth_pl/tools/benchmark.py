@@ -83,7 +83,9 @@ def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path,
         "data.priors.num_images": 4, "trainer.max_steps": warmup + steps, "trainer.devices": devices,
         "trainer.logger.init_args.save_dir": work / "runs", "trainer.enable_progress_bar": False,
         "trainer.default_root_dir": work / "runs", "checkpoint.every_n_train_steps": 0,
-        "checkpoint.save_last": False, "export.dirpath": work / "export"}, verb=False) + list(overrides)
+        "checkpoint.save_last": False, "export.dirpath": work / "export",
+        # every row encodes its inputs, as a first run does (auto would read an earlier row's latents on a GPU)
+        "data.latent_cache": None}, verb=False) + list(overrides)
     cli = DreamBoothCLI(args=args, run=False, trainer_defaults={"callbacks": [timer]})
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     wall = time.perf_counter() - start  # load, caching, capture/compile, every step, export: what a user waits for
@@ -245,7 +247,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
             against 7.1 GiB whole-run peak for the recipe), so memory and warm-up are measured without it.
         memory_cap_gib: cap this process's CUDA allocations at this many GiB
             (``torch.cuda.set_per_process_memory_fraction``): an 8 GB card on a bigger one; past it the run fails.
-        again_steps: ``end-to-end`` only: keep latents in ``data.latent_cache`` and time a second fit of this many
+        again_steps: ``end-to-end`` only: time a second fit of this many
             steps on the same class folder and stores (0: off; bench_user.end_to_end_benchmark).
     """
     from ..io import check_output_dir, check_output_file
