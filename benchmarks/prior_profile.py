@@ -63,7 +63,8 @@ def profile(base: str, out: Path, steps: int, **switch) -> None:
 def cache_ab(base: str, n: int = 48) -> None:
     """The cache's encoding of ``n`` class images (decoded ahead, as the fit does): the fp32 VAE with mirrored
     latents (the recipe until 2026-12-06 session 4) against plain only (``data.crops.flip: 0``) in fp32 and in bf16
-    (``model.vae_dtype: auto`` on this GPU), each timed twice, and how far bf16's latent means are from fp32's."""
+    (``model.vae_dtype: auto`` on this GPU), and bf16 with four images per VAE call (``images_per_call``, not yet
+    the fit's), each timed twice; how far bf16's latent means are from fp32's, and four per call from one."""
     from dreambooth_pl.data.encode import encode_set
     from dreambooth_pl.data.datasets import ImageSet
     from dreambooth_pl.sdxl import load_parts
@@ -77,22 +78,26 @@ def cache_ab(base: str, n: int = 48) -> None:
     vae16 = load_parts(base, None, torch.float16, "cuda", torch.bfloat16).vae
     images = ImageSet(tuple(paths), "a photo of person")
     sizes = [[(1024, 1024)]] * len(paths)
-    runs = {"fp32 plain+mirrored": (vae32, True), "fp32 plain": (vae32, False), "bf16 plain": (vae16, False)}
+    runs = {"fp32 plain+mirrored": (vae32, True, 1), "fp32 plain": (vae32, False, 1), "bf16 plain": (vae16, False, 1),
+            "bf16 plain, 4 per call": (vae16, False, 4)}
     got, enc = {}, {}
     for _ in range(2):
-        for name, (vae, mirrored) in runs.items():
+        for name, (vae, mirrored, per_call) in runs.items():
             torch.cuda.synchronize()
             t = time.perf_counter()
-            enc[name] = encode_set(vae, images, sizes, mirrored=mirrored)
+            enc[name] = encode_set(vae, images, sizes, mirrored=mirrored, images_per_call=per_call)
             torch.cuda.synchronize()
             got.setdefault(name, []).append(round((time.perf_counter() - t) / len(paths), 4))
     ref, low = enc["fp32 plain"].entries, enc["bf16 plain"].entries
     diff = torch.stack([(low[k].mean - v.mean).abs().max() for k, v in ref.items()])
     rel = torch.stack([(low[k].mean - v.mean).norm() / v.mean.norm() for k, v in ref.items()])
     spread = torch.stack([v.std.mean() for v in ref.values()]).mean()
+    four = enc["bf16 plain, 4 per call"].entries
+    batch_rel = torch.stack([(four[k].mean - v.mean).norm() / v.mean.norm() for k, v in low.items()]).max()
     print(f"cache A/B ({len(paths)} images of {folders[-1]}, decoded ahead, s/image, two runs each): {got}; "
           f"bf16 against fp32 latent means: max |difference| {diff.max():.3e}, relative L2 {rel.mean():.2e} (max "
-          f"{rel.max():.2e}); the latent distributions' own mean std {spread:.3e}", flush=True)
+          f"{rel.max():.2e}); the latent distributions' own mean std {spread:.3e}; bf16 4 per call against 1 per "
+          f"call: relative L2 max {batch_rel:.2e}", flush=True)
     vae_batches(vae16, images)
 
 

@@ -216,3 +216,32 @@ def test_gpu_encodes_queued_without_syncs_equal_one_image_at_a_time(tiny_base, s
         e = got.entries[(i, (64, 64))]
         assert e.mean.device.type == "cpu" and torch.equal(e.mean, dist.mean.float().cpu())
         assert torch.equal(e.std, dist.std.float().cpu())
+
+
+def test_several_images_per_vae_call_give_one_images_latents(setup):
+    """``encode_set(images_per_call=n)`` (what the cache-ab benchmark times): images of one size share a VAE call,
+    a size change starts a new call, and every image's latents equal the one-image encode up to the kernels' batch
+    rounding (1e-5 relative, fp32); with a latent store it is refused (the store's key says one image per call)."""
+    from dreambooth_pl.data.encode import encode_set
+
+    dm, module, _ = setup
+    paths = dm.instance.paths + dm.prior.paths
+    images = type(dm.instance)(tuple(paths), "p")
+    sizes = [[(32, 32)] if i % 3 else [(32, 32), (48, 32)] for i in range(len(paths))]
+    calls = []
+    encode = module.vae.encode
+    module.vae.encode = lambda x: (calls.append(tuple(x.shape[:1] + x.shape[2:])), encode(x))[1]
+    try:
+        grouped = encode_set(module.vae, images, sizes, images_per_call=3, mirrored=False)
+    finally:
+        del module.vae.encode
+    one = encode_set(module.vae, images, sizes, mirrored=False)
+    units = sum(map(len, sizes))
+    assert sum(n for n, *_ in calls) == units and max(n for n, *_ in calls) == 3 and len(calls) < units
+    assert {(h, w) for _, h, w in calls} == {(32, 32), (48, 32)}
+    for key, e in one.entries.items():
+        got = grouped.entries[key]
+        assert torch.allclose(got.mean, e.mean, rtol=1e-5, atol=1e-6 * e.mean.abs().max().item())
+        assert torch.allclose(got.std, e.std, rtol=1e-5, atol=1e-6 * e.std.abs().max().item())
+    with pytest.raises(ValueError, match="keyed for one image per VAE call"):
+        encode_set(module.vae, images, sizes, images_per_call=2, store=object())

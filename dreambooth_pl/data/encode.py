@@ -83,7 +83,8 @@ def ahead(fn, items: list, depth: int = PREFETCH) -> Iterator:
 
 @torch.no_grad()
 def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], one_per_call: bool = False,
-               prefetch: int = PREFETCH, mirrored: bool = True, store: LatentStore | None = None) -> EncodedSet:
+               prefetch: int = PREFETCH, mirrored: bool = True, store: LatentStore | None = None,
+               images_per_call: int = 1) -> EncodedSet:
     """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain (and mirrored) together, one
     image at a time (the VAE's fp32 activations at 1024² are gigabytes per image), the next images decoded
     meanwhile (:func:`ahead`); images ``store`` holds are read from it instead, the others kept there.
@@ -95,7 +96,13 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
         prefetch: images decoded ahead on worker threads (0: one by one, as before 2026-12-06's session 3).
         mirrored: also encode each image mirrored (training flips some examples); without flips half the encodes.
         store: latents kept on disk between runs (data/latent_store.py; None: encode every image).
+        images_per_call: images of one size per VAE call (the fit encodes one; ``benchmarks/prior_profile.py``
+            times more: the VAE's GroupNorms over 128 channels × 1024² run 32 blocks per image). A batch rounds
+            unlike a single image, and the store's key does not say how many, so it takes no store.
     """
+    if images_per_call != 1 and store is not None:
+        raise ValueError("encode_set: a latent store is keyed for one image per VAE call; images_per_call "
+                         f"{images_per_call} would mix other roundings into it")
     originals, entries, ids, work = {}, {}, {}, []
     for i, path in enumerate(images.paths):
         got = None
@@ -113,22 +120,39 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
     # images took 0.059 s/image on an H100 with a copy back after each). Short of memory (``one_per_call``), each
     # image's moments leave the GPU at once, as before.
     overlap = device.type == "cuda" and not one_per_call
-    queued = []
+    queued, pending = [], []  # encoded moments to settle; images waiting to fill a VAE call
+
+    def encode(units: list) -> None:  # units: (i, size, original, pixels [k, 3, h, w], crops), one size
+        # each unit copied up on its own (a host-side cat would not be pinned); the dtype cast after the copy, on
+        # the device: the same rounding as the host's (to nearest even)
+        up = [u[3].to(device, non_blocking=overlap) for u in units]
+        pixels = (up[0] if len(up) == 1 else torch.cat(up)).to(vae.dtype)
+        with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call, unless short
+            dists = [vae.encode(x).latent_dist for x in (pixels.split(1) if one_per_call else (pixels,))]
+        mean, std = (torch.cat([getattr(d, k).float() for d in dists]) for k in ("mean", "std"))
+        k = units[0][3].shape[0]
+        for j, (i, size, original, _, crops) in enumerate(units):
+            item = (i, size, original, mean[j * k:(j + 1) * k], std[j * k:(j + 1) * k], crops)
+            if overlap:
+                queued.append(item)
+            else:
+                _settle(item, entries, store, ids)
+
     with quiet_bombs():  # once, here: the worker threads decode under it (images.quiet_bombs)
-        prepared_ahead = ahead(lambda i: _prepared(images.paths[i], sizes[i], mirrored, pin=overlap), work, prefetch)
+        prepared_ahead = ahead(lambda i: _prepared(images.paths[i], sizes[i], mirrored, pin=overlap), work,
+                               max(prefetch, images_per_call) if prefetch else 0)
         for i, (original, prepared) in zip(work, prepared_ahead):
             for size, pixels, crops in prepared:
-                with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call, unless short
-                    # the dtype cast after the copy, on the device: the same rounding as the host's (to nearest even)
-                    dists = [vae.encode(x.to(device, non_blocking=overlap).to(vae.dtype)).latent_dist
-                             for x in (pixels.split(1) if one_per_call else (pixels,))]
-                mean, std = (torch.cat([getattr(d, k).float() for d in dists]) for k in ("mean", "std"))
-                item = (i, size, original, mean, std, crops)
-                if overlap:
-                    queued.append(item)
-                else:
-                    _settle(item, entries, store, ids)
+                if pending and pending[0][1] != size:
+                    encode(pending)
+                    pending = []
+                pending.append((i, size, original, pixels, crops))
+                if len(pending) == images_per_call:
+                    encode(pending)
+                    pending = []
             originals[i] = original
+        if pending:
+            encode(pending)
     for item in queued:
         _settle(item, entries, store, ids)
     return EncodedSet(images, torch.tensor([originals[i] for i in range(len(images.paths))]), entries)
