@@ -22,8 +22,8 @@ from dreambooth_pl.prior_sampler import PriorSampler  # noqa: E402
 
 
 def default_switches() -> dict:
-    """The default sampler's GEGLU on this machine (prior_sampler.default_fused_geglu)."""
-    from dreambooth_pl.prior_sampler import default_fused_geglu
+    """The default sampler's GEGLU on this machine (prior_defaults.default_fused_geglu)."""
+    from dreambooth_pl.prior_defaults import default_fused_geglu
 
     return {"fused_geglu": default_fused_geglu(torch.device("cuda"), False, "float16")}
 

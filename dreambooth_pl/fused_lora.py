@@ -27,9 +27,8 @@ import torch
 # id(parameter) -> its half-precision copy for the current UNet call (half_adapters; for LoRA's B the copy is Bᵀ);
 # empty outside that call
 _HALF: dict[int, torch.Tensor] = {}
-# grouped projections (fuse_lora_layers(group_qkv=True)): to_q -> (to_k, to_v), or a cross-attention's
-# to_k -> (to_v,); a sibling -> (its input, its output) that
-# the group's node computed with to_q's call, handed out when the sibling is called on that same tensor
+# grouped projections (fuse_lora_layers(group_qkv=True)): to_q -> (to_k, to_v), a cross-attention's to_k -> (to_v,);
+# a sibling -> (its input, its output) from its group's node, handed out when it is called on that same tensor
 _GROUPS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _PENDING: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 

@@ -99,7 +99,10 @@ class DreamBoothLoRA(L.LightningModule):
 
     def configure_model(self) -> None:
         """Load the base and inject adapters (model_setup.py); Lightning calls this after the data is validated."""
-        if self.unet is not None:
+        if self.unet is not None:  # loaded already: a base a prior draw left (base_handoff.py) has no taker
+            from .base_handoff import release
+
+            release()
             return
         hp = self.hparams
         if hp.pivotal is not None:

@@ -30,42 +30,13 @@ import torch
 from .block_ops import fuse_geglu
 from .graphs import GraphedForward
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions, fuse_attention
+from .prior_defaults import default_dtype, default_vae_dtype, fused_geglu_for, sampler_device
 from .sampling import SAMPLER, make_scheduler
-from .sdxl import DTYPES, dtype_name, has_bf16, load_parts, load_vae, resolve_base, unscale_latents
+from .sdxl import DTYPES, dtype_name, load_parts, load_vae, resolve_base, unscale_latents
 
 
 UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")  # the UNet's repeated blocks (perf.BLOCKS less CLIP's)
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for ``compile_blocks``; the CPU tests use a cheaper one
-
-
-def default_dtype(device: torch.device) -> str:
-    """The UNet's and text encoders' dtype: the pipeline's fp16 on a GPU (the same images), fp32 on a CPU."""
-    return "float16" if device.type == "cuda" else "float32"
-
-
-def sampler_device(device: Optional[str]) -> torch.device:
-    """Where a :class:`PriorSampler` draws: ``device``, else CUDA when available, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def default_fused_geglu(device: torch.device, compile_blocks: bool, base_dtype: str) -> bool:
-    """Whether the sampler fuses its GEGLUs by default: on a GPU, with an fp16 base and no compiled blocks (which
-    fuse it themselves; a quantized base's projections are not plain linears). The prior cache keys on it."""
-    from .block_ops import can_compile
-
-    return can_compile(device) and not compile_blocks and base_dtype == "float16"
-
-
-def fused_geglu_for(asked: Optional[bool], device: torch.device, compile_blocks: bool, base_dtype: str) -> bool:
-    """Whether a sampler runs the one-kernel GEGLU: ``asked``, else :func:`default_fused_geglu` (one rule for the
-    sampler and the prior cache's key)."""
-    return default_fused_geglu(device, compile_blocks, base_dtype) if asked is None else asked
-
-
-def default_vae_dtype(device: torch.device, dtype: str) -> str:
-    """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
-    VAE is then upcast to fp32, as the pipeline does)."""
-    return "bfloat16" if has_bf16(device) else dtype
 
 
 class PriorSampler:
@@ -74,8 +45,8 @@ class PriorSampler:
     Args:
         base: SDXL pipeline folder or hub id.
         scheduler: a key of ``sampling.SCHEDULERS``.
-        dtype: weights dtype of the UNet and text encoders (None: :func:`default_dtype`).
-        vae_dtype: the VAE's (None: :func:`default_vae_dtype`).
+        dtype: weights dtype of the UNet and text encoders (None: ``prior_defaults.default_dtype``).
+        vae_dtype: the VAE's (None: ``prior_defaults.default_vae_dtype``).
         device: cuda, cpu, ... (None: CUDA when available).
         vae: a separate VAE folder.
         batch_size: images per UNet batch (fixed: the last batch is padded).
@@ -95,7 +66,7 @@ class PriorSampler:
         park_text_encoders: keep the text encoders on the CPU except while encoding a prompt (see the module
             docstring); a no-op on a CPU device.
         fused_geglu: one compiled kernel for each GEGLU activation (see the module docstring; None:
-            :func:`default_fused_geglu`).
+            ``prior_defaults.default_fused_geglu``).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
@@ -117,10 +88,10 @@ class PriorSampler:
         vae_dtype = DTYPES[vae_dtype or default_vae_dtype(self.device, dtype)]
         self._base = None  # (root, vae, the VAE's load dtype) when load_parts read the parts (leave_base hands them on)
         if base_dtype == "float16" and not park_text_encoders:
-            # each weight read from its file straight onto the GPU (sdxl.load_parts): the pipeline's own loading
-            # builds every part on the host first (6.1 s against 3.2 s on an H100, BENCHMARKS.md 2026-12-06); the
-            # VAE straight into its decode dtype (an fp16 one is upcast below, as the pipeline does). Quantizing
-            # and parking start from the host copy.
+            # each weight read from its file straight onto the device (sdxl.load_parts): the pipeline's own
+            # loading builds every part on the host first (6.1 s against 3.2 s on an H100, BENCHMARKS.md
+            # 2026-12-06); the VAE straight into its decode dtype (reads_vae_direct; an fp16 one is upcast below,
+            # as the pipeline does). Quantizing and parking start from the pipeline's host copy.
             p = load_parts(base, vae, self.dtype, self.device, vae_dtype=vae_dtype)
             extra = dict(unet=p.unet, vae=p.vae, text_encoder=p.text_encoder, text_encoder_2=p.text_encoder_2,
                          tokenizer=p.tokenizer, tokenizer_2=p.tokenizer_2)
@@ -170,8 +141,8 @@ class PriorSampler:
         from . import base_handoff
         from .block_ops import unfuse_blocks
 
-        if self._base is None or self.fuse_qkv or self.compiled_blocks:
-            return False
+        if self._base is None or self.pipe is None or self.fuse_qkv or self.compiled_blocks:
+            return False  # (pipe None: left already)
         pipe, (root, vae, vae_loaded) = self.pipe, self._base
         self._graphs.clear()  # their pools and static buffers go back with the sampler's memory
         unfuse_blocks(pipe.unet)

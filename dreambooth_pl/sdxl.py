@@ -139,7 +139,8 @@ def load_parts(base: str, vae: str | None = None, dtype: torch.dtype = torch.flo
                device: torch.device | str | None = None, vae_dtype: torch.dtype | None = None,
                text_fp32_host: bool = False) -> SDXLParts:
     """Load tokenizers, text encoders, VAE and UNet of an SDXL base (frozen, eval mode), each weight read from its
-    file straight into ``dtype`` on ``device``: no fp32 copy on the host of an fp16 base.
+    file straight into ``dtype`` on ``device``: no fp32 copy on the host of an fp16 base. A part that a fit's prior
+    draw left with the same key (base_handoff.py) is taken instead of read; every other left part is released first.
 
     Args:
         base: local folder or hub id (see :func:`resolve_base`).

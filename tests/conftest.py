@@ -25,12 +25,24 @@ def tiny_base(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def prior_cache_in_tmp(tmp_path_factory):
-    """The shared class-prior cache (data/prior_cache.py) in this session's temporary folder, not the home's."""
-    from dreambooth_pl.data import prior_cache
+    """The shared class-prior cache (data/prior_cache.py) and the GPU's default latent store
+    (``data.latent_cache: auto``, data/latent_store.py) in this session's temporary folder, not the home's: a GPU
+    test's peak or encode count must not depend on what an earlier session stored."""
+    from dreambooth_pl.data import latent_store, prior_cache
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(prior_cache, "PRIOR_CACHE", str(tmp_path_factory.mktemp("prior-cache")))
+        mp.setattr(latent_store, "LATENT_CACHE", str(tmp_path_factory.mktemp("latent-cache")))
         yield
+
+
+@pytest.fixture(autouse=True)
+def no_base_left_behind():
+    """A test that drew class priors in-process and never loaded the base again leaves the next test nothing."""
+    yield
+    from dreambooth_pl import base_handoff
+
+    base_handoff.release()
 
 
 @pytest.fixture(scope="session", autouse=True)

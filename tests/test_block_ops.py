@@ -208,7 +208,7 @@ def test_the_activation_is_compiled_only_on_a_gpu_with_triton(monkeypatch):
     import torch.utils._triton as triton_utils
 
     from dreambooth_pl import block_ops
-    from dreambooth_pl.prior_sampler import default_fused_geglu
+    from dreambooth_pl.prior_defaults import default_fused_geglu
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(triton_utils, "has_triton", lambda: False)

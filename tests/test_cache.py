@@ -196,19 +196,24 @@ def test_without_flips_only_the_plain_latents_are_encoded(setup):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_encodes_queued_without_syncs_equal_one_image_at_a_time(tiny_base, subject_dirs):
-    """On a GPU with room the cache copies the pinned pixels up asynchronously and keeps the moments there until
-    the set is done; the latents are the ones a synchronous encode of each image gives (the same kernels, so bit
-    equal), and the host moments come back for every image."""
+def test_gpu_encodes_queued_without_syncs_equal_one_image_at_a_time(tiny_base, subject_dirs, tmp_path):
+    """On a GPU with room the cache copies pinned pixels up and the moments back asynchronously; the latents are
+    the ones a synchronous encode of each image gives (the same kernels, so bit equal), they reach the host for
+    every image, and a latent store written that way reads back the same."""
     from dreambooth_pl.data.datasets import ImageSet
     from dreambooth_pl.data.encode import _prepared, encode_set
     from dreambooth_pl.data.images import list_images
+    from dreambooth_pl.data.latent_store import open_store
     from dreambooth_pl.sdxl import load_vae
 
     vae = load_vae(tiny_base, torch.bfloat16).to("cuda")
     paths = tuple(list_images(subject_dirs[0], "instance")) + tuple(list_images(subject_dirs[1], "class"))
-    images = ImageSet(paths, "p")
-    got = encode_set(vae, images, [[(64, 64)]] * len(paths), mirrored=True)
+    images, sizes = ImageSet(paths, "p"), [[(64, 64)]] * len(paths)
+    assert _prepared(paths[0], [(64, 64)], pin=True)[1][0][1].is_pinned()  # what makes the copy asynchronous
+    store = open_store(str(tmp_path / "latents"), tiny_base + "/vae", vae, False)
+    got = encode_set(vae, images, sizes, mirrored=True, store=store)
+    again = encode_set(vae, images, sizes, mirrored=True, store=store)
+    assert store.misses == len(paths) and store.hits == len(paths)  # written by the first, read by the second
     for i, path in enumerate(paths):
         _, [(size, pixels, _)] = _prepared(path, [(64, 64)])
         with torch.no_grad():
@@ -216,6 +221,7 @@ def test_gpu_encodes_queued_without_syncs_equal_one_image_at_a_time(tiny_base, s
         e = got.entries[(i, (64, 64))]
         assert e.mean.device.type == "cpu" and torch.equal(e.mean, dist.mean.float().cpu())
         assert torch.equal(e.std, dist.std.float().cpu())
+        assert torch.equal(again.entries[(i, (64, 64))].mean, e.mean)
 
 
 def test_several_images_per_vae_call_give_one_images_latents(setup):

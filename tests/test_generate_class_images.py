@@ -131,7 +131,7 @@ def test_gpu_draws_with_the_one_kernel_geglu_get_their_own_key(tmp_path, monkeyp
     import torch
 
     from dreambooth_pl.data.prior_cache import prior_key
-    from dreambooth_pl.prior_sampler import default_fused_geglu
+    from dreambooth_pl.prior_defaults import default_fused_geglu
 
     import dreambooth_pl.block_ops as block_ops
 
@@ -151,3 +151,29 @@ def test_gpu_draws_with_the_one_kernel_geglu_get_their_own_key(tmp_path, monkeyp
     args = (str(base), None, "a photo of dog", None, "euler", 25, 5.0, 1024, 1024)
     assert prior_key(*args, fused_geglu=True) == dict(prior_key(*args), fused_geglu=True)
     assert "fused_geglu" not in prior_key(*args, fused_geglu=False)
+
+
+def test_gpu_draws_that_read_the_vae_straight_into_bf16_get_their_own_key(tmp_path, monkeypatch):
+    """Since the sampler hands its VAE to training it reads it straight into its bf16 decode dtype, where it went
+    through the UNet's fp16 before: an fp32 VAE file then decodes at another rounding, so those draws key apart;
+    draws whose VAE dtype is the UNet's (a CPU, a GPU without bf16) and quantized or parked bases keep their keys."""
+    import torch
+
+    import dreambooth_pl.prior_defaults as pd
+    from dreambooth_pl.data.prior_cache import prior_key
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(pd, "has_bf16", lambda device: device.type == "cuda")
+    assert pd.reads_vae_direct(cuda, None, None, "float16", False)
+    assert not any((pd.reads_vae_direct(cpu, None, None, "float16", False),
+                    pd.reads_vae_direct(cuda, None, None, "float8", False),
+                    pd.reads_vae_direct(cuda, None, None, "float16", True),
+                    pd.reads_vae_direct(cuda, "bfloat16", None, "float16", False)))
+    monkeypatch.setattr(pd, "has_bf16", lambda device: False)  # a T4: fp16 UNet and VAE (upcast), as before
+    assert not pd.reads_vae_direct(cuda, None, None, "float16", False)
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "unet" / "w.safetensors").write_bytes(b"1")
+    args = (str(base), None, "a photo of dog", None, "euler", 25, 5.0, 1024, 1024)
+    assert prior_key(*args, vae_direct=True) == dict(prior_key(*args), vae_direct=True)
+    assert "vae_direct" not in prior_key(*args)

@@ -17,7 +17,7 @@ LAYERS = [
     ["adapter.value"],
     ["adapter.base", "adapter.diffusers_layout", "adapter.kohya_layout"],
     ["adapter.files", "adapter.checkpoint", "adapter.apply"],
-    ["sampling", "runs", "settings"],
+    ["sampling", "runs", "settings", "prior_defaults"],
     ["data", "memory_plan", "quant", "prior_sampler", "validation"],
     ["module", "model_setup", "callbacks"],
     ["cli"],

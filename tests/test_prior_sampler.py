@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dreambooth_pl.perf import fuse_attention
-from dreambooth_pl.prior_sampler import PriorSampler, default_dtype
+from dreambooth_pl.prior_defaults import default_dtype
+from dreambooth_pl.prior_sampler import PriorSampler
 
 SIZE, STEPS = 64, 3
 

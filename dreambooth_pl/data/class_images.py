@@ -43,7 +43,7 @@ class ClassImageSettings:
         park_text_encoders: keep the text encoders on the CPU except while they encode the prompt (prior_sampler.py),
             so the denoising peak holds the UNet and VAE only (an 8 GB card); the images do not change.
         fused_geglu: run each GEGLU as two GEMMs and one compiled activation (None: on a GPU with Triton and an
-            fp16 base, ``prior_sampler.default_fused_geglu``). It rounds once where diffusers rounds twice, so it
+            fp16 base, ``prior_defaults.default_fused_geglu``). It rounds once where diffusers rounds twice, so it
             is part of the prior cache's key: ``false`` keeps reusing class images drawn before it was the default.
     """
 
@@ -62,7 +62,7 @@ class ClassImageSettings:
 
 def fuses_geglu(s: ClassImageSettings, device) -> bool:
     """Whether the sampler of ``s`` on ``device`` runs the one-kernel GEGLU (the prior cache keys on it)."""
-    from ..prior_sampler import fused_geglu_for
+    from ..prior_defaults import fused_geglu_for
 
     return fused_geglu_for(s.fused_geglu, device, s.compile_blocks, s.base_dtype)
 
@@ -125,7 +125,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     from ..io import clean_stale_temps, ensure_writable, read_json, write_json
     from ..sampling import check_size
     from ..sdxl import resolve_base
-    from ..prior_sampler import sampler_device
+    from ..prior_defaults import reads_vae_direct, sampler_device
     from .prior_cache import PRIOR_CACHE, PriorCache, native_size, prior_key
 
     s = settings or ClassImageSettings()
@@ -145,9 +145,10 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
         return f"{folder}: {num} class image(s) present, nothing to do"
     root = resolve_base(base)
     size = s.resolution or native_size(root)
-    fused = fuses_geglu(s, sampler_device(device))
+    dev = sampler_device(device)
     key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
-                    s.base_dtype, s.vae_tiling, s.compile_blocks, fused)
+                    s.base_dtype, s.vae_tiling, s.compile_blocks, fuses_geglu(s, dev),
+                    reads_vae_direct(dev, dtype, None, s.base_dtype, s.park_text_encoders))
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)

@@ -121,6 +121,17 @@ class DreamBoothDataModule(L.LightningDataModule):
                                           crops.bucket_max_ratio)
         if priors.enabled and priors.generate:
             self._generate_class_images()
+        try:
+            self._find_priors(held_inst)
+        except BaseException:  # the base the draw left for configure_model would stay on the device, unowned
+            from ..base_handoff import release
+
+            release()
+            raise
+
+    def _find_priors(self, held_inst) -> None:
+        """The class images (checked, some held out), the image counts, and the held-out set."""
+        hp, photos, priors = self.hparams, self.photos, self.priors
         if priors.enabled:
             try:
                 cls = list_images(priors.dir, "class")

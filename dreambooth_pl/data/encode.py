@@ -100,6 +100,8 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
             times more: the VAE's GroupNorms over 128 channels × 1024² run 32 blocks per image). A batch rounds
             unlike a single image, and the store's key does not say how many, so it takes no store.
     """
+    if images_per_call < 1:
+        raise ValueError(f"encode_set: images_per_call is at least 1, got {images_per_call}")
     if images_per_call != 1 and store is not None:
         raise ValueError("encode_set: a latent store is keyed for one image per VAE call; images_per_call "
                          f"{images_per_call} would mix other roundings into it")
@@ -115,12 +117,12 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
         originals[i], found = got
         entries.update({(i, size): Encoded(*moments) for size, moments in found.items()})
     device = next(vae.parameters()).device
-    # on a GPU with room the pixels go up pinned and asynchronously and the moments stay there until the set is
-    # done: the host never waits for an encode, so the GPU does not idle between images (the bf16 cache's 202
-    # images took 0.059 s/image on an H100 with a copy back after each). Short of memory (``one_per_call``), each
-    # image's moments leave the GPU at once, as before.
+    # on a GPU with room the pixels go up pinned and asynchronously and the moments come back the same way: the
+    # host never waits for an encode, so the GPU does not idle between images (the bf16 cache's 202 images took
+    # 0.059 s/image on an H100 with a blocking copy back after each). Short of memory (``one_per_call``), each
+    # image's moments come back at once, as before.
     overlap = device.type == "cuda" and not one_per_call
-    queued, pending = [], []  # encoded moments to settle; images waiting to fill a VAE call
+    queued, pending = [], []  # (encoded moments, their copy's event) to settle; images waiting to fill a VAE call
 
     def encode(units: list) -> None:  # units: (i, size, original, pixels [k, 3, h, w], crops), one size
         # each unit copied up on its own (a host-side cat would not be pinned); the dtype cast after the copy, on
@@ -130,13 +132,20 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
         with torch.autocast(device.type, enabled=False):  # plain and mirrored in one call, unless short
             dists = [vae.encode(x).latent_dist for x in (pixels.split(1) if one_per_call else (pixels,))]
         mean, std = (torch.cat([getattr(d, k).float() for d in dists]) for k in ("mean", "std"))
+        done = None
+        if overlap:  # copied back in the stream's order into pinned memory, read once the copy has landed
+            mean, std = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                         for t in (mean, std))
+            done = torch.cuda.Event()
+            done.record()
         k = units[0][3].shape[0]
         for j, (i, size, original, _, crops) in enumerate(units):
             item = (i, size, original, mean[j * k:(j + 1) * k], std[j * k:(j + 1) * k], crops)
-            if overlap:
-                queued.append(item)
-            else:
-                _settle(item, entries, store, ids)
+            queued.append((item, done))
+        # every image whose copy has landed is kept now (an interrupted cache keeps what it encoded); the host
+        # never waits for the GPU here
+        while queued and (queued[0][1] is None or queued[0][1].query()):
+            _settle(queued.pop(0)[0], entries, store, ids)
 
     with quiet_bombs():  # once, here: the worker threads decode under it (images.quiet_bombs)
         prepared_ahead = ahead(lambda i: _prepared(images.paths[i], sizes[i], mirrored, pin=overlap), work,
@@ -153,13 +162,14 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
             originals[i] = original
         if pending:
             encode(pending)
-    for item in queued:
+    for item, done in queued:  # the copies still in flight (on a GPU)
+        done.synchronize()
         _settle(item, entries, store, ids)
     return EncodedSet(images, torch.tensor([originals[i] for i in range(len(images.paths))]), entries)
 
 
 def _settle(item: tuple, entries: dict, store: LatentStore | None, ids: dict) -> None:
-    """One encoded image's moments copied to the host into ``entries`` (and kept in ``store``)."""
+    """One encoded image's moments on the host (copied there if they are not) into ``entries`` (and ``store``)."""
     i, size, original, mean, std, crops = item
     e = entries[(i, size)] = Encoded(mean.cpu(), std.cpu(), crops)
     if store is not None:

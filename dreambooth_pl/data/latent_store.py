@@ -8,11 +8,13 @@ One entry is one image at one size in one orientation set, ``<content sha>-<h>x<
 ``original_size``. Plain and plain + mirrored are separate entries: the pair is one VAE batch, whose plain row
 rounds unlike a batch of one. The image enters by its bytes, so a class image linked from the prior cache or a
 renamed copy hits its entry, and an edited one misses. The entries live in a folder named by what else decides
-the numbers: the VAE's weight files and config, its dtype, the float32 matmul precision, the device (a GPU's
-name; a CPU's kernel family and thread count), torch's, cuDNN's, torchvision's and Pillow's versions, one image per VAE call or the pair, and :data:`FORMAT`
+the numbers: the VAE's weight files and config, its dtype, the float32 matmul precision and the algorithm modes
+(deterministic, cuDNN's), the device (a GPU's name; a CPU's kernel family and thread count), torch's, cuDNN's, torchvision's and Pillow's versions, one image per VAE call or the pair, and :data:`FORMAT`
 (the crop code's and the file's layout). So latents read back equal a fresh encode there, and a resumed run stays
 exact. Files are read through safetensors (no pickle) and checked; one that is not a valid entry is encoded again.
-Rank 0 writes, atomically; a store that cannot be written is skipped with one warning. ``data.latent_cache: auto``
+Rank 0 writes, atomically; a store that cannot be written is skipped with one warning. An entry is 0.5 MB per
+1024² image (fp32 mean and std; 1 MB with the mirrored crop); nothing is evicted: deleting the folder (or one key's
+subfolder) only costs the next run its encode. ``data.latent_cache: auto``
 (the default) keeps the store under :data:`LATENT_CACHE` for runs that encode on a GPU (:func:`latent_root`).
 """
 from __future__ import annotations
@@ -63,6 +65,9 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dic
             "dtype": dtype_name(param.dtype), "matmul": torch.get_float32_matmul_precision(),
             "device": device, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
             "torchvision": torchvision.__version__, "pillow": PIL.__version__, "one_per_call": bool(one_per_call),
+            # the algorithm choices: Lightning's deterministic=True and cuDNN's modes pick other kernels
+            "algorithms": [torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                           torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32],
             "format": FORMAT}
 
 
