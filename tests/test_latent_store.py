@@ -169,3 +169,39 @@ def test_a_cpu_store_is_keyed_by_its_kernels_and_threads(vae):
         torch.set_num_threads(threads)
     assert key["device"].startswith("cpu ") and torch.backends.cpu.get_cpu_capability() in key["device"]
     assert key != other and {k for k in key if key[k] != other[k]} == {"device"}
+
+
+def test_entries_are_written_in_the_background_without_fsync_and_a_full_disk_warns_once(vae, tmp_path,
+                                                                                          monkeypatch):
+    """The cache's loop hands each entry to the store's writer thread (no fsync: a torn entry reads as invalid and
+    is encoded again); when the disk fills mid-set, one warning names the store after the set, the run keeps its
+    latents, and the entries written before stay readable."""
+    import errno
+    import threading
+
+    from conftest import make_subject_dirs
+    from dreambooth_pl.io import files
+
+    make_subject_dirs(tmp_path, 3)
+    paths = tuple(sorted((tmp_path / "class").iterdir()))
+    (tmp_path / "vae").mkdir()  # what the key fingerprints: not the folder the store fills
+    store = LatentStore(str(tmp_path / "store"), latent_key(str(tmp_path / "vae"), vae.vae, False))
+    entries, real = [], files.atomic_write
+
+    def fills_up(path, write, hint="", durable=True):
+        if path.suffix == ".safetensors":  # an entry (key.json is the folder's, written once, durably)
+            if len(entries) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            entries.append((durable, threading.current_thread().name))
+        return real(path, write, hint, durable)
+
+    monkeypatch.setattr(files, "atomic_write", fills_up)
+    with pytest.warns(UserWarning, match="data.latent_cache: cannot write .*No space left") as caught:
+        got = encode_set(vae.vae, ImageSet(paths, "p"), [[(32, 32)]] * len(paths), mirrored=False, store=store)
+    assert len(caught) == 1 and not store.write and len(got.entries) == len(paths) == 3
+    assert [d for d, _ in entries] == [False, False] and all(t.startswith("latent-store") for _, t in entries)
+    again = LatentStore(str(tmp_path / "store"), latent_key(str(tmp_path / "vae"), vae.vae, False))
+    read = encode_set(vae.vae, ImageSet(paths, "p"), [[(32, 32)]] * len(paths), mirrored=False, store=again)
+    assert again.hits == 2 and again.misses == 1
+    for key, e in got.entries.items():
+        assert torch.allclose(read.entries[key].mean, e.mean, rtol=1e-5, atol=1e-6)

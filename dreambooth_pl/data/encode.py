@@ -165,6 +165,8 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
     for item, done in queued:  # the copies still in flight (on a GPU)
         done.synchronize()
         _settle(item, entries, store, ids)
+    if store is not None:
+        store.flush()  # the entries are on disk (or one warning said why not) before the cache is used
     return EncodedSet(images, torch.tensor([originals[i] for i in range(len(images.paths))]), entries)
 
 

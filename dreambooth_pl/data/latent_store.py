@@ -12,7 +12,8 @@ the numbers: the VAE's weight files and config, its dtype, the float32 matmul pr
 (deterministic, cuDNN's), the device (a GPU's name; a CPU's kernel family and thread count), torch's, cuDNN's, torchvision's and Pillow's versions, one image per VAE call or the pair, and :data:`FORMAT`
 (the crop code's and the file's layout). So latents read back equal a fresh encode there, and a resumed run stays
 exact. Files are read through safetensors (no pickle) and checked; one that is not a valid entry is encoded again.
-Rank 0 writes, atomically; a store that cannot be written is skipped with one warning. An entry is 0.5 MB per
+Rank 0 writes, atomically, from one background thread and without fsync (a torn entry reads as invalid and is
+encoded again; a slow disk never holds up the cache); a store that cannot be written is skipped with one warning. An entry is 0.5 MB per
 1024² image (fp32 mean and std; 1 MB with the mirrored crop); nothing is evicted: deleting the folder (or one key's
 subfolder) only costs the next run its encode. ``data.latent_cache: auto``
 (the default) keeps the store under :data:`LATENT_CACHE` for runs that encode on a GPU (:func:`latent_root`).
@@ -84,6 +85,8 @@ class LatentStore(KeyedFolder):
         super().__init__(root, key)
         self.write = write
         self.hits = self.misses = 0  # images read whole from the store / encoded
+        self._writer = None  # one thread writes the entries: the cache's loop never waits for the disk
+        self._pending: list = []
 
     @staticmethod
     def content_id(path: str | Path) -> str:
@@ -134,8 +137,11 @@ class LatentStore(KeyedFolder):
 
     def save(self, image_id: str, original: tuple[int, int], size: Size, mean: torch.Tensor, std: torch.Tensor,
              crop_top_left: torch.Tensor) -> None:
-        """Keep one image's moments at ``size`` (CPU tensors; ``mean.shape[0]`` 2: with the mirrored crop); a store
-        that cannot be written is skipped after one warning: the run has the latents."""
+        """Keep one image's moments at ``size`` (CPU tensors; ``mean.shape[0]`` 2: with the mirrored crop), written
+        by a background thread (:meth:`flush` waits); a store that cannot be written is skipped after one warning:
+        the run has the latents."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from safetensors.torch import save
 
         from ..io import write_bytes
@@ -144,13 +150,34 @@ class LatentStore(KeyedFolder):
             return
         try:
             self.open()
-            write_bytes(self._path(image_id, size, mean.shape[0] == 2), save({
-                "mean": mean.contiguous(), "std": std.contiguous(), "crop_top_left": crop_top_left.contiguous(),
-                "original_size": torch.tensor(original, dtype=torch.int64)}))
         except OSError as err:
-            self.write = False
-            warnings.warn(f"data.latent_cache: cannot write {self.folder} ({err}); this run's latents are not kept.",
-                          stacklevel=2)
+            return self._give_up(err)
+        data = save({"mean": mean.contiguous(), "std": std.contiguous(), "crop_top_left": crop_top_left.contiguous(),
+                     "original_size": torch.tensor(original, dtype=torch.int64)})
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latent-store")
+        # no fsync: a torn entry is read as invalid and encoded again, and the rename keeps readers off partial files
+        self._pending.append(self._writer.submit(write_bytes, self._path(image_id, size, mean.shape[0] == 2), data,
+                                                 durable=False))
+
+    def flush(self) -> None:
+        """Wait for the entries being written; one warning if some could not be (a full disk)."""
+        pending, self._pending = self._pending, []
+        for done in pending:
+            err = done.exception()
+            if isinstance(err, OSError):
+                if self.write:
+                    self._give_up(err)
+            elif err is not None:
+                raise err
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
+
+    def _give_up(self, err: OSError) -> None:
+        self.write = False
+        warnings.warn(f"data.latent_cache: cannot write {self.folder} ({err}); this run's latents are not kept.",
+                      stacklevel=3)
 
 
 def open_store(value: Optional[str], vae_folder: str, vae: torch.nn.Module, one_per_call: bool,

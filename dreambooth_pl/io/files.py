@@ -76,13 +76,16 @@ def _write_error(path: Path, cause: OSError, hint: str, kind: str = "file") -> W
                                    + (f" and {hint}" if hint else "") + ".")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], hint: str = "") -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], hint: str = "",
+                 durable: bool = True) -> Path:
     """Call ``write(f)`` on a temp file beside ``path``, fsync it, give it the umask's mode, rename it over ``path``.
 
     Args:
         path: destination file; its folder is created if missing.
         write: fills the open binary file.
         hint: what to do after fixing a failed write (e.g. ``resume with --ckpt_path last``).
+        durable: fsync the file and its folder; false for a cache's entries, which a reader checks and rebuilds
+            (the rename alone keeps a reader from ever seeing half a file).
     Raises:
         WriteError: writing failed (full disk, read-only folder); the temp file is gone, ``path`` untouched.
     """
@@ -95,7 +98,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], hint
             sink = _Sink(f)
             write(sink)
             f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+            if durable:
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
             os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as e:
@@ -105,13 +109,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], hint
         if cause is None or isinstance(e, WriteError):
             raise
         raise _write_error(path, cause, hint) from e
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
     return path
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda f: f.write(data))
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (``durable``: see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(data), durable=durable)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
