@@ -61,5 +61,5 @@ def release() -> None:
 
 
 def waiting() -> list[tuple]:
-    """The keys of the parts left now (for tests and the fit's start-up line)."""
+    """The keys of the parts left now (what the tests check)."""
     return list(_left)

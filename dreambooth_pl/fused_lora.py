@@ -75,9 +75,9 @@ class _LoraLinear(torch.autograd.Function):
 
 class _LoraGroup(torch.autograd.Function):
     """Frozen linears + LoRA of ``n`` projections that share their input (q, k, v of self-attention; k, v of
-    cross-attention) in one node:
-    the down-projections are one ``[A_1; ...; A_n] xᵀ`` (one read of ``x`` instead of ``n``), the backward sums the
-    input gradients in place and computes every ``A`` gradient in one GEMM (Hu et al. 2021, eq. 3, per projection).
+    cross-attention) in one node: the down-projections are one ``[A_1; ...; A_n] xᵀ`` (one read of ``x`` instead of
+    ``n``), the backward sums the input gradients in place and computes every ``A`` gradient in one GEMM (Hu et al.
+    2021, eq. 3, per projection).
     ``tensors``: the ``n`` frozen weights, ``n`` biases (or None), ``n`` A and ``n`` Bᵀ, in the compute dtype;
     rank-r activations are ``[r, tokens]`` as in :class:`_LoraLinear`."""
 

@@ -153,7 +153,8 @@ def test_auto_keeps_latents_on_a_gpu_only_and_needs_no_base(tiny_base, subject_d
     dm = DreamBoothDataModule(photos, priors, resolution=32, base_model=tiny_base)
     dm.setup("fit")
     assert dm._latent_store(Encoders(vae.vae, (), ())) is None  # auto, encoding on the CPU
-    monkeypatch.setattr(latent_store, "latent_root", lambda value, device: "/tmp/gpu-like" if value == "auto" else value)
+    monkeypatch.setattr(latent_store, "latent_root",
+                        lambda value, device: "/tmp/gpu-like" if value == "auto" else value)
     assert dm._latent_store(Encoders(vae.vae, (), ())).folder.parent.as_posix() == "/tmp/gpu-like"
 
 

@@ -106,10 +106,12 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
         raise ValueError("encode_set: a latent store is keyed for one image per VAE call; images_per_call "
                          f"{images_per_call} would mix other roundings into it")
     originals, entries, ids, work = {}, {}, {}, []
+    if store is not None:  # every image's bytes hashed on worker threads (hashlib releases the GIL)
+        with ThreadPoolExecutor(max_workers=max(prefetch, 1), thread_name_prefix="cache-hash") as pool:
+            ids = dict(enumerate(pool.map(store.content_id, images.paths)))
     for i, path in enumerate(images.paths):
         got = None
         if store is not None:
-            ids[i] = store.content_id(path)
             got = store.lookup(ids[i], [tuple(size) for size in sizes[i]], mirrored)
         if got is None:
             work.append(i)

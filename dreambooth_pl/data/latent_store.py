@@ -9,14 +9,16 @@ One entry is one image at one size in one orientation set, ``<content sha>-<h>x<
 rounds unlike a batch of one. The image enters by its bytes, so a class image linked from the prior cache or a
 renamed copy hits its entry, and an edited one misses. The entries live in a folder named by what else decides
 the numbers: the VAE's weight files and config, its dtype, the float32 matmul precision and the algorithm modes
-(deterministic, cuDNN's), the device (a GPU's name; a CPU's kernel family and thread count), torch's, cuDNN's, torchvision's and Pillow's versions, one image per VAE call or the pair, and :data:`FORMAT`
-(the crop code's and the file's layout). So latents read back equal a fresh encode there, and a resumed run stays
-exact. Files are read through safetensors (no pickle) and checked; one that is not a valid entry is encoded again.
+(deterministic, cuDNN's), the device (a GPU's name; a CPU's kernel family and thread count), torch's, cuDNN's,
+torchvision's and Pillow's versions, one image per VAE call or the pair, and :data:`FORMAT` (the crop code's and
+the file's layout). So latents read back equal a fresh encode there, and a resumed run stays exact. Files are read
+through safetensors (no pickle) and checked; one that is not a valid entry is encoded again.
+
 Rank 0 writes, atomically, from one background thread and without fsync (a torn entry reads as invalid and is
-encoded again; a slow disk never holds up the cache); a store that cannot be written is skipped with one warning. An entry is 0.5 MB per
-1024² image (fp32 mean and std; 1 MB with the mirrored crop); nothing is evicted: deleting the folder (or one key's
-subfolder) only costs the next run its encode. ``data.latent_cache: auto``
-(the default) keeps the store under :data:`LATENT_CACHE` for runs that encode on a GPU (:func:`latent_root`).
+encoded again; a slow disk never holds up the cache); a store that cannot be written is skipped with one warning.
+An entry is 0.5 MB per 1024² image (fp32 mean and std; 1 MB with the mirrored crop); nothing is evicted: deleting
+the folder (or one key's subfolder) only costs the next run its encode. ``data.latent_cache: auto`` (the default)
+keeps the store under :data:`LATENT_CACHE` for runs that encode on a GPU (:func:`latent_root`).
 """
 from __future__ import annotations
 
@@ -58,9 +60,10 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dic
     param = next(vae.parameters())
     folder = Path(vae_folder).expanduser()
     configs = [folder / "config.json", folder / "vae" / "config.json"]
-    device = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else param.device.type
-    if param.device.type == "cpu":  # the CPU kernels (AVX-512 or AVX2) and their threads' split of a reduction
-        device = f"cpu {torch.backends.cpu.get_cpu_capability()} x{torch.get_num_threads()}"
+    kind = param.device.type
+    # a GPU by its name; a CPU by its kernels (AVX-512 or AVX2) and its threads' split of a reduction
+    device = torch.cuda.get_device_name(param.device) if kind == "cuda" else \
+        f"cpu {torch.backends.cpu.get_cpu_capability()} x{torch.get_num_threads()}" if kind == "cpu" else kind
     return {"vae": fingerprint(vae_folder),
             "config": [hashlib.sha256(p.read_bytes()).hexdigest() for p in configs if p.is_file()],
             "dtype": dtype_name(param.dtype), "matmul": torch.get_float32_matmul_precision(),

@@ -247,8 +247,8 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
             against 7.1 GiB whole-run peak for the recipe), so memory and warm-up are measured without it.
         memory_cap_gib: cap this process's CUDA allocations at this many GiB
             (``torch.cuda.set_per_process_memory_fraction``): an 8 GB card on a bigger one; past it the run fails.
-        again_steps: ``end-to-end`` only: time a second fit of this many
-            steps on the same class folder and stores (0: off; bench_user.end_to_end_benchmark).
+        again_steps: ``end-to-end`` only: time a second fit of this many steps on the same class folder and
+            stores (0: off; bench_user.end_to_end_benchmark).
     """
     from ..io import check_output_dir, check_output_file
 
