@@ -13,10 +13,11 @@ profile), and two patterns of SDXL's blocks double it under autocast:
 - **GEGLU** (Shazeer 2020, ``a · gelu(g)`` of one projection's two halves). ``chunk`` makes both halves strided,
   so diffusers' eager version runs gelu, the product and their backward as non-vectorised kernels and ends the
   backward with a ``cat`` (about 24 ms of a 150 ms step on an H200). :func:`fuse_geglu` computes the halves as
-  two GEMMs on the weight's row blocks, so both are contiguous, and the activation in one compiled kernel
-  forward and one backward (``torch.compile`` of the pointwise function alone: seconds to build, cached between
-  runs), on CUDA; elsewhere the same formula runs eagerly. Compiling diffusers' strided form instead gave a
-  backward kernel of 178 us per block (H200 profile, BENCHMARKS.md).
+  two GEMMs on the weight's row blocks, so both are contiguous, and the activation in one hand-written Triton
+  kernel forward and one backward (geglu_kernel.py: shape-generic, so nothing is compiled per batch or bucket, and
+  no Inductor start-up lands in a run's first step), on a CUDA device with Triton; elsewhere the same formula runs
+  eagerly. Compiling diffusers' strided form instead gave a backward kernel of 178 us per block (H200 profile,
+  BENCHMARKS.md).
 
 Both are instance attributes on the modules (``perf.fused_blocks``); weights and state dicts are untouched.
 """
@@ -51,42 +52,41 @@ def half_norms(model: torch.nn.Module) -> int:
 
 
 def gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``a · gelu(g)`` of two contiguous tensors: the kernel :func:`fuse_geglu` compiles (one pass forward, one
-    backward writing both gradients)."""
+    """``a · gelu(g)`` of two contiguous tensors: the formula geglu_kernel.py computes in one pass (forward) and
+    one pass writing both gradients (backward)."""
     return a * F.gelu(g)
 
 
-def gated_gelu_fixed(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """:func:`gated_gelu` for the prior sampler's fixed batches: its own code object, so its compiled shapes do
-    not count against the training activation's recompile limit (dynamo keys both on the function's code)."""
-    return a * F.gelu(g)
-
-
-COMPILE_ON = ("cuda",)  # devices whose activation is compiled (Inductor's Triton kernels); elsewhere eager
-BACKEND = "inductor"
-_compiled: dict[bool, object] = {}
+KERNEL_ON = ("cuda",)  # devices whose activation runs geglu_kernel.py's Triton kernels; elsewhere eager
+_kernel_failed: list[str] = []  # the first launch's error, where Triton could not build the kernel here
 
 
 def can_compile(device: torch.device) -> bool:
-    """Whether the activation is compiled on ``device``: a GPU with Triton installed (Inductor's GPU kernels need
-    it; without it the same formula runs eagerly)."""
+    """Whether the activation runs as the Triton kernels on ``device``: a GPU with Triton installed (without it
+    the same formula runs eagerly)."""
     from torch.utils._triton import has_triton
 
-    return device.type in COMPILE_ON and has_triton()
+    return device.type in KERNEL_ON and has_triton() and not _kernel_failed
 
 
-def _gated_gelu(a: torch.Tensor, g: torch.Tensor, fixed_shapes: bool = False) -> torch.Tensor:
-    # sampling in training (validation grids): shapes vary and it is not the hot path; the prior sampler's fixed
-    # batches are (``fixed_shapes``)
+def _gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     # inside a compiled region (compile_blocks) Inductor fuses the formula itself, and nothing here is traced
-    if torch.compiler.is_compiling() or not (fixed_shapes or torch.is_grad_enabled()) or not can_compile(a.device):
+    if torch.compiler.is_compiling() or not can_compile(a.device) or a.shape != g.shape or a.dtype != g.dtype \
+            or not (a.is_contiguous() and g.is_contiguous()):
         return gated_gelu(a, g)
-    if fixed_shapes not in _compiled:  # one small pointwise graph per shape; Inductor's caches keep it across runs
-        # no fullgraph: past dynamo's recompile limit (8 shapes, e.g. many aspect buckets) a new shape runs
-        # eagerly instead of failing the fit
-        _compiled[fixed_shapes] = torch.compile(gated_gelu_fixed if fixed_shapes else gated_gelu, dynamic=False,
-                                                backend=BACKEND)
-    return _compiled[fixed_shapes](a, g)
+    from . import geglu_kernel
+
+    try:
+        return geglu_kernel.gated_gelu(a, g)
+    except Exception as err:  # a Triton that cannot build the kernel: the eager formula, not a failed fit
+        if a.is_cuda and torch.cuda.is_current_stream_capturing():  # no eager fallback inside a capture
+            raise
+        import warnings
+
+        _kernel_failed.append(str(err))
+        warnings.warn(f"perf.fused_blocks: the Triton GEGLU kernel failed ({str(err).splitlines()[0][:200]}); "
+                      "the activation runs eagerly.", stacklevel=2)
+        return gated_gelu(a, g)
 
 
 def _halves(proj: torch.nn.Linear, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,32 +103,20 @@ def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     return _gated_gelu(*_halves(self.proj, hidden_states))
 
 
-def _geglu_forward_fixed(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if type(self.proj) is not torch.nn.Linear:
-        return type(self).forward(self, hidden_states, *args, **kwargs)
-    return _gated_gelu(*_halves(self.proj, hidden_states), fixed_shapes=True)
-
-
-def fuse_geglu(model: torch.nn.Module, fixed_shapes: bool = False) -> int:
-    """Route every diffusers ``GEGLU`` of ``model`` through the split projection and the one-kernel activation.
-    Returns the count.
-
-    Args:
-        model: the UNet.
-        fixed_shapes: also compile the activation without autograd (the prior sampler: every batch has one shape,
-            so one kernel per width serves the whole draw); otherwise only training steps use the compiled kernel.
-    """
+def fuse_geglu(model: torch.nn.Module) -> int:
+    """Route every diffusers ``GEGLU`` of ``model`` through the split projection and the one-kernel activation
+    (with and without autograd: training steps, validation grids and the prior sampler alike). Returns the count."""
     from diffusers.models.activations import GEGLU
 
     layers = [m for m in model.modules() if type(m) is GEGLU]
     for m in layers:
-        m.forward = types.MethodType(_geglu_forward_fixed if fixed_shapes else _geglu_forward, m)
+        m.forward = types.MethodType(_geglu_forward, m)
     return len(layers)
 
 
 def unfuse_blocks(model: torch.nn.Module) -> int:
     """Undo :func:`half_norms` and :func:`fuse_geglu`. Returns the number of modules restored."""
-    patched = (_half_norm, _geglu_forward, _geglu_forward_fixed)
+    patched = (_half_norm, _geglu_forward)
     mods = [m for m in model.modules() if getattr(vars(m).get("forward"), "__func__", None) in patched]
     for m in mods:
         del m.forward

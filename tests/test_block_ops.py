@@ -2,6 +2,10 @@
 gradients), fall back where they cannot apply, and leave the weights alone."""
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -130,7 +134,7 @@ def test_tiny_unet_with_fused_blocks_matches_eager_under_autocast(tiny_base):
 
 @pytest.mark.gpu
 def test_compiled_geglu_equals_eager_on_gpu_and_in_a_cuda_graph():
-    """SDXL's widest GEGLU (2 x 1024 tokens, 1280 -> 2 x 5120) in bf16: the compiled kernel equals the eager
+    """SDXL's widest GEGLU (2 x 1024 tokens, 1280 -> 2 x 5120) in bf16: the Triton kernels equal the eager
     formula in values and gradients, and replays from a CUDA graph."""
     from dreambooth_pl.block_ops import _gated_gelu
 
@@ -181,29 +185,68 @@ def test_fast_kernels_fit_on_cpu_under_bf16(tiny_base, subject_dirs, tmp_path):
     assert unfuse_blocks(cli.model.unet) > 0  # the switch reached the trained UNet
 
 
-def test_compiled_activation_survives_more_shapes_than_the_recompile_limit(monkeypatch):
-    """Aspect buckets give the GEGLU many shapes: past dynamo's recompile limit the activation runs eagerly instead
-    of failing the fit (with ``fullgraph`` the 9th shape raised). Compiled here with the eager backend on the CPU."""
+@pytest.fixture
+def interpreted_kernel(monkeypatch):
+    """geglu_kernel.py imported afresh under Triton's interpreter (``TRITON_INTERPRET=1``), which runs the kernels
+    on CPU tensors; block_ops' own import of it is this module for the test."""
+    import dreambooth_pl
     from dreambooth_pl import block_ops
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    name = "dreambooth_pl.geglu_kernel"
+    spec = importlib.util.spec_from_file_location(name, Path(block_ops.__file__).with_name("geglu_kernel.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(dreambooth_pl, "geglu_kernel", mod, raising=False)
     monkeypatch.setattr(block_ops, "can_compile", lambda device: True)
-    monkeypatch.setattr(block_ops, "BACKEND", "eager")
-    monkeypatch.setattr(block_ops, "_compiled", {})
-    torch._dynamo.reset()
-    for n in range(1, 13):
-        a, g = torch.randn(n, 6, requires_grad=True), torch.randn(n, 6, requires_grad=True)
+    return mod
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_triton_geglu_kernel_gives_the_formulas_values_and_gradients(interpreted_kernel, dtype, tol):
+    """The Triton kernels (run by the interpreter) against the eager formula in fp32, over shapes that are no
+    multiple of the block and one that is: values and both gradients, through block_ops' activation. One kernel
+    serves every shape (aspect buckets): nothing is compiled per shape, so no recompile limit applies."""
+    from dreambooth_pl import block_ops
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1, 7, 9), (2, 33, 64), (4, 1024)]:
+        a = torch.randn(shape, generator=gen).to(dtype).requires_grad_(True)
+        g = (2 * torch.randn(shape, generator=gen)).to(dtype).requires_grad_(True)
+        grad = torch.randn(shape, generator=gen).to(dtype)
         out = block_ops._gated_gelu(a, g)
-        out.sum().backward()
-        assert torch.allclose(out, gated_gelu(a, g)) and a.grad is not None and g.grad is not None
-    with torch.no_grad():  # the prior sampler's fixed batches: a function of their own, not the one above
-        a, g = torch.randn(3, 6), torch.randn(3, 6)
-        assert torch.allclose(block_ops._gated_gelu(a, g, fixed_shapes=True), gated_gelu(a, g))
-    assert set(block_ops._compiled) == {False, True} and block_ops._compiled[False] is not block_ops._compiled[True]
-    torch._dynamo.reset()
+        assert out.dtype == dtype and out.grad_fn is not None and type(out.grad_fn).__name__ == "GatedGeluBackward"
+        da, dg = torch.autograd.grad(out, (a, g), grad)
+        a32, g32 = a.detach().float().requires_grad_(True), g.detach().float().requires_grad_(True)
+        ref = gated_gelu(a32, g32)
+        ra, rg = torch.autograd.grad(ref, (a32, g32), grad.float())
+        assert _close(out.float(), ref, tol) and _close(da.float(), ra, tol) and _close(dg.float(), rg, tol)
+        with torch.no_grad():  # the sampler's path: the forward kernel alone
+            assert torch.equal(block_ops._gated_gelu(a, g), out.detach())
+    empty = torch.empty(0, 5, dtype=dtype)
+    assert block_ops._gated_gelu(empty, empty).shape == (0, 5)
+
+
+def test_a_failing_triton_kernel_falls_back_to_the_eager_formula_once(interpreted_kernel, monkeypatch):
+    """A Triton that cannot build the kernel costs one warning, not the fit: the activation runs eagerly after."""
+    from dreambooth_pl import block_ops
+
+    def broken(a, g):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(interpreted_kernel, "gated_gelu", broken)
+    monkeypatch.setattr(block_ops, "_kernel_failed", [])
+    monkeypatch.setattr(block_ops, "can_compile", lambda device: not block_ops._kernel_failed)
+    a, g = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="Triton GEGLU kernel failed"):
+        assert torch.equal(block_ops._gated_gelu(a, g), gated_gelu(a, g))
+    assert block_ops._kernel_failed and not block_ops.can_compile(torch.device("cuda"))
+    assert torch.equal(block_ops._gated_gelu(a, g), gated_gelu(a, g))
 
 
 def test_the_activation_is_compiled_only_on_a_gpu_with_triton(monkeypatch):
-    """Inductor's GPU kernels are Triton's: without it the activation (and the sampler's fused GEGLU) runs
+    """The activation's kernels are Triton's: without it the activation (and the sampler's fused GEGLU) runs
     eagerly instead of failing at the first draw."""
     import torch.utils._triton as triton_utils
 
