@@ -3,8 +3,9 @@
 The images are diffusers' ``StableDiffusionXLPipeline``'s at the same seeds and settings: prompt encoding, initial
 latents (one CPU generator per image), time ids, scheduler and guidance are the pipeline's own functions, called
 once per batch; only the loop around the UNet is ours. What differs is how it runs:
-- the prompt is encoded once; every batch has one shape (the last is padded with repeats of its last seed, then
-  dropped), so one CUDA graph of the UNet's forward is captured and replayed for every step of every batch;
+- the prompt is encoded once; every full batch has one shape, so one CUDA graph of the UNet's forward is captured
+  (its warm-up forward is the first step's) and replayed for every step of every batch; a short last batch runs
+  eagerly at its own size (padding 197 priors to 200 drew three images only to drop them, ~2.8 s on an H200);
 - the UNet and text encoders run in the pipeline's fp16 on a GPU (bf16 leaves its trajectory: 0.19 mean absolute
   difference in [0, 1] on the tiny random base, BENCHMARKS.md 2026-12-04); the VAE decodes in bf16 where the GPU
   has it (no fp16 overflow, which the pipeline avoids by upcasting to fp32), in batches, quantised to uint8 there;
@@ -49,7 +50,7 @@ class PriorSampler:
         vae_dtype: the VAE's (None: ``prior_defaults.default_vae_dtype``).
         device: cuda, cpu, ... (None: CUDA when available).
         vae: a separate VAE folder.
-        batch_size: images per UNet batch (fixed: the last batch is padded).
+        batch_size: images per UNet batch (a shorter last batch runs eagerly).
         graph: replay the UNet from a CUDA graph on a CUDA device (falls back to eager, with a warning, when the
             capture fails).
         decode_batch: latents per VAE decode call.
@@ -126,7 +127,7 @@ class PriorSampler:
         # before compile_blocks, whose graphs then trace the split GEGLU (Inductor fuses it there anyway)
         self.fused_geglu = fused_geglu_for(fused_geglu, self.device, compile_blocks, base_dtype)
         if self.fused_geglu:
-            fuse_geglu(pipe.unet, fixed_shapes=True)
+            fuse_geglu(pipe.unet)
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
         self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
             if compile_blocks else 0
@@ -176,8 +177,10 @@ class PriorSampler:
         finally:
             torch.backends.cudnn.benchmark = before
 
-    def _unet(self, x, t, embeds, text, time_ids) -> torch.Tensor:
-        if not self.graph:
+    def _unet(self, x, t, embeds, text, time_ids, replay: bool = True) -> torch.Tensor:
+        """The UNet's noise prediction: replayed from the graph of ``x``'s shape (captured at its first call, whose
+        output is the warm-up's), or eagerly (``replay`` False: a short last batch, not worth a capture)."""
+        if not (self.graph and replay):
             with attention_context(self.attention):
                 return self.pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False,
                                       added_cond_kwargs={"text_embeds": text, "time_ids": time_ids})[0]
@@ -185,12 +188,14 @@ class PriorSampler:
         if key not in self._graphs:
             try:
                 with attention_context(self.attention):  # the captured graph keeps the kernels chosen here
-                    self._graphs[key] = GraphedForward(self.pipe.unet, x, t, embeds, text, time_ids)
+                    self._graphs[key] = graphed = GraphedForward(self.pipe.unet, x, t, embeds, text, time_ids)
             except RuntimeError as err:  # a capture that fails must not cost the images: run eagerly
                 warnings.warn(f"prior sampler: CUDA-graph capture failed ({str(err).splitlines()[0][:200]}); "
                               "the UNet runs eagerly.", stacklevel=2)
                 self.graph = False
                 return self._unet(x, t, embeds, text, time_ids)
+            first, graphed.first = graphed.first, None
+            return first
         return self._graphs[key](x, t, embeds, text, time_ids)
 
     @torch.no_grad()
@@ -200,10 +205,10 @@ class PriorSampler:
         """Denoised latents ``[len(seeds), 4, h/8, w/8]`` of one batch (``len(seeds) <= batch_size``; padded)."""
         from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
-        pipe, n, b = self.pipe, len(seeds), self.batch_size
-        if not 0 < n <= b:
-            raise ValueError(f"a batch holds 1 to {b} seeds, got {n}")
-        seeds = list(seeds) + [seeds[-1]] * (b - n)  # fixed shape: pad with a repeat, dropped below
+        pipe, n = self.pipe, len(seeds)
+        if not 0 < n <= self.batch_size:
+            raise ValueError(f"a batch holds 1 to {self.batch_size} seeds, got {n}")
+        b = n  # a short (last) batch runs eagerly at its own size: padding it would draw images only to drop them
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
         embeds, neg, pooled, neg_pooled = self._encode(prompt, negative_prompt, cfg)
         time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
@@ -221,8 +226,9 @@ class PriorSampler:
         if hasattr(pipe.scheduler, "set_begin_index"):
             pipe.scheduler.set_begin_index(0)
         with self._cudnn():
-            latents = self._denoise(latents, timesteps, embeds, pooled, time_ids, guidance if cfg else None, extra)
-        return latents[:n]
+            latents = self._denoise(latents, timesteps, embeds, pooled, time_ids, guidance if cfg else None, extra,
+                                    replay=n == self.batch_size)
+        return latents
 
     def _encode(self, prompt: str, negative_prompt: Optional[str], cfg: bool) -> tuple:
         """The pipeline's ``encode_prompt`` of ``prompt``, computed once per (prompt, negative prompt, guidance on);
@@ -245,12 +251,13 @@ class PriorSampler:
                     torch.cuda.empty_cache()  # their blocks go back to the card, not to the allocator's cache
         return self._embeds[key]
 
-    def _denoise(self, latents, timesteps, embeds, pooled, time_ids, guidance: Optional[float], extra: dict):
+    def _denoise(self, latents, timesteps, embeds, pooled, time_ids, guidance: Optional[float], extra: dict,
+                 replay: bool = True):
         """The scheduler's loop around the UNet, with classifier-free guidance at ``guidance`` (None: off)."""
         pipe, cfg = self.pipe, guidance is not None
         for t in timesteps:
             x = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
-            pred = self._unet(x, t, embeds, pooled, time_ids)
+            pred = self._unet(x, t, embeds, pooled, time_ids, replay)
             if cfg:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance * (cond - uncond)
