@@ -71,7 +71,8 @@ def test_bad_inputs_fail_clearly(tiny_base, tmp_path):
         generate_class_images(tiny_base, "a photo of dog", str(out), num=5, resolution=60, **FAST)
 
 
-def test_datamodule_generates_missing_class_images_when_asked(tiny_base, subject_dirs, tmp_path):
+def test_datamodule_generates_missing_class_images_when_asked(tiny_base, subject_dirs, tmp_path,
+                                                              monkeypatch):
     from dreambooth_pl.data.datamodule import DreamBoothDataModule
     from dreambooth_pl.data.images import ImageIntakeError
     from dreambooth_pl.data.settings import PhotoSettings, PriorSettings
@@ -84,8 +85,26 @@ def test_datamodule_generates_missing_class_images_when_asked(tiny_base, subject
     generation = ClassImageSettings(sampler=SamplerSettings(steps=1), batch_size=2)
     dm = DreamBoothDataModule(photos, PriorSettings(**priors, generate=True, generation=generation), resolution=32,
                               base_model=tiny_base)
+    import dreambooth_pl.data.images as images
+
+    inspected = []
+    real = images._inspect
+    monkeypatch.setattr(images, "_inspect", lambda path, res: inspected.append(path.name) or real(path, res))
     dm.setup("fit")
     assert len(dm.prior.paths) == 2 and Image.open(dm.prior.paths[0]).size == (32, 32)
+    # the priors this process just drew are not decoded again by the check (the instance photos are)
+    assert not [n for n in inspected if n.startswith("class_")]
+    from dreambooth_pl.data.class_images import drawn_here
+
+    assert all(drawn_here(p, 32) for p in dm.prior.paths) and not drawn_here(dm.prior.paths[0], 64)
+    # a prior changed since it was written is checked again: a truncated file is named, not trained on
+    first = dm.prior.paths[0]
+    first.write_bytes(first.read_bytes()[:100])
+    assert not drawn_here(first, 32)
+    dm2 = DreamBoothDataModule(photos, PriorSettings(**priors, generate=True, generation=generation), resolution=32,
+                               base_model=tiny_base)
+    with pytest.raises(ImageIntakeError, match="class_00000.png"):
+        dm2.setup("fit")
 
 
 def test_a_second_subject_of_the_class_reuses_the_priors_and_the_manifest_says_so(tiny_base, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cache import DEVICE_CACHE_BYTES, CacheMode, CachedBucketedStream, CachedStream, Encoders, build_cache
-from .class_images import draw_class_images
+from .class_images import draw_class_images, drawn_here
 from .bounds import check_bounds
 from .datasets import ImageSet, PairedStream
 from .faces import uses_masks
@@ -145,7 +145,9 @@ class DreamBoothDataModule(L.LightningDataModule):
                     f"--num {priors.num_images}, or set data.priors.generate: true (or lower "
                     "data.priors.num_images).")
             cls = cls[: priors.num_images]
-            cls = check_images(cls, "class", hp.resolution, hp.strict_images)
+            fresh = {p for p in cls if drawn_here(p, hp.resolution)}  # drawn by this process: whole, RGB, large
+            usable = set(check_images([p for p in cls if p not in fresh], "class", hp.resolution, hp.strict_images))
+            cls = [p for p in cls if p in fresh or p in usable]
             cls, held_cls = hold_out(cls, photos.held_out, "class")
             self.prior = ImageSet(tuple(cls), priors.prompt)
         # counts beside the seconds: the training images and the priors among them, which the check and the cache
