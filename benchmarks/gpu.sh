@@ -26,6 +26,11 @@ for stage in "$@"; do
       python3 -m compileall -q -j 0 /tmp/site dreambooth_pl $(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
         > "$OUT/compileall.txt" 2>&1; rc=$?
       echo "pyc: compileall $(( $(date +%s) - t0 )) s, rc=$rc" ;;
+    importtime)  # where the fit's imports go on this host (the end-to-end run's "imports and config" phase)
+      t0=$(date +%s%N)
+      python3 -X importtime -c "import dreambooth_pl.cli" 2> "$OUT/importtime.txt"
+      echo "import dreambooth_pl.cli: $(( ($(date +%s%N) - t0) / 1000000 )) ms (under -X importtime)"
+      awk -F'|' '/import time:/ {gsub(/ /, "", $2); print $2 "|" $3}' "$OUT/importtime.txt" | sort -n | tail -n 25 ;;
     base) python3 -c "from dreambooth_pl.tools.benchmark import build_base; build_base('$BASE', 'sdxl')" ;;
     tests|tests-core)  # separate processes: a capture that fails leaves CUDA's RNG in capture state for the rest of its process
       : > "$OUT/pytest-gpu.txt"
