@@ -16,8 +16,9 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024  # elements per program: 8 half-precision values per thread at 4 warps, 16-byte vector accesses
-_SQRT1_2 = 0.7071067811865476  # 1/sqrt(2): gelu(g) = g * Phi(g), Phi(g) = (1 + erf(g / sqrt 2)) / 2
-_INV_SQRT_2PI = 0.3989422804014327  # the standard normal density's constant, for Phi'(g)
+# a kernel reads a module global only as a constexpr instance (Triton refuses plain floats there)
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2): gelu(g) = g * Phi(g), Phi(g) = (1 + erf(g / sqrt 2)) / 2
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # the standard normal density's constant, for Phi'(g)
 
 
 @triton.jit

@@ -228,6 +228,24 @@ def test_triton_geglu_kernel_gives_the_formulas_values_and_gradients(interpreted
     assert block_ops._gated_gelu(empty, empty).shape == (0, 5)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_triton_geglu_kernels_compile_for_hopper_without_a_gpu(dtype):
+    """Triton's interpreter runs what its compiler may refuse (a plain float global was one, found only on the GPU):
+    both kernels are compiled here to an sm_90 cubin, the GPU's whole build, with Triton's own ptxas."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dreambooth_pl import geglu_kernel
+
+    kernels = {geglu_kernel._forward_kernel: ("a_ptr", "g_ptr", "out_ptr"),
+               geglu_kernel._backward_kernel: ("grad_ptr", "a_ptr", "g_ptr", "da_ptr", "dg_ptr")}
+    for fn, pointers in kernels.items():
+        signature = {**{p: f"*{dtype}" for p in pointers}, "n": "i32", "BLOCK_SIZE": "constexpr"}
+        src = ASTSource(fn=fn, signature=signature, constexprs={"BLOCK_SIZE": geglu_kernel.BLOCK})
+        assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+
+
 def test_a_failing_triton_kernel_falls_back_to_the_eager_formula_once(interpreted_kernel, monkeypatch):
     """A Triton that cannot build the kernel costs one warning, not the fit: the activation runs eagerly after."""
     from dreambooth_pl import block_ops
