@@ -199,7 +199,8 @@ def test_without_flips_only_the_plain_latents_are_encoded(setup):
 def test_gpu_encodes_queued_without_syncs_equal_one_image_at_a_time(tiny_base, subject_dirs, tmp_path):
     """On a GPU with room the cache copies pinned pixels up and the moments back asynchronously; the latents are
     the ones a synchronous encode of each image gives (the same kernels, so bit equal), they reach the host for
-    every image, and a latent store written that way reads back the same."""
+    every image, and a latent store written that way reads back the same; four images per call give each image's
+    latents within the batch's bf16 rounding."""
     from dreambooth_pl.data.datasets import ImageSet
     from dreambooth_pl.data.encode import _prepared, encode_set
     from dreambooth_pl.data.images import list_images
@@ -222,12 +223,21 @@ def test_gpu_encodes_queued_without_syncs_equal_one_image_at_a_time(tiny_base, s
         assert e.mean.device.type == "cpu" and torch.equal(e.mean, dist.mean.float().cpu())
         assert torch.equal(e.std, dist.std.float().cpu())
         assert torch.equal(again.entries[(i, (64, 64))].mean, e.mean)
+    # four images per call, as a fit with room encodes: each image's slice of the batch's pinned copy, within the
+    # batch's rounding of the one-image latents, into a store of its own count
+    four_store = open_store(str(tmp_path / "latents"), tiny_base + "/vae", vae, False, images_per_call=4)
+    four = encode_set(vae, images, sizes, mirrored=True, store=four_store, images_per_call=4)
+    assert four_store.folder != store.folder and four_store.misses == len(paths)
+    for key, e in got.entries.items():
+        rel = float((four.entries[key].mean - e.mean).norm() / e.mean.norm())
+        assert four.entries[key].mean.shape == e.mean.shape and rel < 1e-2, (key, rel)
 
 
-def test_several_images_per_vae_call_give_one_images_latents(setup):
+def test_several_images_per_vae_call_give_one_images_latents(setup, tmp_path):
     """``encode_set(images_per_call=n)`` (what the cache-ab benchmark times): images of one size share a VAE call,
     a size change starts a new call, and every image's latents equal the one-image encode up to the kernels' batch
-    rounding (1e-5 relative, fp32); with a latent store it is refused (the store's key says one image per call)."""
+    rounding (1e-5 relative, fp32); a latent store keyed for another count is refused, one keyed for the count
+    keeps and returns them (apart from the one-per-call store)."""
     from dreambooth_pl.data.encode import encode_set
 
     dm, module, _ = setup
@@ -249,5 +259,17 @@ def test_several_images_per_vae_call_give_one_images_latents(setup):
         got = grouped.entries[key]
         assert torch.allclose(got.mean, e.mean, rtol=1e-5, atol=1e-6 * e.mean.abs().max().item())
         assert torch.allclose(got.std, e.std, rtol=1e-5, atol=1e-6 * e.std.abs().max().item())
-    with pytest.raises(ValueError, match="keyed for one image per VAE call"):
-        encode_set(module.vae, images, sizes, images_per_call=2, store=object())
+    from dreambooth_pl.data.latent_store import open_store
+
+    vae_folder = tmp_path / "vae"  # the key fingerprints this folder: not the one the store writes into
+    vae_folder.mkdir()
+    store = open_store(str(tmp_path / "latents"), str(vae_folder), module.vae, False, images_per_call=3)
+    with pytest.raises(ValueError, match="keyed for 3 image.s. per VAE call; images_per_call 2"):
+        encode_set(module.vae, images, sizes, images_per_call=2, store=store)
+    kept = encode_set(module.vae, images, sizes, images_per_call=3, mirrored=False, store=store)
+    assert store.misses == len(paths) and all(torch.equal(kept.entries[k].mean, v.mean)
+                                              for k, v in grouped.entries.items())
+    again = open_store(str(tmp_path / "latents"), str(vae_folder), module.vae, False, images_per_call=3)
+    encode_set(module.vae, images, sizes, images_per_call=3, mirrored=False, store=again)
+    assert again.hits == len(paths) and again.folder == store.folder
+    assert open_store(str(tmp_path / "latents"), str(vae_folder), module.vae, False).folder != store.folder

@@ -75,6 +75,9 @@ def encode_texts(text_encoders, tokenizers, prompts: list[str]) -> dict[str, tup
     return {p: (emb[i].cpu(), pooled[i].cpu()) for i, p in enumerate(prompts)}
 
 
+CACHE_IMAGES_PER_CALL = 4  # with room: bf16 at 1024², 0.034 against 0.052 s/image on an H100 (8: 0.029, 12.6 GiB)
+
+
 @dataclass(frozen=True)
 class Encoders:
     """What the cache encodes with, handed over by the training module (data/cache.py never sees the module).
@@ -86,6 +89,7 @@ class Encoders:
         park: modules moved to the CPU while the VAE encodes and back after (the UNet: the VAE's fp32
             activations at 1024² are the run's largest transient).
         one_per_call: the VAE encodes one image per call, not the plain and mirrored pair (``encode.encode_set``).
+        images_per_call: images of one size per VAE call (``encode.encode_set``; 1 with ``one_per_call``).
     """
 
     vae: torch.nn.Module
@@ -93,6 +97,7 @@ class Encoders:
     tokenizers: tuple
     park: tuple[torch.nn.Module, ...] = ()
     one_per_call: bool = False
+    images_per_call: int = 1
 
 
 def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
@@ -136,7 +141,7 @@ def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resol
         sizes, prior_sizes = [[(resolution, resolution)]] * len(instance.paths), [(resolution, resolution)]
     vae = encoders.vae
     one = encoders.one_per_call
-    kw = dict(mirrored=mirrored, store=store)
+    kw = dict(mirrored=mirrored, store=store, images_per_call=1 if one else encoders.images_per_call)
     prior_set = encode_set(vae, prior, [prior_sizes] * len(prior.paths), one, **kw) if prior else None
     cache = InputCache(encode_set(vae, instance, sizes, one, **kw), prior_set, resolution, text)
     if offload:

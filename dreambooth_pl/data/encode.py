@@ -1,5 +1,5 @@
 """Images to latent moments for the input cache (data/cache.py): each image centre-cropped at its sizes, plain and
-(where training flips) mirrored, encoded by the VAE one image at a time while worker threads decode the next ones
+(where training flips) mirrored, encoded by the VAE a few images at a time while worker threads decode the next ones
 (on a GPU with room, copied up asynchronously, so the host queues the next encode before the last ends), and read
 from or kept in the on-disk latent store (data/latent_store.py) where one is given.
 """
@@ -96,15 +96,15 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
         prefetch: images decoded ahead on worker threads (0: one by one, as before 2026-12-06's session 3).
         mirrored: also encode each image mirrored (training flips some examples); without flips half the encodes.
         store: latents kept on disk between runs (data/latent_store.py; None: encode every image).
-        images_per_call: images of one size per VAE call (the fit encodes one; ``benchmarks/prior_profile.py``
-            times more: the VAE's GroupNorms over 128 channels × 1024² run 32 blocks per image). A batch rounds
-            unlike a single image, and the store's key does not say how many, so it takes no store.
+        images_per_call: images of one size per VAE call (a fit on a GPU with room encodes four: bf16 at 1024²
+            0.034 against 0.052 s/image on an H100, BENCHMARKS.md 2026-12-06 session 6). A batch rounds unlike a
+            single image, so the store must be keyed for the same count (``latent_key``).
     """
     if images_per_call < 1:
         raise ValueError(f"encode_set: images_per_call is at least 1, got {images_per_call}")
-    if images_per_call != 1 and store is not None:
-        raise ValueError("encode_set: a latent store is keyed for one image per VAE call; images_per_call "
-                         f"{images_per_call} would mix other roundings into it")
+    if store is not None and store.images_per_call != images_per_call:
+        raise ValueError(f"encode_set: the latent store is keyed for {store.images_per_call} image(s) per VAE call; "
+                         f"images_per_call {images_per_call} would mix other roundings into it")
     originals, entries, ids, work = {}, {}, {}, []
     if store is not None:  # every image's bytes hashed on worker threads (hashlib releases the GIL)
         with ThreadPoolExecutor(max_workers=max(prefetch, 1), thread_name_prefix="cache-hash") as pool:

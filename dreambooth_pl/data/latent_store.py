@@ -46,13 +46,15 @@ def latent_root(value: Optional[str], device: torch.device) -> Optional[str]:
     return value
 
 
-def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dict:
+def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool, images_per_call: int = 1) -> dict:
     """What decides an image's latents besides its pixels, size and orientations (see the module docstring).
 
     Args:
         vae_folder: the VAE's local folder (the base's ``vae`` or ``model.vae_model``).
         vae: the VAE that encodes (its dtype and device).
         one_per_call: plain and mirrored in separate calls (``cache.Encoders.one_per_call``).
+        images_per_call: images per VAE call (``cache.Encoders.images_per_call``): a batch rounds unlike one image
+            (5e-5 relative on an H100), so a store is kept per count; one (the keys before it) names nothing.
     """
     import PIL
     import torchvision
@@ -72,7 +74,7 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool) -> dic
             # the algorithm choices: Lightning's deterministic=True and cuDNN's modes pick other kernels
             "algorithms": [torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
                            torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32],
-            "format": FORMAT}
+            "format": FORMAT, **({"images_per_call": images_per_call} if images_per_call != 1 else {})}
 
 
 class LatentStore(KeyedFolder):
@@ -87,6 +89,7 @@ class LatentStore(KeyedFolder):
     def __init__(self, root: str, key: dict, write: bool = True):
         super().__init__(root, key)
         self.write = write
+        self.images_per_call = int(key.get("images_per_call", 1))  # encode_set encodes as the key says
         self.hits = self.misses = 0  # images read whole from the store / encoded
         self._writer = None  # one thread writes the entries: the cache's loop never waits for the disk
         self._pending: list = []
@@ -184,7 +187,8 @@ class LatentStore(KeyedFolder):
 
 
 def open_store(value: Optional[str], vae_folder: str, vae: torch.nn.Module, one_per_call: bool,
-               write: bool = True) -> Optional[LatentStore]:
+               write: bool = True, images_per_call: int = 1) -> Optional[LatentStore]:
     """The store for this VAE and encode under ``data.latent_cache``'s root (:func:`latent_root`; None: off)."""
     root = latent_root(value, next(vae.parameters()).device)
-    return None if root is None else LatentStore(root, latent_key(vae_folder, vae, one_per_call), write)
+    return None if root is None else LatentStore(root, latent_key(vae_folder, vae, one_per_call, images_per_call),
+                                                 write)
