@@ -80,6 +80,7 @@ for stage in "$@"; do
       timeout 200 python3 benchmarks/prior_profile.py $BASE "$OUT" --cache-only 2>&1 | grep -v Warning ;;
     priors)  # the sampler, its switches (bench_user.VARIANTS, each with its own load, capture and compile) and the pipeline
       timeout 560 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset priors --steps ${PRIORS_N:-16} \
+        ${PRIOR_VARIANTS:+--variants "$PRIOR_VARIANTS"} \
         2>&1 | tail -n 4 ;;  # PriorSampler against diffusers' pipeline, same seeds
     e2e)  # the recipe's fit with data.priors.generate, from process start to the LoRA; extrapolated to 197/1000
       timeout ${E2E_TIMEOUT:-300} python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \

@@ -77,6 +77,9 @@ def test_priors_mode_times_both_samplers_and_states_the_image_difference(tiny_ba
     assert result["image_diff_max"] <= 1 and result["image_psnr_db"] > 50  # fp32 on the CPU: the same images
     assert (result["dtype"], result["resolution"], result["steps"]) == ("float32", 64, 25)
     assert not result["fuse_qkv"] and result["variants_s_per_image"] == {}  # the switches' A/B runs on a GPU only
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['batch_16'\]; known: .*'batch16'"):
+        benchmark(preset="priors", steps=2, base=tiny_base, base_preset="tiny", work=str(tmp_path),
+                  variants=["batch_16"])
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -73,11 +74,12 @@ def _pipeline_images(base: str, seeds: list[int], steps: int, resolution: int, b
 # (bf16 alone: 0.941 s/image against fp16's 1.03 on 2026-12-04/05, other machines: now beside it in one call)
 # (decode8: the VAE decodes a whole batch of 8 per call, not 4: its GroupNorms run 32 blocks per image)
 VARIANTS = {"diffusers_geglu": {"fused_geglu": False}, "compiled_blocks": {"compile_blocks": True},
-            "bf16": {"dtype": "bfloat16"}, "decode8": {"decode_batch": 8}}
+            "bf16": {"dtype": "bfloat16"}, "decode8": {"decode_batch": 8}, "batch16": {"batch_size": 16}}
 
 
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
-                     batch_size: int | None = None, reference_batch: int = 4) -> dict:
+                     batch_size: int | None = None, reference_batch: int = 4,
+                     variants: Sequence[str] | None = None) -> dict:
     """s/image of :class:`~dreambooth_pl.prior_sampler.PriorSampler` and of diffusers' pipeline at the same
     settings and seeds in this process, and how far apart their images are (uint8 levels); on a GPU, also the
     sampler in the pipeline's dtypes (fp16, fp32 VAE) over its first batch (``fp16_image_*``), which separates what
@@ -92,10 +94,15 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
         resolution: square side.
         batch_size: the sampler's batch (None: the class-image default for this GPU).
         reference_batch: the pipeline's batch.
+        variants: keys of :data:`VARIANTS` to time (None: all).
     """
     from ..data.class_images import _batch_size
     from ..prior_sampler import PriorSampler
 
+    unknown = set(variants or ()) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"priors benchmark: unknown variant(s) {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    chosen = {k: v for k, v in VARIANTS.items() if variants is None or k in variants}
     seeds = list(range(images))
     t = time.perf_counter()
     sampler = PriorSampler(base, "euler", batch_size=_batch_size(batch_size, None))
@@ -104,8 +111,8 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
 
     def timed(s) -> tuple[float, list, float]:
         """(first batch's seconds: capture and warm-up, the images, s/image over every seed after it)."""
-        t = _sync()
-        list(s.images(PROMPT, seeds[:first], steps, 5.0, None, resolution, resolution))
+        t = _sync()  # a whole batch of its own size: a short one would run eagerly and capture nothing
+        list(s.images(PROMPT, seeds[:s.batch_size], steps, 5.0, None, resolution, resolution))
         warm = _sync() - t
         t = _sync()
         drawn = [img for _, img in s.images(PROMPT, seeds, steps, 5.0, None, resolution, resolution)]
@@ -117,10 +124,10 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_reserved() / GIB
         torch.cuda.empty_cache()
-    variants, variants_first, variants_psnr = {}, {}, {}  # on a GPU, one switch changed, same seeds: its A/B
-    for name, switch in (VARIANTS.items() if torch.cuda.is_available() else ()):
-        other = PriorSampler(base, "euler", batch_size=first, **switch)
-        variants_first[name], drawn, variants[name] = timed(other)
+    timed_variants, variants_first, variants_psnr = {}, {}, {}  # on a GPU, one switch changed, same seeds: its A/B
+    for name, switch in (chosen.items() if torch.cuda.is_available() else ()):
+        other = PriorSampler(base, "euler", **{"batch_size": first, **switch})
+        variants_first[name], drawn, timed_variants[name] = timed(other)
         variants_psnr[name] = image_difference(drawn, ours)["image_psnr_db"]
         del other, drawn
         torch.cuda.empty_cache()
@@ -134,7 +141,7 @@ def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 
     diff = image_difference(ours, ref)
     fp16 = {f"fp16_{k}": v for k, v in image_difference(same, ref[:first]).items()} if same else {}
     return {"preset": "priors", "s_per_image": per_image, "reference_s_per_image": ref_per_image,
-            "speedup": ref_per_image / per_image, "variants_s_per_image": variants,
+            "speedup": ref_per_image / per_image, "variants_s_per_image": timed_variants,
             "variants_first_batch_s": variants_first, "variants_psnr_db": variants_psnr,
             "fuse_qkv": runtime["fuse_qkv"], "attention": runtime["attention"],
             "images": images, "steps": steps, "resolution": resolution,

@@ -220,7 +220,8 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
               overrides: Optional[list[str]] = None, out: Optional[str] = None,
               profile: Optional[str] = None, reference: Optional[str] = None,
               reference_precision: Literal["fp16", "bf16"] = "fp16", count_flops: bool = False,
-              priors: int = 197, memory_cap_gib: Optional[float] = None, again_steps: int = 0) -> Optional[str]:
+              priors: int = 197, memory_cap_gib: Optional[float] = None, again_steps: int = 0,
+              variants: Optional[list[str]] = None) -> Optional[str]:
     """Measure s/step, images/s, peak memory and TFLOP/s of the real training path (or sampling s/image).
 
     Args:
@@ -249,6 +250,8 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
             (``torch.cuda.set_per_process_memory_fraction``): an 8 GB card on a bigger one; past it the run fails.
         again_steps: ``end-to-end`` only: time a second fit of this many steps on the same class folder and
             stores (0: off; bench_user.end_to_end_benchmark).
+        variants: ``priors`` only: the sampler switches to time beside the default (keys of
+            ``bench_user.VARIANTS``; None: all).
     """
     from ..io import check_output_dir, check_output_file
 
@@ -269,7 +272,7 @@ def benchmark(preset: Preset = "fast", steps: int = 20, warmup: int = 5, base: s
     elif preset == "priors":
         from .bench_user import priors_benchmark
 
-        result = priors_benchmark(base, steps, resolution=1024 if base_preset == "sdxl" else 64)
+        result = priors_benchmark(base, steps, resolution=1024 if base_preset == "sdxl" else 64, variants=variants)
     elif preset == "end-to-end":
         from .bench_user import end_to_end_benchmark
 
