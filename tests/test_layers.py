@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parents[1] / "dreambooth_pl"
 
 # lowest first; a name stands for a module or a whole subpackage (the longest name that matches wins)
 LAYERS = [
-    ["io", "console", "config_guard", "prompts", "noise", "loss", "block_ops", "ema", "optimizers", "perf", "graphs",
-     "fused_lora", "metrics", "checkpoint_io", "argv", "devices", "__init__", "sampler_settings",
+    ["io", "console", "config_guard", "prompts", "noise", "loss", "geglu_kernel", "block_ops", "ema", "optimizers",
+     "perf", "graphs", "fused_lora", "metrics", "checkpoint_io", "argv", "devices", "__init__", "sampler_settings",
      "adapter.__init__", "adapter", "base_handoff"],  # the adapter package itself holds only the LoRA file's name
     ["moved_keys", "sdxl", "adapter.maths", "pivotal", "token_files"],
     ["adapter.kinds", "bases"],
