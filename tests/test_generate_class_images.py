@@ -82,7 +82,8 @@ def test_datamodule_generates_missing_class_images_when_asked(tiny_base, subject
     priors = dict(dir=str(tmp_path / "gen"), prompt="a photo of dog", num_images=2)
     with pytest.raises(ImageIntakeError, match="generate-class-images.*data.priors.generate: true"):
         DreamBoothDataModule(photos, PriorSettings(**priors), resolution=32).setup("fit")
-    generation = ClassImageSettings(sampler=SamplerSettings(steps=1), batch_size=2)
+    # a prior cache of its own: drawn here, not linked from another test's draw of the same key
+    generation = ClassImageSettings(sampler=SamplerSettings(steps=1), batch_size=2, cache_dir=str(tmp_path / "pc"))
     dm = DreamBoothDataModule(photos, PriorSettings(**priors, generate=True, generation=generation), resolution=32,
                               base_model=tiny_base)
     import dreambooth_pl.data.images as images
