@@ -78,6 +78,8 @@ def _gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
     try:
         return geglu_kernel.gated_gelu(a, g)
+    except torch.OutOfMemoryError:  # the activation's memory, not the kernel: the formula would need as much
+        raise
     except Exception as err:  # a Triton that cannot build the kernel: the eager formula, not a failed fit
         if a.is_cuda and torch.cuda.is_current_stream_capturing():  # no eager fallback inside a capture
             raise

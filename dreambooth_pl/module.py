@@ -140,10 +140,11 @@ class DreamBoothLoRA(L.LightningModule):
         short = cuda and min(room, self.perf.memory_budget_gib or room) < 24
         stay = cuda and not short and room_for_encoders(self.perf, dm.shape(), torch.cuda.memory_allocated(self.device)
                                                         / 2**30, room, half=self.weight_dtype() != torch.float32)
-        # on a GPU with room, four images per VAE call (one 1024² image leaves the GPU a third idle)
+        # on a GPU with room, four images per VAE call (one 1024² image leaves the GPU a third idle); two where
+        # the VAE runs in fp32, whose activations are twice as large
+        per_call = CACHE_IMAGES_PER_CALL // (2 if self.vae.dtype == torch.float32 else 1) if cuda and not short else 1
         dm.cache_inputs(Encoders(self.vae, (self.text_encoder, self.text_encoder_2), self.tokenizers,
-                                 park=(self.unet,) if short else (), one_per_call=short,
-                                 images_per_call=CACHE_IMAGES_PER_CALL if cuda and not short else 1),
+                                 park=(self.unet,) if short else (), one_per_call=short, images_per_call=per_call),
                         self.perf.cache, offload=not stay)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:

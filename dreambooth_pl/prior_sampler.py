@@ -50,7 +50,7 @@ class PriorSampler:
         vae_dtype: the VAE's (None: ``prior_defaults.default_vae_dtype``).
         device: cuda, cpu, ... (None: CUDA when available).
         vae: a separate VAE folder.
-        batch_size: images per UNet batch (a shorter last batch runs eagerly).
+        batch_size: images per UNet batch (a shorter last batch runs eagerly; with compiled blocks it is padded).
         graph: replay the UNet from a CUDA graph on a CUDA device (falls back to eager, with a warning, when the
             capture fails).
         decode_batch: latents per VAE decode call.
@@ -202,13 +202,16 @@ class PriorSampler:
     def latents(self, prompt: str, seeds: Sequence[int], steps: int = SAMPLER.steps,
                 guidance: float = SAMPLER.guidance, negative_prompt: Optional[str] = None, height: int = 1024,
                 width: int = 1024) -> torch.Tensor:
-        """Denoised latents ``[len(seeds), 4, h/8, w/8]`` of one batch (``len(seeds) <= batch_size``; padded)."""
+        """Denoised latents ``[len(seeds), 4, h/8, w/8]`` of one batch (``len(seeds) <= batch_size``)."""
         from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
         pipe, n = self.pipe, len(seeds)
         if not 0 < n <= self.batch_size:
             raise ValueError(f"a batch holds 1 to {self.batch_size} seeds, got {n}")
-        b = n  # a short (last) batch runs eagerly at its own size: padding it would draw images only to drop them
+        # a short (last) batch runs eagerly at its own size: padding it would draw images only to drop them; but
+        # compiled blocks would compile every block again for a new shape, so there it is padded, then dropped
+        b = self.batch_size if self.compiled_blocks else n
+        seeds = list(seeds) + [seeds[-1]] * (b - n)
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
         embeds, neg, pooled, neg_pooled = self._encode(prompt, negative_prompt, cfg)
         time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
@@ -227,8 +230,8 @@ class PriorSampler:
             pipe.scheduler.set_begin_index(0)
         with self._cudnn():
             latents = self._denoise(latents, timesteps, embeds, pooled, time_ids, guidance if cfg else None, extra,
-                                    replay=n == self.batch_size)
-        return latents
+                                    replay=b == self.batch_size)
+        return latents[:n]
 
     def _encode(self, prompt: str, negative_prompt: Optional[str], cfg: bool) -> tuple:
         """The pipeline's ``encode_prompt`` of ``prompt``, computed once per (prompt, negative prompt, guidance on);

@@ -263,6 +263,20 @@ def test_a_failing_triton_kernel_falls_back_to_the_eager_formula_once(interprete
     assert torch.equal(block_ops._gated_gelu(a, g), gated_gelu(a, g))
 
 
+def test_out_of_memory_in_the_triton_geglu_is_raised_not_taken_for_a_broken_kernel(interpreted_kernel, monkeypatch):
+    """Running out of memory is the activation's size, not Triton: it is raised, and the kernel stays in use."""
+    from dreambooth_pl import block_ops
+
+    def full(a, g):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 640.00 MiB")
+
+    monkeypatch.setattr(interpreted_kernel, "gated_gelu", full)
+    monkeypatch.setattr(block_ops, "_kernel_failed", [])
+    with pytest.raises(torch.OutOfMemoryError):
+        block_ops._gated_gelu(torch.randn(3, 4), torch.randn(3, 4))
+    assert not block_ops._kernel_failed
+
+
 def test_the_activation_is_compiled_only_on_a_gpu_with_triton(monkeypatch):
     """The activation's kernels are Triton's: without it the activation (and the sampler's fused GEGLU) runs
     eagerly instead of failing at the first draw."""

@@ -89,7 +89,8 @@ def test_fused_geglu_draws_the_default_latents(sampler, tiny_base):
 def test_compiled_blocks_draw_the_default_latents(sampler, tiny_base, monkeypatch):
     """``compile_blocks`` puts every transformer and resnet block through torch.compile (here a backend that
     records each graph dynamo captures and runs it as traced, so the test needs no C++ compiler) and draws the
-    default's latents within fp32 rounding; the prior cache keys compiled draws apart, old keys unchanged."""
+    default's latents within fp32 rounding; a short batch is padded to the compiled shape (another shape would
+    compile every block again); the prior cache keys compiled draws apart, old keys unchanged."""
     import torch._dynamo
 
     from dreambooth_pl import prior_sampler
@@ -108,8 +109,18 @@ def test_compiled_blocks_draw_the_default_latents(sampler, tiny_base, monkeypatc
         unet = compiled.pipe.unet
         blocks = [m for m in unet.modules() if type(m).__name__ in prior_sampler.UNET_BLOCKS]
         assert compiled.runtime()["compiled_blocks"] == len(blocks) > 0 and sampler.runtime()["compiled_blocks"] == 0
+        shapes = []
+        hook = unet.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape[0]))
         a = compiled.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
+        hook.remove()
         assert graphs, "no block went through torch.compile"
+        # two seeds of a batch of three: padded to the compiled shape (guidance doubles it), not drawn at two
+        assert set(shapes) == {6}
+        plain_shapes = []
+        hook = sampler.pipe.unet.register_forward_pre_hook(lambda m, args: plain_shapes.append(args[0].shape[0]))
+        sampler.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
+        hook.remove()
+        assert set(plain_shapes) == {4}  # without compiled blocks a short batch runs at its own size
     finally:
         torch._dynamo.reset()
     b = sampler.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
