@@ -129,7 +129,8 @@ class DreamBoothLoRA(L.LightningModule):
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now;
         with less than 24 GiB free (or budgeted) the UNet waits on the CPU meanwhile and the VAE encodes one image
-        per call (else four on a GPU); the encoders stay on the GPU afterwards only where the steps' planned peak leaves room for them."""
+        per call (else four on a GPU, two in fp32); the encoders stay on the GPU afterwards only where the steps'
+        planned peak leaves room for them."""
         dm = getattr(self.trainer, "datamodule", None)
         if self.perf.cache == "off" or dm is None:
             return
