@@ -61,7 +61,7 @@ KERNEL_ON = ("cuda",)  # devices whose activation runs geglu_kernel.py's Triton 
 _kernel_failed: list[str] = []  # the first launch's error, where Triton could not build the kernel here
 
 
-def can_compile(device: torch.device) -> bool:
+def uses_kernel(device: torch.device) -> bool:
     """Whether the activation runs as the Triton kernels on ``device``: a GPU with Triton installed (without it
     the same formula runs eagerly)."""
     from torch.utils._triton import has_triton
@@ -71,7 +71,7 @@ def can_compile(device: torch.device) -> bool:
 
 def _gated_gelu(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     # inside a compiled region (compile_blocks) Inductor fuses the formula itself, and nothing here is traced
-    if torch.compiler.is_compiling() or not can_compile(a.device) or a.shape != g.shape or a.dtype != g.dtype \
+    if torch.compiler.is_compiling() or not uses_kernel(a.device) or a.shape != g.shape or a.dtype != g.dtype \
             or not (a.is_contiguous() and g.is_contiguous()):
         return gated_gelu(a, g)
     from . import geglu_kernel

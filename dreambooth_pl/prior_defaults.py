@@ -24,9 +24,9 @@ def sampler_device(device: Optional[str]) -> torch.device:
 def default_fused_geglu(device: torch.device, compile_blocks: bool, base_dtype: str) -> bool:
     """Whether the sampler fuses its GEGLUs by default: on a GPU, with an fp16 base and no compiled blocks (which
     fuse it themselves; a quantized base's projections are not plain linears). The prior cache keys on it."""
-    from .block_ops import can_compile
+    from .block_ops import uses_kernel
 
-    return can_compile(device) and not compile_blocks and base_dtype == "float16"
+    return uses_kernel(device) and not compile_blocks and base_dtype == "float16"
 
 
 def fused_geglu_for(asked: Optional[bool], device: torch.device, compile_blocks: bool, base_dtype: str) -> bool:

@@ -189,6 +189,7 @@ def test_fast_kernels_fit_on_cpu_under_bf16(tiny_base, subject_dirs, tmp_path):
 def interpreted_kernel(monkeypatch):
     """geglu_kernel.py imported afresh under Triton's interpreter (``TRITON_INTERPRET=1``), which runs the kernels
     on CPU tensors; block_ops' own import of it is this module for the test."""
+    pytest.importorskip("triton")
     import dreambooth_pl
     from dreambooth_pl import block_ops
 
@@ -199,7 +200,7 @@ def interpreted_kernel(monkeypatch):
     spec.loader.exec_module(mod)
     monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setattr(dreambooth_pl, "geglu_kernel", mod, raising=False)
-    monkeypatch.setattr(block_ops, "can_compile", lambda device: True)
+    monkeypatch.setattr(block_ops, "uses_kernel", lambda device: True)
     return mod
 
 
@@ -255,11 +256,11 @@ def test_a_failing_triton_kernel_falls_back_to_the_eager_formula_once(interprete
 
     monkeypatch.setattr(interpreted_kernel, "gated_gelu", broken)
     monkeypatch.setattr(block_ops, "_kernel_failed", [])
-    monkeypatch.setattr(block_ops, "can_compile", lambda device: not block_ops._kernel_failed)
+    monkeypatch.setattr(block_ops, "uses_kernel", lambda device: not block_ops._kernel_failed)
     a, g = torch.randn(3, 4), torch.randn(3, 4)
     with pytest.warns(UserWarning, match="Triton GEGLU kernel failed"):
         assert torch.equal(block_ops._gated_gelu(a, g), gated_gelu(a, g))
-    assert block_ops._kernel_failed and not block_ops.can_compile(torch.device("cuda"))
+    assert block_ops._kernel_failed and not block_ops.uses_kernel(torch.device("cuda"))
     assert torch.equal(block_ops._gated_gelu(a, g), gated_gelu(a, g))
 
 
@@ -277,7 +278,7 @@ def test_out_of_memory_in_the_triton_geglu_is_raised_not_taken_for_a_broken_kern
     assert not block_ops._kernel_failed
 
 
-def test_the_activation_is_compiled_only_on_a_gpu_with_triton(monkeypatch):
+def test_the_activation_runs_the_kernel_only_on_a_gpu_with_triton(monkeypatch):
     """The activation's kernels are Triton's: without it the activation (and the sampler's fused GEGLU) runs
     eagerly instead of failing at the first draw."""
     import torch.utils._triton as triton_utils
@@ -287,9 +288,9 @@ def test_the_activation_is_compiled_only_on_a_gpu_with_triton(monkeypatch):
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(triton_utils, "has_triton", lambda: False)
-    assert not block_ops.can_compile(cuda) and not default_fused_geglu(cuda, False, "float16")
+    assert not block_ops.uses_kernel(cuda) and not default_fused_geglu(cuda, False, "float16")
     monkeypatch.setattr(triton_utils, "has_triton", lambda: True)
-    assert block_ops.can_compile(cuda) and not block_ops.can_compile(torch.device("cpu"))
+    assert block_ops.uses_kernel(cuda) and not block_ops.uses_kernel(torch.device("cpu"))
 
 
 @pytest.mark.gpu

@@ -158,7 +158,7 @@ def test_gpu_draws_with_the_one_kernel_geglu_get_their_own_key(tmp_path, monkeyp
     import dreambooth_pl.block_ops as block_ops
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(block_ops, "can_compile", lambda device: device.type == "cuda")  # Triton or not
+    monkeypatch.setattr(block_ops, "uses_kernel", lambda device: device.type == "cuda")  # Triton or not
     assert default_fused_geglu(cuda, False, "float16")
     assert not any((default_fused_geglu(cpu, False, "float16"), default_fused_geglu(cuda, True, "float16"),
                     default_fused_geglu(cuda, False, "float8"), default_fused_geglu(cuda, False, "nf4")))

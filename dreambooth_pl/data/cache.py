@@ -99,6 +99,11 @@ class Encoders:
     one_per_call: bool = False
     images_per_call: int = 1
 
+    @property
+    def per_call(self) -> int:
+        """Images per VAE call as encoded: one where plain and mirrored are already split (``one_per_call``)."""
+        return 1 if self.one_per_call else self.images_per_call
+
 
 def build_cache(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resolution: int, mode: CacheMode,
                 offload: bool = True, buckets: dict | None = None, empty_prompt: bool = False,
@@ -141,7 +146,7 @@ def _build(encoders: Encoders, instance: ImageSet, prior: ImageSet | None, resol
         sizes, prior_sizes = [[(resolution, resolution)]] * len(instance.paths), [(resolution, resolution)]
     vae = encoders.vae
     one = encoders.one_per_call
-    kw = dict(mirrored=mirrored, store=store, images_per_call=1 if one else encoders.images_per_call)
+    kw = dict(mirrored=mirrored, store=store, images_per_call=encoders.per_call)
     prior_set = encode_set(vae, prior, [prior_sizes] * len(prior.paths), one, **kw) if prior else None
     cache = InputCache(encode_set(vae, instance, sizes, one, **kw), prior_set, resolution, text)
     if offload:

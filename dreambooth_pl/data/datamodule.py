@@ -198,7 +198,7 @@ class DreamBoothDataModule(L.LightningDataModule):
         vae = vae_root(hp.vae_model) if hp.vae_model else str(Path(resolve_base(hp.base_model)) / "vae")
         rank0 = self.trainer is None or self.trainer.global_rank == 0  # every rank encodes the same images
         return open_store(hp.latent_cache, vae, encoders.vae, encoders.one_per_call, write=rank0,
-                          images_per_call=1 if encoders.one_per_call else encoders.images_per_call)
+                          images_per_call=encoders.per_call)
 
     def _generate_class_images(self) -> None:
         """Fill priors.dir up to priors.num_images with the base; local rank 0 draws, the other ranks wait."""

@@ -85,9 +85,9 @@ def ahead(fn, items: list, depth: int = PREFETCH) -> Iterator:
 def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], one_per_call: bool = False,
                prefetch: int = PREFETCH, mirrored: bool = True, store: LatentStore | None = None,
                images_per_call: int = 1) -> EncodedSet:
-    """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain (and mirrored) together, one
-    image at a time (the VAE's fp32 activations at 1024² are gigabytes per image), the next images decoded
-    meanwhile (:func:`ahead`); images ``store`` holds are read from it instead, the others kept there.
+    """Encode image i of ``images`` centre-cropped at each size of ``sizes[i]``, plain (and mirrored) together,
+    ``images_per_call`` images of one size per VAE call (its activations at 1024² are gigabytes per image), the next
+    images decoded meanwhile (:func:`ahead`); images ``store`` holds are read from it instead, the others kept there.
 
     Args:
         vae, images, sizes: the encoder, the images and each image's sizes.
