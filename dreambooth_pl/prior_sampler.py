@@ -13,6 +13,9 @@ once per batch; only the loop around the UNet is ours. What differs is how it ru
   ``a · gelu(g)`` kernel (``block_ops.fuse_geglu``) where diffusers runs two strided kernels (211 of a batch's 1431
   GPU ms, H100 profile, BENCHMARKS.md 2026-12-06 session 3): 0.946 against 1.017 s/image (session 4), the same
   images within fp16 rounding;
+- with no negative prompt the guided batch's negative half has all-zero text embeddings, so every cross-attention
+  there returns its output bias: that half is filled with it instead of computed (``constant_negative``,
+  zero_negative.py; ~3.5 % of a guided UNet forward's FLOPs);
 - opt-in switches, timed by ``benchmark --preset priors`` (BENCHMARKS.md): ``fuse_qkv`` (diffusers' fused
   projections: 1.032 against 1.036 s/image, within noise), ``compile_blocks`` (regional ``torch.compile``: 0.881 but
   a 22 s first batch), ``cudnn_benchmark``, and ``park_text_encoders`` (the encoders stay on the CPU but for the
@@ -34,6 +37,7 @@ from .perf import Attention as AttentionKernel, attention_context, compile_block
 from .prior_defaults import default_dtype, default_vae_dtype, fused_geglu_for, sampler_device
 from .sampling import SAMPLER, make_scheduler
 from .sdxl import DTYPES, dtype_name, load_parts, load_vae, resolve_base, unscale_latents
+from .zero_negative import ConstantNegative, is_zero
 
 
 UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")  # the UNet's repeated blocks (perf.BLOCKS less CLIP's)
@@ -68,6 +72,8 @@ class PriorSampler:
             docstring); a no-op on a CPU device.
         fused_geglu: one compiled kernel for each GEGLU activation (see the module docstring; None:
             ``prior_defaults.default_fused_geglu``).
+        constant_negative: the zeroed negative prompt's cross-attentions filled in as the constant they are
+            (zero_negative.py; False: computed, as diffusers does).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
@@ -75,7 +81,7 @@ class PriorSampler:
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
                  vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto",
                  compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False,
-                 fused_geglu: Optional[bool] = None):
+                 fused_geglu: Optional[bool] = None, constant_negative: bool = True):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -129,6 +135,8 @@ class PriorSampler:
         if self.fused_geglu:
             fuse_geglu(pipe.unet)
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
+        self._zero_negative: dict[tuple, bool] = {}  # the same keys -> the negative embeddings are all zero
+        self._constant = ConstantNegative(pipe.unet) if constant_negative else None
         self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
             if compile_blocks else 0
         self.graph = graph and self.device.type == "cuda"
@@ -146,6 +154,9 @@ class PriorSampler:
             return False  # (pipe None: left already)
         pipe, (root, vae, vae_loaded) = self.pipe, self._base
         self._graphs.clear()  # their pools and static buffers go back with the sampler's memory
+        if self._constant is not None:
+            self._constant.remove()
+            self._constant = None
         unfuse_blocks(pipe.unet)
         parts = {name: getattr(pipe, name) for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
                                                          "unet")}
@@ -165,7 +176,8 @@ class PriorSampler:
                     vae_dtype=dtype_name(self.pipe.vae.dtype), base_dtype=self.base_dtype,
                     fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
                     cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
-                    fused_geglu=self.fused_geglu)
+                    fused_geglu=self.fused_geglu,
+                    constant_negative=self._constant.layers if self._constant is not None else 0)
 
     @contextlib.contextmanager
     def _cudnn(self):
@@ -177,23 +189,29 @@ class PriorSampler:
         finally:
             torch.backends.cudnn.benchmark = before
 
-    def _unet(self, x, t, embeds, text, time_ids, replay: bool = True) -> torch.Tensor:
+    def _zero_rows(self, rows: int):
+        """While inside, the first ``rows`` rows' cross-attentions are the constant (zero_negative.py)."""
+        return self._constant.zero_rows(rows) if self._constant is not None else contextlib.nullcontext()
+
+    def _unet(self, x, t, embeds, text, time_ids, replay: bool = True, zero_rows: int = 0) -> torch.Tensor:
         """The UNet's noise prediction: replayed from the graph of ``x``'s shape (captured at its first call, whose
-        output is the warm-up's), or eagerly (``replay`` False: a short last batch, not worth a capture)."""
+        output is the warm-up's), or eagerly (``replay`` False: a short last batch, not worth a capture).
+        ``zero_rows``: how many leading rows of ``embeds`` are the zeroed negative prompt's (0: none known)."""
         if not (self.graph and replay):
-            with attention_context(self.attention):
+            with attention_context(self.attention), self._zero_rows(zero_rows):
                 return self.pipe.unet(x, t, encoder_hidden_states=embeds, return_dict=False,
                                       added_cond_kwargs={"text_embeds": text, "time_ids": time_ids})[0]
-        key = (tuple(x.shape), x.dtype)
+        key = (tuple(x.shape), x.dtype, zero_rows)  # a graph that skips the negative rows serves only such batches
         if key not in self._graphs:
             try:
-                with attention_context(self.attention):  # the captured graph keeps the kernels chosen here
+                # the captured graph keeps the kernels and the rows chosen here
+                with attention_context(self.attention), self._zero_rows(zero_rows):
                     self._graphs[key] = graphed = GraphedForward(self.pipe.unet, x, t, embeds, text, time_ids)
             except RuntimeError as err:  # a capture that fails must not cost the images: run eagerly
                 warnings.warn(f"prior sampler: CUDA-graph capture failed ({str(err).splitlines()[0][:200]}); "
                               "the UNet runs eagerly.", stacklevel=2)
                 self.graph = False
-                return self._unet(x, t, embeds, text, time_ids)
+                return self._unet(x, t, embeds, text, time_ids, zero_rows=zero_rows)
             first, graphed.first = graphed.first, None
             return first
         return self._graphs[key](x, t, embeds, text, time_ids)
@@ -214,6 +232,7 @@ class PriorSampler:
         seeds = list(seeds) + [seeds[-1]] * (b - n)
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
         embeds, neg, pooled, neg_pooled = self._encode(prompt, negative_prompt, cfg)
+        zero_rows = b if cfg and self._zero_negative[(prompt, negative_prompt, cfg)] else 0
         time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
         if cfg:
@@ -230,7 +249,7 @@ class PriorSampler:
             pipe.scheduler.set_begin_index(0)
         with self._cudnn():
             latents = self._denoise(latents, timesteps, embeds, pooled, time_ids, guidance if cfg else None, extra,
-                                    replay=b == self.batch_size)
+                                    replay=b == self.batch_size, zero_rows=zero_rows)
         return latents[:n]
 
     def _encode(self, prompt: str, negative_prompt: Optional[str], cfg: bool) -> tuple:
@@ -247,6 +266,8 @@ class PriorSampler:
                 self._embeds[key] = pipe.encode_prompt(prompt, device=self.device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=cfg,
                                                        negative_prompt=negative_prompt)
+                neg = self._embeds[key][1]  # zeros where the pipeline zeroes an empty negative prompt
+                self._zero_negative[key] = neg is not None and is_zero(neg)
             finally:
                 if self.park_text_encoders:
                     for m in encoders:
@@ -255,12 +276,13 @@ class PriorSampler:
         return self._embeds[key]
 
     def _denoise(self, latents, timesteps, embeds, pooled, time_ids, guidance: Optional[float], extra: dict,
-                 replay: bool = True):
-        """The scheduler's loop around the UNet, with classifier-free guidance at ``guidance`` (None: off)."""
+                 replay: bool = True, zero_rows: int = 0):
+        """The scheduler's loop around the UNet, with classifier-free guidance at ``guidance`` (None: off);
+        ``zero_rows`` as :meth:`_unet`'s."""
         pipe, cfg = self.pipe, guidance is not None
         for t in timesteps:
             x = pipe.scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
-            pred = self._unet(x, t, embeds, pooled, time_ids, replay)
+            pred = self._unet(x, t, embeds, pooled, time_ids, replay, zero_rows)
             if cfg:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance * (cond - uncond)

@@ -131,6 +131,11 @@ def test_a_second_subject_of_the_class_reuses_the_priors_and_the_manifest_says_s
                                                   **dict(kw, num=2, cache=False))
     keys = list((tmp_path / "cache").glob("*/key.json"))
     assert len(keys) == 2 and {json.loads(k.read_text())["steps"] for k in keys} == {1, 2}
+    # guided by SDXL's zeroed negative prompt, drawn with its constant cross-attentions (zero_negative.py): keyed
+    assert all(json.loads(k.read_text())["constant_negative"] for k in keys)
+    negative = dict(kw, sampler=SamplerSettings(steps=2, negative_prompt="blurry"))
+    generate_class_images(tiny_base, "a photo of dog", str(tmp_path / "neg"), **dict(negative, num=1))
+    assert sum("constant_negative" not in json.loads(k.read_text()) for k in (tmp_path / "cache").glob("*/key.json")) == 1
 
 
 def test_a_rebuilt_base_gets_a_new_key(tmp_path):

@@ -171,7 +171,8 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     dev = sampler_device(device)
     key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
                     s.base_dtype, s.vae_tiling, s.compile_blocks, fuses_geglu(s, dev),
-                    reads_vae_direct(dev, dtype, None, s.base_dtype, s.park_text_encoders))
+                    reads_vae_direct(dev, dtype, None, s.base_dtype, s.park_text_encoders),
+                    constant_negative=g.negative_prompt is None and g.guidance > 1)
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)

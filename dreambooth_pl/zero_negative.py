@@ -1,0 +1,100 @@
+"""Classifier-free guidance with SDXL's zeroed negative prompt: its cross-attention is a constant, not computed.
+
+Without a negative prompt, SDXL's pipeline guides with all-zero text embeddings (``force_zeros_for_empty_prompt``,
+the base's default; ``StableDiffusionXLPipeline.encode_prompt``). A cross-attention whose key and value projections
+have no bias (SDXL's) then sees k = v = 0: softmax(q kᵀ) v = 0 for every query, and the layer returns
+``to_out(0)``, its output bias, whatever the image. :class:`ConstantNegative` computes each such layer on the
+guided batch's positive rows only and fills the negative rows with that constant, so the query and output
+projections and the attention kernel of every ``attn2`` run over half the batch: 0.47 of an SDXL UNet forward's
+6.76 TFLOP per image at 1024² are cross-attention's q/o projections (BENCHMARKS.md 2026-12-05's count), so ~3.5 %
+of a guided step. The images are the same within fp16 rounding (the GEMMs see another row count).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+# processors whose output for zero keys and values is to_out(0): the plain ones, fused projections included
+PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0")
+
+
+def constant_for_zero_context(attn) -> bool:
+    """Whether this diffusers ``Attention`` returns ``to_out(0)`` for all-zero encoder states: a cross-attention
+    through a plain processor, no bias on its key/value projections, no norm on the encoder states, no added
+    key/value projections, no residual, rescale or spatial/group norm."""
+    if not getattr(attn, "is_cross_attention", False) or type(attn.processor).__name__ not in PLAIN_PROCESSORS:
+        return False
+    if any(getattr(getattr(attn, name, None), "bias", None) is not None for name in ("to_k", "to_v", "to_kv")):
+        return False
+    return (getattr(attn, "norm_cross", None) is None and getattr(attn, "add_k_proj", None) is None
+            and not attn.residual_connection and attn.rescale_output_factor == 1.0
+            and attn.spatial_norm is None and attn.group_norm is None)
+
+
+def is_zero(t: torch.Tensor) -> bool:
+    """Every element is 0 (one host sync)."""
+    return not bool(t.any())
+
+
+class _Processor:
+    """The wrapped processor on the rows after :attr:`ConstantNegative.rows`; the constant on the rows before."""
+
+    def __init__(self, owner: "ConstantNegative", inner, constant: torch.Tensor):
+        self.owner, self.inner, self.constant = owner, inner, constant
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        rows = self.owner.rows
+        if (not rows or encoder_hidden_states is None or attention_mask is not None or hidden_states.ndim != 3
+                or not 0 < rows < hidden_states.shape[0]):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        cond = self.inner(attn, hidden_states[rows:], encoder_hidden_states[rows:], None, temb, *args, **kwargs)
+        constant = self.constant.to(cond.dtype).expand(rows, cond.shape[1], cond.shape[2])
+        return torch.cat([constant, cond])
+
+
+class ConstantNegative:
+    """Puts the constant in for the zeroed negative rows of a UNet's qualifying cross-attentions while
+    :meth:`zero_rows` says how many leading rows are zero (0: every row computed, as diffusers does).
+
+    The constants are computed here, eagerly, once (a CUDA-graph capture must find them already written).
+
+    Args:
+        unet: the diffusers UNet, on its device and in its dtype.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        from diffusers.models.attention_processor import Attention
+
+        self.rows = 0
+        self._inner: dict[torch.nn.Module, object] = {}
+        dtype, device = unet.dtype, unet.device
+        with torch.no_grad():
+            for m in unet.modules():
+                if isinstance(m, Attention) and constant_for_zero_context(m):
+                    zeros = torch.zeros(1, 1, m.inner_dim, dtype=dtype, device=device)
+                    constant = m.to_out[0](zeros)  # to_out[1] is dropout: the identity in inference
+                    self._inner[m] = m.processor
+                    m.set_processor(_Processor(self, m.processor, constant))
+
+    @property
+    def layers(self) -> int:
+        """How many cross-attentions take the constant."""
+        return len(self._inner)
+
+    @contextlib.contextmanager
+    def zero_rows(self, rows: int) -> Iterator[None]:
+        """The first ``rows`` rows of every batch are the zeroed negative prompt's while inside (0: none)."""
+        before, self.rows = self.rows, rows
+        try:
+            yield
+        finally:
+            self.rows = before
+
+    def remove(self) -> None:
+        """Give each cross-attention its own processor back."""
+        for m, inner in self._inner.items():
+            m.set_processor(inner)
+        self._inner.clear()
