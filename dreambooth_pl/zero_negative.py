@@ -38,6 +38,12 @@ def is_zero(t: torch.Tensor) -> bool:
     return not bool(t.any())
 
 
+def _zeros_like_layer(module: torch.nn.Module, n: int) -> torch.Tensor:
+    """``n`` zeros in the dtype and on the device of ``module``'s first floating-point parameter."""
+    ref = next((p for p in module.parameters() if p.is_floating_point()), torch.empty(0))
+    return torch.zeros(n, dtype=ref.dtype, device=ref.device)
+
+
 class _Processor:
     """The wrapped processor on the rows after :attr:`ConstantNegative.rows`; the constant on the rows before."""
 
@@ -59,7 +65,8 @@ class ConstantNegative:
     """Puts the constant in for the zeroed negative rows of a UNet's qualifying cross-attentions while
     :meth:`zero_rows` says how many leading rows are zero (0: every row computed, as diffusers does).
 
-    The constants are computed here, eagerly, once (a CUDA-graph capture must find them already written).
+    Each constant is the output projection's bias itself (what any linear layer, a quantized one too, returns for
+    a zero input), so it exists before a CUDA-graph capture reads it and follows the layer.
 
     Args:
         unet: the diffusers UNet, on its device and in its dtype.
@@ -70,14 +77,12 @@ class ConstantNegative:
 
         self.rows = 0
         self._inner: dict[torch.nn.Module, object] = {}
-        dtype, device = unet.dtype, unet.device
-        with torch.no_grad():
-            for m in unet.modules():
-                if isinstance(m, Attention) and constant_for_zero_context(m):
-                    zeros = torch.zeros(1, 1, m.inner_dim, dtype=dtype, device=device)
-                    constant = m.to_out[0](zeros)  # to_out[1] is dropout: the identity in inference
-                    self._inner[m] = m.processor
-                    m.set_processor(_Processor(self, m.processor, constant))
+        for m in unet.modules():
+            if isinstance(m, Attention) and constant_for_zero_context(m):
+                bias = getattr(m.to_out[0], "bias", None)  # to_out[1] is dropout: the identity in inference
+                constant = bias.detach() if bias is not None else _zeros_like_layer(m, m.out_dim)
+                self._inner[m] = m.processor
+                m.set_processor(_Processor(self, m.processor, constant.view(1, 1, -1)))
 
     @property
     def layers(self) -> int:

@@ -120,3 +120,23 @@ def test_the_sampler_uses_it_for_the_zeroed_negative_only_and_draws_the_same_lat
     finally:
         base_handoff.release()
     assert {type(m.processor).__name__ for m in _attn2(unet)} == {"AttnProcessor2_0"}
+
+
+@pytest.mark.parametrize("out_bias", [True, False])
+@torch.no_grad()
+def test_one_cross_attention_with_and_without_an_output_bias(out_bias):
+    """The layer's own output for zero encoder states is the constant put in (its bias, or zeros)."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(8, cross_attention_dim=4, heads=2, dim_head=4, out_bias=out_bias).eval()
+    holder = torch.nn.Sequential(attn)
+    h, enc = torch.randn(4, 5, 8), torch.randn(4, 3, 4)
+    enc[:2] = 0
+    want = attn(h, enc)
+    constant = ConstantNegative(holder)
+    with constant.zero_rows(2):
+        got = attn(h, enc)
+    constant.remove()
+    assert constant.layers == 0 and torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got[:2], (attn.to_out[0].bias if out_bias else torch.zeros(8)).expand(2, 5, 8))
