@@ -136,6 +136,9 @@ def test_a_second_subject_of_the_class_reuses_the_priors_and_the_manifest_says_s
     negative = dict(kw, sampler=SamplerSettings(steps=2, negative_prompt="blurry"))
     generate_class_images(tiny_base, "a photo of dog", str(tmp_path / "neg"), **dict(negative, num=1))
     assert sum("constant_negative" not in json.loads(k.read_text()) for k in (tmp_path / "cache").glob("*/key.json")) == 1
+    old = generate_class_images(tiny_base, "a photo of dog", str(tmp_path / "old"), constant_negative=False,
+                                **dict(kw, num=1))
+    assert "generated 1" in old and len(list((tmp_path / "cache").glob("*/key.json"))) == 4
 
 
 def test_a_rebuilt_base_gets_a_new_key(tmp_path):

@@ -37,7 +37,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                           device: Optional[str] = None, vae: Optional[str] = None, fit_config: Optional[str] = None,
                           progress: bool = True, overwrite: bool = False,
                           base_dtype: Literal["float16", "float8", "nf4"] = "float16", vae_tiling: bool = False,
-                          park_text_encoders: bool = False, fused_geglu: Optional[bool] = None) -> str:
+                          park_text_encoders: bool = False, fused_geglu: Optional[bool] = None,
+                          constant_negative: bool = True) -> str:
     """Draw class-prior images with the base model until ``out`` holds ``num`` images (resumable).
 
     Args:
@@ -64,6 +65,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
         park_text_encoders: the text encoders on the GPU only while they encode the prompt (an 8 GB GPU).
         fused_geglu: the one-kernel GEGLU (None: on a GPU with Triton and an fp16 base); ``false`` reuses class
             images drawn before it was the default (docs/generation.md).
+        constant_negative: the zeroed negative prompt's cross-attentions filled in as their constant (no
+            negative prompt); ``false`` reuses class images drawn before it was the default (docs/generation.md).
     """
     from ..sampling import check_size
 
@@ -80,7 +83,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
     check_output_dir(args["out"], "generate-class-images", "--out", overwrite, ours=("class_*.png", MANIFEST))
     settings = ClassImageSettings(sampler=sampler, resolution=args["resolution"], batch_size=batch_size, seed=seed,
                                   cache=cache, cache_dir=cache_dir, base_dtype=base_dtype, vae_tiling=vae_tiling,
-                                  park_text_encoders=park_text_encoders, fused_geglu=fused_geglu)
+                                  park_text_encoders=park_text_encoders, fused_geglu=fused_geglu,
+                                  constant_negative=constant_negative)
     return draw_class_images(args["base"], args["prompt"], args["out"],
                              NUM_CLASS_IMAGES if args["num"] is None else args["num"], settings, dtype, device,
                              args["vae"], progress)
