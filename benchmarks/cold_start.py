@@ -3,9 +3,11 @@ CUDA's context, cuBLAS's first fp16 GEMM, cuDNN's first convolution, the first S
 first build (forward, backward). The fit pays these inside its priors' first batch and first step; a thread that
 paid them during the imports (~6 s of host-only work) would take them off the clock.
 
-    python3 benchmarks/cold_start.py        (prints one JSON line)
+    python3 benchmarks/cold_start.py [BASE [OUT]]   (one JSON line; with a base folder, also the prior sampler's
+    load after those costs are paid, its profile's top entries written to OUT/sampler-load-profile.txt)
 """
 import json
+import sys
 import time
 
 t0 = time.perf_counter()
@@ -47,4 +49,20 @@ def fwd():
 timed("triton_geglu_forward_first_s", fwd)
 timed("triton_geglu_backward_first_s", lambda: y.sum().backward())
 timed("triton_geglu_forward_second_s", fwd)
+if len(sys.argv) > 1:  # the sampler's load on a warm process: what the e2e run's "sampler load" holds beside them
+    import cProfile
+    import pstats
+
+    from dreambooth_pl.prior_sampler import PriorSampler
+
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    sampler = PriorSampler(sys.argv[1], "euler", batch_size=8)
+    torch.cuda.synchronize()
+    prof.disable()
+    out["sampler_load_s"] = round(time.perf_counter() - t, 3)
+    if len(sys.argv) > 2:
+        with open(f"{sys.argv[2]}/sampler-load-profile.txt", "w") as f:
+            pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(60)
 print(json.dumps(out))
