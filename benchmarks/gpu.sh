@@ -31,7 +31,7 @@ for stage in "$@"; do
       python3 -X importtime -c "import dreambooth_pl.cli" 2> "$OUT/importtime.txt"
       echo "import dreambooth_pl.cli: $(( ($(date +%s%N) - t0) / 1000000 )) ms (under -X importtime)"
       awk -F'|' '/import time:/ {gsub(/ /, "", $2); print $2 "|" $3}' "$OUT/importtime.txt" | sort -n | tail -n 25 ;;
-    cold-start) timeout 120 python3 benchmarks/cold_start.py $BASE "$OUT" 2>&1 | tail -n 2 ;;  # a fresh process's one-time GPU costs
+    cold-start) TRITON_CACHE_DIR=$(mktemp -d) timeout 120 python3 benchmarks/cold_start.py $BASE "$OUT" 2>&1 | tail -n 2 ;;  # a fresh process's one-time GPU costs
     base) python3 -c "from dreambooth_pl.tools.benchmark import build_base; build_base('$BASE', 'sdxl')" ;;
     tests|tests-core)  # separate processes: a capture that fails leaves CUDA's RNG in capture state for the rest of its process
       : > "$OUT/pytest-gpu.txt"
