@@ -5,9 +5,9 @@ the base's default; ``StableDiffusionXLPipeline.encode_prompt``). A cross-attent
 have no bias (SDXL's) then sees k = v = 0: softmax(q kᵀ) v = 0 for every query, and the layer returns
 ``to_out(0)``, its output bias, whatever the image. :class:`ConstantNegative` computes each such layer on the
 guided batch's positive rows only and fills the negative rows with that constant, so the query and output
-projections and the attention kernel of every ``attn2`` run over half the batch: 0.47 of an SDXL UNet forward's
-6.76 TFLOP per image at 1024² are cross-attention's q/o projections (BENCHMARKS.md 2026-12-05's count), so ~3.5 %
-of a guided step. The images are the same within fp16 rounding (the GEMMs see another row count).
+projections and the attention kernel of every ``attn2`` run over half the batch. At 1024² those projections are
+4·d²·tokens FLOPs per block (10 blocks at d = 640 over 4096 tokens, 60 at d = 1280 over 1024): 0.47 TFLOP of the
+6.76 an SDXL UNet forward takes per image (BENCHMARKS.md, 2026-12-05), so ~3.5 % of a guided step. The images are the same within fp16 rounding (the GEMMs see another row count).
 """
 from __future__ import annotations
 
