@@ -6,6 +6,7 @@ by the pipeline, so a fp16 UNet can sit beside an fp32 VAE (the SDXL VAE overflo
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +22,7 @@ from .adapter.files import LORA_FILE, read_adapter
 from .adapter.value import COMPONENTS
 from .io.magnitude import base_weights, check_magnitude
 from .sdxl import DTYPES, load_vae, resolve_base, unscale_latents
+from .zero_negative import ConstantNegative
 # the settings type lives where torch is not imported (the Ray drivers of ablate and fit-many parse it); re-exported
 from .sampler_settings import SAMPLER, SamplerSettings, SamplingError  # noqa: F401
 
@@ -172,14 +174,23 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = SAMPLER.st
     if steps < 1 or batch_size < 1:
         raise SamplingError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
     check_size(height, width)
+    # no negative prompt: the pipeline guides with zero embeddings, whose cross-attentions are a constant
+    # (zero_negative.py); the pipeline's batch is [negatives; positives], one row per image each
+    zeroed = guidance > 1 and not negative_prompt and bool(pipe.config.get("force_zeros_for_empty_prompt"))
+    constant = ConstantNegative(pipe.unet) if zeroed else None
     images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
-        gens = [torch.Generator("cpu").manual_seed(s) for s in chunk_seeds]
-        latents = pipe(prompt=chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
-                       num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                       generator=gens, output_type="latent").images
-        images += decode_latents(pipe, latents)
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
+            gens = [torch.Generator("cpu").manual_seed(s) for s in chunk_seeds]
+            with constant.zero_rows(len(chunk)) if constant is not None else contextlib.nullcontext():
+                latents = pipe(prompt=chunk, negative_prompt=[negative_prompt] * len(chunk) if negative_prompt
+                               else None, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                               width=width, generator=gens, output_type="latent").images
+            images += decode_latents(pipe, latents)
+    finally:
+        if constant is not None:
+            constant.remove()
     return images
 
 

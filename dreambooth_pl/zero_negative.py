@@ -23,10 +23,13 @@ PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0"
 def constant_for_zero_context(attn) -> bool:
     """Whether this diffusers ``Attention`` returns ``to_out(0)`` for all-zero encoder states: a cross-attention
     through a plain processor, no bias on its key/value projections, no norm on the encoder states, no added
-    key/value projections, no residual, rescale or spatial/group norm."""
+    key/value projections, no residual, rescale or spatial/group norm, and an output projection whose ``bias``
+    (the constant) can be read: ``nn.Linear``, peft's wrappers, the quantized layers."""
     if not getattr(attn, "is_cross_attention", False) or type(attn.processor).__name__ not in PLAIN_PROCESSORS:
         return False
-    if any(getattr(getattr(attn, name, None), "bias", None) is not None for name in ("to_k", "to_v", "to_kv")):
+    # each projection must say it has no bias (a layer that keeps no ``bias`` attribute is not guessed at)
+    projections = [attn.to_k, attn.to_v] + ([attn.to_kv] if getattr(attn, "to_kv", None) is not None else [])
+    if any(getattr(p, "bias", 0) is not None for p in projections) or not hasattr(attn.to_out[0], "bias"):
         return False
     return (getattr(attn, "norm_cross", None) is None and getattr(attn, "add_k_proj", None) is None
             and not attn.residual_connection and attn.rescale_output_factor == 1.0

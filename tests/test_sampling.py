@@ -145,3 +145,28 @@ def test_the_light_scheduler_names_are_the_schedulers_keys():
     from dreambooth_pl.sampler_settings import SCHEDULER_NAMES
 
     assert SCHEDULER_NAMES == tuple(SCHEDULERS)
+
+
+def test_the_zeroed_negatives_cross_attention_is_filled_in_and_the_images_stay_the_pipelines(pipe):
+    """Without a negative prompt ``generate`` computes each cross-attention on the positive rows only
+    (zero_negative.py) and draws the pipeline's own images within float rounding; a negative prompt computes every
+    row; the pipeline keeps its processors after."""
+    from dreambooth_pl.sampling import decode_latents
+
+    rows, hooks = [], [m.to_q.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+                       for n, m in pipe.unet.named_modules() if n.endswith("attn2")]
+    try:
+        ours = generate(pipe, [PROMPT, "a dog on the beach"], [7, 8], steps=2, batch_size=2)
+        assert rows and set(rows) == {2}
+        rows.clear()
+        generate(pipe, [PROMPT], [7], steps=2, negative_prompt="blurry")
+        assert set(rows) == {2}  # one image, its negative and positive rows
+    finally:
+        for h in hooks:
+            h.remove()
+    assert {type(m.processor).__name__ for n, m in pipe.unet.named_modules() if n.endswith("attn2")} == \
+        {"AttnProcessor2_0"}
+    gens = [torch.Generator("cpu").manual_seed(s) for s in (7, 8)]
+    latents = pipe(prompt=[PROMPT, "a dog on the beach"], num_inference_steps=2, generator=gens,
+                   output_type="latent").images
+    assert all(np.abs(px(a) - px(b)).max() <= 1 for a, b in zip(ours, decode_latents(pipe, latents)))
