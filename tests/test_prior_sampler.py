@@ -194,7 +194,8 @@ def test_a_prompt_is_encoded_once_and_parked_encoders_go_back_to_the_cpu(tiny_ba
 @pytest.mark.gpu
 def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_base):
     """On the GPU: the graph-replayed sampler equals its eager self; with the pipeline's fp16 UNet, fp32 VAE and
-    diffusers' GEGLU it draws the pipeline's images, with the one-kernel GEGLU within fp16 rounding of them; the
+    diffusers' GEGLU it draws the pipeline's images, with the one-kernel GEGLU or the constant negative
+    cross-attention within fp16 rounding of them; the
     distance of the default (bf16 VAE), of an all-bf16 run and of compiled blocks is printed.
     Measured 2026-12-04 before the default VAE became bf16: fp16 0.0 with and without the graph, bf16 0.19."""
     seeds, size, steps = [0, 1, 2], 128, 25
@@ -217,10 +218,12 @@ def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_bas
                                 height=size, width=size, output_type="np",
                                 generator=[torch.Generator().manual_seed(s) for s in seeds]).images).permute(0, 3, 1, 2)
     pipeline_vae = "float32" if pipe.vae.config.force_upcast else "float16"
-    plain = {"fused_geglu": False}  # diffusers' own GEGLU: the pipeline's exact kernels
+    # diffusers' own GEGLU and every cross-attention computed: the pipeline's exact kernels
+    plain = {"fused_geglu": False, "constant_negative": False}
     got = {"fp16 eager": images("float16", False, pipeline_vae, **plain),
            "fp16 graph": images("float16", True, pipeline_vae, **plain),
-           "fp16 graph, fused geglu": images("float16", True, pipeline_vae),
+           "fp16 graph, fused geglu": images("float16", True, pipeline_vae, constant_negative=False),
+           "fp16 graph, constant negative": images("float16", True, pipeline_vae, fused_geglu=False),
            "fp16 graph, short last batch": images("float16", True, pipeline_vae, batch_size=2, **plain),
            "default": images(None, True), "bf16": images("bfloat16", True, "bfloat16", **plain),
            "fp16 compiled blocks": images("float16", True, pipeline_vae, compile_blocks=True),
@@ -235,6 +238,8 @@ def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_bas
     # the one-kernel GEGLU (the default on a GPU) rounds once where diffusers' rounds twice: fp16 rounding, far
     # below bf16's drift of this random-weight trajectory (0.19)
     assert gap["fp16 graph, fused geglu"] < 2e-2
+    # the zeroed negative's cross-attentions filled in (zero_negative.py): the same sums over half the GEMM rows
+    assert gap["fp16 graph, constant negative"] < 2e-2
     # encoders parked on the CPU between prompts: the same encoding kernels on the GPU, the same images
     assert (got["fp16 graph, parked encoders"] - got["fp16 graph"]).abs().max().item() < 2e-2
     # Inductor's fused kernels inside the captured graph: they replay (images() asserts no fallback to eager)
