@@ -28,8 +28,10 @@ def constant_for_zero_context(attn) -> bool:
     if not getattr(attn, "is_cross_attention", False) or type(attn.processor).__name__ not in PLAIN_PROCESSORS:
         return False
     # each projection must say it has no bias (a layer that keeps no ``bias`` attribute is not guessed at)
-    projections = [attn.to_k, attn.to_v] + ([attn.to_kv] if getattr(attn, "to_kv", None) is not None else [])
-    if any(getattr(p, "bias", 0) is not None for p in projections) or not hasattr(attn.to_out[0], "bias"):
+    # (fused projections may have replaced to_k and to_v by to_kv)
+    projections = [p for p in (getattr(attn, n, None) for n in ("to_k", "to_v", "to_kv")) if p is not None]
+    if not projections or any(getattr(p, "bias", 0) is not None for p in projections) \
+            or not hasattr(attn.to_out[0], "bias"):
         return False
     return (getattr(attn, "norm_cross", None) is None and getattr(attn, "add_k_proj", None) is None
             and not attn.residual_connection and attn.rescale_output_factor == 1.0
