@@ -177,7 +177,7 @@ class PriorSampler:
                     fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
                     cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
                     fused_geglu=self.fused_geglu,
-                    constant_negative=self._constant.layers if self._constant is not None else 0)
+                    constant_negative_layers=self._constant.layers if self._constant is not None else 0)
 
     @contextlib.contextmanager
     def _cudnn(self):

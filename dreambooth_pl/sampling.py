@@ -176,7 +176,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int = SAMPLER.st
     check_size(height, width)
     # no negative prompt: the pipeline guides with zero embeddings, whose cross-attentions are a constant
     # (zero_negative.py); the pipeline's batch is [negatives; positives], one row per image each
-    zeroed = guidance > 1 and not negative_prompt and bool(pipe.config.get("force_zeros_for_empty_prompt"))
+    zeroed = (guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # the pipeline's guidance rule
+              and not negative_prompt and bool(pipe.config.get("force_zeros_for_empty_prompt")))
     constant = ConstantNegative(pipe.unet) if zeroed else None
     images = []
     try:

@@ -139,6 +139,11 @@ def test_a_second_subject_of_the_class_reuses_the_priors_and_the_manifest_says_s
     old = generate_class_images(tiny_base, "a photo of dog", str(tmp_path / "old"), constant_negative=False,
                                 **dict(kw, num=1))
     assert "generated 1" in old and len(list((tmp_path / "cache").glob("*/key.json"))) == 4
+    from dreambooth_pl.io import read_png_metadata
+
+    used = {name: read_png_metadata(tmp_path / name / "class_00000.png")["constant_negative"]
+            for name in ("subject1", "neg", "old")}
+    assert used == {"subject1": True, "neg": False, "old": False}  # what each draw ran, in its PNG
 
 
 def test_a_rebuilt_base_gets_a_new_key(tmp_path):

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1] / "dreambooth_pl"
 LAYERS = [
     ["io", "console", "config_guard", "prompts", "noise", "loss", "geglu_kernel", "block_ops", "ema", "optimizers",
      "perf", "graphs", "fused_lora", "metrics", "checkpoint_io", "argv", "devices", "__init__", "sampler_settings",
-     "adapter.__init__", "adapter", "base_handoff", "zero_negative"],  # the adapter package itself holds only the LoRA file's name
+     "zero_negative", "base_handoff",
+     "adapter.__init__", "adapter"],  # the adapter package itself holds only the LoRA file's name
     ["moved_keys", "sdxl", "adapter.maths", "pivotal", "token_files"],
     ["adapter.kinds", "bases"],
     ["adapter.value"],

@@ -58,6 +58,8 @@ def test_fused_attention_draws_the_unfused_latents_and_frees_the_separate_projec
     fused = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=3, fuse_qkv=True)
     plain = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=3)
     assert fused.runtime()["fuse_qkv"] and not plain.runtime()["fuse_qkv"]
+    # the fused k/v projection (to_kv) still takes the zeroed negative's constant (zero_negative.py)
+    assert fused.runtime()["constant_negative_layers"] == plain.runtime()["constant_negative_layers"] > 0
     a = fused.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
     b = plain.latents("a photo of dog", [5, 6], STEPS, 5.0, None, SIZE, SIZE)
     assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
@@ -207,6 +209,10 @@ def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_bas
                                             size)).cpu() for i in range(0, len(seeds), batch_size)])
         assert s.graph == graph, "the CUDA-graph capture failed and the sampler fell back to eager"
         assert bool(s._graphs) == graph  # a full batch was captured (a short one alone runs eagerly)
+        # with the constant negative (the default) each captured graph skips the batch's negative half
+        skipped = batch_size if switches.get("constant_negative", True) else 0
+        assert all(key[2] == skipped for key in s._graphs) and (s.runtime()["constant_negative_layers"] > 0) == (
+            skipped > 0)
         return out
 
     from diffusers import StableDiffusionXLPipeline

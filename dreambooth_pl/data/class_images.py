@@ -174,10 +174,11 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     root = resolve_base(base)
     size = s.resolution or native_size(root)
     dev = sampler_device(device)
+    constant_negative = s.constant_negative and g.negative_prompt is None and g.guidance > 1
     key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
                     s.base_dtype, s.vae_tiling, s.compile_blocks, fuses_geglu(s, dev),
                     reads_vae_direct(dev, dtype, None, s.base_dtype, s.park_text_encoders),
-                    constant_negative=s.constant_negative and g.negative_prompt is None and g.guidance > 1)
+                    constant_negative=constant_negative)
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)
@@ -220,6 +221,9 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     timing = {"load_s": time.perf_counter() - start}
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
                      negative_prompt=g.negative_prompt, **sampler.runtime())
+    # whether the negative half's cross-attentions were the constant (as the prior cache's key says)
+    meta_base["constant_negative"] = bool(s.constant_negative and g.negative_prompt is None and g.guidance > 1
+                                          and meta_base["constant_negative_layers"])
     by_seed = {s.seed + i: i for i in indices}
 
     def write(i: int, image) -> None:
