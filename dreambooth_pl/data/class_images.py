@@ -72,6 +72,13 @@ def fuses_geglu(s: ClassImageSettings, device) -> bool:
     return fused_geglu_for(s.fused_geglu, device, s.compile_blocks, s.base_dtype)
 
 
+def guides_with_constant_negative(s: ClassImageSettings) -> bool:
+    """Whether a draw of ``s`` fills the zeroed negative prompt's cross-attentions in as their constant (no negative
+    prompt, guidance on, the switch on: zero_negative.py); the prior cache keys on it and the PNGs record it."""
+    g = s.sampler
+    return s.constant_negative and g.negative_prompt is None and g.guidance > 1
+
+
 def as_class_image_settings(value) -> ClassImageSettings:
     """``value`` as :class:`ClassImageSettings`: None gives the defaults; a dict (what the CLI and a run's saved
     config hand over) is built, its ``sampler`` too."""
@@ -174,11 +181,10 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     root = resolve_base(base)
     size = s.resolution or native_size(root)
     dev = sampler_device(device)
-    constant_negative = s.constant_negative and g.negative_prompt is None and g.guidance > 1
     key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
                     s.base_dtype, s.vae_tiling, s.compile_blocks, fuses_geglu(s, dev),
                     reads_vae_direct(dev, dtype, None, s.base_dtype, s.park_text_encoders),
-                    constant_negative=constant_negative)
+                    constant_negative=guides_with_constant_negative(s))
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)
@@ -222,8 +228,7 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
                      negative_prompt=g.negative_prompt, **sampler.runtime())
     # whether the negative half's cross-attentions were the constant (as the prior cache's key says)
-    meta_base["constant_negative"] = bool(s.constant_negative and g.negative_prompt is None and g.guidance > 1
-                                          and meta_base["constant_negative_layers"])
+    meta_base["constant_negative"] = guides_with_constant_negative(s) and meta_base["constant_negative_layers"] > 0
     by_seed = {s.seed + i: i for i in indices}
 
     def write(i: int, image) -> None:
