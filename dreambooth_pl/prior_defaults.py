@@ -35,6 +35,14 @@ def fused_geglu_for(asked: Optional[bool], device: torch.device, compile_blocks:
     return default_fused_geglu(device, compile_blocks, base_dtype) if asked is None else asked
 
 
+def fused_norms_for(asked: Optional[bool], device: torch.device, compile_blocks: bool) -> bool:
+    """Whether a sampler runs its GroupNorms as fused_norms.py's Triton kernels: ``asked``, else on a GPU with
+    Triton and no compiled blocks (which fuse the norms themselves). One rule for the sampler and the prior cache."""
+    from .fused_norms import uses_kernel
+
+    return (uses_kernel(device) and not compile_blocks) if asked is None else asked
+
+
 def default_vae_dtype(device: torch.device, dtype: str) -> str:
     """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
     VAE is then upcast to fp32, as the pipeline does)."""

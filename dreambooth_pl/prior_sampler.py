@@ -34,7 +34,8 @@ import torch
 from .block_ops import fuse_geglu
 from .graphs import GraphedForward
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions, fuse_attention
-from .prior_defaults import default_dtype, default_vae_dtype, fused_geglu_for, sampler_device
+from .fused_norms import fuse_norms, to_nhwc
+from .prior_defaults import default_dtype, default_vae_dtype, fused_geglu_for, fused_norms_for, sampler_device
 from .sampling import SAMPLER, make_scheduler
 from .sdxl import DTYPES, dtype_name, load_parts, load_vae, resolve_base, unscale_latents
 from .zero_negative import ConstantNegative, is_zero
@@ -74,6 +75,9 @@ class PriorSampler:
             ``prior_defaults.default_fused_geglu``).
         constant_negative: the zeroed negative prompt's cross-attentions filled in as the constant they are
             (zero_negative.py; False: computed, as diffusers does).
+        fused_norms: the UNet's and VAE's GroupNorms as Triton kernels, each resnet's ``+ temb``, norm and SiLU in
+            one (fused_norms.py; None: ``prior_defaults.fused_norms_for``).
+        channels_last: the UNet in NHWC on a GPU (with ``fused_norms``, no layout copies around its norms).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
@@ -81,7 +85,8 @@ class PriorSampler:
                  decode_batch: int = 4, vae_dtype: Optional[str] = None, base_dtype: str = "float16",
                  vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto",
                  compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False,
-                 fused_geglu: Optional[bool] = None, constant_negative: bool = True):
+                 fused_geglu: Optional[bool] = None, constant_negative: bool = True,
+                 fused_norms: Optional[bool] = None, channels_last: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -134,6 +139,13 @@ class PriorSampler:
         self.fused_geglu = fused_geglu_for(fused_geglu, self.device, compile_blocks, base_dtype)
         if self.fused_geglu:
             fuse_geglu(pipe.unet)
+        self.fused_norms = fused_norms_for(fused_norms, self.device, compile_blocks)
+        if self.fused_norms:
+            fuse_norms(pipe.unet)
+            fuse_norms(pipe.vae)
+        self.channels_last = channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            to_nhwc(pipe.unet)
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
         self._zero_negative: dict[tuple, bool] = {}  # the same keys -> the negative embeddings are all zero
         self._constant = ConstantNegative(pipe.unet) if constant_negative else None
@@ -149,6 +161,7 @@ class PriorSampler:
         or parked base, fused q/k/v, compiled blocks; a VAE that was upcast or tiles stays out alone."""
         from . import base_handoff
         from .block_ops import unfuse_blocks
+        from .fused_norms import unfuse_norms
 
         if self._base is None or self.pipe is None or self.fuse_qkv or self.compiled_blocks:
             return False  # (pipe None: left already)
@@ -158,6 +171,10 @@ class PriorSampler:
             self._constant.remove()
             self._constant = None
         unfuse_blocks(pipe.unet)
+        unfuse_norms(pipe.unet)
+        unfuse_norms(pipe.vae)
+        if self.channels_last:
+            to_nhwc(pipe.unet, on=False)
         parts = {name: getattr(pipe, name) for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
                                                          "unet")}
         if not pipe.vae.use_tiling and pipe.vae.dtype == vae_loaded:  # an upcast one holds fp16-rounded values
@@ -176,7 +193,7 @@ class PriorSampler:
                     vae_dtype=dtype_name(self.pipe.vae.dtype), base_dtype=self.base_dtype,
                     fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
                     cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
-                    fused_geglu=self.fused_geglu,
+                    fused_geglu=self.fused_geglu, fused_norms=self.fused_norms, channels_last=self.channels_last,
                     constant_negative_layers=self._constant.layers if self._constant is not None else 0)
 
     @contextlib.contextmanager

@@ -15,6 +15,25 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "dog"
 
 
+def interpreted(monkeypatch, module: str):
+    """``dreambooth_pl.<module>`` (a Triton kernel file) imported afresh under Triton's interpreter
+    (``TRITON_INTERPRET=1``: its kernels run on CPU tensors), in place of the package's own for one test."""
+    import importlib.util
+    import sys
+
+    pytest.importorskip("triton")
+    import dreambooth_pl
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    name = f"dreambooth_pl.{module}"
+    spec = importlib.util.spec_from_file_location(name, REPO / "dreambooth_pl" / f"{module}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(dreambooth_pl, module, mod, raising=False)
+    return mod
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> str:
     """A random tiny SDXL pipeline folder (the real layout and tokenizers), shared by the whole session."""

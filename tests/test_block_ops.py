@@ -2,15 +2,12 @@
 gradients), fall back where they cannot apply, and leave the weights alone."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import interpreted
 from dreambooth_pl.block_ops import fuse_geglu, gated_gelu, half_norms, unfuse_blocks
 
 
@@ -189,17 +186,9 @@ def test_fast_kernels_fit_on_cpu_under_bf16(tiny_base, subject_dirs, tmp_path):
 def interpreted_kernel(monkeypatch):
     """geglu_kernel.py imported afresh under Triton's interpreter (``TRITON_INTERPRET=1``), which runs the kernels
     on CPU tensors; block_ops' own import of it is this module for the test."""
-    pytest.importorskip("triton")
-    import dreambooth_pl
     from dreambooth_pl import block_ops
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    name = "dreambooth_pl.geglu_kernel"
-    spec = importlib.util.spec_from_file_location(name, Path(block_ops.__file__).with_name("geglu_kernel.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.setattr(dreambooth_pl, "geglu_kernel", mod, raising=False)
+    mod = interpreted(monkeypatch, "geglu_kernel")
     monkeypatch.setattr(block_ops, "uses_kernel", lambda device: True)
     return mod
 

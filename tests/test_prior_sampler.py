@@ -197,7 +197,7 @@ def test_a_prompt_is_encoded_once_and_parked_encoders_go_back_to_the_cpu(tiny_ba
 def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_base):
     """On the GPU: the graph-replayed sampler equals its eager self; with the pipeline's fp16 UNet, fp32 VAE and
     diffusers' GEGLU it draws the pipeline's images, with the one-kernel GEGLU or the constant negative
-    cross-attention within fp16 rounding of them; the
+    cross-attention or the Triton GroupNorms (NCHW and NHWC) within fp16 rounding of them; the
     distance of the default (bf16 VAE), of an all-bf16 run and of compiled blocks is printed.
     Measured 2026-12-04 before the default VAE became bf16: fp16 0.0 with and without the graph, bf16 0.19."""
     seeds, size, steps = [0, 1, 2], 128, 25
@@ -225,11 +225,17 @@ def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_bas
                                 generator=[torch.Generator().manual_seed(s) for s in seeds]).images).permute(0, 3, 1, 2)
     pipeline_vae = "float32" if pipe.vae.config.force_upcast else "float16"
     # diffusers' own GEGLU and every cross-attention computed: the pipeline's exact kernels
-    plain = {"fused_geglu": False, "constant_negative": False}
+    plain = {"fused_geglu": False, "constant_negative": False, "fused_norms": False}
     got = {"fp16 eager": images("float16", False, pipeline_vae, **plain),
            "fp16 graph": images("float16", True, pipeline_vae, **plain),
-           "fp16 graph, fused geglu": images("float16", True, pipeline_vae, constant_negative=False),
-           "fp16 graph, constant negative": images("float16", True, pipeline_vae, fused_geglu=False),
+           "fp16 graph, fused geglu": images("float16", True, pipeline_vae, constant_negative=False,
+                                             fused_norms=False),
+           "fp16 graph, constant negative": images("float16", True, pipeline_vae, fused_geglu=False,
+                                                   fused_norms=False),
+           "fp16 graph, fused norms": images("float16", True, pipeline_vae, fused_geglu=False,
+                                             constant_negative=False),
+           "fp16 graph, fused norms, nhwc": images("float16", True, pipeline_vae, fused_geglu=False,
+                                                   constant_negative=False, channels_last=True),
            "fp16 graph, short last batch": images("float16", True, pipeline_vae, batch_size=2, **plain),
            "default": images(None, True), "bf16": images("bfloat16", True, "bfloat16", **plain),
            "fp16 compiled blocks": images("float16", True, pipeline_vae, compile_blocks=True),
@@ -246,6 +252,9 @@ def test_graph_replay_equals_eager_and_fp16_matches_the_pipeline_on_gpu(tiny_bas
     assert gap["fp16 graph, fused geglu"] < 2e-2
     # the zeroed negative's cross-attentions filled in (zero_negative.py): the same sums over half the GEMM rows
     assert gap["fp16 graph, constant negative"] < 2e-2
+    # the GroupNorms as Triton kernels, the resnet's add and SiLU fused (fused_norms.py), in NCHW and in NHWC:
+    # one rounding where diffusers rounds after each op
+    assert gap["fp16 graph, fused norms"] < 2e-2 and gap["fp16 graph, fused norms, nhwc"] < 2e-2
     # encoders parked on the CPU between prompts: the same encoding kernels on the GPU, the same images
     assert (got["fp16 graph, parked encoders"] - got["fp16 graph"]).abs().max().item() < 2e-2
     # Inductor's fused kernels inside the captured graph: they replay (images() asserts no fallback to eager)

@@ -49,6 +49,11 @@ class ClassImageSettings:
             constant they are instead of computing them (zero_negative.py; ~3.5 % of a guided step's FLOPs). Its
             GEMMs see half the rows, so it is part of the prior cache's key: ``false`` keeps reusing class images
             drawn before it was the default (2026-12-07).
+        fused_norms: run the UNet's and VAE's GroupNorms, with each resnet's ``+ temb`` before and SiLU after, as
+            Triton kernels (fused_norms.py; None: on a GPU with Triton and no compiled blocks). They round once where
+            diffusers rounds at each step, so it is part of the prior cache's key.
+        channels_last: draw with the UNet in NHWC (cuDNN's Hopper convolutions' layout; the fused norms keep it).
+            Other kernels round differently, so it is part of the prior cache's key.
     """
 
     sampler: SamplerSettings = SAMPLER
@@ -63,6 +68,15 @@ class ClassImageSettings:
     park_text_encoders: bool = False
     fused_geglu: Optional[bool] = None
     constant_negative: bool = True
+    fused_norms: Optional[bool] = None
+    channels_last: bool = False
+
+
+def fuses_norms(s: ClassImageSettings, device) -> bool:
+    """Whether the sampler of ``s`` on ``device`` runs the Triton GroupNorms (the prior cache keys on it)."""
+    from ..prior_defaults import fused_norms_for
+
+    return fused_norms_for(s.fused_norms, device, s.compile_blocks)
 
 
 def fuses_geglu(s: ClassImageSettings, device) -> bool:
@@ -184,7 +198,8 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
                     s.base_dtype, s.vae_tiling, s.compile_blocks, fuses_geglu(s, dev),
                     reads_vae_direct(dev, dtype, None, s.base_dtype, s.park_text_encoders),
-                    constant_negative=guides_with_constant_negative(s))
+                    constant_negative=guides_with_constant_negative(s), fused_norms=fuses_norms(s, dev),
+                    channels_last=s.channels_last and dev.type == "cuda")
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)
@@ -223,7 +238,8 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     sampler = PriorSampler(base, g.scheduler, dtype, device, vae, _batch_size(s.batch_size, device),
                            base_dtype=s.base_dtype, vae_tiling=s.vae_tiling, compile_blocks=s.compile_blocks,
                            park_text_encoders=s.park_text_encoders, fused_geglu=s.fused_geglu,
-                           constant_negative=s.constant_negative)
+                           constant_negative=s.constant_negative, fused_norms=s.fused_norms,
+                           channels_last=s.channels_last)
     timing = {"load_s": time.perf_counter() - start}
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
                      negative_prompt=g.negative_prompt, **sampler.runtime())

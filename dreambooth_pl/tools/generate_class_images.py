@@ -38,7 +38,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                           progress: bool = True, overwrite: bool = False,
                           base_dtype: Literal["float16", "float8", "nf4"] = "float16", vae_tiling: bool = False,
                           park_text_encoders: bool = False, fused_geglu: Optional[bool] = None,
-                          constant_negative: bool = True) -> str:
+                          constant_negative: bool = True, fused_norms: Optional[bool] = None,
+                          channels_last: bool = False) -> str:
     """Draw class-prior images with the base model until ``out`` holds ``num`` images (resumable).
 
     Args:
@@ -67,6 +68,9 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
             images drawn before it was the default (docs/generation.md).
         constant_negative: the zeroed negative prompt's cross-attentions filled in as their constant (no
             negative prompt); ``false`` reuses class images drawn before it was the default (docs/generation.md).
+        fused_norms: the GroupNorms (with each resnet's add and SiLU) as Triton kernels (None: on a GPU with
+            Triton); ``false`` reuses class images drawn before it was the default (docs/generation.md).
+        channels_last: draw with the UNet in NHWC (docs/generation.md).
     """
     from ..sampling import check_size
 
@@ -84,7 +88,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
     settings = ClassImageSettings(sampler=sampler, resolution=args["resolution"], batch_size=batch_size, seed=seed,
                                   cache=cache, cache_dir=cache_dir, base_dtype=base_dtype, vae_tiling=vae_tiling,
                                   park_text_encoders=park_text_encoders, fused_geglu=fused_geglu,
-                                  constant_negative=constant_negative)
+                                  constant_negative=constant_negative, fused_norms=fused_norms,
+                                  channels_last=channels_last)
     return draw_class_images(args["base"], args["prompt"], args["out"],
                              NUM_CLASS_IMAGES if args["num"] is None else args["num"], settings, dtype, device,
                              args["vae"], progress)

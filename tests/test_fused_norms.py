@@ -1,0 +1,210 @@
+"""group_norm_kernel.py and fused_norms.py: the Triton GroupNorm (with the resnet's add before it and SiLU after it)
+gives PyTorch's values in NCHW, NHWC and 3-D layouts and keeps the layout; a UNet and a VAE with their norms fused
+(and the UNet in NHWC) give their eager outputs; gradients and other devices keep diffusers' forwards."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import interpreted
+from dreambooth_pl import fused_norms
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """group_norm_kernel.py imported afresh under Triton's interpreter (``TRITON_INTERPRET=1``: the kernels run on
+    CPU tensors), and fused_norms told the CPU takes them."""
+    mod = interpreted(monkeypatch, "group_norm_kernel")
+    monkeypatch.setattr(fused_norms, "uses_kernel", lambda device: True)
+    return mod
+
+
+@pytest.mark.parametrize("shape,groups,layout", [((2, 64, 9, 7), 32, "nchw"), ((2, 64, 9, 7), 32, "nhwc"),
+                                                 ((3, 96, 5, 130), 32, "nhwc"), ((2, 40, 33), 4, "3d-t"),
+                                                 ((2, 128, 1, 1), 32, "nchw")])
+def test_kernel_gives_torchs_group_norm_with_add_and_silu_in_the_inputs_layout(kernels, shape, groups, layout):
+    """Pixel and channel counts no multiple of the 64-wide tiles, an offset mean (the merge of partial variances
+    must not cancel), a 1x1 map, and a transposed 3-D input (the VAE attention's norm)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen) * 3 + 5
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "3d-t":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    add = torch.randn(shape[0], shape[1], generator=gen)
+    y = kernels.group_norm(x, groups, w, b, 1e-5, add=add, silu=True)
+    ref = F.silu(F.group_norm(x + add.reshape(*add.shape, *(1,) * (x.dim() - 2)), groups, w, b, 1e-5))
+    assert y.stride() == x.stride() and _rel(y, ref) < 1e-5
+    assert _rel(kernels.group_norm(x, groups, None, None, 1e-6), F.group_norm(x, groups, eps=1e-6)) < 1e-5
+
+
+def test_kernel_in_bf16_rounds_once(kernels):
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 320, 12, 12, generator=gen) * 2).to(torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    w, b = torch.randn(320, generator=gen).bfloat16(), torch.randn(320, generator=gen).bfloat16()
+    y = kernels.group_norm(x, 32, w, b, 1e-5, silu=True)
+    ref = F.silu(F.group_norm(x.float(), 32, w.float(), b.float(), 1e-5))
+    assert y.dtype == torch.bfloat16 and _rel(y, ref) < 8e-3  # one bf16 rounding (2^-8) of the fp32 result
+
+
+def test_a_tensor_whose_pixels_do_not_flatten_is_refused(kernels):
+    x = torch.randn(2, 8, 6, 6)[:, :, :, :3]  # a column slice: H's stride is not W's times W
+    assert kernels.flat_strides(x) is None
+    with pytest.raises(ValueError, match="do not flatten"):
+        kernels.group_norm(x, 4, None, None, 1e-5)
+
+
+def _unet_inputs(unet, batch=2):
+    cfg, gen = unet.config, torch.Generator().manual_seed(0)
+    size = cfg.sample_size
+    text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return (torch.randn(batch, 4, size, size, generator=gen), torch.tensor([500.0] * batch),
+            torch.randn(batch, 77, cfg.cross_attention_dim, generator=gen),
+            {"text_embeds": torch.randn(batch, text, generator=gen), "time_ids": torch.randn(batch, 6, generator=gen)})
+
+
+def test_fused_unet_and_vae_give_the_eager_outputs_in_nchw_and_nhwc_and_unfuse_restores(kernels, tiny_base):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").eval()
+    x, t, ctx, added = _unet_inputs(unet)
+    with torch.no_grad():
+        ref = unet(x, t, ctx, added_cond_kwargs=added).sample
+        # every GroupNorm, every resnet and every 2-D transformer's output
+        n = sum(type(m).__name__ in ("GroupNorm", "ResnetBlock2D", "Transformer2DModel") for m in unet.modules())
+        assert fused_norms.fuse_norms(unet) == n > 0
+        fused = unet(x, t, ctx, added_cond_kwargs=added).sample
+        fused_norms.to_nhwc(unet)
+        nhwc = unet(x, t, ctx, added_cond_kwargs=added).sample
+        assert nhwc.is_contiguous(memory_format=torch.channels_last)
+        assert fused_norms.unfuse_norms(unet) > 0 and fused_norms.unfuse_norms(unet) == 0
+        fused_norms.to_nhwc(unet, on=False)
+        again = unet(x, t, ctx, added_cond_kwargs=added).sample
+    assert _rel(fused, ref) < 1e-5 and _rel(nhwc, ref) < 1e-5 and torch.equal(again, ref)
+    assert not any("forward" in vars(m) or "_get_output_for_continuous_inputs" in vars(m) for m in unet.modules())
+
+    vae = AutoencoderKL.from_pretrained(tiny_base, subfolder="vae").eval()
+    z = torch.randn(1, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        assert fused_norms.fuse_norms(vae) > 0
+        out = vae.decode(z).sample
+    assert _rel(out, ref) < 1e-5
+
+
+def test_a_gradient_keeps_diffusers_forwards(kernels, tiny_base, monkeypatch):
+    """Training (an input that needs a gradient) runs diffusers' own ops: the kernels have no backward."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_pl import group_norm_kernel
+
+    calls = []
+    real = group_norm_kernel.group_norm
+    monkeypatch.setattr(group_norm_kernel, "group_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").eval()
+    fused_norms.fuse_norms(unet)
+    x, t, ctx, added = _unet_inputs(unet, batch=1)
+    out = unet(x.requires_grad_(True), t, ctx, added_cond_kwargs=added).sample
+    out.square().mean().backward()
+    assert not calls and x.grad is not None and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        unet(x, t, ctx, added_cond_kwargs=added)
+    assert calls
+
+
+def test_without_the_kernels_the_fused_modules_run_the_same_formula(tiny_base, monkeypatch):
+    """A CPU (or a GPU without Triton): the patched modules run the eager ops, bit for bit diffusers'."""
+    from diffusers import UNet2DConditionModel
+
+    monkeypatch.setattr(fused_norms, "uses_kernel", lambda device: False)
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").eval()
+    x, t, ctx, added = _unet_inputs(unet)
+    with torch.no_grad():
+        ref = unet(x, t, ctx, added_cond_kwargs=added).sample
+        fused_norms.fuse_norms(unet)
+        assert torch.allclose(unet(x, t, ctx, added_cond_kwargs=added).sample, ref, rtol=0, atol=1e-6)
+
+
+def test_a_failing_kernel_warns_once_and_the_norms_run_eagerly(kernels, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(kernels, "group_norm", broken)
+    monkeypatch.setattr(fused_norms, "_kernel_failed", [])
+    monkeypatch.setattr(fused_norms, "uses_kernel", lambda device: not fused_norms._kernel_failed)
+    norm = torch.nn.GroupNorm(4, 16).eval()
+    fused_norms.fuse_norms(norm)
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad(), pytest.warns(UserWarning, match="GroupNorm kernels failed"):
+        assert torch.equal(norm(x), F.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
+    assert fused_norms._kernel_failed
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_the_kernels_compile_for_hopper_without_a_gpu(dtype):
+    """Triton's compiler, not its interpreter, builds all three kernels to an sm_90 cubin (geglu's lesson)."""
+    import inspect
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dreambooth_pl import group_norm_kernel as k
+
+    consts = {k._partial_stats: dict(HAS_ADD=True, BP=k.BLOCK_P, BC=k.BLOCK_C),
+              k._group_stats: dict(BPB=64, BG=128, BP=k.BLOCK_P),
+              k._apply: dict(HAS_ADD=True, AFFINE=True, SILU=True, BP=k.BLOCK_P, BC=k.BLOCK_C)}
+    for fn, constexprs in consts.items():
+        sig = {}
+        for a in inspect.signature(fn.fn).parameters:
+            sig[a] = "constexpr" if a in constexprs else "fp32" if a == "eps" else \
+                "*fp32" if a in ("mean_ptr", "m2_ptr", "gmean_ptr", "rstd_ptr") else \
+                f"*{dtype}" if a.endswith("_ptr") else "i32"
+        assert triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_equals_torch_and_is_timed_at_sdxls_shapes():
+    """On the GPU, fp16, SDXL's resnet norms at batch 16 (a guided batch of 8): the fused add + norm + SiLU against
+    eager ``x + temb → group_norm → silu`` in NCHW and NHWC (values within one fp16 rounding; times printed)."""
+    from dreambooth_pl import group_norm_kernel
+
+    if not fused_norms.uses_kernel(torch.device("cuda")):
+        pytest.skip("no Triton on this GPU")
+    gen = torch.Generator("cuda").manual_seed(0)
+    for c, side in [(320, 128), (640, 64), (1280, 32), (2560, 32)]:
+        x = torch.randn(16, c, side, side, device="cuda", dtype=torch.float16, generator=gen)
+        temb = torch.randn(16, c, device="cuda", dtype=torch.float16, generator=gen)
+        w = torch.randn(c, device="cuda", dtype=torch.float16, generator=gen)
+        b = torch.randn(c, device="cuda", dtype=torch.float16, generator=gen)
+
+        def eager(x):
+            return F.silu(F.group_norm(x + temb[:, :, None, None], 32, w, b, 1e-5))
+
+        def ours(x):
+            return group_norm_kernel.group_norm(x, 32, w, b, 1e-5, add=temb, silu=True)
+
+        row = []
+        for layout in ("nchw", "nhwc"):
+            xi = x if layout == "nchw" else x.contiguous(memory_format=torch.channels_last)
+            ref = F.silu(F.group_norm(xi.float() + temb.float()[:, :, None, None], 32, w.float(), b.float(), 1e-5))
+            assert _rel(ours(xi), ref) < 2e-3 and ours(xi).stride() == xi.stride()
+            for name, fn in (("eager", eager), ("fused", ours)):
+                fn(xi)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(20):
+                    fn(xi)
+                torch.cuda.synchronize()
+                row.append(f"{layout} {name} {(time.perf_counter() - t) / 20 * 1e6:.0f} us")
+        print(f"FUSED_NORMS 16x{c}x{side}x{side}: " + ", ".join(row))
