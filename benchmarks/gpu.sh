@@ -51,6 +51,9 @@ for stage in "$@"; do
     tests-fast)  # the fast preset's kernels: compiled GEGLU, fused LoRA, graphed = eager with them on
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_block_ops.py tests/test_fused_lora.py tests/test_fused_norms.py \
         tests/test_graphs.py 2>&1 | grep -E "passed|failed|rel=|FUSED_NORMS|Error|^FAILED|^E " | tail -n 30 ;;
+    norms)  # fused_norms.py's kernels against PyTorch's GroupNorm at SDXL's shapes, NCHW and NHWC, timed
+      timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_fused_norms.py 2>&1 \
+        | grep -E "passed|failed|FUSED_NORMS|Error|^FAILED|^E " | tail -n 12 ;;
     tests-new)  # this round's GPU tests in one process: face identity + held-out loss, pivotal tuning, the recipe's console
       timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=8 tests/test_gpu_face.py \
         tests/test_pivotal_gpu.py tests/test_gpu_acceptance.py::test_the_recipes_console_prints_only_the_allowed_lines \
