@@ -1,5 +1,6 @@
-"""The UNet's GroupNorms as group_norm_kernel.py's Triton kernels while drawing (no autograd): each resnet's
-``+ temb``, norm and SiLU in one read-read-write, and a channels_last (NHWC) UNet without layout copies.
+"""The UNet's GroupNorms as group_norm_kernel.py's Triton kernels: each resnet's ``+ temb``, norm and SiLU in one
+read-read-write (forward; the backward recomputes the norm from the input), and a channels_last (NHWC) UNet
+without layout copies. The prior sampler draws with them; ``model.perf.fused_norms`` trains with them.
 
 - :func:`fuse_norms` routes every ``nn.GroupNorm`` and diffusers ``ResnetBlock2D`` of a model through the kernels.
   A resnet's ``norm1 → SiLU`` and ``+ temb → norm2 → SiLU`` become one kernel call each (eager: four and five
@@ -9,8 +10,8 @@
   want (no ``nchwToNhwc`` conversions), the norms keep NHWC, each ``Transformer2DModel``'s ``proj_in`` reads its
   input as a view, and its output is added to the residual in NHWC without the ``.contiguous()`` copy back to NCHW.
 
-Where a gradient is wanted (training), on a CPU without the interpreter, or for an input the kernels do not take,
-each module runs diffusers' own forward. :func:`unfuse_norms` restores the modules; weights are never touched.
+Where a norm's own weight or bias wants a gradient, on a CPU, inside compiled code, or for an input the kernels
+do not take, each module runs diffusers' own forward. :func:`unfuse_norms` restores the modules; weights are never touched.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def uses_kernel(device: torch.device) -> bool:
 
 
 def _takes(x: torch.Tensor, *params) -> bool:
-    """Whether the kernels take this call: no gradient wanted, a floating tensor on a kernel device."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+    """Whether the kernels take this call: a floating tensor on a kernel device, and no gradient wanted for the
+    norms' own ``params`` (the kernels' backward gives the input's and the add's only)."""
+    if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
         return False
     if torch.compiler.is_compiling() or not x.is_floating_point() or x.dim() not in (3, 4):
         return False
@@ -43,7 +45,7 @@ def _takes(x: torch.Tensor, *params) -> bool:
 
 def _norm(norm: torch.nn.GroupNorm, x: torch.Tensor, add=None, silu: bool = False) -> torch.Tensor:
     """``silu?(norm(x + add))`` through the kernels where they take it, else eagerly (the same formula)."""
-    if _takes(x, norm.weight, add):
+    if _takes(x, norm.weight, norm.bias):
         from . import group_norm_kernel
 
         try:
@@ -74,7 +76,8 @@ def _fusable(block) -> bool:
 
 def _resnet_forward(self, input_tensor: torch.Tensor, temb, *args, **kwargs) -> torch.Tensor:
     """diffusers' ``ResnetBlock2D.forward`` (time_embedding_norm "default") with the norms fused."""
-    if args or kwargs or not _takes(input_tensor, self.norm1.weight, self.conv1.weight):
+    if args or kwargs or not _takes(input_tensor, self.norm1.weight, self.norm1.bias, self.norm2.weight,
+                                    self.norm2.bias):
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     hidden_states = _norm(self.norm1, input_tensor, silu=True)
     if self.upsample is not None:

@@ -1,5 +1,5 @@
 """GroupNorm (Wu & He 2018) over NCHW or NHWC (channels_last) tensors as three Triton kernels, with the resnet's
-``+ temb`` before it and the SiLU after it fused in (inference only: no autograd).
+``+ temb`` before it and the SiLU after it fused in, forward and backward (frozen affine parameters).
 
 Why: PyTorch's CUDA GroupNorm makes a channels_last input contiguous (a copy in, an NCHW tensor out), so an NHWC
 UNet pays a layout copy around every norm and cuDNN converts back before every convolution (BENCHMARKS.md
@@ -13,6 +13,9 @@ read the tensor twice and write it once.
 - ``_group_stats``: one program per (image, group) merges its channels' partials (Chan et al. 1979's pairwise
   update: ``M2 = sum M2_i + n_i (mean_i - mean)^2``) to the group's mean and 1/std, in fp32.
 - ``_apply``: the same tiles again, normalised, scaled, shifted and optionally SiLU'd, rounded once.
+- Backward: ``_grad_partial`` sums, per tile and channel, the gradient g reaching x̂ and g·x̂ (the norm's output
+  recomputed from the saved input and statistics, not stored); torch sums them per group; ``_grad_apply`` writes
+  ``dx`` in the input's layout and, where the add needs one, its per-channel gradient.
 
 ``TRITON_INTERPRET=1`` (set before this module is first imported) runs the kernels on CPU tensors for the tests.
 """
@@ -111,6 +114,70 @@ def _apply(x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, y_ptr, P, C, G, CP
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _grad_tile(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, n, p, c, mask, cm, G, CPG, sxn, sxc, sxp,
+               san, sac, sdn, sdc, sdp, HAS_ADD: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr):
+    # a tile's normalised input x̂, its 1/std, and the gradient reaching x̂ (through the SiLU and the scale)
+    x = tl.load(x_ptr + n.to(tl.int64) * sxn + p[:, None].to(tl.int64) * sxp + c[None, :].to(tl.int64) * sxc,
+                mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        x += tl.load(add_ptr + n * san + c * sac, mask=cm, other=0.0).to(tl.float32)[None, :]
+    grp = n * G + c // CPG
+    rstd = tl.load(rstd_ptr + grp, mask=cm, other=0.0)
+    xhat = (x - tl.load(gmean_ptr + grp, mask=cm, other=0.0)[None, :]) * rstd[None, :]
+    g = tl.load(dy_ptr + n.to(tl.int64) * sdn + p[:, None].to(tl.int64) * sdp + c[None, :].to(tl.int64) * sdc,
+                mask=mask, other=0.0).to(tl.float32)
+    if AFFINE:
+        w = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    if SILU:  # silu'(z) = s (1 + z (1 - s)), s = sigmoid(z), z the norm's output
+        z = xhat
+        if AFFINE:
+            z = xhat * w[None, :] + tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        g = g * sig * (1.0 + z * (1.0 - sig))
+    if AFFINE:
+        g = g * w[None, :]
+    return tl.where(mask, xhat, 0.0), rstd, tl.where(mask, g, 0.0)
+
+
+@triton.jit
+def _grad_partial(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, s1_ptr, s2_ptr, P, C, G, CPG, NPB,
+                  sxn, sxc, sxp, san, sac, sdn, sdc, sdp, HAS_ADD: tl.constexpr, AFFINE: tl.constexpr,
+                  SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
+    n, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p = pb * BP + tl.arange(0, BP)
+    c = cb * BC + tl.arange(0, BC)
+    cm = c < C
+    mask = (p < P)[:, None] & cm[None, :]
+    xhat, rstd, g = _grad_tile(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, n, p, c, mask, cm, G, CPG,
+                               sxn, sxc, sxp, san, sac, sdn, sdc, sdp, HAS_ADD, AFFINE, SILU)
+    out = (n * NPB + pb).to(tl.int64) * C + c
+    tl.store(s1_ptr + out, _sum(g, 0), mask=cm)
+    tl.store(s2_ptr + out, _sum(g * xhat, 0), mask=cm)
+
+
+@triton.jit
+def _grad_apply(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, c1_ptr, c2_ptr, dx_ptr, da_ptr, P, C, G,
+                CPG, NPB, sxn, sxc, sxp, san, sac, sdn, sdc, sdp, son, soc, sop, HAS_ADD: tl.constexpr,
+                AFFINE: tl.constexpr, SILU: tl.constexpr, ADD_GRAD: tl.constexpr, BP: tl.constexpr,
+                BC: tl.constexpr):
+    n, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    p = pb * BP + tl.arange(0, BP)
+    c = cb * BC + tl.arange(0, BC)
+    cm = c < C
+    mask = (p < P)[:, None] & cm[None, :]
+    xhat, rstd, g = _grad_tile(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, n, p, c, mask, cm, G, CPG,
+                               sxn, sxc, sxp, san, sac, sdn, sdc, sdp, HAS_ADD, AFFINE, SILU)
+    grp = n * G + c // CPG
+    c1 = tl.load(c1_ptr + grp, mask=cm, other=0.0)
+    c2 = tl.load(c2_ptr + grp, mask=cm, other=0.0)
+    dx = tl.where(mask, rstd[None, :] * (g - c1[None, :] - xhat * c2[None, :]), 0.0)
+    tl.store(dx_ptr + n.to(tl.int64) * son + p[:, None].to(tl.int64) * sop + c[None, :].to(tl.int64) * soc,
+             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if ADD_GRAD:  # the add's gradient: dx summed over the tile's pixels, per channel (the blocks summed after)
+        tl.store(da_ptr + (n * NPB + pb).to(tl.int64) * C + c, _sum(dx, 0), mask=cm)
+
+
 def flat_strides(x: torch.Tensor) -> Optional[tuple[int, int, int]]:
     """``x``'s (image, channel, pixel) strides where its spatial dims flatten to one pixel index (NCHW, NHWC, or a
     3-D ``[N, C, L]``); None where they do not."""
@@ -124,9 +191,96 @@ def flat_strides(x: torch.Tensor) -> Optional[tuple[int, int, int]]:
     return sn, sc, (sw if x.shape[3] > 1 else sh)
 
 
+def _geometry(x: torch.Tensor, add: Optional[torch.Tensor]):
+    """(strides, N, C, pixels, pixel blocks, the add as ``[N, C]`` or a placeholder, its strides)."""
+    strides = flat_strides(x)
+    if strides is None:
+        raise ValueError(f"group_norm: spatial dims of a tensor with strides {x.stride()} do not flatten")
+    n, c = x.shape[0], x.shape[1]
+    p = x[0, 0].numel() if n and c else 0
+    a = add.reshape(n, c) if add is not None else x  # (a placeholder pointer where there is none)
+    return strides, n, c, p, triton.cdiv(p, BLOCK_P), a, ((a.stride(0), a.stride(1)) if add is not None else (0, 0))
+
+
+def forward(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+            add: Optional[torch.Tensor] = None, silu: bool = False):
+    """:func:`group_norm`'s output and each (image, group)'s fp32 mean and 1/std ``[N, groups]``."""
+    strides, n, c, p, npb, a, sa = _geometry(x, add)
+    y = torch.empty_like(x)
+    gmean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(gmean)
+    if not x.numel():
+        return y, gmean, rstd
+    cpg = c // groups
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    mean = torch.empty(n, npb, c, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    tiles = (n, npb, triton.cdiv(c, BLOCK_C))
+    _partial_stats[tiles](x, a, mean, m2, p, c, npb, *strides, *sa, HAS_ADD=add is not None, BP=BLOCK_P,
+                          BC=BLOCK_C)
+    _group_stats[(n, groups)](mean, m2, gmean, rstd, p, c, npb, groups, cpg, float(eps),
+                              BPB=min(64, triton.next_power_of_2(npb)), BG=triton.next_power_of_2(cpg), BP=BLOCK_P)
+    _apply[tiles](x, a, w, b, gmean, rstd, y, p, c, groups, cpg, *strides, *sa, *flat_strides(y),
+                  HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P, BC=BLOCK_C)
+    return y, gmean, rstd
+
+
+def backward(dy: torch.Tensor, x: torch.Tensor, groups: int, weight: Optional[torch.Tensor],
+             bias: Optional[torch.Tensor], add: Optional[torch.Tensor], silu: bool, gmean: torch.Tensor,
+             rstd: torch.Tensor, add_grad: bool = False):
+    """The gradients of :func:`forward` with respect to ``x`` (in ``x``'s layout) and, with ``add_grad``, ``add``
+    (``[N, C]``, fp32), from ``dy`` in any flattenable layout: with x̂ the normalised input and g the gradient
+    reaching it, ``dx = (g - mean_group(g) - x̂ · mean_group(g · x̂)) / std`` (Wu & He 2018's norm, differentiated)."""
+    strides, n, c, p, npb, a, sa = _geometry(x, add)
+    dys = flat_strides(dy)
+    if dys is None:
+        dy = dy.contiguous()
+        dys = flat_strides(dy)
+    dx = torch.empty_like(x)
+    if not x.numel():
+        return dx, (torch.zeros(n, c, device=x.device) if add_grad else None)
+    cpg = c // groups
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    s1 = torch.empty(n, npb, c, device=x.device, dtype=torch.float32)
+    s2 = torch.empty_like(s1)
+    tiles = (n, npb, triton.cdiv(c, BLOCK_C))
+    flags = dict(HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P, BC=BLOCK_C)
+    _grad_partial[tiles](dy, x, a, w, b, gmean, rstd, s1, s2, p, c, groups, cpg, npb, *strides, *sa, *dys, **flags)
+    count = float(cpg * p)  # the per-group means of g and g·x̂: small [N, NPB, C] partials, summed by torch
+    c1 = (s1.view(n, npb, groups, cpg).sum((1, 3)) / count).contiguous()
+    c2 = (s2.view(n, npb, groups, cpg).sum((1, 3)) / count).contiguous()
+    da = s1 if add_grad else None  # (its memory reused: s1 is read above and no more)
+    _grad_apply[tiles](dy, x, a, w, b, gmean, rstd, c1, c2, dx, s1, p, c, groups, cpg, npb, *strides, *sa, *dys,
+                       *flat_strides(dx), ADD_GRAD=add_grad, **flags)
+    return dx, (da.sum(1) if add_grad else None)
+
+
+class FusedGroupNorm(torch.autograd.Function):
+    """:func:`forward` with :func:`backward` as its gradient (the affine parameters get none: frozen norms only).
+    Saves the input, the add and the statistics; the norm's output is recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, add, weight, bias, groups: int, eps: float, silu: bool):
+        y, gmean, rstd = forward(x, groups, weight, bias, eps, add, silu)
+        ctx.save_for_backward(x, add, weight, bias, gmean, rstd)
+        ctx.groups, ctx.silu = groups, silu
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, add, weight, bias, gmean, rstd = ctx.saved_tensors
+        dx, da = backward(dy, x, ctx.groups, weight, bias, add, ctx.silu, gmean, rstd,
+                          add_grad=ctx.needs_input_grad[1])
+        return dx, (da.to(add.dtype).reshape(add.shape) if da is not None else None), None, None, None, None, None
+
+
 def group_norm(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                eps: float, add: Optional[torch.Tensor] = None, silu: bool = False) -> torch.Tensor:
-    """``silu?(group_norm(x + add))`` in ``x``'s dtype and memory format (no autograd).
+    """``silu?(group_norm(x + add))`` in ``x``'s dtype and memory format; differentiable in ``x`` and ``add``
+    where autograd records (the affine parameters must not need a gradient).
 
     Args:
         x: ``[N, C, H, W]`` or ``[N, C, L]``, any layout whose spatial dims flatten (:func:`flat_strides`).
@@ -136,30 +290,6 @@ def group_norm(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bia
         add: ``[N, C]`` or ``[N, C, 1, 1]``, added per image and channel before the norm (the resnet's ``temb``).
         silu: apply ``y * sigmoid(y)`` after.
     """
-    strides = flat_strides(x)
-    if strides is None:
-        raise ValueError(f"group_norm: spatial dims of a tensor with strides {x.stride()} do not flatten")
-    n, c = x.shape[0], x.shape[1]
-    p = x[0, 0].numel() if n and c else 0
-    y = torch.empty_like(x)
-    if not x.numel():
-        return y
-    cpg = c // groups
-    npb = triton.cdiv(p, BLOCK_P)
-    a = add.reshape(n, c) if add is not None else x  # (a placeholder pointer where there is none)
-    sa = (a.stride(0), a.stride(1)) if add is not None else (0, 0)
-    w = weight if weight is not None else x
-    b = bias if bias is not None else x
-    mean = torch.empty(n, npb, c, device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
-    gmean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(gmean)
-    tiles = (n, npb, triton.cdiv(c, BLOCK_C))
-    _partial_stats[tiles](x, a, mean, m2, p, c, npb, *strides, *sa, HAS_ADD=add is not None, BP=BLOCK_P,
-                          BC=BLOCK_C)
-    _group_stats[(n, groups)](mean, m2, gmean, rstd, p, c, npb, groups, cpg, float(eps),
-                              BPB=min(64, triton.next_power_of_2(npb)), BG=triton.next_power_of_2(cpg), BP=BLOCK_P)
-    ys = flat_strides(y)
-    _apply[tiles](x, a, w, b, gmean, rstd, y, p, c, groups, cpg, *strides, *sa, *ys, HAS_ADD=add is not None,
-                  AFFINE=weight is not None, SILU=silu, BP=BLOCK_P, BC=BLOCK_C)
-    return y
+    if torch.is_grad_enabled() and (x.requires_grad or (add is not None and add.requires_grad)):
+        return FusedGroupNorm.apply(x, add, weight, bias, groups, eps, silu)
+    return forward(x, groups, weight, bias, eps, add, silu)[0]

@@ -1,6 +1,7 @@
 """group_norm_kernel.py and fused_norms.py: the Triton GroupNorm (with the resnet's add before it and SiLU after it)
-gives PyTorch's values in NCHW, NHWC and 3-D layouts and keeps the layout; a UNet and a VAE with their norms fused
-(and the UNet in NHWC) give their eager outputs; gradients and other devices keep diffusers' forwards."""
+gives PyTorch's values and input gradients in NCHW, NHWC and 3-D layouts and keeps the layout; a UNet and a VAE with
+their norms fused (and the UNet in NHWC) give their eager outputs and gradients; trainable norms and devices without
+the kernels keep diffusers' forwards."""
 from __future__ import annotations
 
 import time
@@ -101,8 +102,10 @@ def test_fused_unet_and_vae_give_the_eager_outputs_in_nchw_and_nhwc_and_unfuse_r
     assert _rel(out, ref) < 1e-5
 
 
-def test_a_gradient_keeps_diffusers_forwards(kernels, tiny_base, monkeypatch):
-    """Training (an input that needs a gradient) runs diffusers' own ops: the kernels have no backward."""
+def test_training_gradients_through_the_kernels_equal_eager_and_a_trainable_norm_keeps_diffusers(kernels, tiny_base,
+                                                                                                 monkeypatch):
+    """A frozen UNet with a trainable input (as LoRA training sees it): the kernels' backward gives eager's input
+    gradient, in NCHW and NHWC; a norm whose weight trains runs diffusers' ops (the kernels give no weight grad)."""
     from diffusers import UNet2DConditionModel
 
     from dreambooth_pl import group_norm_kernel
@@ -110,15 +113,40 @@ def test_a_gradient_keeps_diffusers_forwards(kernels, tiny_base, monkeypatch):
     calls = []
     real = group_norm_kernel.group_norm
     monkeypatch.setattr(group_norm_kernel, "group_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").eval()
-    fused_norms.fuse_norms(unet)
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").eval().requires_grad_(False)
     x, t, ctx, added = _unet_inputs(unet, batch=1)
-    out = unet(x.requires_grad_(True), t, ctx, added_cond_kwargs=added).sample
-    out.square().mean().backward()
-    assert not calls and x.grad is not None and x.grad.abs().sum() > 0
-    with torch.no_grad():
-        unet(x, t, ctx, added_cond_kwargs=added)
-    assert calls
+
+    def grad():
+        xi = x.clone().requires_grad_(True)
+        out = unet(xi, t, ctx, added_cond_kwargs=added).sample
+        (out * torch.linspace(-1, 1, out.shape[-1])).square().mean().backward()
+        return out.detach(), xi.grad
+
+    ref, ref_grad = grad()
+    fused_norms.fuse_norms(unet)
+    out, g = grad()
+    assert calls and _rel(out, ref) < 1e-5 and _rel(g, ref_grad) < 1e-5
+    fused_norms.to_nhwc(unet)
+    out, g = grad()
+    assert _rel(out, ref) < 1e-5 and _rel(g, ref_grad) < 1e-5
+    fused_norms.to_nhwc(unet, on=False)
+
+    for m in unet.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.requires_grad_(True)
+    calls.clear()
+    grad()
+    assert not calls
+
+
+def test_the_add_gets_its_gradient(kernels):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, 6, 5, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    add = torch.randn(2, 64, generator=gen).requires_grad_(True)
+    w, b, dy = torch.randn(64, generator=gen), torch.randn(64, generator=gen), torch.randn(2, 64, 6, 5, generator=gen)
+    got = torch.autograd.grad(kernels.group_norm(x, 32, w, b, 1e-5, add=add, silu=True), (x, add), dy)
+    ref = torch.autograd.grad(F.silu(F.group_norm(x + add[:, :, None, None], 32, w, b, 1e-5)), (x, add), dy)
+    assert got[0].stride() == x.stride() and all(_rel(a, r) < 1e-5 for a, r in zip(got, ref))
 
 
 def test_without_the_kernels_the_fused_modules_run_the_same_formula(tiny_base, monkeypatch):
@@ -162,12 +190,15 @@ def test_the_kernels_compile_for_hopper_without_a_gpu(dtype):
 
     consts = {k._partial_stats: dict(HAS_ADD=True, BP=k.BLOCK_P, BC=k.BLOCK_C),
               k._group_stats: dict(BPB=64, BG=128, BP=k.BLOCK_P),
-              k._apply: dict(HAS_ADD=True, AFFINE=True, SILU=True, BP=k.BLOCK_P, BC=k.BLOCK_C)}
+              k._apply: dict(HAS_ADD=True, AFFINE=True, SILU=True, BP=k.BLOCK_P, BC=k.BLOCK_C),
+              k._grad_partial: dict(HAS_ADD=True, AFFINE=True, SILU=True, BP=k.BLOCK_P, BC=k.BLOCK_C),
+              k._grad_apply: dict(HAS_ADD=True, AFFINE=True, SILU=True, ADD_GRAD=True, BP=k.BLOCK_P, BC=k.BLOCK_C)}
     for fn, constexprs in consts.items():
         sig = {}
         for a in inspect.signature(fn.fn).parameters:
             sig[a] = "constexpr" if a in constexprs else "fp32" if a == "eps" else \
-                "*fp32" if a in ("mean_ptr", "m2_ptr", "gmean_ptr", "rstd_ptr") else \
+                "*fp32" if a in ("mean_ptr", "m2_ptr", "gmean_ptr", "rstd_ptr", "s1_ptr", "s2_ptr", "c1_ptr", "c2_ptr",
+                             "da_ptr") else \
                 f"*{dtype}" if a.endswith("_ptr") else "i32"
         assert triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
                               target=GPUTarget("cuda", 90, 32)).asm["cubin"]
@@ -176,7 +207,8 @@ def test_the_kernels_compile_for_hopper_without_a_gpu(dtype):
 @pytest.mark.gpu
 def test_gpu_kernel_equals_torch_and_is_timed_at_sdxls_shapes():
     """On the GPU, fp16, SDXL's resnet norms at batch 16 (a guided batch of 8): the fused add + norm + SiLU against
-    eager ``x + temb → group_norm → silu`` in NCHW and NHWC (values within one fp16 rounding; times printed)."""
+    eager ``x + temb → group_norm → silu`` in NCHW and NHWC, forward alone and with the input's gradient (values
+    within fp16 rounding; times printed)."""
     from dreambooth_pl import group_norm_kernel
 
     if not fused_norms.uses_kernel(torch.device("cuda")):
@@ -207,4 +239,16 @@ def test_gpu_kernel_equals_torch_and_is_timed_at_sdxls_shapes():
                     fn(xi)
                 torch.cuda.synchronize()
                 row.append(f"{layout} {name} {(time.perf_counter() - t) / 20 * 1e6:.0f} us")
+            xg = xi.detach().requires_grad_(True)  # training: forward and backward, the input's gradient
+            dy = torch.randn_like(xi)
+            ref = torch.autograd.grad(eager(xg), xg, dy)[0]
+            got = torch.autograd.grad(ours(xg), xg, dy)[0]
+            assert _rel(got, ref) < 5e-3 and got.stride() == xi.stride()
+            for name, fn in (("eager", eager), ("fused", ours)):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(10):
+                    torch.autograd.grad(fn(xg), xg, dy)
+                torch.cuda.synchronize()
+                row.append(f"{layout} {name} fwd+bwd {(time.perf_counter() - t) / 10 * 1e6:.0f} us")
         print(f"FUSED_NORMS 16x{c}x{side}x{side}: " + ", ".join(row))
