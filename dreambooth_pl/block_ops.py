@@ -45,7 +45,7 @@ def half_norms(model: torch.nn.Module) -> int:
     """Run ``model``'s LayerNorms and GroupNorms in the input's half dtype under autocast (frozen half weights
     only). Returns the number of norms changed."""
     norms = [m for m in model.modules() if type(m) in (torch.nn.LayerNorm, torch.nn.GroupNorm)
-             and m.weight is not None and not m.weight.requires_grad]
+             and m.weight is not None and not m.weight.requires_grad and "forward" not in vars(m)]
     for m in norms:
         m.forward = types.MethodType(_half_norm, m)
     return len(norms)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from . import block_ops, quant
+from . import block_ops, fused_norms, quant
 from . import perf as perf_lib
 from .adapter import kinds
 from .data.datamodule import DataShape
@@ -121,6 +121,8 @@ def apply_perf(perf: PerfSettings, m, encoders: tuple, dtype: torch.dtype, lora_
             perf_lib.keep_lora_inputs_half(model)
         if perf.fused_lora:
             fuse_lora_layers(model, group_qkv=perf.group_qkv)
+    if perf.fused_norms:  # before half_norms, which leaves the GroupNorms this routes alone
+        fused_norms.fuse_norms(m.unet)
     if perf.fused_blocks and dtype != torch.float32:  # only autocast has the fp32 norms to remove
         block_ops.half_norms(m.unet)
         block_ops.fuse_geglu(m.unet)

@@ -154,6 +154,9 @@ class PerfSettings:
         group_qkv: with ``fused_lora``, compute each self-attention's q, k and v adapters in one node (one
             down-projection GEMM on ``[A_q; A_k; A_v]`` and one for its gradient), and each cross-attention's k and
             v on the text states (fused_lora.py; fewer kernels).
+        fused_norms: run the UNet's frozen GroupNorms as Triton kernels, each resnet's ``+ temb``, norm and SiLU
+            as one node forward and backward (fused_norms.py, on CUDA with Triton; elsewhere diffusers' ops), and
+            with ``channels_last`` keep NHWC through the norms instead of copying to NCHW and back.
     """
 
     gradient_checkpointing: Optional[bool] = None
@@ -170,6 +173,7 @@ class PerfSettings:
     fused_lora: Optional[bool] = None
     fused_blocks: Optional[bool] = None
     group_qkv: Optional[bool] = None
+    fused_norms: bool = False
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_every is None or self.checkpoint_every >= 1, "perf.checkpoint_every",

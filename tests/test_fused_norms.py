@@ -252,3 +252,32 @@ def test_gpu_kernel_equals_torch_and_is_timed_at_sdxls_shapes():
                 torch.cuda.synchronize()
                 row.append(f"{layout} {name} fwd+bwd {(time.perf_counter() - t) / 10 * 1e6:.0f} us")
         print(f"FUSED_NORMS 16x{c}x{side}x{side}: " + ", ".join(row))
+
+
+def test_a_fit_with_fused_norms_in_nhwc_runs_the_kernels_both_ways_at_the_eager_loss(kernels, tiny_base, subject_dirs,
+                                                                                      tmp_path, monkeypatch):
+    """``model.perf.fused_norms`` with ``channels_last`` through a real fit (fp32 on the CPU, the kernels run by
+    the interpreter): the kernels run forward and backward, the first step's loss is the eager fit's, and the
+    adapters train. (Adapter weights after Adam steps are no test: its first updates are about lr·sign(grad),
+    which turns rounding-level gradient differences of near-zero entries into whole steps; the UNet-level test
+    above compares the gradients themselves.)"""
+    from conftest import fit_args
+    from dreambooth_pl import group_norm_kernel
+    from dreambooth_pl.cli import DreamBoothCLI
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(group_norm_kernel, name)
+        monkeypatch.setattr(group_norm_kernel, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a, **k))
+
+    def fit(name, **over):
+        cli = DreamBoothCLI(args=fit_args(tiny_base, *subject_dirs, str(tmp_path / name), steps=1, **over))
+        return float(cli.trainer.logged_metrics["train/loss"]), cli.model.trainable_parameters()
+
+    eager_loss, _ = fit("eager")
+    assert calls == {"forward": 0, "backward": 0}
+    loss, params = fit("fused", **{"model.perf.fused_norms": "true", "model.perf.channels_last": "true"})
+    assert calls["forward"] and calls["backward"]
+    assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
+    assert all(torch.isfinite(p).all() for p in params.values())
