@@ -98,6 +98,11 @@ for stage in "$@"; do
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=dora"]'
       bench --preset t4-16gb --steps 10 --warmup 3 --overrides '["--model.lora.adapter=lokr","--export.format=kohya"]' ;;
     fast) bench --preset fast --steps 15 --warmup 4 ;;
+    norms-steps)  # training with the Triton GroupNorms (fused_norms.py), NCHW and NHWC, fast and the recipe
+      for extra in '' ',"--model.perf.channels_last=true"'; do
+        bench --preset fast --steps 15 --warmup 4 --overrides "[\"--model.perf.fused_norms=true\"$extra]"
+      done
+      bench --preset recipe --steps 15 --warmup 4 --overrides '["--model.perf.fused_norms=true","--model.perf.channels_last=true"]' ;;
     fast-flops) bench --preset fast --steps 15 --warmup 4 --count_flops true ;;  # TFLOP/s; warm-up and memory inflated
     fused-variants)  # experimental fused_lora on the fast preset and on the recipe
       bench --preset fast --steps 15 --warmup 4 --overrides '["--model.perf.fused_lora=true"]'
