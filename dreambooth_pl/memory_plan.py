@@ -155,7 +155,8 @@ class Target:
 def manual(perf: PerfSettings) -> PerfSettings:
     """``perf`` with every unset switch off (what ``memory_plan: manual`` and a CPU run use)."""
     unset = {"gradient_checkpointing": False, "checkpoint_every": 1, "cache": "off", "cuda_graph": False,
-             "fused_lora": False, "fused_blocks": False, "group_qkv": False}
+             "fused_lora": False, "fused_blocks": False, "group_qkv": False, "fused_norms": False,
+             "channels_last": False}
     return dataclasses.replace(perf, **{k: v for k, v in unset.items() if getattr(perf, k) is None})
 
 
@@ -221,12 +222,18 @@ def resolve_perf(perf: PerfSettings, lora: LoraSettings, shape: DataShape, targe
         raise MemoryPlanError(f"{e} {storage_hint(storage_gib or {}, fit_quantized)}".strip()) from None
     plain = lora.adapter == "lora" and lora.dropout == 0  # the fused node runs plain LoRA; others keep peft's path
     fused = plan.fused and plain
+    from .fused_norms import uses_kernel
+
+    norms = plan.fused and uses_kernel(torch.device("cuda"))
     chosen = dataclasses.replace(
         perf, cache=cache, gradient_checkpointing=bool(plan.checkpoint_every),
         checkpoint_every=plan.checkpoint_every or 1, cuda_graph=plan.cuda_graph,
         fused_lora=fused if perf.fused_lora is None else perf.fused_lora,
         fused_blocks=plan.fused if perf.fused_blocks is None else perf.fused_blocks,
-        group_qkv=fused if perf.group_qkv is None else perf.group_qkv)
+        group_qkv=fused if perf.group_qkv is None else perf.group_qkv,
+        # the Triton GroupNorms, and NHWC with them (without the kernels NHWC copies around every norm: slower)
+        fused_norms=norms if perf.fused_norms is None else perf.fused_norms,
+        channels_last=norms if perf.channels_last is None else perf.channels_last)
     if log is not None:
         why = f"estimated {estimate(plan, weights_gib, shape.resolution, shape.images):.1f} GiB of " \
               f"{target.free_gib:.1f} GiB less {HEADROOM:.0%} headroom"

@@ -43,6 +43,13 @@ def fused_norms_for(asked: Optional[bool], device: torch.device, compile_blocks:
     return (uses_kernel(device) and not compile_blocks) if asked is None else asked
 
 
+def channels_last_for(asked: Optional[bool], device: torch.device, fused_norms: bool) -> bool:
+    """Whether a sampler draws with the UNet in NHWC: ``asked``, else where the fused norms run on a GPU (0.807
+    against 0.835 s/image NCHW, H100, BENCHMARKS.md 2026-12-07 session 8; without them NHWC was slower, 1.084
+    against 1.009, PyTorch's GroupNorm copying to NCHW). One rule for the sampler and the prior cache."""
+    return (fused_norms and device.type == "cuda") if asked is None else (asked and device.type == "cuda")
+
+
 def default_vae_dtype(device: torch.device, dtype: str) -> str:
     """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
     VAE is then upcast to fp32, as the pipeline does)."""

@@ -38,7 +38,8 @@ from .block_ops import fuse_geglu
 from .graphs import GraphedForward
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions, fuse_attention
 from .fused_norms import fuse_norms, to_nhwc
-from .prior_defaults import default_dtype, default_vae_dtype, fused_geglu_for, fused_norms_for, sampler_device
+from .prior_defaults import (channels_last_for, default_dtype, default_vae_dtype, fused_geglu_for, fused_norms_for,
+                             sampler_device)
 from .sampling import SAMPLER, make_scheduler
 from .sdxl import DTYPES, dtype_name, load_parts, load_vae, resolve_base, unscale_latents
 from .zero_negative import ConstantNegative, is_zero
@@ -80,7 +81,8 @@ class PriorSampler:
             (zero_negative.py; False: computed, as diffusers does).
         fused_norms: the UNet's and VAE's GroupNorms as Triton kernels, each resnet's ``+ temb``, norm and SiLU in
             one (fused_norms.py; None: ``prior_defaults.fused_norms_for``).
-        channels_last: the UNet in NHWC on a GPU (with ``fused_norms``, no layout copies around its norms).
+        channels_last: the UNet in NHWC on a GPU (None: ``prior_defaults.channels_last_for``, on with the fused
+            norms, which keep NHWC through every norm).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
@@ -89,7 +91,7 @@ class PriorSampler:
                  vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto",
                  compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False,
                  fused_geglu: Optional[bool] = None, constant_negative: bool = True,
-                 fused_norms: Optional[bool] = None, channels_last: bool = False):
+                 fused_norms: Optional[bool] = None, channels_last: Optional[bool] = None):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -146,7 +148,7 @@ class PriorSampler:
         if self.fused_norms:
             fuse_norms(pipe.unet)
             fuse_norms(pipe.vae)
-        self.channels_last = channels_last and self.device.type == "cuda"
+        self.channels_last = channels_last_for(channels_last, self.device, self.fused_norms)
         if self.channels_last:
             to_nhwc(pipe.unet)
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
@@ -252,7 +254,9 @@ class PriorSampler:
         seeds = list(seeds) + [seeds[-1]] * (b - n)
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
         embeds, neg, pooled, neg_pooled = self._encode(prompt, negative_prompt, cfg)
-        zero_rows = b if cfg and self._zero_negative[(prompt, negative_prompt, cfg)] else 0
+        # the rows the constant fills (0 without it: the graph key then says no row is skipped)
+        zero_rows = b if cfg and self._constant is not None and self._zero_negative[(prompt, negative_prompt, cfg)] \
+            else 0
         time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
         if cfg:

@@ -135,7 +135,8 @@ class PerfSettings:
         compile_blocks: ``torch.compile`` each repeated block (regional compilation; see perf.py).
         compile_regions: class names of the blocks ``compile_blocks`` compiles.
         compile_mode: ``torch.compile`` mode (None: default; ``reduce-overhead`` adds CUDA graphs).
-        channels_last: NHWC memory format for the UNet's convolutions.
+        channels_last: NHWC memory format for the UNet's convolutions (with ``fused_norms``, NHWC throughout;
+            ``auto`` sets both on its fused plan where the Triton kernels run).
         attention: scaled-dot-product attention kernel (``auto`` lets PyTorch choose).
         cuda_graph: replay the UNet's forward and backward from a CUDA graph (graphs.py): the step stops being
             bound by Python launching ~10k small adapter kernels. Needs a CUDA device, frozen text encoders, no
@@ -156,7 +157,9 @@ class PerfSettings:
             v on the text states (fused_lora.py; fewer kernels).
         fused_norms: run the UNet's frozen GroupNorms as Triton kernels, each resnet's ``+ temb``, norm and SiLU
             as one node forward and backward (fused_norms.py, on CUDA with Triton; elsewhere diffusers' ops), and
-            with ``channels_last`` keep NHWC through the norms instead of copying to NCHW and back.
+            with ``channels_last`` keep NHWC through the norms instead of copying to NCHW and back. Both on: the
+            recipe 0.092 against 0.102 s/step, ``fast`` 0.093 against 0.102 (one H100 call, BENCHMARKS.md 2026-12-07
+            session 8).
     """
 
     gradient_checkpointing: Optional[bool] = None
@@ -165,7 +168,7 @@ class PerfSettings:
     compile_blocks: bool = False
     compile_regions: list[str] = field(default_factory=lambda: list(perf_lib.BLOCKS))
     compile_mode: Optional[str] = None
-    channels_last: bool = False
+    channels_last: Optional[bool] = None
     attention: perf_lib.Attention = "auto"
     cuda_graph: Optional[bool] = None
     memory_plan: Literal["manual", "auto"] = "manual"
@@ -173,7 +176,7 @@ class PerfSettings:
     fused_lora: Optional[bool] = None
     fused_blocks: Optional[bool] = None
     group_qkv: Optional[bool] = None
-    fused_norms: bool = False
+    fused_norms: Optional[bool] = None
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_every is None or self.checkpoint_every >= 1, "perf.checkpoint_every",

@@ -96,7 +96,23 @@ def test_manual_and_cpu_read_unset_switches_as_off():
     given = PerfSettings(cache="all", cuda_graph=True)
     assert mp.resolve_perf(given, LoraSettings(), DataShape(), H200) == dataclasses.replace(
         given, gradient_checkpointing=False, checkpoint_every=1, fused_lora=False, fused_blocks=False,
-        group_qkv=False)
+        group_qkv=False, fused_norms=False, channels_last=False)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_the_fused_plan_takes_the_triton_norms_and_nhwc_where_they_run(kernels, monkeypatch):
+    """Both on with the fused plan where Triton runs (without the kernels NHWC copies around every norm: slower);
+    off in the checkpointed plans (not measured there); a value the user gives wins."""
+    from dreambooth_pl import fused_norms
+
+    monkeypatch.setattr(fused_norms, "uses_kernel", lambda device: kernels)
+    fast = mp.resolve_perf(AUTO, LoraSettings(), DataShape(1024, 2), H200, 5.06)
+    assert (fast.fused_norms, fast.channels_last) == (kernels, kernels)
+    t4 = mp.resolve_perf(AUTO, LoraSettings(), DataShape(1024, 2), dataclasses.replace(H200, free_gib=15.0), 5.06)
+    assert (t4.fused_norms, t4.channels_last) == (False, False)
+    given = mp.resolve_perf(dataclasses.replace(AUTO, channels_last=False), LoraSettings(), DataShape(1024, 2), H200,
+                            5.06)
+    assert (given.fused_norms, given.channels_last) == (kernels, False)
 
 
 def test_auto_on_cpu_warns_and_keeps_manual_switches(tiny_base, subject_dirs, tmp_path):

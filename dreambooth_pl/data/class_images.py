@@ -52,8 +52,9 @@ class ClassImageSettings:
         fused_norms: run the UNet's and VAE's GroupNorms, with each resnet's ``+ temb`` before and SiLU after, as
             Triton kernels (fused_norms.py; None: on a GPU with Triton and no compiled blocks). They round once where
             diffusers rounds at each step, so it is part of the prior cache's key.
-        channels_last: draw with the UNet in NHWC (cuDNN's Hopper convolutions' layout; the fused norms keep it).
-            Other kernels round differently, so it is part of the prior cache's key.
+        channels_last: draw with the UNet in NHWC (cuDNN's Hopper convolutions' layout; the fused norms keep it;
+            None: on a GPU where the fused norms run). Other kernels round differently, so it is part of the prior
+            cache's key.
     """
 
     sampler: SamplerSettings = SAMPLER
@@ -69,7 +70,7 @@ class ClassImageSettings:
     fused_geglu: Optional[bool] = None
     constant_negative: bool = True
     fused_norms: Optional[bool] = None
-    channels_last: bool = False
+    channels_last: Optional[bool] = None
 
 
 def fuses_norms(s: ClassImageSettings, device) -> bool:
@@ -77,6 +78,13 @@ def fuses_norms(s: ClassImageSettings, device) -> bool:
     from ..prior_defaults import fused_norms_for
 
     return fused_norms_for(s.fused_norms, device, s.compile_blocks)
+
+
+def draws_nhwc(s: ClassImageSettings, device) -> bool:
+    """Whether the sampler of ``s`` on ``device`` draws with the UNet in NHWC (the prior cache keys on it)."""
+    from ..prior_defaults import channels_last_for
+
+    return channels_last_for(s.channels_last, device, fuses_norms(s, device))
 
 
 def fuses_geglu(s: ClassImageSettings, device) -> bool:
@@ -199,7 +207,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
                     s.base_dtype, s.vae_tiling, s.compile_blocks, fuses_geglu(s, dev),
                     reads_vae_direct(dev, dtype, None, s.base_dtype, s.park_text_encoders),
                     constant_negative=guides_with_constant_negative(s), fused_norms=fuses_norms(s, dev),
-                    channels_last=s.channels_last and dev.type == "cuda")
+                    channels_last=draws_nhwc(s, dev))
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)

@@ -39,7 +39,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                           base_dtype: Literal["float16", "float8", "nf4"] = "float16", vae_tiling: bool = False,
                           park_text_encoders: bool = False, fused_geglu: Optional[bool] = None,
                           constant_negative: bool = True, fused_norms: Optional[bool] = None,
-                          channels_last: bool = False) -> str:
+                          channels_last: Optional[bool] = None) -> str:
     """Draw class-prior images with the base model until ``out`` holds ``num`` images (resumable).
 
     Args:
@@ -70,7 +70,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
             negative prompt); ``false`` reuses class images drawn before it was the default (docs/generation.md).
         fused_norms: the GroupNorms (with each resnet's add and SiLU) as Triton kernels (None: on a GPU with
             Triton); ``false`` reuses class images drawn before it was the default (docs/generation.md).
-        channels_last: draw with the UNet in NHWC (docs/generation.md).
+        channels_last: draw with the UNet in NHWC (None: where the fused norms run; docs/generation.md).
     """
     from ..sampling import check_size
 
