@@ -212,3 +212,33 @@ def test_gpu_draws_that_read_the_vae_straight_into_bf16_get_their_own_key(tmp_pa
     args = (str(base), None, "a photo of dog", None, "euler", 25, 5.0, 1024, 1024)
     assert prior_key(*args, vae_direct=True) == dict(prior_key(*args), vae_direct=True)
     assert "vae_direct" not in prior_key(*args)
+
+
+def test_gpu_draws_with_the_triton_norms_and_nhwc_get_their_own_key(tmp_path, monkeypatch):
+    """The Triton GroupNorms round once where diffusers rounds after each op, and NHWC runs other convolution
+    kernels (fused_norms.py): such draws key apart, each switch by its own entry; CPU draws, compiled blocks and
+    ``false`` keep the keys they had. NHWC follows the norms unless set."""
+    import torch
+
+    import dreambooth_pl.fused_norms as fused_norms
+    from dreambooth_pl.data.class_images import ClassImageSettings, draws_nhwc, fuses_norms
+    from dreambooth_pl.data.prior_cache import prior_key
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(fused_norms, "uses_kernel", lambda device: device.type == "cuda")  # Triton or not
+    s = ClassImageSettings()
+    assert fuses_norms(s, cuda) and draws_nhwc(s, cuda)
+    assert not fuses_norms(s, cpu) and not draws_nhwc(s, cpu)
+    assert not fuses_norms(ClassImageSettings(compile_blocks=True), cuda)
+    assert not draws_nhwc(ClassImageSettings(fused_norms=False), cuda)  # NHWC alone copies around every norm
+    assert fuses_norms(ClassImageSettings(channels_last=False), cuda) and not draws_nhwc(
+        ClassImageSettings(channels_last=False), cuda)
+    assert draws_nhwc(ClassImageSettings(fused_norms=False, channels_last=True), cuda)  # asked for: as asked
+    assert not draws_nhwc(ClassImageSettings(channels_last=True), cpu)  # a CPU draw keeps NCHW
+    base = tmp_path / "base"
+    (base / "unet").mkdir(parents=True)
+    (base / "unet" / "w.safetensors").write_bytes(b"1")
+    args = (str(base), None, "a photo of dog", None, "euler", 25, 5.0, 1024, 1024)
+    assert prior_key(*args, fused_norms=True, channels_last=True) == dict(prior_key(*args), fused_norms=True,
+                                                                          channels_last=True)
+    assert not {"fused_norms", "channels_last"} & set(prior_key(*args, fused_norms=False, channels_last=False))
