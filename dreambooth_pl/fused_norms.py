@@ -11,7 +11,8 @@ without layout copies. The prior sampler draws with them; ``model.perf.fused_nor
   input as a view, and its output is added to the residual in NHWC without the ``.contiguous()`` copy back to NCHW.
 
 Where a norm's own weight or bias wants a gradient, on a CPU, inside compiled code, or for an input the kernels
-do not take, each module runs diffusers' own forward. :func:`unfuse_norms` restores the modules; weights are never touched.
+do not take, each module runs diffusers' own forward. :func:`unfuse_norms` restores the modules; weights are
+never touched.
 """
 from __future__ import annotations
 

@@ -276,7 +276,8 @@ class FusedGroupNorm(torch.autograd.Function):
         x, add, weight, bias, gmean, rstd = ctx.saved_tensors
         dx, da = backward(dy, x, ctx.groups, weight, bias, add, ctx.silu, gmean, rstd,
                           add_grad=ctx.needs_input_grad[1])
-        return dx, (da.to(add.dtype).reshape(add.shape) if da is not None else None), None, None, None, None, None
+        da = da.to(add.dtype).reshape(add.shape) if da is not None else None
+        return dx, da, None, None, None, None, None
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
