@@ -40,7 +40,7 @@ def _sum(x, axis: tl.constexpr):
 @triton.jit
 def _partial_stats(x_ptr, add_ptr, mean_ptr, m2_ptr, P, C, NPB, sxn, sxc, sxp, san, sac,
                    HAS_ADD: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
-    n, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pb, n, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p = pb * BP + tl.arange(0, BP)
     c = cb * BC + tl.arange(0, BC)
     pm, cm = p < P, c < C
@@ -59,13 +59,12 @@ def _partial_stats(x_ptr, add_ptr, mean_ptr, m2_ptr, P, C, NPB, sxn, sxc, sxp, s
 
 
 @triton.jit
-def _group_stats(mean_ptr, m2_ptr, gmean_ptr, rstd_ptr, P, C, NPB, G, CPG, eps,
+def _group_stats(mean_ptr, m2_ptr, gmean_ptr, rstd_ptr, P, C, NPB, G, CPG, total, eps,
                  BPB: tl.constexpr, BG: tl.constexpr, BP: tl.constexpr):
     n, g = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, BG)
     c = g * CPG + j
     cm = j < CPG
-    total = P.to(tl.float32) * CPG
     row0 = n.to(tl.int64) * NPB
     acc = tl.full((BPB, BG), 0.0, tl.float32)
     for start in range(0, NPB, BPB):  # the group's mean: the partial means weighted by their pixel counts
@@ -92,7 +91,7 @@ def _group_stats(mean_ptr, m2_ptr, gmean_ptr, rstd_ptr, P, C, NPB, G, CPG, eps,
 def _apply(x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, y_ptr, P, C, G, CPG, sxn, sxc, sxp, san, sac,
            syn, syc, syp, HAS_ADD: tl.constexpr, AFFINE: tl.constexpr, SILU: tl.constexpr,
            BP: tl.constexpr, BC: tl.constexpr):
-    n, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pb, n, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p = pb * BP + tl.arange(0, BP)
     c = cb * BC + tl.arange(0, BC)
     pm, cm = p < P, c < C
@@ -144,7 +143,7 @@ def _grad_tile(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, n, p, 
 def _grad_partial(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, s1_ptr, s2_ptr, P, C, G, CPG, NPB,
                   sxn, sxc, sxp, san, sac, sdn, sdc, sdp, HAS_ADD: tl.constexpr, AFFINE: tl.constexpr,
                   SILU: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr):
-    n, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pb, n, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p = pb * BP + tl.arange(0, BP)
     c = cb * BC + tl.arange(0, BC)
     cm = c < C
@@ -161,7 +160,7 @@ def _grad_apply(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, c1_pt
                 CPG, NPB, sxn, sxc, sxp, san, sac, sdn, sdc, sdp, son, soc, sop, HAS_ADD: tl.constexpr,
                 AFFINE: tl.constexpr, SILU: tl.constexpr, ADD_GRAD: tl.constexpr, BP: tl.constexpr,
                 BC: tl.constexpr):
-    n, pb, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pb, n, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     p = pb * BP + tl.arange(0, BP)
     c = cb * BC + tl.arange(0, BC)
     cm = c < C
@@ -191,12 +190,14 @@ def flat_strides(x: torch.Tensor) -> Optional[tuple[int, int, int]]:
     return sn, sc, (sw if x.shape[3] > 1 else sh)
 
 
-def _geometry(x: torch.Tensor, add: Optional[torch.Tensor]):
+def _geometry(x: torch.Tensor, add: Optional[torch.Tensor], groups: int):
     """(strides, N, C, pixels, pixel blocks, the add as ``[N, C]`` or a placeholder, its strides)."""
     strides = flat_strides(x)
     if strides is None:
         raise ValueError(f"group_norm: spatial dims of a tensor with strides {x.stride()} do not flatten")
     n, c = x.shape[0], x.shape[1]
+    if c % groups:
+        raise ValueError(f"group_norm: {c} channels do not split into {groups} groups")
     p = x[0, 0].numel() if n and c else 0
     a = add.reshape(n, c) if add is not None else x  # (a placeholder pointer where there is none)
     return strides, n, c, p, triton.cdiv(p, BLOCK_P), a, ((a.stride(0), a.stride(1)) if add is not None else (0, 0))
@@ -205,7 +206,7 @@ def _geometry(x: torch.Tensor, add: Optional[torch.Tensor]):
 def forward(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
             add: Optional[torch.Tensor] = None, silu: bool = False):
     """:func:`group_norm`'s output and each (image, group)'s fp32 mean and 1/std ``[N, groups]``."""
-    strides, n, c, p, npb, a, sa = _geometry(x, add)
+    strides, n, c, p, npb, a, sa = _geometry(x, add, groups)
     y = torch.empty_like(x)
     gmean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(gmean)
@@ -213,15 +214,16 @@ def forward(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: 
         return y, gmean, rstd
     cpg = c // groups
     w = weight if weight is not None else x
-    b = bias if bias is not None else x
+    b = bias if bias is not None else (torch.zeros_like(weight) if weight is not None else x)
     mean = torch.empty(n, npb, c, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
     # _group_stats' tile is fixed but for the widest groups: each constexpr set is one more Triton build on a
     # fresh machine (SDXL's 10 to 80 channels per group and 1 to 256 pixel blocks would be eight of them)
-    tiles = (n, npb, triton.cdiv(c, BLOCK_C))
+    tiles = (npb, n, triton.cdiv(c, BLOCK_C))  # pixel blocks on axis 0: axes 1 and 2 stop at 65,535
     _partial_stats[tiles](x, a, mean, m2, p, c, npb, *strides, *sa, HAS_ADD=add is not None, BP=BLOCK_P,
                           BC=BLOCK_C)
-    _group_stats[(n, groups)](mean, m2, gmean, rstd, p, c, npb, groups, cpg, float(eps),
+    # the element count as a float: Triton turns an int argument equal to 1 (a 1x1 map) into a constant
+    _group_stats[(n, groups)](mean, m2, gmean, rstd, p, c, npb, groups, cpg, float(p * cpg), float(eps),
                               BPB=16, BG=max(64, triton.next_power_of_2(cpg)), BP=BLOCK_P)
     _apply[tiles](x, a, w, b, gmean, rstd, y, p, c, groups, cpg, *strides, *sa, *flat_strides(y),
                   HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P, BC=BLOCK_C)
@@ -234,7 +236,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, groups: int, weight: Optional[to
     """The gradients of :func:`forward` with respect to ``x`` (in ``x``'s layout) and, with ``add_grad``, ``add``
     (``[N, C]``, fp32), from ``dy`` in any flattenable layout: with x̂ the normalised input and g the gradient
     reaching it, ``dx = (g - mean_group(g) - x̂ · mean_group(g · x̂)) / std`` (Wu & He 2018's norm, differentiated)."""
-    strides, n, c, p, npb, a, sa = _geometry(x, add)
+    strides, n, c, p, npb, a, sa = _geometry(x, add, groups)
     dys = flat_strides(dy)
     if dys is None:
         dy = dy.contiguous()
@@ -244,10 +246,10 @@ def backward(dy: torch.Tensor, x: torch.Tensor, groups: int, weight: Optional[to
         return dx, (torch.zeros(n, c, device=x.device) if add_grad else None)
     cpg = c // groups
     w = weight if weight is not None else x
-    b = bias if bias is not None else x
+    b = bias if bias is not None else (torch.zeros_like(weight) if weight is not None else x)
     s1 = torch.empty(n, npb, c, device=x.device, dtype=torch.float32)
     s2 = torch.empty_like(s1)
-    tiles = (n, npb, triton.cdiv(c, BLOCK_C))
+    tiles = (npb, n, triton.cdiv(c, BLOCK_C))  # pixel blocks on axis 0: axes 1 and 2 stop at 65,535
     flags = dict(HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P, BC=BLOCK_C)
     _grad_partial[tiles](dy, x, a, w, b, gmean, rstd, s1, s2, p, c, groups, cpg, npb, *strides, *sa, *dys, **flags)
     count = float(cpg * p)  # the per-group means of g and g·x̂: small [N, NPB, C] partials, summed by torch

@@ -224,16 +224,18 @@ def resolve_perf(perf: PerfSettings, lora: LoraSettings, shape: DataShape, targe
     fused = plan.fused and plain
     from .fused_norms import uses_kernel
 
-    norms = plan.fused and uses_kernel(torch.device("cuda"))
+    kernels = uses_kernel(torch.device("cuda"))
+    # the Triton GroupNorms on the fused plan, and NHWC with them wherever they run (without the kernels NHWC copies
+    # around every norm: slower)
+    norms = (plan.fused and kernels) if perf.fused_norms is None else perf.fused_norms
+    nhwc = (norms and kernels) if perf.channels_last is None else perf.channels_last
     chosen = dataclasses.replace(
         perf, cache=cache, gradient_checkpointing=bool(plan.checkpoint_every),
         checkpoint_every=plan.checkpoint_every or 1, cuda_graph=plan.cuda_graph,
         fused_lora=fused if perf.fused_lora is None else perf.fused_lora,
         fused_blocks=plan.fused if perf.fused_blocks is None else perf.fused_blocks,
         group_qkv=fused if perf.group_qkv is None else perf.group_qkv,
-        # the Triton GroupNorms, and NHWC with them (without the kernels NHWC copies around every norm: slower)
-        fused_norms=norms if perf.fused_norms is None else perf.fused_norms,
-        channels_last=norms if perf.channels_last is None else perf.channels_last)
+        fused_norms=norms, channels_last=nhwc)
     if log is not None:
         why = f"estimated {estimate(plan, weights_gib, shape.resolution, shape.images):.1f} GiB of " \
               f"{target.free_gib:.1f} GiB less {HEADROOM:.0%} headroom"

@@ -111,6 +111,8 @@ def apply_perf(perf: PerfSettings, m, encoders: tuple, dtype: torch.dtype, lora_
         dtype: the frozen base's dtype: fp32 runs keep the fp32 norms and inputs.
         lora_dropout: ``lora.dropout``: only dropout draws random numbers inside the checkpointed blocks.
     """
+    if perf.fused_norms:  # before checkpointing wraps the resnets, and before half_norms, which leaves these alone
+        fused_norms.fuse_norms(m.unet)
     if perf.gradient_checkpointing:
         perf_lib.set_checkpointing(m.unet, perf.checkpoint_every, preserve_rng_state=lora_dropout > 0)
         for model in encoders:
@@ -121,8 +123,6 @@ def apply_perf(perf: PerfSettings, m, encoders: tuple, dtype: torch.dtype, lora_
             perf_lib.keep_lora_inputs_half(model)
         if perf.fused_lora:
             fuse_lora_layers(model, group_qkv=perf.group_qkv)
-    if perf.fused_norms:  # before half_norms, which leaves the GroupNorms this routes alone
-        fused_norms.fuse_norms(m.unet)
     if perf.fused_blocks and dtype != torch.float32:  # only autocast has the fp32 norms to remove
         block_ops.half_norms(m.unet)
         block_ops.fuse_geglu(m.unet)

@@ -40,7 +40,8 @@ def fused_norms_for(asked: Optional[bool], device: torch.device, compile_blocks:
     Triton and no compiled blocks (which fuse the norms themselves). One rule for the sampler and the prior cache."""
     from .fused_norms import uses_kernel
 
-    return (uses_kernel(device) and not compile_blocks) if asked is None else asked
+    # asked for where the kernels cannot run, the patched modules run diffusers' ops: the key says what ran
+    return uses_kernel(device) and (not compile_blocks if asked is None else asked)
 
 
 def channels_last_for(asked: Optional[bool], device: torch.device, fused_norms: bool) -> bool:

@@ -179,7 +179,8 @@ def test_a_failing_kernel_warns_once_and_the_norms_run_eagerly(kernels, monkeypa
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_the_kernels_compile_for_hopper_without_a_gpu(dtype):
-    """Triton's compiler, not its interpreter, builds all three kernels to an sm_90 cubin (geglu's lesson)."""
+    """Triton's compiler, not its interpreter, builds all five kernels to an sm_90 cubin (geglu's lesson), also
+    with the sizes a 1x1 map of one channel per group makes constants (the interpreter never does)."""
     import inspect
 
     triton = pytest.importorskip("triton")
@@ -193,10 +194,13 @@ def test_the_kernels_compile_for_hopper_without_a_gpu(dtype):
               k._apply: dict(HAS_ADD=True, AFFINE=True, SILU=True, BP=k.BLOCK_P, BC=k.BLOCK_C),
               k._grad_partial: dict(HAS_ADD=True, AFFINE=True, SILU=True, BP=k.BLOCK_P, BC=k.BLOCK_C),
               k._grad_apply: dict(HAS_ADD=True, AFFINE=True, SILU=True, ADD_GRAD=True, BP=k.BLOCK_P, BC=k.BLOCK_C)}
-    for fn, constexprs in consts.items():
+    ones = dict(P=1, C=1, CPG=1, G=1, NPB=1)  # a 1x1 map of one channel: Triton makes int arguments of 1 constants
+    for fn, constexprs in [*consts.items(), *((fn, {**c, **{k: v for k, v in ones.items()
+                                                         if k in inspect.signature(fn.fn).parameters}})
+                                              for fn, c in consts.items())]:
         sig = {}
         for a in inspect.signature(fn.fn).parameters:
-            sig[a] = "constexpr" if a in constexprs else "fp32" if a == "eps" else \
+            sig[a] = "constexpr" if a in constexprs else "fp32" if a in ("eps", "total") else \
                 "*fp32" if a in ("mean_ptr", "m2_ptr", "gmean_ptr", "rstd_ptr", "s1_ptr", "s2_ptr", "c1_ptr", "c2_ptr",
                              "da_ptr") else \
                 f"*{dtype}" if a.endswith("_ptr") else "i32"
@@ -281,3 +285,34 @@ def test_a_fit_with_fused_norms_in_nhwc_runs_the_kernels_both_ways_at_the_eager_
     assert calls["forward"] and calls["backward"]
     assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
     assert all(torch.isfinite(p).all() for p in params.values())
+
+
+def test_every_resnet_is_fused_when_checkpointing_wraps_every_second_block(tiny_base):
+    """``apply_perf`` routes the norms before checkpointing wraps its blocks' forwards (else the wrapped resnets
+    would keep diffusers' forward)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth_pl.memory_plan import manual
+    from dreambooth_pl.model_setup import apply_perf
+    from dreambooth_pl.settings import PerfSettings
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
+    m = SimpleNamespace(unet=unet, text_encoder=torch.nn.Identity(), text_encoder_2=torch.nn.Identity())
+    perf = dataclasses.replace(manual(PerfSettings()), fused_norms=True, gradient_checkpointing=True,
+                               checkpoint_every=2)
+    apply_perf(perf, m, (), torch.float32, 0.0)
+    resnets = [b for b in unet.modules() if type(b).__name__ == "ResnetBlock2D"]
+    wrapped = [b for b in resnets if getattr(b.forward, "checkpointed", False)]
+    assert wrapped and all(getattr(b.forward, "__func__", None) is fused_norms._resnet_forward
+                           or getattr(b.forward, "checkpointed", False) for b in resnets)
+    # the checkpoint wrapper calls the fused forward it wrapped
+    assert all(fused_norms._resnet_forward.__code__ in _codes(b.forward) for b in wrapped)
+
+
+def _codes(fn) -> set:
+    """The code objects a function closes over (one level), to see what a wrapper calls."""
+    cells = getattr(fn, "__closure__", None) or ()
+    return {getattr(getattr(c.cell_contents, "__func__", c.cell_contents), "__code__", None) for c in cells}

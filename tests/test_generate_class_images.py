@@ -235,6 +235,8 @@ def test_gpu_draws_with_the_triton_norms_and_nhwc_get_their_own_key(tmp_path, mo
         ClassImageSettings(channels_last=False), cuda)
     assert draws_nhwc(ClassImageSettings(fused_norms=False, channels_last=True), cuda)  # asked for: as asked
     assert not draws_nhwc(ClassImageSettings(channels_last=True), cpu)  # a CPU draw keeps NCHW
+    # asked for where the kernels cannot run: the patched norms run diffusers' ops, and the key says so
+    assert not fuses_norms(ClassImageSettings(fused_norms=True), cpu)
     base = tmp_path / "base"
     (base / "unet").mkdir(parents=True)
     (base / "unet" / "w.safetensors").write_bytes(b"1")

@@ -113,6 +113,8 @@ def test_the_fused_plan_takes_the_triton_norms_and_nhwc_where_they_run(kernels, 
     given = mp.resolve_perf(dataclasses.replace(AUTO, channels_last=False), LoraSettings(), DataShape(1024, 2), H200,
                             5.06)
     assert (given.fused_norms, given.channels_last) == (kernels, False)
+    off = mp.resolve_perf(dataclasses.replace(AUTO, fused_norms=False), LoraSettings(), DataShape(1024, 2), H200, 5.06)
+    assert (off.fused_norms, off.channels_last) == (False, False)  # NHWC follows the norms unless set
 
 
 def test_auto_on_cpu_warns_and_keeps_manual_switches(tiny_base, subject_dirs, tmp_path):

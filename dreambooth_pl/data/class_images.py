@@ -255,12 +255,20 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
     meta_base["constant_negative"] = guides_with_constant_negative(s) and meta_base["constant_negative_layers"] > 0
     by_seed = {s.seed + i: i for i in indices}
 
+    def drawn_as_keyed() -> bool:
+        # a Triton kernel that failed mid-draw leaves the rest to eager ops, which the key does not describe: those
+        # images stay in the class folder and out of the shared cache
+        from .. import block_ops, fused_norms
+
+        return not ((sampler.fused_geglu and block_ops._kernel_failed)
+                    or (sampler.fused_norms and fused_norms._kernel_failed))
+
     def write(i: int, image) -> None:
         path = folder / f"class_{i:05d}.png"
         write_png(path, image, dict(meta_base, prompt=prompt, seed=s.seed + i, height=image.height,
                                     width=image.width))
         _remember(path, min(image.size))
-        if cache is not None:
+        if cache is not None and drawn_as_keyed():
             cache.keep(s.seed + i, path)
 
     def settle(batch: list) -> None:  # a batch's files are on disk: record them (an interrupted run keeps its record)
