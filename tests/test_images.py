@@ -172,9 +172,17 @@ def test_a_folder_is_checked_on_threads_in_order_and_the_warnings_filter_survive
         _rgb(64 + i, 48, seed=i).save(folder / f"ok{i:02d}.png")
     paths = list_images(folder)
     threads, inspect = set(), images._inspect
+    # the first two decodes wait for each other: a pool that ran everything on one thread fails here, and a fast
+    # machine whose first thread finished every file before the second started cannot pass by luck or fail by it
+    meet, first_two = threading.Barrier(2, timeout=30), iter(range(2))
+    lock = threading.Lock()
 
     def spy(path, resolution):
         threads.add(threading.get_ident())
+        with lock:
+            wait = next(first_two, None) is not None
+        if wait:
+            meet.wait()
         warnings.warn("decoding", Image.DecompressionBombWarning)  # silenced by the caller's one filter
         return inspect(path, resolution)
 
