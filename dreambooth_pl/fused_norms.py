@@ -37,11 +37,12 @@ def _takes(x: torch.Tensor, *params) -> bool:
     norms' own ``params`` (the kernels' backward gives the input's and the add's only)."""
     if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
         return False
-    if torch.compiler.is_compiling() or not x.is_floating_point() or x.dim() not in (3, 4):
+    if torch.compiler.is_compiling() or not x.is_floating_point() or x.dim() not in (3, 4) \
+            or not uses_kernel(x.device):
         return False
-    from .group_norm_kernel import flat_strides
+    from .group_norm_kernel import flat_strides  # (imports Triton: only where the kernels run)
 
-    return uses_kernel(x.device) and flat_strides(x) is not None
+    return flat_strides(x) is not None
 
 
 def _norm(norm: torch.nn.GroupNorm, x: torch.Tensor, add=None, silu: bool = False) -> torch.Tensor:

@@ -21,7 +21,7 @@ read the tensor twice and write it once.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -190,8 +190,23 @@ def flat_strides(x: torch.Tensor) -> Optional[tuple[int, int, int]]:
     return sn, sc, (sw if x.shape[3] > 1 else sh)
 
 
-def _geometry(x: torch.Tensor, add: Optional[torch.Tensor], groups: int):
-    """(strides, N, C, pixels, pixel blocks, the add as ``[N, C]`` or a placeholder, its strides)."""
+class _Launch(NamedTuple):
+    """What every kernel of one call reads: strides, sizes, the add (or a placeholder), the affine and the grid."""
+    strides: tuple
+    n: int
+    c: int
+    p: int
+    npb: int
+    cpg: int
+    add: torch.Tensor
+    add_strides: tuple
+    w: torch.Tensor
+    b: torch.Tensor
+    tiles: tuple
+
+
+def _launch(x: torch.Tensor, add: Optional[torch.Tensor], groups: int, weight: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor]) -> _Launch:
     strides = flat_strides(x)
     if strides is None:
         raise ValueError(f"group_norm: spatial dims of a tensor with strides {x.stride()} do not flatten")
@@ -199,19 +214,36 @@ def _geometry(x: torch.Tensor, add: Optional[torch.Tensor], groups: int):
     if c % groups:
         raise ValueError(f"group_norm: {c} channels do not split into {groups} groups")
     p = x[0, 0].numel() if n and c else 0
-    a = add.reshape(n, c) if add is not None else x  # (a placeholder pointer where there is none)
-    return strides, n, c, p, triton.cdiv(p, BLOCK_P), a, ((a.stride(0), a.stride(1)) if add is not None else (0, 0))
+    npb = triton.cdiv(p, BLOCK_P)
+    a = add.reshape(n, c) if add is not None else x  # placeholder pointers where there is no add or affine
+    w = weight if weight is not None else x
+    b = bias if bias is not None else (torch.zeros_like(weight) if weight is not None else x)
+    return _Launch(strides, n, c, p, npb, c // groups, a, (a.stride(0), a.stride(1)) if add is not None else (0, 0),
+                   w, b, (npb, n, triton.cdiv(c, BLOCK_C)))  # pixel blocks on axis 0: axes 1 and 2 stop at 65,535
 
 
 def forward(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
             add: Optional[torch.Tensor] = None, silu: bool = False):
     """:func:`group_norm`'s output and each (image, group)'s fp32 mean and 1/std ``[N, groups]``."""
-    strides, n, c, p, npb, a, sa = _geometry(x, add, groups)
+    k = _launch(x, add, groups, weight, bias)
     y = torch.empty_like(x)
-    gmean = torch.empty(n, groups, device=x.device, dtype=torch.float32)
+    gmean = torch.empty(k.n, groups, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(gmean)
     if not x.numel():
         return y, gmean, rstd
+    mean = torch.empty(k.n, k.npb, k.c, device=x.device, dtype=torch.float32)
+    m2 = torch.empty_like(mean)
+    _partial_stats[k.tiles](x, k.add, mean, m2, k.p, k.c, k.npb, *k.strides, *k.add_strides, HAS_ADD=add is not None,
+                            BP=BLOCK_P, BC=BLOCK_C)
+    # the element count as a float: Triton turns an int argument equal to 1 (a 1x1 map) into a constant. The tile
+    # is fixed but for the widest groups: each constexpr set is one more Triton build on a fresh machine (SDXL's 10
+    # to 80 channels per group and 1 to 256 pixel blocks would be eight of them)
+    _group_stats[(k.n, groups)](mean, m2, gmean, rstd, k.p, k.c, k.npb, groups, k.cpg, float(k.p * k.cpg),
+                                float(eps), BPB=16, BG=max(64, triton.next_power_of_2(k.cpg)), BP=BLOCK_P)
+    _apply[k.tiles](x, k.add, k.w, k.b, gmean, rstd, y, k.p, k.c, groups, k.cpg, *k.strides, *k.add_strides,
+                    *flat_strides(y), HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P,
+                    BC=BLOCK_C)
+    return y, gmean, rstd
     cpg = c // groups
     w = weight if weight is not None else x
     b = bias if bias is not None else (torch.zeros_like(weight) if weight is not None else x)
@@ -236,28 +268,26 @@ def backward(dy: torch.Tensor, x: torch.Tensor, groups: int, weight: Optional[to
     """The gradients of :func:`forward` with respect to ``x`` (in ``x``'s layout) and, with ``add_grad``, ``add``
     (``[N, C]``, fp32), from ``dy`` in any flattenable layout: with x̂ the normalised input and g the gradient
     reaching it, ``dx = (g - mean_group(g) - x̂ · mean_group(g · x̂)) / std`` (Wu & He 2018's norm, differentiated)."""
-    strides, n, c, p, npb, a, sa = _geometry(x, add, groups)
+    k = _launch(x, add, groups, weight, bias)
     dys = flat_strides(dy)
     if dys is None:
         dy = dy.contiguous()
         dys = flat_strides(dy)
     dx = torch.empty_like(x)
     if not x.numel():
-        return dx, (torch.zeros(n, c, device=x.device) if add_grad else None)
-    cpg = c // groups
-    w = weight if weight is not None else x
-    b = bias if bias is not None else (torch.zeros_like(weight) if weight is not None else x)
-    s1 = torch.empty(n, npb, c, device=x.device, dtype=torch.float32)
+        return dx, (torch.zeros(k.n, k.c, device=x.device) if add_grad else None)
+    s1 = torch.empty(k.n, k.npb, k.c, device=x.device, dtype=torch.float32)
     s2 = torch.empty_like(s1)
-    tiles = (npb, n, triton.cdiv(c, BLOCK_C))  # pixel blocks on axis 0: axes 1 and 2 stop at 65,535
     flags = dict(HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P, BC=BLOCK_C)
-    _grad_partial[tiles](dy, x, a, w, b, gmean, rstd, s1, s2, p, c, groups, cpg, npb, *strides, *sa, *dys, **flags)
-    count = float(cpg * p)  # the per-group means of g and g·x̂: small [N, NPB, C] partials, summed by torch
-    c1 = (s1.view(n, npb, groups, cpg).sum((1, 3)) / count).contiguous()
-    c2 = (s2.view(n, npb, groups, cpg).sum((1, 3)) / count).contiguous()
+    common = (dy, x, k.add, k.w, k.b, gmean, rstd)
+    _grad_partial[k.tiles](*common, s1, s2, k.p, k.c, groups, k.cpg, k.npb, *k.strides, *k.add_strides, *dys,
+                           **flags)
+    count = float(k.cpg * k.p)  # the per-group means of g and g·x̂: small [N, NPB, C] partials, summed by torch
+    c1 = (s1.view(k.n, k.npb, groups, k.cpg).sum((1, 3)) / count).contiguous()
+    c2 = (s2.view(k.n, k.npb, groups, k.cpg).sum((1, 3)) / count).contiguous()
     da = s1 if add_grad else None  # (its memory reused: s1 is read above and no more)
-    _grad_apply[tiles](dy, x, a, w, b, gmean, rstd, c1, c2, dx, s1, p, c, groups, cpg, npb, *strides, *sa, *dys,
-                       *flat_strides(dx), ADD_GRAD=add_grad, **flags)
+    _grad_apply[k.tiles](*common, c1, c2, dx, s1, k.p, k.c, groups, k.cpg, k.npb, *k.strides, *k.add_strides, *dys,
+                         *flat_strides(dx), ADD_GRAD=add_grad, **flags)
     return dx, (da.sum(1) if add_grad else None)
 
 
