@@ -48,7 +48,7 @@ def channels_last_for(asked: Optional[bool], device: torch.device, fused_norms: 
     """Whether a sampler draws with the UNet in NHWC: ``asked``, else where the fused norms run on a GPU (0.807
     against 0.835 s/image NCHW, H100, BENCHMARKS.md 2026-12-07 session 8; without them NHWC was slower, 1.084
     against 1.009, PyTorch's GroupNorm copying to NCHW). One rule for the sampler and the prior cache."""
-    return (fused_norms and device.type == "cuda") if asked is None else (asked and device.type == "cuda")
+    return device.type == "cuda" and (fused_norms if asked is None else asked)
 
 
 def default_vae_dtype(device: torch.device, dtype: str) -> str:

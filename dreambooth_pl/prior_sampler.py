@@ -19,10 +19,11 @@ once per batch; only the loop around the UNet is ours. What differs is how it ru
 - opt-in switches, timed by ``benchmark --preset priors`` (BENCHMARKS.md): ``fuse_qkv`` (diffusers' fused
   projections: 1.032 against 1.036 s/image, within noise), ``compile_blocks`` (regional ``torch.compile``: 0.881 but
   a 22 s first batch), ``cudnn_benchmark``, and ``park_text_encoders`` (the encoders stay on the CPU but for the
-  prompt: an 8 GB card, configs/perf/8gb.yaml). ``channels_last`` lost (1.084 against 1.009 s/image) while
-  PyTorch's GroupNorm copied NHWC to NCHW around every norm;
+  prompt: an 8 GB card, configs/perf/8gb.yaml);
 - the GroupNorms run as Triton kernels that keep the input's layout, each resnet's ``+ temb``, norm and SiLU in
-  one (``fused_norms``, the default on a GPU with Triton; fused_norms.py), which makes ``channels_last`` copy-free;
+  one (``fused_norms``, the default on a GPU with Triton; fused_norms.py), and the UNet runs NHWC with them
+  (``channels_last``: 0.807 against 0.835 s/image NCHW on an H100; alone it lost, 1.084 against 1.009, while
+  PyTorch's GroupNorm copied NHWC to NCHW around every norm);
 - once a fit's draw is done, :meth:`PriorSampler.leave_base` hands the loaded parts to its training
   (base_handoff.py), which then does not read the base a second time.
 """
