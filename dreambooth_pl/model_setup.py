@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from . import block_ops, fused_norms, quant
+from . import block_ops, fused_norms, plain_attention, quant
 from . import perf as perf_lib
 from .adapter import kinds
 from .data.datamodule import DataShape
@@ -111,6 +111,7 @@ def apply_perf(perf: PerfSettings, m, encoders: tuple, dtype: torch.dtype, lora_
         dtype: the frozen base's dtype: fp32 runs keep the fp32 norms and inputs.
         lora_dropout: ``lora.dropout``: only dropout draws random numbers inside the checkpointed blocks.
     """
+    plain_attention.use_plain_attention(m.unet)  # the same bits as diffusers' processor, a pass fewer each way
     if perf.fused_norms:  # before checkpointing wraps the resnets, and before half_norms, which leaves these alone
         fused_norms.fuse_norms(m.unet)
     if perf.gradient_checkpointing:

@@ -24,6 +24,8 @@ once per batch; only the loop around the UNet is ours. What differs is how it ru
   one (``fused_norms``, the default on a GPU with Triton; fused_norms.py), and the UNet runs NHWC with them
   (``channels_last``: 0.807 against 0.835 s/image NCHW on an H100; alone it lost, 1.084 against 1.009, while
   PyTorch's GroupNorm copied NHWC to NCHW around every norm);
+- each attention skips diffusers' division of its output by ``rescale_output_factor``, 1 in SDXL
+  (``plain_attention``, plain_attention.py): the same bits, a pass fewer per attention;
 - once a fit's draw is done, :meth:`PriorSampler.leave_base` hands the loaded parts to its training
   (base_handoff.py), which then does not read the base a second time.
 """
@@ -39,6 +41,7 @@ from .block_ops import fuse_geglu
 from .graphs import GraphedForward
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions, fuse_attention
 from .fused_norms import fuse_norms, to_nhwc
+from .plain_attention import use_plain_attention
 from .prior_defaults import (channels_last_for, default_dtype, default_vae_dtype, fused_geglu_for, fused_norms_for,
                              sampler_device)
 from .sampling import SAMPLER, make_scheduler
@@ -84,6 +87,8 @@ class PriorSampler:
             one (fused_norms.py; None: ``prior_defaults.fused_norms_for``).
         channels_last: the UNet in NHWC on a GPU (None: ``prior_defaults.channels_last_for``, on with the fused
             norms, which keep NHWC through every norm).
+        plain_attention: each plain attention without diffusers' division of its output by 1 (plain_attention.py:
+            the same bits, one pass fewer per attention; False: diffusers' processor, for the benchmark's A/B).
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
@@ -92,7 +97,8 @@ class PriorSampler:
                  vae_tiling: bool = False, fuse_qkv: bool = False, attention: AttentionKernel = "auto",
                  compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False,
                  fused_geglu: Optional[bool] = None, constant_negative: bool = True,
-                 fused_norms: Optional[bool] = None, channels_last: Optional[bool] = None):
+                 fused_norms: Optional[bool] = None, channels_last: Optional[bool] = None,
+                 plain_attention: bool = True):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -152,6 +158,8 @@ class PriorSampler:
         self.channels_last = channels_last_for(channels_last, self.device, self.fused_norms)
         if self.channels_last:
             to_nhwc(pipe.unet)
+        # before the constant negative, which wraps each cross-attention's processor
+        self.plain_attention = use_plain_attention(pipe.unet) if plain_attention else 0
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
         self._zero_negative: dict[tuple, bool] = {}  # the same keys -> the negative embeddings are all zero
         self._constant = ConstantNegative(pipe.unet) if constant_negative else None
@@ -168,6 +176,7 @@ class PriorSampler:
         from . import base_handoff
         from .block_ops import unfuse_blocks
         from .fused_norms import unfuse_norms
+        from .plain_attention import restore
 
         if self._base is None or self.pipe is None or self.fuse_qkv or self.compiled_blocks:
             return False  # (pipe None: left already)
@@ -176,6 +185,7 @@ class PriorSampler:
         if self._constant is not None:
             self._constant.remove()
             self._constant = None
+        restore(pipe.unet)
         unfuse_blocks(pipe.unet)
         unfuse_norms(pipe.unet)
         unfuse_norms(pipe.vae)
@@ -200,6 +210,7 @@ class PriorSampler:
                     fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
                     cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
                     fused_geglu=self.fused_geglu, fused_norms=self.fused_norms, channels_last=self.channels_last,
+                    plain_attention_layers=self.plain_attention,
                     constant_negative_layers=self._constant.layers if self._constant is not None else 0)
 
     @contextlib.contextmanager

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 # processors whose output for zero keys and values is to_out(0): the plain ones, fused projections included
-PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0")
+PLAIN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "FusedAttnProcessor2_0", "PlainAttention")
 
 
 def constant_for_zero_context(attn) -> bool:

@@ -41,6 +41,8 @@ def test_training_takes_the_samplers_parts_restored_as_a_plain_load(tiny_base):
     taken = load_parts(tiny_base, None, torch.float32, "cpu", torch.float32)
     assert taken.unet is unet and not base_handoff.waiting()  # taken once
     assert not any("forward" in vars(m) for m in unet.modules())  # diffusers' own forwards again
+    processors = {type(p).__name__ for p in unet.attn_processors.values()}
+    assert processors == {"AttnProcessor2_0"}, processors  # the sampler's plain attention and constant: gone
     fresh = load_parts(tiny_base, None, torch.float32, "cpu", torch.float32)
     assert fresh.unet is not unet
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the same file into the same dtype: bit equal
