@@ -67,6 +67,7 @@ def cache_ab(base: str, n: int = 48) -> None:
     the fit's), each timed twice; how far bf16's latent means are from fp32's, and four per call from one."""
     from dreambooth_pl.data.encode import encode_set
     from dreambooth_pl.data.datasets import ImageSet
+    from dreambooth_pl.fused_norms import fuse_norms
     from dreambooth_pl.sdxl import load_parts
 
     folders = sorted(Path("data/_cache/bench").glob("e2e-*/class"))  # benchmark --work's default
@@ -76,10 +77,12 @@ def cache_ab(base: str, n: int = 48) -> None:
         return
     vae32 = load_parts(base, None, torch.float16, "cuda", torch.float32).vae
     vae16 = load_parts(base, None, torch.float16, "cuda", torch.bfloat16).vae
+    fused = load_parts(base, None, torch.float16, "cuda", torch.bfloat16).vae
+    fuse_norms(fused)  # model.perf.fused_norms: the fit's encode with the Triton GroupNorms
     images = ImageSet(tuple(paths), "a photo of person")
     sizes = [[(1024, 1024)]] * len(paths)
     runs = {"fp32 plain+mirrored": (vae32, True, 1), "fp32 plain": (vae32, False, 1), "bf16 plain": (vae16, False, 1),
-            "bf16 plain, 4 per call": (vae16, False, 4)}
+            "bf16 plain, 4 per call": (vae16, False, 4), "bf16 plain, 4 per call, fused norms": (fused, False, 4)}
     got, enc = {}, {}
     for _ in range(2):
         for name, (vae, mirrored, per_call) in runs.items():
@@ -94,10 +97,13 @@ def cache_ab(base: str, n: int = 48) -> None:
     spread = torch.stack([v.std.mean() for v in ref.values()]).mean()
     four = enc["bf16 plain, 4 per call"].entries
     batch_rel = torch.stack([(four[k].mean - v.mean).norm() / v.mean.norm() for k, v in low.items()]).max()
+    kernels = enc["bf16 plain, 4 per call, fused norms"].entries
+    fused_rel = torch.stack([(kernels[k].mean - v.mean).norm() / v.mean.norm() for k, v in four.items()]).max()
     print(f"cache A/B ({len(paths)} images of {folders[-1]}, decoded ahead, s/image, two runs each): {got}; "
           f"bf16 against fp32 latent means: max |difference| {diff.max():.3e}, relative L2 {rel.mean():.2e} (max "
           f"{rel.max():.2e}); the latent distributions' own mean std {spread:.3e}; bf16 4 per call against 1 per "
-          f"call: relative L2 max {batch_rel:.2e}", flush=True)
+          f"call: relative L2 max {batch_rel:.2e}; fused norms against eager (bf16, 4 per call): relative L2 max "
+          f"{fused_rel:.2e}", flush=True)
     vae_batches(vae16, images)
 
 

@@ -136,6 +136,14 @@ def fuse_norms(model: torch.nn.Module) -> int:
     return count
 
 
+def runs_fused(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s norms go to the kernels: patched by :func:`fuse_norms`, on a device where they run."""
+    param = next(model.parameters(), None)
+    return param is not None and uses_kernel(param.device) and any(
+        getattr(vars(m).get(name), "__func__", None) in funcs for m in model.modules() for name, funcs in
+        _PATCHES.items())
+
+
 def unfuse_norms(model: torch.nn.Module) -> int:
     """Undo :func:`fuse_norms`. Returns the number of modules restored."""
     count = 0

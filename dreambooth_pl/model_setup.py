@@ -114,6 +114,7 @@ def apply_perf(perf: PerfSettings, m, encoders: tuple, dtype: torch.dtype, lora_
     plain_attention.use_plain_attention(m.unet)  # the same bits as diffusers' processor, a pass fewer each way
     if perf.fused_norms:  # before checkpointing wraps the resnets, and before half_norms, which leaves these alone
         fused_norms.fuse_norms(m.unet)
+        fused_norms.fuse_norms(m.vae)  # the cache's encode (its norms over 128 channels x 1024²), the grids' decode
     if perf.gradient_checkpointing:
         perf_lib.set_checkpointing(m.unet, perf.checkpoint_every, preserve_rng_state=lora_dropout > 0)
         for model in encoders:

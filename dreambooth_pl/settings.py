@@ -156,7 +156,8 @@ class PerfSettings:
             down-projection GEMM on ``[A_q; A_k; A_v]`` and one for its gradient), and each cross-attention's k and
             v on the text states (fused_lora.py; fewer kernels).
         fused_norms: run the UNet's frozen GroupNorms as Triton kernels, each resnet's ``+ temb``, norm and SiLU
-            as one node forward and backward (fused_norms.py, on CUDA with Triton; elsewhere diffusers' ops), and
+            as one node forward and backward (fused_norms.py, on CUDA with Triton; elsewhere diffusers' ops), the
+            VAE's too while it encodes the cache (its latent-store entries key apart), and
             with ``channels_last`` keep NHWC through the norms instead of copying to NCHW and back. Both on: the
             recipe 0.092 against 0.102 s/step, ``fast`` 0.093 against 0.102 (one H100 call, BENCHMARKS.md 2026-12-07
             session 8).

@@ -289,18 +289,19 @@ def test_a_fit_with_fused_norms_in_nhwc_runs_the_kernels_both_ways_at_the_eager_
 
 def test_every_resnet_is_fused_when_checkpointing_wraps_every_second_block(tiny_base):
     """``apply_perf`` routes the norms before checkpointing wraps its blocks' forwards (else the wrapped resnets
-    would keep diffusers' forward)."""
+    would keep diffusers' forward), and the VAE's, which encodes the cache."""
     import dataclasses
     from types import SimpleNamespace
 
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from dreambooth_pl.memory_plan import manual
     from dreambooth_pl.model_setup import apply_perf
     from dreambooth_pl.settings import PerfSettings
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
-    m = SimpleNamespace(unet=unet, text_encoder=torch.nn.Identity(), text_encoder_2=torch.nn.Identity())
+    vae = AutoencoderKL.from_pretrained(tiny_base, subfolder="vae")
+    m = SimpleNamespace(unet=unet, vae=vae, text_encoder=torch.nn.Identity(), text_encoder_2=torch.nn.Identity())
     perf = dataclasses.replace(manual(PerfSettings()), fused_norms=True, gradient_checkpointing=True,
                                checkpoint_every=2)
     apply_perf(perf, m, (), torch.float32, 0.0)
@@ -310,6 +311,8 @@ def test_every_resnet_is_fused_when_checkpointing_wraps_every_second_block(tiny_
                            or getattr(b.forward, "checkpointed", False) for b in resnets)
     # the checkpoint wrapper calls the fused forward it wrapped
     assert all(fused_norms._resnet_forward.__code__ in _codes(b.forward) for b in wrapped)
+    vae_norms = [n for n in vae.modules() if type(n) is torch.nn.GroupNorm]
+    assert vae_norms and all("forward" in vars(n) for n in vae_norms)
 
 
 def _codes(fn) -> set:

@@ -63,7 +63,7 @@ def test_a_second_run_reads_every_latent_instead_of_encoding(vae, tiny_base, tmp
             assert torch.equal(got.crop_top_left, e.crop_top_left)
 
 
-def test_entries_follow_the_bytes_the_orientations_and_the_key(vae, tiny_base, tmp_path):
+def test_entries_follow_the_bytes_the_orientations_and_the_key(vae, tiny_base, tmp_path, monkeypatch):
     """A renamed copy of an image hits its entry; plain and plain + mirrored are separate entries (the pair is one
     VAE batch, whose plain row rounds unlike a batch of one), each read back bit for bit; a truncated or foreign
     file is encoded again; another VAE dtype, encode mode or VAE config keys another folder."""
@@ -114,6 +114,19 @@ def test_entries_follow_the_bytes_the_orientations_and_the_key(vae, tiny_base, t
     (tmp_path / "vae" / "config.json").write_text('{"scaling_factor": 0.18215}')
     keys.add(folder(False))
     assert len(keys) == 4
+    # the Triton GroupNorms (model.perf.fused_norms) key apart where they run, and only there
+    from dreambooth_pl import fused_norms
+
+    fused_norms.fuse_norms(vae.vae)
+    try:
+        assert folder(False) in keys  # on this CPU the patched norms run diffusers' ops
+        monkeypatch.setattr(fused_norms, "uses_kernel", lambda device: True)
+        assert latent_key(str(tmp_path / "vae"), vae.vae, False)["fused_norms"] is True
+        keys.add(folder(False))
+    finally:
+        fused_norms.unfuse_norms(vae.vae)
+    assert len(keys) == 5 and folder(False) in keys and "fused_norms" not in latent_key(str(tmp_path / "vae"),
+                                                                                           vae.vae, False)
 
 
 def test_an_unwritable_store_warns_once_and_the_run_keeps_its_latents(vae, tmp_path):

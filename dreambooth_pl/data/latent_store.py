@@ -59,6 +59,8 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool, images
     import PIL
     import torchvision
 
+    from ..fused_norms import runs_fused
+
     param = next(vae.parameters())
     folder = Path(vae_folder).expanduser()
     configs = [folder / "config.json", folder / "vae" / "config.json"]
@@ -74,7 +76,9 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool, images
             # the algorithm choices: Lightning's deterministic=True and cuDNN's modes pick other kernels
             "algorithms": [torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
                            torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32],
-            "format": FORMAT, **({"images_per_call": images_per_call} if images_per_call != 1 else {})}
+            "format": FORMAT, **({"images_per_call": images_per_call} if images_per_call != 1 else {}),
+            # the Triton GroupNorms (model.perf.fused_norms) round unlike PyTorch's; unfused keys name nothing
+            **({"fused_norms": True} if runs_fused(vae) else {})}
 
 
 class LatentStore(KeyedFolder):
