@@ -89,6 +89,14 @@ for stage in "$@"; do
     e2e)  # the recipe's fit with data.priors.generate, from process start to the LoRA; extrapolated to 197/1000
       timeout ${E2E_TIMEOUT:-300} python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \
         --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} --again_steps ${E2E_AGAIN:-0} 2>&1 | tail -n 3 ;;
+    warm-ab)  # kernel_warmup.py: the whole run on a cold Triton cache (a fresh machine's), with and without building
+      # the step's kernels on a thread while the cache encodes: the first step and start -> first step of each
+      for o in '' '["--model.perf.warm_kernels=false"]'; do
+        TRITON_CACHE_DIR=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
+          --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} ${o:+--overrides "$o"} 2>&1 | tail -n 1
+      done ;;
+    warm-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernel_warmup.py \
+      tests/test_fused_norms.py tests/test_block_ops.py 2>&1 | tail -n 15 ;;
     recipe-variants)  # the memory plans' rows: every 2nd block, and no checkpointing
       bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.checkpoint_every=2"]'
       bench --preset recipe --steps 12 --warmup 3 --overrides '["--model.perf.gradient_checkpointing=false"]' ;;

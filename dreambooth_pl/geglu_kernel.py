@@ -7,7 +7,7 @@ kernels are shape-generic: one compile per dtype serves every batch, bucket and 
 disk. Both compute in fp32 and round once, as Inductor's kernel did; gelu is the exact (erf) form diffusers uses.
 
 The kernels run on CUDA tensors; ``TRITON_INTERPRET=1`` (set before this module is first imported) runs them on
-the CPU for the tests.
+the CPU for the tests; meta tensors build them without running them (kernel_warmup.py).
 """
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ def _backward_kernel(grad_ptr, a_ptr, g_ptr, da_ptr, dg_ptr, n, BLOCK_SIZE: tl.c
     tl.store(dg_ptr + offs, (grad * a * (cdf + g * pdf)).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
+def _run(kernel, grid: tuple, *args, **kwargs) -> None:
+    """Launch ``kernel``; for meta tensors (kernel_warmup.py) only build it, as their first launch would."""
+    if args[0].is_meta:
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK),)
 
@@ -53,7 +61,7 @@ def forward(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(a)
     n = a.numel()
     if n:
-        _forward_kernel[_grid(n)](a, g, out, n, BLOCK_SIZE=BLOCK)
+        _run(_forward_kernel, _grid(n), a, g, out, n, BLOCK_SIZE=BLOCK)
     return out
 
 
@@ -63,7 +71,7 @@ def backward(grad: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[torc
     da, dg = torch.empty_like(a), torch.empty_like(g)
     n = a.numel()
     if n:
-        _backward_kernel[_grid(n)](grad, a, g, da, dg, n, BLOCK_SIZE=BLOCK)
+        _run(_backward_kernel, _grid(n), grad, a, g, da, dg, n, BLOCK_SIZE=BLOCK)
     return da, dg
 
 

@@ -18,6 +18,7 @@ read the tensor twice and write it once.
   ``dx`` in the input's layout and, where the add needs one, its per-channel gradient.
 
 ``TRITON_INTERPRET=1`` (set before this module is first imported) runs the kernels on CPU tensors for the tests.
+Meta tensors build the kernels without running them (kernel_warmup.py).
 """
 from __future__ import annotations
 
@@ -177,6 +178,15 @@ def _grad_apply(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, c1_pt
         tl.store(da_ptr + (n * NPB + pb).to(tl.int64) * C + c, _sum(dx, 0), mask=cm)
 
 
+def _run(kernel, grid: tuple, *args, **kwargs) -> None:
+    """Launch ``kernel`` on ``grid``; for meta tensors (kernel_warmup.py) build it for these arguments instead, as
+    their first launch would, without running it."""
+    if args[0].is_meta:
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 def flat_strides(x: torch.Tensor) -> Optional[tuple[int, int, int]]:
     """``x``'s (image, channel, pixel) strides where its spatial dims flatten to one pixel index (NCHW, NHWC, or a
     3-D ``[N, C, L]``); None where they do not."""
@@ -233,32 +243,15 @@ def forward(x: torch.Tensor, groups: int, weight: Optional[torch.Tensor], bias: 
         return y, gmean, rstd
     mean = torch.empty(k.n, k.npb, k.c, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
-    _partial_stats[k.tiles](x, k.add, mean, m2, k.p, k.c, k.npb, *k.strides, *k.add_strides, HAS_ADD=add is not None,
-                            BP=BLOCK_P, BC=BLOCK_C)
+    _run(_partial_stats, k.tiles, x, k.add, mean, m2, k.p, k.c, k.npb, *k.strides, *k.add_strides,
+         HAS_ADD=add is not None, BP=BLOCK_P, BC=BLOCK_C)
     # the element count as a float: Triton turns an int argument equal to 1 (a 1x1 map) into a constant. The tile
     # is fixed but for the widest groups: each constexpr set is one more Triton build on a fresh machine (SDXL's 10
     # to 80 channels per group and 1 to 256 pixel blocks would be eight of them)
-    _group_stats[(k.n, groups)](mean, m2, gmean, rstd, k.p, k.c, k.npb, groups, k.cpg, float(k.p * k.cpg),
-                                float(eps), BPB=16, BG=max(64, triton.next_power_of_2(k.cpg)), BP=BLOCK_P)
-    _apply[k.tiles](x, k.add, k.w, k.b, gmean, rstd, y, k.p, k.c, groups, k.cpg, *k.strides, *k.add_strides,
-                    *flat_strides(y), HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P,
-                    BC=BLOCK_C)
-    return y, gmean, rstd
-    cpg = c // groups
-    w = weight if weight is not None else x
-    b = bias if bias is not None else (torch.zeros_like(weight) if weight is not None else x)
-    mean = torch.empty(n, npb, c, device=x.device, dtype=torch.float32)
-    m2 = torch.empty_like(mean)
-    # _group_stats' tile is fixed but for the widest groups: each constexpr set is one more Triton build on a
-    # fresh machine (SDXL's 10 to 80 channels per group and 1 to 256 pixel blocks would be eight of them)
-    tiles = (npb, n, triton.cdiv(c, BLOCK_C))  # pixel blocks on axis 0: axes 1 and 2 stop at 65,535
-    _partial_stats[tiles](x, a, mean, m2, p, c, npb, *strides, *sa, HAS_ADD=add is not None, BP=BLOCK_P,
-                          BC=BLOCK_C)
-    # the element count as a float: Triton turns an int argument equal to 1 (a 1x1 map) into a constant
-    _group_stats[(n, groups)](mean, m2, gmean, rstd, p, c, npb, groups, cpg, float(p * cpg), float(eps),
-                              BPB=16, BG=max(64, triton.next_power_of_2(cpg)), BP=BLOCK_P)
-    _apply[tiles](x, a, w, b, gmean, rstd, y, p, c, groups, cpg, *strides, *sa, *flat_strides(y),
-                  HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P, BC=BLOCK_C)
+    _run(_group_stats, (k.n, groups), mean, m2, gmean, rstd, k.p, k.c, k.npb, groups, k.cpg, float(k.p * k.cpg),
+         float(eps), BPB=16, BG=max(64, triton.next_power_of_2(k.cpg)), BP=BLOCK_P)
+    _run(_apply, k.tiles, x, k.add, k.w, k.b, gmean, rstd, y, k.p, k.c, groups, k.cpg, *k.strides, *k.add_strides,
+         *flat_strides(y), HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P, BC=BLOCK_C)
     return y, gmean, rstd
 
 
@@ -280,14 +273,14 @@ def backward(dy: torch.Tensor, x: torch.Tensor, groups: int, weight: Optional[to
     s2 = torch.empty_like(s1)
     flags = dict(HAS_ADD=add is not None, AFFINE=weight is not None, SILU=silu, BP=BLOCK_P, BC=BLOCK_C)
     common = (dy, x, k.add, k.w, k.b, gmean, rstd)
-    _grad_partial[k.tiles](*common, s1, s2, k.p, k.c, groups, k.cpg, k.npb, *k.strides, *k.add_strides, *dys,
-                           **flags)
+    _run(_grad_partial, k.tiles, *common, s1, s2, k.p, k.c, groups, k.cpg, k.npb, *k.strides, *k.add_strides,
+         *dys, **flags)
     count = float(k.cpg * k.p)  # the per-group means of g and g·x̂: small [N, NPB, C] partials, summed by torch
     c1 = (s1.view(k.n, k.npb, groups, k.cpg).sum((1, 3)) / count).contiguous()
     c2 = (s2.view(k.n, k.npb, groups, k.cpg).sum((1, 3)) / count).contiguous()
     da = s1 if add_grad else None  # (its memory reused: s1 is read above and no more)
-    _grad_apply[k.tiles](*common, c1, c2, dx, s1, k.p, k.c, groups, k.cpg, k.npb, *k.strides, *k.add_strides, *dys,
-                         *flat_strides(dx), ADD_GRAD=add_grad, **flags)
+    _run(_grad_apply, k.tiles, *common, c1, c2, dx, s1, k.p, k.c, groups, k.cpg, k.npb, *k.strides,
+         *k.add_strides, *dys, *flat_strides(dx), ADD_GRAD=add_grad, **flags)
     return dx, (da.sum(1) if add_grad else None)
 
 

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from . import kernel_warmup
 from . import perf as perf_lib
 from . import quant
 from .adapter.checkpoint import check_adapter_keys
@@ -80,6 +81,7 @@ class DreamBoothLoRA(L.LightningModule):
         self._prompt_cache = PromptCache()
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
         self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
+        self._warmup: Optional[kernel_warmup.KernelWarmup] = None  # the step's kernels building (configure_model)
         from .validation import HeldOutLoss
 
         self.val_loss = HeldOutLoss(prior_loss_weight)  # the loss of data.photos.held_out; its sums hold no weights
@@ -123,8 +125,24 @@ class DreamBoothLoRA(L.LightningModule):
 
             self.ema = AdapterEMA(self.trainable_parameters(), hp.ema.decay)
         apply_perf(self.perf, self, adapted, dtype, hp.lora.dropout)
+        if self.perf.warm_kernels and not self.perf.compile_blocks:  # (compiled blocks launch Inductor's kernels)
+            self._warmup = kernel_warmup.start(self.unet, kernel_warmup.train_images(self._datamodule()), dtype,
+                                               bool(self.perf.channels_last), device)
         perf_lib.ddp_ignore_frozen(self)
         self.timings["adapters"] = time.perf_counter() - t - self.timings["load"]
+
+    def _datamodule(self):
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def on_train_start(self) -> None:
+        """Wait for the kernels building on a thread since ``configure_model`` (kernel_warmup.py): the first step
+        launches them, and its CUDA graph captures them."""
+        if self._warmup is not None:
+            warmup, self._warmup = self._warmup, None
+            self.timings["kernel_wait"] = warmup.join()
+            if warmup.error:
+                rank_zero_warn(f"building the step's Triton kernels ahead failed ({warmup.error}); each builds at "
+                               "its first launch instead (set model.perf.warm_kernels: false to skip the attempt).")
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now;

@@ -161,6 +161,9 @@ class PerfSettings:
             with ``channels_last`` keep NHWC through the norms instead of copying to NCHW and back. Both on: the
             recipe 0.092 against 0.102 s/step, ``fast`` 0.093 against 0.102 (one H100 call, BENCHMARKS.md 2026-12-07
             session 8).
+        warm_kernels: build the step's Triton kernels (fused norms, GEGLU) on a thread while the cache encodes,
+            instead of one by one inside the first step on a machine that has not built them before
+            (kernel_warmup.py); the same kernels run either way.
     """
 
     gradient_checkpointing: Optional[bool] = None
@@ -178,6 +181,7 @@ class PerfSettings:
     fused_blocks: Optional[bool] = None
     group_qkv: Optional[bool] = None
     fused_norms: Optional[bool] = None
+    warm_kernels: bool = True
 
     def __post_init__(self) -> None:
         _require(self.checkpoint_every is None or self.checkpoint_every >= 1, "perf.checkpoint_every",

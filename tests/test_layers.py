@@ -14,7 +14,7 @@ LAYERS = [
      "perf", "graphs", "fused_lora", "metrics", "checkpoint_io", "argv", "devices", "__init__", "sampler_settings",
      "zero_negative", "plain_attention", "base_handoff",
      "adapter.__init__", "adapter"],  # the adapter package itself holds only the LoRA file's name
-    ["moved_keys", "sdxl", "adapter.maths", "pivotal", "token_files"],
+    ["moved_keys", "sdxl", "adapter.maths", "pivotal", "token_files", "kernel_warmup"],
     ["adapter.kinds", "bases"],
     ["adapter.value"],
     ["adapter.base", "adapter.diffusers_layout", "adapter.kohya_layout"],

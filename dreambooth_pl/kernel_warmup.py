@@ -1,0 +1,175 @@
+"""Build the training step's Triton kernels on a thread while the fit encodes its cache (issue 26: start-up).
+
+Why: on a fresh machine Triton builds each kernel specialisation at its first launch, 0.15–0.2 s each, one after
+another inside training's first step: the fused GroupNorms' forward and backward at every (channels, add, SiLU)
+combination, and GEGLU's backward. The whole run's first step took 8.0 s with Triton's disk cache cold and 2.4 s
+with it warm (BENCHMARKS.md 2026-12-07, session 9, H100). Triton's ``JITFunction.warmup`` builds a kernel for the
+dtypes, alignments and integer sizes of its arguments without launching it, and the kernel modules do that for
+meta tensors (their ``_run``). So :func:`warm` calls them with meta tensors of each fused norm's and GEGLU's shape,
+at every latent size the data trains at, in the step's dtype and layout; the module starts it on a thread once its
+adapters are in (``configure_model``), the main thread encodes the cache on the GPU meanwhile, and the thread is
+joined before the first step. Nothing here launches a kernel, allocates device memory or touches a stream, so a
+CUDA graph being captured is not disturbed; a specialisation missed here is built at its first launch, as before.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class NormCall:
+    """One kind of fused GroupNorm call (fused_norms.py): what decides which kernels it builds, sizes aside."""
+
+    channels: int
+    groups: int
+    affine: bool
+    add: bool  # a resnet's norm2: its ``+ temb`` fused in
+    silu: bool
+
+
+def norm_calls(unet: torch.nn.Module) -> set[NormCall]:
+    """The fused norm calls of ``unet`` (after ``fuse_norms``): each fused resnet's two, and each other GroupNorm
+    routed through the kernels (a transformer's input norm, the output norm)."""
+    from . import fused_norms
+
+    def patched(m, func) -> bool:
+        return getattr(vars(m).get("forward"), "__func__", None) is func
+
+    calls, in_resnets = set(), set()
+    for m in unet.modules():
+        if patched(m, fused_norms._resnet_forward):
+            in_resnets.update((id(m.norm1), id(m.norm2)))  # called by the resnet, never as modules
+            calls.add(NormCall(m.norm1.num_channels, m.norm1.num_groups, m.norm1.affine, False, True))
+            calls.add(NormCall(m.norm2.num_channels, m.norm2.num_groups, m.norm2.affine,
+                               m.time_emb_proj is not None, True))
+    for m in unet.modules():
+        if patched(m, fused_norms._group_norm_forward) and id(m) not in in_resnets:
+            calls.add(NormCall(m.num_channels, m.num_groups, m.affine, False, False))
+    return calls
+
+
+def geglu_widths(unet: torch.nn.Module) -> set[int]:
+    """The activation widths of ``unet``'s GEGLUs that run the one-kernel activation (block_ops.fuse_geglu)."""
+    from . import block_ops
+
+    return {m.proj.out_features // 2 for m in unet.modules()
+            if getattr(vars(m).get("forward"), "__func__", None) is block_ops._geglu_forward}
+
+
+def latent_sizes(images: Iterable[tuple[int, int]], levels: int) -> set[tuple[int, int]]:
+    """The UNet's map sizes for images of these (height, width): the latents (1/8) and each stride-2 level below."""
+    sizes = set()
+    for h, w in images:
+        h, w = h // 8, w // 8
+        for _ in range(levels):
+            sizes.add((h, w))
+            h, w = (h + 1) // 2, (w + 1) // 2  # a 3x3 stride-2 convolution with padding 1
+    return sizes
+
+
+def warm(norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dtype: torch.dtype,
+         channels_last: bool, backward: bool = True) -> int:
+    """Build the kernels that these calls would launch (forward, and with ``backward`` the input's gradient) for
+    one image at each map size; returns the number of kernel calls made. Needs Triton and a current CUDA device.
+
+    Args:
+        norms: :func:`norm_calls`.
+        widths: :func:`geglu_widths`.
+        sizes: the map sizes (:func:`latent_sizes`).
+        dtype: the activations' dtype in the step (the frozen base's, under mixed precision).
+        channels_last: the UNet runs NHWC (``perf.channels_last``): the norms see NHWC inputs and gradients.
+        backward: also build the gradients' kernels (a training step; not an inference pass).
+    """
+    from . import geglu_kernel, group_norm_kernel
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    count = 0
+    for (h, w) in sorted(sizes):
+        for c in sorted(norms, key=lambda c: (c.channels, c.add, c.silu, c.affine)):
+            x = torch.empty(1, c.channels, h, w, device="meta", dtype=dtype).contiguous(memory_format=fmt)
+            add = torch.empty(1, c.channels, device="meta", dtype=dtype) if c.add else None
+            weight = torch.empty(c.channels, device="meta", dtype=dtype) if c.affine else None
+            bias = torch.empty_like(weight) if c.affine else None
+            _, gmean, rstd = group_norm_kernel.forward(x, c.groups, weight, bias, 1e-5, add, c.silu)
+            count += 3
+            # the gradient comes in x's layout from a convolution; a plain norm's (a transformer's input norm) comes
+            # back through proj_in's (N, H·W, C) view: NHWC whatever x's layout
+            grads = (fmt,) if c.add or c.silu or channels_last else (fmt, torch.channels_last)
+            for grad_fmt in grads if backward else ():
+                dy = torch.empty_like(x, memory_format=grad_fmt)
+                group_norm_kernel.backward(dy, x, c.groups, weight, bias, add, c.silu, gmean, rstd)
+                count += 2
+        for width in sorted(widths):
+            a, g = (torch.empty(1, h * w, width, device="meta", dtype=dtype) for _ in range(2))
+            geglu_kernel.forward(a, g)
+            count += 1
+            if backward:
+                geglu_kernel.backward(torch.empty_like(a), a, g)
+                count += 1
+    return count
+
+
+class KernelWarmup:
+    """:func:`warm` on a daemon thread for one device; :meth:`join` waits for it and says how it went.
+
+    Args:
+        norms: :func:`norm_calls` of the UNet (where the norm kernels run).
+        widths: :func:`geglu_widths` of the UNet (where the GEGLU kernel runs).
+        unet: the training UNet, its norms fused and GEGLUs patched (model_setup.apply_perf): its levels.
+        images: the (height, width) of the images the steps train on (the resolution, or each aspect bucket).
+        dtype: the activations' dtype in the step.
+        channels_last: whether the UNet runs NHWC.
+        device: the CUDA device whose kernels are built (the thread makes it current: Triton builds for it).
+    """
+
+    def __init__(self, norms: set[NormCall], widths: set[int], unet: torch.nn.Module,
+                 images: Iterable[tuple[int, int]], dtype: torch.dtype, channels_last: bool, device: torch.device):
+        levels = len(getattr(getattr(unet, "config", None), "block_out_channels", (0, 0, 0)))
+        self._args = (norms, widths, latent_sizes(images, levels), dtype, channels_last)
+        self.device, self.seconds, self.calls, self.error = device, 0.0, 0, None
+        self._thread = threading.Thread(target=self._run, name="kernel-warmup", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        t = time.perf_counter()
+        try:
+            torch.cuda.set_device(self.device)  # a new thread starts on device 0; a DDP rank builds for its own
+            self.calls = warm(*self._args)
+        except Exception as err:  # only time is at stake: every kernel still builds at its first launch
+            self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        self.seconds = time.perf_counter() - t
+
+    def join(self) -> float:
+        """Wait for the thread; returns the seconds waited."""
+        t = time.perf_counter()
+        self._thread.join()
+        return time.perf_counter() - t
+
+
+def train_images(datamodule) -> set[tuple[int, int]]:
+    """The (height, width) of the images a fit's steps see: each aspect bucket, else the square resolution."""
+    buckets = getattr(datamodule, "buckets", None)
+    if buckets:
+        return set(buckets.values())
+    side = datamodule.shape().resolution if hasattr(datamodule, "shape") else 1024
+    return {(side, side)}
+
+
+def start(unet: torch.nn.Module, images: Iterable[tuple[int, int]], dtype: torch.dtype, channels_last: bool,
+          device: Optional[torch.device]) -> Optional[KernelWarmup]:
+    """A :class:`KernelWarmup` where the step will launch Triton kernels on ``device`` (a GPU with Triton, fused
+    norms or the GEGLU kernel in the UNet); None where there is nothing to build."""
+    from . import block_ops, fused_norms
+
+    if device is None or device.type != "cuda":
+        return None
+    norms = norm_calls(unet) if fused_norms.uses_kernel(device) else set()
+    widths = geglu_widths(unet) if block_ops.uses_kernel(device) else set()
+    if not norms and not widths:
+        return None
+    return KernelWarmup(norms, widths, unet, images, dtype, channels_last, device)
