@@ -7,14 +7,17 @@ with it warm (BENCHMARKS.md 2026-12-07, session 9, H100). Triton's ``JITFunction
 dtypes, alignments and integer sizes of its arguments without launching it, and the kernel modules do that for
 meta tensors (their ``_run``). So :func:`warm` calls them with meta tensors of each fused norm's and GEGLU's shape,
 at every latent size the data trains at, in the step's dtype and layout; the module starts it on a thread once its
-adapters are in (``configure_model``), the main thread encodes the cache on the GPU meanwhile, and the thread is
-joined before the first step. Nothing here launches a kernel, allocates device memory or touches a stream, so a
+adapters are in (``configure_model``), builds several at once where Triton has ``AsyncCompileMode`` (3.4 on: a
+pool of threads), the main thread encodes the cache on the GPU meanwhile, and the thread is joined before the first
+step. Nothing here launches a kernel, allocates device memory or touches a stream, so a
 CUDA graph being captured is not disturbed; a specialisation missed here is built at its first launch, as before.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -73,7 +76,7 @@ def latent_sizes(images: Iterable[tuple[int, int]], levels: int) -> set[tuple[in
 
 
 def warm(norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dtype: torch.dtype,
-         channels_last: bool, backward: bool = True) -> int:
+         channels_last: bool, backward: bool = True, workers: int = 1) -> int:
     """Build the kernels that these calls would launch (forward, and with ``backward`` the input's gradient) for
     one image at each map size; returns the number of kernel calls made. Needs Triton and a current CUDA device.
 
@@ -84,7 +87,20 @@ def warm(norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dt
         dtype: the activations' dtype in the step (the frozen base's, under mixed precision).
         channels_last: the UNet runs NHWC (``perf.channels_last``): the norms see NHWC inputs and gradients.
         backward: also build the gradients' kernels (a training step; not an inference pass).
+        workers: build this many at once (Triton's ``AsyncCompileMode``, a pool of threads: its compiler releases
+            the GIL), where this Triton has it; 1 builds them one after another.
     """
+    import triton
+
+    mode = getattr(triton, "AsyncCompileMode", None) if workers > 1 else None
+    if mode is None:
+        return _warm(norms, widths, sizes, dtype, channels_last, backward)
+    with ThreadPoolExecutor(workers, thread_name_prefix="kernel-build") as pool, mode(pool):
+        return _warm(norms, widths, sizes, dtype, channels_last, backward)  # (the mode's exit waits for the builds)
+
+
+def _warm(norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dtype: torch.dtype,
+          channels_last: bool, backward: bool) -> int:
     from . import geglu_kernel, group_norm_kernel
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -139,7 +155,8 @@ class KernelWarmup:
         t = time.perf_counter()
         try:
             torch.cuda.set_device(self.device)  # a new thread starts on device 0; a DDP rank builds for its own
-            self.calls = warm(*self._args)
+            # a core left to the main thread, which encodes the cache meanwhile
+            self.calls = warm(*self._args, workers=max(1, min(8, (os.cpu_count() or 2) - 1)))
         except Exception as err:  # only time is at stake: every kernel still builds at its first launch
             self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         self.seconds = time.perf_counter() - t

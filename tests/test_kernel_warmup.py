@@ -81,6 +81,10 @@ def test_the_warm_up_builds_every_kernel_a_training_step_launches(recorded, tiny
     assert not missing, f"launched but not built ahead: {sorted(missing, key=str)[:3]}"
     # and nothing it built is of a kind the step never launches (names: the kernels themselves)
     assert {k[0] for k in recorded["warm"]} == {k[0] for k in recorded["run"]}
+    before = set(recorded["warm"])
+    recorded["warm"].clear()  # the same calls when the builds go to a pool (Triton's AsyncCompileMode)
+    assert kernel_warmup.warm(norms, widths, sizes, torch.float32, channels_last, workers=2) == calls
+    assert recorded["warm"] == before
 
 
 def test_norm_calls_take_each_resnets_two_norms_with_their_add_and_the_other_norms_plain(tiny_base):
