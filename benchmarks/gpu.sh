@@ -44,7 +44,7 @@ for stage in "$@"; do
       if [ "$stage" = tests ]; then  # tests-core: the acceptance file only
         timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s --durations=10 tests/test_graphs.py \
           tests/test_sample_grid.py tests/test_sampling.py tests/test_smoke.py tests/test_fused_lora.py \
-          tests/test_block_ops.py tests/test_cache.py >> "$OUT/pytest-gpu.txt" 2>&1
+          tests/test_block_ops.py tests/test_cache.py tests/test_kernel_warmup.py >> "$OUT/pytest-gpu.txt" 2>&1
       fi
       pkill -9 -f "python3 -m dreambooth_pl" || true  # a hung DDP test's other rank would hold a GPU for later stages
       grep -E "passed|failed|rel=|Error|^FAILED|^E " "$OUT/pytest-gpu.txt" | tail -n 40 ;;
