@@ -38,6 +38,8 @@ class NormCall:
 def norm_calls(unet: torch.nn.Module) -> set[NormCall]:
     """The fused norm calls of ``unet`` (after ``fuse_norms``): each fused resnet's two, and each other GroupNorm
     routed through the kernels (a transformer's input norm, the output norm)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
     from . import fused_norms
 
     def patched(m, func) -> bool:
@@ -45,7 +47,8 @@ def norm_calls(unet: torch.nn.Module) -> set[NormCall]:
 
     calls, in_resnets = set(), set()
     for m in unet.modules():
-        if patched(m, fused_norms._resnet_forward):
+        # fuse_norms routed each such resnet through its fused forward (which checkpointing may wrap since)
+        if type(m) is ResnetBlock2D and fused_norms._fusable(m) and patched(m.norm1, fused_norms._group_norm_forward):
             in_resnets.update((id(m.norm1), id(m.norm2)))  # called by the resnet, never as modules
             calls.add(NormCall(m.norm1.num_channels, m.norm1.num_groups, m.norm1.affine, False, True))
             calls.add(NormCall(m.norm2.num_channels, m.norm2.num_groups, m.norm2.affine,

@@ -103,6 +103,10 @@ def test_norm_calls_take_each_resnets_two_norms_with_their_add_and_the_other_nor
     assert all(c.silu or not c.add for c in calls)
     ff = next(m for m in unet.modules() if type(m).__name__ == "GEGLU")
     assert kernel_warmup.geglu_widths(unet) == {ff.proj.out_features // 2}
+    from dreambooth_pl.perf import set_checkpointing
+
+    set_checkpointing(unet, 2)  # every second block wrapped: its resnets' norms still fused with their add
+    assert kernel_warmup.norm_calls(unet) == calls
 
 
 def test_latent_sizes_follow_the_stride_two_levels_of_each_bucket():
