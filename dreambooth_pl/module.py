@@ -293,6 +293,9 @@ class DreamBoothLoRA(L.LightningModule):
         if isinstance(self._graphed, GraphedCall):
             self.graph_stats = {"replays": self._graphed.replays, "fallbacks": self._graphed.fallbacks}
         self._graphed = None
+        if self._warmup is not None:  # a fit that never trained (resumed when finished): no build left running
+            self._warmup, warmup = None, self._warmup
+            warmup.join()
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         terms = self.forward_loss(batch)
