@@ -64,10 +64,11 @@ def cache_ab(base: str, n: int = 48) -> None:
     """The cache's encoding of ``n`` class images (decoded ahead, as the fit does): the fp32 VAE with mirrored
     latents (the recipe until 2026-12-06 session 4) against plain only (``data.crops.flip: 0``) in fp32 and in bf16
     (``model.vae_dtype: auto`` on this GPU), and bf16 with four images per VAE call (``images_per_call``, not yet
-    the fit's), each timed twice; how far bf16's latent means are from fp32's, and four per call from one."""
+    the fit's), each timed twice; how far bf16's latent means are from fp32's, and four per call from one; the same
+    with the fused norms (the fit's), and with them in an NHWC VAE (not the fit's), and how far each is from fp32."""
     from dreambooth_pl.data.encode import encode_set
     from dreambooth_pl.data.datasets import ImageSet
-    from dreambooth_pl.fused_norms import fuse_norms
+    from dreambooth_pl.fused_norms import fuse_norms, to_nhwc
     from dreambooth_pl.sdxl import load_parts
 
     folders = sorted(Path("data/_cache/bench").glob("e2e-*/class"))  # benchmark --work's default
@@ -79,10 +80,13 @@ def cache_ab(base: str, n: int = 48) -> None:
     vae16 = load_parts(base, None, torch.float16, "cuda", torch.bfloat16).vae
     fused = load_parts(base, None, torch.float16, "cuda", torch.bfloat16).vae
     fuse_norms(fused)  # model.perf.fused_norms: the fit's encode with the Triton GroupNorms
+    nhwc = to_nhwc(load_parts(base, None, torch.float16, "cuda", torch.bfloat16).vae)  # not yet the fit's: NHWC
+    fuse_norms(nhwc)  # convolutions (cuDNN's Hopper kernels), the norms keeping the layout
     images = ImageSet(tuple(paths), "a photo of person")
     sizes = [[(1024, 1024)]] * len(paths)
     runs = {"fp32 plain+mirrored": (vae32, True, 1), "fp32 plain": (vae32, False, 1), "bf16 plain": (vae16, False, 1),
-            "bf16 plain, 4 per call": (vae16, False, 4), "bf16 plain, 4 per call, fused norms": (fused, False, 4)}
+            "bf16 plain, 4 per call": (vae16, False, 4), "bf16 plain, 4 per call, fused norms": (fused, False, 4),
+            "bf16 plain, 4 per call, fused norms, NHWC": (nhwc, False, 4)}
     got, enc = {}, {}
     for _ in range(2):
         for name, (vae, mirrored, per_call) in runs.items():
@@ -99,11 +103,17 @@ def cache_ab(base: str, n: int = 48) -> None:
     batch_rel = torch.stack([(four[k].mean - v.mean).norm() / v.mean.norm() for k, v in low.items()]).max()
     kernels = enc["bf16 plain, 4 per call, fused norms"].entries
     fused_rel = torch.stack([(kernels[k].mean - v.mean).norm() / v.mean.norm() for k, v in four.items()]).max()
+
+    def from_fp32(name: str) -> str:  # which bf16 encode is nearest fp32's: mean relative L2 of the latent means
+        low = enc[name].entries
+        return f"{torch.stack([(low[k].mean - v.mean).norm() / v.mean.norm() for k, v in ref.items()]).mean():.2e}"
     print(f"cache A/B ({len(paths)} images of {folders[-1]}, decoded ahead, s/image, two runs each): {got}; "
           f"bf16 against fp32 latent means: max |difference| {diff.max():.3e}, relative L2 {rel.mean():.2e} (max "
           f"{rel.max():.2e}); the latent distributions' own mean std {spread:.3e}; bf16 4 per call against 1 per "
           f"call: relative L2 max {batch_rel:.2e}; fused norms against eager (bf16, 4 per call): relative L2 max "
-          f"{fused_rel:.2e}", flush=True)
+          f"{fused_rel:.2e}; against fp32, relative L2 mean: eager {from_fp32('bf16 plain, 4 per call')}, fused "
+          f"{from_fp32('bf16 plain, 4 per call, fused norms')}, fused NHWC "
+          f"{from_fp32('bf16 plain, 4 per call, fused norms, NHWC')}", flush=True)
     vae_batches(vae16, images)
 
 
