@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import launch as _run  # (a meta tensor builds instead of launching)
+
 BLOCK = 1024  # elements per program: 8 half-precision values per thread at 4 warps, 16-byte vector accesses
 # a kernel reads a module global only as a constexpr instance (Triton refuses plain floats there)
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2): gelu(g) = g * Phi(g), Phi(g) = (1 + erf(g / sqrt 2)) / 2
@@ -42,14 +44,6 @@ def _backward_kernel(grad_ptr, a_ptr, g_ptr, da_ptr, dg_ptr, n, BLOCK_SIZE: tl.c
     pdf = tl.exp(-0.5 * g * g) * _INV_SQRT_2PI
     tl.store(da_ptr + offs, (grad * g * cdf).to(da_ptr.dtype.element_ty), mask=mask)
     tl.store(dg_ptr + offs, (grad * a * (cdf + g * pdf)).to(dg_ptr.dtype.element_ty), mask=mask)
-
-
-def _run(kernel, grid: tuple, *args, **kwargs) -> None:
-    """Launch ``kernel``; for meta tensors (kernel_warmup.py) only build it, as their first launch would."""
-    if args[0].is_meta:
-        kernel.warmup(*args, grid=grid, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
 
 
 def _grid(n: int) -> tuple[int]:

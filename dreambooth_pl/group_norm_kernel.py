@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import launch as _run  # (a meta tensor builds instead of launching)
+
 BLOCK_P, BLOCK_C = 64, 64  # a tile: 64 pixels x 64 channels (4096 values; 32 per thread at 4 warps)
 
 
@@ -176,15 +178,6 @@ def _grad_apply(dy_ptr, x_ptr, add_ptr, w_ptr, b_ptr, gmean_ptr, rstd_ptr, c1_pt
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if ADD_GRAD:  # the add's gradient: dx summed over the tile's pixels, per channel (the blocks summed after)
         tl.store(da_ptr + (n * NPB + pb).to(tl.int64) * C + c, _sum(dx, 0), mask=cm)
-
-
-def _run(kernel, grid: tuple, *args, **kwargs) -> None:
-    """Launch ``kernel`` on ``grid``; for meta tensors (kernel_warmup.py) build it for these arguments instead, as
-    their first launch would, without running it."""
-    if args[0].is_meta:
-        kernel.warmup(*args, grid=grid, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
 
 
 def flat_strides(x: torch.Tensor) -> Optional[tuple[int, int, int]]:

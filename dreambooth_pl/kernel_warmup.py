@@ -134,22 +134,17 @@ def _warm(norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], d
 
 
 class KernelWarmup:
-    """:func:`warm` on a daemon thread for one device; :meth:`join` waits for it and says how it went.
+    """:func:`warm` on a daemon thread for one device; :meth:`join` waits for it; ``seconds`` (the build's wall
+    time), ``calls`` and ``error`` say how it went.
 
     Args:
-        norms: :func:`norm_calls` of the UNet (where the norm kernels run).
-        widths: :func:`geglu_widths` of the UNet (where the GEGLU kernel runs).
-        unet: the training UNet, its norms fused and GEGLUs patched (model_setup.apply_perf): its levels.
-        images: the (height, width) of the images the steps train on (the resolution, or each aspect bucket).
-        dtype: the activations' dtype in the step.
-        channels_last: whether the UNet runs NHWC.
+        norms, widths, sizes, dtype, channels_last: :func:`warm`'s.
         device: the CUDA device whose kernels are built (the thread makes it current: Triton builds for it).
     """
 
-    def __init__(self, norms: set[NormCall], widths: set[int], unet: torch.nn.Module,
-                 images: Iterable[tuple[int, int]], dtype: torch.dtype, channels_last: bool, device: torch.device):
-        levels = len(getattr(getattr(unet, "config", None), "block_out_channels", (0, 0, 0)))
-        self._args = (norms, widths, latent_sizes(images, levels), dtype, channels_last)
+    def __init__(self, norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dtype: torch.dtype,
+                 channels_last: bool, device: torch.device):
+        self._args = (norms, widths, sizes, dtype, channels_last)
         self.device, self.seconds, self.calls, self.error = device, 0.0, 0, None
         self._thread = threading.Thread(target=self._run, name="kernel-warmup", daemon=True)
         self._thread.start()
@@ -192,4 +187,5 @@ def start(unet: torch.nn.Module, images: Iterable[tuple[int, int]], dtype: torch
     widths = geglu_widths(unet) if block_ops.uses_kernel(device) else set()
     if not norms and not widths:
         return None
-    return KernelWarmup(norms, widths, unet, images, dtype, channels_last, device)
+    levels = len(getattr(getattr(unet, "config", None), "block_out_channels", (0, 0, 0)))
+    return KernelWarmup(norms, widths, latent_sizes(images, levels), dtype, channels_last, device)

@@ -126,13 +126,10 @@ class DreamBoothLoRA(L.LightningModule):
             self.ema = AdapterEMA(self.trainable_parameters(), hp.ema.decay)
         apply_perf(self.perf, self, adapted, dtype, hp.lora.dropout)
         if self.perf.warm_kernels and not self.perf.compile_blocks:  # (compiled blocks launch Inductor's kernels)
-            self._warmup = kernel_warmup.start(self.unet, kernel_warmup.train_images(self._datamodule()), dtype,
-                                               bool(self.perf.channels_last), device)
+            images = kernel_warmup.train_images(getattr(self._trainer, "datamodule", None))
+            self._warmup = kernel_warmup.start(self.unet, images, dtype, bool(self.perf.channels_last), device)
         perf_lib.ddp_ignore_frozen(self)
         self.timings["adapters"] = time.perf_counter() - t - self.timings["load"]
-
-    def _datamodule(self):
-        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
 
     def on_train_start(self) -> None:
         """Wait for the kernels building on a thread since ``configure_model`` (kernel_warmup.py): the first step
@@ -140,6 +137,7 @@ class DreamBoothLoRA(L.LightningModule):
         if self._warmup is not None:
             warmup, self._warmup = self._warmup, None
             self.timings["kernel_wait"] = warmup.join()
+            self.timings["kernel_build"] = warmup.seconds
             if warmup.error:
                 rank_zero_warn(f"building the step's Triton kernels ahead failed ({warmup.error}); each builds at "
                                "its first launch instead (set model.perf.warm_kernels: false to skip the attempt).")

@@ -129,7 +129,7 @@ def test_no_warm_up_off_the_gpu_and_a_failing_one_is_reported_not_raised(tiny_ba
 
     monkeypatch.setattr(kernel_warmup, "warm", broken)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    w = kernel_warmup.KernelWarmup(kernel_warmup.norm_calls(unet), set(), unet, {(128, 128)}, torch.float32, False,
+    w = kernel_warmup.KernelWarmup(kernel_warmup.norm_calls(unet), set(), {(16, 16)}, torch.float32, False,
                                    torch.device("cuda"))
     assert w.join() >= 0 and w.error == "RuntimeError: no compiler here" and w.calls == 0
 

@@ -125,7 +125,7 @@ class RunSummary(L.Callback):
         phases.update(start_to_trainer=to_trainer, start_data=data, start_load=load.get("load", 0.0),
                       start_adapters=load.get("adapters", 0.0))
         if "kernel_wait" in load:  # inside first_step: the wait for the kernels building since the load
-            phases["first_step_kernel_wait"] = load["kernel_wait"]
+            phases.update(first_step_kernel_wait=load["kernel_wait"], kernel_build=load.get("kernel_build", 0.0))
         counts = ("n_images", "n_priors", "n_images_from_store", "n_images_encoded")  # counts beside the seconds
         phases.update({k: timings[k] for k in counts if k in timings})
         if steps > 1:
