@@ -14,6 +14,7 @@ shapes differ from the captured ones runs eagerly.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Callable, Sequence
 
@@ -35,6 +36,7 @@ class GraphedCall:
         self.key = None
         self.fallbacks = 0
         self.replays = 0
+        self.seconds: dict[str, float] = {}  # the capture's: its eager warm-up pass, the capture itself
 
     @staticmethod
     def signature(inputs: Sequence[torch.Tensor]) -> tuple:
@@ -47,6 +49,7 @@ class GraphedCall:
 
     def capture(self, inputs: Sequence[torch.Tensor]) -> None:
         """Warm up once on a side stream, give its memory back, then capture forward and backward in one pool."""
+        t = time.perf_counter()
         self.static_in = [x.detach().clone() for x in inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -57,6 +60,7 @@ class GraphedCall:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # the warm-up's activations would otherwise stay cached beside the graph's pool
+        self.seconds["warmup"], t = time.perf_counter() - t, time.perf_counter()
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         pool = torch.cuda.graph_pool_handle()
         # thread_local: under DDP, NCCL's watchdog thread polls CUDA events during the capture; the default
@@ -68,6 +72,8 @@ class GraphedCall:
         with torch.cuda.graph(self.bwd, pool=pool, stream=stream, capture_error_mode=mode):
             grads = torch.autograd.grad(self.static_out, self.params, self.static_grad_out, allow_unused=True)
         self.static_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        torch.cuda.synchronize()
+        self.seconds["capture"] = time.perf_counter() - t  # (the phases' first step: where its time goes)
         self.key = self.signature(inputs)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,8 @@ class KernelWarmup:
     def __init__(self, norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dtype: torch.dtype,
                  channels_last: bool, device: torch.device):
         self._args = (norms, widths, sizes, dtype, channels_last)
+        if device.index is None and torch.cuda.is_available():  # "cuda": the caller's device (a thread starts on 0)
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.seconds, self.calls, self.error = device, 0.0, 0, None
         self._thread = threading.Thread(target=self._run, name="kernel-warmup", daemon=True)
         self._thread.start()
@@ -164,6 +166,23 @@ class KernelWarmup:
         t = time.perf_counter()
         self._thread.join()
         return time.perf_counter() - t
+
+
+def kernels() -> list:
+    """The Triton kernels :func:`warm` builds (the fused norms' five, GEGLU's two)."""
+    from . import geglu_kernel, group_norm_kernel
+
+    return [getattr(group_norm_kernel, n) for n in ("_partial_stats", "_group_stats", "_apply", "_grad_partial",
+                                                   "_grad_apply")] + [geglu_kernel._forward_kernel,
+                                                                      geglu_kernel._backward_kernel]
+
+
+def built(device: torch.device) -> int:
+    """How many specialisations of :func:`kernels` this process holds for ``device`` (Triton's in-memory cache):
+    their growth over the first step counts the builds the warm-up missed."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    # (a defaultdict: membership first, so that counting creates nothing)
+    return sum(len(k.device_caches[index][0]) for k in kernels() if index in getattr(k, "device_caches", {}))
 
 
 def train_images(datamodule) -> set[tuple[int, int]]:

@@ -82,6 +82,7 @@ class DreamBoothLoRA(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trainable weights (see on_save_checkpoint)
         self._micro_batch = 0  # index within the accumulated step (on_train_batch_start)
         self._warmup: Optional[kernel_warmup.KernelWarmup] = None  # the step's kernels building (configure_model)
+        self._builds: Optional[int] = None  # Triton's kernel count at the first step (on_train_start)
         from .validation import HeldOutLoss
 
         self.val_loss = HeldOutLoss(prior_loss_weight)  # the loss of data.photos.held_out; its sums hold no weights
@@ -141,6 +142,8 @@ class DreamBoothLoRA(L.LightningModule):
             if warmup.error:
                 rank_zero_warn(f"building the step's Triton kernels ahead failed ({warmup.error}); each builds at "
                                "its first launch instead (set model.perf.warm_kernels: false to skip the attempt).")
+        if self.device.type == "cuda":
+            self._builds = kernel_warmup.built(self.device)  # the first step's own builds: on_train_batch_end
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now;
@@ -260,6 +263,10 @@ class DreamBoothLoRA(L.LightningModule):
             self.ema.update()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self._builds is not None:  # Triton kernels the first step built at launch, which the warm-up missed
+            self.timings["builds"], self._builds = kernel_warmup.built(self.device) - self._builds, None
+        if batch_idx == 0 and isinstance(self._graphed, GraphedCall):  # the first step's capture (phases.json)
+            self.timings.update({f"graph_{k}": v for k, v in self._graphed.seconds.items()})
         for name, value in step_size_estimates(self.trainer.optimizers[0]).items():
             self.log(name, value, batch_size=len(batch["prompt"]))
 

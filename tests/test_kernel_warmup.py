@@ -142,22 +142,20 @@ def test_gpu_after_the_warm_up_a_training_step_builds_no_kernel(tiny_base, dtype
     NHWC training pass: every specialisation it launched was already there (none added by the step)."""
     from diffusers import UNet2DConditionModel
 
-    from dreambooth_pl import geglu_kernel, group_norm_kernel
-
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet", torch_dtype=dtype).cuda()
     unet.requires_grad_(False)
     fused_norms.fuse_norms(unet)
     block_ops.fuse_geglu(unet)
     fused_norms.to_nhwc(unet)
-    kernels = [getattr(group_norm_kernel, n) for n in ("_partial_stats", "_group_stats", "_apply", "_grad_partial",
-                                                      "_grad_apply")] + [geglu_kernel._forward_kernel,
-                                                                         geglu_kernel._backward_kernel]
+    kernels = kernel_warmup.kernels()
     for k in kernels:
         k.device_caches.clear()
     w = kernel_warmup.start(unet, {(128, 128)}, dtype, True, torch.device("cuda"))
     assert w is not None and w.join() >= 0 and w.error is None, w.error
     built = {id(k): set(k.device_caches[torch.cuda.current_device()][0]) for k in kernels}
     assert all(built.values()), "the warm-up built nothing"
+    before = kernel_warmup.built(torch.device("cuda"))
+    assert before == sum(map(len, built.values()))
     cfg = unet.config
     text = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
     x = torch.randn(2, 4, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -171,3 +169,4 @@ def test_gpu_after_the_warm_up_a_training_step_builds_no_kernel(tiny_base, dtype
     for k in kernels:
         new = set(k.device_caches[torch.cuda.current_device()][0]) - built[id(k)]
         assert not new, f"{k}: built at launch, missed by the warm-up: {new}"
+    assert kernel_warmup.built(torch.device("cuda")) == before

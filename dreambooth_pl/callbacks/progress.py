@@ -126,6 +126,9 @@ class RunSummary(L.Callback):
                       start_adapters=load.get("adapters", 0.0))
         if "kernel_wait" in load:  # inside first_step: the wait for the kernels building since the load
             phases.update(first_step_kernel_wait=load["kernel_wait"], kernel_build=load.get("kernel_build", 0.0))
+        # inside first_step: Triton kernels built at their launch (kernel_warmup.py), the CUDA graph's eager warm-up
+        # pass and its capture (graphs.py)
+        phases.update({f"first_step_{k}": load[k] for k in ("builds", "graph_warmup", "graph_capture") if k in load})
         counts = ("n_images", "n_priors", "n_images_from_store", "n_images_encoded")  # counts beside the seconds
         phases.update({k: timings[k] for k in counts if k in timings})
         if steps > 1:
