@@ -67,6 +67,8 @@ def test_graphed_steps_equal_eager_steps_on_gpu(tiny_base, subject_dirs, tmp_pat
     eager, start = _fit(tiny_base, subject_dirs, tmp_path / "eager", False, 20, **over)
     graphed, start_g = _fit(tiny_base, subject_dirs, tmp_path / "graph", True, 20, **over)
     assert graphed.model.graph_stats == {"replays": 40, "fallbacks": 0}  # 20 steps x 2 micro-batches
+    t = graphed.model.timings  # the first step's parts, which phases.json reports (callbacks/progress.py)
+    assert t["graph_warmup"] > 0 and t["graph_capture"] > 0 and t["builds"] >= 0, t
     a, b = eager.model.trainable_parameters(), graphed.model.trainable_parameters()
     assert all(torch.equal(start[k], start_g[k]) for k in start)
     da = torch.cat([(a[k].detach().cpu().float() - start[k].cpu().float()).flatten() for k in a])
