@@ -90,8 +90,9 @@ for stage in "$@"; do
       timeout ${E2E_TIMEOUT:-300} python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \
         --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} --again_steps ${E2E_AGAIN:-0} 2>&1 | tail -n 3 ;;
     warm-ab)  # kernel_warmup.py: the whole run on a cold Triton cache (a fresh machine's), with and without building
-      # the step's kernels on a thread while the cache encodes: the first step and start -> first step of each
-      for o in '' '["--model.perf.warm_kernels=false"]'; do
+      # the kernels ahead (the step's on a thread while the cache encodes, the prior draw's in a pool before its
+      # first batch): the first step, start -> first step and the priors' first batch of each
+      for o in '' '["--model.perf.warm_kernels=false","--data.priors.generation.warm_kernels=false"]'; do
         TRITON_CACHE_DIR=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
           --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} ${o:+--overrides "$o"} 2>&1 | tail -n 1
       done ;;

@@ -78,6 +78,9 @@ def latent_sizes(images: Iterable[tuple[int, int]], levels: int) -> set[tuple[in
     return sizes
 
 
+Group = tuple  # (norms, widths, sizes, dtype, channels_last): :func:`warm`'s first five arguments
+
+
 def warm(norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dtype: torch.dtype,
          channels_last: bool, backward: bool = True, workers: int = 1) -> int:
     """Build the kernels that these calls would launch (forward, and with ``backward`` the input's gradient) for
@@ -93,13 +96,44 @@ def warm(norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dt
         workers: build this many at once (Triton's ``AsyncCompileMode``, a pool of threads: its compiler releases
             the GIL), where this Triton has it; 1 builds them one after another.
     """
+    return warm_all([(norms, widths, sizes, dtype, channels_last)], backward, workers)
+
+
+def warm_all(groups: Iterable[Group], backward: bool = True, workers: int = 1) -> int:
+    """:func:`warm` for several groups of calls in one pool (a prior draw's UNet and VAE, each in its own dtype and
+    layout); returns the number of kernel calls made."""
     import triton
 
+    groups = list(groups)
     mode = getattr(triton, "AsyncCompileMode", None) if workers > 1 else None
     if mode is None:
-        return _warm(norms, widths, sizes, dtype, channels_last, backward)
+        return sum(_warm(*g, backward) for g in groups)
     with ThreadPoolExecutor(workers, thread_name_prefix="kernel-build") as pool, mode(pool):
-        return _warm(norms, widths, sizes, dtype, channels_last, backward)  # (the mode's exit waits for the builds)
+        return sum(_warm(*g, backward) for g in groups)  # (the mode's exit waits for the builds)
+
+
+def default_workers() -> int:
+    """Builds at once: up to 8, a core left to the main thread."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def draw_groups(unet: torch.nn.Module, vae: Optional[torch.nn.Module], image: tuple[int, int], unet_dtype: torch.dtype,
+                vae_dtype: torch.dtype, channels_last: bool, norms: bool, geglu: bool) -> list[Group]:
+    """What a prior draw of ``image`` (height, width) launches: the UNet's fused norms and GEGLUs at its latent
+    sizes, in its dtype and layout, and the VAE decoder's fused norms (NCHW) at each size from the latent up to the
+    image, in both layouts. ``norms``/``geglu``: whether those run as kernels (the sampler's switches)."""
+    levels = len(getattr(getattr(unet, "config", None), "block_out_channels", (0, 0, 0)))
+    groups = [(norm_calls(unet) if norms else set(), geglu_widths(unet) if geglu else set(),
+               latent_sizes({image}, levels), unet_dtype, channels_last)]
+    decoder = getattr(vae, "decoder", None)
+    if norms and decoder is not None:
+        h, w = image[0] // 8, image[1] // 8
+        ups = len(getattr(vae.config, "block_out_channels", (0,)))
+        calls, sizes = norm_calls(decoder), {(h << k, w << k) for k in range(ups)}
+        # both layouts: the mid-block attention hands its output on as a transposed view, NHWC in all but name, and
+        # the convolutions after it keep that layout
+        groups += [(calls, set(), sizes, vae_dtype, False), (calls, set(), sizes, vae_dtype, True)]
+    return [g for g in groups if g[0] or g[1]]
 
 
 def _warm(norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dtype: torch.dtype,
@@ -156,7 +190,7 @@ class KernelWarmup:
         try:
             torch.cuda.set_device(self.device)  # a new thread starts on device 0; a DDP rank builds for its own
             # a core left to the main thread, which encodes the cache meanwhile
-            self.calls = warm(*self._args, workers=max(1, min(8, (os.cpu_count() or 2) - 1)))
+            self.calls = warm(*self._args, workers=default_workers())
         except Exception as err:  # only time is at stake: every kernel still builds at its first launch
             self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         self.seconds = time.perf_counter() - t

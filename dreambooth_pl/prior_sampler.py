@@ -32,6 +32,7 @@ once per batch; only the loop around the UNet is ours. What differs is how it ru
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from typing import Iterator, Optional, Sequence, get_args
 
@@ -89,6 +90,8 @@ class PriorSampler:
             norms, which keep NHWC through every norm).
         plain_attention: each plain attention without diffusers' division of its output by 1 (plain_attention.py:
             the same bits, one pass fewer per attention; False: diffusers' processor, for the benchmark's A/B).
+        warm_kernels: before an image size's first batch, build the draw's Triton kernels (fused norms, GEGLU) in
+            a pool (kernel_warmup.py) instead of one by one at their first launch; the same kernels run.
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
@@ -98,7 +101,7 @@ class PriorSampler:
                  compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False,
                  fused_geglu: Optional[bool] = None, constant_negative: bool = True,
                  fused_norms: Optional[bool] = None, channels_last: Optional[bool] = None,
-                 plain_attention: bool = True):
+                 plain_attention: bool = True, warm_kernels: bool = True):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -167,6 +170,9 @@ class PriorSampler:
             if compile_blocks else 0
         self.graph = graph and self.device.type == "cuda"
         self._graphs: dict[tuple, GraphedForward] = {}
+        self.warm_kernels = warm_kernels and self.device.type == "cuda" and (self.fused_norms or self.fused_geglu)
+        self._warmed: set[tuple[int, int]] = set()  # image sizes whose kernels are built (_warm)
+        self.kernel_build_s = 0.0
 
     def leave_base(self) -> bool:
         """Leave this sampler's frozen parts for the next ``sdxl.load_parts`` of the same base, dtype and device
@@ -250,6 +256,26 @@ class PriorSampler:
             return first
         return self._graphs[key](x, t, embeds, text, time_ids)
 
+    def _warm(self, height: int, width: int) -> None:
+        """Build the Triton kernels a draw of this size launches, several at once, before its first batch launches
+        them one by one (on a fresh machine 0.15-0.2 s each; kernel_warmup.py). A failure only costs the time."""
+        if not self.warm_kernels or (height, width) in self._warmed:
+            return
+        from . import kernel_warmup
+
+        self._warmed.add((height, width))
+        t, pipe = time.perf_counter(), self.pipe
+        groups = kernel_warmup.draw_groups(pipe.unet, pipe.vae, (height, width), self.dtype, pipe.vae.dtype,
+                                           self.channels_last, self.fused_norms, self.fused_geglu)
+        try:
+            with torch.cuda.device(self.device):  # Triton builds for the current device
+                kernel_warmup.warm_all(groups, backward=False, workers=kernel_warmup.default_workers())
+        except Exception as err:  # every kernel still builds at its first launch
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            warnings.warn(f"prior sampler: building the draw's Triton kernels ahead failed ({type(err).__name__}: "
+                          f"{first}); each builds at its first launch.", stacklevel=3)
+        self.kernel_build_s += time.perf_counter() - t
+
     @torch.no_grad()
     def latents(self, prompt: str, seeds: Sequence[int], steps: int = SAMPLER.steps,
                 guidance: float = SAMPLER.guidance, negative_prompt: Optional[str] = None, height: int = 1024,
@@ -260,6 +286,7 @@ class PriorSampler:
         pipe, n = self.pipe, len(seeds)
         if not 0 < n <= self.batch_size:
             raise ValueError(f"a batch holds 1 to {self.batch_size} seeds, got {n}")
+        self._warm(height, width)
         # a short (last) batch runs eagerly at its own size: padding it would draw images only to drop them; but
         # compiled blocks would compile every block again for a new shape, so there it is padded, then dropped
         b = self.batch_size if self.compiled_blocks else n

@@ -2,6 +2,8 @@
 keys, compared on the interpreter), at the UNet's map sizes; on a GPU, a step after it builds nothing new."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -87,6 +89,26 @@ def test_the_warm_up_builds_every_kernel_a_training_step_launches(recorded, tiny
     assert recorded["warm"] == before
 
 
+def test_the_warm_up_builds_every_kernel_a_prior_draw_launches(recorded, tiny_base):
+    """A prior draw on the tiny base with the fused norms and GEGLU (guided, 2 steps, 64², then the VAE decode):
+    each (kernel, specialisation) it launches, the UNet's and the VAE decoder's, is one that the warm-up of
+    draw_groups built, forward only (no gradient kernel)."""
+    from dreambooth_pl.prior_sampler import PriorSampler
+
+    s = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=2, fused_norms=True, fused_geglu=True)
+    for p in list(s.pipe.unet.parameters()) + list(s.pipe.vae.parameters()):
+        p.data = p.data.clone()  # each weight in its own allocation, as on a GPU (see the training test)
+    assert s.fused_norms and s.fused_geglu and not s.warm_kernels  # (the draw warms only on CUDA)
+    list(s.images("a photo of dog", [0, 1], steps=2, guidance=5.0, height=64, width=64))
+    groups = kernel_warmup.draw_groups(s.pipe.unet, s.pipe.vae, (64, 64), torch.float32, torch.float32, False,
+                                       True, True)
+    assert len(groups) == 3 and groups[1][2] == {(8, 8), (16, 16), (32, 32), (64, 64)}  # the VAE's, latent up
+    assert kernel_warmup.warm_all(groups, backward=False, workers=2) > 0
+    missing = recorded["run"] - recorded["warm"]
+    assert recorded["run"] and not missing, f"launched but not built ahead: {sorted(missing, key=str)[:3]}"
+    assert not {k[0] for k in recorded["warm"]} & {"_grad_partial", "_grad_apply", "_backward_kernel"}
+
+
 def test_norm_calls_take_each_resnets_two_norms_with_their_add_and_the_other_norms_plain(tiny_base):
     from diffusers import UNet2DConditionModel
     from diffusers.models.resnet import ResnetBlock2D
@@ -169,4 +191,27 @@ def test_gpu_after_the_warm_up_a_training_step_builds_no_kernel(tiny_base, dtype
     for k in kernels:
         new = set(k.device_caches[torch.cuda.current_device()][0]) - built[id(k)]
         assert not new, f"{k}: built at launch, missed by the warm-up: {new}"
+    assert kernel_warmup.built(torch.device("cuda")) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_after_the_warm_up_a_prior_draw_builds_no_kernel(tiny_base):
+    """The sampler's own warm-up (PriorSampler._warm, fp16 UNet in NHWC, bf16 VAE) from empty in-memory caches,
+    then a guided draw through the CUDA graph and the decode: no specialisation added."""
+    from dreambooth_pl.prior_sampler import PriorSampler
+
+    s = PriorSampler(tiny_base, "euler", "float16", "cuda", batch_size=2)
+    assert s.warm_kernels and s.fused_norms and s.fused_geglu and s.channels_last
+    for k in kernel_warmup.kernels():
+        k.device_caches.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s._warm(64, 64)
+    failed = [str(w.message) for w in caught if "kernels ahead failed" in str(w.message)]
+    assert not failed, failed  # (a failed warm-up only warns a user)
+    before = kernel_warmup.built(torch.device("cuda"))
+    assert before > 0 and s.kernel_build_s > 0
+    list(s.images("a photo of dog", [0, 1], steps=2, guidance=5.0, height=64, width=64))
+    torch.cuda.synchronize()
     assert kernel_warmup.built(torch.device("cuda")) == before

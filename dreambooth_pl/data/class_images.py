@@ -55,6 +55,8 @@ class ClassImageSettings:
         channels_last: draw with the UNet in NHWC (cuDNN's Hopper convolutions' layout; the fused norms keep it;
             None: on a GPU where the fused norms run). Other kernels round differently, so it is part of the prior
             cache's key.
+        warm_kernels: build the draw's Triton kernels several at once before its first batch instead of one by one
+            at their first launch (kernel_warmup.py; the same kernels run, so not part of the key).
     """
 
     sampler: SamplerSettings = SAMPLER
@@ -71,6 +73,7 @@ class ClassImageSettings:
     constant_negative: bool = True
     fused_norms: Optional[bool] = None
     channels_last: Optional[bool] = None
+    warm_kernels: bool = True
 
 
 def fuses_norms(s: ClassImageSettings, device) -> bool:
@@ -247,7 +250,7 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
                            base_dtype=s.base_dtype, vae_tiling=s.vae_tiling, compile_blocks=s.compile_blocks,
                            park_text_encoders=s.park_text_encoders, fused_geglu=s.fused_geglu,
                            constant_negative=s.constant_negative, fused_norms=s.fused_norms,
-                           channels_last=s.channels_last)
+                           channels_last=s.channels_last, warm_kernels=s.warm_kernels)
     timing = {"load_s": time.perf_counter() - start}
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
                      negative_prompt=g.negative_prompt, **sampler.runtime())
@@ -293,7 +296,7 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
         drawn = time.perf_counter()  # the last batch is off the GPU; its PNGs may still be writing
         settle(previous + current)
     timing.update(seconds=time.perf_counter() - start, images=len(indices), batch_size=sampler.batch_size,
-                  write_tail_s=time.perf_counter() - drawn)
+                  write_tail_s=time.perf_counter() - drawn, kernel_build_s=round(sampler.kernel_build_s, 3))
     later = len(indices) - sampler.batch_size
     if later > 0 and "first_batch_s" in timing:  # the steady rate, without loading, the first batch's capture and
         # the last batch's writes (paid once, not per image: a short run's rate would otherwise overstate a long one's)
