@@ -120,8 +120,8 @@ def default_workers() -> int:
 def draw_groups(unet: torch.nn.Module, vae: Optional[torch.nn.Module], image: tuple[int, int], unet_dtype: torch.dtype,
                 vae_dtype: torch.dtype, channels_last: bool, norms: bool, geglu: bool) -> list[Group]:
     """What a prior draw of ``image`` (height, width) launches: the UNet's fused norms and GEGLUs at its latent
-    sizes, in its dtype and layout, and the VAE decoder's fused norms (NCHW) at each size from the latent up to the
-    image, in both layouts. ``norms``/``geglu``: whether those run as kernels (the sampler's switches)."""
+    sizes, in its dtype and layout, and the VAE decoder's fused norms at each size from the latent up to the image,
+    in both layouts. ``norms``/``geglu``: whether those run as kernels (the sampler's switches)."""
     levels = len(getattr(getattr(unet, "config", None), "block_out_channels", (0, 0, 0)))
     groups = [(norm_calls(unet) if norms else set(), geglu_widths(unet) if geglu else set(),
                latent_sizes({image}, levels), unet_dtype, channels_last)]

@@ -143,7 +143,10 @@ class DreamBoothLoRA(L.LightningModule):
                 rank_zero_warn(f"building the step's Triton kernels ahead failed ({warmup.error}); each builds at "
                                "its first launch instead (set model.perf.warm_kernels: false to skip the attempt).")
         if self.device.type == "cuda":
-            self._builds = kernel_warmup.built(self.device)  # the first step's own builds: on_train_batch_end
+            try:
+                self._builds = kernel_warmup.built(self.device)  # the first step's own builds: on_train_batch_end
+            except ImportError:  # no Triton: no kernel to count
+                self._builds = None
 
     def on_fit_start(self) -> None:
         """With ``perf.cache``: hand the encoders to the data module, which encodes its images (and prompts) now;

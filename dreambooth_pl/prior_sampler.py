@@ -265,9 +265,9 @@ class PriorSampler:
 
         self._warmed.add((height, width))
         t, pipe = time.perf_counter(), self.pipe
-        groups = kernel_warmup.draw_groups(pipe.unet, pipe.vae, (height, width), self.dtype, pipe.vae.dtype,
-                                           self.channels_last, self.fused_norms, self.fused_geglu)
         try:
+            groups = kernel_warmup.draw_groups(pipe.unet, pipe.vae, (height, width), self.dtype, pipe.vae.dtype,
+                                               self.channels_last, self.fused_norms, self.fused_geglu)
             with torch.cuda.device(self.device):  # Triton builds for the current device
                 kernel_warmup.warm_all(groups, backward=False, workers=kernel_warmup.default_workers())
         except Exception as err:  # every kernel still builds at its first launch

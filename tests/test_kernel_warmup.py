@@ -109,6 +109,26 @@ def test_the_warm_up_builds_every_kernel_a_prior_draw_launches(recorded, tiny_ba
     assert not {k[0] for k in recorded["warm"]} & {"_grad_partial", "_grad_apply", "_backward_kernel"}
 
 
+def test_a_failed_draw_warm_up_warns_once_per_size_and_the_draw_goes_on(tiny_base, monkeypatch):
+    import contextlib
+
+    from dreambooth_pl.prior_sampler import PriorSampler
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here\nmore")
+
+    s = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=1)
+    s.warm_kernels = True  # (a CPU draw never warms: forced here to reach the failure)
+    monkeypatch.setattr(kernel_warmup, "warm_all", broken)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    with pytest.warns(UserWarning, match=r"kernels ahead failed \(RuntimeError: no compiler here\)"):
+        s._warm(64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        s._warm(64, 64)  # tried once per size
+    assert len(list(s.images("a photo of dog", [0], steps=1, height=64, width=64))) == 1
+
+
 def test_norm_calls_take_each_resnets_two_norms_with_their_add_and_the_other_norms_plain(tiny_base):
     from diffusers import UNet2DConditionModel
     from diffusers.models.resnet import ResnetBlock2D
