@@ -90,19 +90,19 @@ def test_the_warm_up_builds_every_kernel_a_training_step_launches(recorded, tiny
 
 
 def test_the_warm_up_builds_every_kernel_a_prior_draw_launches(recorded, tiny_base):
-    """A prior draw on the tiny base with the fused norms and GEGLU (guided, 2 steps, 64², then the VAE decode):
+    """A prior draw on the tiny base with the fused norms and GEGLU (guided, 1 step, 32², then the VAE decode):
     each (kernel, specialisation) it launches, the UNet's and the VAE decoder's, is one that the warm-up of
     draw_groups built, forward only (no gradient kernel)."""
     from dreambooth_pl.prior_sampler import PriorSampler
 
-    s = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=2, fused_norms=True, fused_geglu=True)
+    s = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=1, fused_norms=True, fused_geglu=True)
     for p in list(s.pipe.unet.parameters()) + list(s.pipe.vae.parameters()):
         p.data = p.data.clone()  # each weight in its own allocation, as on a GPU (see the training test)
     assert s.fused_norms and s.fused_geglu and not s.warm_kernels  # (the draw warms only on CUDA)
-    list(s.images("a photo of dog", [0, 1], steps=2, guidance=5.0, height=64, width=64))
-    groups = kernel_warmup.draw_groups(s.pipe.unet, s.pipe.vae, (64, 64), torch.float32, torch.float32, False,
+    list(s.images("a photo of dog", [0], steps=1, guidance=5.0, height=32, width=32))
+    groups = kernel_warmup.draw_groups(s.pipe.unet, s.pipe.vae, (32, 32), torch.float32, torch.float32, False,
                                        True, True)
-    assert len(groups) == 3 and groups[1][2] == {(8, 8), (16, 16), (32, 32), (64, 64)}  # the VAE's, latent up
+    assert len(groups) == 3 and groups[1][2] == {(4, 4), (8, 8), (16, 16), (32, 32)}  # the VAE's, latent up
     assert kernel_warmup.warm_all(groups, backward=False, workers=2) > 0
     missing = recorded["run"] - recorded["warm"]
     assert recorded["run"] and not missing, f"launched but not built ahead: {sorted(missing, key=str)[:3]}"
