@@ -92,9 +92,19 @@ for stage in "$@"; do
     warm-ab)  # kernel_warmup.py: the whole run on a cold Triton cache (a fresh machine's), with and without building
       # the kernels ahead (the step's on a thread while the cache encodes, the prior draw's in a pool before its
       # first batch): the first step, start -> first step and the priors' first batch of each
+      # (each arm on fresh Triton and CUDA driver caches: CUDA_CACHE_PATH holds the driver's JIT results)
       for o in '' '["--model.perf.warm_kernels=false","--data.priors.generation.warm_kernels=false"]'; do
-        TRITON_CACHE_DIR=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
+        TRITON_CACHE_DIR=$(mktemp -d) CUDA_CACHE_PATH=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
           --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} ${o:+--overrides "$o"} 2>&1 | tail -n 1
+      done ;;
+    first-pass)  # the fused plan's first forward and backward at 1024², Triton built ahead, profiled on the host: on
+      # fresh Triton and driver caches, then on the driver cache the first run left (benchmarks/first_pass.py)
+      d=$(mktemp -d)
+      for run in fresh driver-cache-warm; do
+        echo "-- $run"
+        TRITON_CACHE_DIR=$(mktemp -d) CUDA_CACHE_PATH=$d timeout 200 python3 benchmarks/first_pass.py $BASE "$OUT" 2>&1 \
+          | grep -v Warning | tail -n 20
+        mv "$OUT/first-pass-profile.txt" "$OUT/first-pass-profile-$run.txt" 2>/dev/null
       done ;;
     warm-tests) timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernel_warmup.py \
       tests/test_fused_norms.py tests/test_block_ops.py 2>&1 | tail -n 15 ;;
