@@ -112,6 +112,12 @@ def warm_all(groups: Iterable[Group], backward: bool = True, workers: int = 1) -
         return sum(_warm(*g, backward) for g in groups)  # (the mode's exit waits for the builds)
 
 
+def failure(err: Exception) -> str:
+    """A failed warm-up in one line for its warning: the error's type and its message's first line."""
+    first = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"{type(err).__name__}: {first}"
+
+
 def default_workers() -> int:
     """Builds at once: up to 8, a core left to the main thread."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -189,10 +195,9 @@ class KernelWarmup:
         t = time.perf_counter()
         try:
             torch.cuda.set_device(self.device)  # a new thread starts on device 0; a DDP rank builds for its own
-            # a core left to the main thread, which encodes the cache meanwhile
-            self.calls = warm(*self._args, workers=default_workers())
+            self.calls = warm(*self._args, workers=default_workers())  # (the main thread encodes the cache meanwhile)
         except Exception as err:  # only time is at stake: every kernel still builds at its first launch
-            self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            self.error = failure(err)
         self.seconds = time.perf_counter() - t
 
     def join(self) -> float:

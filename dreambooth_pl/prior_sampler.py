@@ -271,9 +271,8 @@ class PriorSampler:
             with torch.cuda.device(self.device):  # Triton builds for the current device
                 kernel_warmup.warm_all(groups, backward=False, workers=kernel_warmup.default_workers())
         except Exception as err:  # every kernel still builds at its first launch
-            first = str(err).splitlines()[0][:200] if str(err) else ""
-            warnings.warn(f"prior sampler: building the draw's Triton kernels ahead failed ({type(err).__name__}: "
-                          f"{first}); each builds at its first launch.", stacklevel=3)
+            warnings.warn(f"prior sampler: building the draw's Triton kernels ahead failed "
+                          f"({kernel_warmup.failure(err)}); each builds at its first launch.", stacklevel=3)
         self.kernel_build_s += time.perf_counter() - t
 
     @torch.no_grad()
