@@ -97,6 +97,14 @@ for stage in "$@"; do
         TRITON_CACHE_DIR=$(mktemp -d) CUDA_CACHE_PATH=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
           --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} ${o:+--overrides "$o"} 2>&1 | tail -n 1
       done ;;
+    libs-ab)  # prefetch.py: the whole run on a page cache without the CUDA libraries (a fresh machine's; evicted by
+      # benchmarks/page_cache.py), with and without reading them ahead at start; first the disk's cold read rate
+      timeout 60 python3 benchmarks/page_cache.py read
+      for arm in 0 1; do
+        python3 benchmarks/page_cache.py evict
+        DREAMBOOTH_PL_PREFETCH=$arm timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
+          --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} 2>&1 | tail -n 1  # (row: prefetch)
+      done ;;
     first-pass)  # the fused plan's first forward and backward at 1024², Triton built ahead, profiled on the host: on
       # fresh Triton and driver caches, then on the driver cache the first run left (benchmarks/first_pass.py)
       d=$(mktemp -d)

@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> None:
         print(_usage())
         return
     verb, rest = argv[0], argv[1:]
+    # not for the Ray drivers (they load no model) nor the benchmark: its end-to-end arms time child processes from
+    # their own start, which a prefetch in the parent would give a head start
+    if verb not in RAY_DRIVERS and verb != "benchmark":
+        from .prefetch import start
+
+        start()  # the CUDA libraries into the page cache while the imports run (prefetch.py)
     from .console import quiet_third_party
 
     # before anything imports peft, which imports bitsandbytes, which logs at import; the Ray drivers load no model

@@ -1,0 +1,94 @@
+"""Read the CUDA libraries' files ahead, on a thread, while the process imports: a fresh machine's first GPU calls.
+
+A GPU process maps cuDNN's, cuBLAS's and libtorch_cuda's shared objects (several GB) and reads each page of them
+from disk the first time a kernel there runs: on a machine whose page cache does not hold them yet (a fresh VM,
+an image with torch preinstalled) those reads stall the first convolution, GEMM and attention of the prior draw and
+of the first training step, one page fault at a time. ``posix_fadvise(POSIX_FADV_WILLNEED)`` asks the kernel to
+read a whole file into the page cache ahead (Linux readahead); issued at process start, the reads overlap the ~8 s
+of Python imports, which are CPU-bound. Files already cached cost one system call each; nothing is read into this
+process's memory, and the kernel may evict the pages again under memory pressure (a hint, not a lock).
+
+``DREAMBOOTH_PL_PREFETCH=0`` turns it off (the benchmark's A/B arm: ``benchmarks/gpu.sh libs-ab``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+
+# the libraries a GPU fit touches, in the order it needs them: torch's CUDA kernels (mapped by ``import torch``);
+# by file name under the ``nvidia`` wheels (whose folder layout differs between CUDA 12's and 13's) cuDNN's engines
+# (convolutions, attention), cuBLAS(Lt) (GEMMs), NVRTC and nvJitLink (cuDNN's runtime-compiled engines), the
+# runtime; then Triton's compiler (the fused kernels' builds). cuFFT, cuSPARSE, cuSOLVER, NCCL are left out: a
+# one-GPU fit never runs them
+NVIDIA_LIBS = ("libcudnn*.so*", "libcublas*.so*", "libnvrtc.so*", "libnvrtc-builtins.so*", "libnvJitLink*.so*",
+               "libcudart*.so*")  # (NVRTC's ``.alt`` twins are for other hosts' code paths)
+TORCH_LIBS = ("libtorch_cuda.so*", "libc10_cuda.so*")
+ENV = "DREAMBOOTH_PL_PREFETCH"
+
+
+def _package_dirs(name: str) -> list[Path]:
+    """The folders of package ``name`` (a namespace package may have several), without importing it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # the parent package is missing (a CPU build of torch)
+        return []
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec is not None else []
+
+
+def cuda_libraries() -> list[Path]:
+    """The shared objects worth reading ahead, resolved, in the order given (empty on a CPU-only install)."""
+    files: list[Path] = []
+    for folder in _package_dirs("torch"):  # first: ``import torch`` maps it at once
+        for pattern in TORCH_LIBS:
+            files += sorted((folder / "lib").glob(pattern))
+    nvidia = _package_dirs("nvidia")
+    for pattern in NVIDIA_LIBS:
+        for folder in nvidia:
+            files += sorted(p for p in folder.rglob(pattern) if p.is_file())
+    for folder in _package_dirs("triton"):
+        files += sorted((folder / "_C").glob("libtriton*.so*"))
+    unique: dict[Path, None] = {}  # a versioned name and its links are one file
+    for p in files:
+        unique.setdefault(p.resolve())
+    return list(unique)
+
+
+def advise(files: list[Path], advice: int) -> int:
+    """``posix_fadvise`` each whole file with ``advice``; the bytes advised (a file that cannot be opened is skipped).
+
+    Args:
+        files: the files.
+        advice: ``os.POSIX_FADV_WILLNEED`` (read ahead) or ``os.POSIX_FADV_DONTNEED`` (drop clean cached pages:
+            the benchmark's way to make a warm machine's page cache cold again).
+    """
+    total = 0
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, advice)
+            total += os.fstat(fd).st_size
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return total
+
+
+def start() -> threading.Thread | None:
+    """Read :func:`cuda_libraries` ahead on a daemon thread (None where the platform has no ``posix_fadvise``, the
+    install has no ``nvidia`` wheels or ``DREAMBOOTH_PL_PREFETCH=0``)."""
+    if os.environ.get(ENV, "1") == "0" or not hasattr(os, "posix_fadvise"):
+        return None
+    if not _package_dirs("nvidia"):  # a CPU build of torch: nothing to read
+        return None
+    # listing the files walks the wheels' folders, and the advice submits the reads and may block while the device
+    # queue is full: a thread keeps the imports going (posix_fadvise releases the GIL)
+    thread = threading.Thread(target=lambda: advise(cuda_libraries(), os.POSIX_FADV_WILLNEED),
+                              name="prefetch-cuda-libs", daemon=True)
+    thread.start()
+    return thread

@@ -1,0 +1,64 @@
+"""prefetch.py: which files are read ahead, in which order, and which verbs do it."""
+import os
+from pathlib import Path
+
+import pytest
+
+from dreambooth_pl import prefetch
+from dreambooth_pl.__main__ import main
+
+
+def _touch(path: Path, size: int = 16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * size)
+    return path
+
+
+@pytest.fixture
+def wheels(tmp_path, monkeypatch):
+    """A site-packages with torch's, two nvidia wheels' and Triton's libraries, and ones a fit never runs."""
+    site = tmp_path / "site"
+    torch_cuda = _touch(site / "torch/lib/libtorch_cuda.so", 64)
+    _touch(site / "torch/lib/libtorch_cpu.so")  # mapped by any torch import: not this module's business
+    cudnn = _touch(site / "nvidia/cudnn/lib/libcudnn_ops.so.9", 32)
+    (site / "nvidia/cudnn/lib/libcudnn_ops.so").symlink_to("libcudnn_ops.so.9")  # the same file twice
+    cublas = _touch(site / "nvidia/cu13/lib/libcublasLt.so.13")
+    _touch(site / "nvidia/cu13/lib/libcufft.so.12")  # never run by a one-GPU fit
+    _touch(site / "nvidia/cu13/lib/libnvrtc.alt.so.13")  # NVRTC's twin for other hosts
+    triton = _touch(site / "triton/_C/libtriton.so")
+    _touch(site / "triton/_C/libproton.so")  # the profiler's
+    dirs = {"torch": [site / "torch"], "nvidia": [site / "nvidia"], "triton": [site / "triton"]}
+    monkeypatch.setattr(prefetch, "_package_dirs", lambda name: dirs.get(name, []))
+    return [torch_cuda, cudnn, cublas, triton]
+
+
+def test_the_libraries_a_fit_runs_in_the_order_it_needs_them(wheels):
+    assert prefetch.cuda_libraries() == wheels
+
+
+def test_advise_counts_the_bytes_of_the_files_it_could_open(wheels, tmp_path):
+    files = prefetch.cuda_libraries() + [tmp_path / "missing.so"]
+    assert prefetch.advise(files, os.POSIX_FADV_WILLNEED) == 64 + 32 + 16 + 16
+
+
+def test_start_reads_ahead_on_a_thread_unless_turned_off(wheels, monkeypatch):
+    thread = prefetch.start()
+    assert thread is not None and thread.daemon
+    thread.join(10)
+    assert not thread.is_alive()
+    monkeypatch.setenv(prefetch.ENV, "0")
+    assert prefetch.start() is None
+
+
+def test_a_cpu_build_of_torch_starts_nothing(monkeypatch):
+    monkeypatch.setattr(prefetch, "_package_dirs", lambda name: [])
+    assert prefetch.start() is None
+
+
+@pytest.mark.parametrize("verb, reads", [("make-base", True), ("benchmark", False), ("fit-many", False)])
+def test_which_verbs_read_ahead(verb, reads, monkeypatch):
+    started = []
+    monkeypatch.setattr(prefetch, "start", lambda: started.append(True))
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    assert bool(started) is reads
