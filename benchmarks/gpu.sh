@@ -97,13 +97,16 @@ for stage in "$@"; do
         TRITON_CACHE_DIR=$(mktemp -d) CUDA_CACHE_PATH=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
           --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} ${o:+--overrides "$o"} 2>&1 | tail -n 1
       done ;;
-    libs-ab)  # prefetch.py: the whole run on a page cache without the CUDA libraries (a fresh machine's; evicted by
-      # benchmarks/page_cache.py), with and without reading them ahead at start; first the disk's cold read rate
+    cold-ab)  # a fresh machine's first run, three ways: the CUDA libraries evicted from the page cache
+      # (benchmarks/page_cache.py), fresh Triton and driver caches; everything on, then without reading the libraries
+      # ahead (prefetch.py), then without building the kernels ahead (kernel_warmup.py); first the disk's cold rate
       timeout 60 python3 benchmarks/page_cache.py read
-      for arm in 0 1; do
+      for arm in on prefetch-off warm-off; do
         python3 benchmarks/page_cache.py evict
-        DREAMBOOTH_PL_PREFETCH=$arm timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
-          --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} 2>&1 | tail -n 1  # (row: prefetch)
+        o=''; [ $arm = warm-off ] && o='["--model.perf.warm_kernels=false","--data.priors.generation.warm_kernels=false"]'
+        DREAMBOOTH_PL_PREFETCH=$([ $arm = prefetch-off ] && echo 0 || echo 1) TRITON_CACHE_DIR=$(mktemp -d) \
+          CUDA_CACHE_PATH=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
+          --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} ${o:+--overrides "$o"} 2>&1 | tail -n 1
       done ;;
     first-pass)  # the fused plan's first forward and backward at 1024², Triton built ahead, profiled on the host: on
       # fresh Triton and driver caches, then on the driver cache the first run left (benchmarks/first_pass.py)
