@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parents[1] / "dreambooth_pl"
 
 # lowest first; a name stands for a module or a whole subpackage (the longest name that matches wins)
 LAYERS = [
-    ["io", "console", "config_guard", "prompts", "noise", "loss", "geglu_kernel", "group_norm_kernel", "block_ops",
-     "fused_norms", "ema", "optimizers", "triton_launch",
+    ["io", "console", "config_guard", "prefetch", "prompts", "noise", "loss", "geglu_kernel", "group_norm_kernel",
+     "block_ops", "fused_norms", "ema", "optimizers", "triton_launch",
      "perf", "graphs", "fused_lora", "metrics", "checkpoint_io", "argv", "devices", "__init__", "sampler_settings",
      "zero_negative", "plain_attention", "base_handoff",
      "adapter.__init__", "adapter"],  # the adapter package itself holds only the LoRA file's name
