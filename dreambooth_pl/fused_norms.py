@@ -158,3 +158,12 @@ def unfuse_norms(model: torch.nn.Module) -> int:
 def to_nhwc(model: torch.nn.Module, on: bool = True) -> torch.nn.Module:
     """``model``'s 4-D weights (its convolutions) in channels_last, or back in NCHW (``on`` False)."""
     return model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+
+def is_nhwc(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s convolutions run NHWC (:func:`to_nhwc`): its first convolution with a spatial kernel
+    (a 1×1 kernel is both layouts at once)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-2:].numel() > 1 and m.weight.shape[1] > 1:
+            return m.weight.is_contiguous(memory_format=torch.channels_last)
+    return False

@@ -130,6 +130,8 @@ def apply_perf(perf: PerfSettings, m, encoders: tuple, dtype: torch.dtype, lora_
         block_ops.fuse_geglu(m.unet)
     if perf.channels_last:
         perf_lib.to_channels_last(m.unet)
+        if perf.fused_norms:  # the VAE too, its norms keeping the layout: the cache's encode at 1024² (128 channels)
+            fused_norms.to_nhwc(m.vae)  # and the grids' decode run NHWC convolutions, without transposes
     if perf.compile_blocks:
         for model in (m.unet, *encoders):
             perf_lib.compile_blocks(model, perf.compile_regions, mode=perf.compile_mode)

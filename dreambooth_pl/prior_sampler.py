@@ -88,6 +88,7 @@ class PriorSampler:
             one (fused_norms.py; None: ``prior_defaults.fused_norms_for``).
         channels_last: the UNet in NHWC on a GPU (None: ``prior_defaults.channels_last_for``, on with the fused
             norms, which keep NHWC through every norm).
+        vae_channels_last: the VAE's decode in NHWC (None: as ``channels_last``; the priors benchmark's A/B).
         plain_attention: each plain attention without diffusers' division of its output by 1 (plain_attention.py:
             the same bits, one pass fewer per attention; False: diffusers' processor, for the benchmark's A/B).
         warm_kernels: before an image size's first batch, build the draw's Triton kernels (fused norms, GEGLU) in
@@ -101,7 +102,7 @@ class PriorSampler:
                  compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False,
                  fused_geglu: Optional[bool] = None, constant_negative: bool = True,
                  fused_norms: Optional[bool] = None, channels_last: Optional[bool] = None,
-                 plain_attention: bool = True, warm_kernels: bool = True):
+                 plain_attention: bool = True, warm_kernels: bool = True, vae_channels_last: Optional[bool] = None):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -161,6 +162,10 @@ class PriorSampler:
         self.channels_last = channels_last_for(channels_last, self.device, self.fused_norms)
         if self.channels_last:
             to_nhwc(pipe.unet)
+        self.vae_channels_last = self.channels_last if vae_channels_last is None else \
+            vae_channels_last and self.device.type == "cuda"
+        if self.vae_channels_last:  # the decode's convolutions at up to 1024² over 128 channels, without transposes
+            to_nhwc(pipe.vae)
         # before the constant negative, which wraps each cross-attention's processor
         self.plain_attention = use_plain_attention(pipe.unet) if plain_attention else 0
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
@@ -197,6 +202,8 @@ class PriorSampler:
         unfuse_norms(pipe.vae)
         if self.channels_last:
             to_nhwc(pipe.unet, on=False)
+        if self.vae_channels_last:
+            to_nhwc(pipe.vae, on=False)
         parts = {name: getattr(pipe, name) for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
                                                          "unet")}
         if not pipe.vae.use_tiling and pipe.vae.dtype == vae_loaded:  # an upcast one holds fp16-rounded values
@@ -216,7 +223,7 @@ class PriorSampler:
                     fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
                     cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
                     fused_geglu=self.fused_geglu, fused_norms=self.fused_norms, channels_last=self.channels_last,
-                    plain_attention_layers=self.plain_attention,
+                    vae_channels_last=self.vae_channels_last, plain_attention_layers=self.plain_attention,
                     constant_negative_layers=self._constant.layers if self._constant is not None else 0)
 
     @contextlib.contextmanager

@@ -313,6 +313,10 @@ def test_every_resnet_is_fused_when_checkpointing_wraps_every_second_block(tiny_
     assert all(fused_norms._resnet_forward.__code__ in _codes(b.forward) for b in wrapped)
     vae_norms = [n for n in vae.modules() if type(n) is torch.nn.GroupNorm]
     assert vae_norms and all("forward" in vars(n) for n in vae_norms)
+    assert not fused_norms.is_nhwc(unet) and not fused_norms.is_nhwc(vae)
+    # with channels_last, the VAE's convolutions go NHWC with the UNet's (the cache's encode, the grids' decode)
+    apply_perf(dataclasses.replace(perf, channels_last=True), m, (), torch.float32, 0.0)
+    assert fused_norms.is_nhwc(unet) and fused_norms.is_nhwc(vae)
 
 
 def _codes(fn) -> set:

@@ -244,3 +244,7 @@ def test_gpu_draws_with_the_triton_norms_and_nhwc_get_their_own_key(tmp_path, mo
     assert prior_key(*args, fused_norms=True, channels_last=True) == dict(prior_key(*args), fused_norms=True,
                                                                           channels_last=True)
     assert not {"fused_norms", "channels_last"} & set(prior_key(*args, fused_norms=False, channels_last=False))
+    # the VAE's NHWC decode (session 11) keys apart from the draws before it, which decoded NCHW
+    assert prior_key(*args, channels_last=True, vae_channels_last=True) == dict(prior_key(*args), channels_last=True,
+                                                                                vae_channels_last=True)
+    assert "vae_channels_last" not in prior_key(*args, channels_last=True)

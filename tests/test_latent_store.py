@@ -129,6 +129,36 @@ def test_entries_follow_the_bytes_the_orientations_and_the_key(vae, tiny_base, t
                                                                                            vae.vae, False)
 
 
+def test_an_nhwc_vae_keys_apart_and_keeps_contiguous_moments(vae, tmp_path):
+    """``model.perf.channels_last`` with fused norms encodes in an NHWC VAE: its latents key another store folder
+    (other convolution kernels round otherwise), equal the NCHW encode's up to that rounding, and are kept NCHW
+    contiguous, as a store entry reads back (the noise drawn like them must not depend on where they came from)."""
+    from conftest import make_subject_dirs
+    from dreambooth_pl.fused_norms import is_nhwc, to_nhwc
+
+    make_subject_dirs(tmp_path, 2)
+    paths = tuple(sorted((tmp_path / "instance").iterdir())[:2])
+    (tmp_path / "vae").mkdir()
+
+    def encoded():
+        key = latent_key(str(tmp_path / "vae"), vae.vae, False)
+        got = encode_set(vae.vae, ImageSet(paths, "p"), [[(32, 32)]] * 2, mirrored=True,
+                         store=LatentStore(str(tmp_path / "latents"), key))
+        return key, got.entries[(0, (32, 32))]
+
+    nchw_key, nchw = encoded()
+    assert not is_nhwc(vae.vae) and "channels_last" not in nchw_key
+    try:
+        to_nhwc(vae.vae)
+        assert is_nhwc(vae.vae)
+        nhwc_key, nhwc = encoded()
+    finally:
+        to_nhwc(vae.vae, on=False)
+    assert nhwc_key == {**nchw_key, "channels_last": True}
+    assert nhwc.mean.is_contiguous() and nhwc.std.is_contiguous()
+    assert torch.allclose(nhwc.mean, nchw.mean, rtol=1e-4, atol=1e-5)  # fp32 on the CPU: kernel rounding only
+
+
 def test_an_unwritable_store_warns_once_and_the_run_keeps_its_latents(vae, tmp_path):
     from conftest import make_subject_dirs
 

@@ -175,6 +175,8 @@ def encode_set(vae: torch.nn.Module, images: ImageSet, sizes: list[list[Size]], 
 def _settle(item: tuple, entries: dict, store: LatentStore | None, ids: dict) -> None:
     """One encoded image's moments on the host (copied there if they are not) into ``entries`` (and ``store``)."""
     i, size, original, mean, std, crops = item
-    e = entries[(i, size)] = Encoded(mean.cpu(), std.cpu(), crops)
+    # contiguous: an NHWC VAE's moments come out channels_last, and the noise drawn like them (randn_like) would
+    # then differ from a store entry's, which is read back NCHW
+    e = entries[(i, size)] = Encoded(mean.cpu().contiguous(), std.cpu().contiguous(), crops)
     if store is not None:
         store.save(ids[i], original, size, e.mean, e.std, e.crop_top_left)

@@ -59,7 +59,7 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool, images
     import PIL
     import torchvision
 
-    from ..fused_norms import runs_fused
+    from ..fused_norms import is_nhwc, runs_fused
 
     param = next(vae.parameters())
     folder = Path(vae_folder).expanduser()
@@ -77,8 +77,9 @@ def latent_key(vae_folder: str, vae: torch.nn.Module, one_per_call: bool, images
             "algorithms": [torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
                            torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32],
             "format": FORMAT, **({"images_per_call": images_per_call} if images_per_call != 1 else {}),
-            # the Triton GroupNorms (model.perf.fused_norms) round unlike PyTorch's; unfused keys name nothing
-            **({"fused_norms": True} if runs_fused(vae) else {})}
+            # the Triton GroupNorms (model.perf.fused_norms) round unlike PyTorch's, NHWC convolutions (their
+            # channels_last) unlike NCHW ones; keys from before either name neither
+            **({"fused_norms": True} if runs_fused(vae) else {}), **({"channels_last": True} if is_nhwc(vae) else {})}
 
 
 class LatentStore(KeyedFolder):
