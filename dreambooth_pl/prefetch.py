@@ -26,6 +26,9 @@ NVIDIA_LIBS = ("libcudnn*.so*", "libcublas*.so*", "libnvrtc.so*", "libnvrtc-buil
                "libcudart*.so*")  # (NVRTC's ``.alt`` twins are for other hosts' code paths)
 TORCH_LIBS = ("libtorch_cuda.so*", "libc10_cuda.so*")
 ENV = "DREAMBOOTH_PL_PREFETCH"
+# read ahead only with this much memory available: on a small machine (a 12 GB Colab VM) 2.6 GiB of libraries could
+# push the base's just-downloaded weights out of the page cache, to be read again from a slower disk
+MIN_AVAILABLE_GIB = 16.0
 
 
 def _package_dirs(name: str) -> list[Path]:
@@ -79,12 +82,27 @@ def advise(files: list[Path], advice: int) -> int:
     return total
 
 
+def available_gib(meminfo: str = "/proc/meminfo") -> float | None:
+    """The memory Linux says is available for new pages, page cache included (``MemAvailable``); None if unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def start() -> threading.Thread | None:
     """Read :func:`cuda_libraries` ahead on a daemon thread (None where the platform has no ``posix_fadvise``, the
-    install has no ``nvidia`` wheels or ``DREAMBOOTH_PL_PREFETCH=0``)."""
+    install has no ``nvidia`` wheels, less than :data:`MIN_AVAILABLE_GIB` is available, or
+    ``DREAMBOOTH_PL_PREFETCH=0``)."""
     if os.environ.get(ENV, "1") == "0" or not hasattr(os, "posix_fadvise"):
         return None
     if not _package_dirs("nvidia"):  # a CPU build of torch: nothing to read
+        return None
+    if (available_gib() or 0.0) < MIN_AVAILABLE_GIB:
         return None
     # listing the files walks the wheels' folders, and the advice submits the reads and may block while the device
     # queue is full: a thread keeps the imports going (posix_fadvise releases the GIL)

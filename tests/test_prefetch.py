@@ -42,11 +42,23 @@ def test_advise_counts_the_bytes_of_the_files_it_could_open(wheels, tmp_path):
 
 
 def test_start_reads_ahead_on_a_thread_unless_turned_off(wheels, monkeypatch):
+    monkeypatch.setattr(prefetch, "available_gib", lambda: 100.0)
     thread = prefetch.start()
     assert thread is not None and thread.daemon
     thread.join(10)
     assert not thread.is_alive()
     monkeypatch.setenv(prefetch.ENV, "0")
+    assert prefetch.start() is None
+
+
+def test_a_small_machine_reads_nothing_ahead(wheels, monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       12582912 kB\nMemAvailable:   10485760 kB\n")  # a 12 GB VM: 10 GiB free
+    assert prefetch.available_gib(str(meminfo)) == 10.0
+    assert prefetch.available_gib(str(tmp_path / "none")) is None
+    monkeypatch.setattr(prefetch, "available_gib", lambda: 10.0)
+    assert prefetch.start() is None
+    monkeypatch.setattr(prefetch, "available_gib", lambda: None)  # unknown: not read either
     assert prefetch.start() is None
 
 
