@@ -101,7 +101,7 @@ for stage in "$@"; do
       # (benchmarks/page_cache.py), fresh Triton and driver caches; everything on, then without reading the libraries
       # ahead (prefetch.py), then without building the kernels ahead (kernel_warmup.py); first the disk's cold rate
       timeout 60 python3 benchmarks/page_cache.py read
-      for arm in on prefetch-off warm-off; do
+      for arm in ${COLD_ARMS:-on prefetch-off warm-off}; do
         python3 benchmarks/page_cache.py evict
         o=''; [ $arm = warm-off ] && o='["--model.perf.warm_kernels=false","--data.priors.generation.warm_kernels=false"]'
         DREAMBOOTH_PL_PREFETCH=$([ $arm = prefetch-off ] && echo 0 || echo 1) TRITON_CACHE_DIR=$(mktemp -d) \
