@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -95,6 +96,7 @@ def test_end_to_end_mode_times_the_users_command_with_its_phases(tiny_base, tmp_
     p = result["phases"]
     assert result["wall_s"] > p["total"] - p["start"] > 0 and p["priors"] > 0 and result["s_per_step"] > 0
     assert result["start_to_first_step_s"] == p["to_first_step_without_priors"]
+    assert result["prefetch"] is (os.environ.get("DREAMBOOTH_PL_PREFETCH", "1") != "0")  # the row says which arm
     assert result["extrapolated_min"] * 60 > result["wall_s"]  # 197 priors and 1000 steps take longer than 2 and 3
     # checking and caching 5 photos + 197 priors, scaled from the run's own 5 + 2 images
     assert p["n_images"] == 7 and p["n_priors"] == 2

@@ -4,6 +4,7 @@ priors``), and the whole ``fit`` command from process start to the LoRA file (``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ..io import read_json
+from ..prefetch import ENV as PREFETCH_ENV
 
 GIB = 2**30
 PROMPT = "a photo of person"
@@ -243,4 +245,6 @@ def end_to_end_benchmark(base: str, work: Path, priors: int, steps: int, config:
             "start_to_first_step_s": p["to_first_step_without_priors"], "memory_plan": plan[-1] if plan else None,
             "full_priors": full_priors, "full_steps": full_steps, "extrapolated_min": full / 60,
             "to_lora_s": to_lora, "extrapolated_to_lora_min": full_to_lora / 60,
-            "overrides": " ".join(overrides or []), "rank": 0}
+            "overrides": " ".join(overrides or []), "rank": 0,
+            # whether the fits read the CUDA libraries ahead (prefetch.py; gpu.sh cold-ab's arms turn it off)
+            "prefetch": os.environ.get(PREFETCH_ENV, "1") != "0"}

@@ -58,12 +58,9 @@ def environment() -> dict:
     import peft
     import transformers
 
-    from ..prefetch import ENV
-
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "lightning": L.__version__,
-            "diffusers": diffusers.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
-            "prefetch": os.environ.get(ENV, "1") != "0"}  # the child fits' reading ahead (prefetch.py)
+            "diffusers": diffusers.__version__, "peft": peft.__version__, "transformers": transformers.__version__}
 
 
 def train_benchmark(preset: str, steps: int, warmup: int, base: str, work: Path, devices: int,
