@@ -8,7 +8,7 @@ read a whole file into the page cache ahead (Linux readahead); issued at process
 of Python imports, which are CPU-bound. Files already cached cost one system call each; nothing is read into this
 process's memory, and the kernel may evict the pages again under memory pressure (a hint, not a lock).
 
-``DREAMBOOTH_PL_PREFETCH=0`` turns it off (the benchmark's A/B arm: ``benchmarks/gpu.sh libs-ab``).
+``DREAMBOOTH_PL_PREFETCH=0`` turns it off (the benchmark's A/B arm: ``benchmarks/gpu.sh cold-ab``).
 """
 from __future__ import annotations
 

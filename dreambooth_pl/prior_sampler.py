@@ -23,7 +23,8 @@ once per batch; only the loop around the UNet is ours. What differs is how it ru
 - the GroupNorms run as Triton kernels that keep the input's layout, each resnet's ``+ temb``, norm and SiLU in
   one (``fused_norms``, the default on a GPU with Triton; fused_norms.py), and the UNet runs NHWC with them
   (``channels_last``: 0.807 against 0.835 s/image NCHW on an H100; alone it lost, 1.084 against 1.009, while
-  PyTorch's GroupNorm copied NHWC to NCHW around every norm);
+  PyTorch's GroupNorm copied NHWC to NCHW around every norm), and the VAE decodes NHWC with it
+  (``vae_channels_last``: its convolutions at up to 1024² over 128 channels without transposes; not yet timed);
 - each attention skips diffusers' division of its output by ``rescale_output_factor``, 1 in SDXL
   (``plain_attention``, plain_attention.py): the same bits, a pass fewer per attention;
 - once a fit's draw is done, :meth:`PriorSampler.leave_base` hands the loaded parts to its training
