@@ -15,6 +15,15 @@ fi
 BASE=data/_cache/sdxl-random
 JSONL=$OUT/bench.jsonl
 bench() { timeout 300 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" "$@" 2>&1 | tail -n 4; }
+# one whole run (gpu.sh e2e's) on fresh Triton and CUDA driver caches (CUDA_CACHE_PATH holds the driver's JIT
+# results), as a fresh machine's first: ARM on, prefetch-off (DREAMBOOTH_PL_PREFETCH=0) or warm-off (no kernel warm-ups)
+fresh_run() {
+  local o=''
+  [ "$1" = warm-off ] && o='["--model.perf.warm_kernels=false","--data.priors.generation.warm_kernels=false"]'
+  DREAMBOOTH_PL_PREFETCH=$([ "$1" = prefetch-off ] && echo 0 || echo 1) TRITON_CACHE_DIR=$(mktemp -d) \
+    CUDA_CACHE_PATH=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
+    --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} ${o:+--overrides "$o"} 2>&1 | tail -n 1
+}
 for stage in "$@"; do
   echo "== $stage $(date +%T)"
   case $stage in
@@ -92,21 +101,14 @@ for stage in "$@"; do
     warm-ab)  # kernel_warmup.py: the whole run on a cold Triton cache (a fresh machine's), with and without building
       # the kernels ahead (the step's on a thread while the cache encodes, the prior draw's in a pool before its
       # first batch): the first step, start -> first step and the priors' first batch of each
-      # (each arm on fresh Triton and CUDA driver caches: CUDA_CACHE_PATH holds the driver's JIT results)
-      for o in '' '["--model.perf.warm_kernels=false","--data.priors.generation.warm_kernels=false"]'; do
-        TRITON_CACHE_DIR=$(mktemp -d) CUDA_CACHE_PATH=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
-          --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} ${o:+--overrides "$o"} 2>&1 | tail -n 1
-      done ;;
-    cold-ab)  # a fresh machine's first run, three ways: the CUDA libraries evicted from the page cache
-      # (benchmarks/page_cache.py), fresh Triton and driver caches; everything on, then without reading the libraries
-      # ahead (prefetch.py), then without building the kernels ahead (kernel_warmup.py); first the disk's cold rate
+      for arm in on warm-off; do fresh_run $arm; done ;;
+    cold-ab)  # a fresh machine's first run, three ways, each on the CUDA libraries evicted from the page cache
+      # (benchmarks/page_cache.py): everything on, then without reading the libraries ahead (prefetch.py), then
+      # without building the kernels ahead (kernel_warmup.py); first the disk's cold rate
       timeout 60 python3 benchmarks/page_cache.py read
       for arm in ${COLD_ARMS:-on prefetch-off warm-off}; do
         python3 benchmarks/page_cache.py evict
-        o=''; [ $arm = warm-off ] && o='["--model.perf.warm_kernels=false","--data.priors.generation.warm_kernels=false"]'
-        DREAMBOOTH_PL_PREFETCH=$([ $arm = prefetch-off ] && echo 0 || echo 1) TRITON_CACHE_DIR=$(mktemp -d) \
-          CUDA_CACHE_PATH=$(mktemp -d) timeout 200 python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" \
-          --preset end-to-end --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} ${o:+--overrides "$o"} 2>&1 | tail -n 1
+        fresh_run $arm
       done ;;
     first-pass)  # the fused plan's first forward and backward at 1024², Triton built ahead, profiled on the host: on
       # fresh Triton and driver caches, then on the driver cache the first run left (benchmarks/first_pass.py)

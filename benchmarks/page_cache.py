@@ -1,7 +1,7 @@
 """The CUDA libraries' files (dreambooth_pl/prefetch.py) out of the page cache, and how fast this disk reads them back.
 
     python3 benchmarks/page_cache.py evict     drop their clean cached pages (POSIX_FADV_DONTNEED): a fresh machine's
-                                               page cache, for the next process (gpu.sh libs-ab)
+                                               page cache, for the next process (gpu.sh cold-ab)
     python3 benchmarks/page_cache.py read      evict, read every file through once (cold), again (warm), evict: one
                                                JSON line with the bytes and both times (whether eviction works on
                                                this filesystem, and the disk's rate a fresh machine pays)

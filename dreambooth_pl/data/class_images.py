@@ -206,11 +206,12 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
     root = resolve_base(base)
     size = s.resolution or native_size(root)
     dev = sampler_device(device)
+    nhwc = draws_nhwc(s, dev)  # the UNet's layout, and the VAE's with it
     key = prior_key(root, vae, prompt, g.negative_prompt, g.scheduler, g.steps, g.guidance, size, size,
                     s.base_dtype, s.vae_tiling, s.compile_blocks, fuses_geglu(s, dev),
                     reads_vae_direct(dev, dtype, None, s.base_dtype, s.park_text_encoders),
                     constant_negative=guides_with_constant_negative(s), fused_norms=fuses_norms(s, dev),
-                    channels_last=draws_nhwc(s, dev), vae_channels_last=draws_nhwc(s, dev))  # (the VAE follows)
+                    channels_last=nhwc, vae_channels_last=nhwc)
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)
