@@ -104,8 +104,10 @@ for stage in "$@"; do
       for arm in on warm-off; do fresh_run $arm; done ;;
     cold-ab)  # a fresh machine's first run, three ways, each on the CUDA libraries evicted from the page cache
       # (benchmarks/page_cache.py): everything on, then without reading the libraries ahead (prefetch.py), then
-      # without building the kernels ahead (kernel_warmup.py); first the disk's cold rate
+      # without building the kernels ahead (kernel_warmup.py); first the disk's cold rate, read in order and read
+      # ahead by prefetch.advise (queued readahead; mincore says when the files are resident)
       timeout 60 python3 benchmarks/page_cache.py read
+      timeout 90 python3 benchmarks/page_cache.py prefetch
       for arm in ${COLD_ARMS:-on prefetch-off warm-off}; do
         python3 benchmarks/page_cache.py evict
         fresh_run $arm

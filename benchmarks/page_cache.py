@@ -5,13 +5,15 @@
     python3 benchmarks/page_cache.py read      evict, read every file through once (cold), again (warm), evict: one
                                                JSON line with the bytes and both times (whether eviction works on
                                                this filesystem, and the disk's rate a fresh machine pays)
+    python3 benchmarks/page_cache.py prefetch  evict, then prefetch.advise(WILLNEED) as a fit's thread does: how long
+                                               its calls take and when the files are resident (mincore), one JSON line
 """
 import json
 import os
 import sys
 import time
 
-from dreambooth_pl.prefetch import advise, cuda_libraries
+from dreambooth_pl.prefetch import advise, cuda_libraries, resident
 
 
 def read_all(files) -> float:
@@ -34,5 +36,19 @@ if sys.argv[1:] == ["read"]:
     print(json.dumps({"files": len(files), "gib": round(gib, 3), "cold_s": round(cold, 3), "warm_s": round(warm, 3),
                       "cold_gib_per_s": round(gib / cold, 2), "warm_gib_per_s": round(gib / warm, 2),
                       "largest": sorted((os.path.getsize(p) >> 20, p.name) for p in files)[-4:]}))
+elif sys.argv[1:] == ["prefetch"]:
+    after_evict = resident(files)
+    t = time.perf_counter()
+    advise(files, os.POSIX_FADV_WILLNEED)
+    calls = time.perf_counter() - t
+    seen = resident(files)
+    while seen < 0.99 and time.perf_counter() - t < 60:
+        time.sleep(0.1)
+        seen = resident(files)
+    done = time.perf_counter() - t
+    advise(files, os.POSIX_FADV_DONTNEED)
+    print(json.dumps({"files": len(files), "gib": round(evicted / 2**30, 3), "resident_after_evict": round(after_evict, 3),
+                      "advise_calls_s": round(calls, 3), "resident": round(seen, 3), "resident_after_s": round(done, 3),
+                      "gib_per_s": round(evicted / 2**30 / done, 2)}))
 else:
     print(f"evicted {len(files)} files, {evicted / 2**30:.2f} GiB")

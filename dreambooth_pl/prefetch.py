@@ -5,8 +5,11 @@ from disk the first time a kernel there runs: on a machine whose page cache does
 an image with torch preinstalled) those reads stall the first convolution, GEMM and attention of the prior draw and
 of the first training step, one page fault at a time. ``posix_fadvise(POSIX_FADV_WILLNEED)`` asks the kernel to
 read a whole file into the page cache ahead (Linux readahead); issued at process start, the reads overlap the ~8 s
-of Python imports, which are CPU-bound. Files already cached cost one system call each; nothing is read into this
-process's memory, and the kernel may evict the pages again under memory pressure (a hint, not a lock).
+of Python imports, which are CPU-bound. Linux reads at most one readahead window per call (``force_page_cache_ra``
+in mm/readahead.c caps it at ``max(read_ahead_kb, max_sectors_kb)``: 128 KiB to a few MiB), so each file is advised
+in :data:`WILLNEED_CHUNK` steps; one call for the whole file read its first window only. Cached pages cost nothing
+to advise again; nothing is read into this process's memory, and the kernel may evict the pages again under memory
+pressure (a hint, not a lock).
 
 ``DREAMBOOTH_PL_PREFETCH=0`` turns it off (the benchmark's A/B arm: ``benchmarks/gpu.sh cold-ab``).
 """
@@ -29,6 +32,8 @@ ENV = "DREAMBOOTH_PL_PREFETCH"
 # read ahead only with this much memory available: on a small machine (a 12 GB Colab VM) 2.6 GiB of libraries could
 # push the base's just-downloaded weights out of the page cache, to be read again from a slower disk
 MIN_AVAILABLE_GIB = 16.0
+# the default readahead window (VM_READAHEAD_PAGES): no device's cap is smaller, so each step is read whole
+WILLNEED_CHUNK = 128 << 10
 
 
 def _package_dirs(name: str) -> list[Path]:
@@ -61,6 +66,9 @@ def cuda_libraries() -> list[Path]:
 def advise(files: list[Path], advice: int) -> int:
     """``posix_fadvise`` each whole file with ``advice``; the bytes advised (a file that cannot be opened is skipped).
 
+    WILLNEED walks the file in :data:`WILLNEED_CHUNK` steps (one call reads one readahead window); DONTNEED, which
+    the kernel applies to the whole range, is one call.
+
     Args:
         files: the files.
         advice: ``os.POSIX_FADV_WILLNEED`` (read ahead) or ``os.POSIX_FADV_DONTNEED`` (drop clean cached pages:
@@ -73,8 +81,13 @@ def advise(files: list[Path], advice: int) -> int:
         except OSError:
             continue
         try:
-            os.posix_fadvise(fd, 0, 0, advice)
-            total += os.fstat(fd).st_size
+            size = os.fstat(fd).st_size
+            if advice == os.POSIX_FADV_WILLNEED:
+                for offset in range(0, size, WILLNEED_CHUNK):
+                    os.posix_fadvise(fd, offset, WILLNEED_CHUNK, advice)
+            else:
+                os.posix_fadvise(fd, 0, 0, advice)
+            total += size
         except OSError:
             pass
         finally:
@@ -82,16 +95,72 @@ def advise(files: list[Path], advice: int) -> int:
     return total
 
 
-def available_gib(meminfo: str = "/proc/meminfo") -> float | None:
-    """The memory Linux says is available for new pages, page cache included (``MemAvailable``); None if unknown."""
+def resident(files: list[Path]) -> float:
+    """The fraction of the files' bytes in the page cache now (``mincore(2)`` over a read-only mapping of each; Linux
+    only): what a read-ahead achieved, for the tests and ``benchmarks/page_cache.py``."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    cached = total = 0
+    for path in files:
+        size = os.path.getsize(path)
+        if size == 0:
+            continue
+        vec = ctypes.create_string_buffer((size + page - 1) // page)
+        with open(path, "rb") as f:
+            addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            if libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+        finally:
+            libc.munmap(addr, size)
+        cached += sum(b & 1 for b in vec.raw) * page
+        total += len(vec.raw) * page
+    return cached / total if total else 1.0
+
+
+def available_gib(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> float | None:
+    """The memory available for new pages, page cache included: Linux's ``MemAvailable``, or less where this
+    process's cgroup (v2: a container's limit) has less room left; None if unknown.
+
+    Args:
+        meminfo: the kernel's memory summary.
+        cgroup: the cgroup v2 folder holding ``memory.max`` and ``memory.current`` (page cache counts against them).
+    """
+    gib = None
     try:
         with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20  # kB
+                    gib = int(line.split()[1]) / 2**20  # kB
+                    break
     except (OSError, ValueError, IndexError):
+        return None
+    try:
+        limit = Path(cgroup, "memory.max").read_text().strip()
+        if gib is not None and limit != "max":
+            room = (int(limit) - int(Path(cgroup, "memory.current").read_text())) / 2**30
+            gib = min(gib, room)
+    except (OSError, ValueError):
+        pass  # no cgroup v2 memory controller here: the machine's figure stands
+    return gib
+
+
+def _read_ahead() -> None:
+    """The thread's work: a hint that cannot be taken (a folder it may not list, a link loop) is dropped silently
+    rather than printed as a thread's traceback into the user's console."""
+    try:
+        advise(cuda_libraries(), os.POSIX_FADV_WILLNEED)
+    except Exception:
         pass
-    return None
 
 
 def start() -> threading.Thread | None:
@@ -106,7 +175,6 @@ def start() -> threading.Thread | None:
         return None
     # listing the files walks the wheels' folders, and the advice submits the reads and may block while the device
     # queue is full: a thread keeps the imports going (posix_fadvise releases the GIL)
-    thread = threading.Thread(target=lambda: advise(cuda_libraries(), os.POSIX_FADV_WILLNEED),
-                              name="prefetch-cuda-libs", daemon=True)
+    thread = threading.Thread(target=_read_ahead, name="prefetch-cuda-libs", daemon=True)
     thread.start()
     return thread
