@@ -171,6 +171,24 @@ def test_an_unwritable_store_warns_once_and_the_run_keeps_its_latents(vae, tmp_p
     assert len(caught) == 1 and not store.write and len(got.entries) == 2
 
 
+def test_a_fused_key_keeps_nothing_once_the_kernels_fell_back(tmp_path, monkeypatch):
+    """Encoded by PyTorch's norms after a failed Triton launch, the latents are not what the fused key names: a
+    later run with working kernels would read them as fused."""
+    from dreambooth_pl import fused_norms
+
+    args = ("a" * 32, (64, 64), (64, 64), torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8),
+            torch.zeros(1, 2, dtype=torch.long))
+    store = LatentStore(str(tmp_path / "fused"), {"fused_norms": True})
+    monkeypatch.setattr(fused_norms, "_kernel_failed", ["ptxas not found"])
+    store.save(*args)
+    store.flush()
+    assert not list(store.folder.glob("**/*.safetensors"))
+    plain = LatentStore(str(tmp_path / "plain"), {"vae": "v"})  # a key without the kernels keeps its entries
+    plain.save(*args)
+    plain.flush()
+    assert len(list(plain.folder.glob("**/*.safetensors"))) == 1
+
+
 def test_a_store_needs_the_base_to_key_its_vae(tmp_path):
     """Refused when the data module is built, before any model loads."""
     with pytest.raises(ValueError, match="data.latent_cache needs data.base_model"):

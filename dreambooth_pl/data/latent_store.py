@@ -94,6 +94,7 @@ class LatentStore(KeyedFolder):
     def __init__(self, root: str, key: dict, write: bool = True):
         super().__init__(root, key)
         self.write = write
+        self.fused = bool(key.get("fused_norms"))  # the key names the Triton norms (see save)
         self.images_per_call = int(key.get("images_per_call", 1))  # encode_set encodes as the key says
         self.hits = self.misses = 0  # images read whole from the store / encoded
         self._writer = None  # one thread writes the entries: the cache's loop never waits for the disk
@@ -155,9 +156,12 @@ class LatentStore(KeyedFolder):
 
         from safetensors.torch import save
 
+        from .. import fused_norms
         from ..io import write_bytes
 
-        if not self.write:
+        # the key was made before the encode: a Triton launch that failed since fell back to PyTorch's norms, whose
+        # latents a later run with working kernels must not read as fused (prior_cache's drawn_as_keyed, here)
+        if not self.write or (self.fused and fused_norms._kernel_failed):
             return
         try:
             self.open()
