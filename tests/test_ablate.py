@@ -211,11 +211,13 @@ def test_resume_reruns_only_the_deleted_cell(grid_run):
 
 @pytest.mark.slow
 def test_failing_cell_is_recorded_and_the_grid_goes_on(grid_run, tmp_path):
+    """... and a cell of another adapter kind (LoKr, through the LyCORIS package) fits and is evaluated: every kind's
+    verbs are test_adapter_verbs.py's, plain LoRA cells are the module's grid (each cell is two processes)."""
     grid, out, _ = grid_run
     spec = yaml.safe_load(Path(grid).read_text())
-    spec.update(out=str(tmp_path / "out"), grid={}, evaluation=None,
+    spec.update(out=str(tmp_path / "out"), grid={},
                 runs=[{"name": "bad", "overrides": {"model.lora.rank": 0}},
-                      {"name": "ok", "overrides": {"trainer.max_steps": 1}}])
+                      {"name": "ok", "overrides": {"trainer.max_steps": 1, "model.lora.adapter": "lokr"}}])
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
     summary = ablate(str(tmp_path / "g.yaml"), workers=2)
     rows = {r["run"]: r for r in read_csv(tmp_path / "out" / "results.csv")}
@@ -223,8 +225,10 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(grid_run, tmp_path):
     assert "1 not done ['bad']" in summary
     assert rows["bad"]["status"] == "failed" and "model.lora.rank must be > 0" in rows["bad"]["error"]
     assert rows["bad"]["error"].startswith("exit code 1: error: ") and f"(log: {log})" in rows["bad"]["error"]
-    assert rows["ok"]["status"] == "done" and not rows["ok"]["error"]
-    assert "model.lora.rank must be > 0" in (tmp_path / "out" / "results.md").read_text()
+    assert rows["ok"]["status"] == "done" and not rows["ok"]["error"] and rows["ok"]["model.lora.adapter"] == "lokr"
+    assert all(-1.0 <= float(rows["ok"][m]) <= 1.0 for m in METRICS)  # its LoKr file read by the evaluation
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "model.lora.rank must be > 0" in md and "lokr" in md
     assert "model.lora.rank must be > 0" in log.read_text()
 
 

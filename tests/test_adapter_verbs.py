@@ -1,10 +1,8 @@
 """Every verb reads every kind fit writes: fit (tiny base) -> sample -> evaluate-suite -> export --format kohya ->
-sample from the kohya file, with the images of the fit's own file and of the in-memory model; an ablation grid over
-``model.lora.adapter`` runs to its table."""
+sample from the kohya file, with the images of the fit's own file and of the in-memory model (an ablation cell of
+another kind: test_ablate.py's failing-cell grid)."""
 from __future__ import annotations
 
-import csv
-import shutil
 from pathlib import Path
 
 import pytest
@@ -70,25 +68,3 @@ def test_every_verb_reads_what_fit_wrote(tiny_base, instance_dir, tmp_path, kind
     torch.testing.assert_close(from_file, live, atol=1e-5, rtol=0)
     assert (from_file - base).abs().max() > 1e-3  # the adapter changes the images, so equality means something
 
-
-def test_an_ablation_over_adapter_kinds_runs_to_its_table(tiny_base, tmp_path):
-    from test_ablate import tiny_grid
-
-    from dreambooth_pl.tools.ablate import ablate
-
-    inst = tmp_path / "instance"
-    inst.mkdir()
-    for p in sorted(SAMPLE.glob("*.jpg"))[:2]:  # the real-images baseline needs two
-        shutil.copy(p, inst / p.name)
-    write_images(tmp_path / "class", 4)
-    grid = tiny_grid(tmp_path, tiny_base, str(inst), str(tmp_path / "class"),
-                     # one non-LoRA cell: every kind's evaluate is test_every_verb_reads_what_fit_wrote's, plain
-                     # LoRA cells are test_ablate.py's grid; each cell is two processes (~15 s of imports each)
-                     grid={"model.lora.adapter": ["lokr"]})
-    summary = ablate(grid)
-    assert "1 cell(s), 0 not done" in summary
-    with open(tmp_path / "out" / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["model.lora.adapter"] for r in rows] == ["lokr"]
-    assert {r["status"] for r in rows} == {"done"} and all(-1.0 <= float(r["clip_t"]) <= 1.0 for r in rows)
-    assert all(r["model.lora.adapter"] in (tmp_path / "out" / "results.md").read_text() for r in rows)
