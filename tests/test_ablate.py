@@ -147,6 +147,9 @@ def test_grid_fits_evaluates_and_reports(grid_run):
             assert -1.0 <= float(r[m]) <= 1.0
         assert Path(r["grid"]).is_file() and r["scheduler"] == "euler" and r["sample_steps"] == "2"
         assert (out / "runs" / r["run"] / "pytorch_lora_weights.safetensors").is_file()
+    # no GPUs: a Ray worker takes the next cell with torch imported (jobs.run_jobs' max_calls), evaluation and all
+    workers = {json.loads((out / "runs" / r["run"] / STATUS_FILE).read_text())["worker"] for r in rows}
+    assert len(workers) < len(rows)
     # each cell trained its own adapter: no two runs produce the same images, so their scores differ
     assert len({r["clip_t"] for r in rows}) > 1
     md = (out / "results.md").read_text()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,6 +142,7 @@ def run_fit_job(job: FitJob, session: str, *upstream: Any) -> dict:
         error = export_finished(job.run)
     state = {"name": job.name, "status": "failed" if error else "done", "error": error, "attempt": attempt,
              "session": session, "seconds": round(time.time() - start, 1), "log": str(job.log),
+             "worker": f"{socket.gethostname()}:{os.getpid()}",  # which machine and Ray worker ran it
              "lora": None if error else str(job.run.lora), **job.info}
     if error is None and job.then is not None:
         fn, fn_args = job.then
@@ -236,13 +238,15 @@ def run_jobs(jobs: list[FitJob], address: Optional[str] = None, workers: Optiona
     session = f"{os.getpid()}-{time.time():.0f}"
     table = JobTable(title, [j.name for j in jobs], workers)
     with ray_session(address, workers) as opts:
-        # max_calls=1: each job's worker exits after it, so no GPU memory or CUDA context outlives its job
-        upstream = {k: ray.remote(max_calls=1)(_call).options(name=t.name, max_retries=retries, **opts).remote(t)
+        # max_calls=1 where the jobs take GPUs: each job's worker exits after it, so no GPU memory or CUDA context
+        # outlives its job; without GPUs a worker takes the next job with torch already imported (0: Ray's default)
+        on_gpu = bool(opts.get("num_gpus"))
+        upstream = {k: ray.remote(max_calls=1 if on_gpu else 0)(_call).options(name=t.name, max_retries=retries, **opts).remote(t)
                     for k, t in (priors or {}).items() if any((needs or {}).get(j.name) == k for j in todo)}
         # a fit runs in its own process, so its worker holds no CUDA context and may take the next job: a fresh
         # worker per job re-imported torch each time (about 4 s between cells of a 4-cell grid on an H100, 2026-12-05).
-        # An after-fit step (evaluation) runs in the worker on the GPU: then one job per worker, as Ray's default.
-        fit = ray.remote(max_calls=1 if any(j.then is not None for j in todo) else 0)(run_fit_job)
+        # An after-fit step (evaluation) runs in the worker, on the GPU where there is one: then one job per worker.
+        fit = ray.remote(max_calls=1 if on_gpu and any(j.then is not None for j in todo) else 0)(run_fit_job)
         refs = {fit.options(name=j.name, max_retries=retries, retry_exceptions=[FitProcessDied], **opts).remote(
             j, session, *([upstream[needs[j.name]]] if (needs or {}).get(j.name) in upstream else [])): j
             for j in todo}
