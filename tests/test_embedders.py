@@ -37,6 +37,25 @@ def test_pil_uint8_and_unit_float_inputs_embed_identically(clip, dino):
     assert clip.embed_text(["a dog", "a cat"]).shape == (2, 512)
 
 
+def test_an_image_embedded_before_is_not_run_again(dino, monkeypatch):
+    """Keyed by the model's input: one evaluation embeds the same real photos in four metrics."""
+    from dreambooth_pl.metrics import embedders
+
+    x = _uint8(3, seed=11)
+    ran = []
+    encode = type(dino)._encode_pixels
+    monkeypatch.setattr(type(dino), "_encode_pixels", lambda self, px: ran.append(len(px)) or encode(self, px))
+    dino.__dict__.pop("_memo", None)
+    a = dino.embed_images(torch.stack([x[0], x[1], x[0]]))
+    assert ran == [2] and torch.equal(a[0], a[2])
+    b = dino.embed_images(x[1:])  # x[1] seen, x[2] new
+    assert ran == [2, 1] and torch.equal(b[0], a[1])
+    assert dino.embed_images(255 - x[:1]).shape == (1, 384) and ran == [2, 1, 1]  # other pixels: run
+    monkeypatch.setattr(embedders, "MEMO_SIZE", 0)  # no memo: the model on the three at once
+    torch.testing.assert_close(dino.embed_images(x), torch.stack([a[0], a[1], b[1]]), atol=1e-6, rtol=0)
+    assert ran[-1] == 3
+
+
 def test_each_embedder_uses_its_own_preprocessing_config(clip, dino):
     def normalize(embedder):
         return next(t for t in embedder.preprocess.transforms if type(t).__name__ == "Normalize")

@@ -11,6 +11,7 @@ to the nearest 8-bit level, as saving them as PNG would), so a tensor and its PI
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -26,6 +27,7 @@ CLIP_ARCH = "ViT-B-32"
 DINO_ARCH = "vit_small_patch16_224.dino"
 DINO_EVAL_RESIZE = 256  # DINO's eval_linear.py / eval_knn.py: Resize(256, bicubic) then CenterCrop(224)
 _RANGE_TOL = 1e-3  # bicubic resampling in generators can overshoot [0, 1] by float noise
+MEMO_SIZE = 4096  # embeddings an embedder keeps (a few KB each); past it the memo starts over
 
 
 class EmbedderWeightsError(RuntimeError):
@@ -108,16 +110,28 @@ class _Embedder(torch.nn.Module):
 
     @torch.no_grad()
     def embed_images(self, images: Images, batch_size: int = 32) -> torch.Tensor:
-        """Unit-norm image embeddings ``[B, D]`` (float32).
+        """Unit-norm image embeddings ``[B, D]`` (float32). An image whose preprocessed pixels this embedder has
+        embedded before is not run again: one evaluation compares the same real photos in CLIP-I, DINO, PRES and
+        the real-vs-real row, and scores each sample in two metrics per model (the key is the pixels' bytes, so
+        equal keys are equal model inputs; the model is per-image, so the batch it ran in does not matter beyond
+        float rounding).
 
         Args:
             images: see :func:`to_unit_float`.
             batch_size: images per forward pass.
         """
-        images = to_pil(images)
-        chunks = [self._encode_pixels(self.pixels(images[i:i + batch_size])).float()
-                  for i in range(0, len(images), batch_size)]
-        return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
+        pixels = [self.preprocess(im) for im in to_pil(images)]
+        keys = [hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest() for x in pixels]
+        memo = self.__dict__.setdefault("_memo", {})  # key -> CPU embedding; not module state (.to() keeps it)
+        if len(memo) + len(keys) > MEMO_SIZE:
+            memo.clear()
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        new = [k for k in first if k not in memo]
+        for i in range(0, len(new), batch_size):
+            chunk = new[i:i + batch_size]
+            x = torch.stack([pixels[first[k]] for k in chunk]).to(self.device)
+            memo.update(zip(chunk, torch.nn.functional.normalize(self._encode_pixels(x).float(), dim=-1).cpu()))
+        return torch.stack([memo[k] for k in keys]).to(self.device)
 
 
 class CLIPEmbedder(_Embedder):
