@@ -127,31 +127,58 @@ def resident(files: list[Path]) -> float:
     return cached / total if total else 1.0
 
 
-def available_gib(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> float | None:
+def cgroup_room_gib(root: str = "/sys/fs/cgroup", proc: str = "/proc/self/cgroup") -> float | None:
+    """The least room (limit less usage) over this process's memory cgroup and its ancestors, where page cache
+    counts against a container's or a job's limit: cgroup v2 ``memory.max``/``memory.current``, v1
+    ``memory.limit_in_bytes``/``memory.usage_in_bytes``; None without a limit.
+
+    Args:
+        root: where the cgroup file systems are mounted.
+        proc: this process's cgroup membership (``/proc/self/cgroup``).
+    """
+    try:
+        lines = Path(proc).read_text().splitlines()
+    except OSError:
+        return None
+    fields = [line.split(":", 2) for line in lines if line.count(":") >= 2]
+    hierarchies = [(Path(root), path, "memory.max", "memory.current") for num, _, path in fields if num == "0"]
+    hierarchies += [(Path(root, "memory"), path, "memory.limit_in_bytes", "memory.usage_in_bytes")
+                    for _, controllers, path in fields if "memory" in controllers.split(",")]
+    room = None
+    for base, path, limit_file, usage_file in hierarchies:
+        folder = base / path.strip("/")
+        if not folder.is_dir():  # inside a container's namespace the mount's root is this process's cgroup
+            folder = base
+        while True:  # a Slurm step or systemd scope: the limit may sit on an ancestor
+            try:
+                limit = (folder / limit_file).read_text().strip()
+                if limit != "max" and int(limit) < 1 << 62:  # v1 writes "no limit" as 2^63 less a page
+                    left = int(limit) - int((folder / usage_file).read_text())
+                    room = left if room is None else min(room, left)
+            except (OSError, ValueError):
+                pass
+            if folder == base or folder.parent == folder:
+                break
+            folder = folder.parent
+    return None if room is None else room / 2**30
+
+
+def available_gib(meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
+                  proc_cgroup: str = "/proc/self/cgroup") -> float | None:
     """The memory available for new pages, page cache included: Linux's ``MemAvailable``, or less where this
-    process's cgroup (v2: a container's limit) has less room left; None if unknown.
+    process's cgroups have less room left (:func:`cgroup_room_gib`); None if unknown.
 
     Args:
         meminfo: the kernel's memory summary.
-        cgroup: the cgroup v2 folder holding ``memory.max`` and ``memory.current`` (page cache counts against them).
+        cgroup_root, proc_cgroup: see :func:`cgroup_room_gib`.
     """
-    gib = None
     try:
         with open(meminfo) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    gib = int(line.split()[1]) / 2**20  # kB
-                    break
-    except (OSError, ValueError, IndexError):
+            gib = next(int(line.split()[1]) / 2**20 for line in f if line.startswith("MemAvailable:"))  # kB
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
-    try:
-        limit = Path(cgroup, "memory.max").read_text().strip()
-        if gib is not None and limit != "max":
-            room = (int(limit) - int(Path(cgroup, "memory.current").read_text())) / 2**30
-            gib = min(gib, room)
-    except (OSError, ValueError):
-        pass  # no cgroup v2 memory controller here: the machine's figure stands
-    return gib
+    room = cgroup_room_gib(cgroup_root, proc_cgroup)
+    return gib if room is None else min(gib, room)
 
 
 def _read_ahead() -> None:

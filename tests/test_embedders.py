@@ -54,6 +54,14 @@ def test_an_image_embedded_before_is_not_run_again(dino, monkeypatch):
     monkeypatch.setattr(embedders, "MEMO_SIZE", 0)  # no memo: the model on the three at once
     torch.testing.assert_close(dino.embed_images(x), torch.stack([a[0], a[1], b[1]]), atol=1e-6, rtol=0)
     assert ran[-1] == 3
+    monkeypatch.setattr(embedders, "MEMO_SIZE", 4096)
+    state = {k: v.clone() for k, v in dino.model.state_dict().items()}
+    try:  # other weights, loaded in place: what was embedded before is embedded again
+        dino.model.load_state_dict({k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()})
+        moved = dino.embed_images(x[:1])
+        assert ran[-1] == 1 and (moved[0] - a[0]).abs().max() > 1e-3
+    finally:
+        dino.model.load_state_dict(state)
 
 
 def test_each_embedder_uses_its_own_preprocessing_config(clip, dino):

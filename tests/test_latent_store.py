@@ -178,11 +178,19 @@ def test_a_fused_key_keeps_nothing_once_the_kernels_fell_back(tmp_path, monkeypa
 
     args = ("a" * 32, (64, 64), (64, 64), torch.zeros(1, 4, 8, 8), torch.ones(1, 4, 8, 8),
             torch.zeros(1, 2, dtype=torch.long))
+    from dreambooth_pl import block_ops
+
     store = LatentStore(str(tmp_path / "fused"), {"fused_norms": True})
-    monkeypatch.setattr(fused_norms, "_kernel_failed", ["ptxas not found"])
-    store.save(*args)
+    store.save(*args)  # the kernels work: kept
     store.flush()
-    assert not list(store.folder.glob("**/*.safetensors"))
+    assert len(list(store.folder.glob("**/*.safetensors"))) == 1
+    for module in (fused_norms, block_ops):  # the norms' own failure, or the GEGLU's (which stops the norms)
+        with monkeypatch.context() as m:
+            m.setattr(module, "_kernel_failed", ["ptxas not found"])
+            other = LatentStore(str(tmp_path / module.__name__), {"fused_norms": True})
+            other.save(*args)
+            other.flush()
+            assert not list(other.folder.glob("**/*.safetensors"))
     plain = LatentStore(str(tmp_path / "plain"), {"vae": "v"})  # a key without the kernels keeps its entries
     plain.save(*args)
     plain.flush()

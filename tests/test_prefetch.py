@@ -57,15 +57,28 @@ def test_start_reads_ahead_on_a_thread_unless_turned_off(wheels, monkeypatch):
 def test_a_small_machine_reads_nothing_ahead(wheels, monkeypatch, tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       12582912 kB\nMemAvailable:   10485760 kB\n")  # a 12 GB VM: 10 GiB free
-    assert prefetch.available_gib(str(meminfo), cgroup=str(tmp_path / "no-cgroup")) == 10.0
+    none = str(tmp_path / "no-cgroup")
+    assert prefetch.available_gib(str(meminfo), proc_cgroup=none) == 10.0
     assert prefetch.available_gib(str(tmp_path / "none")) is None
-    cgroup = tmp_path / "cgroup"  # a container limited to 8 GiB with 6 GiB in use: its room, not the host's
-    cgroup.mkdir()
-    (cgroup / "memory.max").write_text(f"{8 << 30}\n")
-    (cgroup / "memory.current").write_text(f"{6 << 30}\n")
-    assert prefetch.available_gib(str(meminfo), cgroup=str(cgroup)) == 2.0
-    (cgroup / "memory.max").write_text("max\n")  # no limit
-    assert prefetch.available_gib(str(meminfo), cgroup=str(cgroup)) == 10.0
+    # cgroup v2 without a namespace (a Slurm step, a systemd scope): the 8 GiB limit, 6 used, sits on an ancestor
+    v2 = tmp_path / "v2"
+    step = v2 / "system.slice/job_7/step_0"
+    step.mkdir(parents=True)
+    (step.parent / "memory.max").write_text(f"{8 << 30}\n")
+    (step.parent / "memory.current").write_text(f"{6 << 30}\n")
+    (step / "memory.max").write_text("max\n")
+    (step / "memory.current").write_text(f"{1 << 30}\n")
+    (tmp_path / "cg2").write_text("0::/system.slice/job_7/step_0\n")
+    assert prefetch.available_gib(str(meminfo), str(v2), str(tmp_path / "cg2")) == 2.0
+    # cgroup v1, in a container's namespace (the mount's root is this process's group): 12 GiB, 9 used
+    v1 = tmp_path / "v1/memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{12 << 30}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{9 << 30}\n")
+    (tmp_path / "cg1").write_text("5:memory:/docker/abc\n0::/\n")
+    assert prefetch.available_gib(str(meminfo), str(tmp_path / "v1"), str(tmp_path / "cg1")) == 3.0
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert prefetch.available_gib(str(meminfo), str(tmp_path / "v1"), str(tmp_path / "cg1")) == 10.0
     monkeypatch.setattr(prefetch, "available_gib", lambda: 10.0)
     assert prefetch.start() is None
     monkeypatch.setattr(prefetch, "available_gib", lambda: None)  # unknown: not read either

@@ -122,16 +122,22 @@ class _Embedder(torch.nn.Module):
         """
         pixels = [self.preprocess(im) for im in to_pil(images)]
         keys = [hashlib.blake2b(x.numpy().tobytes(), digest_size=16).digest() for x in pixels]
-        memo = self.__dict__.setdefault("_memo", {})  # key -> CPU embedding; not module state (.to() keeps it)
-        if len(memo) + len(keys) > MEMO_SIZE:
-            memo.clear()
+        # the memo holds for these weights only: new values (load_state_dict bumps each tensor's version), another
+        # dtype or device (new tensors) start it over
+        weights = tuple((p.data_ptr(), p._version, p.dtype) for p in self.model.parameters())
+        memo = self.__dict__.get("_memo")  # key -> CPU embedding; not module state (state_dict, .to())
+        if memo is None or self.__dict__.get("_memo_weights") != weights or len(memo) > MEMO_SIZE:
+            memo = {}
+            self.__dict__.update(_memo=memo, _memo_weights=weights)
         first = {k: i for i, k in reversed(list(enumerate(keys)))}
-        new = [k for k in first if k not in memo]
+        got = {k: memo[k] for k in first if k in memo}
+        new = [k for k in first if k not in got]
         for i in range(0, len(new), batch_size):
             chunk = new[i:i + batch_size]
             x = torch.stack([pixels[first[k]] for k in chunk]).to(self.device)
-            memo.update(zip(chunk, torch.nn.functional.normalize(self._encode_pixels(x).float(), dim=-1).cpu()))
-        return torch.stack([memo[k] for k in keys]).to(self.device)
+            got.update(zip(chunk, torch.nn.functional.normalize(self._encode_pixels(x).float(), dim=-1).cpu()))
+        memo.update(got)
+        return torch.stack([got[k] for k in keys]).to(self.device)
 
 
 class CLIPEmbedder(_Embedder):
