@@ -57,6 +57,13 @@ for stage in "$@"; do
       fi
       pkill -9 -f "python3 -m dreambooth_pl" || true  # a hung DDP test's other rank would hold a GPU for later stages
       grep -E "passed|failed|rel=|Error|^FAILED|^E " "$OUT/pytest-gpu.txt" | tail -n 40 ;;
+    tests-rest)  # every GPU test file but the acceptance file and warm-tests' three, in one process (~400 s on an
+      # H100, 2026-12-07 session 12): with `tests-core warm-tests` (~230 s) the whole `pytest -m gpu` in two calls
+      timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs --durations=8 tests/test_graphs.py \
+        tests/test_sample_grid.py tests/test_sampling.py tests/test_smoke.py tests/test_fused_lora.py tests/test_cache.py \
+        tests/test_prior_sampler.py tests/test_base_handoff.py tests/test_gpu_face.py tests/test_pivotal_gpu.py \
+        tests/test_quant.py > "$OUT/pytest-gpu-rest.txt" 2>&1
+      grep -E "passed|failed|skipped|^FAILED|^E |^SKIPPED" "$OUT/pytest-gpu-rest.txt" | tail -n 30 ;;
     tests-fast)  # the fast preset's kernels: compiled GEGLU, fused LoRA, graphed = eager with them on
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_block_ops.py tests/test_fused_lora.py tests/test_fused_norms.py \
         tests/test_graphs.py 2>&1 | grep -E "passed|failed|rel=|FUSED_NORMS|Error|^FAILED|^E " | tail -n 30 ;;
