@@ -32,6 +32,15 @@ def uses_kernel(device: torch.device) -> bool:
     return geglu_kernel_runs(device) and not _kernel_failed
 
 
+def stopped() -> bool:
+    """Whether the kernels stopped in this process after a failed Triton launch (the norms' own, or the GEGLU's,
+    whose rule :func:`uses_kernel` follows): what ran since is PyTorch's norms, which a cache key naming the
+    kernels does not describe."""
+    from . import block_ops
+
+    return bool(_kernel_failed or block_ops._kernel_failed)
+
+
 def _takes(x: torch.Tensor, *params) -> bool:
     """Whether the kernels take this call: a floating tensor on a kernel device, and no gradient wanted for the
     norms' own ``params`` (the kernels' backward gives the input's and the add's only)."""

@@ -156,13 +156,12 @@ class LatentStore(KeyedFolder):
 
         from safetensors.torch import save
 
-        from .. import block_ops, fused_norms
+        from .. import fused_norms
         from ..io import write_bytes
 
-        # the key was made before the encode: a Triton launch that failed since (the norms', or the GEGLU's, which
-        # stops the norms too: fused_norms.uses_kernel) fell back to PyTorch's norms, whose latents a later run with
-        # working kernels must not read as fused (prior_cache's drawn_as_keyed, here)
-        if not self.write or (self.fused and (fused_norms._kernel_failed or block_ops._kernel_failed)):
+        # the key was made before the encode: latents encoded after the kernels stopped are eager ones, which a later
+        # run with working kernels must not read as fused (prior_cache's drawn_as_keyed, here)
+        if not self.write or (self.fused and fused_norms.stopped()):
             return
         try:
             self.open()

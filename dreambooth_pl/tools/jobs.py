@@ -241,7 +241,8 @@ def run_jobs(jobs: list[FitJob], address: Optional[str] = None, workers: Optiona
         # max_calls=1 where the jobs take GPUs: each job's worker exits after it, so no GPU memory or CUDA context
         # outlives its job; without GPUs a worker takes the next job with torch already imported (0: Ray's default)
         on_gpu = bool(opts.get("num_gpus"))
-        upstream = {k: ray.remote(max_calls=1 if on_gpu else 0)(_call).options(name=t.name, max_retries=retries, **opts).remote(t)
+        draw = ray.remote(max_calls=1 if on_gpu else 0)(_call)
+        upstream = {k: draw.options(name=t.name, max_retries=retries, **opts).remote(t)
                     for k, t in (priors or {}).items() if any((needs or {}).get(j.name) == k for j in todo)}
         # a fit runs in its own process, so its worker holds no CUDA context and may take the next job: a fresh
         # worker per job re-imported torch each time (about 4 s between cells of a 4-cell grid on an H100, 2026-12-05).
