@@ -93,6 +93,7 @@ for stage in "$@"; do
     prior-check)  # no full base: graph = eager and fp16 = the pipeline on the tiny base (tests/test_prior_sampler.py)
       timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -s tests/test_prior_sampler.py tests/test_base_handoff.py 2>&1 \
         | grep -E "prior sampler on GPU|passed|failed|Error|^E " | tail -n 12 ;;
+    fp8-check) timeout 120 python3 benchmarks/fp8_check.py 2>&1 | grep -v Warning ;;  # fp8_gemm.py: codes, error, GEMM ms
     prior-profile)  # one prior batch's kernels by kind, default and diffusers' GEGLU (eager, under the profiler)
       timeout 300 python3 benchmarks/prior_profile.py $BASE "$OUT" ${PROFILE_STEPS:-5} 2>&1 | grep -v Warning ;;
     cache-ab)  # the cache's encoding: fp32 with mirrored latents, fp32 and bf16 plain (after e2e: its class folder), then

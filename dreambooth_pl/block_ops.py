@@ -100,6 +100,8 @@ def _halves(proj: torch.nn.Linear, hidden_states: torch.Tensor) -> tuple[torch.T
 
 
 def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if type(self.proj).__name__ == "Fp8Linear":  # fp8_gemm.py: both halves from one quantization of the input
+        return _gated_gelu(*self.proj.halves(hidden_states))
     if type(self.proj) is not torch.nn.Linear:  # an adapter on the projection: diffusers' own forward
         return type(self).forward(self, hidden_states, *args, **kwargs)
     return _gated_gelu(*_halves(self.proj, hidden_states))

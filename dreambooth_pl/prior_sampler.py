@@ -27,6 +27,8 @@ once per batch; only the loop around the UNet is ours. What differs is how it ru
   (``vae_channels_last``: its convolutions at up to 1024² over 128 channels without transposes; not yet timed);
 - each attention skips diffusers' division of its output by ``rescale_output_factor``, 1 in SDXL
   (``plain_attention``, plain_attention.py): the same bits, a pass fewer per attention;
+- ``fp8_gemms`` (opt-in): the transformers' linears as row-wise scaled float8 GEMMs (fp8_gemm.py) on a GPU with
+  float8 tensor cores: other images of the same prompt, not the pipeline's;
 - once a fit's draw is done, :meth:`PriorSampler.leave_base` hands the loaded parts to its training
   (base_handoff.py), which then does not read the base a second time.
 """
@@ -92,6 +94,8 @@ class PriorSampler:
         vae_channels_last: the VAE's decode in NHWC (None: as ``channels_last``; the priors benchmark's A/B).
         plain_attention: each plain attention without diffusers' division of its output by 1 (plain_attention.py:
             the same bits, one pass fewer per attention; False: diffusers' processor, for the benchmark's A/B).
+        fp8_gemms: the UNet transformers' linears as float8 GEMMs with row-wise scales (fp8_gemm.py; compute
+            capability 8.9 or a CPU; asked for elsewhere, a warning and fp16). Not with ``compile_blocks``.
         warm_kernels: before an image size's first batch, build the draw's Triton kernels (fused norms, GEGLU) in
             a pool (kernel_warmup.py) instead of one by one at their first launch; the same kernels run.
     """
@@ -103,9 +107,13 @@ class PriorSampler:
                  compile_blocks: bool = False, cudnn_benchmark: bool = False, park_text_encoders: bool = False,
                  fused_geglu: Optional[bool] = None, constant_negative: bool = True,
                  fused_norms: Optional[bool] = None, channels_last: Optional[bool] = None,
-                 plain_attention: bool = True, warm_kernels: bool = True, vae_channels_last: Optional[bool] = None):
+                 plain_attention: bool = True, warm_kernels: bool = True, vae_channels_last: Optional[bool] = None,
+                 fp8_gemms: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
+        if fp8_gemms and compile_blocks:
+            raise ValueError("prior sampler: fp8_gemms and compile_blocks exclude each other (Inductor would trace "
+                             "the float8 layers' quantized-input memo); turn one off")
         if attention not in get_args(AttentionKernel):
             raise ValueError(f"attention is one of {get_args(AttentionKernel)}, got {attention!r}")
         self.device = sampler_device(device)
@@ -167,6 +175,15 @@ class PriorSampler:
             vae_channels_last and self.device.type == "cuda"
         if self.vae_channels_last:  # the decode's convolutions at up to 1024² over 128 channels, without transposes
             to_nhwc(pipe.vae)
+        self.fp8_gemms = 0
+        if fp8_gemms:
+            from . import fp8_gemm
+
+            if fp8_gemm.supported(self.device) and base_dtype == "float16":
+                self.fp8_gemms = fp8_gemm.to_fp8(pipe.unet)
+            else:
+                warnings.warn("prior sampler: fp8_gemms needs a GPU with float8 tensor cores (compute capability "
+                              "8.9+) and an unquantized base; drawing in half precision.", stacklevel=2)
         # before the constant negative, which wraps each cross-attention's processor
         self.plain_attention = use_plain_attention(pipe.unet) if plain_attention else 0
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
@@ -192,12 +209,15 @@ class PriorSampler:
 
         if self._base is None or self.pipe is None or self.fuse_qkv or self.compiled_blocks:
             return False  # (pipe None: left already)
+        from .fp8_gemm import restore as restore_linears
+
         pipe, (root, vae, vae_loaded) = self.pipe, self._base
         self._graphs.clear()  # their pools and static buffers go back with the sampler's memory
         if self._constant is not None:
             self._constant.remove()
             self._constant = None
         restore(pipe.unet)
+        restore_linears(pipe.unet)  # the half-precision layers back; their float8 copies go with the wrappers
         unfuse_blocks(pipe.unet)
         unfuse_norms(pipe.unet)
         unfuse_norms(pipe.vae)
@@ -225,6 +245,7 @@ class PriorSampler:
                     cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
                     fused_geglu=self.fused_geglu, fused_norms=self.fused_norms, channels_last=self.channels_last,
                     vae_channels_last=self.vae_channels_last, plain_attention_layers=self.plain_attention,
+                    fp8_gemm_layers=self.fp8_gemms,
                     constant_negative_layers=self._constant.layers if self._constant is not None else 0)
 
     @contextlib.contextmanager

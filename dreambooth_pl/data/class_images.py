@@ -55,6 +55,9 @@ class ClassImageSettings:
         channels_last: draw with the UNet in NHWC (cuDNN's Hopper convolutions' layout; the fused norms keep it;
             None: on a GPU where the fused norms run). Other kernels round differently, so it is part of the prior
             cache's key.
+        fp8_gemms: the UNet transformers' linears as row-wise scaled float8 GEMMs while drawing (fp8_gemm.py; a GPU
+            of compute capability 8.9+: Ada, Hopper): faster, but other images of the prompt than the half-precision
+            draw's, so it is part of the prior cache's key. Not with ``compile_blocks``.
         warm_kernels: build the draw's Triton kernels several at once before its first batch instead of one by one
             at their first launch (kernel_warmup.py; the same kernels run, so not part of the key).
     """
@@ -74,6 +77,12 @@ class ClassImageSettings:
     fused_norms: Optional[bool] = None
     channels_last: Optional[bool] = None
     warm_kernels: bool = True
+    fp8_gemms: bool = False
+
+    def __post_init__(self):
+        if self.fp8_gemms and self.compile_blocks:  # said before any model loads, not by the sampler after
+            raise ValueError("data.priors.generation: fp8_gemms and compile_blocks exclude each other (Inductor "
+                             "would trace the float8 layers); set one of them to false")
 
 
 def fuses_norms(s: ClassImageSettings, device) -> bool:
@@ -88,6 +97,13 @@ def draws_nhwc(s: ClassImageSettings, device) -> bool:
     from ..prior_defaults import channels_last_for
 
     return channels_last_for(s.channels_last, device, fuses_norms(s, device))
+
+
+def draws_fp8(s: ClassImageSettings, device) -> bool:
+    """Whether the sampler of ``s`` on ``device`` runs float8 GEMMs (fp8_gemm.py; the prior cache keys on it)."""
+    from ..fp8_gemm import supported
+
+    return s.fp8_gemms and s.base_dtype == "float16" and supported(device)
 
 
 def fuses_geglu(s: ClassImageSettings, device) -> bool:
@@ -211,7 +227,7 @@ def draw_class_images(base: str, prompt: str, out: str, num: int = NUM_CLASS_IMA
                     s.base_dtype, s.vae_tiling, s.compile_blocks, fuses_geglu(s, dev),
                     reads_vae_direct(dev, dtype, None, s.base_dtype, s.park_text_encoders),
                     constant_negative=guides_with_constant_negative(s), fused_norms=fuses_norms(s, dev),
-                    channels_last=nhwc, vae_channels_last=nhwc)
+                    channels_last=nhwc, vae_channels_last=nhwc, fp8_gemms=draws_fp8(s, dev))
     cache = PriorCache(s.cache_dir or PRIOR_CACHE, key) if s.cache else None
     record = dict(scheduler=g.scheduler, steps=g.steps, guidance=g.guidance, base=base, height=size, width=size,
                   negative_prompt=g.negative_prompt, base_dtype=s.base_dtype)
@@ -251,7 +267,7 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
                            base_dtype=s.base_dtype, vae_tiling=s.vae_tiling, compile_blocks=s.compile_blocks,
                            park_text_encoders=s.park_text_encoders, fused_geglu=s.fused_geglu,
                            constant_negative=s.constant_negative, fused_norms=s.fused_norms,
-                           channels_last=s.channels_last, warm_kernels=s.warm_kernels)
+                           channels_last=s.channels_last, warm_kernels=s.warm_kernels, fp8_gemms=s.fp8_gemms)
     timing = {"load_s": time.perf_counter() - start}
     meta_base = dict(base=base, vae=vae, loras=[], scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
                      negative_prompt=g.negative_prompt, **sampler.runtime())

@@ -75,7 +75,8 @@ def prior_key(base_root: str, vae: Optional[str], prompt: str, negative_prompt: 
               steps: int, guidance: float, height: int, width: int, base_dtype: str = "float16",
               vae_tiling: bool = False, compiled: bool = False, fused_geglu: bool = False,
               vae_direct: bool = False, constant_negative: bool = False,
-              fused_norms: bool = False, channels_last: bool = False, vae_channels_last: bool = False) -> dict:
+              fused_norms: bool = False, channels_last: bool = False, vae_channels_last: bool = False,
+              fp8_gemms: bool = False) -> dict:
     """What decides a prior image's pixels besides its seed (see the module docstring).
 
     Args:
@@ -97,6 +98,7 @@ def prior_key(base_root: str, vae: Optional[str], prompt: str, negative_prompt: 
             resnet's add, norm and SiLU round once); entered only when true, likewise.
         channels_last: drawn with the UNet in NHWC (other convolution kernels); entered only when true, likewise.
         vae_channels_last: decoded with the VAE in NHWC (draws since 2026-12-07 session 11); likewise.
+        fp8_gemms: drawn with the transformers' linears as float8 GEMMs (fp8_gemm.py); likewise.
     """
     return {"base": fingerprint(base_root), "vae": fingerprint(vae_root(vae)), "prompt": prompt,
             "negative_prompt": negative_prompt, "scheduler": scheduler, "steps": int(steps),
@@ -105,7 +107,7 @@ def prior_key(base_root: str, vae: Optional[str], prompt: str, negative_prompt: 
             **({"fused_geglu": True} if fused_geglu else {}), **({"vae_direct": True} if vae_direct else {}),
             **({"constant_negative": True} if constant_negative else {}),
             **({"fused_norms": True} if fused_norms else {}), **({"channels_last": True} if channels_last else {}),
-            **({"vae_channels_last": True} if vae_channels_last else {})}
+            **({"vae_channels_last": True} if vae_channels_last else {}), **({"fp8_gemms": True} if fp8_gemms else {})}
 
 
 class PriorCache(KeyedFolder):

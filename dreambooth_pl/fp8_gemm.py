@@ -1,0 +1,197 @@
+"""The UNet transformers' frozen linears as float8 GEMMs with row-wise scales (``torch._scaled_mm``), for drawing.
+
+Hopper's tensor cores multiply float8 at twice their bf16/fp16 rate. Each linear inside the UNet's
+``Transformer2DModel``s (attention projections, feed-forward, ``proj_in``/``proj_out``: 87 % of the UNet's weights)
+keeps its weight as e4m3 with one fp32 scale per output channel, ``W ≈ diag(s_w) Q_w``, ``s_w = max|W_row| / 448``,
+and each call scales its input the same way per row (dynamic scaling; Micikevicius et al. 2022, arXiv 2209.05433;
+row-wise as torchao's float8 inference), so ``y = diag(s_x) Q_x Q_wᵀ diag(s_w) + b`` is one scaled GEMM with fp32
+accumulation. The input's row scales and float8 copy come from one pass (fp8_quant_kernel.py on a GPU with Triton),
+computed once for the projections that read one tensor (self-attention's q, k, v; cross-attention's k, v; the
+GEGLU's two halves).
+
+What it costs: e4m3 keeps 3 mantissa bits, so every product's inputs round to ~2⁻⁴ relative, and the draw leaves
+the fp16 draw's trajectory: its images are other images of the same prompt (BENCHMARKS.md gives the distance). That
+is why it is a switch (``data.priors.generation.fp8_gemms``) and part of the prior cache's key. Needs a GPU with
+float8 tensor cores (compute capability 8.9: Ada, Hopper); elsewhere :func:`supported` says no and nothing changes.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Optional
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+TINY = 1e-12  # an all-zero row's amax: its scale stays finite and its codes zero
+REGIONS = ("Transformer2DModel",)  # the blocks whose linears change (the time and class embeddings' stay: 16 rows)
+
+
+def supported(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` runs row-wise float8 GEMMs on ``device`` (CUDA, compute capability ≥ 8.9),
+    or this is a CPU, whose ``_scaled_mm`` computes the same products (the tests)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, s)``: ``x [M, K]`` as e4m3 codes ``q`` and fp32 row scales ``s [M, 1]``, ``x ≈ s · q``; in fp32, so
+    a large scale cannot overflow a half-precision reciprocal (the Triton kernel's formula, eagerly)."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True, dtype=torch.float32)
+    scale = amax.clamp(min=TINY) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows_reference` in one pass over ``x`` (Triton) where it can run, else eagerly."""
+    if x.is_cuda and _kernel_runs():
+        from . import fp8_quant_kernel
+
+        return fp8_quant_kernel.quantize_rows(x)
+    return quantize_rows_reference(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_runs() -> bool:
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
+@functools.lru_cache(maxsize=None)
+def _out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the row-wise scaled GEMM writes on ``device``: ``dtype`` where it can, else bf16 (cast after);
+    older PyTorch/cuBLAS pairs write row-wise scaled products only in bf16. Probed once per device and dtype."""
+    if dtype == torch.bfloat16:
+        return dtype
+    a = torch.zeros(16, 16, device=device, dtype=FP8)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+                         bias=torch.zeros(16, device=device, dtype=dtype), out_dtype=dtype)
+        return dtype
+    except RuntimeError:
+        return torch.bfloat16
+
+
+def scaled_linear(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
+                  bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``diag(s) q (diag(wscale) qweight)ᵀ + bias`` in ``dtype``: one row-wise scaled float8 GEMM.
+
+    Args:
+        q, s: the input's codes ``[M, K]`` and row scales ``[M, 1]`` (:func:`quantize_rows`).
+        qweight, wscale: the weight's codes ``[N, K]`` and its output channels' scales ``[1, N]``.
+        bias: ``[N]`` or None.
+        dtype: the output's dtype.
+    """
+    out = _out_dtype(q.device, dtype)
+    y = torch._scaled_mm(q, qweight.t(), scale_a=s, scale_b=wscale,
+                         bias=None if bias is None else bias.to(out), out_dtype=out)
+    return y if out == dtype else y.to(dtype)
+
+
+class _SharedInput:
+    """The last input's quantization, kept for the projections that read the same tensor object next (a weak
+    reference and the tensor's version guard it: an in-place change or a new tensor quantizes again)."""
+
+    def __init__(self):
+        self._ref, self._version, self._value = None, -1, None
+
+    def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        version = -2 if x.is_inference() else x._version  # (inference tensors keep no version: never reused)
+        if self._ref is not None and self._ref() is x and self._version == version >= 0:
+            return self._value
+        x2 = x.reshape(-1, x.shape[-1])
+        self._value = quantize_rows(x2 if x2.is_contiguous() else x2.contiguous())
+        self._ref, self._version = weakref.ref(x), version
+        return self._value
+
+    def clear(self) -> None:
+        self._ref, self._value = None, None
+
+
+class Fp8Linear(torch.nn.Module):
+    """A frozen ``nn.Linear`` run as a row-wise scaled float8 GEMM (see the module docstring); ``inner`` keeps the
+    original layer (its half-precision weight too) for :func:`restore`.
+
+    Args:
+        linear: the layer (its weight ``[N, K]`` with ``N`` and ``K`` multiples of 16, as ``_scaled_mm`` needs).
+        shared: the quantized-input slot this layer shares with the projections that read the same input.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, shared: Optional[_SharedInput] = None):
+        super().__init__()
+        self.inner = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, s = quantize_rows_reference(linear.weight.detach())
+        self.register_buffer("qweight", q, persistent=False)
+        self.register_buffer("wscale", s.reshape(1, -1).contiguous(), persistent=False)
+        self.shared = shared or _SharedInput()
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:  # (zero_negative.py reads the output projection's bias)
+        return self.inner.bias
+
+    @property
+    def weight(self) -> torch.Tensor:  # the layer's half-precision weight, for code that only reads its dtype
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, s = self.shared.get(x)
+        y = scaled_linear(q, s, self.qweight, self.wscale, self.inner.bias, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The outputs of the weight's two row halves (a GEGLU's value and gate), from one quantization of ``x``."""
+        q, s = self.shared.get(x)
+        n, b = self.out_features // 2, self.inner.bias
+        outs = [scaled_linear(q, s, self.qweight[rows], self.wscale[:, rows], None if b is None else b[rows],
+                              x.dtype).reshape(*x.shape[:-1], n) for rows in (slice(0, n), slice(n, None))]
+        return outs[0], outs[1]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn, row-wise scales"
+
+
+def _fits(layer: torch.nn.Module) -> bool:
+    return type(layer) is torch.nn.Linear and not layer.weight.requires_grad and \
+        layer.in_features % 16 == 0 and layer.out_features % 16 == 0 and layer.out_features // 2 % 16 == 0
+
+
+def to_fp8(unet: torch.nn.Module) -> int:
+    """Replace every fitting frozen ``nn.Linear`` inside the UNet's transformers by an :class:`Fp8Linear`
+    (projections of one attention that read one input share its quantization); returns how many changed."""
+    from diffusers.models.attention_processor import Attention
+
+    changed = 0
+    p = next(unet.parameters())
+    _out_dtype(p.device, p.dtype)  # probed now, eagerly: never first inside a CUDA-graph capture
+    regions = [m for m in unet.modules() if type(m).__name__ in REGIONS]
+    for region in regions:
+        for attn in [m for m in region.modules() if isinstance(m, Attention)]:
+            # q, k, v read one tensor in self-attention; k, v the text states in cross-attention
+            shared = _SharedInput()
+            for name in ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v"):
+                layer = getattr(attn, name, None)
+                if layer is not None and _fits(layer):
+                    setattr(attn, name, Fp8Linear(layer, shared))
+                    changed += 1
+        for parent in [m for m in region.modules() if not isinstance(m, Fp8Linear)]:
+            for name, child in list(parent.named_children()):
+                if _fits(child):
+                    setattr(parent, name, Fp8Linear(child))
+                    changed += 1
+    return changed
+
+
+def restore(unet: torch.nn.Module) -> int:
+    """Undo :func:`to_fp8`: each :class:`Fp8Linear` gives its original layer back; returns how many."""
+    restored = 0
+    for parent in list(unet.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Fp8Linear):
+                setattr(parent, name, child.inner)
+                restored += 1
+    return restored
+

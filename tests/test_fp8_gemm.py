@@ -1,0 +1,162 @@
+"""fp8_gemm.py: float8 linears against their exact dequantized maths, the shared input quantization, the swap and
+its undoing, the prior sampler's switch and key; the Triton quantization under the interpreter (scales) and on a
+GPU (codes, bit for bit)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import interpreted
+from dreambooth_pl import fp8_gemm
+from dreambooth_pl.fp8_gemm import Fp8Linear, quantize_rows_reference
+
+
+def dequantized(q, s):
+    return q.float() * s
+
+
+def test_rows_quantize_within_e4m3_rounding_and_zero_rows_stay_zero():
+    torch.manual_seed(0)
+    x = torch.randn(33, 64) * torch.logspace(-3, 3, 33)[:, None]  # rows six decades apart: per-row scales
+    x[5] = 0
+    q, s = quantize_rows_reference(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (33, 1)
+    assert torch.equal(q[5].float(), torch.zeros(64)) and torch.isfinite(s).all()
+    err = (dequantized(q, s) - x).abs() / x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    assert err.max() <= 16 / 448 * 1.0001  # half of e4m3's step in its top binade [256, 448] (32), per row amax
+    assert torch.equal(q.float().abs().amax(dim=1)[torch.arange(33) != 5], torch.full((32,), 448.0))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_float8_layer_is_its_dequantized_product(bias):
+    """The scaled GEMM computes diag(s_x) Q_x (diag(s_w) Q_w)ᵀ + b: fp32 maths on the dequantized codes, to fp32
+    rounding; and within e4m3's rounding of the fp32 layer."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=bias).requires_grad_(False)
+    layer = Fp8Linear(lin)
+    x = torch.randn(2, 7, 64)
+    out = layer(x)
+    qx, sx = quantize_rows_reference(x.reshape(-1, 64))
+    exact = F.linear(dequantized(qx, sx), dequantized(layer.qweight, layer.wscale.t()), lin.bias).reshape(2, 7, 48)
+    assert out.shape == (2, 7, 48) and out.dtype == torch.float32
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+    ref = lin(x)
+    assert (out - ref).norm() / ref.norm() < 0.06  # two e4m3 roundings (~2⁻⁴ relative each at worst)
+    assert layer.bias is lin.bias and layer.weight is lin.weight
+
+
+def test_halves_are_the_two_row_blocks_from_one_quantization(monkeypatch):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 64).requires_grad_(False)
+    layer = Fp8Linear(lin)
+    calls = []
+    real = fp8_gemm.quantize_rows
+    monkeypatch.setattr(fp8_gemm, "quantize_rows", lambda x: calls.append(x.shape) or real(x))
+    x = torch.randn(5, 32)
+    a, g = layer.halves(x)
+    whole = layer(x)  # the same tensor object: its quantization is reused
+    assert len(calls) == 1
+    torch.testing.assert_close(torch.cat([a, g], -1), whole, rtol=1e-6, atol=1e-6)
+
+
+def test_projections_of_one_input_share_its_quantization_until_it_changes(monkeypatch):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=16).requires_grad_(False)
+    region = torch.nn.Module()  # to_fp8 finds the UNet's regions by class name: here, a plain Module
+    region.attn = attn
+    monkeypatch.setattr(fp8_gemm, "REGIONS", ("Module",))
+    assert fp8_gemm.to_fp8(region) == 4  # q, k, v and the output projection
+    assert attn.to_q.shared is attn.to_k.shared is attn.to_v.shared and attn.to_out[0].shared is not attn.to_q.shared
+    calls = []
+    real = fp8_gemm.quantize_rows
+    monkeypatch.setattr(fp8_gemm, "quantize_rows", lambda x: calls.append(1) or real(x))
+    x = torch.randn(2, 6, 32)
+    q1, k1 = attn.to_q(x), attn.to_k(x)
+    assert len(calls) == 1
+    x.mul_(2)  # changed in place: quantized again
+    assert torch.allclose(attn.to_v(x), 2 * attn.to_v(x / 2), rtol=1e-6, atol=1e-6) and len(calls) == 3
+    assert fp8_gemm.restore(region) == 4 and type(attn.to_q) is torch.nn.Linear
+
+
+def test_unet_swap_covers_the_transformers_and_restores_the_same_layers(tiny_base):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
+    before = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    changed = fp8_gemm.to_fp8(unet)
+    wrapped = {n for n, m in unet.named_modules() if isinstance(m, Fp8Linear)}
+    assert changed == len(wrapped) > 0
+    assert all(".transformer_blocks." in n or n.endswith(("proj_in", "proj_out")) for n in wrapped)
+    assert not any(n.startswith(("time_embedding", "add_embedding")) for n in wrapped)  # 16-row GEMMs stay
+    assert fp8_gemm.restore(unet) == changed
+    after = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+def test_sampler_switch_draws_near_images_and_leaves_a_plain_base(tiny_base):
+    import numpy as np
+
+    from dreambooth_pl.prior_sampler import PriorSampler
+
+    def draw(**kw):
+        s = PriorSampler(tiny_base, "euler", batch_size=2, **kw)
+        return s, np.stack([np.asarray(i, np.float32) for _, i in s.images("a dog", [0, 1], 4, 5.0, None, 64, 64)])
+
+    _, half = draw()
+    s, eight = draw(fp8_gemms=True)
+    assert s.runtime()["fp8_gemm_layers"] > 0
+    diff = np.abs(half - eight).mean()
+    assert 0 < diff < 8  # uint8 levels: other rounding, the same picture (2.0 on the tiny random base)
+    from dreambooth_pl import base_handoff
+
+    try:
+        assert s.leave_base()
+        unet = [m for k, m in base_handoff._left.items() if "unet" in k][0]
+        assert not any(isinstance(m, Fp8Linear) for m in unet.modules())  # training takes the plain layers
+    finally:
+        base_handoff.release()
+    with pytest.raises(ValueError, match="compile_blocks"):
+        PriorSampler(tiny_base, "euler", fp8_gemms=True, compile_blocks=True)
+
+
+def test_class_image_settings_refuse_fp8_with_compiled_blocks_and_key_it(tmp_path):
+    from dreambooth_pl.data.class_images import ClassImageSettings, draws_fp8
+    from dreambooth_pl.data.prior_cache import prior_key
+
+    with pytest.raises(ValueError, match="data.priors.generation: fp8_gemms and compile_blocks"):
+        ClassImageSettings(fp8_gemms=True, compile_blocks=True)
+    assert draws_fp8(ClassImageSettings(fp8_gemms=True), torch.device("cpu"))
+    assert not draws_fp8(ClassImageSettings(fp8_gemms=True, base_dtype="nf4"), torch.device("cpu"))
+    args = (str(tmp_path), None, "a dog", None, "euler", 25, 5.0, 64, 64)
+    assert prior_key(*args, fp8_gemms=True)["fp8_gemms"] is True and "fp8_gemms" not in prior_key(*args)
+
+
+def test_triton_quantization_gives_the_reference_scales_on_the_interpreter(monkeypatch):
+    """The interpreter runs the kernel on the CPU; its own float8 conversion rounds unlike the GPU's (numpy has no
+    e4m3), so the codes are compared on a GPU (below) and the scales here."""
+    mod = interpreted(monkeypatch, "fp8_quant_kernel")
+    torch.manual_seed(0)
+    for shape, dtype in (((37, 640), torch.float16), ((5, 5120), torch.bfloat16), ((3, 320), torch.float32)):
+        x = torch.randn(shape, dtype=dtype) * 3
+        x[1] = 0
+        q, s = mod.quantize_rows(x)
+        assert q.dtype == torch.float8_e4m3fn and torch.equal(s, quantize_rows_reference(x)[1])
+
+
+@pytest.mark.gpu
+def test_triton_quantization_and_the_float8_layer_on_gpu():
+    if not torch.cuda.is_available() or not fp8_gemm.supported(torch.device("cuda")):
+        pytest.skip("needs a CUDA GPU with float8 tensor cores")
+    from dreambooth_pl.fp8_quant_kernel import quantize_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(1000, 1280, device="cuda", dtype=torch.float16) * 3
+    q, s = quantize_rows(x)
+    qr, sr = quantize_rows_reference(x)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+    lin = torch.nn.Linear(1280, 640, device="cuda", dtype=torch.float16).requires_grad_(False)
+    out = Fp8Linear(lin)(x)
+    exact = F.linear(dequantized(qr, sr), dequantized(*quantize_rows_reference(lin.weight)), lin.bias.float())
+    assert out.dtype == torch.float16
+    assert ((out.float() - exact).norm() / exact.norm()).item() < 2e-3  # fp32 accumulation, one fp16 rounding
