@@ -91,20 +91,31 @@ def scaled_linear(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, wscal
     return y if out == dtype else y.to(dtype)
 
 
+_CALL = [0]  # the UNet forward under way (to_fp8's pre-hook counts them): a quantization serves only its own call
+_HOOKS: "weakref.WeakKeyDictionary[torch.nn.Module, object]" = weakref.WeakKeyDictionary()  # unet -> its pre-hook
+
+
+def _next_call(module, args) -> None:
+    _CALL[0] += 1
+
+
 class _SharedInput:
-    """The last input's quantization, kept for the projections that read the same tensor object next (a weak
-    reference and the tensor's version guard it: an in-place change or a new tensor quantizes again)."""
+    """The last input's quantization, kept for the projections that read the same tensor object next within the
+    same UNet call (a weak reference, the tensor's version and the call count guard it). Never across calls: a
+    graph captured in one call must record its own quantization of the text states, which a replay refills in
+    place without Python seeing it (prior_sampler.py's graphs, keyed by shape, serve every prompt)."""
 
     def __init__(self):
-        self._ref, self._version, self._value = None, -1, None
+        self._ref, self._key, self._value = None, None, None
 
     def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        version = -2 if x.is_inference() else x._version  # (inference tensors keep no version: never reused)
-        if self._ref is not None and self._ref() is x and self._version == version >= 0:
+        # (inference tensors keep no version counter: never reused)
+        key = None if x.is_inference() else (_CALL[0], x._version)
+        if key is not None and self._ref is not None and self._ref() is x and self._key == key:
             return self._value
         x2 = x.reshape(-1, x.shape[-1])
         self._value = quantize_rows(x2 if x2.is_contiguous() else x2.contiguous())
-        self._ref, self._version = weakref.ref(x), version
+        self._ref, self._key = weakref.ref(x), key
         return self._value
 
     def clear(self) -> None:
@@ -165,6 +176,8 @@ def to_fp8(unet: torch.nn.Module) -> int:
     from diffusers.models.attention_processor import Attention
 
     changed = 0
+    if unet not in _HOOKS:
+        _HOOKS[unet] = unet.register_forward_pre_hook(_next_call)
     p = next(unet.parameters())
     _out_dtype(p.device, p.dtype)  # probed now, eagerly: never first inside a CUDA-graph capture
     regions = [m for m in unet.modules() if type(m).__name__ in REGIONS]
@@ -188,6 +201,9 @@ def to_fp8(unet: torch.nn.Module) -> int:
 def restore(unet: torch.nn.Module) -> int:
     """Undo :func:`to_fp8`: each :class:`Fp8Linear` gives its original layer back; returns how many."""
     restored = 0
+    hook = _HOOKS.pop(unet, None)
+    if hook is not None:
+        hook.remove()
     for parent in list(unet.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, Fp8Linear):

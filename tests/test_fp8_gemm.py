@@ -79,7 +79,7 @@ def test_projections_of_one_input_share_its_quantization_until_it_changes(monkey
     assert fp8_gemm.restore(region) == 4 and type(attn.to_q) is torch.nn.Linear
 
 
-def test_unet_swap_covers_the_transformers_and_restores_the_same_layers(tiny_base):
+def test_unet_swap_covers_the_transformers_and_restores_the_same_layers(tiny_base, monkeypatch):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False)
@@ -89,6 +89,22 @@ def test_unet_swap_covers_the_transformers_and_restores_the_same_layers(tiny_bas
     assert changed == len(wrapped) > 0
     assert all(".transformer_blocks." in n or n.endswith(("proj_in", "proj_out")) for n in wrapped)
     assert not any(n.startswith(("time_embedding", "add_embedding")) for n in wrapped)  # 16-row GEMMs stay
+    # the same text states object in two calls: each call quantizes them again (a CUDA graph captured in the second
+    # call must record its own quantization, since a replay refills the states without Python seeing it)
+    calls = []
+    real = fp8_gemm.quantize_rows
+    monkeypatch.setattr(fp8_gemm, "quantize_rows", lambda x: calls.append(1) or real(x))
+    cfg = unet.config
+    x, t = torch.randn(1, cfg.in_channels, 8, 8), torch.tensor(10)
+    text = torch.randn(1, 5, cfg.cross_attention_dim)
+    added = {"text_embeds": torch.randn(1, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim),
+             "time_ids": torch.zeros(1, 6)}
+    with torch.no_grad():
+        first = unet(x, t, text, added_cond_kwargs=added).sample
+        n = len(calls)
+        second = unet(x, t, text, added_cond_kwargs=added).sample
+    assert n > 0 and len(calls) == 2 * n and torch.equal(first, second)
+    assert n < changed  # self-attention's q, k, v and cross-attention's k, v quantize their input once
     assert fp8_gemm.restore(unet) == changed
     after = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
