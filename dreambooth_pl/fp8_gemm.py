@@ -71,7 +71,7 @@ def _out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
         torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
                          bias=torch.zeros(16, device=device, dtype=dtype), out_dtype=dtype)
         return dtype
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # (a TORCH_CHECK_VALUE raises ValueError)
         return torch.bfloat16
 
 
@@ -100,26 +100,37 @@ def _next_call(module, args) -> None:
 
 
 class _SharedInput:
-    """The last input's quantization, kept for the projections that read the same tensor object next within the
-    same UNet call (a weak reference, the tensor's version and the call count guard it). Never across calls: a
+    """One input's quantization for the ``readers`` projections that read the same tensor object within one UNet
+    call (self-attention's q, k, v; cross-attention's k, v): kept from the first reader's call to the last's, then
+    dropped, so no layer holds its last input's codes (at 1024² and 16 rows they would be GBs, in the graphs'
+    pools too). A weak reference, the tensor's version and the call count guard a reuse; never across calls: a
     graph captured in one call must record its own quantization of the text states, which a replay refills in
-    place without Python seeing it (prior_sampler.py's graphs, keyed by shape, serve every prompt)."""
+    place without Python seeing it (prior_sampler.py's graphs, keyed by shape, serve every prompt).
 
-    def __init__(self):
-        self._ref, self._key, self._value = None, None, None
+    Args:
+        readers: how many projections read the input (1: nothing is kept).
+    """
+
+    def __init__(self, readers: int = 1):
+        self.readers = readers
+        self._ref, self._key, self._value, self._left = None, None, None, 0
 
     def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # (inference tensors keep no version counter: never reused)
         key = None if x.is_inference() else (_CALL[0], x._version)
-        if key is not None and self._ref is not None and self._ref() is x and self._key == key:
-            return self._value
+        if key is not None and self._left > 0 and self._ref() is x and self._key == key:
+            value, self._left = self._value, self._left - 1
+            if not self._left:
+                self.clear()
+            return value
         x2 = x.reshape(-1, x.shape[-1])
-        self._value = quantize_rows(x2 if x2.is_contiguous() else x2.contiguous())
-        self._ref, self._key = weakref.ref(x), key
-        return self._value
+        value = quantize_rows(x2 if x2.is_contiguous() else x2.contiguous())
+        if self.readers > 1 and key is not None:
+            self._ref, self._key, self._value, self._left = weakref.ref(x), key, value, self.readers - 1
+        return value
 
     def clear(self) -> None:
-        self._ref, self._value = None, None
+        self._ref, self._key, self._value, self._left = None, None, None, 0
 
 
 class Fp8Linear(torch.nn.Module):
@@ -138,7 +149,7 @@ class Fp8Linear(torch.nn.Module):
         q, s = quantize_rows_reference(linear.weight.detach())
         self.register_buffer("qweight", q, persistent=False)
         self.register_buffer("wscale", s.reshape(1, -1).contiguous(), persistent=False)
-        self.shared = shared or _SharedInput()
+        self.shared = shared or _SharedInput(1)
 
     @property
     def bias(self) -> Optional[torch.Tensor]:  # (zero_negative.py reads the output projection's bias)
@@ -155,7 +166,8 @@ class Fp8Linear(torch.nn.Module):
 
     def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The outputs of the weight's two row halves (a GEGLU's value and gate), from one quantization of ``x``."""
-        q, s = self.shared.get(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        q, s = quantize_rows(x2 if x2.is_contiguous() else x2.contiguous())
         n, b = self.out_features // 2, self.inner.bias
         outs = [scaled_linear(q, s, self.qweight[rows], self.wscale[:, rows], None if b is None else b[rows],
                               x.dtype).reshape(*x.shape[:-1], n) for rows in (slice(0, n), slice(n, None))]
@@ -184,12 +196,12 @@ def to_fp8(unet: torch.nn.Module) -> int:
     for region in regions:
         for attn in [m for m in region.modules() if isinstance(m, Attention)]:
             # q, k, v read one tensor in self-attention; k, v the text states in cross-attention
-            shared = _SharedInput()
-            for name in ("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v"):
-                layer = getattr(attn, name, None)
-                if layer is not None and _fits(layer):
-                    setattr(attn, name, Fp8Linear(layer, shared))
-                    changed += 1
+            names = [n for n in (("to_k", "to_v") if attn.is_cross_attention else ("to_q", "to_k", "to_v"))
+                     if _fits(getattr(attn, n, None))]
+            shared = _SharedInput(len(names))
+            for name in names:
+                setattr(attn, name, Fp8Linear(getattr(attn, name), shared))
+                changed += 1
         for parent in [m for m in region.modules() if not isinstance(m, Fp8Linear)]:
             for name, child in list(parent.named_children()):
                 if _fits(child):

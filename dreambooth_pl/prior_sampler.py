@@ -180,7 +180,8 @@ class PriorSampler:
             from . import fp8_gemm
 
             if fp8_gemm.supported(self.device) and base_dtype == "float16":
-                self.fp8_gemms = fp8_gemm.to_fp8(pipe.unet)
+                # (a parked load comes from from_pretrained with gradients on; to_fp8 takes frozen layers only)
+                self.fp8_gemms = fp8_gemm.to_fp8(pipe.unet.requires_grad_(False))
             else:
                 warnings.warn("prior sampler: fp8_gemms needs a GPU with float8 tensor cores (compute capability "
                               "8.9+) and an unquantized base; drawing in half precision.", stacklevel=2)

@@ -53,8 +53,9 @@ def test_halves_are_the_two_row_blocks_from_one_quantization(monkeypatch):
     monkeypatch.setattr(fp8_gemm, "quantize_rows", lambda x: calls.append(x.shape) or real(x))
     x = torch.randn(5, 32)
     a, g = layer.halves(x)
-    whole = layer(x)  # the same tensor object: its quantization is reused
     assert len(calls) == 1
+    whole = layer(x)  # one reader: nothing was kept, so it quantizes again
+    assert len(calls) == 2 and layer.shared._value is None
     torch.testing.assert_close(torch.cat([a, g], -1), whole, rtol=1e-6, atol=1e-6)
 
 
@@ -76,6 +77,10 @@ def test_projections_of_one_input_share_its_quantization_until_it_changes(monkey
     assert len(calls) == 1
     x.mul_(2)  # changed in place: quantized again
     assert torch.allclose(attn.to_v(x), 2 * attn.to_v(x / 2), rtol=1e-6, atol=1e-6) and len(calls) == 3
+    y = torch.randn(2, 6, 32)
+    attn.to_q(y), attn.to_k(y), attn.to_v(y)
+    assert len(calls) == 4 and attn.to_q.shared._value is None  # dropped after its third reader: nothing held
+    assert attn.to_out[0].shared.readers == 1
     assert fp8_gemm.restore(region) == 4 and type(attn.to_q) is torch.nn.Linear
 
 
@@ -121,7 +126,8 @@ def test_sampler_switch_draws_near_images_and_leaves_a_plain_base(tiny_base):
 
     _, half = draw()
     s, eight = draw(fp8_gemms=True)
-    assert s.runtime()["fp8_gemm_layers"] > 0
+    layers = s.runtime()["fp8_gemm_layers"]
+    assert layers > 0
     diff = np.abs(half - eight).mean()
     assert 0 < diff < 8  # uint8 levels: other rounding, the same picture (2.0 on the tiny random base)
     from dreambooth_pl import base_handoff
@@ -134,6 +140,8 @@ def test_sampler_switch_draws_near_images_and_leaves_a_plain_base(tiny_base):
         base_handoff.release()
     with pytest.raises(ValueError, match="compile_blocks"):
         PriorSampler(tiny_base, "euler", fp8_gemms=True, compile_blocks=True)
+    parked = PriorSampler(tiny_base, "euler", batch_size=2, fp8_gemms=True, park_text_encoders=True)
+    assert parked.runtime()["fp8_gemm_layers"] == layers  # (its load keeps gradients on)
 
 
 def test_class_image_settings_refuse_fp8_with_compiled_blocks_and_key_it(tmp_path):
