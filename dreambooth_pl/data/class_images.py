@@ -281,7 +281,8 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
         from .. import block_ops, fused_norms
 
         return not ((sampler.fused_geglu and block_ops._kernel_failed)
-                    or (sampler.fused_norms and fused_norms.stopped()))
+                    or (sampler.fused_norms and fused_norms.stopped())
+                    or (draws_fp8(s, sampler.device) and not sampler.fp8_gemms))  # keyed float8, none swapped
 
     def write(i: int, image) -> None:
         path = folder / f"class_{i:05d}.png"
