@@ -184,3 +184,23 @@ def test_triton_quantization_and_the_float8_layer_on_gpu():
     exact = F.linear(dequantized(qr, sr), dequantized(*quantize_rows_reference(lin.weight)), lin.bias.float())
     assert out.dtype == torch.float16
     assert ((out.float() - exact).norm() / exact.norm()).item() < 2e-3  # fp32 accumulation, one fp16 rounding
+
+
+def test_the_verb_draws_float8_priors_into_their_own_cache_entry(tiny_base, tmp_path):
+    """``generate-class-images --fp8_gemms true``: the PNGs say how many layers ran in float8, and the prior cache
+    files them under a key of their own (a half-precision draw of the same seeds is not reused for them)."""
+    import json
+
+    from dreambooth_pl.io import read_png_metadata
+    from dreambooth_pl.sampling import SamplerSettings
+    from dreambooth_pl.tools.generate_class_images import generate_class_images
+
+    run = dict(sampler=SamplerSettings(steps=2), progress=False, dtype="float32", device="cpu", num=2, batch_size=2,
+               cache_dir=str(tmp_path / "cache"))
+    generate_class_images(tiny_base, "a photo of dog", str(tmp_path / "half"), **run)
+    msg = generate_class_images(tiny_base, "a photo of dog", str(tmp_path / "eight"), fp8_gemms=True, **run)
+    assert "generated 2" in msg and "reused 0" in msg
+    meta = read_png_metadata(tmp_path / "eight" / "class_00000.png")
+    assert int(meta["fp8_gemm_layers"]) > 0
+    keys = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("key.json")]
+    assert sorted(k.get("fp8_gemms", False) for k in keys) == [False, True]

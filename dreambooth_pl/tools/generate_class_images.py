@@ -39,7 +39,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                           base_dtype: Literal["float16", "float8", "nf4"] = "float16", vae_tiling: bool = False,
                           park_text_encoders: bool = False, fused_geglu: Optional[bool] = None,
                           constant_negative: bool = True, fused_norms: Optional[bool] = None,
-                          channels_last: Optional[bool] = None) -> str:
+                          channels_last: Optional[bool] = None, fp8_gemms: bool = False) -> str:
     """Draw class-prior images with the base model until ``out`` holds ``num`` images (resumable).
 
     Args:
@@ -71,6 +71,8 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
         fused_norms: the GroupNorms (with each resnet's add and SiLU) as Triton kernels (None: on a GPU with
             Triton); ``false`` reuses class images drawn before it was the default (docs/generation.md).
         channels_last: draw with the UNet in NHWC (None: where the fused norms run; docs/generation.md).
+        fp8_gemms: the transformers' linears as float8 GEMMs (a GPU of compute capability 8.9+: faster, other
+            images than the half-precision draw's; docs/generation.md).
     """
     from ..sampling import check_size
 
@@ -89,7 +91,7 @@ def generate_class_images(base: Optional[str] = None, prompt: Optional[str] = No
                                   cache=cache, cache_dir=cache_dir, base_dtype=base_dtype, vae_tiling=vae_tiling,
                                   park_text_encoders=park_text_encoders, fused_geglu=fused_geglu,
                                   constant_negative=constant_negative, fused_norms=fused_norms,
-                                  channels_last=channels_last)
+                                  channels_last=channels_last, fp8_gemms=fp8_gemms)
     return draw_class_images(args["base"], args["prompt"], args["out"],
                              NUM_CLASS_IMAGES if args["num"] is None else args["num"], settings, dtype, device,
                              args["vae"], progress)
