@@ -169,17 +169,24 @@ def test_triton_quantization_gives_the_reference_scales_on_the_interpreter(monke
 
 
 @pytest.mark.gpu
-def test_triton_quantization_and_the_float8_layer_on_gpu():
+@pytest.mark.parametrize("width", [1280, 5120])  # 4 and 8 warps; the 5120-wide rows are SDXL's widest (GEGLU out)
+def test_triton_quantization_and_the_float8_layer_on_gpu(width):
     if not torch.cuda.is_available() or not fp8_gemm.supported(torch.device("cuda")):
         pytest.skip("needs a CUDA GPU with float8 tensor cores")
     from dreambooth_pl.fp8_quant_kernel import quantize_rows
 
     torch.manual_seed(0)
-    x = torch.randn(1000, 1280, device="cuda", dtype=torch.float16) * 3
+    wide = torch.randn(1000, width + 64, device="cuda", dtype=torch.float16) * 3
+    wide[7] = 0
+    strided = wide[:, :width]  # rows 64 values apart: the kernel reads by the row stride
+    q, s = quantize_rows(strided)
+    qr, sr = quantize_rows_reference(strided)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+    x = strided.contiguous()
     q, s = quantize_rows(x)
     qr, sr = quantize_rows_reference(x)
     assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
-    lin = torch.nn.Linear(1280, 640, device="cuda", dtype=torch.float16).requires_grad_(False)
+    lin = torch.nn.Linear(width, 640, device="cuda", dtype=torch.float16).requires_grad_(False)
     out = Fp8Linear(lin)(x)
     exact = F.linear(dequantized(qr, sr), dequantized(*quantize_rows_reference(lin.weight)), lin.bias.float())
     assert out.dtype == torch.float16
