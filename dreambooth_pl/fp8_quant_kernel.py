@@ -33,7 +33,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, k, stride, BLOCK_K: tl.constexpr)
     scale = tl.fdiv(tl.maximum(_amax(x), TINY), FP8_MAX, ieee_rounding=True)
     # IEEE division (div.rn), as PyTorch divides: a code at a rounding boundary comes out as the reference's
     q = tl.minimum(tl.maximum(tl.fdiv(x, scale, ieee_rounding=True), -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * k + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + row * k + cols, q.to(q_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
