@@ -104,8 +104,10 @@ for stage in "$@"; do
         ${PRIOR_VARIANTS:+--variants "$PRIOR_VARIANTS"} \
         2>&1 | tail -n 4 ;;  # PriorSampler against diffusers' pipeline, same seeds
     e2e)  # the recipe's fit with data.priors.generate, from process start to the LoRA; extrapolated to 197/1000
+      # (E2E_OVERRIDES: fit arguments as a JSON list, e.g. '["--data.priors.generation.fp8_gemms=true"]')
       timeout ${E2E_TIMEOUT:-300} python3 -m dreambooth_pl benchmark --base $BASE --out "$JSONL" --preset end-to-end \
-        --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} --again_steps ${E2E_AGAIN:-0} 2>&1 | tail -n 3 ;;
+        --priors ${E2E_PRIORS:-16} --steps ${E2E_STEPS:-60} --again_steps ${E2E_AGAIN:-0} \
+        ${E2E_OVERRIDES:+--overrides "$E2E_OVERRIDES"} 2>&1 | tail -n 3 ;;
     warm-ab)  # kernel_warmup.py: the whole run on a cold Triton cache (a fresh machine's), with and without building
       # the kernels ahead (the step's on a thread while the cache encodes, the prior draw's in a pool before its
       # first batch): the first step, start -> first step and the priors' first batch of each
