@@ -11,8 +11,9 @@ GEGLU's two halves).
 
 What it costs: e4m3 keeps 3 mantissa bits, so every product's inputs round to ~2⁻⁴ relative, and the draw leaves
 the fp16 draw's trajectory: its images are other images of the same prompt (BENCHMARKS.md gives the distance). That
-is why it is a switch (``data.priors.generation.fp8_gemms``) and part of the prior cache's key. Needs a GPU with
-float8 tensor cores (compute capability 8.9: Ada, Hopper); elsewhere :func:`supported` says no and nothing changes.
+is why it is a switch (``data.priors.generation.fp8_gemms``) and part of the prior cache's key. With ``compile_blocks``
+each compiled block quantizes by the formula, which Inductor fuses with the norm or activation producing it. Needs a
+GPU with float8 tensor cores (compute capability 8.9: Ada, Hopper); elsewhere :func:`supported` says no.
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows_reference` in one pass over ``x`` (Triton) where it can run, else eagerly."""
-    if x.is_cuda and _kernel_runs():
+    """:func:`quantize_rows_reference` in one pass over ``x`` (Triton) where it can run, else eagerly; inside a
+    compiled region (``compile_blocks``) the formula, which Inductor fuses into one kernel with its producer."""
+    if x.is_cuda and not torch.compiler.is_compiling() and _kernel_runs():
         from . import fp8_quant_kernel
 
         return fp8_quant_kernel.quantize_rows(x)
@@ -76,7 +78,7 @@ def _out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def scaled_linear(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
-                  bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+                  bias: Optional[torch.Tensor], dtype: torch.dtype, out: Optional[torch.dtype] = None) -> torch.Tensor:
     """``diag(s) q (diag(wscale) qweight)ᵀ + bias`` in ``dtype``: one row-wise scaled float8 GEMM.
 
     Args:
@@ -84,8 +86,9 @@ def scaled_linear(q: torch.Tensor, s: torch.Tensor, qweight: torch.Tensor, wscal
         qweight, wscale: the weight's codes ``[N, K]`` and its output channels' scales ``[1, N]``.
         bias: ``[N]`` or None.
         dtype: the output's dtype.
+        out: the dtype the GEMM writes (None: probed, :func:`_out_dtype`; a layer passes its own, probed eagerly).
     """
-    out = _out_dtype(q.device, dtype)
+    out = out or _out_dtype(q.device, dtype)
     y = torch._scaled_mm(q, qweight.t(), scale_a=s, scale_b=wscale,
                          bias=None if bias is None else bias.to(out), out_dtype=out)
     return y if out == dtype else y.to(dtype)
@@ -116,6 +119,8 @@ class _SharedInput:
         self._ref, self._key, self._value, self._left = None, None, None, 0
 
     def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():  # traced: no memo; Inductor computes a repeated quantization once
+            return quantize_rows(x.reshape(-1, x.shape[-1]))
         # (inference tensors keep no version counter: never reused)
         key = None if x.is_inference() else (_CALL[0], x._version)
         if key is not None and self._left > 0 and self._ref() is x and self._key == key:
@@ -150,6 +155,7 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("qweight", q, persistent=False)
         self.register_buffer("wscale", s.reshape(1, -1).contiguous(), persistent=False)
         self.shared = shared or _SharedInput(1)
+        self._out = _out_dtype(linear.weight.device, linear.weight.dtype)  # probed here, not inside a trace
 
     @property
     def bias(self) -> Optional[torch.Tensor]:  # (zero_negative.py reads the output projection's bias)
@@ -161,7 +167,7 @@ class Fp8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, s = self.shared.get(x)
-        y = scaled_linear(q, s, self.qweight, self.wscale, self.inner.bias, x.dtype)
+        y = scaled_linear(q, s, self.qweight, self.wscale, self.inner.bias, x.dtype, self._outputs(x))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +176,12 @@ class Fp8Linear(torch.nn.Module):
         q, s = quantize_rows(x2 if x2.is_contiguous() else x2.contiguous())
         n, b = self.out_features // 2, self.inner.bias
         outs = [scaled_linear(q, s, self.qweight[rows], self.wscale[:, rows], None if b is None else b[rows],
-                              x.dtype).reshape(*x.shape[:-1], n) for rows in (slice(0, n), slice(n, None))]
+                              x.dtype, self._outputs(x)).reshape(*x.shape[:-1], n)
+                for rows in (slice(0, n), slice(n, None))]
         return outs[0], outs[1]
+
+    def _outputs(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        return self._out if x.dtype == self.inner.weight.dtype else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn, row-wise scales"
@@ -190,8 +200,6 @@ def to_fp8(unet: torch.nn.Module) -> int:
     changed = 0
     if unet not in _HOOKS:
         _HOOKS[unet] = unet.register_forward_pre_hook(_next_call)
-    p = next(unet.parameters())
-    _out_dtype(p.device, p.dtype)  # probed now, eagerly: never first inside a CUDA-graph capture
     regions = [m for m in unet.modules() if type(m).__name__ in REGIONS]
     for region in regions:
         for attn in [m for m in region.modules() if isinstance(m, Attention)]:

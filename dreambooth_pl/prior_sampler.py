@@ -95,7 +95,8 @@ class PriorSampler:
         plain_attention: each plain attention without diffusers' division of its output by 1 (plain_attention.py:
             the same bits, one pass fewer per attention; False: diffusers' processor, for the benchmark's A/B).
         fp8_gemms: the UNet transformers' linears as float8 GEMMs with row-wise scales (fp8_gemm.py; compute
-            capability 8.9 or a CPU; asked for elsewhere, a warning and fp16). Not with ``compile_blocks``.
+            capability 8.9 or a CPU; asked for elsewhere, a warning and fp16); with ``compile_blocks`` Inductor
+            fuses each input's quantization into its producer.
         warm_kernels: before an image size's first batch, build the draw's Triton kernels (fused norms, GEGLU) in
             a pool (kernel_warmup.py) instead of one by one at their first launch; the same kernels run.
     """
@@ -111,9 +112,6 @@ class PriorSampler:
                  fp8_gemms: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
-        if fp8_gemms and compile_blocks:
-            raise ValueError("prior sampler: fp8_gemms and compile_blocks exclude each other (Inductor would trace "
-                             "the float8 layers' quantized-input memo); turn one off")
         if attention not in get_args(AttentionKernel):
             raise ValueError(f"attention is one of {get_args(AttentionKernel)}, got {attention!r}")
         self.device = sampler_device(device)

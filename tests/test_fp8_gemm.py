@@ -138,18 +138,14 @@ def test_sampler_switch_draws_near_images_and_leaves_a_plain_base(tiny_base):
         assert not any(isinstance(m, Fp8Linear) for m in unet.modules())  # training takes the plain layers
     finally:
         base_handoff.release()
-    with pytest.raises(ValueError, match="compile_blocks"):
-        PriorSampler(tiny_base, "euler", fp8_gemms=True, compile_blocks=True)
     parked = PriorSampler(tiny_base, "euler", batch_size=2, fp8_gemms=True, park_text_encoders=True)
     assert parked.runtime()["fp8_gemm_layers"] == layers  # (its load keeps gradients on)
 
 
-def test_class_image_settings_refuse_fp8_with_compiled_blocks_and_key_it(tmp_path):
+def test_class_image_settings_key_float8_draws(tmp_path):
     from dreambooth_pl.data.class_images import ClassImageSettings, draws_fp8
     from dreambooth_pl.data.prior_cache import prior_key
 
-    with pytest.raises(ValueError, match="data.priors.generation: fp8_gemms and compile_blocks"):
-        ClassImageSettings(fp8_gemms=True, compile_blocks=True)
     assert draws_fp8(ClassImageSettings(fp8_gemms=True), torch.device("cpu"))
     assert not draws_fp8(ClassImageSettings(fp8_gemms=True, base_dtype="nf4"), torch.device("cpu"))
     args = (str(tmp_path), None, "a dog", None, "euler", 25, 5.0, 64, 64)
@@ -212,3 +208,33 @@ def test_the_verb_draws_float8_priors_into_their_own_cache_entry(tiny_base, tmp_
     assert int(meta["fp8_gemm_layers"]) > 0
     keys = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("key.json")]
     assert sorted(k.get("fp8_gemms", False) for k in keys) == [False, True]
+
+
+def test_compiled_blocks_trace_the_float8_layers_and_draw_their_latents(tiny_base, monkeypatch):
+    """With ``compile_blocks`` each block's float8 GEMMs and the formula of their input quantization go through
+    torch.compile (a backend that records each graph and runs it as traced: no C++ compiler), no memo inside a
+    trace, and the latents are the eager float8 draw's within fp32 rounding."""
+    import torch._dynamo
+
+    from dreambooth_pl import prior_sampler
+    from dreambooth_pl.prior_sampler import PriorSampler
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    eager = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=2, fp8_gemms=True)
+    b = eager.latents("a photo of dog", [5, 6], 3, 5.0, None, 64, 64)
+    monkeypatch.setattr(prior_sampler, "COMPILE_BACKEND", recording)
+    torch._dynamo.reset()
+    try:
+        compiled = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=2, fp8_gemms=True,
+                                compile_blocks=True)
+        assert compiled.runtime()["fp8_gemm_layers"] == eager.runtime()["fp8_gemm_layers"] > 0
+        a = compiled.latents("a photo of dog", [5, 6], 3, 5.0, None, 64, 64)
+    finally:
+        torch._dynamo.reset()
+    assert any("_scaled_mm" in g.code for g in graphs), "no float8 GEMM inside a compiled block"
+    assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()

@@ -57,7 +57,7 @@ class ClassImageSettings:
             cache's key.
         fp8_gemms: the UNet transformers' linears as row-wise scaled float8 GEMMs while drawing (fp8_gemm.py; a GPU
             of compute capability 8.9+: Ada, Hopper): faster, but other images of the prompt than the half-precision
-            draw's, so it is part of the prior cache's key. Not with ``compile_blocks``.
+            draw's, so it is part of the prior cache's key.
         warm_kernels: build the draw's Triton kernels several at once before its first batch instead of one by one
             at their first launch (kernel_warmup.py; the same kernels run, so not part of the key).
     """
@@ -78,11 +78,6 @@ class ClassImageSettings:
     channels_last: Optional[bool] = None
     warm_kernels: bool = True
     fp8_gemms: bool = False
-
-    def __post_init__(self):
-        if self.fp8_gemms and self.compile_blocks:  # said before any model loads, not by the sampler after
-            raise ValueError("data.priors.generation: fp8_gemms and compile_blocks exclude each other (Inductor "
-                             "would trace the float8 layers); set one of them to false")
 
 
 def fuses_norms(s: ClassImageSettings, device) -> bool:

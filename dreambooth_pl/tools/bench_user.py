@@ -79,7 +79,8 @@ VARIANTS = {"diffusers_geglu": {"fused_geglu": False}, "compiled_blocks": {"comp
             "bf16": {"dtype": "bfloat16"}, "decode8": {"decode_batch": 8}, "batch16": {"batch_size": 16},
             "computed_negative": {"constant_negative": False}, "eager_norms": {"fused_norms": False},
             "nchw": {"channels_last": False}, "diffusers_attention": {"plain_attention": False},
-            "vae_nchw": {"vae_channels_last": False}, "fp8": {"fp8_gemms": True}}
+            "vae_nchw": {"vae_channels_last": False}, "fp8": {"fp8_gemms": True},
+            "fp8_compiled": {"fp8_gemms": True, "compile_blocks": True}}
 
 
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
