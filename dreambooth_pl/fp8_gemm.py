@@ -12,8 +12,9 @@ GEGLU's two halves).
 What it costs: e4m3 keeps 3 mantissa bits, so every product's inputs round to ~2⁻⁴ relative, and the draw leaves
 the fp16 draw's trajectory: its images are other images of the same prompt (BENCHMARKS.md gives the distance). That
 is why it is a switch (``data.priors.generation.fp8_gemms``) and part of the prior cache's key. With ``compile_blocks``
-each compiled block quantizes by the formula, which Inductor fuses with the norm or activation producing it. Needs a
-GPU with float8 tensor cores (compute capability 8.9: Ada, Hopper); elsewhere :func:`supported` says no.
+each compiled block (the transformer blocks; ``proj_in``/``proj_out`` stay eager) quantizes by the formula, which
+Inductor fuses with the norm or activation producing it. Needs a GPU with float8 tensor cores (compute capability
+8.9: Ada, Hopper); elsewhere :func:`supported` says no.
 """
 from __future__ import annotations
 

@@ -227,8 +227,11 @@ def test_compiled_blocks_trace_the_float8_layers_and_draw_their_latents(tiny_bas
 
     eager = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=2, fp8_gemms=True)
     b = eager.latents("a photo of dog", [5, 6], 3, 5.0, None, 64, 64)
+    from torch._dynamo.utils import counters
+
     monkeypatch.setattr(prior_sampler, "COMPILE_BACKEND", recording)
     torch._dynamo.reset()
+    counters.clear()
     try:
         compiled = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=2, fp8_gemms=True,
                                 compile_blocks=True)
@@ -236,5 +239,7 @@ def test_compiled_blocks_trace_the_float8_layers_and_draw_their_latents(tiny_bas
         a = compiled.latents("a photo of dog", [5, 6], 3, 5.0, None, 64, 64)
     finally:
         torch._dynamo.reset()
-    assert any("_scaled_mm" in g.code for g in graphs), "no float8 GEMM inside a compiled block"
+    # the quantization and the GEMM inside one graph, with no break at the float8 layers
+    assert any("_scaled_mm" in g.code and "float8_e4m3fn" in g.code for g in graphs), "no float8 GEMM traced"
+    assert not [r for r in counters["graph_break"] if "fp8_gemm" in str(r)]
     assert (a - b).abs().max().item() < 1e-4 * b.abs().max().item()
