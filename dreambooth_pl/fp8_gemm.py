@@ -47,20 +47,18 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_rows_reference` in one pass over ``x`` (Triton) where it can run, else eagerly; inside a
-    compiled region (``compile_blocks``) the formula, which Inductor fuses into one kernel with its producer."""
-    if x.is_cuda and not torch.compiler.is_compiling() and _kernel_runs():
-        from . import fp8_quant_kernel
+    """:func:`quantize_rows_reference` of ``x``'s rows (its last dimension; ``[M, K]`` out) in one pass (Triton)
+    where it can run, else eagerly; inside a compiled region (``compile_blocks``) the formula, which Inductor fuses
+    into one kernel with its producer."""
+    x = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and not torch.compiler.is_compiling():
+        from torch.utils._triton import has_triton
 
-        return fp8_quant_kernel.quantize_rows(x)
+        if has_triton():
+            from . import fp8_quant_kernel
+
+            return fp8_quant_kernel.quantize_rows(x.contiguous())
     return quantize_rows_reference(x)
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel_runs() -> bool:
-    from torch.utils._triton import has_triton
-
-    return has_triton()
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,7 +119,7 @@ class _SharedInput:
 
     def get(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():  # traced: no memo; Inductor computes a repeated quantization once
-            return quantize_rows(x.reshape(-1, x.shape[-1]))
+            return quantize_rows(x)
         # (inference tensors keep no version counter: never reused)
         key = None if x.is_inference() else (_CALL[0], x._version)
         if key is not None and self._left > 0 and self._ref() is x and self._key == key:
@@ -129,8 +127,7 @@ class _SharedInput:
             if not self._left:
                 self.clear()
             return value
-        x2 = x.reshape(-1, x.shape[-1])
-        value = quantize_rows(x2 if x2.is_contiguous() else x2.contiguous())
+        value = quantize_rows(x)
         if self.readers > 1 and key is not None:
             self._ref, self._key, self._value, self._left = weakref.ref(x), key, value, self.readers - 1
         return value
@@ -154,7 +151,7 @@ class Fp8Linear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, s = quantize_rows_reference(linear.weight.detach())
         self.register_buffer("qweight", q, persistent=False)
-        self.register_buffer("wscale", s.reshape(1, -1).contiguous(), persistent=False)
+        self.register_buffer("wscale", s.reshape(1, -1), persistent=False)
         self.shared = shared or _SharedInput(1)
         self._out = _out_dtype(linear.weight.device, linear.weight.dtype)  # probed here, not inside a trace
 
@@ -173,8 +170,7 @@ class Fp8Linear(torch.nn.Module):
 
     def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The outputs of the weight's two row halves (a GEGLU's value and gate), from one quantization of ``x``."""
-        x2 = x.reshape(-1, x.shape[-1])
-        q, s = quantize_rows(x2 if x2.is_contiguous() else x2.contiguous())
+        q, s = quantize_rows(x)
         n, b = self.out_features // 2, self.inner.bias
         outs = [scaled_linear(q, s, self.qweight[rows], self.wscale[:, rows], None if b is None else b[rows],
                               x.dtype, self._outputs(x)).reshape(*x.shape[:-1], n)

@@ -51,6 +51,14 @@ def channels_last_for(asked: Optional[bool], device: torch.device, fused_norms: 
     return device.type == "cuda" and (fused_norms if asked is None else asked)
 
 
+def fp8_gemms_for(asked: bool, device: torch.device, base_dtype: str) -> bool:
+    """Whether a sampler that is ``asked`` for float8 GEMMs runs them (fp8_gemm.py): on a device with float8
+    tensor cores (or a CPU, the tests) and an unquantized base. One rule for the sampler and the prior cache."""
+    from .fp8_gemm import supported
+
+    return asked and base_dtype == "float16" and supported(device)
+
+
 def default_vae_dtype(device: torch.device, dtype: str) -> str:
     """The VAE's: bf16 where the GPU has it (fp32's range, no overflow, tensor cores), else ``dtype`` (an fp16 SDXL
     VAE is then upcast to fp32, as the pipeline does)."""

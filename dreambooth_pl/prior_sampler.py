@@ -46,8 +46,8 @@ from .graphs import GraphedForward
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions, fuse_attention
 from .fused_norms import fuse_norms, to_nhwc
 from .plain_attention import use_plain_attention
-from .prior_defaults import (channels_last_for, default_dtype, default_vae_dtype, fused_geglu_for, fused_norms_for,
-                             sampler_device)
+from .prior_defaults import (channels_last_for, default_dtype, default_vae_dtype, fp8_gemms_for, fused_geglu_for,
+                             fused_norms_for, sampler_device)
 from .sampling import SAMPLER, make_scheduler
 from .sdxl import DTYPES, dtype_name, load_parts, load_vae, resolve_base, unscale_latents
 from .zero_negative import ConstantNegative, is_zero
@@ -177,7 +177,7 @@ class PriorSampler:
         if fp8_gemms:
             from . import fp8_gemm
 
-            if fp8_gemm.supported(self.device) and base_dtype == "float16":
+            if fp8_gemms_for(fp8_gemms, self.device, base_dtype):
                 # (a parked load comes from from_pretrained with gradients on; to_fp8 takes frozen layers only)
                 self.fp8_gemms = fp8_gemm.to_fp8(pipe.unet.requires_grad_(False))
             else:

@@ -96,9 +96,9 @@ def draws_nhwc(s: ClassImageSettings, device) -> bool:
 
 def draws_fp8(s: ClassImageSettings, device) -> bool:
     """Whether the sampler of ``s`` on ``device`` runs float8 GEMMs (fp8_gemm.py; the prior cache keys on it)."""
-    from ..fp8_gemm import supported
+    from ..prior_defaults import fp8_gemms_for
 
-    return s.fp8_gemms and s.base_dtype == "float16" and supported(device)
+    return fp8_gemms_for(s.fp8_gemms, device, s.base_dtype)
 
 
 def fuses_geglu(s: ClassImageSettings, device) -> bool:
