@@ -48,3 +48,31 @@ for m, k, n, count in [(16 * 1024, 1280, 1280, 60 * 6 + 12), (16 * 1024, 1280, 1
     for key, t in zip(tot, (t16, t8, tq)):
         tot[key] += t * count
 print("one guided batch-forward's transformer linears (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in tot.items()))
+
+# fp8_block.py's producers: what the fused kernels save per guided batch-forward (norm1, norm2 + add, norm3 + add
+# and the GEGLU per block; 60 blocks at 1280 over 16 x 1024 tokens, 10 at 640 over 16 x 4096)
+from dreambooth_pl import fp8_quant_kernel, geglu_kernel  # noqa: E402
+
+prod = {"unfused": 0.0, "fused": 0.0}
+for m, k, blocks in [(16 * 1024, 1280, 60), (16 * 4096, 640, 10)]:
+    norm = torch.nn.LayerNorm(k, device=dev, dtype=torch.float16)
+    xin, res = (torch.randn(m, k, device=dev, dtype=torch.float16) for _ in range(2))
+    a, g = (torch.randn(m, 4 * k, device=dev, dtype=torch.float16) for _ in range(2))
+    w, b, eps = norm.weight, norm.bias, norm.eps
+    steps = {  # (unfused, fused, calls per block)
+        "norm": (lambda: quantize_rows(norm(xin)), lambda: fp8_quant_kernel.layer_norm_rows(xin, None, w, b, eps), 1),
+        "add + norm": (lambda: quantize_rows(norm(xin + res)),
+                       lambda: fp8_quant_kernel.layer_norm_rows(xin, res, w, b, eps), 2),
+        "geglu": (lambda: quantize_rows(geglu_kernel.forward(a, g)),
+                  lambda: fp8_quant_kernel.gated_gelu_rows(a, g), 1)}
+    for name, (unfused, fused, calls) in steps.items():
+        tu, tf = ms(unfused), ms(fused)
+        print(f"[{m},{k}] {name}: unfused {tu:.3f} ms, fused {tf:.3f} ms")
+        prod["unfused"] += tu * calls * blocks
+        prod["fused"] += tf * calls * blocks
+_, qf, sf = fp8_quant_kernel.layer_norm_rows(xin, res, w, b, eps)
+qr, sr = fp8_gemm.quantize_rows_reference(norm(xin + res))
+d = (qf.view(torch.uint8).int() - qr.view(torch.uint8).int()).abs()
+print(f"fused add + norm codes != unfused: {int((d > 0).sum())} of {d.numel()} (max {int(d.max())} code)")
+print("one guided batch-forward's norms and GEGLUs with their quantization (ms): "
+      + ", ".join(f"{k} {v:.1f}" for k, v in prod.items()))

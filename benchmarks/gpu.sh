@@ -62,7 +62,7 @@ for stage in "$@"; do
       timeout 560 python3 -m pytest -q -m gpu -p no:cacheprovider -rs --durations=8 tests/test_graphs.py \
         tests/test_sample_grid.py tests/test_sampling.py tests/test_smoke.py tests/test_fused_lora.py tests/test_cache.py \
         tests/test_prior_sampler.py tests/test_base_handoff.py tests/test_gpu_face.py tests/test_pivotal_gpu.py \
-        tests/test_quant.py tests/test_fp8_gemm.py > "$OUT/pytest-gpu-rest.txt" 2>&1
+        tests/test_quant.py tests/test_fp8_gemm.py tests/test_fp8_block.py > "$OUT/pytest-gpu-rest.txt" 2>&1
       grep -E "passed|failed|skipped|^FAILED|^E |^SKIPPED" "$OUT/pytest-gpu-rest.txt" | tail -n 30 ;;
     tests-fast)  # the fast preset's kernels: compiled GEGLU, fused LoRA, graphed = eager with them on
       timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s tests/test_block_ops.py tests/test_fused_lora.py tests/test_fused_norms.py \

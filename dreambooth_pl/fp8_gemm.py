@@ -46,19 +46,67 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def runs_kernels(x: torch.Tensor) -> bool:
+    """Whether ``x``'s rows are quantized by fp8_quant_kernel.py's Triton kernels: a CUDA tensor with Triton, outside
+    a compiled region (``compile_blocks``: there the formula, which Inductor fuses into one kernel with its
+    producer)."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_rows_reference` of ``x``'s rows (its last dimension; ``[M, K]`` out) in one pass (Triton)
-    where it can run, else eagerly; inside a compiled region (``compile_blocks``) the formula, which Inductor fuses
-    into one kernel with its producer."""
+    where it can run (:func:`runs_kernels`), else eagerly."""
     x = x.reshape(-1, x.shape[-1])
-    if x.is_cuda and not torch.compiler.is_compiling():
-        from torch.utils._triton import has_triton
+    if runs_kernels(x):
+        from . import fp8_quant_kernel
 
-        if has_triton():
-            from . import fp8_quant_kernel
-
-            return fp8_quant_kernel.quantize_rows(x.contiguous())
+        return fp8_quant_kernel.quantize_rows(x.contiguous())
     return quantize_rows_reference(x)
+
+
+class Fp8Rows:
+    """A half-precision activation ``[..., K]`` held only as its rows' codes ``q [M, K]`` and scales ``s [M, 1]``,
+    as the op that produced it wrote them (fp8_block.py): the float8 layers read it without quantizing, and the
+    attention processors pass it on as they would the tensor (its ``shape``, ``ndim``, ``dtype``; a slice of the
+    leading dimension, which zero_negative.py takes).
+
+    Args:
+        q, s: the codes and scales.
+        shape: the activation's shape (``M`` = its product but the last).
+        dtype: its half-precision dtype: the dtype the float8 layers write.
+    """
+
+    __slots__ = ("q", "s", "shape", "dtype")
+
+    def __init__(self, q: torch.Tensor, s: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+        self.q, self.s, self.shape, self.dtype = q, s, torch.Size(shape), dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def __getitem__(self, index: slice) -> "Fp8Rows":
+        """Rows ``index`` of the leading dimension (a step-1 slice)."""
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError(f"Fp8Rows takes a step-1 slice of its leading dimension, not {index!r}")
+        start, stop, _ = index.indices(self.shape[0])
+        stop = max(start, stop)
+        per = self.q.shape[0] // max(self.shape[0], 1)  # rows per leading index
+        return Fp8Rows(self.q[start * per:stop * per], self.s[start * per:stop * per],
+                       (stop - start, *self.shape[1:]), self.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The values the codes stand for, ``s · q``, in :attr:`dtype` (tests, and any reader without a float8
+        path)."""
+        return (self.q.float() * self.s).to(self.dtype).reshape(self.shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,14 +211,14 @@ class Fp8Linear(torch.nn.Module):
     def weight(self) -> torch.Tensor:  # the layer's half-precision weight, for code that only reads its dtype
         return self.inner.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, s = self.shared.get(x)
+    def forward(self, x: "torch.Tensor | Fp8Rows") -> torch.Tensor:
+        q, s = (x.q, x.s) if isinstance(x, Fp8Rows) else self.shared.get(x)
         y = scaled_linear(q, s, self.qweight, self.wscale, self.inner.bias, x.dtype, self._outputs(x))
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def halves(self, x: "torch.Tensor | Fp8Rows") -> tuple[torch.Tensor, torch.Tensor]:
         """The outputs of the weight's two row halves (a GEGLU's value and gate), from one quantization of ``x``."""
-        q, s = quantize_rows(x)
+        q, s = (x.q, x.s) if isinstance(x, Fp8Rows) else quantize_rows(x)
         n, b = self.out_features // 2, self.inner.bias
         outs = [scaled_linear(q, s, self.qweight[rows], self.wscale[:, rows], None if b is None else b[rows],
                               x.dtype, self._outputs(x)).reshape(*x.shape[:-1], n)

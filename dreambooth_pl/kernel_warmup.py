@@ -67,6 +67,21 @@ def geglu_widths(unet: torch.nn.Module) -> set[int]:
             if getattr(vars(m).get("forward"), "__func__", None) is block_ops._geglu_forward}
 
 
+def fp8_calls(unet: torch.nn.Module) -> set[tuple[str, int]]:
+    """The float8 draw's quantization kernels (fp8_quant_kernel.py) ``unet`` launches, by kind and row width:
+    ``("rows", K)`` for each float8 layer's input (fp8_gemm.py), and for each fused block (fp8_block.py)
+    ``("norm", K)``, ``("norm+add", K)`` for its LayerNorms and ``("geglu", K)`` for its activation."""
+    from . import fp8_block
+    from .fp8_gemm import Fp8Linear
+
+    calls = {("rows", m.in_features) for m in unet.modules() if isinstance(m, Fp8Linear)}
+    for m in unet.modules():
+        if getattr(vars(m).get("forward"), "__func__", None) is fp8_block._forward:
+            k = m.norm1.normalized_shape[0]
+            calls |= {("norm", k), ("norm+add", k), ("geglu", m.ff.net[0].proj.out_features // 2)}
+    return calls
+
+
 def latent_sizes(images: Iterable[tuple[int, int]], levels: int) -> set[tuple[int, int]]:
     """The UNet's map sizes for images of these (height, width): the latents (1/8) and each stride-2 level below."""
     sizes = set()
@@ -99,17 +114,38 @@ def warm(norms: set[NormCall], widths: set[int], sizes: set[tuple[int, int]], dt
     return warm_all([(norms, widths, sizes, dtype, channels_last)], backward, workers)
 
 
-def warm_all(groups: Iterable[Group], backward: bool = True, workers: int = 1) -> int:
+def warm_all(groups: Iterable[Group], backward: bool = True, workers: int = 1,
+             fp8: Optional[tuple[set[tuple[str, int]], torch.dtype]] = None) -> int:
     """:func:`warm` for several groups of calls in one pool (a prior draw's UNet and VAE, each in its own dtype and
-    layout); returns the number of kernel calls made."""
+    layout), and a float8 draw's quantization kernels (``fp8``: :func:`fp8_calls` and the activations' dtype);
+    returns the number of kernel calls made."""
     import triton
 
     groups = list(groups)
+
+    def build() -> int:
+        return sum(_warm(*g, backward) for g in groups) + (_warm_fp8(*fp8) if fp8 else 0)
+
     mode = getattr(triton, "AsyncCompileMode", None) if workers > 1 else None
     if mode is None:
-        return sum(_warm(*g, backward) for g in groups)
+        return build()
     with ThreadPoolExecutor(workers, thread_name_prefix="kernel-build") as pool, mode(pool):
-        return sum(_warm(*g, backward) for g in groups)  # (the mode's exit waits for the builds)
+        return build()  # (the mode's exit waits for the builds)
+
+
+def _warm_fp8(calls: set[tuple[str, int]], dtype: torch.dtype) -> int:
+    from . import fp8_quant_kernel as kernel
+
+    for kind, k in sorted(calls):
+        x = torch.empty(1, k, device="meta", dtype=dtype)
+        if kind == "rows":
+            kernel.quantize_rows(x)
+        elif kind == "geglu":
+            kernel.gated_gelu_rows(x, x)
+        else:
+            w = torch.empty(k, device="meta", dtype=dtype)
+            kernel.layer_norm_rows(x, x if kind == "norm+add" else None, w, w, 1e-5)
+    return len(calls)
 
 
 def failure(err: Exception) -> str:
@@ -208,12 +244,13 @@ class KernelWarmup:
 
 
 def kernels() -> list:
-    """The Triton kernels :func:`warm` builds (the fused norms' five, GEGLU's two)."""
-    from . import geglu_kernel, group_norm_kernel
+    """The Triton kernels :func:`warm_all` builds (the fused norms' five, GEGLU's two, the float8 draw's three)."""
+    from . import fp8_quant_kernel, geglu_kernel, group_norm_kernel
 
     return [getattr(group_norm_kernel, n) for n in ("_partial_stats", "_group_stats", "_apply", "_grad_partial",
-                                                   "_grad_apply")] + [geglu_kernel._forward_kernel,
-                                                                      geglu_kernel._backward_kernel]
+                                                   "_grad_apply")] + [
+        geglu_kernel._forward_kernel, geglu_kernel._backward_kernel, fp8_quant_kernel._quantize_rows_kernel,
+        fp8_quant_kernel._layer_norm_rows_kernel, fp8_quant_kernel._gated_gelu_rows_kernel]
 
 
 def built(device: torch.device) -> int:

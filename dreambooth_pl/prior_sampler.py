@@ -41,6 +41,7 @@ from typing import Iterator, Optional, Sequence, get_args
 
 import torch
 
+from . import fp8_block
 from .block_ops import fuse_geglu
 from .graphs import GraphedForward
 from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions, fuse_attention
@@ -97,8 +98,12 @@ class PriorSampler:
         fp8_gemms: the UNet transformers' linears as float8 GEMMs with row-wise scales (fp8_gemm.py; compute
             capability 8.9 or a CPU; asked for elsewhere, a warning and fp16); with ``compile_blocks`` Inductor
             fuses each input's quantization into its producer.
-        warm_kernels: before an image size's first batch, build the draw's Triton kernels (fused norms, GEGLU) in
-            a pool (kernel_warmup.py) instead of one by one at their first launch; the same kernels run.
+        fp8_fused_blocks: with ``fp8_gemms``, each transformer block's norms and GEGLU write the float8 codes its
+            GEMMs read, the norms with the attentions' residual adds (fp8_block.py: the same codes, less memory
+            traffic; False: the unfused float8 draw, for the benchmark's A/B).
+        warm_kernels: before an image size's first batch, build the draw's Triton kernels (fused norms, GEGLU,
+            float8 quantization) in a pool (kernel_warmup.py) instead of one by one at their first launch; the same
+            kernels run.
     """
 
     def __init__(self, base: str, scheduler: str = SAMPLER.scheduler, dtype: Optional[str] = None,
@@ -109,7 +114,7 @@ class PriorSampler:
                  fused_geglu: Optional[bool] = None, constant_negative: bool = True,
                  fused_norms: Optional[bool] = None, channels_last: Optional[bool] = None,
                  plain_attention: bool = True, warm_kernels: bool = True, vae_channels_last: Optional[bool] = None,
-                 fp8_gemms: bool = False):
+                 fp8_gemms: bool = False, fp8_fused_blocks: bool = True):
         from diffusers import StableDiffusionXLPipeline
 
         if attention not in get_args(AttentionKernel):
@@ -188,11 +193,14 @@ class PriorSampler:
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
         self._zero_negative: dict[tuple, bool] = {}  # the same keys -> the negative embeddings are all zero
         self._constant = ConstantNegative(pipe.unet) if constant_negative else None
+        # (after the float8 layers and the processors, which each fused block checks at its calls)
+        self.fp8_fused_blocks = fp8_block.fuse(pipe.unet) if self.fp8_gemms and fp8_fused_blocks else 0
         self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
             if compile_blocks else 0
         self.graph = graph and self.device.type == "cuda"
         self._graphs: dict[tuple, GraphedForward] = {}
-        self.warm_kernels = warm_kernels and self.device.type == "cuda" and (self.fused_norms or self.fused_geglu)
+        self.warm_kernels = warm_kernels and self.device.type == "cuda" and \
+            bool(self.fused_norms or self.fused_geglu or self.fp8_gemms)
         self._warmed: set[tuple[int, int]] = set()  # image sizes whose kernels are built (_warm)
         self.kernel_build_s = 0.0
 
@@ -216,6 +224,7 @@ class PriorSampler:
             self._constant.remove()
             self._constant = None
         restore(pipe.unet)
+        fp8_block.unfuse(pipe.unet)
         restore_linears(pipe.unet)  # the half-precision layers back; their float8 copies go with the wrappers
         unfuse_blocks(pipe.unet)
         unfuse_norms(pipe.unet)
@@ -244,7 +253,7 @@ class PriorSampler:
                     cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
                     fused_geglu=self.fused_geglu, fused_norms=self.fused_norms, channels_last=self.channels_last,
                     vae_channels_last=self.vae_channels_last, plain_attention_layers=self.plain_attention,
-                    fp8_gemm_layers=self.fp8_gemms,
+                    fp8_gemm_layers=self.fp8_gemms, fp8_fused_blocks=self.fp8_fused_blocks,
                     constant_negative_layers=self._constant.layers if self._constant is not None else 0)
 
     @contextlib.contextmanager
@@ -297,7 +306,8 @@ class PriorSampler:
             groups = kernel_warmup.draw_groups(pipe.unet, pipe.vae, (height, width), self.dtype, pipe.vae.dtype,
                                                self.channels_last, self.fused_norms, self.fused_geglu)
             with torch.cuda.device(self.device):  # Triton builds for the current device
-                kernel_warmup.warm_all(groups, backward=False, workers=kernel_warmup.default_workers())
+                kernel_warmup.warm_all(groups, backward=False, workers=kernel_warmup.default_workers(),
+                                       fp8=(kernel_warmup.fp8_calls(pipe.unet), self.dtype) if self.fp8_gemms else None)
         except Exception as err:  # every kernel still builds at its first launch
             warnings.warn(f"prior sampler: building the draw's Triton kernels ahead failed "
                           f"({kernel_warmup.failure(err)}); each builds at its first launch.", stacklevel=3)

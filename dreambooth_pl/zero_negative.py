@@ -52,6 +52,11 @@ def is_zero(t: torch.Tensor) -> bool:
     return not bool(t.any())
 
 
+def unwrapped(processor):
+    """The processor :class:`ConstantNegative` wraps, or ``processor`` itself where it wraps none."""
+    return processor.inner if isinstance(processor, _Processor) else processor
+
+
 class _Processor:
     """The wrapped processor on the rows after :attr:`ConstantNegative.rows`; the output bias on the rows before."""
 

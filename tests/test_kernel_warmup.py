@@ -33,7 +33,7 @@ def recorded(monkeypatch):
     """Both kernel files on the interpreter, the CPU taking them, and every launch or build recorded by key: a
     real tensor runs the kernel, a meta tensor (the warm-up) is only recorded."""
     keys = {"run": set(), "warm": set()}
-    for name in ("group_norm_kernel", "geglu_kernel"):
+    for name in ("group_norm_kernel", "geglu_kernel", "fp8_quant_kernel"):
         mod = interpreted(monkeypatch, name)
         real = mod._run
 
@@ -107,6 +107,30 @@ def test_the_warm_up_builds_every_kernel_a_prior_draw_launches(recorded, tiny_ba
     missing = recorded["run"] - recorded["warm"]
     assert recorded["run"] and not missing, f"launched but not built ahead: {sorted(missing, key=str)[:3]}"
     assert not {k[0] for k in recorded["warm"]} & {"_grad_partial", "_grad_apply", "_backward_kernel"}
+
+
+FP8_KERNELS = ("_quantize_rows_kernel", "_layer_norm_rows_kernel", "_gated_gelu_rows_kernel")
+
+
+def test_the_warm_up_builds_every_kernel_a_float8_draw_launches(recorded, tiny_base, monkeypatch):
+    """A float8 draw (fp8_gemm.py, fused blocks: fp8_block.py) with its quantization kernels on the interpreter:
+    each specialisation it launches is one the warm-up built from :func:`kernel_warmup.fp8_calls`."""
+    from dreambooth_pl import fp8_gemm
+    from dreambooth_pl.prior_sampler import PriorSampler
+
+    monkeypatch.setattr(fp8_gemm, "runs_kernels", lambda x: not torch.compiler.is_compiling())
+    s = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=1, fused_geglu=True, fp8_gemms=True)
+    for p in s.pipe.unet.parameters():
+        p.data = p.data.clone()
+    assert s.fp8_fused_blocks > 0
+    list(s.images("a photo of dog", [0], steps=1, guidance=5.0, height=32, width=32))
+    calls = kernel_warmup.fp8_calls(s.pipe.unet)
+    assert {kind for kind, _ in calls} == {"rows", "norm", "norm+add", "geglu"}
+    assert kernel_warmup.warm_all([], backward=False, workers=2, fp8=(calls, torch.float32)) == len(calls)
+    launched = {k for k in recorded["run"] if k[0] in FP8_KERNELS}
+    assert {k[0] for k in launched} == set(FP8_KERNELS)
+    missing = launched - recorded["warm"]
+    assert not missing, f"launched but not built ahead: {sorted(missing, key=str)[:3]}"
 
 
 def test_a_failed_draw_warm_up_warns_once_per_size_and_the_draw_goes_on(tiny_base, monkeypatch):
@@ -195,7 +219,7 @@ def test_gpu_after_the_warm_up_a_training_step_builds_no_kernel(tiny_base, dtype
     w = kernel_warmup.start(unet, {(128, 128)}, dtype, True, torch.device("cuda"))
     assert w is not None and w.join() >= 0 and w.error is None, w.error
     built = {id(k): set(k.device_caches[torch.cuda.current_device()][0]) for k in kernels}
-    assert all(built.values()), "the warm-up built nothing"
+    assert all(built[id(k)] for k in kernels if k.fn.__name__ not in FP8_KERNELS), "the warm-up built nothing"
     before = kernel_warmup.built(torch.device("cuda"))
     assert before == sum(map(len, built.values()))
     cfg = unet.config
@@ -216,13 +240,19 @@ def test_gpu_after_the_warm_up_a_training_step_builds_no_kernel(tiny_base, dtype
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_after_the_warm_up_a_prior_draw_builds_no_kernel(tiny_base):
-    """The sampler's own warm-up (PriorSampler._warm, fp16 UNet in NHWC, bf16 VAE) from empty in-memory caches,
-    then a guided draw through the CUDA graph and the decode: no specialisation added."""
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_after_the_warm_up_a_prior_draw_builds_no_kernel(tiny_base, fp8):
+    """The sampler's own warm-up (PriorSampler._warm, fp16 UNet in NHWC, bf16 VAE; float8 GEMMs and fused blocks
+    too) from empty in-memory caches, then a guided draw through the CUDA graph and the decode: no specialisation
+    added."""
+    from dreambooth_pl.fp8_gemm import supported
     from dreambooth_pl.prior_sampler import PriorSampler
 
-    s = PriorSampler(tiny_base, "euler", "float16", "cuda", batch_size=2)
+    if fp8 and not supported(torch.device("cuda")):
+        pytest.skip("needs float8 tensor cores")
+    s = PriorSampler(tiny_base, "euler", "float16", "cuda", batch_size=2, fp8_gemms=fp8)
     assert s.warm_kernels and s.fused_norms and s.fused_geglu and s.channels_last
+    assert bool(s.fp8_fused_blocks) == fp8
     for k in kernel_warmup.kernels():
         k.device_caches.clear()
     with warnings.catch_warnings(record=True) as caught:

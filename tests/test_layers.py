@@ -12,7 +12,7 @@ LAYERS = [
     ["io", "console", "config_guard", "prefetch", "prompts", "noise", "loss", "geglu_kernel", "group_norm_kernel",
      "block_ops", "fused_norms", "ema", "optimizers", "triton_launch",
      "perf", "graphs", "fused_lora", "metrics", "checkpoint_io", "argv", "devices", "__init__", "sampler_settings",
-     "zero_negative", "plain_attention", "base_handoff", "fp8_quant_kernel", "fp8_gemm",
+     "zero_negative", "plain_attention", "base_handoff", "fp8_quant_kernel", "fp8_gemm", "fp8_block",
      "adapter.__init__", "adapter"],  # the adapter package itself holds only the LoRA file's name
     ["moved_keys", "sdxl", "adapter.maths", "pivotal", "token_files", "kernel_warmup"],
     ["adapter.kinds", "bases"],

@@ -80,7 +80,8 @@ VARIANTS = {"diffusers_geglu": {"fused_geglu": False}, "compiled_blocks": {"comp
             "computed_negative": {"constant_negative": False}, "eager_norms": {"fused_norms": False},
             "nchw": {"channels_last": False}, "diffusers_attention": {"plain_attention": False},
             "vae_nchw": {"vae_channels_last": False}, "fp8": {"fp8_gemms": True},
-            "fp8_compiled": {"fp8_gemms": True, "compile_blocks": True}}
+            "fp8_compiled": {"fp8_gemms": True, "compile_blocks": True},
+            "fp8_unfused": {"fp8_gemms": True, "fp8_fused_blocks": False}}
 
 
 def priors_benchmark(base: str, images: int, steps: int = 25, resolution: int = 1024,
