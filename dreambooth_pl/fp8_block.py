@@ -7,7 +7,8 @@ which a quantization pass reads back (fp8_quant_kernel.py). Here the producing k
 norms after the two attentions take the attention's residual add in the same pass: per element of a block's width
 (x4 for the GEGLU's), the block's non-GEMM memory traffic falls from about 81 bytes to 49 (half-precision reads and
 writes of each pass counted; BENCHMARKS.md has what the draw gains). The codes are the unfused path's: each kernel
-rounds its values to half precision before quantizing, as the unfused op's output is rounded.
+rounds its values to half precision before quantizing, as the unfused op's output is rounded (on a GPU the
+LayerNorm's statistics may differ from PyTorch's in their last bit, moving ~1e-4 of the codes a step).
 
 :func:`fuse` gives each qualifying block of a UNet this forward. Anything outside the draw's plain case (masks,
 ``cross_attention_kwargs``, gradients, a compiled region, layers that are no longer float8, processors other than

@@ -6,7 +6,8 @@ Eagerly the same takes a max reduction, an fp32 copy, a division and a cast: ~11
 the rows come from a LayerNorm (after a residual add) or a GEGLU, the producer's kernel quantizes them itself: its
 half-precision output is never written nor read again (4 to 6 bytes less per element, fp8_block.py). One program per
 row: SDXL's rows are 320 to 5120 wide, so a whole row sits in registers. Every kernel rounds the row to the
-half-precision dtype first, as the unfused ops' output would be, so the codes are theirs. ``TRITON_INTERPRET=1``
+half-precision dtype first, as the unfused ops' output would be, so the codes are theirs (the LayerNorm's
+statistics but for their last bit). ``TRITON_INTERPRET=1``
 (set before this module is first imported) runs them on the CPU for the tests.
 """
 from __future__ import annotations
@@ -57,8 +58,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, k, stride, BLOCK_K: tl.constexpr)
 @triton.jit
 def _layer_norm_rows_kernel(x_ptr, r_ptr, h_ptr, w_ptr, b_ptr, q_ptr, s_ptr, k, eps, HAS_RESIDUAL: tl.constexpr,
                             BLOCK_K: tl.constexpr):
-    # h = x + r (stored: the block's residual stream), then LayerNorm(h) as codes; mean and variance in fp32 as
-    # PyTorch's kernel (two passes over the row in registers)
+    # h = x + r (stored: the block's residual stream), then LayerNorm(h) as codes; mean and variance in fp32 (two
+    # passes over the row in registers, where PyTorch's kernel runs Welford: the statistics may differ in the last
+    # bit, and a code at a rounding boundary with them, ~1e-4 of codes)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask = cols < k
@@ -70,7 +72,7 @@ def _layer_norm_rows_kernel(x_ptr, r_ptr, h_ptr, w_ptr, b_ptr, q_ptr, s_ptr, k, 
         x = h.to(tl.float32)
     mean = _sum(x) / k
     d = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(_sum(d * d) / k + eps)
+    rstd = tl.rsqrt(_sum(d * d) / k + eps)  # (PyTorch's kernel takes rsqrtf too)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (d * rstd * w + b).to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's half-precision output

@@ -10,7 +10,9 @@ from dreambooth_pl import fp8_block, fp8_gemm
 from dreambooth_pl.fp8_gemm import Fp8Rows, quantize_rows_reference
 
 
-def float8_unet(tiny_base):
+def float8_unet(tiny_base, device="cpu", dtype=torch.float32):
+    """The tiny UNet as the prior sampler sets it up (on ``device`` in ``dtype`` first: a move after would cast
+    the float8 layers' code buffers too)."""
     from diffusers import UNet2DConditionModel
 
     from dreambooth_pl.block_ops import fuse_geglu
@@ -18,8 +20,9 @@ def float8_unet(tiny_base):
     from dreambooth_pl.zero_negative import ConstantNegative
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").requires_grad_(False).eval()
-    # as the prior sampler sets it up: the GEGLU's halves as two GEMMs, plain attention, float8
+    unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet").to(device, dtype)
+    unet.requires_grad_(False).eval()
+    # the GEGLU's halves as two GEMMs, plain attention, float8
     assert fuse_geglu(unet) > 0 and fp8_gemm.to_fp8(unet) > 0 and use_plain_attention(unet) > 0
     return unet, ConstantNegative(unet)
 
@@ -75,19 +78,39 @@ def test_every_case_outside_the_plain_one_runs_diffusers_forward(tiny_base, monk
         block(h, encoder_hidden_states=text)
         block.eval()
     block(h.requires_grad_(), encoder_hidden_states=text)  # gradients: the float8 layers have none
-    constant.remove()
-    fp8_gemm.restore(unet)  # half-precision layers back under the patch
+    assert len(ran) == 5
     with torch.no_grad():
+        torch.compile(block, backend="eager")(h.detach(), encoder_hidden_states=text)  # inside a compiled region
+        assert len(ran) == 6
+        constant.remove()  # cross-attention's own plain processor back: still the plain case
         block(h.detach(), encoder_hidden_states=text)
-    assert len(ran) == 6
+        assert len(ran) == 6
+        from dreambooth_pl.plain_attention import restore
+
+        restore(unet)  # diffusers' processors back
+        block(h.detach(), encoder_hidden_states=text)
+        assert len(ran) == 7
+        use_plain_attention_again(unet)
+        fp8_gemm.restore(unet)  # half-precision layers back under the patch
+        block(h.detach(), encoder_hidden_states=text)
+    assert len(ran) == 8
     assert fp8_block.unfuse(unet) > 0 and "forward" not in vars(block)
+
+
+def use_plain_attention_again(unet):
+    from dreambooth_pl.plain_attention import use_plain_attention
+
+    assert use_plain_attention(unet) > 0
 
 
 def test_rows_slice_their_leading_dimension_and_dequantize():
     x = torch.randn(4, 3, 32)
     rows = Fp8Rows(*quantize_rows_reference(x.reshape(-1, 32)), x.shape, x.dtype)
     tail = rows[2:]
-    assert tail.shape == (2, 3, 32) and tail.ndim == 3 and torch.equal(tail.q.view(torch.uint8), rows.q[6:].view(torch.uint8))
+    assert tail.shape == (2, 3, 32) and tail.ndim == 3 and torch.equal(tail.q.view(torch.uint8),
+                                                                     rows.q[6:].view(torch.uint8))
+    # 6 scales in: copied to an aligned vector (a scaled GEMM's epilogue may read it in 16-byte words)
+    assert torch.equal(tail.s, rows.s[6:]) and tail.s.data_ptr() % 16 == 0
     torch.testing.assert_close(tail.dequantize(), x[2:], rtol=0.07, atol=0)  # e4m3 rounding
     assert rows[5:].shape[0] == 0
     with pytest.raises(TypeError, match="step-1 slice"):
@@ -114,19 +137,25 @@ def _steps(q, qr):
     return (q.view(torch.uint8).int() - qr.view(torch.uint8).int()).abs()
 
 
-def assert_mostly_the_reference_codes(q, y):
-    """The interpreter's e4m3 conversion (numpy has none) rounds a value just under a power of two down a whole
-    binade (127.3 to 64 where a GPU and PyTorch give 128), ~2 % of random codes: the rest must be the reference's."""
-    same = q.view(torch.uint8) == quantize_rows_reference(y)[0].view(torch.uint8)
-    assert same.float().mean() >= 0.95
+def assert_the_codes_of(mod, q, s, y):
+    """``(q, s)`` are the interpreted quantization's of ``y``, the unfused op's fp16 output, but where a last-bit
+    difference in the op's fp32 maths puts a value on the other side of a rounding boundary: at most 1e-3 of the
+    codes (2 of these 9k GEGLU codes, none of the norms'). The same interpreter's e4m3 conversion on both sides:
+    it rounds unlike a GPU's (numpy has no e4m3; a value just under a power of two can drop a whole binade, so no
+    bound on the step here: the GPU test has one) and numpy has no bf16, which the interpreter rounds its own way:
+    fp16 only."""
+    qr, sr = mod.quantize_rows(y.reshape(-1, y.shape[-1]).contiguous())
+    torch.testing.assert_close(s, sr, rtol=1e-3, atol=0)
+    assert (_steps(q, qr) > 0).float().mean() <= 1e-3
 
 
 def test_producer_kernels_on_the_interpreter(monkeypatch):
-    """The sums, the scales and most codes under the interpreter (its own e4m3 rounding is wrong at binade tops);
-    every code on a GPU (below)."""
+    """The sums bit for bit, the scales and codes against the unfused ops' half-precision outputs quantized by the
+    same interpreter (a kernel that skipped the half rounding moves ~1 % of the codes); every code against PyTorch's
+    own float8 conversion on a GPU (below)."""
     mod = interpreted(monkeypatch, "fp8_quant_kernel")
     torch.manual_seed(0)
-    for k, dtype in ((640, torch.float16), (320, torch.float32)):
+    for k, dtype in ((640, torch.float16), (320, torch.float16)):
         norm = torch.nn.LayerNorm(k).to(dtype)
         torch.nn.init.normal_(norm.weight, 1, 0.2), torch.nn.init.normal_(norm.bias, 0, 0.2)
         x, r = (torch.randn(19, k, dtype=dtype) * 3 for _ in range(2))
@@ -134,14 +163,11 @@ def test_producer_kernels_on_the_interpreter(monkeypatch):
             h, q, s = mod.layer_norm_rows(x, residual, norm.weight, norm.bias, norm.eps)
             ref_h = x if residual is None else x + residual
             assert (h is None) == (residual is None) and (h is None or torch.equal(h, ref_h))
-            y = F.layer_norm(ref_h, (k,), norm.weight, norm.bias, norm.eps)
-            torch.testing.assert_close(s, quantize_rows_reference(y)[1], rtol=1e-3, atol=0)  # (a sum's order)
-            assert_mostly_the_reference_codes(q, y)
+            y = F.layer_norm(ref_h.float(), (k,), norm.weight.float(), norm.bias.float(), norm.eps).to(dtype)
+            assert_the_codes_of(mod, q, s, y)
         a, g = (torch.randn(7, 2 * k, dtype=dtype) for _ in range(2))
         q, s = mod.gated_gelu_rows(a, g)
-        y = a * F.gelu(g)
-        torch.testing.assert_close(s, quantize_rows_reference(y)[1], rtol=1e-3, atol=0)
-        assert_mostly_the_reference_codes(q, y)
+        assert_the_codes_of(mod, q, s, (a.float() * F.gelu(g.float())).to(dtype))  # one rounding, geglu_kernel's
 
 
 @pytest.mark.gpu
@@ -167,8 +193,7 @@ def test_producer_kernels_and_the_fused_unet_on_gpu(tiny_base):
         qr, sr = quantize_rows_reference(geglu_kernel.forward(a, g))  # (one rounding, as the unfused draw's)
         torch.testing.assert_close(s, sr, rtol=1e-3, atol=0)
         assert _steps(q, qr).max() <= 1 and (_steps(q, qr) > 0).float().mean() <= 1e-3
-    unet, constant = float8_unet(tiny_base)
-    unet.to("cuda", torch.float16)
+    unet, constant = float8_unet(tiny_base, "cuda", torch.float16)
     args = [v.to("cuda", torch.float16) if v.is_floating_point() else v.cuda()
             for v in guided_inputs(unet)[:3]]
     added = {k: v.to("cuda", torch.float16) for k, v in guided_inputs(unet)[3].items()}
