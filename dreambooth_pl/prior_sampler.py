@@ -9,26 +9,11 @@ once per batch; only the loop around the UNet is ours. What differs is how it ru
 - the UNet and text encoders run in the pipeline's fp16 on a GPU (bf16 leaves its trajectory: 0.19 mean absolute
   difference in [0, 1] on the tiny random base, BENCHMARKS.md 2026-12-04); the VAE decodes in bf16 where the GPU
   has it (no fp16 overflow, which the pipeline avoids by upcasting to fp32), in batches, quantised to uint8 there;
-- each GEGLU (``fused_geglu``, the default on a GPU with Triton and an fp16 base) runs as two GEMMs and one compiled
-  ``a · gelu(g)`` kernel (``block_ops.fuse_geglu``) where diffusers runs two strided kernels (211 of a batch's 1431
-  GPU ms, H100 profile, BENCHMARKS.md 2026-12-06 session 3): 0.946 against 1.017 s/image (session 4), the same
-  images within fp16 rounding;
-- with no negative prompt the guided batch's negative half has all-zero text embeddings, so every cross-attention
-  there returns its output bias: that half is filled with it instead of computed (``constant_negative``,
-  zero_negative.py; ~3.5 % of a guided UNet forward's FLOPs);
-- opt-in switches, timed by ``benchmark --preset priors`` (BENCHMARKS.md): ``fuse_qkv`` (diffusers' fused
-  projections: 1.032 against 1.036 s/image, within noise), ``compile_blocks`` (regional ``torch.compile``: 0.881 but
-  a 22 s first batch), ``cudnn_benchmark``, and ``park_text_encoders`` (the encoders stay on the CPU but for the
-  prompt: an 8 GB card, configs/perf/8gb.yaml);
-- the GroupNorms run as Triton kernels that keep the input's layout, each resnet's ``+ temb``, norm and SiLU in
-  one (``fused_norms``, the default on a GPU with Triton; fused_norms.py), and the UNet runs NHWC with them
-  (``channels_last``: 0.807 against 0.835 s/image NCHW on an H100; alone it lost, 1.084 against 1.009, while
-  PyTorch's GroupNorm copied NHWC to NCHW around every norm), and the VAE decodes NHWC with it
-  (``vae_channels_last``: its convolutions at up to 1024² over 128 channels without transposes; not yet timed);
-- each attention skips diffusers' division of its output by ``rescale_output_factor``, 1 in SDXL
-  (``plain_attention``, plain_attention.py): the same bits, a pass fewer per attention;
-- ``fp8_gemms`` (opt-in): the transformers' linears as row-wise scaled float8 GEMMs (fp8_gemm.py) on a GPU with
-  float8 tensor cores: other images of the same prompt, not the pipeline's;
+- the UNet and VAE run with draw_speedups.py's switches (fused GEGLU and GroupNorms, NHWC, plain attention, the
+  zeroed negative prompt's cross-attentions as their constant; opt-in float8 GEMMs and compiled blocks);
+- other opt-in switches, timed by ``benchmark --preset priors`` (BENCHMARKS.md): ``fuse_qkv`` (diffusers' fused
+  projections: 1.032 against 1.036 s/image, within noise), ``cudnn_benchmark``, and ``park_text_encoders`` (the
+  encoders stay on the CPU but for the prompt: an 8 GB card, configs/perf/8gb.yaml);
 - once a fit's draw is done, :meth:`PriorSampler.leave_base` hands the loaded parts to its training
   (base_handoff.py), which then does not read the base a second time.
 """
@@ -41,20 +26,15 @@ from typing import Iterator, Optional, Sequence, get_args
 
 import torch
 
-from . import fp8_block
-from .block_ops import fuse_geglu
+from . import draw_speedups
+from .draw_speedups import UNET_BLOCKS  # noqa: F401  (the blocks compile_blocks compiles; the tests read it here)
 from .graphs import GraphedForward
-from .perf import Attention as AttentionKernel, attention_context, compile_blocks as compile_regions, fuse_attention
-from .fused_norms import fuse_norms, to_nhwc
-from .plain_attention import use_plain_attention
-from .prior_defaults import (channels_last_for, default_dtype, default_vae_dtype, fp8_gemms_for, fused_geglu_for,
-                             fused_norms_for, sampler_device)
+from .perf import Attention as AttentionKernel, attention_context, fuse_attention
+from .prior_defaults import default_dtype, default_vae_dtype, sampler_device
 from .sampling import SAMPLER, make_scheduler
 from .sdxl import DTYPES, dtype_name, load_parts, load_vae, resolve_base, unscale_latents
-from .zero_negative import ConstantNegative, is_zero
+from .zero_negative import is_zero
 
-
-UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")  # the UNet's repeated blocks (perf.BLOCKS less CLIP's)
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for ``compile_blocks``; the CPU tests use a cheaper one
 
 
@@ -163,44 +143,18 @@ class PriorSampler:
             pipe.to(self.device)
         self.pipe = pipe
         self.attention, self.cudnn_benchmark = attention, cudnn_benchmark
-        # before compile_blocks, whose graphs then trace the split GEGLU (Inductor fuses it there anyway)
-        self.fused_geglu = fused_geglu_for(fused_geglu, self.device, compile_blocks, base_dtype)
-        if self.fused_geglu:
-            fuse_geglu(pipe.unet)
-        self.fused_norms = fused_norms_for(fused_norms, self.device, compile_blocks)
-        if self.fused_norms:
-            fuse_norms(pipe.unet)
-            fuse_norms(pipe.vae)
-        self.channels_last = channels_last_for(channels_last, self.device, self.fused_norms)
-        if self.channels_last:
-            to_nhwc(pipe.unet)
-        self.vae_channels_last = self.channels_last if vae_channels_last is None else \
-            vae_channels_last and self.device.type == "cuda"
-        if self.vae_channels_last:  # the decode's convolutions at up to 1024² over 128 channels, without transposes
-            to_nhwc(pipe.vae)
-        self.fp8_gemms = 0
-        if fp8_gemms:
-            from . import fp8_gemm
-
-            if fp8_gemms_for(fp8_gemms, self.device, base_dtype):
-                # (a parked load comes from from_pretrained with gradients on; to_fp8 takes frozen layers only)
-                self.fp8_gemms = fp8_gemm.to_fp8(pipe.unet.requires_grad_(False))
-            else:
-                warnings.warn("prior sampler: fp8_gemms needs a GPU with float8 tensor cores (compute capability "
-                              "8.9+) and an unquantized base; drawing in half precision.", stacklevel=2)
-        # before the constant negative, which wraps each cross-attention's processor
-        self.plain_attention = use_plain_attention(pipe.unet) if plain_attention else 0
+        self.speedups = draw_speedups.apply(
+            pipe, self.device, base_dtype, fused_geglu=fused_geglu, fused_norms=fused_norms,
+            channels_last=channels_last, vae_channels_last=vae_channels_last, fp8_gemms=fp8_gemms,
+            fp8_fused_blocks=fp8_fused_blocks, plain_attention=plain_attention, constant_negative=constant_negative,
+            compile_blocks=compile_blocks, backend=COMPILE_BACKEND)
         self._embeds: dict[tuple, tuple] = {}  # (prompt, negative, cfg) -> encode_prompt's four tensors
         self._zero_negative: dict[tuple, bool] = {}  # the same keys -> the negative embeddings are all zero
-        self._constant = ConstantNegative(pipe.unet) if constant_negative else None
-        # (after the float8 layers and the processors, which each fused block checks at its calls)
-        self.fp8_fused_blocks = fp8_block.fuse(pipe.unet) if self.fp8_gemms and fp8_fused_blocks else 0
-        self.compiled_blocks = compile_regions(pipe.unet, UNET_BLOCKS, dynamic=False, backend=COMPILE_BACKEND) \
-            if compile_blocks else 0
         self.graph = graph and self.device.type == "cuda"
         self._graphs: dict[tuple, GraphedForward] = {}
+        sp = self.speedups
         self.warm_kernels = warm_kernels and self.device.type == "cuda" and \
-            bool(self.fused_norms or self.fused_geglu or self.fp8_gemms)
+            bool(sp.fused_norms or sp.fused_geglu or sp.fp8_gemms)
         self._warmed: set[tuple[int, int]] = set()  # image sizes whose kernels are built (_warm)
         self.kernel_build_s = 0.0
 
@@ -210,29 +164,12 @@ class PriorSampler:
         sampler cannot draw after. False, leaving nothing, where the parts differ from a plain load: a quantized
         or parked base, fused q/k/v, compiled blocks; a VAE that was upcast or tiles stays out alone."""
         from . import base_handoff
-        from .block_ops import unfuse_blocks
-        from .fused_norms import unfuse_norms
-        from .plain_attention import restore
 
-        if self._base is None or self.pipe is None or self.fuse_qkv or self.compiled_blocks:
+        if self._base is None or self.pipe is None or self.fuse_qkv or self.speedups.compiled_blocks:
             return False  # (pipe None: left already)
-        from .fp8_gemm import restore as restore_linears
-
         pipe, (root, vae, vae_loaded) = self.pipe, self._base
         self._graphs.clear()  # their pools and static buffers go back with the sampler's memory
-        if self._constant is not None:
-            self._constant.remove()
-            self._constant = None
-        restore(pipe.unet)
-        fp8_block.unfuse(pipe.unet)
-        restore_linears(pipe.unet)  # the half-precision layers back; their float8 copies go with the wrappers
-        unfuse_blocks(pipe.unet)
-        unfuse_norms(pipe.unet)
-        unfuse_norms(pipe.vae)
-        if self.channels_last:
-            to_nhwc(pipe.unet, on=False)
-        if self.vae_channels_last:
-            to_nhwc(pipe.vae, on=False)
+        draw_speedups.undo(pipe, self.speedups)
         parts = {name: getattr(pipe, name) for name in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
                                                          "unet")}
         if not pipe.vae.use_tiling and pipe.vae.dtype == vae_loaded:  # an upcast one holds fp16-rounded values
@@ -249,12 +186,8 @@ class PriorSampler:
 
         return dict(runtime(self.pipe), sampler="prior_sampler", batch_size=self.batch_size,
                     vae_dtype=dtype_name(self.pipe.vae.dtype), base_dtype=self.base_dtype,
-                    fuse_qkv=self.fuse_qkv, attention=self.attention, compiled_blocks=self.compiled_blocks,
-                    cudnn_benchmark=self.cudnn_benchmark, park_text_encoders=self.park_text_encoders,
-                    fused_geglu=self.fused_geglu, fused_norms=self.fused_norms, channels_last=self.channels_last,
-                    vae_channels_last=self.vae_channels_last, plain_attention_layers=self.plain_attention,
-                    fp8_gemm_layers=self.fp8_gemms, fp8_fused_blocks=self.fp8_fused_blocks,
-                    constant_negative_layers=self._constant.layers if self._constant is not None else 0)
+                    fuse_qkv=self.fuse_qkv, attention=self.attention, cudnn_benchmark=self.cudnn_benchmark,
+                    park_text_encoders=self.park_text_encoders, **self.speedups.runtime())
 
     @contextlib.contextmanager
     def _cudnn(self):
@@ -268,7 +201,8 @@ class PriorSampler:
 
     def _zero_rows(self, rows: int):
         """While inside, the first ``rows`` rows' cross-attentions are the constant (zero_negative.py)."""
-        return self._constant.zero_rows(rows) if self._constant is not None else contextlib.nullcontext()
+        constant = self.speedups.constant
+        return constant.zero_rows(rows) if constant is not None else contextlib.nullcontext()
 
     def _unet(self, x, t, embeds, text, time_ids, replay: bool = True, zero_rows: int = 0) -> torch.Tensor:
         """The UNet's noise prediction: replayed from the graph of ``x``'s shape (captured at its first call, whose
@@ -303,11 +237,12 @@ class PriorSampler:
         self._warmed.add((height, width))
         t, pipe = time.perf_counter(), self.pipe
         try:
+            sp = self.speedups
             groups = kernel_warmup.draw_groups(pipe.unet, pipe.vae, (height, width), self.dtype, pipe.vae.dtype,
-                                               self.channels_last, self.fused_norms, self.fused_geglu)
+                                               sp.channels_last, sp.fused_norms, sp.fused_geglu)
+            fp8 = (kernel_warmup.fp8_calls(pipe.unet), self.dtype) if sp.fp8_gemms else None
             with torch.cuda.device(self.device):  # Triton builds for the current device
-                kernel_warmup.warm_all(groups, backward=False, workers=kernel_warmup.default_workers(),
-                                       fp8=(kernel_warmup.fp8_calls(pipe.unet), self.dtype) if self.fp8_gemms else None)
+                kernel_warmup.warm_all(groups, backward=False, workers=kernel_warmup.default_workers(), fp8=fp8)
         except Exception as err:  # every kernel still builds at its first launch
             warnings.warn(f"prior sampler: building the draw's Triton kernels ahead failed "
                           f"({kernel_warmup.failure(err)}); each builds at its first launch.", stacklevel=3)
@@ -326,13 +261,13 @@ class PriorSampler:
         self._warm(height, width)
         # a short (last) batch runs eagerly at its own size: padding it would draw images only to drop them; but
         # compiled blocks would compile every block again for a new shape, so there it is padded, then dropped
-        b = self.batch_size if self.compiled_blocks else n
+        b = self.batch_size if self.speedups.compiled_blocks else n
         seeds = list(seeds) + [seeds[-1]] * (b - n)
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None  # as the pipeline decides
         embeds, neg, pooled, neg_pooled = self._encode(prompt, negative_prompt, cfg)
         # the rows the constant fills (0 without it: the graph key then says no row is skipped)
-        zero_rows = b if cfg and self._constant is not None and self._zero_negative[(prompt, negative_prompt, cfg)] \
-            else 0
+        zero_rows = b if cfg and self.speedups.constant is not None \
+            and self._zero_negative[(prompt, negative_prompt, cfg)] else 0
         time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=embeds.dtype,
                                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
         if cfg:

@@ -98,7 +98,7 @@ def test_the_warm_up_builds_every_kernel_a_prior_draw_launches(recorded, tiny_ba
     s = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=1, fused_norms=True, fused_geglu=True)
     for p in list(s.pipe.unet.parameters()) + list(s.pipe.vae.parameters()):
         p.data = p.data.clone()  # each weight in its own allocation, as on a GPU (see the training test)
-    assert s.fused_norms and s.fused_geglu and not s.warm_kernels  # (the draw warms only on CUDA)
+    assert s.speedups.fused_norms and s.speedups.fused_geglu and not s.warm_kernels  # (the draw warms only on CUDA)
     list(s.images("a photo of dog", [0], steps=1, guidance=5.0, height=32, width=32))
     groups = kernel_warmup.draw_groups(s.pipe.unet, s.pipe.vae, (32, 32), torch.float32, torch.float32, False,
                                        True, True)
@@ -122,7 +122,7 @@ def test_the_warm_up_builds_every_kernel_a_float8_draw_launches(recorded, tiny_b
     s = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=1, fused_geglu=True, fp8_gemms=True)
     for p in s.pipe.unet.parameters():
         p.data = p.data.clone()
-    assert s.fp8_fused_blocks > 0
+    assert s.speedups.fp8_fused_blocks > 0
     list(s.images("a photo of dog", [0], steps=1, guidance=5.0, height=32, width=32))
     calls = kernel_warmup.fp8_calls(s.pipe.unet)
     assert {kind for kind, _ in calls} == {"rows", "norm", "norm+add", "geglu"}
@@ -251,8 +251,9 @@ def test_gpu_after_the_warm_up_a_prior_draw_builds_no_kernel(tiny_base, fp8):
     if fp8 and not supported(torch.device("cuda")):
         pytest.skip("needs float8 tensor cores")
     s = PriorSampler(tiny_base, "euler", "float16", "cuda", batch_size=2, fp8_gemms=fp8)
-    assert s.warm_kernels and s.fused_norms and s.fused_geglu and s.channels_last
-    assert bool(s.fp8_fused_blocks) == fp8
+    sp = s.speedups
+    assert s.warm_kernels and sp.fused_norms and sp.fused_geglu and sp.channels_last
+    assert bool(sp.fp8_fused_blocks) == fp8
     for k in kernel_warmup.kernels():
         k.device_caches.clear()
     with warnings.catch_warnings(record=True) as caught:

@@ -20,7 +20,7 @@ LAYERS = [
     ["adapter.base", "adapter.diffusers_layout", "adapter.kohya_layout"],
     ["adapter.files", "adapter.checkpoint", "adapter.apply"],
     ["sampling", "runs", "settings", "prior_defaults"],
-    ["data", "memory_plan", "quant", "prior_sampler", "validation"],
+    ["data", "memory_plan", "quant", "draw_speedups", "prior_sampler", "validation"],
     ["module", "model_setup", "callbacks"],
     ["cli"],
     ["tools"],

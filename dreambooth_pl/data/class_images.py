@@ -275,9 +275,10 @@ def _draw(base, prompt, folder: Path, indices: list[int], s: ClassImageSettings,
         # images stay in the class folder and out of the shared cache
         from .. import block_ops, fused_norms
 
-        return not ((sampler.fused_geglu and block_ops._kernel_failed)
-                    or (sampler.fused_norms and fused_norms.stopped())
-                    or (draws_fp8(s, sampler.device) and not sampler.fp8_gemms))  # keyed float8, none swapped
+        ran = sampler.speedups
+        return not ((ran.fused_geglu and block_ops._kernel_failed)
+                    or (ran.fused_norms and fused_norms.stopped())
+                    or (draws_fp8(s, sampler.device) and not ran.fp8_gemms))  # keyed float8, none swapped
 
     def write(i: int, image) -> None:
         path = folder / f"class_{i:05d}.png"
