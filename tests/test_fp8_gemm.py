@@ -136,6 +136,10 @@ def test_sampler_switch_draws_near_images_and_leaves_a_plain_base(tiny_base):
         assert s.leave_base()
         unet = [m for k, m in base_handoff._left.items() if "unet" in k][0]
         assert not any(isinstance(m, Fp8Linear) for m in unet.modules())  # training takes the plain layers
+        from dreambooth_pl import fp8_block
+
+        assert s.speedups.fp8_fused_blocks > 0  # and its fused float8 blocks were undone with them
+        assert fp8_block.unfuse(unet) == 0 and not any("forward" in vars(m) for m in unet.modules())
     finally:
         base_handoff.release()
     parked = PriorSampler(tiny_base, "euler", batch_size=2, fp8_gemms=True, park_text_encoders=True)
