@@ -69,17 +69,28 @@ def geglu_widths(unet: torch.nn.Module) -> set[int]:
 
 def fp8_calls(unet: torch.nn.Module) -> set[tuple[str, int]]:
     """The float8 draw's quantization kernels (fp8_quant_kernel.py) ``unet`` launches, by kind and row width:
-    ``("rows", K)`` for each float8 layer's input (fp8_gemm.py), and for each fused block (fp8_block.py)
-    ``("norm", K)``, ``("norm+add", K)`` for its LayerNorms and ``("geglu", K)`` for its activation."""
+    ``("rows", K)`` for each float8 layer that quantizes its own input (fp8_gemm.py), and for each fused block
+    (fp8_block.py) ``("norm", K)``, ``("norm+add", K)`` for its LayerNorms and ``("geglu", K)`` for its activation,
+    whose codes its other layers read; a compiled block launches none (its quantization is Inductor's)."""
     from . import fp8_block
     from .fp8_gemm import Fp8Linear
 
-    calls = {("rows", m.in_features) for m in unet.modules() if isinstance(m, Fp8Linear)}
-    for m in unet.modules():
-        if getattr(vars(m).get("forward"), "__func__", None) is fp8_block._forward:
-            k = m.norm1.normalized_shape[0]
-            calls |= {("norm", k), ("norm+add", k), ("geglu", m.ff.net[0].proj.out_features // 2)}
-    return calls
+    calls, in_blocks = set(), set()
+    for block in unet.modules():
+        if type(block).__name__ != "BasicTransformerBlock":
+            continue
+        layers = [m for m in block.modules() if isinstance(m, Fp8Linear)]
+        in_blocks.update(map(id, layers))
+        if getattr(block, "_compiled_call_impl", None) is not None:
+            continue
+        if getattr(vars(block).get("forward"), "__func__", None) is fp8_block._forward:
+            k = block.norm1.normalized_shape[0]
+            calls |= {("norm", k), ("norm+add", k), ("geglu", block.ff.net[0].proj.out_features // 2)}
+            # the layers that still read a half-precision tensor: the attentions' outputs, the text states
+            layers = [block.attn1.to_out[0], block.attn2.to_k, block.attn2.to_v, block.attn2.to_out[0]]
+        calls |= {("rows", m.in_features) for m in layers if isinstance(m, Fp8Linear)}
+    return calls | {("rows", m.in_features) for m in unet.modules()
+                    if isinstance(m, Fp8Linear) and id(m) not in in_blocks}  # proj_in, proj_out
 
 
 def latent_sizes(images: Iterable[tuple[int, int]], levels: int) -> set[tuple[int, int]]:

@@ -114,7 +114,8 @@ FP8_KERNELS = ("_quantize_rows_kernel", "_layer_norm_rows_kernel", "_gated_gelu_
 
 def test_the_warm_up_builds_every_kernel_a_float8_draw_launches(recorded, tiny_base, monkeypatch):
     """A float8 draw (fp8_gemm.py, fused blocks: fp8_block.py) with its quantization kernels on the interpreter:
-    each specialisation it launches is one the warm-up built from :func:`kernel_warmup.fp8_calls`."""
+    the specialisations it launches are those the warm-up built from :func:`kernel_warmup.fp8_calls`, no more,
+    no fewer; with compiled blocks only proj_in's and proj_out's remain."""
     from dreambooth_pl import fp8_gemm
     from dreambooth_pl.prior_sampler import PriorSampler
 
@@ -131,6 +132,14 @@ def test_the_warm_up_builds_every_kernel_a_float8_draw_launches(recorded, tiny_b
     assert {k[0] for k in launched} == set(FP8_KERNELS)
     missing = launched - recorded["warm"]
     assert not missing, f"launched but not built ahead: {sorted(missing, key=str)[:3]}"
+    assert {k for k in recorded["warm"] if k[0] in FP8_KERNELS} == launched  # nothing built in vain
+    for block in [m for m in s.pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]:
+        block.compile(backend="eager")  # (only marked: fp8_calls reads the mark)
+    outside = {("rows", m.proj_in.in_features) for m in s.pipe.unet.modules()
+               if type(m).__name__ == "Transformer2DModel"}
+    assert kernel_warmup.fp8_calls(s.pipe.unet) == outside | {("rows", m.proj_out.in_features)
+                                                            for m in s.pipe.unet.modules()
+                                                            if type(m).__name__ == "Transformer2DModel"}
 
 
 def test_a_failed_draw_warm_up_warns_once_per_size_and_the_draw_goes_on(tiny_base, monkeypatch):
