@@ -27,7 +27,6 @@ from typing import Iterator, Optional, Sequence, get_args
 import torch
 
 from . import draw_speedups
-from .draw_speedups import UNET_BLOCKS  # noqa: F401  (the blocks compile_blocks compiles; the tests read it here)
 from .graphs import GraphedForward
 from .perf import Attention as AttentionKernel, attention_context, fuse_attention
 from .prior_defaults import default_dtype, default_vae_dtype, sampler_device

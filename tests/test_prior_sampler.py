@@ -95,7 +95,7 @@ def test_compiled_blocks_draw_the_default_latents(sampler, tiny_base, monkeypatc
     compile every block again); the prior cache keys compiled draws apart, old keys unchanged."""
     import torch._dynamo
 
-    from dreambooth_pl import prior_sampler
+    from dreambooth_pl import draw_speedups, prior_sampler
     from dreambooth_pl.data.prior_cache import prior_key
 
     graphs = []
@@ -109,7 +109,7 @@ def test_compiled_blocks_draw_the_default_latents(sampler, tiny_base, monkeypatc
     try:
         compiled = PriorSampler(tiny_base, "euler", "float32", "cpu", batch_size=3, compile_blocks=True)
         unet = compiled.pipe.unet
-        blocks = [m for m in unet.modules() if type(m).__name__ in prior_sampler.UNET_BLOCKS]
+        blocks = [m for m in unet.modules() if type(m).__name__ in draw_speedups.UNET_BLOCKS]
         assert compiled.runtime()["compiled_blocks"] == len(blocks) > 0 and sampler.runtime()["compiled_blocks"] == 0
         shapes = []
         hook = unet.register_forward_pre_hook(lambda m, args: shapes.append(args[0].shape[0]))
