@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from . import fp8_gemm
 from .fp8_gemm import Fp8Linear, Fp8Rows, quantize_rows_reference
+from .plain_attention import PlainAttention
+from .zero_negative import unwrapped
 
 
 def layer_norm_rows(norm: torch.nn.LayerNorm, x: torch.Tensor,
@@ -82,9 +84,6 @@ def qualifies(block: torch.nn.Module) -> bool:
 def _float8_layers(block) -> bool:
     """The block's projections are float8 and its attentions go through plain processors (read each call:
     fp8_gemm.restore, plain_attention.restore and ConstantNegative.remove change them under the patch)."""
-    from .plain_attention import PlainAttention
-    from .zero_negative import unwrapped
-
     a1, a2, net = block.attn1, block.attn2, block.ff.net
     layers = (a1.to_q, a1.to_k, a1.to_v, a1.to_out[0], a2.to_q, a2.to_out[0], net[0].proj, net[2])
     return (all(type(m) is Fp8Linear for m in layers) and type(a1.processor) is PlainAttention

@@ -89,10 +89,6 @@ class Fp8Rows:
     def ndim(self) -> int:
         return len(self.shape)
 
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
     def __getitem__(self, index: slice) -> "Fp8Rows":
         """Rows ``index`` of the leading dimension (a step-1 slice)."""
         if not isinstance(index, slice) or index.step not in (None, 1):
@@ -104,11 +100,6 @@ class Fp8Rows:
         if start * per % 4:  # a scale vector off 16-byte alignment: the scaled GEMM's epilogue may assume it
             s = s.clone()
         return Fp8Rows(self.q[start * per:stop * per], s, (stop - start, *self.shape[1:]), self.dtype)
-
-    def dequantize(self) -> torch.Tensor:
-        """The values the codes stand for, ``s · q``, in :attr:`dtype` (tests, and any reader without a float8
-        path)."""
-        return (self.q.float() * self.s).to(self.dtype).reshape(self.shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -277,4 +268,3 @@ def restore(unet: torch.nn.Module) -> int:
                 setattr(parent, name, child.inner)
                 restored += 1
     return restored
-

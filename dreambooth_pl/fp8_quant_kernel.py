@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .geglu_kernel import _SQRT1_2  # gelu(g) = g · Φ(g), Φ(g) = (1 + erf(g / √2)) / 2
 from .triton_launch import launch as _run
 
 FP8_MAX = tl.constexpr(448.0)
@@ -37,6 +38,19 @@ def _sum(x):
 
 
 @triton.jit
+def _row(k, BLOCK_K: tl.constexpr):
+    """This program's row, its columns and their mask (one program per row)."""
+    cols = tl.arange(0, BLOCK_K)
+    return tl.program_id(0).to(tl.int64), cols, cols < k
+
+
+@triton.jit
+def _load(ptr, row, stride, cols, mask):
+    """Row ``row`` of a matrix of row stride ``stride`` in fp32 (zero where masked)."""
+    return tl.load(ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _store_codes(y, q_ptr, s_ptr, row, cols, k, mask):
     """Row ``row``'s codes and scale from its fp32 values ``y`` (zero where masked)."""
     scale = tl.fdiv(tl.maximum(_amax(y), TINY), FP8_MAX, ieee_rounding=True)
@@ -48,11 +62,8 @@ def _store_codes(y, q_ptr, s_ptr, row, cols, k, mask):
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, k, stride, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    mask = cols < k
-    x = tl.load(x_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
-    _store_codes(x, q_ptr, s_ptr, row, cols, k, mask)
+    row, cols, mask = _row(k, BLOCK_K)
+    _store_codes(_load(x_ptr, row, stride, cols, mask), q_ptr, s_ptr, row, cols, k, mask)
 
 
 @triton.jit
@@ -61,34 +72,25 @@ def _layer_norm_rows_kernel(x_ptr, r_ptr, h_ptr, w_ptr, b_ptr, q_ptr, s_ptr, k, 
     # h = x + r (stored: the block's residual stream), then LayerNorm(h) as codes; mean and variance in fp32 (two
     # passes over the row in registers, where PyTorch's kernel runs Welford: the statistics may differ in the last
     # bit, and a code at a rounding boundary with them, ~1e-4 of codes)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    mask = cols < k
-    x = tl.load(x_ptr + row * k + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = _row(k, BLOCK_K)
+    x = _load(x_ptr, row, k, cols, mask)
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + row * k + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (x + r).to(h_ptr.dtype.element_ty)  # the half-precision sum the eager add writes
+        # the half-precision sum the eager add writes
+        h = (x + _load(r_ptr, row, k, cols, mask)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * k + cols, h, mask=mask)
         x = h.to(tl.float32)
     mean = _sum(x) / k
     d = tl.where(mask, x - mean, 0.0)
     rstd = tl.rsqrt(_sum(d * d) / k + eps)  # (PyTorch's kernel takes rsqrtf too)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (d * rstd * w + b).to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's half-precision output
+    y = d * rstd * _load(w_ptr, 0, 0, cols, mask) + _load(b_ptr, 0, 0, cols, mask)
+    y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # the norm's half-precision output
     _store_codes(tl.where(mask, y, 0.0), q_ptr, s_ptr, row, cols, k, mask)
-
-
-_SQRT1_2 = tl.constexpr(0.7071067811865476)  # gelu(g) = g · Φ(g), Φ(g) = (1 + erf(g / √2)) / 2 (geglu_kernel.py)
 
 
 @triton.jit
 def _gated_gelu_rows_kernel(a_ptr, g_ptr, q_ptr, s_ptr, k, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    mask = cols < k
-    a = tl.load(a_ptr + row * k + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * k + cols, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask = _row(k, BLOCK_K)
+    a, g = _load(a_ptr, row, k, cols, mask), _load(g_ptr, row, k, cols, mask)
     y = (a * (0.5 * g * (1.0 + tl.erf(g * _SQRT1_2)))).to(a_ptr.dtype.element_ty).to(tl.float32)
     _store_codes(y, q_ptr, s_ptr, row, cols, k, mask)
 
